@@ -1,0 +1,88 @@
+"""The main job: U-Net on the built-in synthetic scenes (4 classes), trained and evaluated on CPU.
+
+COMMAND:
+  python -m segjax.main --config=configs/default.py --workdir=runs/default
+  (`make train` runs exactly this.) Override any field: --config.model.depth=4 --config.train.steps=500
+
+Every field of every config lives here once, with its default; other config files start from
+`get_config()` and change fields. A field that is not here is an error (typos never pass silently).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_shapes"  # dataset builder (see segjax/data/sources.py: DATASETS)
+    c.data.tfds_dir = ""  # where prepared TFDS datasets live; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.num_classes = 4  # labels must lie in 0..num_classes-1 (or equal ignore_label)
+    c.data.class_names = ("background", "tool", "berry", "leaf")  # one per class, used in metric names
+    c.data.ignore_label = -1  # label value excluded from loss and metrics; -1 = none
+    c.data.channels = 3  # image channels the model expects; a mismatch is an error
+    c.data.cache = True  # decode the whole split once into memory (small datasets)
+    c.data.num_threads = 2  # grain reader threads
+    c.data.prefetch = 4  # batches prepared ahead of the training step
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.seed = 0  # generator seed (the dataset's content, not the training order)
+    c.data.synthetic.image_size = 64  # square scene size in pixels
+    c.data.synthetic.num_train = 2000  # scenes in the train split
+    c.data.synthetic.num_val = 200  # scenes in the validation split
+    c.data.synthetic.noise = 0.05  # std of Gaussian pixel noise (0..1 intensity scale)
+    c.data.synthetic.contrast = 1.0  # object/background contrast, 0..1
+    c.data.synthetic.min_objects = 2  # objects (tools, berry clusters, leaves) per scene
+    c.data.synthetic.max_objects = 5
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.flip = True  # random horizontal and vertical flips
+    c.data.augment.rot90 = True  # random multiples of 90 degrees (square crops only)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "unet"  # see segjax/models/__init__.py: ARCHS
+    c.model.spatial_dims = 2  # 2 = images [N,H,W,C], 3 = volumes [N,D,H,W,C]
+    c.model.depth = 3  # number of 2x down-sampling steps; input sizes must divide by 2**depth
+    c.model.base_features = 16  # channels at full resolution, doubled per level
+    c.model.features = config_dict.placeholder(tuple)  # explicit channels per level (overrides base)
+    c.model.bottleneck_features = config_dict.placeholder(int)  # default: 2x the deepest level
+    c.model.skips = "all"  # 'all' | 'none' | 0/1 per level, full resolution first (e.g. '110')
+    c.model.upsample = "transpose"  # 'transpose' (2x2 stride-2 conv) | 'resize' (bilinear + 3x3 conv)
+    c.model.pool = "max"  # 'max' | 'avg'
+    c.model.norm = "batch"  # 'batch' | 'group' | 'none'
+    c.model.num_convs = 2  # convolutions per block
+    c.model.dropout = 0.0  # dropout rate after the bottleneck block
+    c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.terms = "ce+dice"  # '+'-joined terms from segjax/losses.py: LOSSES
+    c.loss.ce_weight = 1.0
+    c.loss.dice_weight = 1.0
+    c.loss.label_smoothing = 0.0  # cross-entropy label smoothing
+    c.loss.class_weights = config_dict.placeholder(tuple)  # cross-entropy weight per class
+    c.loss.focal_gamma = 2.0  # focal-loss focusing exponent (0 = cross-entropy)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # 'adamw' | 'sgd'
+    c.optim.lr = 3e-3  # peak learning rate
+    c.optim.schedule = "cosine"  # 'cosine' | 'constant' (both after a linear warm-up)
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 1e-4
+    c.optim.momentum = 0.9  # SGD momentum / Adam b1
+    c.optim.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 800  # optimizer steps
+    c.train.batch_size = 16  # global batch (all devices and hosts together)
+    c.train.seed = 0  # init, dropout and data-order seed
+    c.train.log_every = 50  # steps between logged training metrics
+    c.train.checkpoint_every = 400  # steps between checkpoints (and at the end)
+    c.train.keep_checkpoints = 2  # latest checkpoints kept; the best (val/miou) is kept apart
+    c.train.nonfinite = "stop"  # NaN/Inf loss or gradient: 'stop' (error naming the step) | 'skip' the batch
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 400  # steps between validation passes (and at the end)
+    c.eval.batch_size = 50  # the last batch is padded and masked, so every pixel counts once
+    c.eval.empty = "nan"  # class absent from truth and prediction: 'nan' (left out of means) | 'one' | 'zero'
+    c.eval.include_background = True  # class 0 counts in the means
+    return c

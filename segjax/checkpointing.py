@@ -1,0 +1,103 @@
+"""Checkpoints with orbax (the only module that imports it).
+
+Two managers under the workdir: `checkpoints/` keeps the latest `train.keep_checkpoints` steps (for
+resume) and `best/` keeps the single best step by `val/miou`. Each checkpoint holds the whole
+TrainState (params, batch stats, optimizer state incl. schedule position, RNG, step) and the data
+iterator's position as JSON. orbax writes to a temporary folder and renames it when complete, so a
+crash mid-save leaves the previous checkpoint intact; unfinished folders are ignored on restore.
+Nothing is unpickled: arrays are read by tensorstore, the iterator state is JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from segjax.errors import CheckpointError
+
+BEST_METRIC = "val/miou"
+
+
+def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int):
+        self.latest = _manager(
+            os.path.join(workdir, "checkpoints"), ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
+        self.best = _manager(
+            os.path.join(workdir, "best"),
+            ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max", create=True),
+        )
+
+    @staticmethod
+    def _args(state, data_state: dict) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        if step not in self.latest.all_steps():
+            self.latest.save(step, args=self._args(state, data_state))
+
+    def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
+        if step not in self.best.all_steps():
+            self.best.save(step, args=self._args(state, data_state), metrics={BEST_METRIC: float(metrics[BEST_METRIC])})
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore(self, state_template, step: int | None = None, best: bool = False):
+        """(state, data_state) at `step` (default: latest). `state_template` gives structure,
+        dtypes and shardings; a checkpoint of a different model raises CheckpointError."""
+        manager = self.best if best else self.latest
+        step = manager.latest_step() if step is None and not best else step
+        if step is None and best:
+            step = manager.best_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {manager.directory}")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(mismatch_message(manager, step, state_template, err)) from err
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _paths(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: Exception) -> str:
+    """Name the parameters that differ between a checkpoint and the configured model."""
+    try:
+        saved = manager.item_metadata(step)["state"]
+        saved_params = _paths(saved["params"] if isinstance(saved, dict) else saved.params)
+    except Exception:
+        return f"checkpoint step {step} in {manager.directory} does not match the configured model: {err}"
+    want = _paths(template.params)
+    missing = sorted(set(want) - set(saved_params))
+    extra = sorted(set(saved_params) - set(want))
+    shape = sorted(k for k in set(want) & set(saved_params) if tuple(want[k]) != tuple(saved_params[k]))
+    parts = []
+    if missing:
+        parts.append(f"missing in checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        parts.append(f"not in the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if shape:
+        parts.append("shape differs: " + ", ".join(f"{k} {saved_params[k]} vs {want[k]}" for k in shape[:5]))
+    detail = "; ".join(parts) or str(err)
+    return f"checkpoint step {step} in {manager.directory} was saved from a different model ({detail})"

@@ -1,0 +1,79 @@
+"""Config checks before anything compiles, and the resolved config stored in each workdir.
+
+Every valid field is in configs/default.py; a key that is not there, or a value of another type,
+is an error with the nearest valid name. Config files are Python and therefore trusted code:
+run only configs you would run as a script.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from segjax.errors import ConfigError
+
+_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("segjax_default_config", _DEFAULT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _type_ok(default, value) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for unknown keys or wrong types (compared with configs/default.py)."""
+    reference = flatten(default_config().to_dict())
+    given = flatten(config.to_dict())
+    for key, value in given.items():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key}{hint} (valid keys are listed in configs/default.py)")
+        if not _type_ok(reference[key], value):
+            raise ConfigError(
+                f"config key {key}={value!r} has type {type(value).__name__}, "
+                f"expected {type(reference[key]).__name__} as in configs/default.py"
+            )
+    missing = sorted(set(reference) - set(given))
+    if missing:
+        raise ConfigError(f"config is missing keys {missing[:5]}; start config files from configs/default.get_config()")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Flat keys whose values differ between two config dicts (JSON round-trip normalised)."""
+    a = flatten(json.loads(json.dumps(old, default=list)))
+    b = flatten(json.loads(json.dumps(new, default=list)))
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))

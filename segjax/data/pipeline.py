@@ -1,0 +1,66 @@
+"""grain pipelines: an endless, shuffled, augmented training stream and padded eval batches.
+
+Host batches are numpy dicts: `image` float32 [B,H,W,C] in 0..1, `label` int32 [B,H,W] (ignored
+pixels set to 0) and `valid` float32 [B,H,W] (1 = counts in loss/metrics; 0 = ignore label or a
+padding example). The training stream is a grain MapDataset, so batch k is a pure function of
+(seed, k); its iterator state goes into each checkpoint for exact resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from segjax.data import augment
+
+
+def to_model_batch(batch: dict[str, np.ndarray], ignore_label: int) -> dict[str, np.ndarray]:
+    """uint8 images and raw labels -> float images, in-range labels and a valid mask."""
+    label = batch["label"].astype(np.int32)
+    valid = np.ones(label.shape, np.float32) if ignore_label < 0 else (label != ignore_label).astype(np.float32)
+    if "example_valid" in batch:
+        valid *= batch["example_valid"].reshape((-1,) + (1,) * (label.ndim - 1)).astype(np.float32)
+    return {
+        "image": batch["image"].astype(np.float32) / 255.0,
+        "label": np.where(valid > 0, label, 0).astype(np.int32),
+        "valid": valid,
+    }
+
+
+def train_dataset(
+    source,
+    cfg: ml_collections.ConfigDict,
+    host_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """This host's slice of the training split, shuffled anew each epoch, augmented, batched."""
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.random_map(lambda ex, rng: augment.augment(ex, rng, cfg.augment), seed=seed + 1)
+    ds = ds.batch(host_batch_size, drop_remainder=True)
+    return ds.map(lambda b: to_model_batch(b, cfg.ignore_label))
+
+
+def train_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grain.DatasetIterator:
+    """Background threads prefetch `data.prefetch` batches so the step rarely waits for data."""
+    options = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(
+    source, cfg: ml_collections.ConfigDict, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of this host's slice exactly once; the last batch is padded (valid = 0)."""
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    for start in range(0, len(ds), batch_size):
+        examples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        real = len(examples)
+        examples += [examples[-1]] * (batch_size - real)
+        batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
+        batch["example_valid"] = np.arange(batch_size) < real
+        yield to_model_batch(batch, cfg.ignore_label)

@@ -1,0 +1,38 @@
+"""PNG bytes <-> numpy arrays with PIL; corrupt bytes raise a DataError that names the source."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segjax.errors import DataError
+
+
+def encode(array: np.ndarray) -> bytes:
+    """uint8 [H,W] / [H,W,1] / [H,W,3] or uint16 [H,W] (instance ids) -> PNG bytes."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == np.uint16:
+        image = Image.fromarray(array.astype(np.uint16), mode=None)
+    elif array.dtype == np.uint8:
+        image = Image.fromarray(array)
+    else:
+        raise DataError(f"cannot store {array.dtype} arrays as PNG; use uint8 (images, labels) or uint16 (instances)")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(data: bytes, where: str) -> np.ndarray:
+    """PNG bytes -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the file or example in errors."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            array = np.array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{where}: corrupt or truncated image ({err})") from err
+    if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
+        array = array.astype(np.uint16)
+    return array

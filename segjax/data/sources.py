@@ -1,0 +1,134 @@
+"""Prepared TFDS datasets -> random-access sources of decoded, validated numpy examples.
+
+Each example is a dict: `image` uint8 [H,W,C], `label` int32 [H,W], plus `index` (its position in
+the split, for error messages and padding). Labels are checked against `num_classes` and
+`ignore_label` here, once per example, so a 0/255 mask fails loudly instead of training on garbage.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from segjax.data import builders, png
+from segjax.errors import ConfigError, DataError
+
+
+def _synthetic_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
+    knobs = cfg.synthetic.to_dict()
+    return builders.SyntheticShapes(
+        data_dir=data_dir,
+        file_format="array_record",
+        config=builders.SyntheticShapesConfig.from_knobs(**knobs),
+    )
+
+
+# data.name -> function(data config, tfds data_dir) -> TFDS builder. No registry: add a line here.
+DATASETS = {
+    "synthetic_shapes": _synthetic_builder,
+}
+SPLITS = ("train", "validation")
+
+
+def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
+    return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def prepare(cfg: ml_collections.ConfigDict):
+    """Build the dataset's array_record files if they are not there yet; return the builder."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
+    builder = DATASETS[cfg.name](cfg, data_dir(cfg))
+    builder.download_and_prepare()
+    return builder
+
+
+def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.ConfigDict, where: str) -> None:
+    """Raise DataError (naming `where`) for wrong channels, shape mismatch or out-of-range labels."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] != cfg.channels:
+        raise DataError(
+            f"{where}: image has {image.shape[-1]} channels but data.channels={cfg.channels}; "
+            "convert the images or set data.channels"
+        )
+    if image.shape[:-1] != label.shape:
+        raise DataError(f"{where}: image size {image.shape[:-1]} differs from label size {label.shape}")
+    bad = (label < 0) | (label >= cfg.num_classes)
+    if cfg.ignore_label >= 0:
+        bad &= label != cfg.ignore_label
+    if bad.any():
+        values = np.unique(label[bad])[:5].tolist()
+        hint = " (a 0/255 mask? store class ids 0..C-1 instead)" if 255 in values else ""
+        raise DataError(
+            f"{where}: label values {values} are outside 0..{cfg.num_classes - 1} "
+            f"(data.num_classes={cfg.num_classes}, data.ignore_label={cfg.ignore_label}){hint}"
+        )
+
+
+class DecodedSource:
+    """Random-access view of one split that decodes PNGs and validates each example."""
+
+    def __init__(self, raw, cfg: ml_collections.ConfigDict, name: str):
+        self._raw = raw
+        self._cfg = cfg
+        self._name = name
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        where = f"{self._name}[{index}]"
+        record = self._raw[index]
+        image = png.decode(record["image"], where)
+        label = png.decode(record["label"], where)
+        if label.ndim == 3:
+            label = label[..., 0]
+        label = label.astype(np.int32)
+        check_example(image, label, self._cfg, where)
+        if image.ndim == 2:
+            image = image[..., None]
+        return {"image": image, "label": label, "index": np.int32(index)}
+
+
+class InMemorySource:
+    """A split decoded once into stacked arrays (`data.cache=True`, for small datasets)."""
+
+    def __init__(self, source):
+        examples = [source[i] for i in range(len(source))]
+        if not examples:
+            raise DataError("the split is empty")
+        self._arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def __len__(self) -> int:
+        return len(self._arrays["label"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index] for k, v in self._arrays.items()}
+
+    def class_histogram(self, num_classes: int) -> np.ndarray:
+        labels = self._arrays["label"]
+        return np.bincount(labels[(labels >= 0) & (labels < num_classes)].ravel(), minlength=num_classes)
+
+
+def open_splits(cfg: ml_collections.ConfigDict) -> dict[str, object]:
+    """Prepare the dataset and return {split: random-access decoded source}."""
+    if len(cfg.class_names) != cfg.num_classes:
+        raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
+    builder = prepare(cfg)
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label", "instances")}
+    raw = builder.as_data_source(decoders=skip)
+    splits = {}
+    for split in SPLITS:
+        source = DecodedSource(raw[split], cfg, f"{cfg.name}/{split}")
+        splits[split] = InMemorySource(source) if cfg.cache else source
+    train = splits["train"]
+    if isinstance(train, InMemorySource):
+        hist = train.class_histogram(cfg.num_classes)
+        shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
+        logging.info("train class histogram (pixel share): %s", shares)
+    return splits

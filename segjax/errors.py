@@ -1,0 +1,28 @@
+"""User-facing errors: one line that says what is wrong and how to fix it.
+
+`segjax.main` prints these without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class SegjaxError(ValueError):
+    """Bad input (config, data, checkpoint, workdir) that the user can fix."""
+
+
+class ConfigError(SegjaxError):
+    """A config field is unknown, has the wrong type, or conflicts with another field."""
+
+
+class DataError(SegjaxError):
+    """A dataset file or array is missing, corrupt, or holds values the config does not allow."""
+
+
+class CheckpointError(SegjaxError):
+    """A checkpoint is missing, incomplete, or does not match the configured model."""
+
+
+class WorkdirError(SegjaxError):
+    """The workdir holds a run that this run would silently change or overwrite."""
+
+
+class NonFiniteLossError(SegjaxError):
+    """Training produced a NaN/Inf loss or gradient."""

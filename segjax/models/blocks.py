@@ -1,0 +1,88 @@
+"""N-D building blocks shared by every network (2D or 3D by `spatial_dims`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.errors import ConfigError
+
+NORMS = ("batch", "group", "none")
+POOLS = ("max", "avg")
+UPSAMPLES = ("transpose", "resize")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+class Norm(nn.Module):
+    """Batch norm, group norm or identity, chosen by name."""
+
+    kind: str = "batch"
+    groups: int = 8
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.kind == "batch":
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+        if self.kind == "group":
+            groups = self.groups
+            while x.shape[-1] % groups:
+                groups //= 2
+            return nn.GroupNorm(num_groups=groups, dtype=self.dtype)(x)
+        return x
+
+
+class ConvBlock(nn.Module):
+    """`num_convs` x (conv -> norm -> ReLU), then optional dropout."""
+
+    features: int
+    spatial_dims: int = 2
+    num_convs: int = 2
+    kernel_size: int = 3
+    norm: str = "batch"
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        kernel = (self.kernel_size,) * self.spatial_dims
+        for _ in range(self.num_convs):
+            x = nn.Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
+            x = Norm(self.norm, dtype=self.dtype)(x, train)
+            x = nn.relu(x)
+        if self.dropout > 0:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return x
+
+
+def pool(x: jax.Array, kind: str, spatial_dims: int) -> jax.Array:
+    """2x down-sampling in every spatial dimension."""
+    window = (2,) * spatial_dims
+    if kind == "max":
+        return nn.max_pool(x, window, strides=window)
+    return nn.avg_pool(x, window, strides=window)
+
+
+class Upsample(nn.Module):
+    """2x up-sampling to `features` channels: transposed conv, or resize + conv."""
+
+    features: int
+    kind: str = "transpose"
+    spatial_dims: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.kind == "transpose":
+            window = (2,) * self.spatial_dims
+            return nn.ConvTranspose(self.features, window, strides=window, dtype=self.dtype)(x)
+        shape = (x.shape[0], *(d * 2 for d in x.shape[1:-1]), x.shape[-1])
+        x = jax.image.resize(x, shape, method="bilinear")
+        return nn.Conv(self.features, (3,) * self.spatial_dims, dtype=self.dtype)(x)

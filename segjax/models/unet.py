@@ -1,0 +1,140 @@
+"""U-Net (Ronneberger et al. 2015) and, with every skip off, the plain encoder-decoder.
+
+One module covers both: `skips='all'` feeds each encoder level's output to the matching decoder
+level; `skips='none'` leaves the bottleneck as the only path from input to output (a
+bridge/bottleneck network). A tuple of booleans switches skips per level (level 0 = full size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.errors import ConfigError
+from segjax.models import blocks
+
+
+def level_features(depth: int, base_features: int, features: Sequence[int] | None) -> tuple[int, ...]:
+    """Channels per encoder level: explicit `features`, else `base_features` doubling per level."""
+    if features:
+        if len(features) != depth:
+            raise ConfigError(f"model.features has {len(features)} entries but model.depth={depth}; give one per level")
+        return tuple(int(f) for f in features)
+    return tuple(base_features * 2**i for i in range(depth))
+
+
+def skip_mask(skips: str | Sequence[bool], depth: int) -> tuple[bool, ...]:
+    """'all' | 'none' | one bool per level (level 0 = full resolution) -> tuple of bools."""
+    if isinstance(skips, str):
+        if skips not in ("all", "none"):
+            raise ConfigError(f"model.skips={skips!r} is not valid; use 'all', 'none' or one bool per level")
+        return (skips == "all",) * depth
+    skips = tuple(bool(s) for s in skips)
+    if len(skips) != depth:
+        raise ConfigError(f"model.skips has {len(skips)} entries but model.depth={depth}; give one per level")
+    return skips
+
+
+def check_spatial_shape(shape: Sequence[int], depth: int) -> None:
+    """Every spatial size must halve `depth` times without remainder."""
+    factor = 2**depth
+    for size in shape:
+        if size % factor:
+            fit = -(-size // factor) * factor
+            raise ConfigError(
+                f"input size {tuple(shape)} does not fit model.depth={depth}: each spatial size must be "
+                f"divisible by 2**depth={factor}; pad or crop {size} to {fit} (or lower the depth)"
+            )
+
+
+class Encoder(nn.Module):
+    """Conv blocks with 2x pooling between them; returns (bottleneck, per-level features)."""
+
+    features: tuple[int, ...]
+    bottleneck_features: int
+    spatial_dims: int = 2
+    pool: str = "max"
+    norm: str = "batch"
+    num_convs: int = 2
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        block = dict(spatial_dims=self.spatial_dims, num_convs=self.num_convs, norm=self.norm, dtype=self.dtype)
+        levels = []
+        for i, feats in enumerate(self.features):
+            x = blocks.ConvBlock(feats, name=f"level{i}", **block)(x, train)
+            levels.append(x)
+            x = blocks.pool(x, self.pool, self.spatial_dims)
+        x = blocks.ConvBlock(self.bottleneck_features, dropout=self.dropout, name="bottleneck", **block)(x, train)
+        return x, levels
+
+
+class Decoder(nn.Module):
+    """Up-sample level by level; concatenate the encoder feature where `skips[level]` is on."""
+
+    features: tuple[int, ...]
+    skips: tuple[bool, ...]
+    spatial_dims: int = 2
+    upsample: str = "transpose"
+    norm: str = "batch"
+    num_convs: int = 2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, levels, train: bool):
+        block = dict(spatial_dims=self.spatial_dims, num_convs=self.num_convs, norm=self.norm, dtype=self.dtype)
+        for i in reversed(range(len(self.features))):
+            x = blocks.Upsample(self.features[i], self.upsample, self.spatial_dims, self.dtype, name=f"up{i}")(x)
+            if self.skips[i]:
+                x = jnp.concatenate([x, levels[i].astype(x.dtype)], axis=-1)
+            x = blocks.ConvBlock(self.features[i], name=f"level{i}", **block)(x, train)
+        return x
+
+
+class UNet(nn.Module):
+    """U-Net / encoder-decoder. `apply(vars, image, train) -> (logits float32, aux dict)`."""
+
+    num_classes: int
+    depth: int = 4
+    base_features: int = 32
+    features: tuple[int, ...] | None = None
+    bottleneck_features: int | None = None
+    skips: str | tuple[bool, ...] = "all"
+    upsample: str = "transpose"
+    pool: str = "max"
+    norm: str = "batch"
+    num_convs: int = 2
+    dropout: float = 0.0
+    spatial_dims: int = 2
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)
+        blocks.check_choice("pool", self.pool, blocks.POOLS)
+        blocks.check_choice("norm", self.norm, blocks.NORMS)
+        if self.depth < 1:
+            raise ConfigError(f"model.depth={self.depth} must be >= 1")
+        feats = level_features(self.depth, self.base_features, self.features)
+        common = dict(spatial_dims=self.spatial_dims, norm=self.norm, num_convs=self.num_convs, dtype=self.dtype)
+        self.encoder = Encoder(
+            feats, self.bottleneck_features or 2 * feats[-1], pool=self.pool, dropout=self.dropout, **common
+        )
+        self.decoder = Decoder(feats, skip_mask(self.skips, self.depth), upsample=self.upsample, **common)
+        self.head = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
+
+    def __call__(self, image, train: bool = False):
+        if image.ndim != self.spatial_dims + 2:
+            raise ConfigError(
+                f"model expects [batch, {'D, ' * (self.spatial_dims == 3)}H, W, C] input "
+                f"(spatial_dims={self.spatial_dims}), got shape {image.shape}"
+            )
+        check_spatial_shape(image.shape[1:-1], self.depth)
+        bottleneck, levels = self.encoder(image.astype(self.dtype), train)
+        x = self.decoder(bottleneck, levels, train)
+        logits = self.head(x).astype(jnp.float32)
+        return logits, {"bottleneck": bottleneck}

@@ -1,0 +1,21 @@
+"""The per-class results table printed at the end of a run."""
+
+from __future__ import annotations
+
+import math
+
+
+def _fmt(value) -> str:
+    return "   n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:6.4f}"
+
+
+def results_table(results: dict, class_names, prefix: str = "val") -> str:
+    """Rows = classes + mean; columns = IoU, Dice, precision, recall."""
+    cols = ("iou", "dice", "precision", "recall")
+    width = max(len(n) for n in [*class_names, "mean"])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{c:>9}" for c in cols)]
+    for name in class_names:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(results.get(f'{prefix}/{c}/{name}')):>9}" for c in cols))
+    lines.append(f"{'mean':<{width}}  " + "  ".join(f"{_fmt(results.get(f'{prefix}/m{c}')):>9}" for c in cols))
+    lines.append(f"pixel accuracy {_fmt(results.get(f'{prefix}/accuracy'))}")
+    return "\n".join(lines)

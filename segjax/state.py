@@ -1,0 +1,50 @@
+"""The whole training state as one pytree, so one orbax save/restore covers all of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step, params, BatchNorm statistics, optimizer state (holds the schedule position) and RNG."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data; split once per step for dropout
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    def variables(self) -> dict:
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
+
+    def apply_gradients(self, grads, batch_stats, rng):
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng)
+
+
+def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, seed: int) -> TrainState:
+    """Initialise parameters from `seed` on a sample batch shape (values are not used)."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init({"params": init_rng}, sample_image, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=state_rng,
+        tx=tx,
+    )
+
+
+def param_count(params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

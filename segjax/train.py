@@ -1,0 +1,247 @@
+"""train_and_evaluate: mesh, data, model, state, jitted steps, the loop and its cadence."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from tqdm import tqdm
+
+from segjax import checkpointing, configuration, evaluate, metrics, optim, parallel, report, state, steps, writers
+from segjax.data import pipeline, sources
+from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from segjax.models import build_model
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool) -> None:
+    """Refuse to mix two different configs in one workdir unless told; never delete silently."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = configuration.differences(old, config.to_dict())
+        if diff and overwrite:
+            moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(workdir, moved)
+            logging.warning("--overwrite: moved the previous run to %s", moved)
+        elif diff and not allow_config_changes:
+            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            raise WorkdirError(
+                f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
+                "--allow_config_changes to resume with the new values, or --overwrite to move the old run aside"
+            )
+        elif diff:
+            backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
+            shutil.copy(path, backup)
+            logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(configuration.to_json(config))
+
+
+def model_summary(model, variables, sample) -> dict[str, float]:
+    """Parameter count and forward FLOPs per example (XLA cost analysis of the compiled forward)."""
+    fwd = jax.jit(functools.partial(model.apply, train=False))
+    cost = fwd.lower(variables, sample).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) / sample.shape[0] if cost else float("nan")
+    return {"params": state.param_count(variables["params"]), "flops": flops}
+
+
+class _Preemption:
+    """SIGTERM (what schedulers send before killing a job) -> checkpoint at the next step, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_config(config) -> None:
+    configuration.validate(config)
+    if config.train.nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
+    if config.eval.empty not in metrics.EMPTY_POLICIES:
+        raise ConfigError(f"eval.empty={config.eval.empty!r}; choose one of {list(metrics.EMPTY_POLICIES)}")
+    if config.loss.class_weights and len(config.loss.class_weights) != config.data.num_classes:
+        raise ConfigError(
+            f"loss.class_weights has {len(config.loss.class_weights)} values; give one per class "
+            f"(data.num_classes={config.data.num_classes})"
+        )
+    for what in ("train.batch_size", "eval.batch_size"):
+        parallel.host_batch_size(config.get(what.split(".")[0])["batch_size"], what)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, allow_config_changes: bool = False
+) -> dict:
+    """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics."""
+    _check_config(config)
+    model = build_model(config.model, config.data.num_classes)
+    prepare_workdir(config, workdir, overwrite, allow_config_changes)
+    mesh = parallel.make_mesh()
+    pidx, pcount = jax.process_index(), jax.process_count()
+    splits = sources.open_splits(config.data)
+    train_ds = pipeline.train_dataset(
+        splits["train"], config.data, parallel.host_batch_size(config.train.batch_size), config.train.seed, pidx, pcount
+    )
+    eval_host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
+    sample = jnp.asarray(train_ds[0]["image"][:1])
+
+    tx = optim.build(config.optim, config.train.steps)
+    train_state = state.create(model, tx, sample, config.train.seed)
+    summary = model_summary(model, train_state.variables(), sample)
+    logging.info(
+        "model %s: %.3fM params, %.3f GFLOPs/example forward",
+        config.model.arch,
+        summary["params"] / 1e6,
+        summary["flops"] / 1e9,
+    )
+    train_state = jax.device_put(train_state, parallel.replicated(mesh))
+
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    data_iter = pipeline.train_iterator(train_ds, config.data)
+    if ckpt.latest_step() is not None:
+        train_state, data_state = ckpt.restore(train_state)
+        data_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", workdir, int(train_state.step))
+
+    repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    train_fn = jax.jit(
+        functools.partial(steps.train_step, model=model, loss_cfg=config.loss),
+        in_shardings=(repl, batch_sh),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(steps.eval_step, model=model, loss_cfg=config.loss, num_classes=config.data.num_classes),
+        in_shardings=(repl, batch_sh),
+        out_shardings=repl,
+    )
+    writer = writers.MetricWriter(workdir)
+    names = tuple(config.data.class_names)
+
+    def run_eval(step_now: int) -> dict:
+        batches = pipeline.eval_batches(splits["validation"], config.data, eval_host_batch, pidx, pcount)
+        return evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names)
+
+    step = int(train_state.step)
+    total = config.train.steps
+    convention = metrics.convention("dataset", config.eval.empty, config.eval.include_background)
+    logging.info("metrics convention: %s", convention)
+    last_train, results, pending = {}, {}, None
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(
+        total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0, disable=pidx != 0
+    )
+
+    def check_finite(prev_step: int, out: dict) -> None:
+        if not bool(out["finite"]):
+            msg = (
+                f"non-finite loss/gradient at step {prev_step} (loss={float(out['loss'])}); the update was not applied"
+            )
+            if config.train.nonfinite == "stop":
+                raise NonFiniteLossError(
+                    msg + "; stopping (last good checkpoint kept). Lower optim.lr or set train.nonfinite='skip'"
+                )
+            logging.warning(msg + "; skipping the batch")
+
+    with _Preemption() as preempt:
+        try:
+            while step < total:
+                batch = parallel.to_global(next(data_iter), mesh)
+                train_state, out = train_fn(train_state, batch)
+                if pending is not None:  # read the previous step's outputs while this one runs
+                    check_finite(*pending)
+                pending = (step, out)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == total:
+                    check_finite(*pending)
+                    pending = None
+                    rate = window_steps / (time.perf_counter() - window_start)
+                    last_train = {f"train/{k}": float(v) for k, v in out.items() if k != "finite"}
+                    last_train["train/steps_per_sec"] = rate
+                    last_train["train/lr"] = float(optim.schedule(config.optim, total)(step - 1))
+                    writer.write(step, last_train)
+                    bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % config.eval.every == 0 or step == total:
+                    results = run_eval(step)
+                    writer.write(step, results)
+                    bar.write(
+                        f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
+                        f"val/accuracy={results['val/accuracy']:.4f}"
+                    )
+                    if math.isfinite(results["val/miou"]):
+                        ckpt.save_if_best(step, train_state, data_iter.get_state(), results)
+                if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
+                    ckpt.save(step, train_state, data_iter.get_state())
+                if preempt.requested:
+                    bar.write(f"SIGTERM: saved a checkpoint at step {step}; exiting (rerun the command to resume)")
+                    ckpt.wait()
+                    return {"step": step, "preempted": True}
+            if pending is not None:
+                check_finite(*pending)
+            if not results:  # resumed a finished run: evaluate the final state once more
+                results = run_eval(step)
+        finally:
+            bar.close()
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+
+    final = {"step": step, **{k: v for k, v in last_train.items()}, **results, **summary}
+    if "train/loss" not in final:
+        final["train/loss"] = _last_logged(workdir, "train/loss")
+    final["metrics_convention"] = convention
+    if pidx == 0:
+        with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({k: _json_value(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
+        print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
+        print(report.results_table(final, names))
+    return final
+
+
+def _json_value(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _last_logged(workdir: str, key: str):
+    path = os.path.join(workdir, "metrics.jsonl")
+    value = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                value = row.get(key, value)
+    return value

@@ -1,0 +1,48 @@
+"""Metric logs: JSON lines (for tools and notebooks) and TensorBoard events (tensorboardX, no TF).
+
+Only process 0 writes; other processes get a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+
+def _plain(value):
+    value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+class MetricWriter:
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _plain(v) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

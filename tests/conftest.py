@@ -1,0 +1,32 @@
+"""Shared fixtures: a per-session TFDS folder and the tiny config pointed at it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def load_config(name: str, arg: str | None = None):
+    """get_config(arg) of configs/<name>.py."""
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture
+def tiny_config(tfds_dir):
+    config = load_config("tiny")
+    config.data.tfds_dir = tfds_dir
+    return config

@@ -1,0 +1,157 @@
+"""Synthetic scenes, the TFDS builder, decoding/validation, augmentation and batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segjax.data import augment, pipeline, png, sources, synthetic
+from segjax.errors import ConfigError, DataError
+
+PARAMS = synthetic.SceneParams(image_size=48)
+
+
+def test_scenes_are_deterministic_per_seed_split_index():
+    a = synthetic.render_scene(3, "train", 5, PARAMS)
+    b = synthetic.render_scene(3, "train", 5, PARAMS)
+    for key in a:
+        assert a[key].tobytes() == b[key].tobytes()
+    assert synthetic.render_scene(4, "train", 5, PARAMS)["image"].tobytes() != a["image"].tobytes()
+    assert synthetic.render_scene(3, "validation", 5, PARAMS)["image"].tobytes() != a["image"].tobytes()
+
+
+def test_scene_labels_instances_and_presence_are_consistent():
+    n = len(synthetic.CLASS_NAMES)
+    for index in range(20):
+        ex = synthetic.render_scene(0, "train", index, PARAMS)
+        label, inst = ex["label"], ex["instances"]
+        assert ex["image"].shape == (48, 48, 3) and ex["image"].dtype == np.uint8
+        assert label.min() >= 0 and label.max() < n
+        assert inst.dtype == np.uint16
+        ids = np.unique(inst[inst > 0])
+        np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))  # consecutive, all visible
+        assert np.array_equal(inst > 0, label > 0)  # every object pixel belongs to one instance
+        for i in ids:  # one class per instance
+            assert len(np.unique(label[inst == i])) == 1
+        np.testing.assert_array_equal(ex["present"], np.bincount(label.ravel(), minlength=n) > 0)
+
+
+def test_tool_parts_cannot_be_grouped_by_one_threshold():
+    """Handle (dark) and blade (bright) of a tool differ strongly in brightness."""
+    gaps = []
+    for index in range(40):
+        ex = synthetic.render_scene(0, "train", index, synthetic.SceneParams(image_size=64, noise=0.0))
+        for i in np.unique(ex["instances"][ex["label"] == 1]):
+            brightness = ex["image"][ex["instances"] == i].mean(-1)
+            if brightness.size > 30:
+                gaps.append(np.percentile(brightness, 90) - np.percentile(brightness, 10))
+    assert gaps and np.median(gaps) > 100
+
+
+def test_noise_and_contrast_knobs():
+    quiet = synthetic.render_scene(0, "train", 1, synthetic.SceneParams(image_size=32, noise=0.0))
+    noisy = synthetic.render_scene(0, "train", 1, synthetic.SceneParams(image_size=32, noise=0.2))
+    assert np.abs(quiet["image"].astype(int) - noisy["image"]).mean() > 10
+    flat = synthetic.render_scene(0, "train", 1, synthetic.SceneParams(image_size=32, noise=0.0, contrast=0.0))
+    np.testing.assert_array_equal(flat["label"], quiet["label"])
+    obj = flat["label"] > 0
+    # with contrast 0 objects take the mean background colour
+    assert np.abs(flat["image"][obj].astype(float).mean(0) - flat["image"][~obj].mean(0)).max() < 25
+
+
+def test_builder_round_trip(tiny_config):
+    splits = sources.open_splits(tiny_config.data)
+    syn = tiny_config.data.synthetic
+    assert len(splits["train"]) == syn.num_train and len(splits["validation"]) == syn.num_val
+    params = synthetic.SceneParams(syn.image_size, syn.noise, syn.contrast, syn.min_objects, syn.max_objects)
+    ref = synthetic.render_scene(syn.seed, "validation", 3, params)
+    ex = splits["validation"][3]
+    np.testing.assert_array_equal(ex["image"], ref["image"])
+    np.testing.assert_array_equal(ex["label"], ref["label"])
+
+
+def test_uncached_source_decodes_the_same(tiny_config):
+    cached = sources.open_splits(tiny_config.data)["train"]
+    tiny_config.data.cache = False
+    raw = sources.open_splits(tiny_config.data)["train"]
+    np.testing.assert_array_equal(cached[2]["label"], raw[2]["label"])
+
+
+def test_unknown_dataset_name(tiny_config):
+    tiny_config.data.name = "imagenet_seg"
+    with pytest.raises(ConfigError, match="valid datasets"):
+        sources.open_splits(tiny_config.data)
+
+
+@pytest.mark.parametrize(
+    ("image", "label", "pattern"),
+    [
+        (np.zeros((4, 4, 3), np.uint8), np.array([[0, 255]] * 8).reshape(4, 4), "0/255 mask"),
+        (np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.int32), "1 channels but data.channels=3"),
+        (np.zeros((4, 5, 3), np.uint8), np.zeros((4, 4), np.int32), "differs from label size"),
+    ],
+)
+def test_check_example_errors(tiny_config, image, label, pattern):
+    with pytest.raises(DataError, match=pattern) as err:
+        sources.check_example(image, label, tiny_config.data, "masks/007.png")
+    assert "masks/007.png" in str(err.value)
+
+
+def test_ignore_label_is_allowed(tiny_config):
+    tiny_config.data.ignore_label = 255
+    sources.check_example(np.zeros((2, 2, 3), np.uint8), np.array([[0, 255], [1, 3]]), tiny_config.data, "x")
+
+
+def test_png_round_trip_and_corrupt_bytes():
+    inst = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
+    np.testing.assert_array_equal(png.decode(png.encode(inst), "x"), inst)
+    rgb = np.random.default_rng(0).integers(0, 255, (5, 6, 3), dtype=np.uint8)
+    data = png.encode(rgb)
+    np.testing.assert_array_equal(png.decode(data, "x"), rgb)
+    with pytest.raises(DataError, match=r"images/003\.png: corrupt or truncated"):
+        png.decode(data[: len(data) // 2], "images/003.png")
+
+
+def test_augment_is_deterministic_and_keeps_alignment(tiny_config):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    label = (image[..., 0] > 128).astype(np.int32)  # a label drawn from the image
+    ex = {"image": image, "label": label}
+    seen = set()
+    for seed in range(16):
+        a = augment.augment(ex, np.random.default_rng(seed), tiny_config.data.augment)
+        b = augment.augment(ex, np.random.default_rng(seed), tiny_config.data.augment)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], (a["image"][..., 0] > 128).astype(np.int32))
+        seen.add(a["image"].tobytes())
+    assert len(seen) > 4  # flips x rot90 give up to 8 distinct results
+
+
+def test_eval_batches_cover_every_example_once(tiny_config):
+    source = [{"image": np.full((2, 2, 3), i, np.uint8), "label": np.full((2, 2), i % 4, np.int32)} for i in range(7)]
+    batches = list(pipeline.eval_batches(source, tiny_config.data, batch_size=3))
+    assert len(batches) == 3
+    valid = np.concatenate([b["valid"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    assert valid.shape == (9, 2, 2)
+    assert valid[:7].min() == 1 and valid[7:].max() == 0  # padding excluded
+    np.testing.assert_allclose(images[:7, 0, 0, 0] * 255, np.arange(7))
+
+
+def test_train_stream_is_a_pure_function_of_seed_and_step(tiny_config):
+    source = sources.open_splits(tiny_config.data)["train"]
+    a = pipeline.train_dataset(source, tiny_config.data, 4, seed=0)
+    b = pipeline.train_dataset(source, tiny_config.data, 4, seed=0)
+    c = pipeline.train_dataset(source, tiny_config.data, 4, seed=1)
+    np.testing.assert_array_equal(a[5]["image"], b[5]["image"])
+    assert not np.array_equal(a[5]["image"], c[5]["image"])
+    assert a[0]["image"].shape == (4, 32, 32, 3) and a[0]["image"].dtype == np.float32
+    # an iterator restored from a saved state continues with the same batches
+    it = pipeline.train_iterator(a, tiny_config.data)
+    for _ in range(3):
+        next(it)
+    saved = it.get_state()
+    expected = next(it)
+    it2 = pipeline.train_iterator(b, tiny_config.data)
+    it2.set_state(saved)
+    np.testing.assert_array_equal(next(it2)["label"], expected["label"])

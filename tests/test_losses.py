@@ -1,0 +1,122 @@
+"""Losses against optax references and known properties; ignored pixels carry no gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from segjax import losses
+from segjax.errors import ConfigError
+
+
+def batch(seed=0, shape=(2, 6, 5), num_classes=4, dtype=jnp.float32):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    logits = (3 * jax.random.normal(k1, (*shape, num_classes))).astype(dtype)
+    labels = jax.random.randint(k2, shape, 0, num_classes)
+    return logits, labels
+
+
+def test_cross_entropy_equals_optax():
+    logits, labels = batch()
+    ref = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels, jnp.ones(labels.shape)), ref, rtol=1e-6)
+
+
+def test_cross_entropy_masked_mean_uses_valid_pixels_only():
+    logits, labels = batch(1)
+    valid = (jnp.arange(labels.size).reshape(labels.shape) % 3 == 0).astype(jnp.float32)
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ref = per_pixel[valid > 0].mean()
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels, valid), ref, rtol=1e-6)
+
+
+def test_class_weighted_cross_entropy_is_weighted_mean():
+    logits, labels = batch(2)
+    w = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    per_pixel = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    wy = w[np.asarray(labels)]
+    ref = (wy * per_pixel).sum() / wy.sum()
+    np.testing.assert_allclose(losses.cross_entropy(logits, labels, jnp.ones(labels.shape), w), ref, rtol=1e-5)
+
+
+def test_label_smoothing_matches_optax_smooth_labels():
+    logits, labels = batch(3)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, 4), 0.1)
+    ref = optax.softmax_cross_entropy(logits, targets).mean()
+    got = losses.cross_entropy(logits, labels, jnp.ones(labels.shape), label_smoothing=0.1)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_soft_dice_per_image_equals_optax_dice_loss():
+    logits, labels = batch(4)
+    ref = optax.losses.dice_loss(logits, jax.nn.one_hot(labels, 4), smooth=1.0).mean()
+    got = losses.soft_dice(logits, labels, jnp.ones(labels.shape), smooth=1.0, per_image=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_soft_dice_of_perfect_prediction_is_near_zero():
+    labels = jnp.array([[0, 1], [2, 1]])
+    logits = 50.0 * jax.nn.one_hot(labels, 3)
+    assert float(losses.soft_dice(logits, labels, jnp.ones(labels.shape), smooth=1e-6)) < 1e-5
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    logits, labels = batch(5)
+    valid = jnp.ones(labels.shape)
+    np.testing.assert_allclose(
+        losses.focal(logits, labels, valid, gamma=0.0), losses.cross_entropy(logits, labels, valid), rtol=1e-6
+    )
+
+
+def test_focal_down_weights_easy_pixels():
+    logits, labels = batch(6)
+    valid = jnp.ones(labels.shape)
+    assert float(losses.focal(logits, labels, valid, gamma=2.0)) < float(losses.cross_entropy(logits, labels, valid))
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "focal"])
+def test_ignored_pixels_get_no_gradient(name):
+    logits, labels = batch(7)
+    valid = jnp.ones(labels.shape).at[0, 0, 0].set(0.0)
+    fn = {"ce": losses.cross_entropy, "dice": losses.soft_dice, "focal": losses.focal}[name]
+    grads = jax.grad(lambda lg: fn(lg, labels, valid))(logits)
+    assert float(jnp.abs(grads[0, 0, 0]).max()) == 0.0
+    assert float(jnp.abs(grads[1]).max()) > 0.0
+
+
+def test_bfloat16_logits_on_large_input_match_float32():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    logits = 8 * jax.random.normal(k1, (1, 1024, 1024, 3))
+    labels = jax.random.randint(k2, (1, 1024, 1024), 0, 3)
+    valid = jnp.ones(labels.shape)
+    for fn in (losses.cross_entropy, losses.soft_dice):
+        lo = fn(logits.astype(jnp.bfloat16), labels, valid)
+        hi = fn(logits.astype(jnp.bfloat16).astype(jnp.float32), labels, valid)
+        assert lo.dtype == jnp.float32 and bool(jnp.isfinite(lo))
+        np.testing.assert_allclose(lo, hi, rtol=1e-5)
+
+
+def loss_cfg(terms):
+    return ml_collections.ConfigDict(
+        dict(terms=terms, ce_weight=1.0, dice_weight=0.5, label_smoothing=0.0, class_weights=None, focal_gamma=2.0)
+    )
+
+
+def test_total_loss_is_weighted_sum():
+    logits, labels = batch(8)
+    valid = jnp.ones(labels.shape)
+    total, terms = losses.total_loss(loss_cfg("ce+dice"), logits, labels, valid)
+    ce = losses.cross_entropy(logits, labels, valid)
+    dice = losses.soft_dice(logits, labels, valid)
+    np.testing.assert_allclose(total, ce + 0.5 * dice, rtol=1e-6)
+    assert set(terms) == {"ce", "dice"}
+
+
+def test_unknown_loss_term():
+    logits, labels = batch()
+    with pytest.raises(ConfigError, match="unknown terms"):
+        losses.total_loss(loss_cfg("ce+lovasz"), logits, labels, jnp.ones(labels.shape))

@@ -1,0 +1,172 @@
+"""Networks: shapes, finite gradients, structure (skips really off), size rules, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.errors import ConfigError
+from segjax.models import ARCHS, build_model
+from tests.conftest import load_config
+
+
+def model_cfg(**overrides):
+    cfg = load_config("default").model
+    cfg.depth = 2
+    cfg.base_features = 4
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def init_apply(model, shape, train=False):
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    variables = model.init({"params": jax.random.PRNGKey(0)}, x, train=False)
+    return variables, x
+
+
+KNOBS = [
+    {},
+    {"arch": "encoder_decoder"},
+    {"skips": "10"},
+    {"upsample": "resize"},
+    {"pool": "avg"},
+    {"norm": "group"},
+    {"norm": "none"},
+    {"dropout": 0.2},
+    {"features": (3, 5), "bottleneck_features": 7},
+    {"depth": 3, "skips": "none", "upsample": "resize"},
+    {"dtype": "bfloat16"},
+]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_shapes_and_finite_gradients(knobs):
+    model = build_model(model_cfg(**knobs), num_classes=3)
+    variables, x = init_apply(model, (2, 16, 24, 3))
+    logits, aux = model.apply(variables, x, train=False)
+    assert logits.shape == (2, 16, 24, 3)
+    assert logits.dtype == jnp.float32
+    assert isinstance(aux, dict)
+
+    def loss(params):
+        v = dict(variables, params=params)
+        out, _ = model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"])
+        return jnp.mean(out[0] ** 2)
+
+    grads = jax.grad(loss)(variables["params"])
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.abs(g).sum()) > 0 for g in leaves)
+
+
+def _decoder_outputs(arch: str, skips: str = "all"):
+    """Decoder output for one fixed bottleneck with two different sets of skip features."""
+    model = build_model(model_cfg(arch=arch, skips=skips), num_classes=2)
+    variables, x = init_apply(model, (1, 16, 16, 3))
+    bottleneck, levels = model.apply(variables, x, False, method=lambda m, x, t: m.encoder(x, t))
+    noisy = [lv + jax.random.normal(jax.random.PRNGKey(i), lv.shape) for i, lv in enumerate(levels)]
+    decode = lambda m, b, s: m.decoder(b, s, False)  # noqa: E731
+    return (
+        model.apply(variables, bottleneck, levels, method=decode),
+        model.apply(variables, bottleneck, noisy, method=decode),
+    )
+
+
+def test_encoder_decoder_has_no_skip_path():
+    a, b = _decoder_outputs("encoder_decoder")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unet_decoder_uses_skips():
+    a, b = _decoder_outputs("unet")
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_per_level_skips_change_decoder_input_channels():
+    """skips='10': level 0 concatenates its encoder feature (4 + 4 ch), level 1 does not (8 ch)."""
+    model = build_model(model_cfg(skips="10"), num_classes=2)
+    variables, _ = init_apply(model, (1, 8, 8, 3))
+    dec = variables["params"]["decoder"]
+    assert dec["level0"]["Conv_0"]["kernel"].shape[2] == 4 + 4
+    assert dec["level1"]["Conv_0"]["kernel"].shape[2] == 8
+
+
+def count(tree) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_param_count_is_size_independent_and_tracks_bottleneck():
+    model = build_model(model_cfg(norm="none"), num_classes=2)
+    small, _ = init_apply(model, (1, 8, 8, 3))
+    large, _ = init_apply(model, (1, 32, 48, 3))
+    assert count(small["params"]) == count(large["params"])
+    # Bottleneck 16 -> 17 channels with norm='none' (convs have bias): the bottleneck block's
+    # first conv 8->F (9*8*F + F), second F->F (9*F*F + F), and up1 transposes F->8 (4*F*8).
+    base = count(
+        build_model(model_cfg(norm="none", bottleneck_features=16), 2).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))
+        )["params"]
+    )
+    plus = count(
+        build_model(model_cfg(norm="none", bottleneck_features=17), 2).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))
+        )["params"]
+    )
+
+    def terms(f):
+        return 9 * 8 * f + f + 9 * f * f + f + 4 * f * 8
+
+    assert plus - base == terms(17) - terms(16)
+
+
+def test_unet_parameter_count_by_hand():
+    """depth 1, base 2, no norm, 1 input ch, 2 classes: every conv counted by hand."""
+    cfg = model_cfg(depth=1, base_features=2, norm="none", bottleneck_features=3)
+    params = build_model(cfg, 2).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))["params"]
+    enc = (9 * 1 * 2 + 2) + (9 * 2 * 2 + 2)  # level0: 1->2, 2->2
+    bott = (9 * 2 * 3 + 3) + (9 * 3 * 3 + 3)  # 2->3, 3->3
+    up = 4 * 3 * 2 + 2  # 2x2 transpose 3->2
+    dec = (9 * 4 * 2 + 2) + (9 * 2 * 2 + 2)  # concat 2+2 -> 2, 2->2
+    head = 2 * 2 + 2
+    assert count(params) == enc + bott + up + dec + head
+
+
+def test_size_not_divisible_by_depth_says_what_to_pad_to():
+    model = build_model(model_cfg(depth=3), num_classes=2)
+    with pytest.raises(ConfigError, match=r"divisible by 2\*\*depth=8; pad or crop 100 to 104"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 64, 3)))
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ConfigError, match="valid architectures") as err:
+        build_model(model_cfg(arch="resnet"), 2)
+    for name in ARCHS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "pattern"),
+    [
+        ({"skips": "101"}, "3 entries but model.depth=2"),
+        ({"skips": "some"}, "model.skips='some' is not valid"),
+        ({"upsample": "pixelshuffle"}, "model.upsample='pixelshuffle'"),
+        ({"pool": "min"}, "model.pool='min'"),
+        ({"norm": "layer"}, "model.norm='layer'"),
+        ({"features": (4, 8, 16)}, "model.features has 3 entries"),
+        ({"arch": "encoder_decoder", "skips": "10"}, "has no skip connections"),
+        ({"dtype": "float16"}, "model.dtype='float16'"),
+    ],
+)
+def test_bad_model_config(knobs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        model = build_model(model_cfg(**knobs), 2)
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_wrong_rank_input_is_explained():
+    model = build_model(model_cfg(), 2)
+    with pytest.raises(ConfigError, match=r"expects \[batch, H, W, C\]"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((16, 16, 3)))

@@ -1,0 +1,155 @@
+"""End to end on the tiny config: outputs, resume, exact resume, workdir safety, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from segjax import checkpointing, configuration, train
+from segjax.data import pipeline
+from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from tests.conftest import ROOT
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    final = train.train_and_evaluate(tiny_config, workdir)
+    assert final["step"] == tiny_config.train.steps
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    for key in ("step", "train/loss", "val/miou", "val/mdice", "val/accuracy", "params", "flops"):
+        assert key in saved, key
+    for name in tiny_config.data.class_names:
+        assert f"val/iou/{name}" in saved and f"val/dice/{name}" in saved
+    assert saved["val/pixels"] == tiny_config.data.synthetic.num_val * 32 * 32
+    assert 0.0 <= saved["val/accuracy"] <= 1.0
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert os.listdir(os.path.join(workdir, "best"))
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f) == json.loads(configuration.to_json(tiny_config))
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    train_rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+
+    again = train.train_and_evaluate(tiny_config, workdir)  # same workdir: resumes at step 6, trains nothing
+    assert again["step"] == 6
+    rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert len(rows) == 3
+    np.testing.assert_allclose(again["val/miou"], saved["val/miou"], rtol=1e-6)
+
+
+def _final_params(config, workdir):
+    model_state = None
+    train.train_and_evaluate(config, workdir, allow_config_changes=True)
+    ckpt = checkpointing.Checkpointer(workdir, 2)
+    template = _template(config)
+    model_state, data_state = ckpt.restore(template)
+    ckpt.close()
+    return model_state, data_state
+
+
+def _template(config):
+    from segjax import optim, state
+    from segjax.models import build_model
+
+    model = build_model(config.model, config.data.num_classes)
+    sample = np.zeros((1, 32, 32, 3), np.float32)
+    return state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
+
+
+def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
+    """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer, RNG, data position."""
+    tiny_config.optim.schedule = "constant"  # the schedule must not depend on where we stop
+    tiny_config.model.dropout = 0.1  # makes the RNG state matter
+    straight, straight_data = _final_params(tiny_config, str(tmp_path / "straight"))
+    tiny_config.train.steps = 3
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    tiny_config.train.steps = 6
+    resumed, resumed_data = _final_params(tiny_config, str(tmp_path / "resumed"))
+    assert int(resumed.step) == int(straight.step) == 6
+    assert resumed_data == straight_data
+    for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_different_config_in_same_workdir_is_refused(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(tiny_config))
+    marker = os.path.join(workdir, "metrics.json")
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write("{}")
+    tiny_config.model.depth = 1
+    with pytest.raises(WorkdirError, match=r"differs in: model.depth"):
+        train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)
+    assert os.path.exists(marker)  # nothing touched
+    train.prepare_workdir(tiny_config, workdir, overwrite=True, allow_config_changes=False)
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+    assert len(moved) == 1 and os.path.exists(os.path.join(tmp_path, moved[0], "metrics.json"))
+
+
+def test_unknown_and_mistyped_config_keys(tiny_config):
+    with tiny_config.unlocked():
+        tiny_config.train.stpes = 5
+    with pytest.raises(ConfigError, match=r"unknown config key train.stpes; did you mean train.steps\?"):
+        configuration.validate(tiny_config)
+    del tiny_config.train["stpes"]
+    configuration.validate(tiny_config)
+
+
+def test_non_finite_loss_stops_and_names_the_step(tiny_config, tmp_path, monkeypatch):
+    original = pipeline.to_model_batch
+
+    def poisoned(batch, ignore_label):
+        out = original(batch, ignore_label)
+        out["image"] = out["image"] * np.nan
+        return out
+
+    monkeypatch.setattr(pipeline, "to_model_batch", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss/gradient at step 0"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "nan"))
+    assert not os.path.exists(tmp_path / "nan" / "checkpoints" / "3")
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "segjax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.model.arch=resnet", "error: unknown model.arch='resnet'; valid architectures"),
+        ("--config.data.synthetic.image_size=30", "pad or crop 30 to 32"),
+        ("--config.train.batch_size=3", None),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, tfds_dir, override, message):
+    result = run_cli(
+        "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", f"--config.data.tfds_dir={tfds_dir}", override
+    )
+    if message is None:  # batch 3 on 1 device is fine; the CLI trains
+        assert result.returncode == 0, result.stderr[-2000:]
+        return
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_override_key_fails(tmp_path):
+    result = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stpes=3")
+    assert result.returncode != 0
+    assert "stpes" in result.stderr
