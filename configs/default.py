@@ -56,8 +56,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.terms = "ce+dice"  # '+'-joined terms from segjax/losses.py: LOSSES
-    c.loss.ce_weight = 1.0
-    c.loss.dice_weight = 1.0
+    c.loss.ce_weight = 1.0  # weight of 'ce' and 'focal'
+    c.loss.dice_weight = 1.0  # weight of 'dice' and 'tversky'
+    c.loss.dice_smooth = 1.0  # additive smoothing of the soft Dice/Tversky index
+    c.loss.dice_background = True  # class 0 counts in the Dice/Tversky mean
+    c.loss.dice_empty = "one"  # class absent from a batch's targets: 'one' (smoothed index) | 'nan' (left out)
+    c.loss.tversky_alpha = 0.3  # Tversky weight of false positives
+    c.loss.tversky_beta = 0.7  # Tversky weight of false negatives (beta > alpha favours recall)
     c.loss.label_smoothing = 0.0  # cross-entropy label smoothing
     c.loss.class_weights = config_dict.placeholder(tuple)  # cross-entropy weight per class
     c.loss.focal_gamma = 2.0  # focal-loss focusing exponent (0 = cross-entropy)
@@ -83,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 400  # steps between validation passes (and at the end)
     c.eval.batch_size = 50  # the last batch is padded and masked, so every pixel counts once
+    c.eval.average = "dataset"  # 'dataset' (counts summed over the split) | 'per_image' | 'micro'
+    c.eval.boundary_dilation = 1  # Boundary IoU band width in pixels (val/mbiou); 0 = off
     c.eval.empty = "nan"  # class absent from truth and prediction: 'nan' (left out of means) | 'one' | 'zero'
     c.eval.include_background = True  # class 0 counts in the means
     return c

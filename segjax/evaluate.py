@@ -9,30 +9,51 @@ import ml_collections
 import numpy as np
 
 from segjax import metrics, parallel
+from segjax.errors import ConfigError
 
 
 def evaluate(
     eval_fn: Callable, state, batches: Iterable[dict], mesh, eval_cfg: ml_collections.ConfigDict, class_names
 ) -> dict[str, float]:
-    """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`, ...
+    """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
+    `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images`.
 
-    Counts are summed in int64 over the split before any score is computed (dataset average).
+    Counts are summed in int64 over the split before any score is computed; the means follow
+    `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
     """
     num_classes = len(class_names)
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    losses = []
+    per_image, losses = [], []
+    b_inter = np.zeros(num_classes, np.int64)
+    b_union = np.zeros(num_classes, np.int64)
     for batch in batches:
-        out = eval_fn(state, parallel.to_global(batch, mesh))
-        confusion += np.asarray(jax.device_get(out["confusion"]), np.int64)
+        out = jax.device_get(eval_fn(state, parallel.to_global(batch, mesh)))
+        cms = np.asarray(out["confusion"], np.int64)
+        per_image.append(cms[cms.sum(axis=(1, 2)) > 0])
         losses.append(float(out["loss"]))
-    scores = metrics.summarize(confusion, "dataset", eval_cfg.empty, eval_cfg.include_background)
+        if "boundary_inter" in out:
+            b_inter += np.asarray(out["boundary_inter"], np.int64)
+            b_union += np.asarray(out["boundary_union"], np.int64)
+    stack = np.concatenate(per_image) if per_image else np.zeros((0, num_classes, num_classes), np.int64)
+    dataset = stack.sum(axis=0)
+    avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
+    if avg not in metrics.AVERAGES:
+        raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
+    per_class = metrics.summarize(
+        stack if avg == "per_image" else dataset, avg if avg != "micro" else "dataset", empty, bg
+    )
+    means = metrics.summarize(stack if avg == "per_image" else dataset, avg, empty, bg)
     results = {"val/loss": float(np.mean(losses)) if losses else float("nan")}
-    for key, value in scores.items():
-        value = np.asarray(value)
-        if value.ndim == 0:
+    for key in metrics.SCORES:
+        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
+            results[f"val/{key}/{name}"] = float(v)
+    for key, value in means.items():
+        if np.ndim(value) == 0:
             results[f"val/{key}"] = float(value)
-        elif key in metrics.SCORES:
-            for name, v in zip(class_names, value, strict=True):
-                results[f"val/{key}/{name}"] = float(v)
-    results["val/pixels"] = int(confusion.sum())
+    if eval_cfg.boundary_dilation > 0:
+        b = metrics.boundary_iou_from_counts(b_inter, b_union, empty, bg)
+        results["val/mbiou"] = float(b["mbiou"])
+        for name, v in zip(class_names, np.asarray(b["biou"]), strict=True):
+            results[f"val/biou/{name}"] = float(v)
+    results["val/pixels"] = int(dataset.sum())
+    results["val/images"] = len(stack)
     return results

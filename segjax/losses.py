@@ -44,12 +44,18 @@ def soft_dice(
     beta: float = 0.5,
     per_image: bool = False,
     include_background: bool = True,
+    empty: str = "one",
 ) -> jax.Array:
     """1 - mean over classes of the soft Tversky index (alpha = beta = 0.5: soft Dice).
 
     Sums run over the whole batch by default ("batch Dice", stable for small objects); with
     `per_image=True` the index is computed per image and averaged (optax.losses.dice_loss style).
+    `empty` handles a class absent from the (valid) targets: 'one' keeps its smoothed index
+    (close to 1 when the class is not predicted: the optax/MONAI behaviour), 'nan' leaves it out
+    of the mean (as the metrics' default does).
     """
+    if empty not in ("one", "nan"):
+        raise ConfigError(f"dice empty={empty!r} is not valid; choose 'one' or 'nan'")
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
@@ -60,9 +66,10 @@ def soft_dice(
     fp = jnp.sum(probs, axis=axes) - inter
     fn = jnp.sum(targets, axis=axes) - inter
     index = (inter + smooth) / (inter + alpha * fp + beta * fn + smooth)
+    keep = jnp.ones(index.shape, bool) if empty == "one" else jnp.sum(targets, axis=axes) > 0
     if not include_background:
-        index = index[..., 1:]
-    return jnp.mean(1.0 - index)
+        index, keep = index[..., 1:], keep[..., 1:]
+    return masked_mean(1.0 - index, keep)
 
 
 def focal(logits, labels, valid, gamma: float = 2.0) -> jax.Array:
@@ -73,7 +80,7 @@ def focal(logits, labels, valid, gamma: float = 2.0) -> jax.Array:
 
 
 # Names usable in config.loss.terms ('ce+dice', ...). No registry: add a line here.
-LOSSES = ("ce", "dice", "focal")
+LOSSES = ("ce", "dice", "focal", "tversky")
 
 
 def parse_terms(terms: str) -> tuple[str, ...]:
@@ -91,7 +98,20 @@ def total_loss(cfg: ml_collections.ConfigDict, logits, labels, valid) -> tuple[j
         if name == "ce":
             terms["ce"] = cfg.ce_weight * cross_entropy(logits, labels, valid, cfg.class_weights, cfg.label_smoothing)
         elif name == "dice":
-            terms["dice"] = cfg.dice_weight * soft_dice(logits, labels, valid)
+            terms["dice"] = cfg.dice_weight * soft_dice(
+                logits, labels, valid, cfg.dice_smooth, include_background=cfg.dice_background, empty=cfg.dice_empty
+            )
+        elif name == "tversky":
+            terms["tversky"] = cfg.dice_weight * soft_dice(
+                logits,
+                labels,
+                valid,
+                cfg.dice_smooth,
+                cfg.tversky_alpha,
+                cfg.tversky_beta,
+                include_background=cfg.dice_background,
+                empty=cfg.dice_empty,
+            )
         elif name == "focal":
             terms["focal"] = cfg.ce_weight * focal(logits, labels, valid, cfg.focal_gamma)
     return sum(terms.values()), terms

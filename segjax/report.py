@@ -18,4 +18,6 @@ def results_table(results: dict, class_names, prefix: str = "val") -> str:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{_fmt(results.get(f'{prefix}/{c}/{name}')):>9}" for c in cols))
     lines.append(f"{'mean':<{width}}  " + "  ".join(f"{_fmt(results.get(f'{prefix}/m{c}')):>9}" for c in cols))
     lines.append(f"pixel accuracy {_fmt(results.get(f'{prefix}/accuracy'))}")
+    if f"{prefix}/mbiou" in results:
+        lines.append(f"boundary IoU   {_fmt(results.get(f'{prefix}/mbiou'))}")
     return "\n".join(lines)

@@ -39,10 +39,24 @@ def train_step(state: TrainState, batch: dict, *, model, loss_cfg: ml_collection
     return new_state, out
 
 
-def eval_step(state: TrainState, batch: dict, *, model, loss_cfg: ml_collections.ConfigDict, num_classes: int):
-    """Confusion matrix [C, C] of this batch's valid pixels, and the summed loss weight."""
+def eval_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model,
+    loss_cfg: ml_collections.ConfigDict,
+    num_classes: int,
+    boundary_dilation: int = 0,
+):
+    """Per-image confusion matrices [B, C, C] of the valid pixels, boundary-band counts [C]
+    (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host."""
     logits, _ = model.apply(state.variables(), batch["image"], train=False)
     preds = jnp.argmax(logits, axis=-1)
-    confusion = metrics.confusion_matrix(batch["label"], preds, num_classes, batch["valid"])
+    confusion = metrics.per_image_confusion(batch["label"], preds, num_classes, batch["valid"])
     loss, _ = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"])
-    return {"confusion": confusion, "loss": loss}
+    out = {"confusion": confusion, "loss": loss}
+    if boundary_dilation > 0:
+        out["boundary_inter"], out["boundary_union"] = metrics.boundary_counts(
+            batch["label"], preds, num_classes, boundary_dilation, batch["valid"]
+        )
+    return out

@@ -87,6 +87,8 @@ def _check_config(config) -> None:
     configuration.validate(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
+    if config.eval.average not in metrics.AVERAGES:
+        raise ConfigError(f"eval.average={config.eval.average!r}; choose one of {list(metrics.AVERAGES)}")
     if config.eval.empty not in metrics.EMPTY_POLICIES:
         raise ConfigError(f"eval.empty={config.eval.empty!r}; choose one of {list(metrics.EMPTY_POLICIES)}")
     if config.loss.class_weights and len(config.loss.class_weights) != config.data.num_classes:
@@ -153,7 +155,7 @@ def train_and_evaluate(
 
     step = int(train_state.step)
     total = config.train.steps
-    convention = metrics.convention("dataset", config.eval.empty, config.eval.include_background)
+    convention = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
     logging.info("metrics convention: %s", convention)
     last_train, results, pending = {}, {}, None
     window_start, window_steps = time.perf_counter(), 0

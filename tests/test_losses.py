@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -101,9 +100,11 @@ def test_bfloat16_logits_on_large_input_match_float32():
 
 
 def loss_cfg(terms):
-    return ml_collections.ConfigDict(
-        dict(terms=terms, ce_weight=1.0, dice_weight=0.5, label_smoothing=0.0, class_weights=None, focal_gamma=2.0)
-    )
+    from tests.conftest import load_config
+
+    cfg = load_config("default").loss
+    cfg.terms, cfg.dice_weight = terms, 0.5
+    return cfg
 
 
 def test_total_loss_is_weighted_sum():
@@ -120,3 +121,29 @@ def test_unknown_loss_term():
     logits, labels = batch()
     with pytest.raises(ConfigError, match="unknown terms"):
         losses.total_loss(loss_cfg("ce+lovasz"), logits, labels, jnp.ones(labels.shape))
+
+
+def test_tversky_with_equal_weights_is_dice_and_penalises_misses_more_with_beta():
+    logits, labels = batch(9)
+    valid = jnp.ones(labels.shape)
+    np.testing.assert_allclose(
+        losses.soft_dice(logits, labels, valid, alpha=0.5, beta=0.5), losses.soft_dice(logits, labels, valid)
+    )
+    # predict class 0 everywhere: all errors are misses (FN) of classes 1..3 -> beta matters more
+    all_zero = 20.0 * jax.nn.one_hot(jnp.zeros_like(labels), 4)
+    recall_heavy = losses.soft_dice(all_zero, labels, valid, alpha=0.2, beta=0.8)
+    precision_heavy = losses.soft_dice(all_zero, labels, valid, alpha=0.8, beta=0.2)
+    assert float(recall_heavy) > float(precision_heavy)
+
+
+def test_dice_empty_policy():
+    """Class 2 absent from targets and not predicted: 'one' counts it as solved, 'nan' drops it."""
+    labels = jnp.array([[0, 1], [1, 0]])
+    logits = 20.0 * jax.nn.one_hot(jnp.array([[0, 1], [0, 0]]), 3)
+    valid = jnp.ones(labels.shape)
+    probs = jax.nn.softmax(logits)
+    onehot = jax.nn.one_hot(labels, 3)
+    inter = (probs * onehot).sum((0, 1))
+    index = (inter + 1.0) / (0.5 * (probs.sum((0, 1)) + onehot.sum((0, 1))) + 1.0)  # smooth = 1
+    np.testing.assert_allclose(losses.soft_dice(logits, labels, valid, empty="one"), jnp.mean(1 - index), rtol=1e-5)
+    np.testing.assert_allclose(losses.soft_dice(logits, labels, valid, empty="nan"), jnp.mean(1 - index[:2]), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Segmentation metrics from confusion matrices: a small public API, jit-compatible.
+"""Confusion-matrix metrics (jit-compatible): IoU, Dice, precision, recall, specificity, accuracy.
 
 Conventions (each one named, defaults = common research practice, printed with every result):
   * rows = ground truth, columns = prediction: `confusion[t, p]` counts pixels of class t

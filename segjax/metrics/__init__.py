@@ -1,0 +1,37 @@
+"""Segmentation metrics: a small public API usable on any arrays, in or out of training.
+
+* `confusion`: confusion matrices -> IoU, Dice, precision, recall, specificity, accuracy (jit).
+* `boundary`: Boundary IoU (jit) and Hausdorff distances HD95/HD100 (host, scipy).
+* `panoptic`: panoptic quality PQ = SQ x RQ with per-class values (host, numpy).
+
+See `confusion` for the named conventions (average, empty, include_background).
+"""
+
+from segjax.metrics.boundary import boundary_counts, boundary_iou, boundary_iou_from_counts, hausdorff_distance
+from segjax.metrics.confusion import (
+    AVERAGES,
+    EMPTY_POLICIES,
+    SCORES,
+    confusion_matrix,
+    convention,
+    counts,
+    per_image_confusion,
+    summarize,
+)
+from segjax.metrics.panoptic import panoptic_quality
+
+__all__ = [
+    "AVERAGES",
+    "EMPTY_POLICIES",
+    "SCORES",
+    "boundary_counts",
+    "boundary_iou",
+    "boundary_iou_from_counts",
+    "confusion_matrix",
+    "convention",
+    "counts",
+    "hausdorff_distance",
+    "panoptic_quality",
+    "per_image_confusion",
+    "summarize",
+]

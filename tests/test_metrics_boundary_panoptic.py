@@ -1,0 +1,125 @@
+"""Boundary IoU, Hausdorff distance and panoptic quality against hand counts and scipy."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist, directed_hausdorff
+
+from segjax import metrics
+from segjax.metrics import boundary
+
+
+def square(size, top, left, side):
+    m = np.zeros((size, size), int)
+    m[top : top + side, left : left + side] = 1
+    return m
+
+
+def test_boundary_iou_square_vs_shifted_square_by_hand():
+    """5x5 squares, one shifted right by 1, dilation 1: each band is the 16-pixel ring;
+    the rings share 4 + 4 pixels on the top and bottom rows -> 8 / (16 + 16 - 8) = 1/3,
+    while the mask IoU is 20 / 30 = 2/3: boundaries are judged much more harshly."""
+    g = square(10, 2, 2, 5)[None]
+    p = square(10, 2, 3, 5)[None]
+    out = metrics.boundary_iou(g, p, 2, dilation=1)
+    np.testing.assert_allclose(float(out["biou"][1]), 1 / 3, rtol=1e-6)
+    mask_iou = metrics.summarize(metrics.confusion_matrix(g, p, 2))["iou"][1]
+    np.testing.assert_allclose(float(mask_iou), 2 / 3, rtol=1e-6)
+
+
+def test_boundary_iou_is_one_for_identical_masks_and_image_border_is_contour():
+    g = square(8, 0, 0, 8)[None]  # the whole image: its band is the 2-pixel frame along the border
+    inter, union = metrics.boundary_counts(g, g, 2, dilation=2)
+    assert int(union[1]) == 64 - 16 and int(inter[1]) == int(union[1])
+    assert float(metrics.boundary_iou(g, g, 2, dilation=2)["mbiou"]) == 1.0
+
+
+def test_boundary_iou_3d_and_valid_mask():
+    g = np.zeros((1, 6, 6, 6), int)
+    g[0, 1:5, 1:5, 1:5] = 1
+    out = metrics.boundary_iou(g, g, 2, dilation=1)
+    assert float(out["biou"][1]) == 1.0
+    valid = np.zeros_like(g, bool)
+    _inter, union = metrics.boundary_counts(g, 1 - g, 2, 1, valid)
+    assert int(union.sum()) == 0  # nothing valid, nothing counted
+
+
+def surface_points(mask):
+    return np.argwhere(boundary._surface(mask.astype(bool)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hausdorff_matches_point_set_references(seed):
+    rng = np.random.default_rng(seed)
+    a = np.zeros((20, 24), bool)
+    b = np.zeros((20, 24), bool)
+    a[rng.integers(0, 8) : rng.integers(10, 20), rng.integers(0, 8) : rng.integers(12, 24)] = True
+    b[rng.integers(0, 8) : rng.integers(10, 20), rng.integers(0, 8) : rng.integers(12, 24)] = True
+    pa, pb = surface_points(a), surface_points(b)
+    hd100 = max(directed_hausdorff(pa, pb)[0], directed_hausdorff(pb, pa)[0])
+    np.testing.assert_allclose(metrics.hausdorff_distance(a, b, percentile=100), hd100, rtol=1e-6)
+    d = cdist(pa, pb)
+    hd95 = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    np.testing.assert_allclose(metrics.hausdorff_distance(a, b, percentile=95), hd95, rtol=1e-6)
+
+
+def test_hausdorff_empty_cases_and_spacing():
+    z = np.zeros((5, 5), bool)
+    one = z.copy()
+    one[2, 2] = True
+    assert np.isnan(metrics.hausdorff_distance(z, z))
+    assert metrics.hausdorff_distance(z, one) == np.inf
+    other = z.copy()
+    other[2, 4] = True
+    assert metrics.hausdorff_distance(one, other, spacing=(1.0, 0.5)) == pytest.approx(1.0)
+
+
+def panoptic_example():
+    """6x6 truth: nucleus 1 (8 px), nucleus 2 (4 px, missed), a void block; predictions:
+    one match (IoU 6/8), one false positive, one prediction lying wholly in the void (ignored)."""
+    tc = np.zeros((6, 6), int)
+    ti = np.zeros((6, 6), int)
+    tc[0:2, 0:4], ti[0:2, 0:4] = 1, 1
+    tc[4:6, 0:2], ti[4:6, 0:2] = 1, 2
+    void = np.zeros((6, 6), bool)
+    void[4:6, 4:6] = True
+    pc = np.zeros((6, 6), int)
+    pi = np.zeros((6, 6), int)
+    pc[0:2, 0:3], pi[0:2, 0:3] = 1, 7
+    pc[3, 0:4], pi[3, 0:4] = 1, 8
+    pc[4:6, 4:6], pi[4:6, 4:6] = 1, 9
+    return tc, ti, pc, pi, void
+
+
+def test_panoptic_quality_by_hand():
+    tc, ti, pc, pi, void = panoptic_example()
+    out = metrics.panoptic_quality(tc, ti, pc, pi, num_classes=2, void=void)
+    assert (int(out["tp"][1]), int(out["fp"][1]), int(out["fn"][1])) == (1, 1, 1)
+    np.testing.assert_allclose(out["sq"][1], 0.75)
+    np.testing.assert_allclose(out["rq"][1], 1 / (1 + 0.5 + 0.5))
+    np.testing.assert_allclose(out["pq"][1], 0.75 / 2)
+    np.testing.assert_allclose(out["mpq"], 0.375)
+    assert np.isnan(out["pq"][0])  # background not scored by default
+
+
+def test_panoptic_void_overlap_is_not_held_against_a_match():
+    """A prediction covering nucleus 3 (4 px) plus 4 void pixels: IoU = 4 / (8 + 4 - 4 - 4) = 1."""
+    tc = np.zeros((2, 4), int)
+    ti = np.zeros((2, 4), int)
+    tc[:, 0:2], ti[:, 0:2] = 1, 3
+    void = np.zeros((2, 4), bool)
+    void[:, 2:4] = True
+    pc = np.ones((2, 4), int)
+    pi = np.full((2, 4), 5)
+    out = metrics.panoptic_quality(tc, ti, pc, pi, 2, void=void)
+    np.testing.assert_allclose(out["pq"][1], 1.0)
+    without_void = metrics.panoptic_quality(tc, ti, pc, pi, 2)  # void pixels now count as background
+    np.testing.assert_allclose(without_void["pq"][1], 0.0)
+
+
+def test_boundary_module_example_runs():
+    failures, tried = doctest.testmod(boundary)
+    assert tried > 0 and failures == 0
