@@ -35,12 +35,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.contrast = 1.0  # object/background contrast, 0..1
     c.data.synthetic.min_objects = 2  # objects (tools, berry clusters, leaves) per scene
     c.data.synthetic.max_objects = 5
+    c.data.synthetic3d = ml_collections.ConfigDict()  # data.name='synthetic_volumes' (3D)
+    c.data.synthetic3d.seed = 0
+    c.data.synthetic3d.size = 32  # cube edge in voxels
+    c.data.synthetic3d.num_train = 200
+    c.data.synthetic3d.num_val = 40
+    c.data.synthetic3d.noise = 0.08
+    c.data.synthetic3d.min_objects = 2
+    c.data.synthetic3d.max_objects = 5
     c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.flip = True  # random horizontal and vertical flips
-    c.data.augment.rot90 = True  # random multiples of 90 degrees (square crops only)
+    c.data.augment.flip = True  # random flips along every spatial axis
+    c.data.augment.rot90 = True  # random multiples of 90 degrees in the (H, W) plane (square only)
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "unet"  # see segjax/models/__init__.py: ARCHS
+    c.model.arch = "unet"  # 'unet' | 'encoder_decoder' | 'unetpp' | 'vnet' (segjax/models/__init__.py: ARCHS)
     c.model.spatial_dims = 2  # 2 = images [N,H,W,C], 3 = volumes [N,D,H,W,C]
     c.model.depth = 3  # number of 2x down-sampling steps; input sizes must divide by 2**depth
     c.model.base_features = 16  # channels at full resolution, doubled per level
@@ -50,7 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.upsample = "transpose"  # 'transpose' (2x2 stride-2 conv) | 'resize' (bilinear + 3x3 conv)
     c.model.pool = "max"  # 'max' | 'avg'
     c.model.norm = "batch"  # 'batch' | 'group' | 'none'
-    c.model.num_convs = 2  # convolutions per block
+    c.model.num_convs = 2  # convolutions per block (unet, unetpp)
+    c.model.kernel_size = 3  # convolution kernel edge (vnet uses 5)
+    c.model.deep_supervision = False  # unetpp: a head on each X^{0,j}, losses weighted by loss.deep_supervision_weights
+    c.model.inference_head = 0  # unetpp at eval: 0 = mean of the heads, j = pruned network ending at head j
+    c.model.stage_convs = config_dict.placeholder(tuple)  # vnet: convs per level 0..depth (default 1,2,3,3,..)
     c.model.dropout = 0.0  # dropout rate after the bottleneck block
     c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
 
@@ -66,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0  # cross-entropy label smoothing
     c.loss.class_weights = config_dict.placeholder(tuple)  # cross-entropy weight per class
     c.loss.focal_gamma = 2.0  # focal-loss focusing exponent (0 = cross-entropy)
+    c.loss.deep_supervision_weights = config_dict.placeholder(tuple)  # one per head; default: equal, summing to 1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # 'adamw' | 'sgd'

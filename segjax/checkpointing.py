@@ -26,12 +26,15 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.Check
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int):
+        # cleanup_tmp_directories: a save interrupted by a crash leaves a *.orbax-checkpoint-tmp*
+        # folder; it is never restored from and is removed when the next run opens the manager.
+        common = dict(create=True, cleanup_tmp_directories=True)
         self.latest = _manager(
-            os.path.join(workdir, "checkpoints"), ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            os.path.join(workdir, "checkpoints"), ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
         )
         self.best = _manager(
             os.path.join(workdir, "best"),
-            ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max", create=True),
+            ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max", **common),
         )
 
     @staticmethod
@@ -78,14 +81,15 @@ class Checkpointer:
 
 def _paths(tree) -> dict[str, tuple]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)  # noqa: E731
+    return {name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: Exception) -> str:
     """Name the parameters that differ between a checkpoint and the configured model."""
     try:
         saved = manager.item_metadata(step)["state"]
-        saved_params = _paths(saved["params"] if isinstance(saved, dict) else saved.params)
+        saved_params = _paths(getattr(saved, "tree", saved)["params"])
     except Exception:
         return f"checkpoint step {step} in {manager.directory} does not match the configured model: {err}"
     want = _paths(template.params)
@@ -94,9 +98,9 @@ def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: E
     shape = sorted(k for k in set(want) & set(saved_params) if tuple(want[k]) != tuple(saved_params[k]))
     parts = []
     if missing:
-        parts.append(f"missing in checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        parts.append(f"missing in checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if extra:
-        parts.append(f"not in the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        parts.append(f"not in the model: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     if shape:
         parts.append("shape differs: " + ", ".join(f"{k} {saved_params[k]} vs {want[k]}" for k in shape[:5]))
     detail = "; ".join(parts) or str(err)

@@ -91,8 +91,28 @@ def parse_terms(terms: str) -> tuple[str, ...]:
     return names
 
 
-def total_loss(cfg: ml_collections.ConfigDict, logits, labels, valid) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted sum of the configured terms, and each term by name (for logging)."""
+def total_loss(
+    cfg: ml_collections.ConfigDict, logits, labels, valid, aux: dict | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the configured terms, and each term by name (for logging).
+
+    With deep supervision (`aux['heads']`, one logits map per head) this is the one place that
+    weights the heads: sum_j w_j * loss(head_j), w from `loss.deep_supervision_weights`
+    (default: equal weights summing to 1).
+    """
+    heads = (aux or {}).get("heads")
+    if heads:
+        weights = cfg.deep_supervision_weights or (1.0 / len(heads),) * len(heads)
+        if len(weights) != len(heads):
+            raise ConfigError(
+                f"loss.deep_supervision_weights has {len(weights)} values but the network has {len(heads)} heads"
+            )
+        total, terms = 0.0, {}
+        for j, (w, head) in enumerate(zip(weights, heads, strict=True), start=1):
+            loss_j, _ = total_loss(cfg, head, labels, valid)
+            total = total + w * loss_j
+            terms[f"head{j}"] = loss_j
+        return total, terms
     terms = {}
     for name in parse_terms(cfg.terms):
         if name == "ce":

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from segjax import checkpointing, configuration, evaluate, metrics, optim, parallel, report, state, steps, writers
 from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
-from segjax.models import build_model
+from segjax.models import build_model, unetpp
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -52,12 +52,18 @@ def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes:
 
 
 def model_summary(model, variables, sample) -> dict[str, float]:
-    """Parameter count and forward FLOPs per example (XLA cost analysis of the compiled forward)."""
+    """Parameter count and inference forward FLOPs per example (XLA cost analysis of the compiled
+    forward). For a pruned U-Net++ (`inference_head`) also the parameters inference uses."""
     fwd = jax.jit(functools.partial(model.apply, train=False))
     cost = fwd.lower(variables, sample).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) / sample.shape[0] if cost else float("nan")
-    return {"params": state.param_count(variables["params"]), "flops": flops}
+    summary = {"params": state.param_count(variables["params"]), "flops": flops}
+    if getattr(model, "inference_head", 0):
+        summary["params_inference"] = unetpp.inference_param_count(
+            variables["params"], model.depth, model.inference_head
+        )
+    return summary
 
 
 class _Preemption:
@@ -207,7 +213,9 @@ def train_and_evaluate(
                 if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
                     ckpt.save(step, train_state, data_iter.get_state())
                 if preempt.requested:
-                    bar.write(f"SIGTERM: saved a checkpoint at step {step}; exiting (rerun the command to resume)")
+                    logging.warning(
+                        "SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step
+                    )
                     ckpt.wait()
                     return {"step": step, "preempted": True}
             if pending is not None:

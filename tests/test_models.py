@@ -170,3 +170,144 @@ def test_wrong_rank_input_is_explained():
     model = build_model(model_cfg(), 2)
     with pytest.raises(ConfigError, match=r"expects \[batch, H, W, C\]"):
         model.init(jax.random.PRNGKey(0), jnp.zeros((16, 16, 3)))
+
+
+# --- the architecture family: U-Net++, V-Net, 3D ---------------------------------------------
+
+FAMILY = [
+    ("unet", 2, {}),
+    ("unet", 3, {}),
+    ("encoder_decoder", 3, {}),
+    ("unetpp", 2, {"deep_supervision": True}),
+    ("unetpp", 3, {"deep_supervision": True, "upsample": "resize", "pool": "avg"}),
+    ("unetpp", 2, {"deep_supervision": False, "skips": "01", "norm": "group"}),
+    ("vnet", 3, {}),
+    ("vnet", 2, {"kernel_size": 5, "norm": "none"}),
+    ("vnet", 3, {"skips": "none", "stage_convs": (1, 1, 2)}),
+]
+
+
+@pytest.mark.parametrize(("arch", "dims", "knobs"), FAMILY, ids=lambda v: str(v))
+def test_family_shapes_and_finite_gradients(arch, dims, knobs):
+    model = build_model(model_cfg(arch=arch, spatial_dims=dims, **knobs), num_classes=3)
+    shape = (2, 8, 8, 8, 1) if dims == 3 else (2, 16, 12, 3)
+    variables, x = init_apply(model, shape)
+    logits, _ = model.apply(variables, x, train=False)
+    assert logits.shape == (*shape[:-1], 3) and logits.dtype == jnp.float32
+
+    def loss(params):
+        (out, aux), _ = model.apply(dict(variables, params=params), x, train=True, mutable=["batch_stats"])
+        heads = aux.get("heads", [out])
+        return sum(jnp.mean(h**2) for h in heads)
+
+    grads = jax.tree_util.tree_leaves(jax.grad(loss)(variables["params"]))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in grads) > len(grads) // 2
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_unetpp_nested_grid_node_count(depth):
+    """d(d+1)/2 decoder nodes X^{i,j>0} plus d+1 encoder nodes X^{i,0}, and d heads."""
+    model = build_model(model_cfg(arch="unetpp", depth=depth, base_features=2, deep_supervision=True), 2)
+    variables, x = init_apply(model, (1, 2**depth, 2**depth, 1))
+    names = set(variables["params"])
+    encoder = {n for n in names if n.startswith("X") and n.endswith("_0")}
+    decoder = {n for n in names if n.startswith("X") and not n.endswith("_0")}
+    assert len(encoder) == depth + 1
+    assert len(decoder) == depth * (depth + 1) // 2
+    _, aux = model.apply(variables, x)
+    assert len(aux["heads"]) == depth
+
+
+def test_unetpp_dense_skips_feed_every_earlier_node_of_the_level():
+    """X^{0,2} at depth 2, base 4: input = X^{0,0} (4) + X^{0,1} (4) + up(X^{1,1}) (4) = 12 channels."""
+    model = build_model(model_cfg(arch="unetpp", depth=2, base_features=4), 2)
+    variables, _ = init_apply(model, (1, 8, 8, 3))
+    assert variables["params"]["X0_2"]["Conv_0"]["kernel"].shape[2] == 12
+    assert variables["params"]["X1_1"]["Conv_0"]["kernel"].shape[2] == 8 + 8
+
+
+def test_unetpp_pruned_inference_uses_a_smaller_network():
+    from segjax.models import unetpp
+
+    cfg = model_cfg(arch="unetpp", depth=3, base_features=4, deep_supervision=True)
+    full = build_model(cfg, 2)
+    variables, x = init_apply(full, (1, 16, 16, 3))
+    cfg.inference_head = 1
+    pruned = build_model(cfg, 2)
+    logits, aux = pruned.apply(variables, x)
+    _, full_aux = full.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full_aux["heads"][0]), rtol=1e-5, atol=1e-5)
+    assert len(aux["heads"]) == 1
+    n_full = count(variables["params"])
+    n_pruned = unetpp.inference_param_count(variables["params"], 3, 1)
+    assert n_pruned < n_full / 4  # levels 0..1 only
+    assert unetpp.inference_param_count(variables["params"], 3, 3) == n_full
+
+    def flops(model):
+        cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(pruned) < flops(full) / 2
+
+
+def test_family_param_count_is_size_independent_and_tracks_width():
+    for arch, dims in (("unetpp", 2), ("vnet", 3), ("unet", 3)):
+        small_shape = (1, 8, 8, 8, 1) if dims == 3 else (1, 8, 8, 3)
+        large_shape = (1, 16, 8, 24, 1) if dims == 3 else (1, 32, 24, 3)
+        model = build_model(model_cfg(arch=arch, spatial_dims=dims), 2)
+        a, _ = init_apply(model, small_shape)
+        b, _ = init_apply(model, large_shape)
+        assert count(a["params"]) == count(b["params"])
+        wider = build_model(model_cfg(arch=arch, spatial_dims=dims, base_features=8), 2)
+        c, _ = init_apply(wider, small_shape)
+        assert count(c["params"]) > 2 * count(a["params"])
+
+
+@pytest.mark.parametrize(
+    ("knobs", "pattern"),
+    [
+        ({"arch": "unet", "deep_supervision": True}, "deep_supervision=True does not apply to model.arch='unet'"),
+        ({"arch": "vnet", "pool": "avg"}, "model.pool='avg' does not apply to model.arch='vnet'"),
+        ({"arch": "unet", "spatial_dims": 4}, "spatial_dims=4 is not supported"),
+        ({"arch": "unetpp", "inference_head": 3}, "inference_head=3 must be in 0..model.depth=2"),
+        ({"arch": "unetpp", "inference_head": 1}, "needs model.deep_supervision=True"),
+        ({"arch": "vnet", "stage_convs": (1, 2)}, "stage_convs needs depth\\+1=3 entries"),
+    ],
+)
+def test_unsupported_combinations(knobs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        model = build_model(model_cfg(**knobs), 2)
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_volume_that_does_not_fit_depth_and_wrong_rank():
+    model = build_model(model_cfg(arch="vnet", spatial_dims=3, depth=2), 2)
+    with pytest.raises(ConfigError, match="pad or crop 10 to 12"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 10, 8, 1)))
+    with pytest.raises(ConfigError, match=r"spatial_dims=3 expects \[batch, D, H, W, C\]"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("arch,dims", [("unet", 2), ("unetpp", 2), ("vnet", 3), ("unet", 3)])
+def test_a_few_steps_lower_the_loss(arch, dims):
+    import functools
+
+    from segjax import optim, state, steps
+
+    cfg = load_config("default")
+    cfg.model.arch, cfg.model.spatial_dims, cfg.model.depth, cfg.model.base_features = arch, dims, 2, 4
+    cfg.model.deep_supervision = arch == "unetpp"
+    cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
+    model = build_model(cfg.model, 2)
+    shape = (2, 8, 8, 8, 1) if dims == 3 else (2, 16, 16, 3)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=shape).astype(np.float32)
+    batch = {"image": image, "label": (image[..., 0] > 0).astype(np.int32), "valid": np.ones(shape[:-1], np.float32)}
+    st = state.create(model, optim.build(cfg.optim, 20), jnp.asarray(image[:1]), 0)
+    step = jax.jit(functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss))
+    losses = []
+    for _ in range(20):
+        st, out = step(st, batch)
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses

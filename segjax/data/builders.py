@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from segjax.data import png, synthetic
+from segjax.data import png, synthetic, synthetic3d
 
 
 @dataclasses.dataclass
@@ -82,3 +82,61 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                     "present": ex["present"],
                 },
             )
+
+
+@dataclasses.dataclass
+class SyntheticVolumesConfig(tfds.core.BuilderConfig):
+    """Knobs of the 3D generator; `name` is derived from them."""
+
+    seed: int = 0
+    size: int = 32
+    num_train: int = 200
+    num_val: int = 40
+    noise: float = 0.08
+    min_objects: int = 2
+    max_objects: int = 5
+
+    @classmethod
+    def from_knobs(cls, **k) -> SyntheticVolumesConfig:
+        name = (
+            f"s{k['size']}_tr{k['num_train']}_va{k['num_val']}_noise{k['noise']:g}"
+            f"_obj{k['min_objects']}to{k['max_objects']}_seed{k['seed']}"
+        ).replace(".", "p")
+        return cls(name=name, **k)
+
+
+class SyntheticVolumes(tfds.core.GeneratorBasedBuilder):
+    """Seeded synthetic 3D volumes (blobs, tubes); see segjax/data/synthetic3d.py."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = (SyntheticVolumesConfig(name="default"),)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        shape = (self.builder_config.size,) * 3
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=synthetic3d.__doc__,
+            disable_shuffling=True,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(*shape, 1), dtype=np.uint8),
+                    "label": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+                    "instances": tfds.features.Tensor(shape=shape, dtype=np.uint16),
+                    "present": tfds.features.Tensor(shape=(len(synthetic3d.CLASS_NAMES),), dtype=np.int32),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        return {
+            "train": self._generate_examples("train", cfg.num_train),
+            "validation": self._generate_examples("validation", cfg.num_val),
+        }
+
+    def _generate_examples(self, split: str, count: int):
+        cfg = self.builder_config
+        params = synthetic3d.VolumeParams(cfg.size, cfg.noise, cfg.min_objects, cfg.max_objects)
+        for index in range(count):
+            yield index, synthetic3d.render_volume(cfg.seed, split, index, params)

@@ -27,9 +27,18 @@ def _synthetic_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
     )
 
 
+def _synthetic3d_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
+    return builders.SyntheticVolumes(
+        data_dir=data_dir,
+        file_format="array_record",
+        config=builders.SyntheticVolumesConfig.from_knobs(**cfg.synthetic3d.to_dict()),
+    )
+
+
 # data.name -> function(data config, tfds data_dir) -> TFDS builder. No registry: add a line here.
 DATASETS = {
     "synthetic_shapes": _synthetic_builder,
+    "synthetic_volumes": _synthetic3d_builder,
 }
 SPLITS = ("train", "validation")
 
@@ -49,7 +58,7 @@ def prepare(cfg: ml_collections.ConfigDict):
 
 def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.ConfigDict, where: str) -> None:
     """Raise DataError (naming `where`) for wrong channels, shape mismatch or out-of-range labels."""
-    if image.ndim == 2:
+    if image.ndim == label.ndim:
         image = image[..., None]
     if image.shape[-1] != cfg.channels:
         raise DataError(
@@ -70,6 +79,11 @@ def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.Conf
         )
 
 
+def _as_array(value, where: str) -> np.ndarray:
+    """PNG bytes (2D images) are decoded; tensors (3D volumes) are already arrays."""
+    return png.decode(value, where) if isinstance(value, bytes) else np.asarray(value)
+
+
 class DecodedSource:
     """Random-access view of one split that decodes PNGs and validates each example."""
 
@@ -84,14 +98,13 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         where = f"{self._name}[{index}]"
         record = self._raw[index]
-        image = png.decode(record["image"], where)
-        label = png.decode(record["label"], where)
-        if label.ndim == 3:
+        image, label = (_as_array(record[k], where) for k in ("image", "label"))
+        if label.ndim == image.ndim and label.shape[-1] == 1:
             label = label[..., 0]
         label = label.astype(np.int32)
-        check_example(image, label, self._cfg, where)
-        if image.ndim == 2:
+        if image.ndim == label.ndim:
             image = image[..., None]
+        check_example(image, label, self._cfg, where)
         return {"image": image, "label": label, "index": np.int32(index)}
 
 
@@ -115,12 +128,17 @@ class InMemorySource:
         return np.bincount(labels[(labels >= 0) & (labels < num_classes)].ravel(), minlength=num_classes)
 
 
+def _is_image(features, key: str) -> bool:
+    return key in features and isinstance(features[key], tfds.features.Image)
+
+
 def open_splits(cfg: ml_collections.ConfigDict) -> dict[str, object]:
     """Prepare the dataset and return {split: random-access decoded source}."""
     if len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
     builder = prepare(cfg)
-    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label", "instances")}
+    features = builder.info.features
+    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label", "instances") if _is_image(features, k)}
     raw = builder.as_data_source(decoders=skip)
     splits = {}
     for split in SPLITS:

@@ -50,6 +50,17 @@ def check_spatial_shape(shape: Sequence[int], depth: int) -> None:
             )
 
 
+def check_input(image, depth: int, spatial_dims: int) -> None:
+    """Rank must match `spatial_dims`; every spatial size must halve `depth` times."""
+    if image.ndim != spatial_dims + 2:
+        layout = "[batch, D, H, W, C]" if spatial_dims == 3 else "[batch, H, W, C]"
+        raise ConfigError(
+            f"model.spatial_dims={spatial_dims} expects {layout} input, got shape {image.shape}; "
+            "set model.spatial_dims to match the data"
+        )
+    check_spatial_shape(image.shape[1:-1], depth)
+
+
 class Encoder(nn.Module):
     """Conv blocks with 2x pooling between them; returns (bottleneck, per-level features)."""
 
@@ -59,12 +70,19 @@ class Encoder(nn.Module):
     pool: str = "max"
     norm: str = "batch"
     num_convs: int = 2
+    kernel_size: int = 3
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        block = dict(spatial_dims=self.spatial_dims, num_convs=self.num_convs, norm=self.norm, dtype=self.dtype)
+        block = dict(
+            spatial_dims=self.spatial_dims,
+            num_convs=self.num_convs,
+            kernel_size=self.kernel_size,
+            norm=self.norm,
+            dtype=self.dtype,
+        )
         levels = []
         for i, feats in enumerate(self.features):
             x = blocks.ConvBlock(feats, name=f"level{i}", **block)(x, train)
@@ -83,11 +101,18 @@ class Decoder(nn.Module):
     upsample: str = "transpose"
     norm: str = "batch"
     num_convs: int = 2
+    kernel_size: int = 3
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, levels, train: bool):
-        block = dict(spatial_dims=self.spatial_dims, num_convs=self.num_convs, norm=self.norm, dtype=self.dtype)
+        block = dict(
+            spatial_dims=self.spatial_dims,
+            num_convs=self.num_convs,
+            kernel_size=self.kernel_size,
+            norm=self.norm,
+            dtype=self.dtype,
+        )
         for i in reversed(range(len(self.features))):
             x = blocks.Upsample(self.features[i], self.upsample, self.spatial_dims, self.dtype, name=f"up{i}")(x)
             if self.skips[i]:
@@ -109,6 +134,7 @@ class UNet(nn.Module):
     pool: str = "max"
     norm: str = "batch"
     num_convs: int = 2
+    kernel_size: int = 3
     dropout: float = 0.0
     spatial_dims: int = 2
     dtype: Any = jnp.float32
@@ -120,7 +146,13 @@ class UNet(nn.Module):
         if self.depth < 1:
             raise ConfigError(f"model.depth={self.depth} must be >= 1")
         feats = level_features(self.depth, self.base_features, self.features)
-        common = dict(spatial_dims=self.spatial_dims, norm=self.norm, num_convs=self.num_convs, dtype=self.dtype)
+        common = dict(
+            spatial_dims=self.spatial_dims,
+            norm=self.norm,
+            num_convs=self.num_convs,
+            kernel_size=self.kernel_size,
+            dtype=self.dtype,
+        )
         self.encoder = Encoder(
             feats, self.bottleneck_features or 2 * feats[-1], pool=self.pool, dropout=self.dropout, **common
         )
@@ -128,12 +160,7 @@ class UNet(nn.Module):
         self.head = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
 
     def __call__(self, image, train: bool = False):
-        if image.ndim != self.spatial_dims + 2:
-            raise ConfigError(
-                f"model expects [batch, {'D, ' * (self.spatial_dims == 3)}H, W, C] input "
-                f"(spatial_dims={self.spatial_dims}), got shape {image.shape}"
-            )
-        check_spatial_shape(image.shape[1:-1], self.depth)
+        check_input(image, self.depth, self.spatial_dims)
         bottleneck, levels = self.encoder(image.astype(self.dtype), train)
         x = self.decoder(bottleneck, levels, train)
         logits = self.head(x).astype(jnp.float32)

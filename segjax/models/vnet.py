@@ -1,0 +1,87 @@
+"""V-Net (Milletari et al. 2016), 3D by default, 2D allowed.
+
+Residual stages of 1-3 convolutions (5x5x5 by default) with PReLU; down-sampling by 2x2x2
+stride-2 convolutions, up-sampling by 2x2x2 stride-2 transposed convolutions; each decoder stage
+concatenates the matching encoder stage (skips) and adds its up-sampled input as the residual.
+Channels: `base_features` doubling per level, levels 0..depth (level `depth` is the bottom stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segjax.errors import ConfigError
+from segjax.models import blocks
+from segjax.models.unet import check_input, level_features, skip_mask
+
+
+class ResidualStage(nn.Module):
+    """`num_convs` x (conv -> norm -> PReLU) plus the input (1x1-projected if channels differ)."""
+
+    features: int
+    num_convs: int
+    kernel_size: int = 5
+    spatial_dims: int = 3
+    norm: str = "batch"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual, train: bool):
+        kernel = (self.kernel_size,) * self.spatial_dims
+        y = x
+        for i in range(self.num_convs):
+            y = nn.Conv(self.features, kernel, dtype=self.dtype)(y)
+            y = blocks.Norm(self.norm, dtype=self.dtype)(y, train)
+            if i < self.num_convs - 1:
+                y = nn.PReLU(param_dtype=jnp.float32)(y)
+        if residual.shape[-1] != self.features:
+            residual = nn.Conv(self.features, (1,) * self.spatial_dims, dtype=self.dtype, name="project")(residual)
+        return nn.PReLU(param_dtype=jnp.float32)(y + residual)
+
+
+class VNet(nn.Module):
+    """`apply(vars, volume, train) -> (logits float32, aux)`."""
+
+    num_classes: int
+    depth: int = 4
+    base_features: int = 16
+    features: tuple[int, ...] | None = None
+    stage_convs: tuple[int, ...] | None = None  # convs per level 0..depth; default (1, 2, 3, 3, ...)
+    skips: str | tuple[bool, ...] = "all"
+    kernel_size: int = 5
+    norm: str = "batch"
+    dropout: float = 0.0
+    spatial_dims: int = 3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image, train: bool = False):
+        blocks.check_choice("norm", self.norm, blocks.NORMS)
+        check_input(image, self.depth, self.spatial_dims)
+        feats = level_features(self.depth + 1, self.base_features, self.features)
+        convs = self.stage_convs or tuple(min(i + 1, 3) for i in range(self.depth + 1))
+        if len(convs) != self.depth + 1:
+            raise ConfigError(f"model.stage_convs needs depth+1={self.depth + 1} entries (one per level), got {convs}")
+        skips = skip_mask(self.skips, self.depth)
+        stage = dict(kernel_size=self.kernel_size, spatial_dims=self.spatial_dims, norm=self.norm, dtype=self.dtype)
+        two = (2,) * self.spatial_dims
+        x = image.astype(self.dtype)
+        encoded = []
+        for i in range(self.depth + 1):
+            if i:
+                x = nn.Conv(feats[i], two, strides=two, dtype=self.dtype, name=f"down{i}")(x)
+                x = nn.PReLU(param_dtype=jnp.float32)(blocks.Norm(self.norm, dtype=self.dtype)(x, train))
+            x = ResidualStage(feats[i], convs[i], name=f"enc{i}", **stage)(x, x, train)
+            encoded.append(x)
+        if self.dropout:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        for i in reversed(range(self.depth)):
+            up = nn.ConvTranspose(feats[i], two, strides=two, dtype=self.dtype, name=f"up{i}")(x)
+            up = nn.PReLU(param_dtype=jnp.float32)(blocks.Norm(self.norm, dtype=self.dtype)(up, train))
+            cat = jnp.concatenate([up, encoded[i]], axis=-1) if skips[i] else up
+            x = ResidualStage(feats[i], convs[i], name=f"dec{i}", **stage)(cat, up, train)
+        logits = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype, name="head")(x)
+        return logits.astype(jnp.float32), {}

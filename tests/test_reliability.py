@@ -1,0 +1,242 @@
+"""Preemption and crashes through the real CLI, checkpoint safety, and bad-input handling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from segjax import checkpointing, optim, parallel, state, train
+from segjax.data import pipeline
+from segjax.errors import CheckpointError, ConfigError, NonFiniteLossError
+from segjax.models import build_model
+from tests.conftest import ROOT, load_config
+
+STEPS = 300  # long enough to kill mid-run, short enough for the suite
+OVERRIDES = [
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=40",
+    "--config.train.log_every=20",
+    "--config.eval.every=1000",
+    "--config.model.dropout=0.1",
+]
+
+
+def cli(workdir, tfds_dir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "segjax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.tfds_dir={tfds_dir}",
+        *OVERRIDES,
+        *extra,
+    ]
+
+
+def final_state(workdir, step=None):
+    """Restore the latest checkpoint of a tiny-config run (template built independently)."""
+    config = load_config("tiny")
+    model = build_model(config.model, config.data.num_classes)
+    template = state.create(model, optim.build(config.optim, STEPS), np.zeros((1, 32, 32, 3), np.float32), 0)
+    ckpt = checkpointing.Checkpointer(str(workdir), 2)
+    try:
+        return ckpt.restore(template, step)
+    finally:
+        ckpt.close()
+
+
+def assert_same_state(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def wait_for_checkpoint(workdir, proc, timeout=240):
+    folder = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    pytest.fail("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tfds_dir):
+    """The uninterrupted run every interrupted one must reproduce exactly."""
+    workdir = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(cli(workdir, tfds_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return final_state(workdir)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(reference_run, tmp_path, tfds_dir):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(cli(workdir, tfds_dir), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(workdir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = subprocess.run(cli(workdir, tfds_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    resumed, data_state = final_state(workdir)
+    reference, reference_data = reference_run
+    assert int(resumed.step) == STEPS
+    assert data_state == reference_data
+    assert_same_state(resumed, reference)
+
+
+CRASH_DURING_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from segjax import checkpointing, main
+    original = checkpointing.Checkpointer.save
+    def save_then_die(self, step, state, data_state):
+        original(self, step, state, data_state)   # asynchronous: the write is still in flight
+        if step == 80:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpointing.Checkpointer.save = save_then_die
+    sys.argv = ["segjax.main"] + sys.argv[1:]
+    main.run()
+    """
+)
+
+
+def test_crash_during_a_checkpoint_save_keeps_the_previous_one(reference_run, tmp_path, tfds_dir):
+    workdir = tmp_path / "crash"
+    args = cli(workdir, tfds_dir)[3:]
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_DURING_SAVE, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert 40 in steps  # the previous checkpoint is intact ...
+    restored, _ = final_state(workdir, 40)  # ... and restorable
+    assert int(restored.step) == 40
+    done = subprocess.run(cli(workdir, tfds_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    leftovers = [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
+    assert not leftovers
+    assert_same_state(final_state(workdir)[0], reference_run[0])
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_cleanly(reference_run, tmp_path, tfds_dir):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(cli(workdir, tfds_dir), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(workdir, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    if saved[-1] < STEPS:  # the signal arrived before the run ended (the usual case)
+        assert "SIGTERM: saved a checkpoint at step" in stderr
+        assert not os.path.exists(workdir / "metrics.json")
+    done = subprocess.run(cli(workdir, tfds_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(workdir)[0], reference_run[0])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    original = pipeline.to_model_batch
+    calls = {"n": 0}
+
+    def poisoned_after_four_batches(batch, ignore_label):
+        out = original(batch, ignore_label)
+        calls["n"] += 1
+        if calls["n"] > 4:  # the 5th training batch, step index 4 (if not prefetched earlier)
+            out["image"] = out["image"] * np.nan
+        return out
+
+    monkeypatch.setattr(pipeline, "to_model_batch", poisoned_after_four_batches)
+    tiny_config.data.prefetch = 1
+    tiny_config.data.num_threads = 1
+    tiny_config.eval.every = 100
+    workdir = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss/gradient at step \d"):
+        train.train_and_evaluate(tiny_config, str(workdir))
+    assert os.listdir(workdir / "checkpoints") == ["3"]
+    good, _ = final_state(workdir)
+    assert int(good.step) == 3
+    assert all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree_util.tree_leaves(good.params))
+
+
+def test_nan_loss_skip_policy_finishes_with_finite_params(tiny_config, tmp_path, monkeypatch):
+    original = pipeline.to_model_batch
+    calls = {"n": 0}
+
+    def one_bad_batch(batch, ignore_label):
+        out = original(batch, ignore_label)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out["image"] = out["image"] * np.inf
+        return out
+
+    monkeypatch.setattr(pipeline, "to_model_batch", one_bad_batch)
+    tiny_config.train.nonfinite = "skip"
+    final = train.train_and_evaluate(tiny_config, str(tmp_path / "skip"))
+    assert final["step"] == tiny_config.train.steps and np.isfinite(final["val/miou"])
+
+
+def test_checkpoint_of_another_model_names_the_differing_parameters(tiny_config, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, str(workdir))
+    other = load_config("tiny").model
+    other.base_features = 6
+    model = build_model(other, 4)
+    template = state.create(model, optim.build(tiny_config.optim, 6), np.zeros((1, 32, 32, 3), np.float32), 0)
+    ckpt = checkpointing.Checkpointer(str(workdir), 2)
+    with pytest.raises(CheckpointError, match=r"different model \(shape differs: decoder/level0/Conv_0/kernel") as err:
+        ckpt.restore(template)
+    assert "(4,) vs (6,)" in str(err.value)
+    other = load_config("tiny").model
+    other.depth = 1
+    template = state.create(build_model(other, 4), optim.build(tiny_config.optim, 6), np.zeros((1, 32, 32, 3)), 0)
+    with pytest.raises(CheckpointError, match=r"not in the model: decoder/level1/Conv_0/kernel"):
+        ckpt.restore(template)
+    ckpt.close()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "empty"), 2)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        ckpt.restore(None)
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"),
+    [
+        ("train.steps", "100", "has type str, expected int"),
+        ("model.dropout", "0.1", "has type str, expected float"),
+        ("data.augment.flip", 1, "has type int, expected bool"),
+    ],
+)
+def test_wrong_types_are_rejected(tiny_config, path, value, pattern):
+    group, key = path.rsplit(".", 1)
+    with tiny_config.unlocked():
+        sub = tiny_config
+        for part in group.split("."):
+            sub = sub[part]
+        sub._fields[key] = value  # bypass ml_collections' own check: a config file could do this
+    from segjax import configuration
+
+    with pytest.raises(ConfigError, match=pattern):
+        configuration.validate(tiny_config)
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 is not divisible by the 8 devices"):
+        parallel.host_batch_size(12)
