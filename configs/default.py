@@ -26,6 +26,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.cache = True  # decode the whole split once into memory (small datasets)
     c.data.num_threads = 2  # grain reader threads
     c.data.prefetch = 4  # batches prepared ahead of the training step
+    c.data.dir = ""  # data.name='folder': a folder with images/ and masks/ (see segjax/data/folder.py)
+    c.data.folder = ml_collections.ConfigDict()
+    c.data.folder.split_file = ""  # CSV (relative to data.dir) with `id` and a split column; '' = not used
+    c.data.folder.split_column = "split"  # that column's name; values train / val
+    c.data.folder.num_folds = 0  # k-fold validation: 0 = off, else fold `fold` of `num_folds` is validation
+    c.data.folder.fold = 0
+    c.data.folder.val_fraction = 0.2  # otherwise: this fraction of the images, chosen with split_seed
+    c.data.folder.split_seed = 0
+    c.data.resize = 0  # resize every image to resize x resize on load (labels: nearest); 0 = native size
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0  # generator seed (the dataset's content, not the training order)
     c.data.synthetic.image_size = 64  # square scene size in pixels
@@ -44,8 +53,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic3d.min_objects = 2
     c.data.synthetic3d.max_objects = 5
     c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.crop = 0  # random crop size (2D); 0 = whole image
+    c.data.augment.rotate = 0.0  # max rotation in degrees (2D); 0 = off
+    c.data.augment.scale_min = 1.0  # random zoom range (2D); 1, 1 = off
+    c.data.augment.scale_max = 1.0
+    c.data.augment.elastic_alpha = 0.0  # elastic deformation strength in pixels (2D); 0 = off
+    c.data.augment.elastic_sigma = 10.0  # smoothness of the elastic displacement field, pixels
     c.data.augment.flip = True  # random flips along every spatial axis
     c.data.augment.rot90 = True  # random multiples of 90 degrees in the (H, W) plane (square only)
+    c.data.augment.brightness = 0.0  # image only: +- uniform shift (0..1 scale); 0 = off
+    c.data.augment.contrast = 0.0  # image only: x uniform(1 - c, 1 + c) around the mean; 0 = off
+    c.data.augment.gamma = 0.0  # image only: ** exp(uniform(-g, g)); 0 = off
+    c.data.augment.noise = 0.0  # image only: Gaussian noise std; 0 = off
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "unet"  # 'unet' | 'encoder_decoder' | 'unetpp' | 'vnet' (segjax/models/__init__.py: ARCHS)

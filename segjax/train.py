@@ -156,7 +156,9 @@ def train_and_evaluate(
     names = tuple(config.data.class_names)
 
     def run_eval(step_now: int) -> dict:
-        batches = pipeline.eval_batches(splits["validation"], config.data, eval_host_batch, pidx, pcount)
+        batches = pipeline.eval_batches(
+            splits["validation"], config.data, eval_host_batch, pidx, pcount, pad_multiple=2**config.model.depth
+        )
         return evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names)
 
     step = int(train_state.step)

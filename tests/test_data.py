@@ -122,7 +122,7 @@ def test_augment_is_deterministic_and_keeps_alignment(tiny_config):
         a = augment.augment(ex, np.random.default_rng(seed), tiny_config.data.augment)
         b = augment.augment(ex, np.random.default_rng(seed), tiny_config.data.augment)
         np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], (a["image"][..., 0] > 128).astype(np.int32))
+        np.testing.assert_array_equal(a["label"], (np.round(a["image"][..., 0] * 255) > 128).astype(np.int32))
         seen.add(a["image"].tobytes())
     assert len(seen) > 4  # flips x rot90 give up to 8 distinct results
 
@@ -180,4 +180,4 @@ def test_synthetic_volumes_round_trip_and_3d_augmentation(tiny_config):
         out = augment.augment(
             {"image": vol, "label": (vol[..., 0] > 128).astype(np.int32)}, np.random.default_rng(seed), cfg.augment
         )
-        np.testing.assert_array_equal(out["label"], (out["image"][..., 0] > 128).astype(np.int32))
+        np.testing.assert_array_equal(out["label"], (np.round(out["image"][..., 0] * 255) > 128).astype(np.int32))

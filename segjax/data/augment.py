@@ -1,19 +1,57 @@
 """Joint image/label augmentation in numpy: one RNG, the same geometric op on both.
 
-Works for images [H,W,C] and volumes [D,H,W,C] (labels [H,W] / [D,H,W]). Labels are only ever
-flipped, rotated by multiples of 90 degrees or cropped, never interpolated.
+Order: random crop window warped by rotation + scale + elastic deformation (one resampling,
+2D only), flips, 90-degree rotations, then image-only brightness / contrast / gamma / noise.
+Images come in as uint8 and leave as float32 in 0..1. Labels are never interpolated: they are
+resampled with nearest neighbour (order 0), flipped, rotated or cropped. Volumes [D,H,W,C] get the
+flips, rotations and intensity ops.
 """
 
 from __future__ import annotations
 
 import ml_collections
 import numpy as np
+from scipy import ndimage
+
+
+def _warp_crop(image, label, rng, cfg):
+    """Sample a `crop` x `crop` window (or the whole image) through rotation, scale and an
+    elastic displacement field; mirror at the image border like the U-Net paper."""
+    h, w = label.shape
+    out_h, out_w = (cfg.crop, cfg.crop) if cfg.crop else (h, w)
+    warp = cfg.rotate > 0 or cfg.scale_min != 1 or cfg.scale_max != 1 or cfg.elastic_alpha > 0
+    if not warp:
+        if (out_h, out_w) == (h, w):
+            return image, label
+        if out_h > h or out_w > w:
+            raise ValueError(f"data.augment.crop={cfg.crop} is larger than the image ({h}x{w}); set data.resize")
+        top, left = rng.integers(0, h - out_h + 1), rng.integers(0, w - out_w + 1)
+        return image[top : top + out_h, left : left + out_w], label[top : top + out_h, left : left + out_w]
+    angle = np.deg2rad(rng.uniform(-cfg.rotate, cfg.rotate))
+    scale = rng.uniform(cfg.scale_min, cfg.scale_max)
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    yy, xx = np.mgrid[0:out_h, 0:out_w].astype(np.float32)
+    yy, xx = yy - out_h / 2, xx - out_w / 2
+    c, s = np.cos(angle) / scale, np.sin(angle) / scale
+    src_y = cy + c * yy - s * xx
+    src_x = cx + s * yy + c * xx
+    if cfg.elastic_alpha > 0:
+        for grid in (src_y, src_x):
+            field = ndimage.gaussian_filter(rng.uniform(-1, 1, (out_h, out_w)), cfg.elastic_sigma, mode="constant")
+            grid += cfg.elastic_alpha * field
+    coords = np.stack([src_y, src_x])
+    channels = [ndimage.map_coordinates(image[..., k], coords, order=1, mode="mirror") for k in range(image.shape[-1])]
+    warped_label = ndimage.map_coordinates(label, coords, order=0, mode="mirror")
+    return np.stack(channels, -1), warped_label
 
 
 def augment(example: dict[str, np.ndarray], rng: np.random.Generator, cfg: ml_collections.ConfigDict) -> dict:
     """Apply the ops switched on in `cfg` (data.augment) to `image` and `label` together."""
     image, label = example["image"], example["label"]
+    image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
     spatial = label.ndim
+    if spatial == 2:
+        image, label = _warp_crop(image, label, rng, cfg)
     if cfg.flip:
         for axis in range(spatial):
             if rng.random() < 0.5:
@@ -22,7 +60,16 @@ def augment(example: dict[str, np.ndarray], rng: np.random.Generator, cfg: ml_co
     if cfg.rot90 and label.shape[h] == label.shape[w]:
         k = int(rng.integers(4))
         image, label = np.rot90(image, k, axes=(h, w)), np.rot90(label, k, axes=(h, w))
+    if cfg.brightness:
+        image = image + rng.uniform(-cfg.brightness, cfg.brightness)
+    if cfg.contrast:
+        mean = image.mean()
+        image = (image - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+    if cfg.gamma:
+        image = np.clip(image, 0, 1) ** np.exp(rng.uniform(-cfg.gamma, cfg.gamma))
+    if cfg.noise:
+        image = image + rng.normal(0, cfg.noise, image.shape)
     out = dict(example)
-    out["image"] = np.ascontiguousarray(image)
+    out["image"] = np.ascontiguousarray(image, dtype=np.float32)
     out["label"] = np.ascontiguousarray(label)
     return out

@@ -18,13 +18,17 @@ from segjax.data import augment
 
 
 def to_model_batch(batch: dict[str, np.ndarray], ignore_label: int) -> dict[str, np.ndarray]:
-    """uint8 images and raw labels -> float images, in-range labels and a valid mask."""
+    """Images (uint8, or float in 0..1 after augmentation) and raw labels -> float images,
+    in-range labels and a valid mask (ignore label, padding pixels, padding examples -> 0)."""
     label = batch["label"].astype(np.int32)
     valid = np.ones(label.shape, np.float32) if ignore_label < 0 else (label != ignore_label).astype(np.float32)
     if "example_valid" in batch:
         valid *= batch["example_valid"].reshape((-1,) + (1,) * (label.ndim - 1)).astype(np.float32)
+    if "pixel_valid" in batch:
+        valid *= batch["pixel_valid"].astype(np.float32)
+    image = batch["image"]
     return {
-        "image": batch["image"].astype(np.float32) / 255.0,
+        "image": image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32),
         "label": np.where(valid > 0, label, 0).astype(np.int32),
         "valid": valid,
     }
@@ -52,15 +56,34 @@ def train_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grai
     return iter(ds.to_iter_dataset(options))
 
 
+def _pad_to(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    widths = [(0, t - s) for s, t in zip(array.shape, shape, strict=False)]
+    widths += [(0, 0)] * (array.ndim - len(widths))
+    return np.pad(array, widths)
+
+
 def eval_batches(
-    source, cfg: ml_collections.ConfigDict, batch_size: int, process_index: int = 0, process_count: int = 1
+    source,
+    cfg: ml_collections.ConfigDict,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad_multiple: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every example of this host's slice exactly once; the last batch is padded (valid = 0)."""
+    """Every example of this host's slice exactly once, at full size. Images are zero-padded to
+    the batch's largest size rounded up to `pad_multiple` (2**depth) and the last batch is filled
+    with copies; padded pixels and copies have valid = 0, so every real pixel counts once."""
     ds = grain.MapDataset.source(source)[process_index::process_count]
     for start in range(0, len(ds), batch_size):
         examples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         real = len(examples)
         examples += [examples[-1]] * (batch_size - real)
-        batch = {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
-        batch["example_valid"] = np.arange(batch_size) < real
+        spatial = tuple(np.max([e["label"].shape for e in examples], axis=0))
+        target = tuple(-(-s // pad_multiple) * pad_multiple for s in spatial)
+        batch = {
+            "image": np.stack([_pad_to(e["image"], target) for e in examples]),
+            "label": np.stack([_pad_to(e["label"], target) for e in examples]),
+            "pixel_valid": np.stack([_pad_to(np.ones(e["label"].shape, bool), target) for e in examples]),
+            "example_valid": np.arange(batch_size) < real,
+        }
         yield to_model_batch(batch, cfg.ignore_label)

@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image
 
-from segjax.data import builders, png
+from segjax.data import builders, folder, png
 from segjax.errors import ConfigError, DataError
 
 
@@ -35,10 +36,15 @@ def _synthetic3d_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
     )
 
 
+def _folder_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
+    return folder.SegFolder(data_dir=data_dir, file_format="array_record", config=folder.FolderConfig.from_config(cfg))
+
+
 # data.name -> function(data config, tfds data_dir) -> TFDS builder. No registry: add a line here.
 DATASETS = {
     "synthetic_shapes": _synthetic_builder,
     "synthetic_volumes": _synthetic3d_builder,
+    "folder": _folder_builder,
 }
 SPLITS = ("train", "validation")
 
@@ -105,27 +111,40 @@ class DecodedSource:
         if image.ndim == label.ndim:
             image = image[..., None]
         check_example(image, label, self._cfg, where)
+        if self._cfg.resize and label.ndim == 2 and label.shape != (self._cfg.resize,) * 2:
+            image, label = resize(image, label, self._cfg.resize)
         return {"image": image, "label": label, "index": np.int32(index)}
 
 
+def resize(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image bilinear, label nearest neighbour, to size x size (`data.resize`)."""
+    channels = [
+        np.asarray(Image.fromarray(image[..., k]).resize((size, size), Image.BILINEAR)) for k in range(image.shape[-1])
+    ]
+    lab = np.asarray(Image.fromarray(label.astype(np.int32)).resize((size, size), Image.NEAREST)).astype(np.int32)
+    return np.stack(channels, -1), lab
+
+
 class InMemorySource:
-    """A split decoded once into stacked arrays (`data.cache=True`, for small datasets)."""
+    """A split decoded once and kept in memory (`data.cache=True`, for small datasets)."""
 
     def __init__(self, source):
-        examples = [source[i] for i in range(len(source))]
-        if not examples:
+        self._examples = [source[i] for i in range(len(source))]
+        if not self._examples:
             raise DataError("the split is empty")
-        self._arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def __len__(self) -> int:
-        return len(self._arrays["label"])
+        return len(self._examples)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[index] for k, v in self._arrays.items()}
+        return self._examples[index]
 
     def class_histogram(self, num_classes: int) -> np.ndarray:
-        labels = self._arrays["label"]
-        return np.bincount(labels[(labels >= 0) & (labels < num_classes)].ravel(), minlength=num_classes)
+        hist = np.zeros(num_classes, np.int64)
+        for e in self._examples:
+            lab = e["label"]
+            hist += np.bincount(lab[(lab >= 0) & (lab < num_classes)].ravel(), minlength=num_classes)
+        return hist
 
 
 def _is_image(features, key: str) -> bool:

@@ -1,0 +1,50 @@
+"""U-Net on the ISBI 2012 EM membrane images (512^2 grayscale, binary), trained on CPU.
+
+Protocol: images 000-024 train, 025-029 validate (fold 5 of 6, at full 512^2 resolution);
+`--config.data.folder.fold=K` gives the other folds of the 6-fold split.
+
+COMMAND:
+  python -m segjax.main --config=configs/isbi.py --workdir=runs/isbi
+  (data from ../shared/data/isbi2012_membrane, or --config.data.dir=PATH / $SEGJAX_SHARED_DATA)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(_HERE), "shared", "data"))
+
+
+def get_config(arg: str | None = None):
+    c = default.get_config(arg)
+    c.data.name = "folder"
+    c.data.dir = os.path.join(_SHARED, "isbi2012_membrane")
+    c.data.num_classes = 2
+    c.data.class_names = ("cell", "membrane")
+    c.data.channels = 1
+    c.data.folder.num_folds = 6
+    c.data.folder.fold = 5
+    c.data.augment.crop = 256
+    c.data.augment.rotate = 15.0
+    c.data.augment.scale_min = 0.85
+    c.data.augment.scale_max = 1.2
+    c.data.augment.elastic_alpha = 6.0
+    c.data.augment.elastic_sigma = 8.0
+    c.data.augment.brightness = 0.1
+    c.data.augment.contrast = 0.2
+    c.data.augment.gamma = 0.2
+    c.model.depth = 4
+    c.model.base_features = 16
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
+    c.train.steps = 1200
+    c.train.batch_size = 4
+    c.train.log_every = 25
+    c.train.checkpoint_every = 200
+    c.eval.every = 200
+    c.eval.batch_size = 5
+    c.eval.boundary_dilation = 2
+    return c

@@ -1,0 +1,198 @@
+"""A TFDS builder for a user's folder of images and masks (array_record, no TensorFlow).
+
+Layout (file stems pair an image with its mask; any format PIL reads):
+    ROOT/images/NAME.png     the images (gray or RGB)
+    ROOT/masks/NAME.png      class ids 0..C-1 per pixel (not 0/255: that is an error)
+    ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
+Splits, first rule that applies:
+    1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
+    2. `split_file` (CSV, relative to ROOT) with an `id` column and a `split_column` of train/val;
+    3. k-fold: `num_folds` > 0 -> the `fold`-th contiguous block of the sorted names is validation;
+    4. `val_fraction` of the names, chosen with `split_seed`.
+Every pair is decoded and validated while the dataset is prepared, so a corrupt file, a missing
+mask, a size or channel mismatch or an out-of-range label fails once, naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from segjax.data import png
+from segjax.errors import ConfigError, DataError
+
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
+
+
+@dataclasses.dataclass
+class FolderConfig(tfds.core.BuilderConfig):
+    root: str = ""
+    channels: int = 3
+    num_classes: int = 2
+    ignore_label: int = -1
+    split_file: str = ""
+    split_column: str = "split"
+    num_folds: int = 0
+    fold: int = 0
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> FolderConfig:
+        """From `config.data` (data.dir, data.folder.*); the name hashes everything that matters."""
+        if not cfg.dir:
+            raise ConfigError("data.dir is empty: point it at a folder with images/ and masks/ (see configs/folder.py)")
+        root = os.path.abspath(os.path.expanduser(cfg.dir))
+        if not os.path.isdir(root):
+            raise DataError(f"data.dir={cfg.dir!r} is not a folder")
+        f = cfg.folder
+        knobs = dict(
+            root=root,
+            channels=cfg.channels,
+            num_classes=cfg.num_classes,
+            ignore_label=cfg.ignore_label,
+            split_file=f.split_file,
+            split_column=f.split_column,
+            num_folds=f.num_folds,
+            fold=f.fold,
+            val_fraction=f.val_fraction,
+            split_seed=f.split_seed,
+        )
+        digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
+        base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
+        return cls(name=f"{base}_{digest}", **knobs)
+
+
+def _stems(folder: str) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        return {}
+    return {
+        os.path.splitext(n)[0]: os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".")
+    }
+
+
+def _pairs(base: str, need_masks: bool = True) -> list[tuple[str, str, str | None, str | None]]:
+    """(name, image, mask, instances) for every image under `base`; a missing mask is an error."""
+    images = _stems(os.path.join(base, "images"))
+    if not images:
+        raise DataError(f"no images found in {os.path.join(base, 'images')}")
+    masks, inst = _stems(os.path.join(base, "masks")), _stems(os.path.join(base, "instances"))
+    out = []
+    for name, path in images.items():
+        if name not in masks and need_masks:
+            raise DataError(f"{path}: no mask {os.path.join(base, 'masks', name)}.* for this image")
+        out.append((name, path, masks.get(name), inst.get(name)))
+    return out
+
+
+def assign_splits(cfg: FolderConfig) -> dict[str, list]:
+    """{split: [(name, image, mask, instances), ...]} by the rules in the module docstring."""
+    root = cfg.root
+    sub = {
+        s: next((os.path.join(root, d) for d in dirs if os.path.isdir(os.path.join(root, d))), None)
+        for s, dirs in SPLIT_FOLDERS.items()
+    }
+    if sub["train"]:
+        return {s: _pairs(path) for s, path in sub.items() if path}
+    pairs = _pairs(root)
+    names = [p[0] for p in pairs]
+    if cfg.split_file:
+        path = os.path.join(root, cfg.split_file)
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = {r["id"]: r[cfg.split_column] for r in csv.DictReader(f)}
+        missing = [n for n in names if n not in rows]
+        if missing:
+            raise DataError(f"{path}: no {cfg.split_column!r} entry for {missing[:3]}")
+        is_val = [rows[n] in ("val", "validation") for n in names]
+    elif cfg.num_folds:
+        if not 0 <= cfg.fold < cfg.num_folds:
+            raise ConfigError(f"data.folder.fold={cfg.fold} must be in 0..{cfg.num_folds - 1}")
+        blocks = np.array_split(np.arange(len(names)), cfg.num_folds)
+        is_val = np.isin(np.arange(len(names)), blocks[cfg.fold]).tolist()
+    else:
+        rng = np.random.default_rng(cfg.split_seed)
+        chosen = rng.permutation(len(names))[: max(1, round(cfg.val_fraction * len(names)))]
+        is_val = np.isin(np.arange(len(names)), chosen).tolist()
+    return {
+        "train": [p for p, v in zip(pairs, is_val, strict=True) if not v],
+        "validation": [p for p, v in zip(pairs, is_val, strict=True) if v],
+    }
+
+
+def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str | None) -> dict[str, np.ndarray]:
+    """Decode and validate one image/mask(/instances) triple; errors name the file."""
+    with open(image_path, "rb") as f:
+        image = png.decode(f.read(), image_path)
+    if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel
+        image = image[..., :3]
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] != cfg.channels:
+        raise DataError(
+            f"{image_path}: image has {image.shape[-1]} channels but data.channels={cfg.channels} "
+            "(grayscale vs RGB?); convert the images or set data.channels"
+        )
+    with open(mask_path, "rb") as f:
+        mask = png.decode(f.read(), mask_path)
+    if mask.ndim == 3:
+        raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise DataError(f"{mask_path}: masks must hold integer class ids, got {mask.dtype}")
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{mask_path}: mask size {mask.shape} differs from image size {image.shape[:2]}")
+    bad = (mask >= cfg.num_classes) & (mask != cfg.ignore_label)
+    if bad.any():
+        values = np.unique(mask[bad])[:5].tolist()
+        hint = " (a 0/255 mask? store class ids 0..C-1, or set data.ignore_label=255)" if 255 in values else ""
+        raise DataError(
+            f"{mask_path}: label values {values} are outside 0..{cfg.num_classes - 1} "
+            f"(data.num_classes={cfg.num_classes}){hint}"
+        )
+    out = {"image": image.astype(np.uint8), "label": mask.astype(np.uint8)[..., None]}
+    if inst_path is not None:
+        with open(inst_path, "rb") as f:
+            inst = png.decode(f.read(), inst_path)
+        if inst.shape != mask.shape:
+            raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
+        out["instances"] = inst.astype(np.uint16)[..., None]
+    return out
+
+
+class SegFolder(tfds.core.GeneratorBasedBuilder):
+    """A user's image/mask folder as a TFDS dataset; see the module docstring."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = (FolderConfig(name="default"),)
+
+    def _has_instances(self) -> bool:
+        return any(p[3] for pairs in assign_splits(self.builder_config).values() for p in pairs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "name": tfds.features.Text(),
+            "image": tfds.features.Image(shape=(None, None, self.builder_config.channels)),
+            "label": tfds.features.Image(shape=(None, None, 1)),
+        }
+        if self.builder_config.root and self._has_instances():
+            features["instances"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint16)
+        return tfds.core.DatasetInfo(
+            builder=self, description=__doc__, features=tfds.features.FeaturesDict(features), disable_shuffling=True
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(pairs) for split, pairs in assign_splits(self.builder_config).items()}
+
+    def _generate_examples(self, pairs):
+        with_instances = "instances" in self.info.features
+        for name, image_path, mask_path, inst_path in pairs:
+            arrays = read_pair(self.builder_config, image_path, mask_path, inst_path)
+            if with_instances and "instances" not in arrays:
+                raise DataError(f"{image_path}: other images have instances/ maps, this one has none")
+            example = {"name": name, **{k: png.encode(v) for k, v in arrays.items()}}
+            yield name, example

@@ -1,0 +1,168 @@
+"""The image/mask folder builder on small folders made here, and on ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segjax.data import augment, folder, pipeline, sources
+from segjax.errors import DataError
+from tests.conftest import SHARED_DATA, load_config
+
+
+def write_folder(root, sizes, channels=3, num_classes=3, instances=False, split_dirs=False, seed=0):
+    rng = np.random.default_rng(seed)
+    layout = {"train": sizes[:-1], "val": sizes[-1:]} if split_dirs else {"": sizes}
+    for sub, sub_sizes in layout.items():
+        for d in ("images", "masks", *(("instances",) if instances else ())):
+            os.makedirs(os.path.join(root, sub, d), exist_ok=True)
+        for i, (h, w) in enumerate(sub_sizes):
+            shape = (h, w, 3) if channels == 3 else (h, w)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(f"{root}/{sub}/images/{sub}{i:03d}.png")
+            mask = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
+            Image.fromarray(mask).save(f"{root}/{sub}/masks/{sub}{i:03d}.png")
+            if instances:
+                inst = ((mask > 0) * int(rng.integers(1, 1000))).astype(np.uint16)
+                Image.fromarray(inst).save(f"{root}/{sub}/instances/{sub}{i:03d}.png")
+    return root
+
+
+def folder_config(root, tfds_dir, channels=3, num_classes=3, **folder_knobs):
+    cfg = load_config("default").data
+    cfg.name, cfg.dir, cfg.tfds_dir, cfg.channels = "folder", str(root), tfds_dir, channels
+    cfg.num_classes, cfg.class_names = num_classes, tuple(f"c{i}" for i in range(num_classes))
+    for k, v in folder_knobs.items():
+        setattr(cfg.folder, k, v)
+    return cfg
+
+
+def test_gray_folder_with_k_fold_split(tmp_path, tfds_dir):
+    root = write_folder(tmp_path / "gray", [(16, 16)] * 6, channels=1)
+    cfg = folder_config(root, tfds_dir, channels=1, num_folds=3, fold=2)
+    splits = sources.open_splits(cfg)
+    assert len(splits["train"]) == 4 and len(splits["validation"]) == 2
+    ex = splits["validation"][0]
+    original = np.asarray(Image.open(f"{root}/images/004.png"))  # fold 2 of 3 = the last two names
+    np.testing.assert_array_equal(ex["image"][..., 0], original)
+    np.testing.assert_array_equal(ex["label"], np.asarray(Image.open(f"{root}/masks/004.png")))
+
+
+def test_rgb_mixed_sizes_instances_and_split_folders(tmp_path, tfds_dir):
+    root = write_folder(tmp_path / "rgb", [(16, 24), (32, 16), (20, 20)], instances=True, split_dirs=True)
+    cfg = folder_config(root, tfds_dir)
+    splits = sources.open_splits(cfg)
+    assert len(splits["train"]) == 2 and len(splits["validation"]) == 1
+    assert {splits["train"][i]["image"].shape for i in range(2)} == {(16, 24, 3), (32, 16, 3)}
+    builder = sources.prepare(cfg)
+    assert "instances" in builder.info.features
+    # eval pads mixed sizes to a common multiple of 2**depth and masks the padding
+    batch = next(pipeline.eval_batches(splits["train"], cfg, batch_size=2, pad_multiple=8))
+    assert batch["image"].shape == (2, 32, 24, 3)
+    assert batch["valid"].sum() == 16 * 24 + 32 * 16
+    # resize on load: image bilinear, labels nearest (values stay class ids)
+    cfg.resize = 8
+    resized = sources.open_splits(cfg)["train"][0]
+    assert resized["image"].shape == (8, 8, 3) and set(np.unique(resized["label"])) <= {0, 1, 2}
+
+
+def test_split_file_and_val_fraction(tmp_path, tfds_dir):
+    root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
+    with open(root / "index.csv", "w", encoding="utf-8") as f:
+        f.write("id,suggested_split\n000,train\n001,val\n002,train\n003,val\n004,train\n")
+    cfg = folder_config(root, tfds_dir, split_file="index.csv", split_column="suggested_split")
+    assert len(sources.open_splits(cfg)["validation"]) == 2
+    by_fraction = folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4)))
+    again = folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4)))
+    assert [p[0] for p in by_fraction["validation"]] == [p[0] for p in again["validation"]]
+    assert len(by_fraction["validation"]) == 2
+
+
+def corrupt_cases():
+    def zero_255(root):
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(f"{root}/masks/001.png")
+
+    def missing_mask(root):
+        os.remove(f"{root}/masks/002.png")
+
+    def truncated(root):
+        path = f"{root}/images/001.png"
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+
+    def size_mismatch(root):
+        Image.fromarray(np.zeros((8, 9), np.uint8)).save(f"{root}/masks/001.png")
+
+    def gray_in_rgb(root):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(f"{root}/images/001.png")
+
+    def rgb_mask(root):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f"{root}/masks/001.png")
+
+    return [
+        (zero_255, r"masks/001.png: label values \[255\].*0/255 mask"),
+        (missing_mask, r"images/002.png: no mask"),
+        (truncated, r"images/001.png: corrupt or truncated"),
+        (size_mismatch, r"masks/001.png: mask size \(8, 9\) differs"),
+        (gray_in_rgb, r"images/001.png: image has 1 channels but data.channels=3"),
+        (rgb_mask, r"masks/001.png: masks must be single-channel"),
+    ]
+
+
+@pytest.mark.parametrize(("damage", "pattern"), corrupt_cases(), ids=lambda v: getattr(v, "__name__", ""))
+def test_bad_files_fail_naming_the_file(tmp_path, tfds_dir, damage, pattern):
+    root = write_folder(tmp_path / damage.__name__, [(8, 8)] * 4)
+    damage(root)
+    with pytest.raises(DataError, match=pattern):
+        sources.open_splits(folder_config(root, tfds_dir))
+
+
+def test_empty_folder_and_missing_dir(tmp_path, tfds_dir):
+    os.makedirs(tmp_path / "empty" / "images")
+    with pytest.raises(DataError, match="no images found"):
+        sources.open_splits(folder_config(tmp_path / "empty", tfds_dir))
+    with pytest.raises(DataError, match="is not a folder"):
+        sources.open_splits(folder_config(tmp_path / "nowhere", tfds_dir))
+
+
+def test_warp_crop_keeps_image_and_label_aligned():
+    """A blocky image whose label is its block id: after crop + rotation + scale + elastic
+    warping, labels (nearest) must agree with the block the warped image shows."""
+    cfg = load_config("default").data.augment
+    cfg.crop, cfg.rotate, cfg.scale_min, cfg.scale_max, cfg.elastic_alpha = 24, 30.0, 0.8, 1.25, 4.0
+    blocks = np.kron(np.arange(16).reshape(4, 4), np.ones((12, 12), int))  # 48x48, 16 blocks
+    image = (blocks * 16).astype(np.uint8)[..., None]
+    for seed in range(5):
+        out = augment.augment({"image": image, "label": blocks}, np.random.default_rng(seed), cfg)
+        assert out["image"].shape == (24, 24, 1) and out["label"].shape == (24, 24)
+        from_image = np.round(out["image"][..., 0] * 255 / 16)
+        interior = np.abs(from_image - out["image"][..., 0] * 255 / 16) < 0.05  # away from block edges
+        assert (from_image[interior] == out["label"][interior]).mean() > 0.97
+        assert set(np.unique(out["label"])) <= set(range(16))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="shared data absent")
+def test_isbi_config_builds_on_the_real_data(tfds_dir):
+    cfg = load_config("isbi")
+    cfg.data.tfds_dir = tfds_dir
+    cfg.data.dir = os.path.join(SHARED_DATA, "isbi2012_membrane")
+    splits = sources.open_splits(cfg.data)
+    assert len(splits["train"]) == 25 and len(splits["validation"]) == 5
+    ex = splits["validation"][0]
+    assert ex["image"].shape == (512, 512, 1) and set(np.unique(ex["label"])) == {0, 1}
+    membrane = np.mean([splits["train"][i]["label"].mean() for i in range(25)])
+    assert 0.2 < membrane < 0.24  # README: 21.96 % membrane over all 30
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "dsb2018_nuclei_subset")), reason="shared data absent")
+def test_nuclei_config_builds_on_the_real_data(tfds_dir):
+    cfg = load_config("nuclei")
+    cfg.data.tfds_dir = tfds_dir
+    cfg.data.dir = os.path.join(SHARED_DATA, "dsb2018_nuclei_subset")
+    builder = sources.prepare(cfg.data)
+    assert builder.info.splits["train"].num_examples == 81 and builder.info.splits["validation"].num_examples == 19
+    assert "instances" in builder.info.features
+    splits = sources.open_splits(cfg.data)
+    assert splits["train"][0]["image"].shape == (256, 256, 3)
