@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 800  # optimizer steps
     c.train.batch_size = 16  # global batch (all devices and hosts together)
+    c.train.grad_accum_steps = 1  # split each batch into this many sequential micro-batches (memory)
     c.train.seed = 0  # init, dropout and data-order seed
     c.train.log_every = 50  # steps between logged training metrics
     c.train.checkpoint_every = 400  # steps between checkpoints (and at the end)

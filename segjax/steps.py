@@ -11,29 +11,57 @@ from segjax import losses, metrics
 from segjax.state import TrainState
 
 
-def train_step(state: TrainState, batch: dict, *, model, loss_cfg: ml_collections.ConfigDict):
-    """One optimizer step. A non-finite loss or gradient leaves params, statistics and optimizer
-    state unchanged (only the step counter and RNG advance past the bad batch); the host then
-    stops or skips, per `train.nonfinite`, so a bad update never reaches a checkpoint."""
-    rng, dropout_rng = jax.random.split(state.rng)
-    has_stats = bool(state.batch_stats)
+def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg):
+    """Loss, named terms, new BatchNorm statistics and gradients for one (micro-)batch."""
+    has_stats = bool(batch_stats)
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats} if has_stats else {"params": params}
+        variables = {"params": params, "batch_stats": batch_stats} if has_stats else {"params": params}
         (logits, aux), updates = model.apply(
             variables,
             batch["image"],
             train=True,
-            rngs={"dropout": dropout_rng},
+            rngs={"dropout": rng},
             mutable=["batch_stats"] if has_stats else [],
         )
         loss, terms = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"], aux)
-        return loss, (terms, updates)
+        return loss, (terms, updates.get("batch_stats", batch_stats))
 
-    (loss, (terms, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, terms, new_stats, grads
+
+
+def train_step(
+    state: TrainState, batch: dict, *, model, loss_cfg: ml_collections.ConfigDict, grad_accum_steps: int = 1
+):
+    """One optimizer step. A non-finite loss or gradient leaves params, statistics and optimizer
+    state unchanged (only the step counter and RNG advance past the bad batch); the host then
+    stops or skips, per `train.nonfinite`, so a bad update never reaches a checkpoint."""
+    rng, dropout_rng = jax.random.split(state.rng)
+    if grad_accum_steps == 1:
+        loss, terms, new_stats, grads = _loss_and_grads(
+            state.params, state.batch_stats, batch, dropout_rng, model, loss_cfg
+        )
+    else:
+        # Split the batch into micro-batches; average their gradients (BatchNorm statistics are
+        # updated micro-batch by micro-batch, as they would be in separate steps).
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            stats, grad_sum = carry
+            mb, key = xs
+            loss, terms, stats, grads = _loss_and_grads(state.params, stats, mb, key, model, loss_cfg)
+            return (stats, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), (loss, terms)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        keys = jax.random.split(dropout_rng, grad_accum_steps)
+        (new_stats, grad_sum), (loss_all, terms_all) = jax.lax.scan(body, (state.batch_stats, zeros), (micro, keys))
+        grads = jax.tree_util.tree_map(lambda g: g / grad_accum_steps, grad_sum)
+        loss = jnp.mean(loss_all)
+        terms = jax.tree_util.tree_map(jnp.mean, terms_all)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, updates.get("batch_stats", state.batch_stats), rng)
+    new_state = state.apply_gradients(grads, new_stats, rng)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state = new_state.replace(step=state.step + 1, rng=rng)
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}

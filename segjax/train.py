@@ -104,6 +104,12 @@ def _check_config(config) -> None:
         )
     for what in ("train.batch_size", "eval.batch_size"):
         parallel.host_batch_size(config.get(what.split(".")[0])["batch_size"], what)
+    accum = config.train.grad_accum_steps
+    if accum < 1 or config.train.batch_size % (accum * jax.device_count()):
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} must split into train.grad_accum_steps={accum} "
+            f"micro-batches of a multiple of the {jax.device_count()} devices"
+        )
 
 
 def train_and_evaluate(
@@ -142,13 +148,21 @@ def train_and_evaluate(
 
     repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_fn = jax.jit(
-        functools.partial(steps.train_step, model=model, loss_cfg=config.loss),
+        functools.partial(
+            steps.train_step, model=model, loss_cfg=config.loss, grad_accum_steps=config.train.grad_accum_steps
+        ),
         in_shardings=(repl, batch_sh),
         out_shardings=(repl, repl),
         donate_argnums=0,
     )
     eval_fn = jax.jit(
-        functools.partial(steps.eval_step, model=model, loss_cfg=config.loss, num_classes=config.data.num_classes),
+        functools.partial(
+            steps.eval_step,
+            model=model,
+            loss_cfg=config.loss,
+            num_classes=config.data.num_classes,
+            boundary_dilation=config.eval.boundary_dilation,
+        ),
         in_shardings=(repl, batch_sh),
         out_shardings=repl,
     )

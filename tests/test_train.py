@@ -33,6 +33,8 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     for name in tiny_config.data.class_names:
         assert f"val/iou/{name}" in saved and f"val/dice/{name}" in saved
     assert saved["val/pixels"] == tiny_config.data.synthetic.num_val * 32 * 32
+    assert saved["val/images"] == tiny_config.data.synthetic.num_val
+    assert saved["val/mbiou"] is not None and 0.0 <= saved["val/mbiou"] <= 1.0  # boundary IoU is computed
     assert 0.0 <= saved["val/accuracy"] <= 1.0
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert os.listdir(os.path.join(workdir, "best"))

@@ -1,0 +1,52 @@
+"""Data parallelism on fake CPU devices (--xla_force_host_platform_device_count): same answer at any scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import ROOT
+
+
+def run(workdir, tfds_dir, devices, *extra):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    args = [
+        sys.executable,
+        "-m",
+        "segjax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.tfds_dir={tfds_dir}",
+        "--config.train.batch_size=8",
+        "--config.eval.batch_size=8",
+        "--config.train.log_every=1",
+        *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+def test_one_and_eight_devices_give_the_same_training(tmp_path, tfds_dir):
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    for workdir, devices in ((one, 1), (eight, 8)):
+        done = run(workdir, tfds_dir, devices)
+        assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(losses(eight), losses(one), rtol=1e-4)
+    with open(one / "metrics.json", encoding="utf-8") as f1, open(eight / "metrics.json", encoding="utf-8") as f8:
+        m1, m8 = json.load(f1), json.load(f8)
+    assert m1["val/pixels"] == m8["val/pixels"]
+    np.testing.assert_allclose(m8["val/miou"], m1["val/miou"], rtol=1e-4)
+
+
+def test_batch_not_divisible_by_device_count_is_a_clear_error(tmp_path, tfds_dir):
+    done = run(tmp_path / "w", tfds_dir, 8, "--config.train.batch_size=12")
+    assert done.returncode == 2
+    assert "error: train.batch_size=12" in done.stderr and "8 devices" in done.stderr
