@@ -113,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size = 16  # global batch (all devices and hosts together)
     c.train.grad_accum_steps = 1  # split each batch into this many sequential micro-batches (memory)
     c.train.seed = 0  # init, dropout and data-order seed
+    c.train.num_seeds = 1  # K > 1: train seeds seed..seed+K-1 as K replicas in one vmapped step
     c.train.log_every = 50  # steps between logged training metrics
     c.train.checkpoint_every = 400  # steps between checkpoints (and at the end)
     c.train.keep_checkpoints = 2  # latest checkpoints kept; the best (val/miou) is kept apart

@@ -13,20 +13,35 @@ from segjax.errors import ConfigError
 
 
 def evaluate(
-    eval_fn: Callable, state, batches: Iterable[dict], mesh, eval_cfg: ml_collections.ConfigDict, class_names
-) -> dict[str, float]:
+    eval_fn: Callable,
+    state,
+    batches: Iterable[dict],
+    mesh,
+    eval_cfg: ml_collections.ConfigDict,
+    class_names,
+    num_seeds: int = 1,
+    batch_sharding=None,
+):
     """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
-    `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images`.
+    `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images` (a list of such dicts, one per
+    replica, when `num_seeds` > 1 and `eval_fn` returns replica-stacked outputs).
 
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
     """
+    outputs = [jax.device_get(eval_fn(state, parallel.to_global(batch, mesh, batch_sharding))) for batch in batches]
+    if num_seeds == 1:
+        return scores(outputs, eval_cfg, class_names)
+    return [scores([{k: v[r] for k, v in o.items()} for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]
+
+
+def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
+    """Named scores from the eval-step outputs of a whole split (see `evaluate`)."""
     num_classes = len(class_names)
     per_image, losses = [], []
     b_inter = np.zeros(num_classes, np.int64)
     b_union = np.zeros(num_classes, np.int64)
-    for batch in batches:
-        out = jax.device_get(eval_fn(state, parallel.to_global(batch, mesh)))
+    for out in outputs:
         cms = np.asarray(out["confusion"], np.int64)
         per_image.append(cms[cms.sum(axis=(1, 2)) > 0])
         losses.append(float(out["loss"]))

@@ -35,7 +35,7 @@ def host_batch_size(global_batch: int, what: str = "train.batch_size") -> int:
     return global_batch // jax.process_count()
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh, sharding: NamedSharding | None = None) -> dict[str, jax.Array]:
     """Assemble each host's numpy slice into one global array sharded along `data`."""
-    sharding = batch_sharding(mesh)
+    sharding = sharding or batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -13,10 +13,23 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from segjax import checkpointing, configuration, evaluate, metrics, optim, parallel, report, state, steps, writers
+from segjax import (
+    checkpointing,
+    configuration,
+    evaluate,
+    metrics,
+    optim,
+    parallel,
+    report,
+    seeds,
+    state,
+    steps,
+    writers,
+)
 from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from segjax.models import build_model, unetpp
@@ -102,6 +115,8 @@ def _check_config(config) -> None:
             f"loss.class_weights has {len(config.loss.class_weights)} values; give one per class "
             f"(data.num_classes={config.data.num_classes})"
         )
+    if config.train.num_seeds < 1:
+        raise ConfigError(f"train.num_seeds={config.train.num_seeds} must be >= 1")
     for what in ("train.batch_size", "eval.batch_size"):
         parallel.host_batch_size(config.get(what.split(".")[0])["batch_size"], what)
     accum = config.train.grad_accum_steps
@@ -122,15 +137,29 @@ def train_and_evaluate(
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
     splits = sources.open_splits(config.data)
-    train_ds = pipeline.train_dataset(
-        splits["train"], config.data, parallel.host_batch_size(config.train.batch_size), config.train.seed, pidx, pcount
-    )
+    num_seeds = config.train.num_seeds
+    replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds)
+    host_batch = parallel.host_batch_size(config.train.batch_size)
+    train_ds = [
+        pipeline.train_dataset(splits["train"], config.data, host_batch, s, pidx, pcount) for s in replica_seeds
+    ]
     eval_host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
-    sample = jnp.asarray(train_ds[0]["image"][:1])
+    sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
     tx = optim.build(config.optim, config.train.steps)
-    train_state = state.create(model, tx, sample, config.train.seed)
-    summary = model_summary(model, train_state.variables(), sample)
+    if num_seeds == 1:
+        train_state = state.create(model, tx, sample, config.train.seed)
+        summary = model_summary(model, train_state.variables(), sample)
+    else:
+        train_state = seeds.create_states(model, tx, sample, replica_seeds)
+        summary = model_summary(model, seeds.replica(train_state, 0).variables(), sample)
+        logging.info("training %d replicas (seeds %s) in one vmapped step", num_seeds, replica_seeds)
+        if jax.default_backend() == "cpu":
+            logging.warning(
+                "train.num_seeds=%d on CPU: vmapped replicas run 0.4-0.8x the speed of sequential runs here "
+                "(batched kernels become grouped convolutions; benchmarks/RESULTS.md); they pay off on accelerators",
+                num_seeds,
+            )
     logging.info(
         "model %s: %.3fM params, %.3f GFLOPs/example forward",
         config.model.arch,
@@ -140,32 +169,30 @@ def train_and_evaluate(
     train_state = jax.device_put(train_state, parallel.replicated(mesh))
 
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    data_iter = pipeline.train_iterator(train_ds, config.data)
+    iterators = [pipeline.train_iterator(ds, config.data) for ds in train_ds]
+    data_iter = iterators[0] if num_seeds == 1 else seeds.StackedIterator(iterators)
     if ckpt.latest_step() is not None:
         train_state, data_state = ckpt.restore(train_state)
         data_iter.set_state(data_state)
-        logging.info("resumed from %s at step %d", workdir, int(train_state.step))
+        logging.info("resumed from %s at step %d", workdir, int(np.max(train_state.step)))
 
     repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    train_fn = jax.jit(
-        functools.partial(
-            steps.train_step, model=model, loss_cfg=config.loss, grad_accum_steps=config.train.grad_accum_steps
-        ),
-        in_shardings=(repl, batch_sh),
-        out_shardings=(repl, repl),
-        donate_argnums=0,
+    train_step = functools.partial(
+        steps.train_step, model=model, loss_cfg=config.loss, grad_accum_steps=config.train.grad_accum_steps
     )
-    eval_fn = jax.jit(
-        functools.partial(
-            steps.eval_step,
-            model=model,
-            loss_cfg=config.loss,
-            num_classes=config.data.num_classes,
-            boundary_dilation=config.eval.boundary_dilation,
-        ),
-        in_shardings=(repl, batch_sh),
-        out_shardings=repl,
+    eval_step = functools.partial(
+        steps.eval_step,
+        model=model,
+        loss_cfg=config.loss,
+        num_classes=config.data.num_classes,
+        boundary_dilation=config.eval.boundary_dilation,
     )
+    train_batch_sh = batch_sh
+    if num_seeds > 1:  # replicas along a leading axis; every replica sees the same eval batch
+        train_step, eval_step = jax.vmap(train_step), jax.vmap(eval_step, in_axes=(0, None))
+        train_batch_sh = seeds.batch_sharding(mesh)
+    train_fn = jax.jit(train_step, in_shardings=(repl, train_batch_sh), out_shardings=(repl, repl), donate_argnums=0)
+    eval_fn = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
     writer = writers.MetricWriter(workdir)
     names = tuple(config.data.class_names)
 
@@ -173,22 +200,34 @@ def train_and_evaluate(
         batches = pipeline.eval_batches(
             splits["validation"], config.data, eval_host_batch, pidx, pcount, pad_multiple=2**config.model.depth
         )
-        return evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names)
+        per_seed = evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names, num_seeds)
+        if num_seeds == 1:
+            return per_seed
+        seed_results.clear()
+        seed_results.extend(per_seed)
+        combined = seeds.mean_and_spread(per_seed)
+        for k, r in enumerate(per_seed):
+            combined[f"seed{replica_seeds[k]}/val/miou"] = r["val/miou"]
+        return combined
 
-    step = int(train_state.step)
+    step = int(np.max(train_state.step))
     total = config.train.steps
+    seed_results: list[dict] = []
     convention = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
     logging.info("metrics convention: %s", convention)
     last_train, results, pending = {}, {}, None
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     bar = tqdm(
         total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0, disable=pidx != 0
     )
 
     def check_finite(prev_step: int, out: dict) -> None:
-        if not bool(out["finite"]):
+        finite = np.asarray(out["finite"])
+        if not finite.all():
+            which = "" if num_seeds == 1 else f" for seeds {np.asarray(replica_seeds)[~finite].tolist()}"
             msg = (
-                f"non-finite loss/gradient at step {prev_step} (loss={float(out['loss'])}); the update was not applied"
+                f"non-finite loss/gradient at step {prev_step}{which} (loss={np.asarray(out['loss']).tolist()}); "
+                "the update was not applied"
             )
             if config.train.nonfinite == "stop":
                 raise NonFiniteLossError(
@@ -199,7 +238,10 @@ def train_and_evaluate(
     with _Preemption() as preempt:
         try:
             while step < total:
-                batch = parallel.to_global(next(data_iter), mesh)
+                wait_start = time.perf_counter()
+                host_batch = next(data_iter)
+                data_wait += time.perf_counter() - wait_start
+                batch = parallel.to_global(host_batch, mesh, train_batch_sh)
                 train_state, out = train_fn(train_state, batch)
                 if pending is not None:  # read the previous step's outputs while this one runs
                     check_finite(*pending)
@@ -210,13 +252,19 @@ def train_and_evaluate(
                 if step % config.train.log_every == 0 or step == total:
                     check_finite(*pending)
                     pending = None
-                    rate = window_steps / (time.perf_counter() - window_start)
-                    last_train = {f"train/{k}": float(v) for k, v in out.items() if k != "finite"}
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps / elapsed
+                    last_train = {f"train/{k}": float(np.mean(v)) for k, v in out.items() if k != "finite"}
+                    if num_seeds > 1:
+                        for k, s in enumerate(replica_seeds):
+                            last_train[f"seed{s}/train/loss"] = float(out["loss"][k])
                     last_train["train/steps_per_sec"] = rate
                     last_train["train/lr"] = float(optim.schedule(config.optim, total)(step - 1))
+                    # time the loop waited for the input pipeline: an upper bound on device idle time
+                    last_train["train/data_wait_fraction"] = data_wait / elapsed
                     writer.write(step, last_train)
                     bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
                 if step % config.eval.every == 0 or step == total:
                     results = run_eval(step)
                     writer.write(step, results)
@@ -248,11 +296,23 @@ def train_and_evaluate(
     if "train/loss" not in final:
         final["train/loss"] = _last_logged(workdir, "train/loss")
     final["metrics_convention"] = convention
+    if pidx == 0 and num_seeds > 1:  # each replica's own metrics.json, as a single-seed run writes it
+        for s, r in zip(replica_seeds, seed_results, strict=True):
+            os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
+            with open(os.path.join(workdir, f"seed_{s}", "metrics.json"), "w", encoding="utf-8") as f:
+                mine = {"step": step, "seed": s, **r, **summary, "metrics_convention": convention}
+                json.dump({k: _json_value(v) for k, v in mine.items()}, f, indent=2, sort_keys=True)
     if pidx == 0:
         with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump({k: _json_value(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
         print(report.results_table(final, names))
+        if num_seeds > 1:
+            print(
+                f"(means over {num_seeds} seeds; val/miou per seed: "
+                + ", ".join(f"{r['val/miou']:.4f}" for r in seed_results)
+                + f"; std {final.get('val/miou_std', float('nan')):.4f})"
+            )
     return final
 
 

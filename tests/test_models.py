@@ -311,3 +311,25 @@ def test_a_few_steps_lower_the_loss(arch, dims):
         st, out = step(st, batch)
         losses.append(float(out["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_transpose_conv_as_matmul_equals_the_textbook_layer(dims):
+    import flax.linen as nn
+
+    from segjax.models import blocks
+
+    shape = (2, 3, 4, 5, 6)[-(dims + 2) :]
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    ref = nn.ConvTranspose(7, (2,) * dims, strides=(2,) * dims)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    params = jax.tree_util.tree_map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    ours = blocks.TransposeConv2x(7, dims)
+    assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree_util.tree_map(
+        jnp.shape, params
+    )
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    grad_ours = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
+    grad_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(grad_ours), jax.tree_util.tree_leaves(grad_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -79,7 +79,7 @@ class VNet(nn.Module):
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in reversed(range(self.depth)):
-            up = nn.ConvTranspose(feats[i], two, strides=two, dtype=self.dtype, name=f"up{i}")(x)
+            up = blocks.TransposeConv2x(feats[i], self.spatial_dims, self.dtype, name=f"up{i}")(x)
             up = nn.PReLU(param_dtype=jnp.float32)(blocks.Norm(self.norm, dtype=self.dtype)(up, train))
             cat = jnp.concatenate([up, encoded[i]], axis=-1) if skips[i] else up
             x = ResidualStage(feats[i], convs[i], name=f"dec{i}", **stage)(cat, up, train)
