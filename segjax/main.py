@@ -7,6 +7,7 @@ one-line `error: ...` and exit status 2, not a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -20,6 +21,28 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move an existing run with a 
 _ALLOW_CHANGES = flags.DEFINE_bool(
     "allow_config_changes", False, "Resume a run even though the config differs from the stored one."
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def init_distributed() -> None:
+    """Join a multi-process job before JAX touches any device; a no-op for one process."""
+    import jax
+
+    explicit = _COORDINATOR.value is not None
+    auto = _DISTRIBUTED.value or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not (explicit or auto):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
+    if explicit:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+    logging.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
 
 
 class _QuietLibraries:
@@ -35,6 +58,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    init_distributed()
     from segjax import train  # after flag parsing: keeps --help fast
 
     try:

@@ -44,7 +44,9 @@ def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = configuration.differences(old, config.to_dict())
-        if diff and overwrite:
+        if diff and jax.process_index() != 0:
+            pass  # process 0 decides (and moves or refuses); the others follow its config.json
+        elif diff and overwrite:
             moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             shutil.move(workdir, moved)
             logging.warning("--overwrite: moved the previous run to %s", moved)

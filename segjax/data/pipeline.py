@@ -42,10 +42,21 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """This host's slice of the training split, shuffled anew each epoch, augmented, batched."""
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(lambda ex, rng: augment.augment(ex, rng, cfg.augment), seed=seed + 1)
+    """This host's rows of each global batch of the shuffled (anew each epoch), augmented stream.
+
+    The global stream (shuffle order and augmentation keyed on the global element index) is the
+    same for any number of hosts; host p takes rows [p*b, (p+1)*b) of every global batch of
+    b*process_count examples, so 1 and N processes train on identical global batches.
+    """
+    elements = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    elements = elements.random_map(lambda ex, rng: augment.augment(ex, rng, cfg.augment), seed=seed + 1)
+    global_batch = host_batch_size * process_count
+    offset = process_index * host_batch_size
+
+    def pick(j: int):
+        return elements[(j // host_batch_size) * global_batch + offset + j % host_batch_size]
+
+    ds = grain.MapDataset.range(0, len(elements) // process_count).map(pick)
     ds = ds.batch(host_batch_size, drop_remainder=True)
     return ds.map(lambda b: to_model_batch(b, cfg.ignore_label))
 
@@ -72,12 +83,14 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of this host's slice exactly once, at full size. Images are zero-padded to
     the batch's largest size rounded up to `pad_multiple` (2**depth) and the last batch is filled
-    with copies; padded pixels and copies have valid = 0, so every real pixel counts once."""
+    with copies; padded pixels and copies have valid = 0, so every real pixel counts once. All
+    hosts yield the same number of batches (multi-host evaluation needs equal image sizes)."""
     ds = grain.MapDataset.source(source)[process_index::process_count]
-    for start in range(0, len(ds), batch_size):
+    per_host = -(-len(source) // process_count)  # every host runs the same number of batches
+    for start in range(0, per_host, batch_size):
         examples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         real = len(examples)
-        examples += [examples[-1]] * (batch_size - real)
+        examples += [examples[-1] if examples else source[0]] * (batch_size - real)
         spatial = tuple(np.max([e["label"].shape for e in examples], axis=0))
         target = tuple(-(-s // pad_multiple) * pad_multiple for s in spatial)
         batch = {

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from segjax.data import builders, folder, png
@@ -57,6 +59,10 @@ def prepare(cfg: ml_collections.ConfigDict):
     """Build the dataset's array_record files if they are not there yet; return the builder."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
+    if jax.process_count() > 1:  # one process writes the files, the others wait and read them
+        if jax.process_index() == 0:
+            DATASETS[cfg.name](cfg, data_dir(cfg)).download_and_prepare()
+        multihost_utils.sync_global_devices(f"segjax: prepared {cfg.name}")
     builder = DATASETS[cfg.name](cfg, data_dir(cfg))
     builder.download_and_prepare()
     return builder
