@@ -98,6 +98,10 @@ def corrupt_cases():
     def gray_in_rgb(root):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(f"{root}/images/001.png")
 
+    def float_mask(root):
+        Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(f"{root}/masks/001.tif")
+        os.remove(f"{root}/masks/001.png")
+
     def rgb_mask(root):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f"{root}/masks/001.png")
 
@@ -108,6 +112,7 @@ def corrupt_cases():
         (size_mismatch, r"masks/001.png: mask size \(8, 9\) differs"),
         (gray_in_rgb, r"images/001.png: image has 1 channels but data.channels=3"),
         (rgb_mask, r"masks/001.png: masks must be single-channel"),
+        (float_mask, r"masks/001.tif: masks must hold integer class ids, got float32"),
     ]
 
 

@@ -97,6 +97,13 @@ def test_bfloat16_logits_on_large_input_match_float32():
         hi = fn(logits.astype(jnp.bfloat16).astype(jnp.float32), labels, valid)
         assert lo.dtype == jnp.float32 and bool(jnp.isfinite(lo))
         np.testing.assert_allclose(lo, hi, rtol=1e-5)
+    from segjax import metrics
+
+    cm16 = metrics.confusion_matrix(labels, jnp.argmax(logits.astype(jnp.bfloat16), -1), 3)
+    cm32 = metrics.confusion_matrix(labels, jnp.argmax(logits.astype(jnp.bfloat16).astype(jnp.float32), -1), 3)
+    np.testing.assert_array_equal(np.asarray(cm16), np.asarray(cm32))
+    assert int(cm16.sum()) == 1024 * 1024
+    assert np.isfinite(float(metrics.summarize(cm16)["miou"]))
 
 
 def loss_cfg(terms):

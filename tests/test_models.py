@@ -289,7 +289,10 @@ def test_volume_that_does_not_fit_depth_and_wrong_rank():
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("arch,dims", [("unet", 2), ("unetpp", 2), ("vnet", 3), ("unet", 3)])
+@pytest.mark.parametrize(
+    "arch,dims",
+    [("unet", 2), ("unet", 3), ("encoder_decoder", 2), ("unetpp", 2), ("unetpp", 3), ("vnet", 2), ("vnet", 3)],
+)
 def test_a_few_steps_lower_the_loss(arch, dims):
     import functools
 

@@ -41,6 +41,11 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         assert json.load(f) == json.loads(configuration.to_json(tiny_config))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    for folder, _, files in os.walk(workdir):  # nothing the run wrote is a pickle (safe to load)
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                head = f.read(2)
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), name
     train_rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]
 
