@@ -158,7 +158,7 @@ def train_and_evaluate(
         logging.info("training %d replicas (seeds %s) in one vmapped step", num_seeds, replica_seeds)
         if jax.default_backend() == "cpu":
             logging.warning(
-                "train.num_seeds=%d on CPU: vmapped replicas run 0.4-0.8x the speed of sequential runs here "
+                "train.num_seeds=%d on CPU: vmapped replicas ran 0.2-0.8x the throughput of sequential runs "
                 "(batched kernels become grouped convolutions; benchmarks/RESULTS.md); they pay off on accelerators",
                 num_seeds,
             )
