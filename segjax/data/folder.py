@@ -23,7 +23,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from segjax.data import png
+from segjax.data import png, validation
 from segjax.errors import ConfigError, DataError
 
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -145,14 +145,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
         raise DataError(f"{mask_path}: masks must hold integer class ids, got {mask.dtype}")
     if mask.shape != image.shape[:2]:
         raise DataError(f"{mask_path}: mask size {mask.shape} differs from image size {image.shape[:2]}")
-    bad = (mask >= cfg.num_classes) & (mask != cfg.ignore_label)
-    if bad.any():
-        values = np.unique(mask[bad])[:5].tolist()
-        hint = " (a 0/255 mask? store class ids 0..C-1, or set data.ignore_label=255)" if 255 in values else ""
-        raise DataError(
-            f"{mask_path}: label values {values} are outside 0..{cfg.num_classes - 1} "
-            f"(data.num_classes={cfg.num_classes}){hint}"
-        )
+    validation.check_labels(mask, cfg.num_classes, cfg.ignore_label, mask_path)
     out = {"image": image.astype(np.uint8), "label": mask.astype(np.uint8)[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:

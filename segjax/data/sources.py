@@ -17,7 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from segjax.data import builders, folder, png
+from segjax.data import builders, folder, png, validation
 from segjax.errors import ConfigError, DataError
 
 
@@ -79,16 +79,7 @@ def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.Conf
         )
     if image.shape[:-1] != label.shape:
         raise DataError(f"{where}: image size {image.shape[:-1]} differs from label size {label.shape}")
-    bad = (label < 0) | (label >= cfg.num_classes)
-    if cfg.ignore_label >= 0:
-        bad &= label != cfg.ignore_label
-    if bad.any():
-        values = np.unique(label[bad])[:5].tolist()
-        hint = " (a 0/255 mask? store class ids 0..C-1 instead)" if 255 in values else ""
-        raise DataError(
-            f"{where}: label values {values} are outside 0..{cfg.num_classes - 1} "
-            f"(data.num_classes={cfg.num_classes}, data.ignore_label={cfg.ignore_label}){hint}"
-        )
+    validation.check_labels(label, cfg.num_classes, cfg.ignore_label, where)
 
 
 def _as_array(value, where: str) -> np.ndarray:
