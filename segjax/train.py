@@ -198,7 +198,7 @@ def train_and_evaluate(
     writer = writers.MetricWriter(workdir)
     names = tuple(config.data.class_names)
 
-    def run_eval(step_now: int) -> dict:
+    def run_eval() -> dict:
         batches = pipeline.eval_batches(
             splits["validation"], config.data, eval_host_batch, pidx, pcount, pad_multiple=2**config.model.depth
         )
@@ -214,6 +214,7 @@ def train_and_evaluate(
 
     step = int(np.max(train_state.step))
     total = config.train.steps
+    lr_schedule = optim.schedule(config.optim, total)
     seed_results: list[dict] = []
     convention = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
     logging.info("metrics convention: %s", convention)
@@ -261,14 +262,14 @@ def train_and_evaluate(
                         for k, s in enumerate(replica_seeds):
                             last_train[f"seed{s}/train/loss"] = float(out["loss"][k])
                     last_train["train/steps_per_sec"] = rate
-                    last_train["train/lr"] = float(optim.schedule(config.optim, total)(step - 1))
+                    last_train["train/lr"] = float(lr_schedule(step - 1))
                     # time the loop waited for the input pipeline: an upper bound on device idle time
                     last_train["train/data_wait_fraction"] = data_wait / elapsed
                     writer.write(step, last_train)
                     bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
                     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
                 if step % config.eval.every == 0 or step == total:
-                    results = run_eval(step)
+                    results = run_eval()
                     writer.write(step, results)
                     bar.write(
                         f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
@@ -287,7 +288,7 @@ def train_and_evaluate(
             if pending is not None:
                 check_finite(*pending)
             if not results:  # resumed a finished run: evaluate the final state once more
-                results = run_eval(step)
+                results = run_eval()
         finally:
             bar.close()
             ckpt.wait()

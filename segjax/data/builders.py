@@ -33,7 +33,19 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
         return cls(name=name, **k)
 
 
-class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
+    """Generated datasets: `num_train` / `num_val` examples from `_generate_examples(split, count)`."""
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        return {
+            "train": self._generate_examples("train", cfg.num_train),
+            "validation": self._generate_examples("validation", cfg.num_val),
+        }
+
+
+class SyntheticShapes(_SyntheticBuilder):
     """Seeded synthetic scenes (tools, berries, leaves); see segjax/data/synthetic.py."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -53,14 +65,6 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
                 }
             ),
         )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        cfg = self.builder_config
-        return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_val),
-        }
 
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config
@@ -105,7 +109,7 @@ class SyntheticVolumesConfig(tfds.core.BuilderConfig):
         return cls(name=name, **k)
 
 
-class SyntheticVolumes(tfds.core.GeneratorBasedBuilder):
+class SyntheticVolumes(_SyntheticBuilder):
     """Seeded synthetic 3D volumes (blobs, tubes); see segjax/data/synthetic3d.py."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -126,14 +130,6 @@ class SyntheticVolumes(tfds.core.GeneratorBasedBuilder):
                 }
             ),
         )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        cfg = self.builder_config
-        return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_val),
-        }
 
     def _generate_examples(self, split: str, count: int):
         cfg = self.builder_config

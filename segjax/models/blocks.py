@@ -62,6 +62,17 @@ class ConvBlock(nn.Module):
         return x
 
 
+def block_kwargs(module) -> dict:
+    """The ConvBlock knobs a network module carries under the same names."""
+    return dict(
+        spatial_dims=module.spatial_dims,
+        num_convs=module.num_convs,
+        kernel_size=module.kernel_size,
+        norm=module.norm,
+        dtype=module.dtype,
+    )
+
+
 def pool(x: jax.Array, kind: str, spatial_dims: int) -> jax.Array:
     """2x down-sampling in every spatial dimension."""
     window = (2,) * spatial_dims

@@ -76,13 +76,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        block = dict(
-            spatial_dims=self.spatial_dims,
-            num_convs=self.num_convs,
-            kernel_size=self.kernel_size,
-            norm=self.norm,
-            dtype=self.dtype,
-        )
+        block = blocks.block_kwargs(self)
         levels = []
         for i, feats in enumerate(self.features):
             x = blocks.ConvBlock(feats, name=f"level{i}", **block)(x, train)
@@ -106,13 +100,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, levels, train: bool):
-        block = dict(
-            spatial_dims=self.spatial_dims,
-            num_convs=self.num_convs,
-            kernel_size=self.kernel_size,
-            norm=self.norm,
-            dtype=self.dtype,
-        )
+        block = blocks.block_kwargs(self)
         for i in reversed(range(len(self.features))):
             x = blocks.Upsample(self.features[i], self.upsample, self.spatial_dims, self.dtype, name=f"up{i}")(x)
             if self.skips[i]:
@@ -146,13 +134,7 @@ class UNet(nn.Module):
         if self.depth < 1:
             raise ConfigError(f"model.depth={self.depth} must be >= 1")
         feats = level_features(self.depth, self.base_features, self.features)
-        common = dict(
-            spatial_dims=self.spatial_dims,
-            norm=self.norm,
-            num_convs=self.num_convs,
-            kernel_size=self.kernel_size,
-            dtype=self.dtype,
-        )
+        common = blocks.block_kwargs(self)
         self.encoder = Encoder(
             feats, self.bottleneck_features or 2 * feats[-1], pool=self.pool, dropout=self.dropout, **common
         )

@@ -72,13 +72,7 @@ class UNetPlusPlus(nn.Module):
         skips = skip_mask(self.skips, self.depth)
         pruned = bool(self.inference_head) and not train and not self.is_initializing()
         levels = self.inference_head if pruned else self.depth
-        block = dict(
-            spatial_dims=self.spatial_dims,
-            num_convs=self.num_convs,
-            kernel_size=self.kernel_size,
-            norm=self.norm,
-            dtype=self.dtype,
-        )
+        block = blocks.block_kwargs(self)
         nodes = {}
         x = image.astype(self.dtype)
         for i in range(levels + 1):
