@@ -1,4 +1,4 @@
-"""Data-parallel overhead on 1/2/4/8 fake CPU devices, and K seeds in one vmapped step vs K runs.
+"""Data-parallel overhead on 1/2/4/8 fake CPU devices (jit and pmap modes), and K seeds in one vmapped step vs K runs.
 
 Fake devices (`--xla_force_host_platform_device_count`) share the same CPU cores, so this checks
 correctness and overhead, not real speed-up. The K-seed part times one compiled step of K
@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(batch: int, size: int):
+def build(batch: int, size: int, norm_axis_name: str | None = None):
     import jax.numpy as jnp
     import numpy as np
 
@@ -34,7 +34,7 @@ def build(batch: int, size: int):
 
     cfg = default_config()
     cfg.model.depth, cfg.model.base_features = 2, 8
-    model = build_model(cfg.model, 4)
+    model = build_model(cfg.model, 4, norm_axis_name=norm_axis_name)
     rng = np.random.default_rng(0)
     batch_arrays = {
         "image": rng.random((batch, size, size, 3), dtype=np.float32),
@@ -42,7 +42,7 @@ def build(batch: int, size: int):
         "valid": np.ones((batch, size, size), np.float32),
     }
     tx = optim.build(cfg.optim, 1000)
-    step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss)
+    step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss, axis_name=norm_axis_name)
     return model, tx, step, batch_arrays, jnp.asarray(batch_arrays["image"][:1]), state
 
 
@@ -71,7 +71,12 @@ def child(devices: int, steps_count: int, batch: int, size: int) -> None:
     st = jax.device_put(state.create(model, tx, sample, 0), repl)
     fn = jax.jit(step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=0)
     seconds = time_steps(fn, st, parallel.to_global(arrays, mesh), steps_count)
-    print(json.dumps({"devices": jax.device_count(), "step_s": seconds}))
+    # parallel.mode='pmap': the same step with pmean gradients and cross-replica batch norm
+    model, tx, step, arrays, sample, state = build(batch, size, parallel.PMAP_AXIS)
+    pst = parallel.replicate(state.create(model, tx, sample, 0))
+    pfn = jax.pmap(step, axis_name=parallel.PMAP_AXIS, donate_argnums=0)
+    pmap_seconds = time_steps(pfn, pst, parallel.split_for_devices(arrays), steps_count)
+    print(json.dumps({"devices": jax.device_count(), "step_s": seconds, "pmap_step_s": pmap_seconds}))
 
 
 def seeds_part(k: int, steps_count: int, batch: int, size: int) -> tuple[float, float]:
@@ -99,7 +104,7 @@ def main() -> None:
         child(args.child, args.steps, args.batch, args.size)
         return
     print(f"small U-Net (depth 2, base 8), global batch {args.batch} x {args.size}^2, median of {args.steps} steps")
-    print(f"{'devices':>8}{'ms/step':>10}{'steps/s':>10}{'images/s/device':>18}")
+    print(f"{'devices':>8}{'jit ms/step':>13}{'steps/s':>10}{'images/s/device':>18}{'pmap ms/step':>14}")
     for n in (1, 2, 4, 8):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
         cmd = [
@@ -113,7 +118,7 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         s = row["step_s"]
-        print(f"{n:>8}{s * 1000:>10.1f}{1 / s:>10.1f}{args.batch / s / n:>18.1f}")
+        print(f"{n:>8}{s * 1000:>13.1f}{1 / s:>10.1f}{args.batch / s / n:>18.1f}{row['pmap_step_s'] * 1000:>14.1f}")
     single, vmapped = seeds_part(args.seeds, args.steps, args.batch, args.size)
     k = args.seeds
     print(f"\none seed: {single * 1000:.1f} ms/step ({args.batch / single:.0f} images/s)")

@@ -9,6 +9,8 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
   pip install -r requirements-bench.txt
   python benchmarks/train_bench.py [--size 128 --batch 8 --depth 4 --base 32 --steps 20 --compile]
   python benchmarks/train_bench.py --dims 3 --size 32 --batch 2 --depth 3 --base 8    # 3D U-Net
+  python benchmarks/train_bench.py --arch unetpp --size 64 --depth 3 --base 16          # U-Net++, deep supervision
+  python benchmarks/train_bench.py --arch vnet --dims 3 --size 32 --batch 2 --depth 3 --base 8   # V-Net
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -82,9 +84,119 @@ def torch_unet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     return UNet()
 
 
+def torch_unetpp(torch, dims: int, depth: int, base: int, in_ch: int, classes: int):
+    """U-Net++ with deep supervision, as segjax.models.unetpp: nodes X^{i,j}, dense skips, one
+    1x1 head per X^{0,j}; forward returns the list of head logits."""
+    nn = torch.nn
+    conv, bn, pool, up = (
+        (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d)
+        if dims == 2
+        else (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d)
+    )
+
+    def block(cin, cout):
+        return nn.Sequential(
+            conv(cin, cout, 3, padding=1, bias=False),
+            bn(cout),
+            nn.ReLU(inplace=True),
+            conv(cout, cout, 3, padding=1, bias=False),
+            bn(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    feats = [base * 2**i for i in range(depth)] + [base * 2 ** (depth - 1) * 2]
+
+    class UNetPP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.nodes, self.ups = nn.ModuleDict(), nn.ModuleDict()
+            cin = in_ch
+            for i in range(depth + 1):
+                self.nodes[f"{i}_0"] = block(cin, feats[i])
+                cin = feats[i]
+            for j in range(1, depth + 1):
+                for i in range(depth + 1 - j):
+                    self.ups[f"{i}_{j}"] = up(feats[i + 1], feats[i], 2, stride=2)
+                    self.nodes[f"{i}_{j}"] = block((j + 1) * feats[i], feats[i])
+            self.heads = nn.ModuleList([conv(feats[0], classes, 1) for _ in range(depth)])
+            self.pool = pool(2)
+
+        def forward(self, x):
+            x_ = {}
+            for i in range(depth + 1):
+                x = self.nodes[f"{i}_0"](x if i == 0 else self.pool(x_[i - 1, 0]))
+                x_[i, 0] = x
+            for j in range(1, depth + 1):
+                for i in range(depth + 1 - j):
+                    dense = [x_[i, k] for k in range(j)]
+                    x_[i, j] = self.nodes[f"{i}_{j}"](torch.cat([*dense, self.ups[f"{i}_{j}"](x_[i + 1, j - 1])], 1))
+            return [h(x_[0, j]) for j, h in zip(range(1, depth + 1), self.heads, strict=True)]
+
+    return UNetPP()
+
+
+def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int, kernel: int):
+    """V-Net as segjax.models.vnet: residual stages of 1-3 conv-BN-PReLU, strided-conv down,
+    transposed-conv up, concatenated skips."""
+    nn = torch.nn
+    conv, bn, up = (
+        (nn.Conv2d, nn.BatchNorm2d, nn.ConvTranspose2d)
+        if dims == 2
+        else (nn.Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d)
+    )
+    feats = [base * 2**i for i in range(depth + 1)]
+    convs = [min(i + 1, 3) for i in range(depth + 1)]
+
+    class Stage(nn.Module):
+        def __init__(self, cin, cres, cout, n):
+            super().__init__()
+            layers = []
+            for k in range(n):
+                layers += [conv(cin if k == 0 else cout, cout, kernel, padding=kernel // 2), bn(cout)]
+                if k < n - 1:
+                    layers.append(nn.PReLU())
+            self.body = nn.Sequential(*layers)
+            self.project = conv(cres, cout, 1) if cres != cout else None
+            self.act = nn.PReLU()
+
+        def forward(self, x, residual):
+            r = self.project(residual) if self.project is not None else residual
+            return self.act(self.body(x) + r)
+
+    class VNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.down, self.dec, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+            for i in range(depth + 1):
+                if i:
+                    self.down.append(nn.Sequential(conv(feats[i - 1], feats[i], 2, stride=2), bn(feats[i]), nn.PReLU()))
+                cin = in_ch if i == 0 else feats[i]
+                self.enc.append(Stage(cin, cin, feats[i], convs[i]))
+            for i in reversed(range(depth)):
+                self.up.append(nn.Sequential(up(feats[i + 1], feats[i], 2, stride=2), bn(feats[i]), nn.PReLU()))
+                self.dec.append(Stage(2 * feats[i], feats[i], feats[i], convs[i]))
+            self.head = conv(feats[0], classes, 1)
+
+        def forward(self, x):
+            encoded = []
+            for i in range(depth + 1):
+                if i:
+                    x = self.down[i - 1](x)
+                x = self.enc[i](x, x)
+                encoded.append(x)
+            for k, i in enumerate(reversed(range(depth))):
+                u = self.up[k](x)
+                x = self.dec[k](torch.cat([u, encoded[i]], 1), u)
+            return self.head(x)
+
+    return VNet()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["unet", "unetpp", "vnet"], default="unet")
     parser.add_argument("--dims", type=int, default=2)
+    parser.add_argument("--kernel", type=int, default=3, help="V-Net kernel edge")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--depth", type=int, default=4)
@@ -104,7 +216,25 @@ def main() -> None:
     label = rng.integers(0, args.classes, (args.batch, *spatial)).astype(np.int32)
 
     cfg = default_config()
+    cfg.model.arch = args.arch
     cfg.model.spatial_dims, cfg.model.depth, cfg.model.base_features = args.dims, args.depth, args.base
+    if args.arch == "unetpp":
+        cfg.model.deep_supervision = True
+    if args.arch == "vnet":
+        cfg.model.kernel_size = args.kernel
+
+    def twin():
+        if args.arch == "unetpp":
+            return torch_unetpp(torch, args.dims, args.depth, args.base, in_ch, args.classes)
+        if args.arch == "vnet":
+            return torch_vnet(torch, args.dims, args.depth, args.base, in_ch, args.classes, args.kernel)
+        return torch_unet(torch, args.dims, args.depth, args.base, in_ch, args.classes)
+
+    def torch_loss(out, target):
+        if isinstance(out, list):  # deep supervision: equal weights summing to 1, as segjax's default
+            return sum(torch.nn.functional.cross_entropy(o, target) for o in out) / len(out)
+        return torch.nn.functional.cross_entropy(out, target)
+
     cfg.loss.terms, cfg.optim.grad_clip, cfg.optim.weight_decay = "ce", 0.0, 0.0
     model = build_model(cfg.model, args.classes)
     st = state.create(model, optim.build(cfg.optim, 1000), jnp.asarray(image[:1]), 0)
@@ -117,7 +247,7 @@ def main() -> None:
     jax_compile = time.perf_counter() - start
     jax.block_until_ready(infer(st, batch["image"]))
 
-    net = torch_unet(torch, args.dims, args.depth, args.base, in_ch, args.classes)
+    net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())
     print(f"params: segjax {n_jax:,}  torch {n_torch:,}")
     assert n_jax == n_torch, "the two networks differ"
@@ -134,7 +264,7 @@ def main() -> None:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(module(x), y_t)
+            loss = torch_loss(module(x), y_t)
             loss.backward()
             opt.step()
 
@@ -147,14 +277,10 @@ def main() -> None:
         return step, forward
 
     runners = {"segjax (jax.jit)": None}
-    runners["torch eager"] = torch_runner(
-        torch_unet(torch, args.dims, args.depth, args.base, in_ch, args.classes), False
-    )
-    runners["torch eager channels_last"] = torch_runner(
-        torch_unet(torch, args.dims, args.depth, args.base, in_ch, args.classes), True
-    )
+    runners["torch eager"] = torch_runner(twin(), False)
+    runners["torch eager channels_last"] = torch_runner(twin(), True)
     if args.compile:
-        compiled = torch.compile(torch_unet(torch, args.dims, args.depth, args.base, in_ch, args.classes))
+        compiled = torch.compile(twin())
         runners["torch.compile"] = torch_runner(compiled, False)
     for name, r in runners.items():  # warm-up (and torch.compile's compilation)
         if r:

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic_shapes"  # dataset builder (see segjax/data/sources.py: DATASETS)
+    c.data.name = "synthetic_shapes"  # 'synthetic_shapes' | 'synthetic_volumes' | 'folder' | 'nifti' | 'tfds:NAME'
     c.data.tfds_dir = ""  # where prepared TFDS datasets live; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.num_classes = 4  # labels must lie in 0..num_classes-1 (or equal ignore_label)
     c.data.class_names = ("background", "tool", "berry", "leaf")  # one per class, used in metric names
@@ -34,6 +34,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.folder.fold = 0
     c.data.folder.val_fraction = 0.2  # otherwise: this fraction of the images, chosen with split_seed
     c.data.folder.split_seed = 0
+    c.data.nifti = ml_collections.ConfigDict()  # data.name='nifti': data.dir holds NIfTI volumes (segjax/data/nifti.py)
+    c.data.nifti.normalize = "percentile"  # per volume: 'percentile' (clip, scale to 0..1) | 'zscore' | 'minmax'
+    c.data.nifti.percentiles = (0.5, 99.5)  # 'percentile': clip range, in percent
+    c.data.tfds = ml_collections.ConfigDict()  # data.name='tfds': a TFDS catalogue dataset (configs/pets.py)
+    c.data.tfds.name = ""  # e.g. 'oxford_iiit_pet:4.*.*'
+    c.data.tfds.image_key = "image"  # feature holding the image
+    c.data.tfds.label_key = "segmentation_mask"  # feature holding the per-pixel labels
+    c.data.tfds.train_split = "train"  # stored split names used for training / validation
+    c.data.tfds.val_split = "test"
+    c.data.label_map = config_dict.placeholder(tuple)  # stored label value v -> class id label_map[v]; None = as stored
     c.data.resize = 0  # resize every image to resize x resize on load (labels: nearest); 0 = native size
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0  # generator seed (the dataset's content, not the training order)
@@ -53,13 +63,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic3d.min_objects = 2
     c.data.synthetic3d.max_objects = 5
     c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.crop = 0  # random crop size (2D); 0 = whole image
+    c.data.augment.crop = 0  # random crop edge (2D: crop^2, 3D: crop^3); 0 = whole image
     c.data.augment.rotate = 0.0  # max rotation in degrees (2D); 0 = off
     c.data.augment.scale_min = 1.0  # random zoom range (2D); 1, 1 = off
     c.data.augment.scale_max = 1.0
     c.data.augment.elastic_alpha = 0.0  # elastic deformation strength in pixels (2D); 0 = off
     c.data.augment.elastic_sigma = 10.0  # smoothness of the elastic displacement field, pixels
-    c.data.augment.flip = True  # random flips along every spatial axis
+    c.data.augment.flip = True  # random mirror along W (left-right)
+    c.data.augment.vflip = True  # also random mirrors along H (and D for volumes); off for upright content
     c.data.augment.rot90 = True  # random multiples of 90 degrees in the (H, W) plane (square only)
     c.data.augment.brightness = 0.0  # image only: +- uniform shift (0..1 scale); 0 = off
     c.data.augment.contrast = 0.0  # image only: x uniform(1 - c, 1 + c) around the mean; 0 = off
@@ -119,6 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # latest checkpoints kept; the best (val/miou) is kept apart
     c.train.nonfinite = "stop"  # NaN/Inf loss or gradient: 'stop' (error naming the step) | 'skip' the batch
 
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "jit"  # 'jit' (global-view jit over a device mesh) | 'pmap' (pmean gradients, cross-replica BN)
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 400  # steps between validation passes (and at the end)
     c.eval.batch_size = 50  # the last batch is padded and masked, so every pixel counts once
@@ -126,4 +140,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.boundary_dilation = 1  # Boundary IoU band width in pixels (val/mbiou); 0 = off
     c.eval.empty = "nan"  # class absent from truth and prediction: 'nan' (left out of means) | 'one' | 'zero'
     c.eval.include_background = True  # class 0 counts in the means
+    c.eval.window = 0  # sliding-window inference: window edge in pixels (multiple of 2**depth); 0 = whole image
+    c.eval.window_overlap = 0.5  # fraction of a window shared with its neighbour
+    c.eval.window_blend = "gaussian"  # 'gaussian' (nnU-Net importance map) | 'constant' (plain average)
+    c.eval.tta = "none"  # test-time augmentation: 'none' | 'hflip' (left-right) | 'flip' (every axis) | 'd4' (2D)
     return c

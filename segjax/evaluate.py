@@ -21,15 +21,18 @@ def evaluate(
     class_names,
     num_seeds: int = 1,
     batch_sharding=None,
+    put: Callable | None = None,
 ):
     """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
     `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images` (a list of such dicts, one per
     replica, when `num_seeds` > 1 and `eval_fn` returns replica-stacked outputs).
 
+    `put` turns a host batch into the step's input (default: a global array sharded along `data`).
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
     """
-    outputs = [jax.device_get(eval_fn(state, parallel.to_global(batch, mesh, batch_sharding))) for batch in batches]
+    put = put or (lambda batch: parallel.to_global(batch, mesh, batch_sharding))
+    outputs = [jax.device_get(eval_fn(state, put(batch))) for batch in batches]
     if num_seeds == 1:
         return scores(outputs, eval_cfg, class_names)
     return [scores([{k: v[r] for k, v in o.items()} for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]

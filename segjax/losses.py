@@ -15,13 +15,22 @@ import optax
 from segjax.errors import ConfigError
 
 
-def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum(values * weights) / sum(weights), 0 when nothing is weighted (the one reduction)."""
+def _sum(x: jax.Array, axis=None, axis_name: str | None = None) -> jax.Array:
+    """jnp.sum, plus a sum over the devices of a pmap axis: batch sums are then global."""
+    total = jnp.sum(x, axis=axis)
+    return jax.lax.psum(total, axis_name) if axis_name else total
+
+
+def masked_mean(values: jax.Array, weights: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """sum(values * weights) / sum(weights), 0 when nothing is weighted (the one reduction).
+    With `axis_name` (pmap) both sums run over the whole global batch."""
     values, weights = values.astype(jnp.float32), weights.astype(jnp.float32)
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+    return _sum(values * weights, axis_name=axis_name) / jnp.maximum(_sum(weights, axis_name=axis_name), 1e-12)
 
 
-def cross_entropy(logits, labels, valid, class_weights=None, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits, labels, valid, class_weights=None, label_smoothing: float = 0.0, axis_name: str | None = None
+) -> jax.Array:
     """Mean pixel cross-entropy; with class weights, the weighted mean sum(w_y * l) / sum(w_y)."""
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
@@ -32,7 +41,7 @@ def cross_entropy(logits, labels, valid, class_weights=None, label_smoothing: fl
     weights = valid.astype(jnp.float32)
     if class_weights is not None:
         weights = weights * jnp.asarray(class_weights, jnp.float32)[labels]
-    return masked_mean(per_pixel, weights)
+    return masked_mean(per_pixel, weights, axis_name)
 
 
 def soft_dice(
@@ -45,6 +54,7 @@ def soft_dice(
     per_image: bool = False,
     include_background: bool = True,
     empty: str = "one",
+    axis_name: str | None = None,
 ) -> jax.Array:
     """1 - mean over classes of the soft Tversky index (alpha = beta = 0.5: soft Dice).
 
@@ -52,7 +62,7 @@ def soft_dice(
     `per_image=True` the index is computed per image and averaged (optax.losses.dice_loss style).
     `empty` handles a class absent from the (valid) targets: 'one' keeps its smoothed index
     (close to 1 when the class is not predicted: the optax/MONAI behaviour), 'nan' leaves it out
-    of the mean (as the metrics' default does).
+    of the mean (as the metrics' default does). With `axis_name` (pmap) the batch sums are global.
     """
     if empty not in ("one", "nan"):
         raise ConfigError(f"dice empty={empty!r} is not valid; choose 'one' or 'nan'")
@@ -62,21 +72,25 @@ def soft_dice(
     v = valid.astype(jnp.float32)[..., None]
     probs, targets = probs * v, targets * v
     axes = tuple(range(1 if per_image else 0, logits.ndim - 1))
-    inter = jnp.sum(probs * targets, axis=axes)
-    fp = jnp.sum(probs, axis=axes) - inter
-    fn = jnp.sum(targets, axis=axes) - inter
+    over = None if per_image else axis_name  # per-image sums stay on their device
+    inter = _sum(probs * targets, axes, over)
+    fp = _sum(probs, axes, over) - inter
+    target_sum = _sum(targets, axes, over)
+    fn = target_sum - inter
     index = (inter + smooth) / (inter + alpha * fp + beta * fn + smooth)
-    keep = jnp.ones(index.shape, bool) if empty == "one" else jnp.sum(targets, axis=axes) > 0
+    keep = jnp.ones(index.shape, bool) if empty == "one" else target_sum > 0
     if not include_background:
         index, keep = index[..., 1:], keep[..., 1:]
+    if per_image and axis_name:  # mean over all images of the global batch
+        return masked_mean(1.0 - index, keep, axis_name)
     return masked_mean(1.0 - index, keep)
 
 
-def focal(logits, labels, valid, gamma: float = 2.0) -> jax.Array:
+def focal(logits, labels, valid, gamma: float = 2.0, axis_name: str | None = None) -> jax.Array:
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)**gamma; gamma=0 is CE."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp_true = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return masked_mean(-((1.0 - jnp.exp(logp_true)) ** gamma) * logp_true, valid)
+    return masked_mean(-((1.0 - jnp.exp(logp_true)) ** gamma) * logp_true, valid, axis_name)
 
 
 # Names usable in config.loss.terms ('ce+dice', ...). No registry: add a line here.
@@ -92,9 +106,11 @@ def parse_terms(terms: str) -> tuple[str, ...]:
 
 
 def total_loss(
-    cfg: ml_collections.ConfigDict, logits, labels, valid, aux: dict | None = None
+    cfg: ml_collections.ConfigDict, logits, labels, valid, aux: dict | None = None, axis_name: str | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The weighted sum of the configured terms, and each term by name (for logging).
+    `axis_name` (pmap mode): every batch reduction also runs over that axis, so each device holds
+    the loss of the global batch (the same value jit mode computes).
 
     With deep supervision (`aux['heads']`, one logits map per head) this is the one place that
     weights the heads: sum_j w_j * loss(head_j), w from `loss.deep_supervision_weights`
@@ -109,17 +125,25 @@ def total_loss(
             )
         total, terms = 0.0, {}
         for j, (w, head) in enumerate(zip(weights, heads, strict=True), start=1):
-            loss_j, _ = total_loss(cfg, head, labels, valid)
+            loss_j, _ = total_loss(cfg, head, labels, valid, axis_name=axis_name)
             total = total + w * loss_j
             terms[f"head{j}"] = loss_j
         return total, terms
     terms = {}
     for name in parse_terms(cfg.terms):
         if name == "ce":
-            terms["ce"] = cfg.ce_weight * cross_entropy(logits, labels, valid, cfg.class_weights, cfg.label_smoothing)
+            terms["ce"] = cfg.ce_weight * cross_entropy(
+                logits, labels, valid, cfg.class_weights, cfg.label_smoothing, axis_name
+            )
         elif name == "dice":
             terms["dice"] = cfg.dice_weight * soft_dice(
-                logits, labels, valid, cfg.dice_smooth, include_background=cfg.dice_background, empty=cfg.dice_empty
+                logits,
+                labels,
+                valid,
+                cfg.dice_smooth,
+                include_background=cfg.dice_background,
+                empty=cfg.dice_empty,
+                axis_name=axis_name,
             )
         elif name == "tversky":
             terms["tversky"] = cfg.dice_weight * soft_dice(
@@ -131,7 +155,8 @@ def total_loss(
                 cfg.tversky_beta,
                 include_background=cfg.dice_background,
                 empty=cfg.dice_empty,
+                axis_name=axis_name,
             )
         elif name == "focal":
-            terms["focal"] = cfg.ce_weight * focal(logits, labels, valid, cfg.focal_gamma)
+            terms["focal"] = cfg.ce_weight * focal(logits, labels, valid, cfg.focal_gamma, axis_name)
     return sum(terms.values()), terms

@@ -1,8 +1,9 @@
 """Command-line entry: `python -m segjax.main --config=configs/default.py --workdir=runs/x`.
 
 Any config field can be overridden: `--config.model.depth=4`. Rerunning on the same workdir
-resumes from its latest checkpoint. Bad input (config, data, checkpoint, workdir) ends with a
-one-line `error: ...` and exit status 2, not a traceback.
+resumes from its latest checkpoint; `--eval_only=best|latest` scores a saved checkpoint with the
+config's eval settings (sliding windows, TTA) without training. Bad input (config, data,
+checkpoint, workdir) ends with a one-line `error: ...` and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, 
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move an existing run with a different config aside and start anew.")
 _ALLOW_CHANGES = flags.DEFINE_bool(
     "allow_config_changes", False, "Resume a run even though the config differs from the stored one."
+)
+_EVAL_ONLY = flags.DEFINE_enum(
+    "eval_only",
+    None,
+    ["best", "latest"],
+    "Do not train: score this checkpoint of --workdir with the config's eval settings (writes eval_<which>.json).",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)."
@@ -62,7 +69,10 @@ def main(argv):
     from segjax import train  # after flag parsing: keeps --help fast
 
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
+        if _EVAL_ONLY.value:
+            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
+        else:
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
     except SegjaxError as err:
         logging.flush()
         print(f"error: {err}", file=sys.stderr)

@@ -39,3 +39,42 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh, sharding: NamedSharding 
     """Assemble each host's numpy slice into one global array sharded along `data`."""
     sharding = sharding or batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# --- pmap mode (parallel.mode='pmap'): one replica of the state per local device -------------
+
+MODES = ("jit", "pmap")
+PMAP_AXIS = "batch"
+
+
+def replicate(tree):
+    """A copy of `tree` on every local device, stacked along a new leading axis (what
+    `jax.device_put_replicated`, now removed, did)."""
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def unreplicate(tree):
+    """Device 0's copy (the replicas are identical: gradients and batch norm are averaged)."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's batch [B, ...] -> [local devices, B / local devices, ...] for pmap."""
+    n = jax.local_device_count()
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+def merge_eval_outputs(out: dict) -> dict:
+    """pmap eval outputs -> jit's layout: per-image confusions of all devices in one batch axis;
+    the loss and boundary counts are already global (identical on every device)."""
+    out = jax.device_get(out)
+    merged = {k: v[0] for k, v in out.items()}
+    merged["confusion"] = out["confusion"].reshape(-1, *out["confusion"].shape[2:])
+    return merged

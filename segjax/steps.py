@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import losses, metrics
+from segjax import inference, losses, metrics
 from segjax.state import TrainState
 
 
-def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg):
+def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg, axis_name=None):
     """Loss, named terms, new BatchNorm statistics and gradients for one (micro-)batch."""
     has_stats = bool(batch_stats)
 
@@ -24,23 +24,37 @@ def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg):
             rngs={"dropout": rng},
             mutable=["batch_stats"] if has_stats else [],
         )
-        loss, terms = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"], aux)
+        loss, terms = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"], aux, axis_name)
         return loss, (terms, updates.get("batch_stats", batch_stats))
 
     (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if axis_name:  # the loss already holds global sums; the mean of the per-device gradients is exact
+        grads = jax.lax.pmean(grads, axis_name)
     return loss, terms, new_stats, grads
 
 
 def train_step(
-    state: TrainState, batch: dict, *, model, loss_cfg: ml_collections.ConfigDict, grad_accum_steps: int = 1
+    state: TrainState,
+    batch: dict,
+    *,
+    model,
+    loss_cfg: ml_collections.ConfigDict,
+    grad_accum_steps: int = 1,
+    axis_name: str | None = None,
 ):
     """One optimizer step. A non-finite loss or gradient leaves params, statistics and optimizer
     state unchanged (only the step counter and RNG advance past the bad batch); the host then
-    stops or skips, per `train.nonfinite`, so a bad update never reaches a checkpoint."""
+    stops or skips, per `train.nonfinite`, so a bad update never reaches a checkpoint.
+
+    `axis_name` is for `jax.pmap` (parallel.mode='pmap'): losses reduce over the global batch,
+    gradients are averaged over devices (`pmean`), dropout differs per device, and the model
+    must be built with the same `norm_axis_name` (cross-replica batch norm)."""
     rng, dropout_rng = jax.random.split(state.rng)
+    if axis_name:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     if grad_accum_steps == 1:
         loss, terms, new_stats, grads = _loss_and_grads(
-            state.params, state.batch_stats, batch, dropout_rng, model, loss_cfg
+            state.params, state.batch_stats, batch, dropout_rng, model, loss_cfg, axis_name
         )
     else:
         # Split the batch into micro-batches; average their gradients (BatchNorm statistics are
@@ -50,7 +64,7 @@ def train_step(
         def body(carry, xs):
             stats, grad_sum = carry
             mb, key = xs
-            loss, terms, stats, grads = _loss_and_grads(state.params, stats, mb, key, model, loss_cfg)
+            loss, terms, stats, grads = _loss_and_grads(state.params, stats, mb, key, model, loss_cfg, axis_name)
             return (stats, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), (loss, terms)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -77,16 +91,27 @@ def eval_step(
     loss_cfg: ml_collections.ConfigDict,
     num_classes: int,
     boundary_dilation: int = 0,
+    eval_cfg: ml_collections.ConfigDict | None = None,
+    axis_name: str | None = None,
 ):
     """Per-image confusion matrices [B, C, C] of the valid pixels, boundary-band counts [C]
-    (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host."""
-    logits, _ = model.apply(state.variables(), batch["image"], train=False)
+    (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host.
+    `eval_cfg` (window, tta) selects sliding-window and test-time-augmented inference; with
+    `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device."""
+    variables = state.variables()
+
+    def logits_fn(images):
+        return model.apply(variables, images, train=False)[0]
+
+    images = batch["image"]
+    logits = logits_fn(images) if eval_cfg is None else inference.predict(logits_fn, images, eval_cfg)
     preds = jnp.argmax(logits, axis=-1)
     confusion = metrics.per_image_confusion(batch["label"], preds, num_classes, batch["valid"])
-    loss, _ = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"])  # of the inference output
+    loss, _ = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"], axis_name=axis_name)
     out = {"confusion": confusion, "loss": loss}
     if boundary_dilation > 0:
-        out["boundary_inter"], out["boundary_union"] = metrics.boundary_counts(
-            batch["label"], preds, num_classes, boundary_dilation, batch["valid"]
-        )
+        inter, union = metrics.boundary_counts(batch["label"], preds, num_classes, boundary_dilation, batch["valid"])
+        if axis_name:
+            inter, union = jax.lax.psum((inter, union), axis_name)
+        out["boundary_inter"], out["boundary_union"] = inter, union
     return out

@@ -21,6 +21,7 @@ from segjax import (
     checkpointing,
     configuration,
     evaluate,
+    inference,
     metrics,
     optim,
     parallel,
@@ -117,8 +118,13 @@ def _check_config(config) -> None:
             f"loss.class_weights has {len(config.loss.class_weights)} values; give one per class "
             f"(data.num_classes={config.data.num_classes})"
         )
+    inference.check(config.eval, config.model.spatial_dims, 2**config.model.depth)
     if config.train.num_seeds < 1:
         raise ConfigError(f"train.num_seeds={config.train.num_seeds} must be >= 1")
+    if config.parallel.mode not in parallel.MODES:
+        raise ConfigError(f"parallel.mode={config.parallel.mode!r}; choose one of {list(parallel.MODES)}")
+    if config.parallel.mode == "pmap" and config.train.num_seeds > 1:
+        raise ConfigError("train.num_seeds > 1 runs under jit; use parallel.mode='jit' with it")
     for what in ("train.batch_size", "eval.batch_size"):
         parallel.host_batch_size(config.get(what.split(".")[0])["batch_size"], what)
     accum = config.train.grad_accum_steps
@@ -134,7 +140,9 @@ def train_and_evaluate(
 ) -> dict:
     """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics."""
     _check_config(config)
-    model = build_model(config.model, config.data.num_classes)
+    use_pmap = config.parallel.mode == "pmap"
+    axis = parallel.PMAP_AXIS if use_pmap else None
+    model = build_model(config.model, config.data.num_classes, norm_axis_name=axis)
     prepare_workdir(config, workdir, overwrite, allow_config_changes)
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -168,7 +176,8 @@ def train_and_evaluate(
         summary["params"] / 1e6,
         summary["flops"] / 1e9,
     )
-    train_state = jax.device_put(train_state, parallel.replicated(mesh))
+    if not use_pmap:
+        train_state = jax.device_put(train_state, parallel.replicated(mesh))
 
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     iterators = [pipeline.train_iterator(ds, config.data) for ds in train_ds]
@@ -177,10 +186,14 @@ def train_and_evaluate(
         train_state, data_state = ckpt.restore(train_state)
         data_iter.set_state(data_state)
         logging.info("resumed from %s at step %d", workdir, int(np.max(train_state.step)))
+    step = int(np.max(train_state.step))
 
-    repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     train_step = functools.partial(
-        steps.train_step, model=model, loss_cfg=config.loss, grad_accum_steps=config.train.grad_accum_steps
+        steps.train_step,
+        model=model,
+        loss_cfg=config.loss,
+        grad_accum_steps=config.train.grad_accum_steps,
+        axis_name=axis,
     )
     eval_step = functools.partial(
         steps.eval_step,
@@ -188,13 +201,42 @@ def train_and_evaluate(
         loss_cfg=config.loss,
         num_classes=config.data.num_classes,
         boundary_dilation=config.eval.boundary_dilation,
+        eval_cfg=config.eval,
+        axis_name=axis,
     )
-    train_batch_sh = batch_sh
-    if num_seeds > 1:  # replicas along a leading axis; every replica sees the same eval batch
-        train_step, eval_step = jax.vmap(train_step), jax.vmap(eval_step, in_axes=(0, None))
-        train_batch_sh = seeds.batch_sharding(mesh)
-    train_fn = jax.jit(train_step, in_shardings=(repl, train_batch_sh), out_shardings=(repl, repl), donate_argnums=0)
-    eval_fn = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+    if use_pmap:  # one state replica per local device; checkpoints hold one unreplicated copy
+        logging.info("parallel.mode=pmap over %d local devices (cross-replica batch norm)", jax.local_device_count())
+        train_state = parallel.replicate(train_state)
+        pmapped_train = jax.pmap(train_step, axis_name=axis, donate_argnums=0)
+        pmapped_eval = jax.pmap(eval_step, axis_name=axis)
+
+        def train_fn(s, host_batch):
+            return pmapped_train(s, parallel.split_for_devices(host_batch))
+
+        def eval_fn(s, host_batch):
+            return parallel.merge_eval_outputs(pmapped_eval(s, parallel.split_for_devices(host_batch)))
+
+        def put_batch(host_batch):
+            return host_batch
+
+        checkpointable = parallel.unreplicate
+    else:
+        repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        train_batch_sh = batch_sh
+        if num_seeds > 1:  # replicas along a leading axis; every replica sees the same eval batch
+            train_step, eval_step = jax.vmap(train_step), jax.vmap(eval_step, in_axes=(0, None))
+            train_batch_sh = seeds.batch_sharding(mesh)
+        train_fn = jax.jit(
+            train_step, in_shardings=(repl, train_batch_sh), out_shardings=(repl, repl), donate_argnums=0
+        )
+        eval_fn = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+
+        def put_batch(host_batch):
+            return parallel.to_global(host_batch, mesh, train_batch_sh)
+
+        def checkpointable(s):
+            return s
+
     writer = writers.MetricWriter(workdir)
     names = tuple(config.data.class_names)
 
@@ -202,7 +244,8 @@ def train_and_evaluate(
         batches = pipeline.eval_batches(
             splits["validation"], config.data, eval_host_batch, pidx, pcount, pad_multiple=2**config.model.depth
         )
-        per_seed = evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names, num_seeds)
+        put = (lambda b: b) if use_pmap else None
+        per_seed = evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names, num_seeds, put=put)
         if num_seeds == 1:
             return per_seed
         seed_results.clear()
@@ -212,7 +255,6 @@ def train_and_evaluate(
             combined[f"seed{replica_seeds[k]}/val/miou"] = r["val/miou"]
         return combined
 
-    step = int(np.max(train_state.step))
     total = config.train.steps
     lr_schedule = optim.schedule(config.optim, total)
     seed_results: list[dict] = []
@@ -244,8 +286,7 @@ def train_and_evaluate(
                 wait_start = time.perf_counter()
                 host_batch = next(data_iter)
                 data_wait += time.perf_counter() - wait_start
-                batch = parallel.to_global(host_batch, mesh, train_batch_sh)
-                train_state, out = train_fn(train_state, batch)
+                train_state, out = train_fn(train_state, put_batch(host_batch))
                 if pending is not None:  # read the previous step's outputs while this one runs
                     check_finite(*pending)
                 pending = (step, out)
@@ -276,9 +317,9 @@ def train_and_evaluate(
                         f"val/accuracy={results['val/accuracy']:.4f}"
                     )
                     if math.isfinite(results["val/miou"]):
-                        ckpt.save_if_best(step, train_state, data_iter.get_state(), results)
+                        ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
                 if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
-                    ckpt.save(step, train_state, data_iter.get_state())
+                    ckpt.save(step, checkpointable(train_state), data_iter.get_state())
                 if preempt.requested:
                     logging.warning(
                         "SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step
@@ -317,6 +358,57 @@ def train_and_evaluate(
                 + f"; std {final.get('val/miou_std', float('nan')):.4f})"
             )
     return final
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
+    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
+    Writes `eval_<which>.json` next to the run's metrics.json (never overwrites metrics.json)."""
+    _check_config(config)
+    if which not in ("best", "latest"):
+        raise ConfigError(f"--eval_checkpoint={which!r}; choose 'best' or 'latest'")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to evaluate")
+    model = build_model(config.model, config.data.num_classes)
+    mesh = parallel.make_mesh()
+    splits = sources.open_splits(config.data)
+    sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
+    template = state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
+    template = jax.device_put(template, parallel.replicated(mesh))
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    try:
+        restored, _ = ckpt.restore(template, best=which == "best")
+    finally:
+        ckpt.close()
+    eval_step = functools.partial(
+        steps.eval_step,
+        model=model,
+        loss_cfg=config.loss,
+        num_classes=config.data.num_classes,
+        boundary_dilation=config.eval.boundary_dilation,
+        eval_cfg=config.eval,
+    )
+    repl = parallel.replicated(mesh)
+    eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
+    batches = pipeline.eval_batches(
+        splits["validation"],
+        config.data,
+        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
+        jax.process_index(),
+        jax.process_count(),
+        pad_multiple=2**config.model.depth,
+    )
+    names = tuple(config.data.class_names)
+    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names)
+    results["step"] = int(restored.step)
+    results["checkpoint"] = which
+    results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{which}.json"), "w", encoding="utf-8") as f:
+            json.dump({k: _json_value(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+        print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
+        print(report.results_table(results, names))
+    return results
 
 
 def _json_value(value):

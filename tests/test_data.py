@@ -127,6 +127,27 @@ def test_augment_is_deterministic_and_keeps_alignment(tiny_config):
     assert len(seen) > 4  # flips x rot90 give up to 8 distinct results
 
 
+def test_left_right_flips_only_when_vflip_is_off(tiny_config):
+    """vflip=False, rot90=False: every result is the image or its left-right mirror (upright
+    content stays upright); with vflip on, up-down mirrors appear as well."""
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    ex = {"image": image, "label": image[..., 0].astype(np.int32)}
+    cfg = tiny_config.data.augment
+    cfg.rot90, cfg.vflip = False, False
+    allowed = {image.tobytes(), image[:, ::-1].tobytes()}
+    seen = {
+        np.round(augment.augment(ex, np.random.default_rng(s), cfg)["image"] * 255).astype(np.uint8).tobytes()
+        for s in range(32)
+    }
+    assert seen == allowed
+    cfg.vflip = True
+    seen = {
+        np.round(augment.augment(ex, np.random.default_rng(s), cfg)["image"] * 255).astype(np.uint8).tobytes()
+        for s in range(32)
+    }
+    assert image[::-1].tobytes() in seen and len(seen) == 4
+
+
 def test_eval_batches_cover_every_example_once(tiny_config):
     source = [{"image": np.full((2, 2, 3), i, np.uint8), "label": np.full((2, 2), i % 4, np.int32)} for i in range(7)]
     batches = list(pipeline.eval_batches(source, tiny_config.data, batch_size=3))

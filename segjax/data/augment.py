@@ -1,10 +1,10 @@
 """Joint image/label augmentation in numpy: one RNG, the same geometric op on both.
 
 Order: random crop window warped by rotation + scale + elastic deformation (one resampling,
-2D only), flips, 90-degree rotations, then image-only brightness / contrast / gamma / noise.
+2D only), flips (left-right; up-down and front-back too with `vflip`), 90-degree rotations, then image-only brightness / contrast / gamma / noise.
 Images come in as uint8 and leave as float32 in 0..1. Labels are never interpolated: they are
 resampled with nearest neighbour (order 0), flipped, rotated or cropped. Volumes [D,H,W,C] get the
-flips, rotations and intensity ops.
+random crop^3 patch, flips, rotations and intensity ops.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ def _warp_crop(image, label, rng, cfg):
     return np.stack(channels, -1), warped_label
 
 
+def _crop_volume(image, label, rng, crop: int):
+    """A random crop^3 patch of a [D,H,W,C] volume (every axis must be at least `crop`)."""
+    if any(s < crop for s in label.shape):
+        raise ValueError(f"data.augment.crop={crop} is larger than a volume of shape {label.shape}")
+    corner = [int(rng.integers(0, s - crop + 1)) for s in label.shape]
+    where = tuple(slice(c, c + crop) for c in corner)
+    return image[where], label[where]
+
+
 def augment(example: dict[str, np.ndarray], rng: np.random.Generator, cfg: ml_collections.ConfigDict) -> dict:
     """Apply the ops switched on in `cfg` (data.augment) to `image` and `label` together."""
     image, label = example["image"], example["label"]
@@ -52,8 +61,10 @@ def augment(example: dict[str, np.ndarray], rng: np.random.Generator, cfg: ml_co
     spatial = label.ndim
     if spatial == 2:
         image, label = _warp_crop(image, label, rng, cfg)
+    elif cfg.crop:
+        image, label = _crop_volume(image, label, rng, cfg.crop)
     if cfg.flip:
-        for axis in range(spatial):
+        for axis in range(spatial) if cfg.vflip else (spatial - 1,):
             if rng.random() < 0.5:
                 image, label = np.flip(image, axis), np.flip(label, axis)
     h, w = spatial - 2, spatial - 1  # rotate in the (H, W) plane

@@ -43,8 +43,9 @@ class FolderConfig(tfds.core.BuilderConfig):
     split_seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg) -> FolderConfig:
-        """From `config.data` (data.dir, data.folder.*); the name hashes everything that matters."""
+    def from_config(cls, cfg, **extra) -> FolderConfig:
+        """From `config.data` (data.dir, data.folder.*) and a subclass's `extra` fields; the name
+        hashes everything that matters, so each variant is prepared once."""
         if not cfg.dir:
             raise ConfigError("data.dir is empty: point it at a folder with images/ and masks/ (see configs/folder.py)")
         root = os.path.abspath(os.path.expanduser(cfg.dir))
@@ -62,18 +63,25 @@ class FolderConfig(tfds.core.BuilderConfig):
             fold=f.fold,
             val_fraction=f.val_fraction,
             split_seed=f.split_seed,
+            **extra,
         )
         digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
 
 
+def stem(filename: str) -> str:
+    """The name that pairs an image with its mask: the file name without its extension(s)."""
+    for double in (".nii.gz",):
+        if filename.endswith(double):
+            return filename[: -len(double)]
+    return os.path.splitext(filename)[0]
+
+
 def _stems(folder: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         return {}
-    return {
-        os.path.splitext(n)[0]: os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".")
-    }
+    return {stem(n): os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".")}
 
 
 def _pairs(base: str, need_masks: bool = True) -> list[tuple[str, str, str | None, str | None]]:

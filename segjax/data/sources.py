@@ -17,7 +17,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from segjax.data import builders, folder, png, validation
+from segjax.data import builders, folder, nifti, png, validation
 from segjax.errors import ConfigError, DataError
 
 
@@ -42,11 +42,27 @@ def _folder_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
     return folder.SegFolder(data_dir=data_dir, file_format="array_record", config=folder.FolderConfig.from_config(cfg))
 
 
+def _nifti_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
+    return nifti.SegNifti(data_dir=data_dir, file_format="array_record", config=nifti.NiftiConfig.from_data_config(cfg))
+
+
+def _catalogue_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
+    """A dataset from the TFDS catalogue, prepared as array_record (`data.tfds.name`)."""
+    if not cfg.tfds.name:
+        raise ConfigError("data.name='tfds' needs data.tfds.name (e.g. 'oxford_iiit_pet:4.*.*'; see configs/pets.py)")
+    try:
+        return tfds.builder(cfg.tfds.name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise ConfigError(f"data.tfds.name={cfg.tfds.name!r} is not in the TFDS catalogue ({err})") from err
+
+
 # data.name -> function(data config, tfds data_dir) -> TFDS builder. No registry: add a line here.
 DATASETS = {
     "synthetic_shapes": _synthetic_builder,
     "synthetic_volumes": _synthetic3d_builder,
     "folder": _folder_builder,
+    "nifti": _nifti_builder,
+    "tfds": _catalogue_builder,
 }
 SPLITS = ("train", "validation")
 
@@ -64,7 +80,13 @@ def prepare(cfg: ml_collections.ConfigDict):
             DATASETS[cfg.name](cfg, data_dir(cfg)).download_and_prepare()
         multihost_utils.sync_global_devices(f"segjax: prepared {cfg.name}")
     builder = DATASETS[cfg.name](cfg, data_dir(cfg))
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except ImportError as err:  # catalogue builders that need TensorFlow to prepare (not to read)
+        raise DataError(
+            f"preparing {builder.name} needs TensorFlow ({err}); prepare it once with "
+            "`pip install -r requirements-tf.txt`, then train without it (see configs/pets.py)"
+        ) from err
     return builder
 
 
@@ -94,6 +116,9 @@ class DecodedSource:
         self._raw = raw
         self._cfg = cfg
         self._name = name
+        catalogue = cfg.name == "tfds"
+        self._keys = (cfg.tfds.image_key, cfg.tfds.label_key) if catalogue else ("image", "label")
+        self._label_map = np.asarray(cfg.label_map, np.int64) if cfg.label_map else None
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -101,16 +126,27 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         where = f"{self._name}[{index}]"
         record = self._raw[index]
-        image, label = (_as_array(record[k], where) for k in ("image", "label"))
+        image, label = (_as_array(record[k], where) for k in self._keys)
         if label.ndim == image.ndim and label.shape[-1] == 1:
             label = label[..., 0]
         label = label.astype(np.int32)
+        if self._label_map is not None:
+            label = map_labels(label, self._label_map, where)
         if image.ndim == label.ndim:
             image = image[..., None]
         check_example(image, label, self._cfg, where)
         if self._cfg.resize and label.ndim == 2 and label.shape != (self._cfg.resize,) * 2:
             image, label = resize(image, label, self._cfg.resize)
         return {"image": image, "label": label, "index": np.int32(index)}
+
+
+def map_labels(label: np.ndarray, table: np.ndarray, where: str) -> np.ndarray:
+    """`data.label_map`: stored value v -> table[v] (e.g. a trimap's 1/2/3 -> class ids)."""
+    if label.min() < 0 or label.max() >= len(table):
+        raise DataError(
+            f"{where}: stored label value {int(label.max())} has no entry in data.label_map={table.tolist()}"
+        )
+    return table[label].astype(np.int32)
 
 
 def resize(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,11 +190,19 @@ def open_splits(cfg: ml_collections.ConfigDict) -> dict[str, object]:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
     builder = prepare(cfg)
     features = builder.info.features
-    skip = {k: tfds.decode.SkipDecoding() for k in ("image", "label", "instances") if _is_image(features, k)}
-    raw = builder.as_data_source(decoders=skip)
+    keys = ("image", "label", "instances", cfg.tfds.image_key, cfg.tfds.label_key)
+    skip = {k: tfds.decode.SkipDecoding() for k in keys if _is_image(features, k)}
+    names = {"train": cfg.tfds.train_split, "validation": cfg.tfds.val_split} if cfg.name == "tfds" else {}
     splits = {}
     for split in SPLITS:
-        source = DecodedSource(raw[split], cfg, f"{cfg.name}/{split}")
+        stored = names.get(split, split)
+        try:
+            raw = builder.as_data_source(split=stored, decoders=skip)
+        except (KeyError, ValueError) as err:
+            raise DataError(
+                f"{builder.name} has no split {stored!r} ({err}); set data.tfds.train_split/val_split"
+            ) from err
+        source = DecodedSource(raw, cfg, f"{builder.name}/{stored}")
         splits[split] = InMemorySource(source) if cfg.cache else source
     train = splits["train"]
     if isinstance(train, InMemorySource):

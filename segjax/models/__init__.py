@@ -47,8 +47,9 @@ def _convert(key: str, value):
     return value
 
 
-def build_model(cfg: ml_collections.ConfigDict, num_classes: int):
-    """Instantiate `cfg.arch` with the knobs in `cfg` (see configs/default.py for each field).
+def build_model(cfg: ml_collections.ConfigDict, num_classes: int, norm_axis_name: str | None = None):
+    """Instantiate `cfg.arch` with the knobs in `cfg` (see configs/default.py for each field);
+    `norm_axis_name` (pmap mode) makes batch norm average its statistics over that axis.
 
     A knob set away from its default that the chosen architecture does not have is an error
     (e.g. deep supervision on U-Net), so no setting is silently ignored.
@@ -62,7 +63,7 @@ def build_model(cfg: ml_collections.ConfigDict, num_classes: int):
     module, fixed = ARCHS[cfg.arch]
     fields = {f.name for f in dataclasses.fields(module)}
     defaults = default_config().model
-    kwargs = {"num_classes": num_classes}
+    kwargs = {"num_classes": num_classes, "norm_axis_name": norm_axis_name}
     for key, value in cfg.items():
         if key in _NOT_MODULE_FIELDS:
             continue

@@ -26,11 +26,14 @@ class Norm(nn.Module):
     kind: str = "batch"
     groups: int = 8
     dtype: Any = jnp.float32
+    axis_name: str | None = None  # batch norm over this pmap axis too (cross-replica statistics)
 
     @nn.compact
     def __call__(self, x, train: bool):
         if self.kind == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, dtype=self.dtype, axis_name=self.axis_name
+            )(x)
         if self.kind == "group":
             groups = self.groups
             while x.shape[-1] % groups:
@@ -49,13 +52,14 @@ class ConvBlock(nn.Module):
     norm: str = "batch"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         kernel = (self.kernel_size,) * self.spatial_dims
         for _ in range(self.num_convs):
             x = nn.Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
-            x = Norm(self.norm, dtype=self.dtype)(x, train)
+            x = Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
             x = nn.relu(x)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -70,6 +74,7 @@ def block_kwargs(module) -> dict:
         kernel_size=module.kernel_size,
         norm=module.norm,
         dtype=module.dtype,
+        norm_axis_name=module.norm_axis_name,
     )
 
 

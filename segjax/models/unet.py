@@ -73,6 +73,7 @@ class Encoder(nn.Module):
     kernel_size: int = 3
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -97,6 +98,7 @@ class Decoder(nn.Module):
     num_convs: int = 2
     kernel_size: int = 3
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     @nn.compact
     def __call__(self, x, levels, train: bool):
@@ -126,6 +128,7 @@ class UNet(nn.Module):
     dropout: float = 0.0
     spatial_dims: int = 2
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     def setup(self):
         blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)

@@ -54,6 +54,7 @@ class UNetPlusPlus(nn.Module):
     dropout: float = 0.0
     spatial_dims: int = 2
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
     deep_supervision: bool = True
     inference_head: int = 0  # 0: mean of all heads; j in 1..depth: pruned network ending at X^{0,j}
 

@@ -27,6 +27,7 @@ class ResidualStage(nn.Module):
     spatial_dims: int = 3
     norm: str = "batch"
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     @nn.compact
     def __call__(self, x, residual, train: bool):
@@ -34,7 +35,7 @@ class ResidualStage(nn.Module):
         y = x
         for i in range(self.num_convs):
             y = nn.Conv(self.features, kernel, dtype=self.dtype)(y)
-            y = blocks.Norm(self.norm, dtype=self.dtype)(y, train)
+            y = blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(y, train)
             if i < self.num_convs - 1:
                 y = nn.PReLU(param_dtype=jnp.float32)(y)
         if residual.shape[-1] != self.features:
@@ -56,6 +57,7 @@ class VNet(nn.Module):
     dropout: float = 0.0
     spatial_dims: int = 3
     dtype: Any = jnp.float32
+    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     @nn.compact
     def __call__(self, image, train: bool = False):
@@ -66,21 +68,31 @@ class VNet(nn.Module):
         if len(convs) != self.depth + 1:
             raise ConfigError(f"model.stage_convs needs depth+1={self.depth + 1} entries (one per level), got {convs}")
         skips = skip_mask(self.skips, self.depth)
-        stage = dict(kernel_size=self.kernel_size, spatial_dims=self.spatial_dims, norm=self.norm, dtype=self.dtype)
+        stage = dict(
+            kernel_size=self.kernel_size,
+            spatial_dims=self.spatial_dims,
+            norm=self.norm,
+            dtype=self.dtype,
+            norm_axis_name=self.norm_axis_name,
+        )
         two = (2,) * self.spatial_dims
         x = image.astype(self.dtype)
         encoded = []
         for i in range(self.depth + 1):
             if i:
                 x = nn.Conv(feats[i], two, strides=two, dtype=self.dtype, name=f"down{i}")(x)
-                x = nn.PReLU(param_dtype=jnp.float32)(blocks.Norm(self.norm, dtype=self.dtype)(x, train))
+                x = nn.PReLU(param_dtype=jnp.float32)(
+                    blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
+                )
             x = ResidualStage(feats[i], convs[i], name=f"enc{i}", **stage)(x, x, train)
             encoded.append(x)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in reversed(range(self.depth)):
             up = blocks.TransposeConv2x(feats[i], self.spatial_dims, self.dtype, name=f"up{i}")(x)
-            up = nn.PReLU(param_dtype=jnp.float32)(blocks.Norm(self.norm, dtype=self.dtype)(up, train))
+            up = nn.PReLU(param_dtype=jnp.float32)(
+                blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(up, train)
+            )
             cat = jnp.concatenate([up, encoded[i]], axis=-1) if skips[i] else up
             x = ResidualStage(feats[i], convs[i], name=f"dec{i}", **stage)(cat, up, train)
         logits = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype, name="head")(x)

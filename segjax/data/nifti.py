@@ -1,0 +1,132 @@
+"""A TFDS builder for a folder of NIfTI volumes and label volumes (nibabel; array_record, no TF).
+
+Layout and split rules are those of the 2D folder builder (segjax/data/folder.py):
+    ROOT/images/NAME.nii.gz   intensity volumes (3D, or 4D with channels last)
+    ROOT/masks/NAME.nii.gz    class ids 0..C-1 per voxel, same grid as the image
+plus ROOT/train|val|test/ subfolders, a split file, k-fold or a seeded fraction.
+
+Volumes are stored as [D, H, W, C] float32 (NIfTI's (x, y, z) axes reversed, so D is the slice
+axis) after per-volume intensity normalisation (`data.nifti.normalize`):
+    'percentile'  clip to the volume's (low, high) percentiles, then scale to 0..1 (nnU-Net's CT
+                  scheme per volume; keeps the 0..1 range the intensity augmentations expect)
+    'zscore'      (x - mean) / std over the volume (nnU-Net's MRI scheme; gamma augmentation,
+                  which clips to 0..1, should stay off)
+    'minmax'      scale min..max to 0..1
+Each channel is normalised on its own. Labels must hold integral class ids; an image and a mask
+whose shapes or affines differ, or a corrupt file, fail while preparing, naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nibabel as nib
+import numpy as np
+import tensorflow_datasets as tfds
+
+from segjax.data import folder, validation
+from segjax.errors import ConfigError, DataError
+
+NORMALIZATIONS = ("percentile", "zscore", "minmax")
+
+
+@dataclasses.dataclass
+class NiftiConfig(folder.FolderConfig):
+    normalize: str = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+
+    @classmethod
+    def from_data_config(cls, cfg) -> NiftiConfig:
+        n = cfg.nifti
+        if n.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"data.nifti.normalize={n.normalize!r}; choose one of {list(NORMALIZATIONS)}")
+        low, high = n.percentiles
+        if not 0 <= low < high <= 100:
+            raise ConfigError(f"data.nifti.percentiles={tuple(n.percentiles)} must satisfy 0 <= low < high <= 100")
+        return cls.from_config(cfg, normalize=n.normalize, low=float(low), high=float(high))
+
+
+def normalize(volume: np.ndarray, mode: str, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Per-channel intensity normalisation of one [D, H, W, C] volume (module docstring)."""
+    out = np.empty(volume.shape, np.float32)
+    for c in range(volume.shape[-1]):
+        x = volume[..., c].astype(np.float64)
+        if mode == "percentile":
+            lo, hi = np.percentile(x, [low, high])
+            x = (np.clip(x, lo, hi) - lo) / max(hi - lo, 1e-8)
+        elif mode == "zscore":
+            x = (x - x.mean()) / max(x.std(), 1e-8)
+        elif mode == "minmax":
+            x = (x - x.min()) / max(x.max() - x.min(), 1e-8)
+        else:
+            raise ConfigError(f"data.nifti.normalize={mode!r}; choose one of {list(NORMALIZATIONS)}")
+        out[..., c] = x
+    return out
+
+
+def load(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data in NIfTI axis order, affine); a corrupt or unreadable file raises DataError."""
+    try:
+        img = nib.load(path)
+        return np.asarray(img.dataobj), np.asarray(img.affine)
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise DataError(f"{path}: corrupt or unreadable NIfTI file ({type(err).__name__}: {err})") from err
+
+
+def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np.ndarray]:
+    """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8."""
+    image, image_affine = load(image_path)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise DataError(f"{image_path}: expected a 3D volume (or 4D with channels last), got shape {image.shape}")
+    image = np.transpose(image, (2, 1, 0, 3))  # (x, y, z, c) -> (z, y, x, c) = [D, H, W, C]
+    if image.shape[-1] != cfg.channels:
+        raise DataError(f"{image_path}: volume has {image.shape[-1]} channels but data.channels={cfg.channels}")
+    label, label_affine = load(mask_path)
+    if label.ndim == 4 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.ndim != 3:
+        raise DataError(f"{mask_path}: label volumes must be 3D class-id volumes, got shape {label.shape}")
+    label = np.transpose(label, (2, 1, 0))
+    if label.shape != image.shape[:3]:
+        raise DataError(f"{mask_path}: label shape {label.shape} differs from image shape {image.shape[:3]} (D,H,W)")
+    if not np.allclose(image_affine, label_affine, atol=1e-3):
+        raise DataError(f"{mask_path}: affine differs from the image's; resample the label onto the image grid")
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
+            raise DataError(f"{mask_path}: label volume holds non-integer values; store class ids")
+    validation.check_labels(label, cfg.num_classes, cfg.ignore_label, mask_path)
+    return {"image": normalize(image, cfg.normalize, cfg.low, cfg.high), "label": label.astype(np.uint8)}
+
+
+class SegNifti(tfds.core.GeneratorBasedBuilder):
+    """A folder of NIfTI image/label volumes as a TFDS dataset; see the module docstring."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = (NiftiConfig(name="default"),)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config.channels
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            disable_shuffling=True,
+            features=tfds.features.FeaturesDict(
+                {
+                    "name": tfds.features.Text(),
+                    "image": tfds.features.Tensor(shape=(None, None, None, c), dtype=np.float32, encoding="zlib"),
+                    "label": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding="zlib"),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        splits = folder.assign_splits(self.builder_config)
+        return {split: self._generate_examples(pairs) for split, pairs in splits.items()}
+
+    def _generate_examples(self, pairs):
+        for name, image_path, mask_path, _ in pairs:
+            yield name, {"name": name, **read_pair(self.builder_config, image_path, mask_path)}
