@@ -144,4 +144,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.window_overlap = 0.5  # fraction of a window shared with its neighbour
     c.eval.window_blend = "gaussian"  # 'gaussian' (nnU-Net importance map) | 'constant' (plain average)
     c.eval.tta = "none"  # test-time augmentation: 'none' | 'hflip' (left-right) | 'flip' (every axis) | 'd4' (2D)
+
+    c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
+    c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'
+    c.baseline.invert = False  # class 1 where the method finds *dark* regions (e.g. ISBI membranes: True)
+    c.baseline.smooth_sigma = 1.0  # Gaussian smoothing before thresholding, pixels; 0 = off
+    c.baseline.block_size = 51  # adaptive: local threshold window, pixels (odd)
+    c.baseline.offset = 0.0  # adaptive: subtracted from the local mean (0..1 intensity scale)
+    c.baseline.edge_sigma = 2.0  # edges: Canny smoothing, pixels
+    c.baseline.edge_width = 1  # edges: dilation of the edge map, pixels; 0 = fill closed contours instead
+    c.baseline.min_distance = 5  # watershed: minimum distance between markers, pixels
     return c

@@ -24,8 +24,14 @@ def get_config(arg: str | None = None):
     c.data.folder.split_file = "index.csv"
     c.data.folder.split_column = "suggested_split"
     c.data.augment.crop = 128
+    c.data.augment.vflip = True  # nuclei have no orientation (unlike ISBI's offset labels)
+    c.data.augment.rot90 = True
+    c.loss.dice_background = True
+    c.eval.tta = "flip"
     c.model.base_features = 16
     c.train.batch_size = 8
     c.train.steps = 800
+    c.train.checkpoint_every = 400
+    c.eval.every = 400
     c.eval.batch_size = 19
     return c

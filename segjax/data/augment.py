@@ -1,7 +1,8 @@
 """Joint image/label augmentation in numpy: one RNG, the same geometric op on both.
 
 Order: random crop window warped by rotation + scale + elastic deformation (one resampling,
-2D only), flips (left-right; up-down and front-back too with `vflip`), 90-degree rotations, then image-only brightness / contrast / gamma / noise.
+2D only), flips (left-right; up-down and front-back too with `vflip`), 90-degree rotations,
+then image-only brightness / contrast / gamma / noise.
 Images come in as uint8 and leave as float32 in 0..1. Labels are never interpolated: they are
 resampled with nearest neighbour (order 0), flipped, rotated or cropped. Volumes [D,H,W,C] get the
 random crop^3 patch, flips, rotations and intensity ops.

@@ -1,0 +1,157 @@
+"""Classic (non-learned) segmentation baselines, scored by exactly the metrics the networks get.
+
+Methods (scikit-image), each turning a grayscale image into a mask of *bright* regions:
+    otsu       Gaussian smoothing, then Otsu's global threshold
+    adaptive   Gaussian smoothing, then a local (block mean) threshold
+    edges      Canny edges, widened by `edge_width` pixels (a boundary map, e.g. for membranes);
+               edge_width=0 fills the closed contours instead (an object map)
+    watershed  region growing: Otsu mask, markers at the peaks of its distance transform, watershed
+               on the negated distance with watershed lines, so touching objects are split
+The prediction is class 1 where the mask is on (`baseline.invert`: where it is off, for dark
+targets such as ISBI's membranes), class 0 elsewhere. Datasets with more than two classes are
+scored as foreground (label > 0) vs background: the question a classic baseline can answer.
+
+    python -m segjax.baselines --config=configs/isbi.py --workdir=runs/isbi_otsu --config.baseline.invert=True
+
+Scores go through `segjax.evaluate.scores` (same conventions, boundary IoU, table), into
+`<workdir>/metrics.json`; a study folder of baselines and networks is collected alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from scipy import ndimage
+from skimage import feature, filters, segmentation
+
+from segjax import configuration, evaluate, metrics, report
+from segjax.errors import ConfigError, SegjaxError
+
+METHODS = ("otsu", "adaptive", "edges", "watershed")
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    """[H, W, C] uint8 or float -> [H, W] float in 0..1 (RGB by luminance weights)."""
+    x = image.astype(np.float64)
+    if image.dtype == np.uint8:
+        x = x / 255.0
+    if x.ndim == 3 and x.shape[-1] == 3:
+        return x @ np.array([0.2125, 0.7154, 0.0721])
+    return x[..., 0] if x.ndim == 3 else x
+
+
+def bright_mask(img: np.ndarray, cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mask of bright regions, instance ids or None) of a [H, W] image in 0..1."""
+    smooth = filters.gaussian(img, sigma=cfg.smooth_sigma) if cfg.smooth_sigma > 0 else img
+    if cfg.method == "otsu":
+        return smooth > filters.threshold_otsu(smooth), None
+    if cfg.method == "adaptive":
+        if cfg.block_size % 2 == 0 or cfg.block_size < 3:
+            raise ConfigError(f"baseline.block_size={cfg.block_size} must be odd and >= 3")
+        return smooth > filters.threshold_local(smooth, cfg.block_size, offset=cfg.offset), None
+    if cfg.method == "edges":
+        edges = feature.canny(img, sigma=cfg.edge_sigma)
+        if cfg.edge_width > 0:
+            return ndimage.binary_dilation(edges, iterations=cfg.edge_width), None
+        return ndimage.binary_fill_holes(edges), None
+    if cfg.method == "watershed":
+        fg = smooth > filters.threshold_otsu(smooth)
+        distance = ndimage.distance_transform_edt(fg)
+        peaks = feature.peak_local_max(distance, min_distance=cfg.min_distance, labels=ndimage.label(fg)[0])
+        markers = np.zeros(img.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        instances = segmentation.watershed(-distance, markers, mask=fg, watershed_line=True)
+        return instances > 0, instances
+    raise ConfigError(f"baseline.method={cfg.method!r}; choose one of {list(METHODS)}")
+
+
+def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """Class map (int32, 0/1) of one image."""
+    mask, _ = bright_mask(gray(image), cfg)
+    return (mask != cfg.invert).astype(np.int32)
+
+
+def evaluate_split(source, config: ml_collections.ConfigDict) -> dict:
+    """Named scores of `config.baseline` on every example of `source` (foreground vs background
+    when the dataset has more than two classes)."""
+    import jax.numpy as jnp
+
+    if config.model.spatial_dims != 2:
+        raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
+    binary = config.data.num_classes > 2
+    names = ("background", "foreground") if binary else tuple(config.data.class_names)
+    outputs = []
+    for i in range(len(source)):
+        ex = source[i]
+        label = ex["label"].astype(np.int32)
+        valid = np.ones(label.shape, np.float32)
+        if config.data.ignore_label >= 0:
+            valid = (label != config.data.ignore_label).astype(np.float32)
+            label = np.where(valid > 0, label, 0)
+        if binary:
+            label = (label > 0).astype(np.int32)
+        pred = predict(ex["image"], config.baseline)
+        out = {
+            "confusion": np.asarray(metrics.per_image_confusion(label[None], pred[None], 2, valid[None])),
+            "loss": float("nan"),
+        }
+        if config.eval.boundary_dilation > 0:
+            inter, union = metrics.boundary_counts(
+                jnp.asarray(label[None]), jnp.asarray(pred[None]), 2, config.eval.boundary_dilation, valid[None]
+            )
+            out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
+        outputs.append(out)
+    results = evaluate.scores(outputs, config.eval, names)
+    del results["val/loss"]
+    return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Score the baseline on the validation split; write `<workdir>/metrics.json` (refuses to
+    overwrite a network run's metrics.json)."""
+    from segjax.data import sources
+
+    configuration.validate(config)
+    path = os.path.join(workdir, "metrics.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if "baseline" not in json.load(f):
+                raise SegjaxError(f"{path} belongs to a trained run; use another --workdir for the baseline")
+    start = time.perf_counter()
+    splits = sources.open_splits(config.data)
+    results = evaluate_split(splits["validation"], config)
+    results["baseline"] = config.baseline.method
+    results["seconds"] = time.perf_counter() - start
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in results.items()}, f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(config))
+    names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
+    print(f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s):")
+    print(report.results_table(results, names))
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except SegjaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (data and baseline).")
+    flags.DEFINE_string("workdir", None, "Where metrics.json goes.", required=True)
+    app.run(main)

@@ -1,0 +1,203 @@
+"""Ablation studies: one command trains every variant x seed and writes a mean +- std table.
+
+A study file is a Python config file with two functions (see configs/studies/):
+    get_config(arg)   -> the base ConfigDict (any config: start from configs/default.py)
+    get_variants(arg) -> {variant name: {"dotted.config.key": value, ...}}
+Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
+overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
+the command continues a study. With `vmap_seeds` each variant trains all its seeds as replicas of
+one vmapped step (`train.num_seeds`; for accelerators) in `<workdir>/<variant>/`.
+
+    python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips --seeds=3
+
+Writes `<workdir>/runs.csv` (one row per run) and `<workdir>/summary.md` (per variant: mean +- sample
+std over seeds of each metric, n), and prints the summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from segjax import configuration
+from segjax.errors import ConfigError, SegjaxError
+
+SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
+
+
+def load_study(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
+    """(base config, variants) from `FILE.py[:arg]`."""
+    file, _, arg = path.partition(":")
+    if not os.path.isfile(file):
+        raise ConfigError(f"--study={path}: no such file")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(file)))
+    spec = importlib.util.spec_from_file_location("segjax_study", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_variants"):
+        raise ConfigError(f"{file} has no get_variants(arg); a study file defines get_config and get_variants")
+    return module.get_config(arg or None), module.get_variants(arg or None)
+
+
+def variant_config(base: ml_collections.ConfigDict, overrides: dict, name: str) -> ml_collections.ConfigDict:
+    """The base config with one variant's dotted-key overrides; unknown keys are errors."""
+    config = copy.deepcopy(base)
+    valid = configuration.flatten(configuration.default_config().to_dict())
+    for key, value in overrides.items():
+        if key not in valid:
+            raise ConfigError(f"variant {name!r}: unknown config key {key} (valid keys are in configs/default.py)")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = tuple(value) if isinstance(value, list) else value
+    configuration.validate(config)
+    return config
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("step") == steps
+
+
+def run_study(
+    base: ml_collections.ConfigDict,
+    variants: dict[str, dict],
+    seeds: list[int],
+    workdir: str,
+    vmap_seeds: bool = False,
+) -> list[dict]:
+    """Train every variant x seed (skipping finished runs); return `collect(workdir)`."""
+    from segjax import train  # heavy imports only when training
+
+    if not variants:
+        raise ConfigError("the study has no variants")
+    bad = [v for v in variants if not v or "/" in v or v.startswith(".")]
+    if bad:
+        raise ConfigError(f"variant names {bad} cannot be folder names")
+    configs = {name: variant_config(base, o, name) for name, o in variants.items()}  # all errors up front
+    for name, config in configs.items():
+        if vmap_seeds:
+            config.train.seed, config.train.num_seeds = seeds[0], len(seeds)
+            if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+                raise ConfigError(f"--vmap_seeds needs consecutive seeds, got {seeds}")
+            todo = [(config, os.path.join(workdir, name))]
+        else:
+            todo = []
+            for s in seeds:
+                c = copy.deepcopy(config)
+                c.train.seed = s
+                todo.append((c, os.path.join(workdir, name, f"seed_{s}")))
+        for c, run_dir in todo:
+            if _finished(run_dir, c.train.steps):
+                logging.info("study: %s is finished, skipping", run_dir)
+                continue
+            logging.info("study: training %s", run_dir)
+            train.train_and_evaluate(c, run_dir)
+    return collect(workdir, list(variants))
+
+
+def collect(workdir: str, order: list[str] | None = None) -> list[dict]:
+    """One row per finished run under `workdir`: variant, seed and every numeric metric."""
+    rows = []
+    variants = order or sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
+    for variant in variants:
+        vdir = os.path.join(workdir, variant)
+        if not os.path.isdir(vdir):
+            continue
+        for entry in sorted(os.listdir(vdir)):
+            path = os.path.join(vdir, entry, "metrics.json")
+            if entry.startswith("seed_") and os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    metrics = json.load(f)
+                numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                rows.append({"variant": variant, "seed": int(entry[len("seed_") :]), **numeric})
+    return rows
+
+
+def summarize(rows: list[dict], keys=SUMMARY_KEYS) -> list[dict]:
+    """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        entry = {"variant": variant, "n": len(mine)}
+        for key in keys:
+            values = np.array([r[key] for r in mine if r.get(key) is not None], np.float64)
+            entry[key] = float(values.mean()) if len(values) else math.nan
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
+    """The summary as a markdown table: `mean ± std` (std over seeds, ddof=1)."""
+    head = "| variant | n | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for e in summary:
+        cells = []
+        for k in keys:
+            m, s = e[k], e[f"{k}_std"]
+            cells.append("n/a" if math.isnan(m) else f"{m:.4f}" + ("" if math.isnan(s) else f" ± {s:.4f}"))
+        lines.append(f"| {e['variant']} | {e['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(workdir: str, rows: list[dict]) -> str:
+    """runs.csv (every run) and summary.md; returns the markdown table."""
+    keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
+    with open(os.path.join(workdir, "runs.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(summarize(rows))
+    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(f"Mean ± sample std over seeds (validation split; n = finished runs).\n\n{table}\n")
+    return table
+
+
+def define_flags() -> None:
+    """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
+    flags.DEFINE_string("study", None, "Study file FILE.py[:arg] with get_config and get_variants.")
+    flags.DEFINE_string("workdir", None, "Study folder: one run folder per variant and seed.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per variant: train.seed .. train.seed + seeds - 1.")
+    flags.DEFINE_bool("vmap_seeds", False, "Train each variant's seeds as one vmapped run (train.num_seeds).")
+    flags.DEFINE_bool("collect_only", False, "Only rebuild runs.csv and summary.md from finished runs.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        if not f.study or not f.workdir:
+            raise ConfigError("--study and --workdir are required")
+        base, variants = load_study(f.study)
+        os.makedirs(f.workdir, exist_ok=True)
+        if f.collect_only:
+            rows = collect(f.workdir, list(variants))
+        else:
+            seeds = [base.train.seed + k for k in range(f.seeds)]
+            rows = run_study(base, variants, seeds, f.workdir, f.vmap_seeds)
+        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}\n")
+        print(write_results(f.workdir, rows))
+    except SegjaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

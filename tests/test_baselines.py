@@ -1,0 +1,132 @@
+"""Classic baselines: each method on images with a known answer, and scoring like the networks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from skimage import filters
+from sklearn.metrics import jaccard_score
+
+from segjax import baselines
+from segjax.configuration import default_config
+from segjax.data import sources
+from segjax.errors import ConfigError
+from tests.conftest import ROOT, SHARED_DATA, load_config
+
+
+def method(name, **kw):
+    cfg = default_config().baseline
+    cfg.method = name
+    cfg.update(kw)
+    return cfg
+
+
+def two_discs(touching=True, noise=0.05, seed=0):
+    """Bright discs on a dark background; with `touching` they overlap a little (one blob)."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    a = (yy - 32) ** 2 + (xx - 20) ** 2 < 12**2
+    b = (yy - 32) ** 2 + (xx - (42 if touching else 50)) ** 2 < 12**2
+    truth = a | b
+    img = 0.2 + 0.6 * truth + np.random.default_rng(seed).normal(0, noise, truth.shape)
+    return np.clip(img, 0, 1), truth, a, b
+
+
+@pytest.mark.parametrize("name", ["otsu", "adaptive", "watershed"])
+def test_threshold_methods_find_bright_objects(name):
+    img, truth, _, _ = two_discs()
+    kw = {"block_size": 63, "offset": -0.05} if name == "adaptive" else {}
+    mask, _ = baselines.bright_mask(img, method(name, **kw))
+    assert jaccard_score(truth.ravel(), mask.ravel()) > 0.85
+
+
+def test_otsu_matches_skimage_threshold_by_hand():
+    img, _, _, _ = two_discs(seed=1)
+    mask, _ = baselines.bright_mask(img, method("otsu", smooth_sigma=0.0))
+    np.testing.assert_array_equal(mask, img > filters.threshold_otsu(img))
+    pred = baselines.predict((img * 255).astype(np.uint8)[..., None], method("otsu", smooth_sigma=0.0, invert=True))
+    assert pred.dtype == np.int32 and set(np.unique(pred)) == {0, 1}
+    assert (pred == 1).mean() == pytest.approx(1 - (img > filters.threshold_otsu(img)).mean(), abs=0.01)
+
+
+def test_watershed_splits_touching_objects():
+    img, _, a, b = two_discs(touching=True, noise=0.0)
+    _, instances = baselines.bright_mask(img, method("watershed", smooth_sigma=0.0, min_distance=8))
+    ids = [i for i in np.unique(instances) if i]
+    assert len(ids) == 2  # Otsu alone gives one connected blob; the watershed separates the discs
+    assert len(np.unique(instances[a & ~b])) == 1 and len(np.unique(instances[b & ~a])) == 1
+    assert instances[a & ~b][0] != instances[b & ~a][0]
+
+
+def test_edges_trace_object_outlines():
+    img, truth, _, _ = two_discs(touching=False, noise=0.0)
+    band, _ = baselines.bright_mask(img, method("edges", edge_sigma=1.0, edge_width=1))
+    outline = truth ^ np.pad(truth[1:-1, 1:-1] & truth[2:, 1:-1] & truth[:-2, 1:-1], 1)
+    assert band[outline].mean() > 0.9 and band.mean() < 0.2  # the band follows the outlines only
+    filled, _ = baselines.bright_mask(img, method("edges", edge_sigma=1.0, edge_width=0))
+    assert jaccard_score(truth.ravel(), filled.ravel()) > 0.9
+
+
+def test_bad_baseline_config():
+    with pytest.raises(ConfigError, match=r"baseline\.method"):
+        baselines.bright_mask(np.zeros((8, 8)), method("kmeans"))
+    with pytest.raises(ConfigError, match="block_size"):
+        baselines.bright_mask(np.zeros((8, 8)), method("adaptive", block_size=10))
+
+
+def test_scores_equal_scikit_learn_on_the_synthetic_split(tiny_config):
+    """4-class scenes are scored as foreground vs background; IoU per class == scikit-learn's."""
+    source = sources.open_splits(tiny_config.data)["validation"]
+    results = baselines.evaluate_split(source, tiny_config)
+    truth = np.concatenate([(source[i]["label"] > 0).ravel() for i in range(len(source))]).astype(int)
+    preds = np.concatenate(
+        [baselines.predict(source[i]["image"], tiny_config.baseline).ravel() for i in range(len(source))]
+    )
+    ref = jaccard_score(truth, preds, average=None)
+    assert results["val/iou/background"] == pytest.approx(ref[0], abs=1e-6)
+    assert results["val/iou/foreground"] == pytest.approx(ref[1], abs=1e-6)
+    assert results["val/accuracy"] == pytest.approx((truth == preds).mean(), abs=1e-6)
+    assert results["val/pixels"] == len(truth)
+
+
+def test_cli_writes_metrics_and_never_overwrites_a_trained_run(tiny_config, tmp_path):
+    workdir = tmp_path / "otsu"
+
+    def cli(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "segjax.baselines",
+                "--config=configs/tiny.py",
+                f"--workdir={workdir}",
+                f"--config.data.tfds_dir={tiny_config.data.tfds_dir}",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = cli("--config.baseline.method=watershed")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(workdir / "metrics.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["baseline"] == "watershed" and 0.0 <= saved["val/miou"] <= 1.0
+    (workdir / "metrics.json").write_text(json.dumps({"step": 6, "val/miou": 0.9}))  # a network's run
+    refused = cli()
+    assert refused.returncode == 2 and "belongs to a trained run" in refused.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="no ../shared/data")
+def test_isbi_membranes_otsu_baseline(tfds_dir):
+    config = load_config("isbi")
+    config.data.tfds_dir = tfds_dir
+    config.baseline.invert = True  # membranes are dark
+    results = baselines.evaluate_split(sources.open_splits(config.data)["validation"], config)
+    assert 0.3 < results["val/dice/membrane"] < 0.9 and results["val/images"] == 5

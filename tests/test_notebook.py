@@ -1,0 +1,32 @@
+"""experiments/analysis.ipynb runs top to bottom on a small study written here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib.pyplot as plt
+
+from tests.conftest import ROOT
+
+
+def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
+    for variant, values in {"unet": (0.8, 0.9), "no_skips": (0.6, 0.62)}.items():
+        for seed, miou in enumerate(values):
+            run = tmp_path / "runs" / "study_skips" / variant / f"seed_{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"step": 2, "val/miou": miou, "val/mbiou": miou / 2}))
+            log = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/miou": miou}]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(ROOT, "experiments", "analysis.ipynb"), encoding="utf-8") as f:
+        notebook = json.load(f)
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec("".join(cell["source"]), namespace)
+    out = capsys.readouterr().out
+    assert "4 finished runs" in out
+    assert "| unet | 2 | 0.8500 ± 0.0707 |" in out and "| no_skips | 2 | 0.6100 ± 0.0141 |" in out
+    assert plt.get_fignums()  # the plots were drawn
+    plt.close("all")

@@ -1,0 +1,41 @@
+"""Plots draw what the numbers say (bar heights, error bars, curves)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.container import ErrorbarContainer
+
+from segjax import plots
+
+
+def test_study_bars_are_means_with_std_error_bars():
+    rows = [
+        {"variant": "a", "seed": 0, "val/miou": 0.5},
+        {"variant": "a", "seed": 1, "val/miou": 0.7},
+        {"variant": "b", "seed": 0, "val/miou": 0.4},
+    ]
+    fig = plots.study_bars(rows)
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    np.testing.assert_allclose(heights, [0.6, 0.4])
+    err = next(c for c in ax.containers if isinstance(c, ErrorbarContainer))
+    segments = err.lines[2][0].get_segments()  # one vertical segment per bar: mean - std .. mean + std
+    assert segments[0][1][1] - segments[0][0][1] == pytest.approx(2 * np.std([0.5, 0.7], ddof=1))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+def test_training_curves_follow_the_log(tmp_path):
+    rows = [
+        {"step": 1, "train/loss": 1.0},
+        {"step": 2, "train/loss": 0.5, "val/miou": 0.3},
+        {"step": 3, "train/loss": 0.25},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fig = plots.training_curves(str(tmp_path))
+    loss_line, miou_line = fig.axes[0].lines[0], fig.axes[1].lines[0]
+    np.testing.assert_array_equal(loss_line.get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(loss_line.get_ydata(), [1.0, 0.5, 0.25])
+    np.testing.assert_array_equal(miou_line.get_ydata(), [0.3])
