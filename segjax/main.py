@@ -52,6 +52,15 @@ def init_distributed() -> None:
     logging.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
 
 
+def shutdown_distributed() -> None:
+    """Leave a multi-process job together (a barrier inside), so no process is aborted by the
+    coordination service because another one exited first."""
+    import jax
+
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
 class _QuietLibraries:
     """Drop INFO chatter from orbax/tfds/grain/jax (their warnings and errors still show)."""
 
@@ -73,6 +82,7 @@ def main(argv):
             train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
+        shutdown_distributed()
     except SegjaxError as err:
         logging.flush()
         print(f"error: {err}", file=sys.stderr)

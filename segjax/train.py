@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from segjax import (
@@ -335,6 +336,8 @@ def train_and_evaluate(
             ckpt.wait()
             ckpt.close()
             writer.close()
+    if pcount > 1:  # nobody leaves (and tears down the coordination service) while others still save
+        multihost_utils.sync_global_devices("segjax: training finished")
 
     final = {"step": step, **{k: v for k, v in last_train.items()}, **results, **summary}
     if "train/loss" not in final:
