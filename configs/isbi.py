@@ -8,7 +8,7 @@ dark membranes in the images (the darkest band under the labels is one pixel low
 that may not flip vertically learns that offset; with vflip/rot90 it cannot, and validation
 membrane Dice stays lower (0.806 at step 600 and 0.805 at 900 with them; 0.814 at 700 and 0.819
 at 1400 without). Test-time augmentation is
-left-right only, for the same reason. Measured (2 CPU cores, nothing else running): 26.6 min,
+left-right only, for the same reason. Measured (2 CPU cores, nothing else running): 25.1 min,
 membrane Dice 0.819, pixel accuracy 0.927 (README).
 
 COMMAND:
