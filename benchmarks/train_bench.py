@@ -32,23 +32,34 @@ from segjax.configuration import default_config
 from segjax.models import build_model
 
 
-def torch_unet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int):
+def torch_layers(torch, dims: int):
+    """(conv, batch norm, max-pool, transposed conv) classes for 2D or 3D."""
     nn = torch.nn
-    conv, bn, pool, up = (
-        (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d)
-        if dims == 2
-        else (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d)
+    if dims == 2:
+        return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d
+    return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d
+
+
+def torch_block(torch, dims: int, cin: int, cout: int):
+    """segjax's ConvBlock: 2 x (3x3 conv without bias -> batch norm -> ReLU)."""
+    nn = torch.nn
+    conv, bn, _, _ = torch_layers(torch, dims)
+    return nn.Sequential(
+        conv(cin, cout, 3, padding=1, bias=False),
+        bn(cout, momentum=0.1),
+        nn.ReLU(inplace=True),
+        conv(cout, cout, 3, padding=1, bias=False),
+        bn(cout, momentum=0.1),
+        nn.ReLU(inplace=True),
     )
 
+
+def torch_unet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int):
+    nn = torch.nn
+    conv, _, pool, up = torch_layers(torch, dims)
+
     def block(cin, cout):
-        return nn.Sequential(
-            conv(cin, cout, 3, padding=1, bias=False),
-            bn(cout, momentum=0.1),
-            nn.ReLU(inplace=True),
-            conv(cout, cout, 3, padding=1, bias=False),
-            bn(cout, momentum=0.1),
-            nn.ReLU(inplace=True),
-        )
+        return torch_block(torch, dims, cin, cout)
 
     class UNet(nn.Module):
         def __init__(self):
@@ -88,21 +99,10 @@ def torch_unetpp(torch, dims: int, depth: int, base: int, in_ch: int, classes: i
     """U-Net++ with deep supervision, as segjax.models.unetpp: nodes X^{i,j}, dense skips, one
     1x1 head per X^{0,j}; forward returns the list of head logits."""
     nn = torch.nn
-    conv, bn, pool, up = (
-        (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d)
-        if dims == 2
-        else (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d)
-    )
+    conv, _, pool, up = torch_layers(torch, dims)
 
     def block(cin, cout):
-        return nn.Sequential(
-            conv(cin, cout, 3, padding=1, bias=False),
-            bn(cout),
-            nn.ReLU(inplace=True),
-            conv(cout, cout, 3, padding=1, bias=False),
-            bn(cout),
-            nn.ReLU(inplace=True),
-        )
+        return torch_block(torch, dims, cin, cout)
 
     feats = [base * 2**i for i in range(depth)] + [base * 2 ** (depth - 1) * 2]
 
@@ -139,11 +139,7 @@ def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     """V-Net as segjax.models.vnet: residual stages of 1-3 conv-BN-PReLU, strided-conv down,
     transposed-conv up, concatenated skips."""
     nn = torch.nn
-    conv, bn, up = (
-        (nn.Conv2d, nn.BatchNorm2d, nn.ConvTranspose2d)
-        if dims == 2
-        else (nn.Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d)
-    )
+    conv, bn, _, up = torch_layers(torch, dims)
     feats = [base * 2**i for i in range(depth + 1)]
     convs = [min(i + 1, 3) for i in range(depth + 1)]
 

@@ -75,11 +75,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     init_distributed()
-    from segjax import train  # after flag parsing: keeps --help fast
+    from segjax import rescore, train  # after flag parsing: keeps --help fast
 
     try:
         if _EVAL_ONLY.value:
-            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
+            rescore.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
         shutdown_distributed()

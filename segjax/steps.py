@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,6 +83,19 @@ def train_step(
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     out.update({f"loss_{k}": v for k, v in terms.items()})
     return new_state, out
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model, axis_name: str | None = None):
+    """`eval_step` bound to a run's config (loss, classes, boundary band, inference settings)."""
+    return functools.partial(
+        eval_step,
+        model=model,
+        loss_cfg=config.loss,
+        num_classes=config.data.num_classes,
+        boundary_dilation=config.eval.boundary_dilation,
+        eval_cfg=config.eval,
+        axis_name=axis_name,
+    )
 
 
 def eval_step(

@@ -106,7 +106,8 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_config(config) -> None:
+def check_config(config) -> None:
+    """Every config error that can be found before data or compilation."""
     configuration.validate(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
@@ -140,7 +141,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, allow_config_changes: bool = False
 ) -> dict:
     """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics."""
-    _check_config(config)
+    check_config(config)
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
     model = build_model(config.model, config.data.num_classes, norm_axis_name=axis)
@@ -196,15 +197,7 @@ def train_and_evaluate(
         grad_accum_steps=config.train.grad_accum_steps,
         axis_name=axis,
     )
-    eval_step = functools.partial(
-        steps.eval_step,
-        model=model,
-        loss_cfg=config.loss,
-        num_classes=config.data.num_classes,
-        boundary_dilation=config.eval.boundary_dilation,
-        eval_cfg=config.eval,
-        axis_name=axis,
-    )
+    eval_step = steps.make_eval_step(config, model, axis)
     if use_pmap:  # one state replica per local device; checkpoints hold one unreplicated copy
         logging.info("parallel.mode=pmap over %d local devices (cross-replica batch norm)", jax.local_device_count())
         train_state = parallel.replicate(train_state)
@@ -348,10 +341,10 @@ def train_and_evaluate(
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
             with open(os.path.join(workdir, f"seed_{s}", "metrics.json"), "w", encoding="utf-8") as f:
                 mine = {"step": step, "seed": s, **r, **summary, "metrics_convention": convention}
-                json.dump({k: _json_value(v) for k, v in mine.items()}, f, indent=2, sort_keys=True)
+                json.dump({k: json_value(v) for k, v in mine.items()}, f, indent=2, sort_keys=True)
     if pidx == 0:
         with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({k: _json_value(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
+            json.dump({k: json_value(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
         print(report.results_table(final, names))
         if num_seeds > 1:
@@ -363,58 +356,7 @@ def train_and_evaluate(
     return final
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
-    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
-    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
-    Writes `eval_<which>.json` next to the run's metrics.json (never overwrites metrics.json)."""
-    _check_config(config)
-    if which not in ("best", "latest"):
-        raise ConfigError(f"--eval_checkpoint={which!r}; choose 'best' or 'latest'")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to evaluate")
-    model = build_model(config.model, config.data.num_classes)
-    mesh = parallel.make_mesh()
-    splits = sources.open_splits(config.data)
-    sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
-    template = state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
-    template = jax.device_put(template, parallel.replicated(mesh))
-    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-    try:
-        restored, _ = ckpt.restore(template, best=which == "best")
-    finally:
-        ckpt.close()
-    eval_step = functools.partial(
-        steps.eval_step,
-        model=model,
-        loss_cfg=config.loss,
-        num_classes=config.data.num_classes,
-        boundary_dilation=config.eval.boundary_dilation,
-        eval_cfg=config.eval,
-    )
-    repl = parallel.replicated(mesh)
-    eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
-    batches = pipeline.eval_batches(
-        splits["validation"],
-        config.data,
-        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
-        jax.process_index(),
-        jax.process_count(),
-        pad_multiple=2**config.model.depth,
-    )
-    names = tuple(config.data.class_names)
-    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names)
-    results["step"] = int(restored.step)
-    results["checkpoint"] = which
-    results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{which}.json"), "w", encoding="utf-8") as f:
-            json.dump({k: _json_value(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
-        print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
-        print(report.results_table(results, names))
-    return results
-
-
-def _json_value(value):
+def json_value(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value

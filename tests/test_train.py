@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, configuration, train
+from segjax import checkpointing, configuration, rescore, train
 from segjax.data import pipeline
 from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT
@@ -59,19 +59,19 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     # settings (mirroring TTA) go to eval_latest.json and leave metrics.json alone
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         before = json.load(f)
-    rescored = train.evaluate_checkpoint(tiny_config, workdir, "latest")
+    rescored = rescore.evaluate_checkpoint(tiny_config, workdir, "latest")
     assert rescored["step"] == 6
     for key in ("val/miou", "val/mdice", "val/accuracy", "val/loss"):
         np.testing.assert_allclose(rescored[key], saved[key], rtol=1e-6, err_msg=key)
     tiny_config.eval.tta = "flip"
-    flipped = train.evaluate_checkpoint(tiny_config, workdir, "latest")
+    flipped = rescore.evaluate_checkpoint(tiny_config, workdir, "latest")
     assert flipped["val/pixels"] == saved["val/pixels"] and flipped["val/miou"] != saved["val/miou"]
     with open(os.path.join(workdir, "eval_latest.json"), encoding="utf-8") as f:
         assert json.load(f)["eval_settings"]["tta"] == "flip"
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f) == before
     with pytest.raises(WorkdirError, match="no run"):
-        train.evaluate_checkpoint(tiny_config, str(tmp_path / "empty"), "best")
+        rescore.evaluate_checkpoint(tiny_config, str(tmp_path / "empty"), "best")
 
 
 def _final_params(config, workdir):

@@ -1,0 +1,60 @@
+"""Rescore a saved run (`--eval_only=best|latest`): restore a checkpoint, evaluate, no training."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from segjax import checkpointing, evaluate, optim, parallel, report, state, steps, train
+from segjax.data import pipeline, sources
+from segjax.errors import ConfigError, WorkdirError
+from segjax.models import build_model
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
+    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
+    Writes `eval_<which>.json` next to the run's metrics.json (never overwrites metrics.json)."""
+    train.check_config(config)
+    if which not in ("best", "latest"):
+        raise ConfigError(f"--eval_only={which!r}; choose 'best' or 'latest'")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to evaluate")
+    model = build_model(config.model, config.data.num_classes)
+    mesh = parallel.make_mesh()
+    splits = sources.open_splits(config.data)
+    sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
+    template = state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
+    template = jax.device_put(template, parallel.replicated(mesh))
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    try:
+        restored, _ = ckpt.restore(template, best=which == "best")
+    finally:
+        ckpt.close()
+    eval_step = steps.make_eval_step(config, model)
+    repl = parallel.replicated(mesh)
+    eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
+    batches = pipeline.eval_batches(
+        splits["validation"],
+        config.data,
+        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
+        jax.process_index(),
+        jax.process_count(),
+        pad_multiple=2**config.model.depth,
+    )
+    names = tuple(config.data.class_names)
+    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names)
+    results["step"] = int(restored.step)
+    results["checkpoint"] = which
+    results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, f"eval_{which}.json"), "w", encoding="utf-8") as f:
+            json.dump({k: train.json_value(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+        print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
+        print(report.results_table(results, names))
+    return results
