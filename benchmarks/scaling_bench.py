@@ -6,6 +6,8 @@ vmapped replicas against K separate single-replica steps (what K sequential runs
 small U-Net where per-step overhead dominates. Each device count runs in its own subprocess.
 
   python benchmarks/scaling_bench.py [--seeds 8 --steps 30]
+  python benchmarks/scaling_bench.py --seeds_only    # on a GPU: the K-seed part alone
+  python benchmarks/scaling_bench.py --seeds_only --sweep --batch 1 --size 16   # overhead vs compute
 
 Last line: `vmap K=<K> throughput vs <K> sequential runs: <N>x`.
 """
@@ -98,11 +100,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--seeds_only", action="store_true", help="skip the fake-CPU-device part")
+    parser.add_argument("--sweep", action="store_true", help="K seeds at several batch sizes first")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps, args.batch, args.size)
         return
+    if not args.seeds_only:
+        devices_part(args)
+    import jax
+
+    k = args.seeds
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; K = {k} seeds")
+    if args.sweep:  # where per-step overhead dominates (tiny batches) vs where compute does
+        print(f"{'batch x size':>14}{'one seed ms/step':>18}{'K vmapped ms/step':>19}{'vmap vs K runs':>16}")
+        for batch, size in ((1, 16), (2, 16), (4, 32), (16, 32)):
+            single, vmapped = seeds_part(k, args.steps, batch, size)
+            ratio = k * single / vmapped
+            print(f"{f'{batch} x {size}^2':>14}{single * 1000:>18.2f}{vmapped * 1000:>19.2f}{ratio:>15.2f}x")
+    single, vmapped = seeds_part(k, args.steps, args.batch, args.size)
+    print(f"one seed: {single * 1000:.2f} ms/step ({args.batch / single:.0f} images/s)")
+    print(
+        f"{k} seeds vmapped: {vmapped * 1000:.2f} ms/step ({k * args.batch / vmapped:.0f} images/s total, "
+        f"{args.batch / vmapped:.0f} per seed)"
+    )
+    print(f"vmap K={k} throughput vs {k} sequential runs: {k * single / vmapped:.2f}x")
+
+
+def devices_part(args) -> None:
     print(f"small U-Net (depth 2, base 8), global batch {args.batch} x {args.size}^2, median of {args.steps} steps")
     print(f"{'devices':>8}{'jit ms/step':>13}{'steps/s':>10}{'images/s/device':>18}{'pmap ms/step':>14}")
     for n in (1, 2, 4, 8):
@@ -119,14 +145,6 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         s = row["step_s"]
         print(f"{n:>8}{s * 1000:>13.1f}{1 / s:>10.1f}{args.batch / s / n:>18.1f}{row['pmap_step_s'] * 1000:>14.1f}")
-    single, vmapped = seeds_part(args.seeds, args.steps, args.batch, args.size)
-    k = args.seeds
-    print(f"\none seed: {single * 1000:.1f} ms/step ({args.batch / single:.0f} images/s)")
-    print(
-        f"{k} seeds vmapped: {vmapped * 1000:.1f} ms/step ({k * args.batch / vmapped:.0f} images/s total, "
-        f"{args.batch / vmapped:.0f} per seed)"
-    )
-    print(f"vmap K={k} throughput vs {k} sequential runs: {k * single / vmapped:.2f}x")
 
 
 if __name__ == "__main__":

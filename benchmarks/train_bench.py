@@ -11,6 +11,13 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
   python benchmarks/train_bench.py --dims 3 --size 32 --batch 2 --depth 3 --base 8    # 3D U-Net
   python benchmarks/train_bench.py --arch unetpp --size 64 --depth 3 --base 16          # U-Net++, deep supervision
   python benchmarks/train_bench.py --arch vnet --dims 3 --size 32 --batch 2 --depth 3 --base 8   # V-Net
+  # GPU (both frameworks on the GPU; bf16 = segjax model.dtype='bfloat16' vs PyTorch AMP bf16):
+  python benchmarks/train_bench.py --size 512 --batch 16 --dtype bfloat16 --compile --peak
+
+On a GPU, `--peak` measures the card's bf16 matrix-product rate (8192^3, jnp.dot) and prints each
+framework's model FLOP utilisation: 3 x forward FLOPs (XLA cost analysis of segjax's forward) x
+steps/s over that rate (forward FLOPs from the lowered, not the compiled, module: see the
+comment in main). `--json FILE` appends one JSON line of results.
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import time
@@ -188,6 +196,19 @@ def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     return VNet()
 
 
+def measure_peak(n: int = 8192, repeats: int = 10) -> float:
+    """The device's bf16 matrix-product rate in FLOP/s (median of timed n^3 products, random data)."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["unet", "unetpp", "vnet"], default="unet")
@@ -200,11 +221,24 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
+    parser.add_argument("--json", default="", help="append a JSON line of results to this file")
     args = parser.parse_args()
     import torch
 
     threads = os.cpu_count()
     torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # what a PyTorch user on a GPU sets
+    bf16 = args.dtype == "bfloat16"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     in_ch = 3 if args.dims == 2 else 1
     spatial = (args.size,) * args.dims
     rng = np.random.default_rng(0)
@@ -214,6 +248,7 @@ def main() -> None:
     cfg = default_config()
     cfg.model.arch = args.arch
     cfg.model.spatial_dims, cfg.model.depth, cfg.model.base_features = args.dims, args.depth, args.base
+    cfg.model.dtype = args.dtype
     if args.arch == "unetpp":
         cfg.model.deep_supervision = True
     if args.arch == "vnet":
@@ -242,50 +277,63 @@ def main() -> None:
     jax.block_until_ready(out)
     jax_compile = time.perf_counter() - start
     jax.block_until_ready(infer(st, batch["image"]))
+    # FLOPs of the unoptimised HLO: on a GPU the compiled module's convolutions are cuDNN custom
+    # calls that XLA's cost analysis does not count.
+    cost = infer.lower(st, batch["image"]).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    forward_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
     net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())
     print(f"params: segjax {n_jax:,}  torch {n_torch:,}")
     assert n_jax == n_torch, "the two networks differ"
-    x_t = torch.from_numpy(np.moveaxis(image, -1, 1).copy())
-    y_t = torch.from_numpy(label.astype(np.int64))
+    x_t = torch.from_numpy(np.moveaxis(image, -1, 1).copy()).to(device)
+    y_t = torch.from_numpy(label.astype(np.int64)).to(device)
     memory_format = torch.channels_last if args.dims == 2 else torch.channels_last_3d
 
     def torch_runner(module, channels_last):
-        module = module.train()
+        module = module.to(device).train()
         x = x_t.contiguous(memory_format=memory_format) if channels_last else x_t
         if channels_last:
             module = module.to(memory_format=memory_format)
         opt = torch.optim.Adam(module.parameters(), lr=1e-3)
 
+        def amp():  # PyTorch's mixed precision: autocast to bf16, parameters and loss in float32
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = torch_loss(module(x), y_t)
+            with amp():
+                out = module(x)
+            loss = torch_loss([o.float() for o in out] if isinstance(out, list) else out.float(), y_t)
             loss.backward()
             opt.step()
+            sync()
 
         def forward():
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 module.eval()
                 module(x)
                 module.train()
+            sync()
 
         return step, forward
 
     runners = {"segjax (jax.jit)": None}
     runners["torch eager"] = torch_runner(twin(), False)
     runners["torch eager channels_last"] = torch_runner(twin(), True)
-    if args.compile:
-        compiled = torch.compile(twin())
-        runners["torch.compile"] = torch_runner(compiled, False)
-    for name, r in runners.items():  # warm-up (and torch.compile's compilation)
+    if args.compile:  # on a GPU compiled with channels_last, the fastest PyTorch layout there
+        runners["torch.compile"] = torch_runner(torch.compile(twin()), cuda)
+    for name, r in runners.items():  # warm-up (torch.compile's compilation, cuDNN's autotuning)
         if r:
             t = time.perf_counter()
-            r[0]()
-            r[1]()
-            print(f"{name}: first step {time.perf_counter() - t:.1f} s")
+            for _ in range(3 if cuda else 1):
+                r[0]()
+                r[1]()
+            print(f"{name}: warm-up {time.perf_counter() - t:.1f} s")
+    where = jax.devices()[0].device_kind if cuda else f"CPU, {threads} threads"
     print(
-        f"segjax: first step (compile) {jax_compile:.1f} s; XLA threads: all {threads} cores; "
+        f"segjax: first step (compile) {jax_compile:.1f} s; {where}; dtype {args.dtype}; "
         f"torch threads: {torch.get_num_threads()}; jax {jax.__version__}, torch {torch.__version__}"
     )
 
@@ -306,17 +354,27 @@ def main() -> None:
             else:
                 r[1]()
             infer_t[name].append(time.perf_counter() - t)
+    peak = measure_peak() if args.peak else float("nan")
     ours = statistics.median(train_t["segjax (jax.jit)"])
     ours_inf = statistics.median(infer_t["segjax (jax.jit)"])
-    print(f"\n{'':<28}{'train ms/step':>14}{'ratio':>8}{'forward ms':>12}{'ratio':>8}{'images/s fwd':>14}")
-    ratios = {}
+    print(f"forward FLOPs per batch (XLA cost analysis): {forward_flops / 1e9:.1f} G; peak {peak / 1e12:.0f} TFLOP/s")
+    print(
+        f"\n{'':<28}{'train ms/step':>14}{'ratio':>8}{'train img/s':>12}{'MFU':>7}"
+        f"{'forward ms':>12}{'ratio':>8}{'images/s fwd':>14}"
+    )
+    ratios, rows = {}, {}
     for name in runners:
         tr, inf = statistics.median(train_t[name]), statistics.median(infer_t[name])
         ratios[name] = tr / ours
+        mfu = 3 * forward_flops / tr / peak
+        rows[name] = {"train_ms": tr * 1000, "train_img_s": args.batch / tr, "mfu": mfu, "forward_ms": inf * 1000}
         print(
-            f"{name:<28}{tr * 1000:>14.0f}{tr / ours:>8.2f}{inf * 1000:>12.0f}{inf / ours_inf:>8.2f}"
-            f"{args.batch / inf:>14.1f}"
+            f"{name:<28}{tr * 1000:>14.1f}{tr / ours:>8.2f}{args.batch / tr:>12.1f}{mfu:>7.1%}"
+            f"{inf * 1000:>12.1f}{inf / ours_inf:>8.2f}{args.batch / inf:>14.1f}"
         )
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"args": vars(args), "device": where, "peak": peak, "rows": rows}) + "\n")
     fmt = lambda k: f"{ratios[k]:.2f}x" if k in ratios else "n/a"  # noqa: E731
     print(
         f"speedup vs torch eager: {fmt('torch eager')}, vs channels_last: {fmt('torch eager channels_last')}, "

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of issues 6 and 8 in one script, for a lent single-GPU machine that has JAX,
+# Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections travel as wheels
+# in .whl/ (see benchmarks/RESULTS.md for how they were fetched). Logs go to $OUT (default /tmp/out).
+#
+#   bash benchmarks/gpu.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # JAX and PyTorch share the card in one process
+LOG="$OUT/gpu.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$LOG"
+python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', \
+optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+B=benchmarks/train_bench.py
+run() { echo "=== $*" | tee -a "$LOG"; timeout 240 python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
+# bf16 first (the targets): segjax model.dtype=bfloat16 vs PyTorch AMP bf16, channels_last, torch.compile
+run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
+run $B --size 256 --batch 32 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
+run benchmarks/scaling_bench.py --seeds_only --seeds 8 --steps 30
+run $B --size 512 --batch 16 --dtype float32 --peak --steps 20 --json "$OUT/train.jsonl"
+run $B --size 256 --batch 32 --dtype float32 --peak --steps 20 --json "$OUT/train.jsonl"
+echo "=== summary" | tee -a "$LOG"
+grep -h "^===\|speedup\|vmap K=\|^segjax (jax\|^torch" "$LOG"
