@@ -95,6 +95,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.stage_convs = config_dict.placeholder(tuple)  # vnet: convs per level 0..depth (default 1,2,3,3,..)
     c.model.dropout = 0.0  # dropout rate after the bottleneck block
     c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+    c.model.freeze_encoder = False  # unet/encoder_decoder: keep the (pretrained) encoder fixed; train the decoder
+
+    c.pretrain = ml_collections.ConfigDict()  # the classic recipe (segjax/pretrain.py); unet/encoder_decoder
+    c.pretrain.steps = 0  # > 0: first train the encoder as a classifier of the classes present in each image
+    c.pretrain.lr = 3e-3  # its peak learning rate (warm-up, schedule and the rest as in optim)
+
+    c.instances = ml_collections.ConfigDict()  # instance / panoptic segmentation (segjax/instances.py), 2D
+    c.instances.enabled = False  # add an 'instance_boundary' class; report PQ/SQ/RQ from the dataset's instance maps
+    c.instances.thing_classes = ()  # classes made of instances; () = every class but 0 (the others are stuff)
+    c.instances.boundary_width = 1  # pixels of an instance's border that form the boundary class
+    c.instances.min_size = 4  # predicted instances smaller than this (pixels) are dropped
 
     c.loss = ml_collections.ConfigDict()
     c.loss.terms = "ce+dice"  # '+'-joined terms from segjax/losses.py: LOSSES

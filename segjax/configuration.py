@@ -73,7 +73,10 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """Flat keys whose values differ between two config dicts (JSON round-trip normalised)."""
-    a = flatten(json.loads(json.dumps(old, default=list)))
+    """Flat keys whose values differ between two config dicts (JSON round-trip normalised). A key
+    the old config lacks counts as its configs/default.py value, so a run saved before a field was
+    added resumes unless the field is set away from its default."""
+    defaults = flatten(json.loads(json.dumps(default_config().to_dict(), default=list)))
+    a = {**defaults, **flatten(json.loads(json.dumps(old, default=list)))}
     b = flatten(json.loads(json.dumps(new, default=list)))
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))

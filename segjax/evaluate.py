@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from segjax import metrics, parallel
+from segjax.data import pipeline
 from segjax.errors import ConfigError
 
 
@@ -22,6 +23,7 @@ def evaluate(
     num_seeds: int = 1,
     batch_sharding=None,
     put: Callable | None = None,
+    extra_scores: Callable[[list[dict]], dict] | None = None,
 ):
     """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
     `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images` (a list of such dicts, one per
@@ -30,11 +32,17 @@ def evaluate(
     `put` turns a host batch into the step's input (default: a global array sharded along `data`).
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
+    Host-only batch keys (`gt_*`) skip the device and join the step's outputs, for
+    `extra_scores(outputs) -> dict` (e.g. panoptic quality; single replica only).
     """
     put = put or (lambda batch: parallel.to_global(batch, mesh, batch_sharding))
-    outputs = [jax.device_get(eval_fn(state, put(batch))) for batch in batches]
+    outputs = []
+    for batch in batches:
+        host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
+        outputs.append({**jax.device_get(eval_fn(state, put(batch))), **host})
     if num_seeds == 1:
-        return scores(outputs, eval_cfg, class_names)
+        results = scores(outputs, eval_cfg, class_names)
+        return {**results, **extra_scores(outputs)} if extra_scores else results
     return [scores([{k: v[r] for k, v in o.items()} for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]
 
 

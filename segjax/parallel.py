@@ -12,6 +12,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segjax.errors import ConfigError
 
+# How long processes wait for each other at a host barrier (process 0 preparing a large dataset).
+BARRIER_TIMEOUT_S = 6 * 3600
+
+
+def host_barrier(name: str) -> None:
+    """Block until every process arrives. Uses the coordination service's barrier, not a device
+    collective: on the CPU backend the first collective builds a Gloo context, which fails when
+    the processes arrive more than 30 s apart (seen with two loopback processes under load)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client; public API has no host barrier
+
+    client = distributed.global_state.client
+    if client is None or not hasattr(client, "wait_at_barrier"):
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+
 
 def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))

@@ -20,4 +20,7 @@ def results_table(results: dict, class_names, prefix: str = "val") -> str:
     lines.append(f"pixel accuracy {_fmt(results.get(f'{prefix}/accuracy'))}")
     if f"{prefix}/mbiou" in results:
         lines.append(f"boundary IoU   {_fmt(results.get(f'{prefix}/mbiou'))}")
+    if f"{prefix}/pq" in results:
+        pq, sq, rq = (_fmt(results.get(f"{prefix}/{k}")) for k in ("pq", "sq", "rq"))
+        lines.append(f"panoptic quality {pq} (SQ {sq}, RQ {rq})")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import checkpointing, evaluate, optim, parallel, report, state, steps, train
+from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, train
 from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
@@ -25,11 +25,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
         raise ConfigError(f"--eval_only={which!r}; choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to evaluate")
-    model = build_model(config.model, config.data.num_classes)
+    model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
-    splits = sources.open_splits(config.data)
+    splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
+    targets, extra_scores = instances.hooks(config)
     sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
-    template = state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
+    template = state.create(model, train.make_tx(config), sample, config.train.seed)
     template = jax.device_put(template, parallel.replicated(mesh))
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     try:
@@ -45,10 +46,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
         parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
         jax.process_index(),
         jax.process_count(),
-        pad_multiple=2**config.model.depth,
+        2**config.model.depth,
+        targets,
     )
-    names = tuple(config.data.class_names)
-    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names)
+    names = instances.class_names(config)
+    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names, extra_scores=extra_scores)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}

@@ -31,10 +31,11 @@ class TrainState:
         return self.replace(step=self.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng)
 
 
-def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, seed: int) -> TrainState:
-    """Initialise parameters from `seed` on a sample batch shape (values are not used)."""
+def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, seed: int, **init_kwargs) -> TrainState:
+    """Initialise parameters from `seed` on a sample batch shape (values are not used);
+    `init_kwargs` go to `model.init` (e.g. `method='classify'` for encoder pretraining)."""
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = model.init({"params": init_rng}, sample_image, train=False)
+    variables = model.init({"params": init_rng}, sample_image, train=False, **init_kwargs)
     params = variables["params"]
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),

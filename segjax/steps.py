@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import inference, losses, metrics
+from segjax import inference, instances, losses, metrics
 from segjax.state import TrainState
 
 
@@ -91,10 +91,11 @@ def make_eval_step(config: ml_collections.ConfigDict, model, axis_name: str | No
         eval_step,
         model=model,
         loss_cfg=config.loss,
-        num_classes=config.data.num_classes,
+        num_classes=instances.num_outputs(config),
         boundary_dilation=config.eval.boundary_dilation,
         eval_cfg=config.eval,
         axis_name=axis_name,
+        return_predictions=config.instances.enabled,
     )
 
 
@@ -108,11 +109,13 @@ def eval_step(
     boundary_dilation: int = 0,
     eval_cfg: ml_collections.ConfigDict | None = None,
     axis_name: str | None = None,
+    return_predictions: bool = False,
 ):
     """Per-image confusion matrices [B, C, C] of the valid pixels, boundary-band counts [C]
     (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host.
     `eval_cfg` (window, tta) selects sliding-window and test-time-augmented inference; with
-    `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device."""
+    `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device.
+    `return_predictions` adds the class maps (`pred` [B, ...]) for host-side instance scoring."""
     variables = state.variables()
 
     def logits_fn(images):
@@ -124,6 +127,8 @@ def eval_step(
     confusion = metrics.per_image_confusion(batch["label"], preds, num_classes, batch["valid"])
     loss, _ = losses.total_loss(loss_cfg, logits, batch["label"], batch["valid"], axis_name=axis_name)
     out = {"confusion": confusion, "loss": loss}
+    if return_predictions:
+        out["pred"] = preds.astype(jnp.int32)
     if boundary_dilation > 0:
         inter, union = metrics.boundary_counts(batch["label"], preds, num_classes, boundary_dilation, batch["valid"])
         if axis_name:

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from segjax import (
@@ -23,9 +22,11 @@ from segjax import (
     configuration,
     evaluate,
     inference,
+    instances,
     metrics,
     optim,
     parallel,
+    pretrain,
     report,
     seeds,
     state,
@@ -106,19 +107,28 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def make_tx(config):
+    """The run's optimizer (`optim.*`), with the encoder held fixed under `model.freeze_encoder`."""
+    tx = optim.build(config.optim, config.train.steps)
+    return pretrain.frozen_encoder_tx(tx) if config.model.freeze_encoder else tx
+
+
 def check_config(config) -> None:
     """Every config error that can be found before data or compilation."""
     configuration.validate(config)
+    pretrain.check_config(config)
+    instances.check_config(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
     if config.eval.average not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={config.eval.average!r}; choose one of {list(metrics.AVERAGES)}")
     if config.eval.empty not in metrics.EMPTY_POLICIES:
         raise ConfigError(f"eval.empty={config.eval.empty!r}; choose one of {list(metrics.EMPTY_POLICIES)}")
-    if config.loss.class_weights and len(config.loss.class_weights) != config.data.num_classes:
+    outputs = instances.num_outputs(config)
+    if config.loss.class_weights and len(config.loss.class_weights) != outputs:
         raise ConfigError(
-            f"loss.class_weights has {len(config.loss.class_weights)} values; give one per class "
-            f"(data.num_classes={config.data.num_classes})"
+            f"loss.class_weights has {len(config.loss.class_weights)} values; give one per network output "
+            f"({outputs}: data.num_classes, plus the boundary class under instances.enabled)"
         )
     inference.check(config.eval, config.model.spatial_dims, 2**config.model.depth)
     if config.train.num_seeds < 1:
@@ -144,23 +154,29 @@ def train_and_evaluate(
     check_config(config)
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
-    model = build_model(config.model, config.data.num_classes, norm_axis_name=axis)
+    model = build_model(config.model, instances.num_outputs(config), norm_axis_name=axis)
     prepare_workdir(config, workdir, overwrite, allow_config_changes)
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
-    splits = sources.open_splits(config.data)
+    splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
+    targets, extra_scores = instances.hooks(config)
     num_seeds = config.train.num_seeds
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds)
     host_batch = parallel.host_batch_size(config.train.batch_size)
     train_ds = [
-        pipeline.train_dataset(splits["train"], config.data, host_batch, s, pidx, pcount) for s in replica_seeds
+        pipeline.train_dataset(splits["train"], config.data, host_batch, s, pidx, pcount, targets)
+        for s in replica_seeds
     ]
     eval_host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
     sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
-    tx = optim.build(config.optim, config.train.steps)
+    tx = make_tx(config)
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)
+        if config.pretrain.steps and ckpt.latest_step() is None:  # the classic recipe's first stage
+            encoder = pretrain.run(config, os.path.join(workdir, "pretrain"), model, splits, mesh)
+            train_state = pretrain.load_encoder(train_state, encoder)
         summary = model_summary(model, train_state.variables(), sample)
     else:
         train_state = seeds.create_states(model, tx, sample, replica_seeds)
@@ -168,8 +184,8 @@ def train_and_evaluate(
         logging.info("training %d replicas (seeds %s) in one vmapped step", num_seeds, replica_seeds)
         if jax.default_backend() == "cpu":
             logging.warning(
-                "train.num_seeds=%d on CPU: vmapped replicas ran 0.2-0.8x the throughput of sequential runs "
-                "(batched kernels become grouped convolutions; benchmarks/RESULTS.md); they pay off on accelerators",
+                "train.num_seeds=%d on CPU: vmapped replicas beat sequential runs only for tiny steps (1.7x at "
+                "batch 1 x 16^2, 0.2x at 16 x 32^2: grouped convolutions; benchmarks/RESULTS.md); on a GPU 4.6x",
                 num_seeds,
             )
     logging.info(
@@ -181,7 +197,6 @@ def train_and_evaluate(
     if not use_pmap:
         train_state = jax.device_put(train_state, parallel.replicated(mesh))
 
-    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     iterators = [pipeline.train_iterator(ds, config.data) for ds in train_ds]
     data_iter = iterators[0] if num_seeds == 1 else seeds.StackedIterator(iterators)
     if ckpt.latest_step() is not None:
@@ -232,14 +247,16 @@ def train_and_evaluate(
             return s
 
     writer = writers.MetricWriter(workdir)
-    names = tuple(config.data.class_names)
+    names = instances.class_names(config)
 
     def run_eval() -> dict:
         batches = pipeline.eval_batches(
-            splits["validation"], config.data, eval_host_batch, pidx, pcount, pad_multiple=2**config.model.depth
+            splits["validation"], config.data, eval_host_batch, pidx, pcount, 2**config.model.depth, targets
         )
         put = (lambda b: b) if use_pmap else None
-        per_seed = evaluate.evaluate(eval_fn, train_state, batches, mesh, config.eval, names, num_seeds, put=put)
+        per_seed = evaluate.evaluate(
+            eval_fn, train_state, batches, mesh, config.eval, names, num_seeds, put=put, extra_scores=extra_scores
+        )
         if num_seeds == 1:
             return per_seed
         seed_results.clear()
@@ -330,7 +347,7 @@ def train_and_evaluate(
             ckpt.close()
             writer.close()
     if pcount > 1:  # nobody leaves (and tears down the coordination service) while others still save
-        multihost_utils.sync_global_devices("segjax: training finished")
+        parallel.host_barrier("segjax: training finished")
 
     final = {"step": step, **{k: v for k, v in last_train.items()}, **results, **summary}
     if "train/loss" not in final:

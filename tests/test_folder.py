@@ -171,3 +171,11 @@ def test_nuclei_config_builds_on_the_real_data(tfds_dir):
     assert "instances" in builder.info.features
     splits = sources.open_splits(cfg.data)
     assert splits["train"][0]["image"].shape == (256, 256, 3)
+    # configs/nuclei.py:instances: instance maps ride along, resized with the labels (nearest)
+    cfg = load_config("nuclei", "instances")
+    cfg.data.tfds_dir, cfg.data.dir = tfds_dir, os.path.join(SHARED_DATA, "dsb2018_nuclei_subset")
+    assert cfg.instances.enabled
+    example = sources.open_splits(cfg.data, with_instances=True)["validation"][0]
+    assert example["instances"].shape == example["label"].shape == (256, 256)
+    np.testing.assert_array_equal(example["instances"] > 0, example["label"] == 1)
+    assert len(np.unique(example["instances"])) > 3  # several nuclei

@@ -82,6 +82,7 @@ def reference_run(tmp_path_factory, tfds_dir):
     return final_state(workdir)
 
 
+@pytest.mark.slow  # three CLI runs each (~2 min on 2 cores); CI runs them (.ci/run)
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(reference_run, tmp_path, tfds_dir):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(cli(workdir, tfds_dir), cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -114,6 +115,7 @@ CRASH_DURING_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # three CLI runs each (~2 min on 2 cores); CI runs them (.ci/run)
 def test_crash_during_a_checkpoint_save_keeps_the_previous_one(reference_run, tmp_path, tfds_dir):
     workdir = tmp_path / "crash"
     args = cli(workdir, tfds_dir)[3:]
@@ -132,6 +134,7 @@ def test_crash_during_a_checkpoint_save_keeps_the_previous_one(reference_run, tm
     assert_same_state(final_state(workdir)[0], reference_run[0])
 
 
+@pytest.mark.slow  # three CLI runs each (~2 min on 2 cores); CI runs them (.ci/run)
 def test_sigterm_saves_at_the_current_step_and_exits_cleanly(reference_run, tmp_path, tfds_dir):
     workdir = tmp_path / "term"
     proc = subprocess.Popen(cli(workdir, tfds_dir), cwd=ROOT, stderr=subprocess.PIPE, text=True)

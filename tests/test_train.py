@@ -125,6 +125,19 @@ def test_different_config_in_same_workdir_is_refused(tiny_config, tmp_path):
     assert len(moved) == 1 and os.path.exists(os.path.join(tmp_path, moved[0], "metrics.json"))
 
 
+def test_run_saved_before_a_field_existed_resumes_unless_the_field_is_set(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    old = tiny_config.to_dict()
+    del old["instances"], old["pretrain"]  # fields added in a later version of segjax
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(old, f, default=list)
+    train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)  # defaults: fine
+    tiny_config.pretrain.steps = 5
+    with pytest.raises(WorkdirError, match=r"differs in: pretrain.steps"):
+        train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)
+
+
 def test_unknown_and_mistyped_config_keys(tiny_config):
     with tiny_config.unlocked():
         tiny_config.train.stpes = 5

@@ -5,7 +5,7 @@ seed and the summary reports mean ± std over seeds.
 
 COMMAND (one axis; 3 seeds each; about 3 min per run on 2 CPU cores):
   python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/study_skips --seeds=3
-  axes: skips | depth | width | bottleneck | upsample | pool | arch | all (every variant above)
+  axes: skips | depth | width | bottleneck | upsample | pool | pretraining | arch | all (every variant above)
 """
 
 import os
@@ -26,6 +26,11 @@ AXES = {
     "bottleneck": {f"bottleneck{b}": {"model.bottleneck_features": b} for b in (8, 32, 128)},
     "upsample": {"transpose": {"model.upsample": "transpose"}, "resize": {"model.upsample": "resize"}},
     "pool": {"max": {"model.pool": "max"}, "avg": {"model.pool": "avg"}},
+    "pretraining": {  # the classic recipe (segjax/pretrain.py) next to end-to-end training
+        "end_to_end": {},
+        "pretrained_frozen": {"pretrain.steps": 400, "model.freeze_encoder": True},
+        "pretrained_finetuned": {"pretrain.steps": 400},
+    },
     "arch": {
         "encoder_decoder": {"model.arch": "encoder_decoder"},
         "unet": {"model.arch": "unet"},

@@ -8,13 +8,15 @@ padding example). The training stream is a grain MapDataset, so batch k is a pur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import ml_collections
 import numpy as np
 
 from segjax.data import augment
+
+HOST_ONLY = "gt_"  # batch keys with this prefix stay on the host (truth for host-side metrics such as PQ)
 
 
 def to_model_batch(batch: dict[str, np.ndarray], ignore_label: int) -> dict[str, np.ndarray]:
@@ -27,11 +29,13 @@ def to_model_batch(batch: dict[str, np.ndarray], ignore_label: int) -> dict[str,
     if "pixel_valid" in batch:
         valid *= batch["pixel_valid"].astype(np.float32)
     image = batch["image"]
-    return {
+    out = {
         "image": image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32),
         "label": np.where(valid > 0, label, 0).astype(np.int32),
         "valid": valid,
     }
+    out.update({k: v for k, v in batch.items() if k.startswith(HOST_ONLY)})
+    return out
 
 
 def train_dataset(
@@ -41,14 +45,16 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    targets: Callable[[dict], dict] | None = None,
 ) -> grain.MapDataset:
     """This host's rows of each global batch of the shuffled (anew each epoch), augmented stream.
 
     The global stream (shuffle order and augmentation keyed on the global element index) is the
     same for any number of hosts; host p takes rows [p*b, (p+1)*b) of every global batch of
     b*process_count examples, so 1 and N processes train on identical global batches.
+    `targets` rewrites each example's label before augmentation (instance boundaries).
     """
-    elements = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    elements = grain.MapDataset.source(source).map(targets or _image_and_label).shuffle(seed=seed).repeat()
     elements = elements.random_map(lambda ex, rng: augment.augment(ex, rng, cfg.augment), seed=seed + 1)
     global_batch = host_batch_size * process_count
     offset = process_index * host_batch_size
@@ -59,6 +65,10 @@ def train_dataset(
     ds = grain.MapDataset.range(0, len(elements) // process_count).map(pick)
     ds = ds.batch(host_batch_size, drop_remainder=True)
     return ds.map(lambda b: to_model_batch(b, cfg.ignore_label))
+
+
+def _image_and_label(example: dict) -> dict:
+    return {"image": example["image"], "label": example["label"]}
 
 
 def train_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grain.DatasetIterator:
@@ -80,11 +90,14 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     pad_multiple: int = 1,
+    targets: Callable[[dict], dict] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of this host's slice exactly once, at full size. Images are zero-padded to
     the batch's largest size rounded up to `pad_multiple` (2**depth) and the last batch is filled
     with copies; padded pixels and copies have valid = 0, so every real pixel counts once. All
-    hosts yield the same number of batches (multi-host evaluation needs equal image sizes)."""
+    hosts yield the same number of batches (multi-host evaluation needs equal image sizes).
+    With `targets` (instance boundaries) the labels are rewritten and the original labels,
+    instance maps and valid masks ride along as host-only `gt_label`, `gt_instances`, `gt_valid`."""
     ds = grain.MapDataset.source(source)[process_index::process_count]
     per_host = -(-len(source) // process_count)  # every host runs the same number of batches
     for start in range(0, per_host, batch_size):
@@ -95,8 +108,14 @@ def eval_batches(
         target = tuple(-(-s // pad_multiple) * pad_multiple for s in spatial)
         batch = {
             "image": np.stack([_pad_to(e["image"], target) for e in examples]),
-            "label": np.stack([_pad_to(e["label"], target) for e in examples]),
+            "label": np.stack([_pad_to((targets(e) if targets else e)["label"], target) for e in examples]),
             "pixel_valid": np.stack([_pad_to(np.ones(e["label"].shape, bool), target) for e in examples]),
             "example_valid": np.arange(batch_size) < real,
         }
-        yield to_model_batch(batch, cfg.ignore_label)
+        if targets:
+            batch["gt_label"] = np.stack([_pad_to(e["label"], target) for e in examples])
+            batch["gt_instances"] = np.stack([_pad_to(e["instances"], target) for e in examples])
+        batch = to_model_batch(batch, cfg.ignore_label)
+        if targets:
+            batch["gt_valid"] = batch["valid"] > 0
+        yield batch

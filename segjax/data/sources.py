@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from jax.experimental import multihost_utils
 from PIL import Image
 
+from segjax import parallel
 from segjax.data import builders, folder, nifti, png, validation
 from segjax.errors import ConfigError, DataError
 
@@ -78,7 +78,7 @@ def prepare(cfg: ml_collections.ConfigDict):
     if jax.process_count() > 1:  # one process writes the files, the others wait and read them
         if jax.process_index() == 0:
             DATASETS[cfg.name](cfg, data_dir(cfg)).download_and_prepare()
-        multihost_utils.sync_global_devices(f"segjax: prepared {cfg.name}")
+        parallel.host_barrier(f"segjax: prepared {cfg.name}")
     builder = DATASETS[cfg.name](cfg, data_dir(cfg))
     try:
         builder.download_and_prepare()
@@ -112,10 +112,11 @@ def _as_array(value, where: str) -> np.ndarray:
 class DecodedSource:
     """Random-access view of one split that decodes PNGs and validates each example."""
 
-    def __init__(self, raw, cfg: ml_collections.ConfigDict, name: str):
+    def __init__(self, raw, cfg: ml_collections.ConfigDict, name: str, with_instances: bool = False):
         self._raw = raw
         self._cfg = cfg
         self._name = name
+        self._with_instances = with_instances
         catalogue = cfg.name == "tfds"
         self._keys = (cfg.tfds.image_key, cfg.tfds.label_key) if catalogue else ("image", "label")
         self._label_map = np.asarray(cfg.label_map, np.int64) if cfg.label_map else None
@@ -135,9 +136,17 @@ class DecodedSource:
         if image.ndim == label.ndim:
             image = image[..., None]
         check_example(image, label, self._cfg, where)
+        instances = None
+        if self._with_instances and "instances" in record:
+            instances = _as_array(record["instances"], where).reshape(label.shape).astype(np.int32)
         if self._cfg.resize and label.ndim == 2 and label.shape != (self._cfg.resize,) * 2:
+            if instances is not None:
+                instances = nearest(instances, self._cfg.resize)
             image, label = resize(image, label, self._cfg.resize)
-        return {"image": image, "label": label, "index": np.int32(index)}
+        example = {"image": image, "label": label, "index": np.int32(index)}
+        if instances is not None:
+            example["instances"] = instances
+        return example
 
 
 def map_labels(label: np.ndarray, table: np.ndarray, where: str) -> np.ndarray:
@@ -154,8 +163,12 @@ def resize(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray,
     channels = [
         np.asarray(Image.fromarray(image[..., k]).resize((size, size), Image.BILINEAR)) for k in range(image.shape[-1])
     ]
-    lab = np.asarray(Image.fromarray(label.astype(np.int32)).resize((size, size), Image.NEAREST)).astype(np.int32)
-    return np.stack(channels, -1), lab
+    return np.stack(channels, -1), nearest(label, size)
+
+
+def nearest(label: np.ndarray, size: int) -> np.ndarray:
+    """An integer map (labels, instance ids) resized to size x size by nearest neighbour."""
+    return np.asarray(Image.fromarray(label.astype(np.int32)).resize((size, size), Image.NEAREST)).astype(np.int32)
 
 
 class InMemorySource:
@@ -184,8 +197,9 @@ def _is_image(features, key: str) -> bool:
     return key in features and isinstance(features[key], tfds.features.Image)
 
 
-def open_splits(cfg: ml_collections.ConfigDict) -> dict[str, object]:
-    """Prepare the dataset and return {split: random-access decoded source}."""
+def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) -> dict[str, object]:
+    """Prepare the dataset and return {split: random-access decoded source}; `with_instances`
+    also decodes the instance maps (`instances` int32 [H,W]) where the dataset has them."""
     if len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
     builder = prepare(cfg)
@@ -202,7 +216,7 @@ def open_splits(cfg: ml_collections.ConfigDict) -> dict[str, object]:
             raise DataError(
                 f"{builder.name} has no split {stored!r} ({err}); set data.tfds.train_split/val_split"
             ) from err
-        source = DecodedSource(raw, cfg, f"{builder.name}/{stored}")
+        source = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
         splits[split] = InMemorySource(source) if cfg.cache else source
     train = splits["train"]
     if isinstance(train, InMemorySource):

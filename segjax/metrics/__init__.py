@@ -18,12 +18,13 @@ from segjax.metrics.confusion import (
     per_image_confusion,
     summarize,
 )
-from segjax.metrics.panoptic import panoptic_quality
+from segjax.metrics.panoptic import PanopticAccumulator, panoptic_quality
 
 __all__ = [
     "AVERAGES",
     "EMPTY_POLICIES",
     "SCORES",
+    "PanopticAccumulator",
     "boundary_counts",
     "boundary_iou",
     "boundary_iou_from_counts",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
@@ -129,6 +130,7 @@ class UNet(nn.Module):
     spatial_dims: int = 2
     dtype: Any = jnp.float32
     norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
+    freeze_encoder: bool = False  # encoder in inference mode (running BN statistics), no gradient into it
 
     def setup(self):
         blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)
@@ -143,10 +145,21 @@ class UNet(nn.Module):
         )
         self.decoder = Decoder(feats, skip_mask(self.skips, self.depth), upsample=self.upsample, **common)
         self.head = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
+        self.classifier = nn.Dense(self.num_classes, dtype=self.dtype)  # only `classify` creates its params
 
     def __call__(self, image, train: bool = False):
         check_input(image, self.depth, self.spatial_dims)
-        bottleneck, levels = self.encoder(image.astype(self.dtype), train)
+        bottleneck, levels = self.encoder(image.astype(self.dtype), train and not self.freeze_encoder)
+        if self.freeze_encoder:  # no backward pass through the encoder: its updates would be discarded
+            bottleneck, levels = jax.lax.stop_gradient((bottleneck, levels))
         x = self.decoder(bottleneck, levels, train)
         logits = self.head(x).astype(jnp.float32)
         return logits, {"bottleneck": bottleneck}
+
+    def classify(self, image, train: bool = False):
+        """Image-level logits [B, num_classes] (which classes are present): the encoder, global
+        average pooling of the bottleneck, one dense layer. The pretraining task of the classic recipe."""
+        check_input(image, self.depth, self.spatial_dims)
+        bottleneck, _ = self.encoder(image.astype(self.dtype), train)
+        pooled = jnp.mean(bottleneck, axis=tuple(range(1, 1 + self.spatial_dims)))
+        return self.classifier(pooled).astype(jnp.float32)

@@ -1,0 +1,152 @@
+"""Instance and panoptic segmentation with a semantic network: the boundary-class method.
+
+Training targets: the semantic classes plus one extra class, `instance_boundary`, for pixels of a
+thing instance that lie within `instances.boundary_width` pixels of another instance (the
+contour-class recipe of DCAN and the DSB 2018 winners, restricted to the borders between
+instances: on the synthetic scenes a perfect prediction then scores PQ 0.884 instead of 0.858
+with full contours, as thin objects keep an interior). The network is an ordinary C+1-class
+segmenter; touching instances are separated by the predicted boundary band.
+
+Post-processing (host, scipy/scikit-image): connected components of each thing class's predicted
+interior are the instance seeds (components under `instances.min_size` pixels are dropped); the
+boundary pixels join the nearest seed within `boundary_width + 1` pixels (`expand_labels`) and
+take its class, others become background. Stuff classes (not in `instances.thing_classes`) form
+one segment per class. Scored with panoptic quality (`segjax.metrics.PanopticAccumulator`) against
+the dataset's instance maps: `val/pq`, `val/sq`, `val/rq` and `val/pq/<class>` per thing and
+stuff class (background is not scored).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+from scipy import ndimage
+from skimage import segmentation
+
+from segjax import metrics
+from segjax.errors import ConfigError, DataError
+
+BOUNDARY_NAME = "instance_boundary"
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    cfg = config.instances
+    if not cfg.enabled:
+        return
+    if config.model.spatial_dims != 2:
+        raise ConfigError("instances.enabled works on 2D images (model.spatial_dims=2)")
+    if cfg.boundary_width < 1:
+        raise ConfigError(f"instances.boundary_width={cfg.boundary_width} must be >= 1 pixel")
+    bad = [c for c in thing_classes(config) if not 0 < c < config.data.num_classes]
+    if bad:
+        raise ConfigError(
+            f"instances.thing_classes {bad} are not classes 1..{config.data.num_classes - 1} (0 is background)"
+        )
+    if config.train.num_seeds > 1 or jax.process_count() > 1:
+        raise ConfigError("instances.enabled scores on one host with train.num_seeds=1 (PQ is computed on the host)")
+    if config.data.ignore_label == config.data.num_classes:
+        raise ConfigError("data.ignore_label equals the instance-boundary class id; use -1 or a larger value")
+
+
+def hooks(config: ml_collections.ConfigDict) -> tuple:
+    """(label rewrite for `pipeline.train_dataset`/`eval_batches`, `extra_scores` for
+    `evaluate.evaluate`), or (None, None) when instance segmentation is off."""
+    if not config.instances.enabled:
+        return None, None
+    return functools.partial(training_targets, config=config), functools.partial(panoptic_scores, config=config)
+
+
+def thing_classes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Classes whose pixels form instances; default: every class but background (0)."""
+    given = tuple(config.instances.thing_classes)
+    return given if given else tuple(range(1, config.data.num_classes))
+
+
+def num_outputs(config: ml_collections.ConfigDict) -> int:
+    """Channels of the network: the semantic classes, plus the boundary class when enabled."""
+    return config.data.num_classes + int(config.instances.enabled)
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = tuple(config.data.class_names)
+    return (*names, BOUNDARY_NAME) if config.instances.enabled else names
+
+
+def training_targets(example: dict, config: ml_collections.ConfigDict, where: str = "") -> dict:
+    """An example's label with the boundary class, computed before augmentation (geometric ops
+    then move it like any label); the instance map is dropped from the training stream."""
+    if "instances" not in example:
+        raise DataError(
+            f"instances.enabled needs instance maps, but {config.data.name} {where} has none "
+            "(folder datasets: an instances/ folder of uint16 PNGs; the synthetic scenes have them)"
+        )
+    return {"image": example["image"], "label": boundary_targets(example["label"], example["instances"], config)}
+
+
+def boundary_targets(label: np.ndarray, instances: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+    """`label` [H,W] with the boundary class (C) on thing pixels within `boundary_width` pixels
+    (city-block) of a pixel of *another instance*. Borders with background or stuff are left
+    alone: the class change already marks them, and thin objects keep their interior."""
+    things = np.isin(label, thing_classes(config)) & (instances > 0)
+    ids = np.where(things, instances.astype(np.int64), 0)
+    cross = ndimage.generate_binary_structure(2, 1)
+    # neighbourhood max / min over thing pixels only (background 0 never wins the max; as
+    # max + 1 it never wins the min): a pixel whose 4-neighbourhood holds another id is a border
+    high = ndimage.grey_dilation(ids, footprint=cross, mode="nearest")
+    low = ndimage.grey_erosion(np.where(things, ids, ids.max() + 1), footprint=cross, mode="nearest")
+    border = things & ((high != ids) | (low != ids))
+    if config.instances.boundary_width > 1:
+        border = ndimage.binary_dilation(border, cross, iterations=config.instances.boundary_width - 1)
+    out = label.astype(np.int32).copy()
+    out[border & things] = config.data.num_classes
+    return out
+
+
+def to_instances(pred: np.ndarray, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted C+1-class map [H,W] -> (semantic classes [H,W], instance ids [H,W]; 0 = none)."""
+    boundary_class = config.data.num_classes
+    seeds = np.zeros(pred.shape, np.int64)
+    seed_class = [0]
+    for c in thing_classes(config):
+        components, n = ndimage.label(pred == c)
+        if not n:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=n + 1)
+        keep = sizes >= max(config.instances.min_size, 1)
+        keep[0] = False
+        relabel = np.zeros(n + 1, np.int64)
+        relabel[keep] = np.arange(len(seed_class), len(seed_class) + keep.sum())
+        seeds = np.where(components > 0, relabel[components], seeds)
+        seed_class += [c] * int(keep.sum())
+    grown = segmentation.expand_labels(seeds, distance=config.instances.boundary_width + 1)
+    instances = np.where((pred == boundary_class) | (seeds > 0), grown, 0)
+    # thing and boundary pixels outside every kept instance become background; stuff stays
+    semantic = np.where(np.isin(pred, thing_classes(config)) | (pred == boundary_class), 0, pred)
+    semantic = np.where(instances > 0, np.asarray(seed_class)[instances], semantic)
+    return semantic.astype(np.int32), instances.astype(np.int32)
+
+
+def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
+    """PQ over a split from eval outputs holding `pred` (C+1 classes) and the host-side truth
+    `gt_label` (semantic), `gt_instances` and `gt_valid` per image."""
+    num_classes = config.data.num_classes
+    things = set(thing_classes(config))
+    acc = metrics.PanopticAccumulator(num_classes)
+    for out in outputs:
+        images = zip(out["pred"], out["gt_label"], out["gt_instances"], out["gt_valid"], strict=True)
+        for pred, label, inst, valid in images:
+            if not valid.any():
+                continue  # a padding copy
+            rows, cols = np.nonzero(valid)  # crop the zero padding
+            box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+            p_sem, p_inst = to_instances(np.asarray(pred)[box], config)
+            t_inst = np.where(np.isin(label[box], list(things)), inst[box], 0)  # stuff: one segment per class
+            acc.update(label[box], t_inst, p_sem, p_inst, void=~valid[box])
+    res = acc.result()
+    out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
+    for c in range(1, num_classes):
+        out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])
+    return out

@@ -1,0 +1,177 @@
+"""The classic recipe's first stage: train the encoder as a classifier of image-level labels.
+
+The image-level label of a training image is the set of classes present among its valid pixels
+(multi-hot; the weak supervision older pipelines pretrained encoders on). `UNet.classify` puts
+global average pooling and one dense layer on the bottleneck; the loss is sigmoid cross-entropy.
+The pretrained encoder (weights and BatchNorm statistics) then initialises the segmentation
+network, which trains on the pixel masks with the encoder frozen (`model.freeze_encoder=True`,
+the recipe: only the decoder and head learn) or fine-tuned (False).
+
+`train.train_and_evaluate` runs this first when `pretrain.steps > 0`, in `<workdir>/pretrain/`
+(checkpointed, resumed, skipped once finished), so end-to-end training and both recipe variants
+are config values apart (study axis `configs/studies/unet_ablations.py:pretraining`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from tqdm import tqdm
+
+from segjax import checkpointing, instances, optim, parallel, state, writers
+from segjax.data import pipeline
+from segjax.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+ARCHS = ("unet", "encoder_decoder")  # architectures with a separable `encoder` and `classify`
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    if config.pretrain.steps < 0:
+        raise ConfigError(f"pretrain.steps={config.pretrain.steps} must be >= 0")
+    if config.pretrain.steps == 0 and config.model.freeze_encoder:
+        raise ConfigError(
+            "model.freeze_encoder=True with pretrain.steps=0 would freeze a randomly initialised encoder; "
+            "set pretrain.steps > 0 (the classic recipe) or leave the encoder trainable"
+        )
+    if config.pretrain.steps and config.model.arch not in ARCHS:
+        raise ConfigError(f"pretrain.steps > 0 needs model.arch in {list(ARCHS)} (got {config.model.arch!r})")
+    if config.pretrain.steps and (config.train.num_seeds > 1 or config.parallel.mode != "jit"):
+        raise ConfigError("pretrain.steps > 0 runs with train.num_seeds=1 and parallel.mode='jit'")
+
+
+def image_labels(label: jax.Array, valid: jax.Array, num_classes: int) -> jax.Array:
+    """Multi-hot [B, C] float32: 1 where class c occurs among the valid pixels of example b."""
+    onehot = jax.nn.one_hot(label, num_classes, dtype=jnp.float32) * valid[..., None]
+    return (onehot.reshape(label.shape[0], -1, num_classes).max(axis=1) > 0).astype(jnp.float32)
+
+
+def train_step(st: state.TrainState, batch: dict, *, model) -> tuple[state.TrainState, dict]:
+    targets = image_labels(batch["label"], batch["valid"], model.num_classes)
+    has_stats = bool(st.batch_stats)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": st.batch_stats} if has_stats else {"params": params}
+        logits, updates = model.apply(
+            variables, batch["image"], train=True, method="classify", mutable=["batch_stats"] if has_stats else []
+        )
+        return optax.sigmoid_binary_cross_entropy(logits, targets).mean(), updates.get("batch_stats", st.batch_stats)
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    return st.apply_gradients(grads, stats, st.rng), {"loss": loss}
+
+
+def eval_step(st: state.TrainState, batch: dict, *, model) -> jax.Array:
+    """Per-class [tp, fp, fn, tn] counts [4, C] over the real (not padding) examples; a class is
+    predicted present where its logit > 0."""
+    targets = image_labels(batch["label"], batch["valid"], model.num_classes) > 0
+    pred = model.apply(st.variables(), batch["image"], train=False, method="classify") > 0
+    real = (batch["valid"].reshape(batch["valid"].shape[0], -1).max(axis=1) > 0)[:, None]
+    cells = (pred & targets, pred & ~targets, ~pred & targets, ~pred & ~targets)
+    return jnp.stack([jnp.sum(c & real, axis=0) for c in cells])
+
+
+def scores(counts: np.ndarray, class_names) -> dict[str, float]:
+    """`pretrain/val/f1/<class>` (2tp / (2tp + fp + fn); NaN for a class never present nor
+    predicted), `pretrain/val/mf1` (mean over the defined ones) and `pretrain/val/accuracy`
+    (fraction of right (image, class) decisions)."""
+    tp, fp, fn, tn = np.asarray(counts, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+    out = {f"pretrain/val/f1/{name}": float(v) for name, v in zip(class_names, f1, strict=True)}
+    out["pretrain/val/mf1"] = float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")
+    out["pretrain/val/accuracy"] = float((tp + tn).sum() / (tp + fp + fn + tn).sum())
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, mesh) -> dict:
+    """Pretrain (or resume, or reuse the finished run in `workdir`); return the encoder's variables
+    `{'params': ..., 'batch_stats': ...}` and write `workdir/metrics.json`."""
+    steps, pidx, pcount = config.pretrain.steps, jax.process_index(), jax.process_count()
+    os.makedirs(workdir, exist_ok=True)
+    host_batch = parallel.host_batch_size(config.train.batch_size)
+    ds = pipeline.train_dataset(splits["train"], config.data, host_batch, config.train.seed, pidx, pcount)
+    data_iter = pipeline.train_iterator(ds, config.data)
+    sample = jnp.asarray(ds[0]["image"][:1])
+    opt_cfg = config.optim.copy_and_resolve_references()
+    opt_cfg.lr = config.pretrain.lr
+    st = state.create(model, optim.build(opt_cfg, steps), sample, config.train.seed, method="classify")
+    repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    st = jax.device_put(st, repl)
+    ckpt = checkpointing.Checkpointer(workdir, keep=1)
+    if ckpt.latest_step() is not None:
+        try:
+            st, data_state = ckpt.restore(st)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; the pretraining run in {workdir} does not fit this model") from err
+        data_iter.set_state(data_state)
+    step = int(st.step)
+    train_fn = jax.jit(
+        functools.partial(train_step, model=model), in_shardings=(repl, batch_sh), out_shardings=repl, donate_argnums=0
+    )
+    writer = writers.MetricWriter(workdir)
+    bar = tqdm(total=steps, initial=step, desc="pretrain encoder", unit="step", disable=pidx != 0)
+    try:
+        while step < steps:
+            st, out = train_fn(st, parallel.to_global(next(data_iter), mesh, batch_sh))
+            step += 1
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == steps:
+                loss = float(out["loss"])
+                if not np.isfinite(loss):
+                    raise NonFiniteLossError(f"pretraining loss is {loss} at step {step}; lower pretrain.lr")
+                writer.write(step, {"pretrain/train/loss": loss})
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if step % config.train.checkpoint_every == 0 or step == steps:
+                ckpt.save(step, st, data_iter.get_state())
+        eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, batch_sh), out_shardings=repl)
+        batches = pipeline.eval_batches(
+            splits["validation"],
+            config.data,
+            parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
+            pidx,
+            pcount,
+            pad_multiple=2**config.model.depth,
+        )
+        counts = sum(np.asarray(eval_fn(st, parallel.to_global(b, mesh, batch_sh)), np.int64) for b in batches)
+        results = {"step": step, **scores(counts, instances.class_names(config))}
+        writer.write(step, results)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    logging.info("pretrained encoder: %s", json.dumps(results))
+    if pidx == 0:
+        with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump({k: (None if v != v else v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+    params, stats = jax.device_get(st.params), jax.device_get(st.batch_stats)
+    return {"params": params["encoder"], "batch_stats": stats.get("encoder", {}) if stats else {}}
+
+
+def load_encoder(st: state.TrainState, encoder: dict) -> state.TrainState:
+    """The segmentation state with its encoder replaced by the pretrained one (shapes checked)."""
+    mine = jax.tree_util.tree_map(jnp.shape, st.params["encoder"])
+    theirs = jax.tree_util.tree_map(jnp.shape, encoder["params"])
+    if mine != theirs:
+        raise CheckpointError("the pretrained encoder's parameters do not fit this model's encoder")
+    params = {**st.params, "encoder": encoder["params"]}
+    stats = {**st.batch_stats, "encoder": encoder["batch_stats"]} if st.batch_stats else st.batch_stats
+    return st.replace(params=params, batch_stats=stats, opt_state=st.tx.init(params))
+
+
+def frozen_encoder_tx(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` for everything but the encoder, whose parameters never change (no weight decay either)."""
+
+    def labels(params):
+        return traverse_util.path_aware_map(lambda path, _: "frozen" if path[0] == "encoder" else "train", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,143 @@
+"""Instance / panoptic segmentation: boundary-class targets, post-processing, PQ, training."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from segjax import instances, metrics, train
+from segjax.data import pipeline, sources
+from segjax.errors import ConfigError, DataError
+from tests.conftest import load_config
+
+
+def _config(num_classes=3, width=1, things=(), min_size=1):
+    c = load_config("tiny")
+    c.data.num_classes = num_classes
+    c.data.class_names = tuple(f"c{i}" for i in range(num_classes))
+    c.instances.enabled = True
+    c.instances.boundary_width = width
+    c.instances.thing_classes = things
+    c.instances.min_size = min_size
+    return c
+
+
+def _touching_rectangles():
+    """Class 1: three rectangles (two of them touching), class 2: one rectangle; ids 1..4."""
+    label = np.zeros((20, 24), np.int32)
+    inst = np.zeros((20, 24), np.int32)
+    for k, (r0, r1, c0, c1, cls) in enumerate(
+        [(2, 9, 2, 10, 1), (2, 9, 10, 17, 1), (11, 18, 3, 9, 1), (11, 18, 12, 22, 2)], start=1
+    ):
+        label[r0:r1, c0:c1] = cls
+        inst[r0:r1, c0:c1] = k
+    label[11:18, 9:12] = 2  # class 2 touches instance 3 (class 1) here: another instance
+    inst[11:18, 9:12] = 4
+    return label, inst
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_boundary_targets_mark_thing_pixels_near_another_instance(width):
+    label, inst = _touching_rectangles()
+    got = instances.boundary_targets(label, inst, _config(width=width))
+    expected = label.copy()
+    h, w = label.shape
+    for y, x in itertools.product(range(h), range(w)):  # brute force: another instance within width
+        if inst[y, x] == 0:
+            continue
+        near = [
+            inst[y + dy, x + dx]
+            for dy, dx in itertools.product(range(-width, width + 1), repeat=2)
+            if abs(dy) + abs(dx) <= width and 0 <= y + dy < h and 0 <= x + dx < w
+        ]
+        if any(n not in (0, inst[y, x]) for n in near):
+            expected[y, x] = 3
+    np.testing.assert_array_equal(got, expected)
+    assert (got == 3).sum() == 2 * 7 * width * 2  # two touching pairs, 7 rows, width on both sides
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_perfect_boundary_prediction_gives_back_the_instances(width):
+    label, inst = _touching_rectangles()
+    config = _config(width=width)
+    semantic, found = instances.to_instances(instances.boundary_targets(label, inst, config), config)
+    np.testing.assert_array_equal(semantic, label)
+    # same partition of the pixels (ids may differ)
+    pairs = set(zip(inst.ravel().tolist(), found.ravel().tolist(), strict=True))
+    assert len(pairs) == len(np.unique(inst)) == len(np.unique(found))
+    pq = metrics.panoptic_quality(label, inst, semantic, found, 3)
+    assert pq["mpq"] == pytest.approx(1.0)
+
+
+def test_stuff_classes_small_fragments_and_unclaimed_boundary():
+    config = _config(num_classes=4, things=(1,), min_size=4)
+    pred = np.zeros((10, 10), np.int32)
+    pred[0:4, 0:4] = 1  # an instance of thing class 1
+    pred[8, 8] = 1  # a 1-pixel fragment: below min_size, dropped to background
+    pred[5:10, 0:3] = 2  # stuff class 2: no instance id
+    pred[0, 9] = 4  # a boundary pixel far from any seed: background
+    semantic, found = instances.to_instances(pred, config)
+    assert semantic[8, 8] == 0 and found[8, 8] == 0
+    assert (semantic[5:10, 0:3] == 2).all() and (found[5:10, 0:3] == 0).all()
+    assert semantic[0, 9] == 0 and found[0, 9] == 0
+    assert len(np.unique(found[0:4, 0:4])) == 1 and found[0, 0] > 0
+
+
+def test_eval_batches_carry_aligned_truth_and_a_perfect_prediction_scores_the_encoding_ceiling(tiny_config):
+    tiny_config.instances.enabled = True
+    splits = sources.open_splits(tiny_config.data, with_instances=True)
+    targets, panoptic = instances.hooks(tiny_config)
+    batches = list(pipeline.eval_batches(splits["validation"], tiny_config.data, 5, 0, 1, 4, targets))
+    n = len(splits["validation"])
+    assert sum(int(b["gt_valid"].any(axis=(1, 2)).sum()) for b in batches) == n  # padding copies flagged
+    for b in batches:  # the training label is the truth with the boundary class on top
+        changed = (b["label"] != b["gt_label"]) & b["gt_valid"]
+        assert (b["label"][changed] == 4).all() and (b["gt_instances"][changed] > 0).all()
+    outputs = [{"pred": b["label"], **{k: v for k, v in b.items() if k.startswith("gt_")}} for b in batches]
+    scores = panoptic(outputs)
+    assert 0.7 < scores["val/pq"] < 1  # tiny 32^2 scenes: some instances are thinner than 2 px
+    assert scores["val/pq"] == pytest.approx(scores["val/sq"] * scores["val/rq"], rel=0.1)
+
+
+def test_training_reports_panoptic_quality(tiny_config, tmp_path):
+    tiny_config.instances.enabled = True
+    result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    for key in ("val/pq", "val/sq", "val/rq", "val/pq/tool", "val/iou/instance_boundary"):
+        assert 0 <= result[key] <= 1, key
+    assert result["val/pixels"] == 12 * 32 * 32
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"instances.thing_classes": (0, 2)}, "not classes 1..3"),
+        ({"instances.boundary_width": 0}, ">= 1 pixel"),
+        ({"train.num_seeds": 2}, "num_seeds=1"),
+        ({"loss.class_weights": (1.0, 1.0, 1.0, 1.0)}, "one per network output"),
+    ],
+)
+def test_instance_config_errors(tiny_config, tmp_path, overrides, message):
+    tiny_config.instances.enabled = True
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        tiny_config[section][field] = value
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+
+
+def test_dataset_without_instance_maps_is_an_error(tmp_path, tfds_dir):
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((32, 32), 60 * i, np.uint8)).save(tmp_path / "data" / "images" / f"{i}.png")
+        Image.fromarray(np.eye(32, dtype=np.uint8)).save(tmp_path / "data" / "masks" / f"{i}.png")
+    c = load_config("tiny")
+    c.data.name, c.data.dir, c.data.tfds_dir, c.data.channels = "folder", str(tmp_path / "data"), tfds_dir, 1
+    c.data.num_classes, c.data.class_names, c.data.folder.val_fraction = 2, ("bg", "fg"), 0.5
+    c.instances.enabled = True
+    with pytest.raises(DataError, match="needs instance maps"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
