@@ -40,8 +40,9 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 19
     if arg == "instances":
         c.instances.enabled = True
-        # the boundary pixels between touching nuclei are rare (unweighted, the network never predicted them)
-        c.loss.class_weights = (1.0, 1.0, 5.0)
+        # boundary pixels between touching nuclei are 0.2 % of the pixels: unweighted (and at 5x) the
+        # network never predicted them; PQ 0.488 / 0.518 / 0.530 at weights 1 / 5 / 20 (README)
+        c.loss.class_weights = (1.0, 1.0, 20.0)
     elif arg:
         raise ValueError(f"configs/nuclei.py takes no argument or 'instances', not {arg!r}")
     return c
