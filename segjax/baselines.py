@@ -30,7 +30,7 @@ from absl import app, flags
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, metrics, report
+from segjax import configuration, evaluate, metrics, report, writers
 from segjax.errors import ConfigError, SegjaxError
 
 METHODS = ("otsu", "adaptive", "edges", "watershed")
@@ -129,8 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results["baseline"] = config.baseline.method
     results["seconds"] = time.perf_counter() - start
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in results.items()}, f, indent=2)
+    writers.write_summary(path, results)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(configuration.to_json(config))
     names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)

@@ -151,8 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
         writer.close()
     logging.info("pretrained encoder: %s", json.dumps(results))
     if pidx == 0:
-        with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({k: (None if v != v else v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+        writers.write_summary(os.path.join(workdir, "metrics.json"), results)
     params, stats = jax.device_get(st.params), jax.device_get(st.batch_stats)
     return {"params": params["encoder"], "batch_stats": stats.get("encoder", {}) if stats else {}}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, train
+from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, train, writers
 from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
@@ -55,8 +54,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results["checkpoint"] = which
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"eval_{which}.json"), "w", encoding="utf-8") as f:
-            json.dump({k: train.json_value(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+        writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
         print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
         print(report.results_table(results, names))
     return results

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from segjax import inference, instances, losses, metrics
+from segjax import inference, losses, metrics
 from segjax.state import TrainState
 
 
@@ -91,7 +91,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model, axis_name: str | No
         eval_step,
         model=model,
         loss_cfg=config.loss,
-        num_classes=instances.num_outputs(config),
+        num_classes=model.num_classes,
         boundary_dilation=config.eval.boundary_dilation,
         eval_cfg=config.eval,
         axis_name=axis_name,

@@ -356,12 +356,10 @@ def train_and_evaluate(
     if pidx == 0 and num_seeds > 1:  # each replica's own metrics.json, as a single-seed run writes it
         for s, r in zip(replica_seeds, seed_results, strict=True):
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
-            with open(os.path.join(workdir, f"seed_{s}", "metrics.json"), "w", encoding="utf-8") as f:
-                mine = {"step": step, "seed": s, **r, **summary, "metrics_convention": convention}
-                json.dump({k: json_value(v) for k, v in mine.items()}, f, indent=2, sort_keys=True)
+            mine = {"step": step, "seed": s, **r, **summary, "metrics_convention": convention}
+            writers.write_summary(os.path.join(workdir, f"seed_{s}", "metrics.json"), mine)
     if pidx == 0:
-        with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump({k: json_value(v) for k, v in final.items()}, f, indent=2, sort_keys=True)
+        writers.write_summary(os.path.join(workdir, "metrics.json"), final)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
         print(report.results_table(final, names))
         if num_seeds > 1:
@@ -371,12 +369,6 @@ def train_and_evaluate(
                 + f"; std {final.get('val/miou_std', float('nan')):.4f})"
             )
     return final
-
-
-def json_value(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _last_logged(workdir: str, key: str):

@@ -20,6 +20,12 @@ def _plain(value):
     return value
 
 
+def write_summary(path: str, results: dict) -> None:
+    """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({k: _plain(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+
+
 class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
