@@ -336,3 +336,23 @@ def test_transpose_conv_as_matmul_equals_the_textbook_layer(dims):
     grad_ref = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
     for a, b in zip(jax.tree_util.tree_leaves(grad_ours), jax.tree_util.tree_leaves(grad_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_max_pool_as_reshape_equals_the_textbook_layer(dims):
+    """Same values and input gradient as flax's reduce-window max-pool (random input: no ties)."""
+    import flax.linen as nn
+
+    from segjax.models import blocks
+
+    shape = (2, 8, 6, 4, 3)[-(dims + 2) :]
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    window = (2,) * dims
+    ref = lambda v: nn.max_pool(v, window, strides=window)  # noqa: E731
+    ours = lambda v: blocks.pool(v, "max", dims)  # noqa: E731
+    np.testing.assert_array_equal(ours(x), ref(x))
+    weights = jax.random.normal(jax.random.PRNGKey(1), ref(x).shape)
+    grad_ours = jax.grad(lambda v: jnp.sum(ours(v) * weights))(x)
+    grad_ref = jax.grad(lambda v: jnp.sum(ref(v) * weights))(x)
+    np.testing.assert_array_equal(grad_ours, grad_ref)
+    assert int(jnp.sum(grad_ours != 0)) == weights.size  # one winner per window

@@ -82,8 +82,22 @@ def pool(x: jax.Array, kind: str, spatial_dims: int) -> jax.Array:
     """2x down-sampling in every spatial dimension."""
     window = (2,) * spatial_dims
     if kind == "max":
-        return nn.max_pool(x, window, strides=window)
+        return max_pool2x(x, spatial_dims)
     return nn.avg_pool(x, window, strides=window)
+
+
+def max_pool2x(x: jax.Array, spatial_dims: int) -> jax.Array:
+    """2x max-pooling as a reshape + max over the window axes.
+
+    Same values and, for inputs without ties inside a window, the same gradient as
+    `nn.max_pool` (tested); ties split the gradient evenly instead of giving it to one element,
+    which after a ReLU only happens at zeros, where the ReLU passes no gradient anyway. XLA:CPU
+    lowers the reduce-window form's gradient to a variadic reduce-window with four index
+    tensors plus a scatter (~15 % of a U-Net step); this form is elementwise and fuses.
+    """
+    blocks = [n for size in x.shape[1 : 1 + spatial_dims] for n in (size // 2, 2)]
+    y = x.reshape(x.shape[0], *blocks, x.shape[-1])
+    return y.max(axis=tuple(range(2, 2 * spatial_dims + 1, 2)))
 
 
 class TransposeConv2x(nn.Module):
@@ -108,10 +122,14 @@ class TransposeConv2x(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         kernel = jnp.flip(kernel, axis=tuple(range(d))).astype(self.dtype)  # lax.conv_transpose's orientation
-        space, block = "dhw"[-d:], "abe"[:d]
-        out = "n" + "".join(s + b for s, b in zip(space, block, strict=True)) + "o"
-        y = jnp.einsum(f"n{space}c,{block}co->{out}", x.astype(self.dtype), kernel)
-        y = y.reshape(x.shape[0], *(2 * n for n in x.shape[1:-1]), self.features)
+        cin, n, sizes = x.shape[-1], x.shape[0], x.shape[1:-1]
+        # [c, block..., o] so one 2-D matmul gives every output block's channels at once
+        kernel = jnp.moveaxis(kernel, d, 0).reshape(cin, -1)
+        y = x.astype(self.dtype).reshape(-1, cin) @ kernel
+        y = y.reshape(n, *sizes, *(2,) * d, self.features)
+        # depth-to-space: interleave each spatial axis with its block axis
+        order = [0] + [a for i in range(d) for a in (1 + i, 1 + d + i)] + [1 + 2 * d]
+        y = y.transpose(order).reshape(n, *(2 * s for s in sizes), self.features)
         return y + bias.astype(self.dtype)
 
 
