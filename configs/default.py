@@ -45,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds.val_split = "test"
     c.data.label_map = config_dict.placeholder(tuple)  # stored label value v -> class id label_map[v]; None = as stored
     c.data.resize = 0  # resize every image to resize x resize on load (labels: nearest); 0 = native size
+    # 2D: move every image (both splits, before augmentation; labels untouched) by this many
+    # pixels (rows, cols), cubic spline, so images line up with labels drawn off-centre;
+    # `python -m segjax.data.alignment --config=...` measures it on the training split
+    c.data.image_shift = (0.0, 0.0)
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0  # generator seed (the dataset's content, not the training order)
     c.data.synthetic.image_size = 64  # square scene size in pixels

@@ -17,7 +17,7 @@ from absl import logging
 from PIL import Image
 
 from segjax import parallel
-from segjax.data import builders, folder, nifti, png, validation
+from segjax.data import alignment, builders, folder, nifti, png, validation
 from segjax.errors import ConfigError, DataError
 
 
@@ -143,6 +143,8 @@ class DecodedSource:
             if instances is not None:
                 instances = nearest(instances, self._cfg.resize)
             image, label = resize(image, label, self._cfg.resize)
+        if any(self._cfg.image_shift):
+            image = alignment.shift_image(image, self._cfg.image_shift, where)
         example = {"image": image, "label": label, "index": np.int32(index)}
         if instances is not None:
             example["instances"] = instances
