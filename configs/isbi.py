@@ -44,7 +44,10 @@ def get_config(arg: str | None = None):
     c.data.augment.brightness = 0.1
     c.data.augment.contrast = 0.2
     c.data.augment.gamma = 0.2
-    c.data.image_shift = (-0.61, -0.20)  # python -m segjax.data.alignment --config=configs/isbi.py
+    # moves the images onto the labels; measured on images 0-24 by one parabola fit when the README
+    # numbers were run; `python -m segjax.data.alignment --config=configs/isbi.py` (iterated fit)
+    # now says (-0.60, -0.17): equal within the 0.03 px the test allows
+    c.data.image_shift = (-0.61, -0.20)
     c.loss.dice_background = False  # the Dice term scores the membranes only
     c.model.depth = 4
     c.model.base_features = 16

@@ -4,7 +4,7 @@ jaxlib 0.10/0.11 hand convolutions, matrix products and reductions to YNNPACK by
 convolution *weight gradients* (a convolution whose window is the whole image) YNNPACK is about
 2x slower than XLA's own Eigen convolution on this project's CPU, and those dominate a U-Net
 training step. `--xla_cpu_experimental_ynn_fusion_type=dot,reduce` keeps YNNPACK for products
-and reductions and gives convolutions back to Eigen: the U-Net training step runs 1.3-1.7x
+and reductions and gives convolutions back to Eigen: U-Net training steps run 1.4-1.8x
 faster (benchmarks/RESULTS.md), with results equal to the default backend's to float32
 rounding (tests/test_xla_cpu.py). GPU and TPU backends ignore CPU options.
 
