@@ -8,6 +8,15 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# JAX's persistent compilation cache, shared by both xdist workers and every CLI subprocess a
+# test starts (they inherit the environment): most of this suite's time is XLA compiling the same
+# small programs again (each `jax.random` kernel alone takes ~0.2 s on 2 CPU cores). Entries are
+# keyed by the program, the flags and the jaxlib version, so results are unchanged; set
+# JAX_COMPILATION_CACHE_DIR yourself to move it (the folder is git-ignored).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 SHARED_DATA = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 
 

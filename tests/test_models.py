@@ -98,23 +98,18 @@ def count(tree) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(tree))
 
 
+def param_shapes(model, shape) -> dict:
+    """The parameters `model.init` would create for inputs of `shape`, as shapes (nothing is compiled)."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))["params"]
+
+
 def test_param_count_is_size_independent_and_tracks_bottleneck():
     model = build_model(model_cfg(norm="none"), num_classes=2)
-    small, _ = init_apply(model, (1, 8, 8, 3))
-    large, _ = init_apply(model, (1, 32, 48, 3))
-    assert count(small["params"]) == count(large["params"])
+    assert count(param_shapes(model, (1, 8, 8, 3))) == count(param_shapes(model, (1, 32, 48, 3)))
     # Bottleneck 16 -> 17 channels with norm='none' (convs have bias): the bottleneck block's
     # first conv 8->F (9*8*F + F), second F->F (9*F*F + F), and up1 transposes F->8 (4*F*8).
-    base = count(
-        build_model(model_cfg(norm="none", bottleneck_features=16), 2).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))
-        )["params"]
-    )
-    plus = count(
-        build_model(model_cfg(norm="none", bottleneck_features=17), 2).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))
-        )["params"]
-    )
+    base = count(param_shapes(build_model(model_cfg(norm="none", bottleneck_features=16), 2), (1, 8, 8, 3)))
+    plus = count(param_shapes(build_model(model_cfg(norm="none", bottleneck_features=17), 2), (1, 8, 8, 3)))
 
     def terms(f):
         return 9 * 8 * f + f + 9 * f * f + f + 4 * f * 8
@@ -125,7 +120,7 @@ def test_param_count_is_size_independent_and_tracks_bottleneck():
 def test_unet_parameter_count_by_hand():
     """depth 1, base 2, no norm, 1 input ch, 2 classes: every conv counted by hand."""
     cfg = model_cfg(depth=1, base_features=2, norm="none", bottleneck_features=3)
-    params = build_model(cfg, 2).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))["params"]
+    params = param_shapes(build_model(cfg, 2), (1, 4, 4, 1))
     enc = (9 * 1 * 2 + 2) + (9 * 2 * 2 + 2)  # level0: 1->2, 2->2
     bott = (9 * 2 * 3 + 3) + (9 * 3 * 3 + 3)  # 2->3, 3->3
     up = 4 * 3 * 2 + 2  # 2x2 transpose 3->2
@@ -137,7 +132,7 @@ def test_unet_parameter_count_by_hand():
 def test_size_not_divisible_by_depth_says_what_to_pad_to():
     model = build_model(model_cfg(depth=3), num_classes=2)
     with pytest.raises(ConfigError, match=r"divisible by 2\*\*depth=8; pad or crop 100 to 104"):
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 64, 3)))
+        param_shapes(model, (1, 100, 64, 3))
 
 
 def test_unknown_arch_lists_valid_names():
@@ -163,13 +158,13 @@ def test_unknown_arch_lists_valid_names():
 def test_bad_model_config(knobs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         model = build_model(model_cfg(**knobs), 2)
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+        param_shapes(model, (1, 16, 16, 3))
 
 
 def test_wrong_rank_input_is_explained():
     model = build_model(model_cfg(), 2)
     with pytest.raises(ConfigError, match=r"expects \[batch, H, W, C\]"):
-        model.init(jax.random.PRNGKey(0), jnp.zeros((16, 16, 3)))
+        param_shapes(model, (16, 16, 3))
 
 
 # --- the architecture family: U-Net++, V-Net, 3D ---------------------------------------------
@@ -222,9 +217,9 @@ def test_unetpp_nested_grid_node_count(depth):
 def test_unetpp_dense_skips_feed_every_earlier_node_of_the_level():
     """X^{0,2} at depth 2, base 4: input = X^{0,0} (4) + X^{0,1} (4) + up(X^{1,1}) (4) = 12 channels."""
     model = build_model(model_cfg(arch="unetpp", depth=2, base_features=4), 2)
-    variables, _ = init_apply(model, (1, 8, 8, 3))
-    assert variables["params"]["X0_2"]["Conv_0"]["kernel"].shape[2] == 12
-    assert variables["params"]["X1_1"]["Conv_0"]["kernel"].shape[2] == 8 + 8
+    params = param_shapes(model, (1, 8, 8, 3))
+    assert params["X0_2"]["Conv_0"]["kernel"].shape[2] == 12
+    assert params["X1_1"]["Conv_0"]["kernel"].shape[2] == 8 + 8
 
 
 def test_unetpp_pruned_inference_uses_a_smaller_network():
@@ -256,12 +251,10 @@ def test_family_param_count_is_size_independent_and_tracks_width():
         small_shape = (1, 8, 8, 8, 1) if dims == 3 else (1, 8, 8, 3)
         large_shape = (1, 16, 8, 24, 1) if dims == 3 else (1, 32, 24, 3)
         model = build_model(model_cfg(arch=arch, spatial_dims=dims), 2)
-        a, _ = init_apply(model, small_shape)
-        b, _ = init_apply(model, large_shape)
-        assert count(a["params"]) == count(b["params"])
+        a = count(param_shapes(model, small_shape))
+        assert a == count(param_shapes(model, large_shape))
         wider = build_model(model_cfg(arch=arch, spatial_dims=dims, base_features=8), 2)
-        c, _ = init_apply(wider, small_shape)
-        assert count(c["params"]) > 2 * count(a["params"])
+        assert count(param_shapes(wider, small_shape)) > 2 * a
 
 
 @pytest.mark.parametrize(
@@ -278,15 +271,15 @@ def test_family_param_count_is_size_independent_and_tracks_width():
 def test_unsupported_combinations(knobs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         model = build_model(model_cfg(**knobs), 2)
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+        param_shapes(model, (1, 8, 8, 3))
 
 
 def test_volume_that_does_not_fit_depth_and_wrong_rank():
     model = build_model(model_cfg(arch="vnet", spatial_dims=3, depth=2), 2)
     with pytest.raises(ConfigError, match="pad or crop 10 to 12"):
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 10, 8, 1)))
+        param_shapes(model, (1, 8, 10, 8, 1))
     with pytest.raises(ConfigError, match=r"spatial_dims=3 expects \[batch, D, H, W, C\]"):
-        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+        param_shapes(model, (1, 8, 8, 1))
 
 
 @pytest.mark.parametrize(
