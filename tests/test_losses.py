@@ -77,11 +77,11 @@ def test_focal_down_weights_easy_pixels():
     assert float(losses.focal(logits, labels, valid, gamma=2.0)) < float(losses.cross_entropy(logits, labels, valid))
 
 
-@pytest.mark.parametrize("name", ["ce", "dice", "focal"])
+@pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz"])
 def test_ignored_pixels_get_no_gradient(name):
     logits, labels = batch(7)
     valid = jnp.ones(labels.shape).at[0, 0, 0].set(0.0)
-    fn = {"ce": losses.cross_entropy, "dice": losses.soft_dice, "focal": losses.focal}[name]
+    fn = {"ce": losses.cross_entropy, "dice": losses.soft_dice, "focal": losses.focal}.get(name, losses.lovasz_softmax)
     grads = jax.grad(lambda lg: fn(lg, labels, valid))(logits)
     assert float(jnp.abs(grads[0, 0, 0]).max()) == 0.0
     assert float(jnp.abs(grads[1]).max()) > 0.0
@@ -124,10 +124,22 @@ def test_total_loss_is_weighted_sum():
     assert set(terms) == {"ce", "dice"}
 
 
+def test_lovasz_term_is_weighted_and_follows_dice_background():
+    logits, labels = batch(15, num_classes=3)
+    valid = jnp.ones(labels.shape)
+    cfg = loss_cfg("lovasz")
+    cfg.lovasz_weight, cfg.dice_background = 2.0, False
+    total, terms = losses.total_loss(cfg, logits, labels, valid)
+    expected = 2.0 * losses.lovasz_softmax(logits, labels, valid, include_background=False)
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert set(terms) == {"lovasz"}
+    assert not np.isclose(float(expected), 2.0 * float(losses.lovasz_softmax(logits, labels, valid)))
+
+
 def test_unknown_loss_term():
     logits, labels = batch()
     with pytest.raises(ConfigError, match="unknown terms"):
-        losses.total_loss(loss_cfg("ce+lovasz"), logits, labels, jnp.ones(labels.shape))
+        losses.total_loss(loss_cfg("ce+lovasz_hinge"), logits, labels, jnp.ones(labels.shape))
 
 
 def test_tversky_with_equal_weights_is_dice_and_penalises_misses_more_with_beta():
@@ -154,3 +166,74 @@ def test_dice_empty_policy():
     index = (inter + 1.0) / (0.5 * (probs.sum((0, 1)) + onehot.sum((0, 1))) + 1.0)  # smooth = 1
     np.testing.assert_allclose(losses.soft_dice(logits, labels, valid, empty="one"), jnp.mean(1 - index), rtol=1e-5)
     np.testing.assert_allclose(losses.soft_dice(logits, labels, valid, empty="nan"), jnp.mean(1 - index[:2]), rtol=1e-5)
+
+
+def lovasz_reference(probs: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> float:
+    """Berman et al.'s `lovasz_softmax_flat` (classes='present'), in numpy: ignored pixels are
+    dropped before sorting (segjax masks them instead, to keep static shapes)."""
+    probs, labels = probs.reshape(-1, probs.shape[-1])[valid.ravel() > 0], labels.ravel()[valid.ravel() > 0]
+    per_class = []
+    for c in range(probs.shape[1]):
+        fg = (labels == c).astype(np.float64)
+        if fg.sum() == 0:
+            continue
+        errors = np.abs(fg - probs[:, c])
+        order = np.argsort(-errors, kind="stable")
+        gt_sorted = fg[order]
+        intersection = gt_sorted.sum() - gt_sorted.cumsum()
+        union = gt_sorted.sum() + (1.0 - gt_sorted).cumsum()
+        jaccard = 1.0 - intersection / union
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+        per_class.append(float(errors[order] @ jaccard))
+    return float(np.mean(per_class))
+
+
+def test_lovasz_softmax_equals_the_reference_algorithm_with_ignored_pixels():
+    logits, labels = batch(11, shape=(2, 9, 7), num_classes=3)
+    valid = (jax.random.uniform(jax.random.PRNGKey(12), labels.shape) > 0.3).astype(jnp.float32)
+    probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    ref = lovasz_reference(probs, np.asarray(labels), np.asarray(valid))
+    np.testing.assert_allclose(losses.lovasz_softmax(logits, labels, valid), ref, rtol=1e-5)
+
+
+def test_lovasz_softmax_of_hard_predictions_is_one_minus_iou():
+    """The Lovász extension agrees with the set function on 0/1 errors: 1 - IoU per class,
+    averaged over the classes present in the labels (class 3 here is predicted, never labelled)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (2, 8, 8))
+    pred = np.where(rng.random(labels.shape) < 0.3, rng.integers(0, 4, labels.shape), labels)
+    logits = 100.0 * jax.nn.one_hot(pred, 4)  # softmax = the one-hot prediction in float32
+    ious = [np.sum((pred == c) & (labels == c)) / np.sum((pred == c) | (labels == c)) for c in range(3)]
+    value = losses.lovasz_softmax(logits, jnp.asarray(labels), jnp.ones(labels.shape))
+    np.testing.assert_allclose(value, 1.0 - np.mean(ious), rtol=1e-6)
+    no_background = losses.lovasz_softmax(logits, jnp.asarray(labels), jnp.ones(labels.shape), include_background=False)
+    np.testing.assert_allclose(no_background, 1.0 - np.mean(ious[1:]), rtol=1e-6)
+
+
+def test_lovasz_softmax_over_a_device_axis_is_the_global_batch_loss():
+    logits, labels = batch(13, shape=(4, 6, 6), num_classes=3)
+    valid = jnp.ones(labels.shape)
+    full = losses.lovasz_softmax(logits, labels, valid)
+    split = lambda x: x.reshape(2, 2, *x.shape[1:])  # noqa: E731  two "devices" of two images
+    per_device = jax.vmap(lambda lg, lb, v: losses.lovasz_softmax(lg, lb, v, axis_name="d"), axis_name="d")(
+        split(logits), split(labels), split(valid)
+    )
+    np.testing.assert_allclose(per_device, [full, full], rtol=1e-6)
+
+
+def test_lovasz_softmax_gradient_matches_finite_differences_of_the_reference():
+    logits, labels = batch(14, shape=(1, 5, 4), num_classes=3)
+    valid = jnp.ones(labels.shape).at[0, 0, 0].set(0.0)
+    grads = np.asarray(jax.grad(lambda lg: losses.lovasz_softmax(lg, labels, valid))(logits))
+    x, lab, v = np.asarray(logits, np.float64), np.asarray(labels), np.asarray(valid)
+
+    def ref(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return lovasz_reference(e / e.sum(-1, keepdims=True), lab, v)
+
+    eps, numeric = 1e-6, np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[idx] = eps
+        numeric[idx] = (ref(x + step) - ref(x - step)) / (2 * eps)
+    np.testing.assert_allclose(grads, numeric, atol=2e-4)
