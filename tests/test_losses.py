@@ -81,7 +81,12 @@ def test_focal_down_weights_easy_pixels():
 def test_ignored_pixels_get_no_gradient(name):
     logits, labels = batch(7)
     valid = jnp.ones(labels.shape).at[0, 0, 0].set(0.0)
-    fn = {"ce": losses.cross_entropy, "dice": losses.soft_dice, "focal": losses.focal}.get(name, losses.lovasz_softmax)
+    fn = {
+        "ce": losses.cross_entropy,
+        "dice": losses.soft_dice,
+        "focal": losses.focal,
+        "lovasz": losses.lovasz_softmax,
+    }[name]
     grads = jax.grad(lambda lg: fn(lg, labels, valid))(logits)
     assert float(jnp.abs(grads[0, 0, 0]).max()) == 0.0
     assert float(jnp.abs(grads[1]).max()) > 0.0
