@@ -18,12 +18,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', \
 optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 B=benchmarks/train_bench.py
-run() { echo "=== $*" | tee -a "$LOG"; timeout 240 python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
-# bf16 first (the targets): segjax model.dtype=bfloat16 vs PyTorch AMP bf16, channels_last, torch.compile
+run() { echo "=== $*" | tee -a "$LOG"; timeout "${LIMIT:-240}" python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
+# Where the step's time goes, and the layer rewrites vs the textbook layers (bf16, 512^2): one process
+LIMIT=230 run benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --steps 20 --trace "$OUT/trace" \
+  --variants "default,textbook,batch=32,no_norm,xla:xla_gpu_enable_triton_gemm=false" --json "$OUT/profile.jsonl"
+# bf16 (the targets): segjax model.dtype=bfloat16 vs PyTorch AMP bf16, channels_last, torch.compile
 run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
 run $B --size 256 --batch 32 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
-run benchmarks/scaling_bench.py --seeds_only --seeds 8 --steps 30
 run $B --size 512 --batch 16 --dtype float32 --peak --steps 20 --json "$OUT/train.jsonl"
-run $B --size 256 --batch 32 --dtype float32 --peak --steps 20 --json "$OUT/train.jsonl"
+run benchmarks/scaling_bench.py --seeds_only --seeds 8 --steps 30
 echo "=== summary" | tee -a "$LOG"
-grep -h "^===\|speedup\|vmap K=\|^segjax (jax\|^torch" "$LOG"
+grep -h "^===\|speedup\|vmap K=\|^segjax (jax\|^torch\|^default\|^textbook\|^no_norm\|^batch=\|^xla:" "$LOG"

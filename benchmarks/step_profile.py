@@ -1,0 +1,230 @@
+"""Where segjax's U-Net training step spends its time: layer variants timed and one step profiled.
+
+Everything runs in one process on the same random batch, segjax only (the PyTorch comparison is
+`train_bench.py`). Each variant is compiled, warmed up and timed (median of `--steps` steps)
+before the next one starts, and its line is printed at once, so a time limit loses only the
+variants after it. Variants (`--variants`, comma-separated):
+
+  default    segjax's layers: 2x max-pool as reshape + max, the 2x2 stride-2 up-convolution as one
+             matmul + depth-to-space (`segjax.models.blocks`)
+  textbook   the layers those replace: `nn.max_pool` and `nn.ConvTranspose` (same parameters,
+             same function) -- the rewrites are defaults only where they are not slower
+  no_norm    norm='none' (convolutions with bias): not the same network; what batch norm costs
+  batch=N    the default layers at batch N
+  xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
+
+`--trace DIR` records `--trace_steps` steps of the default variant with `jax.profiler` and prints
+the device time per step by thread and its largest kernels (the Perfetto JSON stays in DIR).
+MFU = 3 x forward FLOPs (XLA cost analysis of the lowered forward) x steps/s / measured bf16 peak.
+
+  python benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --trace /tmp/out/trace
+  python benchmarks/step_profile.py --size 64 --batch 2 --base 8 --depth 2 --variants default,textbook   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import glob
+import gzip
+import json
+import re
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from train_bench import measure_peak
+
+from segjax import optim, state, steps
+from segjax.configuration import default_config
+from segjax.models import blocks, build_model
+
+
+class TextbookUpConv(nn.Module):
+    """`nn.ConvTranspose` 2x2 stride 2: the layer `blocks.TransposeConv2x` computes as a matmul."""
+
+    features: int
+    spatial_dims: int = 2
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        window = (2,) * self.spatial_dims
+        return nn.ConvTranspose(self.features, window, strides=window, dtype=self.dtype)(x)
+
+
+@contextlib.contextmanager
+def textbook_layers():
+    """Build models with `nn.max_pool` / `nn.ConvTranspose` in place of segjax's rewrites."""
+    saved = blocks.max_pool2x, blocks.TransposeConv2x
+    blocks.max_pool2x = lambda x, d: nn.max_pool(x, (2,) * d, strides=(2,) * d)
+    blocks.TransposeConv2x = TextbookUpConv
+    try:
+        yield
+    finally:
+        blocks.max_pool2x, blocks.TransposeConv2x = saved
+
+
+def parse_option(text: str):
+    """'name=value' -> (name, bool | int | float | str)."""
+    name, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return name, cast(value)
+    return name, value
+
+
+def build(args, variant: str):
+    """(jitted train step, state, batch, forward FLOPs per batch) for one variant."""
+    cfg = default_config()
+    cfg.model.depth, cfg.model.base_features, cfg.model.dtype = args.depth, args.base, args.dtype
+    cfg.loss.terms, cfg.optim.grad_clip, cfg.optim.weight_decay = "ce", 0.0, 0.0
+    batch_size, options = args.batch, None
+    if variant == "no_norm":
+        cfg.model.norm = "none"
+    elif variant.startswith("batch="):
+        batch_size = int(variant.split("=", 1)[1])
+    elif variant.startswith("xla:"):
+        options = dict(parse_option(o) for o in variant[4:].split(";"))
+    elif variant not in ("default", "textbook"):
+        raise SystemExit(f"unknown variant {variant!r}")
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.random((batch_size, args.size, args.size, 3), dtype=np.float32))
+    label = jnp.asarray(rng.integers(0, args.classes, (batch_size, args.size, args.size)).astype(np.int32))
+    batch = {"image": image, "label": label, "valid": jnp.ones(label.shape, jnp.float32)}
+    with textbook_layers() if variant == "textbook" else contextlib.nullcontext():
+        model = build_model(cfg.model, args.classes)
+        st = state.create(model, optim.build(cfg.optim, 1000), image[:1], 0)
+        step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss)
+        train = jax.jit(step, donate_argnums=0).lower(st, batch).compile(compiler_options=options)
+        forward = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
+        cost = forward.lower(st, image).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return train, st, batch, float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def time_steps(train, st, batch, n: int):
+    """Median seconds per step over n steps (after 3 warm-up steps), and the final state."""
+    times = []
+    for i in range(n + 3):
+        t = time.perf_counter()
+        st, out = train(st, batch)
+        jax.block_until_ready(out)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), st
+
+
+CATEGORIES = (  # kernel-name patterns, first match wins (cuDNN/CUTLASS, cuBLAS, XLA's own fusions)
+    ("conv weight-gradient", r"wgrad"),
+    ("conv input-gradient", r"dgrad"),
+    ("convolution", r"conv|fprop|implicit_gemm|cudnn"),
+    ("matmul", r"gemm|cublas|triton|matmul|dot"),
+    ("reduction fusion", r"reduc"),
+    ("transpose / copy", r"transpose|copy|concat"),
+    ("other fusion", r"fusion|loop|input"),
+)
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
+
+
+def kernel_summary(trace_dir: str, steps_traced: int, top: int = 15) -> list[str]:
+    """Device time per step from a `jax.profiler` Perfetto trace: per (device, thread) the total,
+    the categories and the largest event names. Falls back to every thread when the trace has
+    no device process (CPU)."""
+    paths = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+        return [f"no perfetto_trace.json.gz under {trace_dir}"]
+    data = json.load(gzip.open(sorted(paths)[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[e["pid"], e["tid"]] = e["args"]["name"]
+    devices = {p for p, name in procs.items() if name.startswith("/device:")} or set(procs)
+    per_thread = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in devices:
+            key = f"{procs[e['pid']]} | {threads.get((e['pid'], e['tid']), e['tid'])}"
+            per_thread[key][e["name"]] += e.get("dur", 0.0) / 1000 / steps_traced  # ms per step
+    lines = []
+    for key, counter in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(counter.values())
+        if total < 0.01:
+            continue
+        lines.append(f"[{key}] {total:.2f} ms/step in {sum(1 for _ in counter)} distinct events")
+        by_cat = collections.Counter()
+        for name, ms in counter.items():
+            by_cat[category(name)] += ms
+        lines.append("  by kind: " + ", ".join(f"{c} {ms:.2f} ({ms / total:.0%})" for c, ms in by_cat.most_common()))
+        for name, ms in counter.most_common(top):
+            lines.append(f"  {ms:8.3f} ms {ms / total:5.1%}  {name[:110]}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--base", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--variants", default="default,textbook,no_norm")
+    parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
+    parser.add_argument("--trace", default="", help="profile the default variant into this folder")
+    parser.add_argument("--trace_steps", type=int, default=5)
+    parser.add_argument("--json", default="", help="append one JSON line per variant to this file")
+    args = parser.parse_args()
+
+    peak = measure_peak() if args.peak else float("nan")
+    where = jax.devices()[0].device_kind
+    print(f"{where}; jax {jax.__version__}; dtype {args.dtype}; {args.size}^2; peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"{'variant':<44}{'compile s':>10}{'ms/step':>10}{'images/s':>10}{'MFU':>7}{'vs default':>11}")
+    reference = None
+    for variant in args.variants.split(","):
+        t = time.perf_counter()
+        try:
+            train, st, batch, flops = build(args, variant)
+        except Exception as err:  # an XLA option this jaxlib does not know: report, go on
+            print(f"{variant:<44} failed: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        compile_s = time.perf_counter() - t
+        sec, st = time_steps(train, st, batch, args.steps)
+        n = batch["image"].shape[0]
+        per_image = sec / n
+        reference = reference or per_image
+        mfu = 3 * flops / sec / peak
+        print(
+            f"{variant:<44}{compile_s:>10.1f}{sec * 1000:>10.2f}{n / sec:>10.1f}{mfu:>7.1%}"
+            f"{reference / per_image:>10.2f}x",
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "a") as f:
+                row = {"variant": variant, "ms": sec * 1000, "images_s": n / sec, "mfu": mfu, "compile_s": compile_s}
+                f.write(json.dumps({"args": vars(args), "device": where, "peak": peak, **row}) + "\n")
+        if variant == "default" and args.trace:
+            with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+                for _ in range(args.trace_steps):
+                    st, out = train(st, batch)
+                jax.block_until_ready(out)
+            print("\n".join(kernel_summary(args.trace, args.trace_steps)), flush=True)
+        del train, st, batch
+
+
+if __name__ == "__main__":
+    main()
