@@ -9,13 +9,17 @@ variants after it. Variants (`--variants`, comma-separated):
              matmul + depth-to-space (`segjax.models.blocks`)
   textbook   the layers those replace: `nn.max_pool` and `nn.ConvTranspose` (same parameters,
              same function) -- the rewrites are defaults only where they are not slower
+  plain_conv every convolution as plain `lax.conv_general_dilated` (no channel padding on CUDA:
+             segjax before `blocks.aligned_conv`)
+  stem_im2col convolutions with unaligned channels as 9 shifted slices + one matmul (2D, stride 1)
   no_norm    norm='none' (convolutions with bias): not the same network; what batch norm costs
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
 
 `--trace DIR` records `--trace_steps` steps of the default variant with `jax.profiler` and prints
 the device time per step by thread and its largest kernels (the Perfetto JSON stays in DIR).
-MFU = 3 x forward FLOPs (XLA cost analysis of the lowered forward) x steps/s / measured bf16 peak.
+MFU = 3 x forward FLOPs (convolutions + matmuls, `train_bench.model_flops`) x steps/s / measured
+bf16 peak.
 
   python benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --trace /tmp/out/trace
   python benchmarks/step_profile.py --size 64 --batch 2 --base 8 --depth 2 --variants default,textbook   # CPU smoke run
@@ -31,6 +35,7 @@ import glob
 import gzip
 import json
 import re
+import shutil
 import statistics
 import time
 
@@ -38,7 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_bench import measure_peak
+from jax import lax
+from train_bench import measure_peak, model_flops
 
 from segjax import optim, state, steps
 from segjax.configuration import default_config
@@ -70,6 +76,39 @@ def textbook_layers():
         blocks.max_pool2x, blocks.TransposeConv2x = saved
 
 
+def plain_conv(lhs, rhs, window_strides, padding, multiple=None, **kwargs):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def im2col_conv(lhs, rhs, window_strides, padding, multiple=8, **kwargs):
+    """A stride-1 channels-last 2D convolution as shifted slices concatenated on channels (padded
+    to `multiple`) times the reshaped kernel; anything else as `blocks.channel_padded_conv`."""
+    if lhs.ndim != 4 or set(window_strides) != {1} or any(kwargs.get(k) for k in ("lhs_dilation", "rhs_dilation")):
+        return channel_padded(lhs, rhs, window_strides, padding, multiple=multiple, **kwargs)
+    (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads((h, w), (kh, kw), (1, 1), padding)
+    x = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+    cols = [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)]
+    extra = -len(cols) * lhs.shape[-1] % multiple
+    cols = jnp.concatenate(cols + [jnp.zeros((*lhs.shape[:3], extra), lhs.dtype)] * bool(extra), axis=-1)
+    kernel = jnp.pad(rhs.reshape(-1, rhs.shape[-1]), [(0, extra), (0, 0)])
+    return jnp.dot(cols, kernel, preferred_element_type=kwargs.get("preferred_element_type"))
+
+
+channel_padded = blocks.channel_padded_conv
+
+
+@contextlib.contextmanager
+def cuda_conv(replacement):
+    """Build models whose CUDA branch of `blocks.aligned_conv` is `replacement`."""
+    blocks.channel_padded_conv = replacement
+    try:
+        yield
+    finally:
+        blocks.channel_padded_conv = channel_padded
+
+
 def parse_option(text: str):
     """'name=value' -> (name, bool | int | float | str)."""
     name, value = text.split("=", 1)
@@ -93,21 +132,24 @@ def build(args, variant: str):
         batch_size = int(variant.split("=", 1)[1])
     elif variant.startswith("xla:"):
         options = dict(parse_option(o) for o in variant[4:].split(";"))
-    elif variant not in ("default", "textbook"):
+    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col"):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.random((batch_size, args.size, args.size, 3), dtype=np.float32))
     label = jnp.asarray(rng.integers(0, args.classes, (batch_size, args.size, args.size)).astype(np.int32))
     batch = {"image": image, "label": label, "valid": jnp.ones(label.shape, jnp.float32)}
-    with textbook_layers() if variant == "textbook" else contextlib.nullcontext():
+    patches = {
+        "textbook": textbook_layers,
+        "plain_conv": functools.partial(cuda_conv, plain_conv),
+        "stem_im2col": functools.partial(cuda_conv, im2col_conv),
+    }
+    with patches.get(variant, contextlib.nullcontext)():
         model = build_model(cfg.model, args.classes)
         st = state.create(model, optim.build(cfg.optim, 1000), image[:1], 0)
         step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss)
         train = jax.jit(step, donate_argnums=0).lower(st, batch).compile(compiler_options=options)
         forward = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
-        cost = forward.lower(st, image).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return train, st, batch, float(cost.get("flops", float("nan"))) if cost else float("nan")
+        return train, st, batch, model_flops(forward, st, image)
 
 
 def time_steps(train, st, batch, n: int):
@@ -155,10 +197,17 @@ def kernel_summary(trace_dir: str, steps_traced: int, top: int = 15) -> list[str
             threads[e["pid"], e["tid"]] = e["args"]["name"]
     devices = {p for p, name in procs.items() if name.startswith("/device:")} or set(procs)
     per_thread = collections.defaultdict(collections.Counter)
+    per_op = collections.Counter()  # GPU kernels name their HLO instruction in args (when they do)
+    arg_keys = set()
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in devices:
             key = f"{procs[e['pid']]} | {threads.get((e['pid'], e['tid']), e['tid'])}"
-            per_thread[key][e["name"]] += e.get("dur", 0.0) / 1000 / steps_traced  # ms per step
+            ms = e.get("dur", 0.0) / 1000 / steps_traced  # ms per step
+            per_thread[key][e["name"]] += ms
+            args = e.get("args", {})
+            arg_keys.update(args)
+            if "hlo_op" in args:
+                per_op[args["hlo_op"]] += ms
     lines = []
     for key, counter in sorted(per_thread.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(counter.values())
@@ -171,6 +220,9 @@ def kernel_summary(trace_dir: str, steps_traced: int, top: int = 15) -> list[str
         lines.append("  by kind: " + ", ".join(f"{c} {ms:.2f} ({ms / total:.0%})" for c, ms in by_cat.most_common()))
         for name, ms in counter.most_common(top):
             lines.append(f"  {ms:8.3f} ms {ms / total:5.1%}  {name[:110]}")
+    lines.append(f"event argument keys: {sorted(arg_keys)[:20]}")
+    for op, ms in per_op.most_common(2 * top):
+        lines.append(f"  {ms:8.3f} ms  hlo_op {op[:110]}")
     return lines
 
 
@@ -223,6 +275,8 @@ def main() -> None:
                     st, out = train(st, batch)
                 jax.block_until_ready(out)
             print("\n".join(kernel_summary(args.trace, args.trace_steps)), flush=True)
+            for path in glob.glob(f"{args.trace}/**/perfetto_trace.json.gz", recursive=True):
+                shutil.copy(path, f"{args.trace}/perfetto_trace.json.gz")  # where a shallow copy-back finds it
         del train, st, batch
 
 

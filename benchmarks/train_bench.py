@@ -15,9 +15,9 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
   python benchmarks/train_bench.py --size 512 --batch 16 --dtype bfloat16 --compile --peak
 
 On a GPU, `--peak` measures the card's bf16 matrix-product rate (8192^3, jnp.dot) and prints each
-framework's model FLOP utilisation: 3 x forward FLOPs (XLA cost analysis of segjax's forward) x
-steps/s over that rate (forward FLOPs from the lowered, not the compiled, module: see the
-comment in main). `--json FILE` appends one JSON line of results.
+framework's model FLOP utilisation: 3 x forward FLOPs (the convolutions and matrix products in
+segjax's forward, counted from its jaxpr by `model_flops`) x steps/s over that rate. `--json FILE` appends one
+JSON line of results.
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -196,6 +196,35 @@ def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     return VNet()
 
 
+def model_flops(fn, *args) -> float:
+    """FLOPs of every convolution and matrix product in `fn(*args)` (2 per multiply-add), counted
+    from the jaxpr, so the same on every backend (XLA's cost analysis of a GPU module does not
+    count cuDNN's convolutions, and of a lowered one returns nothing on some jaxlibs). Of a
+    conditional's branches the cheapest counts: `aligned_conv`'s CUDA branch is the same
+    arithmetic plus zero channels."""
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            out = np.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
+            if eqn.primitive.name == "conv_general_dilated":
+                rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
+                total += 2.0 * out * np.prod(rhs) / rhs[spec[0]]  # per output: in-channels x window
+            elif eqn.primitive.name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                total += 2.0 * out * np.prod([eqn.invars[0].aval.shape[i] for i in contract])
+            subs = [count(v.jaxpr if hasattr(v, "jaxpr") else v) for v in eqn.params.values() if _is_jaxpr(v)]
+            branches = [count(b.jaxpr) for b in eqn.params.get("branches", ())]
+            total += sum(subs) * eqn.params.get("length", 1) + (min(branches) if branches else 0.0)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _is_jaxpr(value) -> bool:
+    return isinstance(value, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))
+
+
 def measure_peak(n: int = 8192, repeats: int = 10) -> float:
     """The device's bf16 matrix-product rate in FLOP/s (median of timed n^3 products, random data)."""
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
@@ -221,6 +250,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--no_eager", action="store_true", help="with --compile: skip the eager PyTorch runners")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
     parser.add_argument("--json", default="", help="append a JSON line of results to this file")
@@ -277,11 +307,7 @@ def main() -> None:
     jax.block_until_ready(out)
     jax_compile = time.perf_counter() - start
     jax.block_until_ready(infer(st, batch["image"]))
-    # FLOPs of the unoptimised HLO: on a GPU the compiled module's convolutions are cuDNN custom
-    # calls that XLA's cost analysis does not count.
-    cost = infer.lower(st, batch["image"]).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    forward_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    forward_flops = model_flops(infer, st, batch["image"])
 
     net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())
@@ -320,8 +346,9 @@ def main() -> None:
         return step, forward
 
     runners = {"segjax (jax.jit)": None}
-    runners["torch eager"] = torch_runner(twin(), False)
-    runners["torch eager channels_last"] = torch_runner(twin(), True)
+    if not (args.no_eager and args.compile):
+        runners["torch eager"] = torch_runner(twin(), False)
+        runners["torch eager channels_last"] = torch_runner(twin(), True)
     if args.compile:  # on a GPU compiled with channels_last, the fastest PyTorch layout there
         runners["torch.compile"] = torch_runner(torch.compile(twin()), cuda)
     for name, r in runners.items():  # warm-up (torch.compile's compilation, cuDNN's autotuning)
@@ -357,7 +384,7 @@ def main() -> None:
     peak = measure_peak() if args.peak else float("nan")
     ours = statistics.median(train_t["segjax (jax.jit)"])
     ours_inf = statistics.median(infer_t["segjax (jax.jit)"])
-    print(f"forward FLOPs per batch (XLA cost analysis): {forward_flops / 1e9:.1f} G; peak {peak / 1e12:.0f} TFLOP/s")
+    print(f"forward FLOPs per batch (convs + matmuls): {forward_flops / 1e9:.1f} G; peak {peak / 1e12:.0f} TFLOP/s")
     print(
         f"\n{'':<28}{'train ms/step':>14}{'ratio':>8}{'train img/s':>12}{'MFU':>7}"
         f"{'forward ms':>12}{'ratio':>8}{'images/s fwd':>14}"

@@ -349,3 +349,55 @@ def test_max_pool_as_reshape_equals_the_textbook_layer(dims):
     grad_ref = jax.grad(lambda v: jnp.sum(ref(v) * weights))(x)
     np.testing.assert_array_equal(grad_ours, grad_ref)
     assert int(jnp.sum(grad_ours != 0)) == weights.size  # one winner per window
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, strides",
+    [
+        ((2, 9, 11, 3), (3, 3, 3, 5), (1, 1)),  # an RGB image's first convolution
+        ((1, 8, 8, 8, 1), (3, 3, 3, 1, 2), (2, 2, 2)),  # a 1-channel volume, strided, 2 outputs
+        ((2, 10, 10, 16), (1, 1, 16, 2), (1, 1)),  # a 1x1 head with 2 classes
+    ],
+)
+def test_channel_padded_conv_equals_the_plain_convolution(lhs_shape, rhs_shape, strides):
+    """Zero channels change neither the output nor the gradients (`blocks.aligned_conv`'s CUDA form)."""
+    from jax import lax
+
+    from segjax.models import blocks
+
+    rng = np.random.default_rng(0)
+    lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    spatial = "DHW"[-(len(lhs_shape) - 2) :]
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+    plain = lambda a, b: lax.conv_general_dilated(a, b, strides, "SAME", dimension_numbers=dn)  # noqa: E731
+    padded = lambda a, b: blocks.channel_padded_conv(a, b, strides, "SAME", dimension_numbers=dn)  # noqa: E731
+    np.testing.assert_allclose(padded(lhs, rhs), plain(lhs, rhs), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+    for ours, ref in zip(
+        jax.grad(loss(padded), (0, 1))(lhs, rhs), jax.grad(loss(plain), (0, 1))(lhs, rhs), strict=True
+    ):
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_aligned_conv_pads_channels_only_when_lowered_for_cuda():
+    """nn.Conv's parameters are unchanged; the CUDA program convolves 8 channels, the CPU one 3."""
+    import re
+
+    from segjax.models import blocks
+
+    conv = blocks.Conv(4, (3, 3))
+    x = jnp.ones((1, 8, 8, 3))
+    variables = conv.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 3, 4), "bias": (4,)}}
+    apply = jax.jit(conv.apply)
+
+    def convolution_operands(platform):
+        text = apply.trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
+        return re.findall(r"stablehlo\.convolution.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+
+    assert convolution_operands("cpu") == [("tensor<1x8x8x3xf32>", "tensor<3x3x3x4xf32>")]
+    assert convolution_operands("cuda") == [("tensor<1x8x8x8xf32>", "tensor<3x3x8x8xf32>")]
+    conv, aligned = blocks.Conv(16, (3, 3)), jnp.ones((1, 8, 8, 8))
+    lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), aligned), aligned)
+    assert "case" not in lowered.lower(lowering_platforms=("cuda",)).as_text()  # nothing to pad: no switch

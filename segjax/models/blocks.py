@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from segjax.errors import ConfigError
 
@@ -18,6 +20,49 @@ UPSAMPLES = ("transpose", "resize")
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"model.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+CUDA_CHANNEL_MULTIPLE = 8  # cuDNN's tensor-core convolutions need channel counts divisible by 8
+
+
+def channel_padded_conv(lhs, rhs, window_strides, padding, *, multiple=CUDA_CHANNEL_MULTIPLE, **kwargs):
+    """`lax.conv_general_dilated` with the input and output channel counts zero-padded up to a
+    multiple of `multiple` (input channels in both operands, output channels in the kernel, the
+    extra outputs sliced off): the same result and gradients, in tensor-core-friendly shapes."""
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.pop("dimension_numbers", None))
+    lhs_c, rhs_in, rhs_out, out_c = dn.lhs_spec[1], dn.rhs_spec[1], dn.rhs_spec[0], dn.out_spec[1]
+    pad_in, pad_out = -lhs.shape[lhs_c] % multiple, -rhs.shape[rhs_out] % multiple
+
+    def pad(x, axis_amounts):
+        widths = [(0, 0)] * x.ndim
+        for axis, amount in axis_amounts:
+            widths[axis] = (0, amount)
+        return jnp.pad(x, widths)
+
+    lhs, rhs_padded = pad(lhs, [(lhs_c, pad_in)]), pad(rhs, [(rhs_in, pad_in), (rhs_out, pad_out)])
+    y = lax.conv_general_dilated(lhs, rhs_padded, window_strides, padding, dimension_numbers=dn, **kwargs)
+    return lax.slice_in_dim(y, 0, rhs.shape[rhs_out], axis=out_c)
+
+
+def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
+    """`lax.conv_general_dilated`, as `channel_padded_conv` on CUDA when a channel count is not a
+    multiple of 8 (nn.Conv's `conv_general_dilated` hook, so parameters stay nn.Conv's).
+
+    Why: cuDNN runs a 3-channel image's first convolution on a generic non-tensor-core kernel;
+    on an H100 in bf16 it was the slowest convolution per FLOP of the U-Net step
+    (benchmarks/RESULTS.md). Other platforms get the plain convolution (XLA:CPU would pay for
+    the zeros).
+    """
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    aligned = all(n % CUDA_CHANNEL_MULTIPLE == 0 for n in (lhs.shape[dn.lhs_spec[1]], rhs.shape[dn.rhs_spec[0]]))
+    if aligned or kwargs.get("feature_group_count", 1) != 1:
+        return conv(lhs, rhs)
+    padded = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
+    return lax.platform_dependent(lhs, rhs, cuda=padded, default=conv)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=aligned_conv)  # nn.Conv, same parameters
 
 
 class Norm(nn.Module):
@@ -58,7 +103,7 @@ class ConvBlock(nn.Module):
     def __call__(self, x, train: bool):
         kernel = (self.kernel_size,) * self.spatial_dims
         for _ in range(self.num_convs):
-            x = nn.Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
+            x = Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
             x = Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
             x = nn.relu(x)
         if self.dropout > 0:
@@ -147,4 +192,4 @@ class Upsample(nn.Module):
             return TransposeConv2x(self.features, self.spatial_dims, self.dtype)(x)
         shape = (x.shape[0], *(d * 2 for d in x.shape[1:-1]), x.shape[-1])
         x = jax.image.resize(x, shape, method="bilinear")
-        return nn.Conv(self.features, (3,) * self.spatial_dims, dtype=self.dtype)(x)
+        return Conv(self.features, (3,) * self.spatial_dims, dtype=self.dtype)(x)

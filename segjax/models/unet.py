@@ -144,7 +144,7 @@ class UNet(nn.Module):
             feats, self.bottleneck_features or 2 * feats[-1], pool=self.pool, dropout=self.dropout, **common
         )
         self.decoder = Decoder(feats, skip_mask(self.skips, self.depth), upsample=self.upsample, **common)
-        self.head = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
+        self.head = blocks.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
         self.classifier = nn.Dense(self.num_classes, dtype=self.dtype)  # only `classify` creates its params
 
     def __call__(self, image, train: bool = False):

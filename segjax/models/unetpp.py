@@ -92,10 +92,10 @@ class UNetPlusPlus(nn.Module):
                 )
         head = (1,) * self.spatial_dims
         if not self.deep_supervision:
-            logits = nn.Conv(self.num_classes, head, dtype=self.dtype, name="head")(nodes[0, levels])
+            logits = blocks.Conv(self.num_classes, head, dtype=self.dtype, name="head")(nodes[0, levels])
             return logits.astype(jnp.float32), {}
         heads = [
-            nn.Conv(self.num_classes, head, dtype=self.dtype, name=f"head{j}")(nodes[0, j]).astype(jnp.float32)
+            blocks.Conv(self.num_classes, head, dtype=self.dtype, name=f"head{j}")(nodes[0, j]).astype(jnp.float32)
             for j in range(1, levels + 1)
         ]
         logits = heads[-1] if pruned else jnp.mean(jnp.stack(heads), axis=0)

@@ -34,12 +34,12 @@ class ResidualStage(nn.Module):
         kernel = (self.kernel_size,) * self.spatial_dims
         y = x
         for i in range(self.num_convs):
-            y = nn.Conv(self.features, kernel, dtype=self.dtype)(y)
+            y = blocks.Conv(self.features, kernel, dtype=self.dtype)(y)
             y = blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(y, train)
             if i < self.num_convs - 1:
                 y = nn.PReLU(param_dtype=jnp.float32)(y)
         if residual.shape[-1] != self.features:
-            residual = nn.Conv(self.features, (1,) * self.spatial_dims, dtype=self.dtype, name="project")(residual)
+            residual = blocks.Conv(self.features, (1,) * self.spatial_dims, dtype=self.dtype, name="project")(residual)
         return nn.PReLU(param_dtype=jnp.float32)(y + residual)
 
 
@@ -80,7 +80,7 @@ class VNet(nn.Module):
         encoded = []
         for i in range(self.depth + 1):
             if i:
-                x = nn.Conv(feats[i], two, strides=two, dtype=self.dtype, name=f"down{i}")(x)
+                x = blocks.Conv(feats[i], two, strides=two, dtype=self.dtype, name=f"down{i}")(x)
                 x = nn.PReLU(param_dtype=jnp.float32)(
                     blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
                 )
@@ -95,5 +95,5 @@ class VNet(nn.Module):
             )
             cat = jnp.concatenate([up, encoded[i]], axis=-1) if skips[i] else up
             x = ResidualStage(feats[i], convs[i], name=f"dec{i}", **stage)(cat, up, train)
-        logits = nn.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype, name="head")(x)
+        logits = blocks.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype, name="head")(x)
         return logits.astype(jnp.float32), {}
