@@ -18,7 +18,7 @@ variants after it. Variants (`--variants`, comma-separated):
 
 `--trace DIR` records `--trace_steps` steps of the default variant with `jax.profiler` and prints
 the device time per step by thread and its largest kernels (the Perfetto JSON stays in DIR).
-MFU = 3 x forward FLOPs (convolutions + matmuls, `train_bench.model_flops`) x steps/s / measured
+MFU = 3 x forward FLOPs (convolutions + matmuls, `segjax.flops`) x steps/s / measured
 bf16 peak.
 
   python benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --trace /tmp/out/trace
@@ -44,10 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from train_bench import measure_peak, model_flops
+from train_bench import measure_peak
 
 from segjax import optim, state, steps
 from segjax.configuration import default_config
+from segjax.flops import count_flops
 from segjax.models import blocks, build_model
 
 
@@ -149,7 +150,7 @@ def build(args, variant: str):
         step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss)
         train = jax.jit(step, donate_argnums=0).lower(st, batch).compile(compiler_options=options)
         forward = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
-        return train, st, batch, model_flops(forward, st, image)
+        return train, st, batch, count_flops(forward, st, image)
 
 
 def time_steps(train, st, batch, n: int):

@@ -16,7 +16,7 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
 
 On a GPU, `--peak` measures the card's bf16 matrix-product rate (8192^3, jnp.dot) and prints each
 framework's model FLOP utilisation: 3 x forward FLOPs (the convolutions and matrix products in
-segjax's forward, counted from its jaxpr by `model_flops`) x steps/s over that rate. `--json FILE` appends one
+segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that rate. `--json FILE` appends one
 JSON line of results.
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
@@ -37,6 +37,7 @@ import numpy as np
 
 from segjax import optim, state, steps
 from segjax.configuration import default_config
+from segjax.flops import count_flops
 from segjax.models import build_model
 
 
@@ -196,46 +197,19 @@ def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     return VNet()
 
 
-def model_flops(fn, *args) -> float:
-    """FLOPs of every convolution and matrix product in `fn(*args)` (2 per multiply-add), counted
-    from the jaxpr, so the same on every backend (XLA's cost analysis of a GPU module does not
-    count cuDNN's convolutions, and of a lowered one returns nothing on some jaxlibs). Of a
-    conditional's branches the cheapest counts: `aligned_conv`'s CUDA branch is the same
-    arithmetic plus zero channels."""
-
-    def count(jaxpr) -> float:
-        total = 0.0
-        for eqn in jaxpr.eqns:
-            out = np.prod(eqn.outvars[0].aval.shape) if eqn.outvars else 0
-            if eqn.primitive.name == "conv_general_dilated":
-                rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
-                total += 2.0 * out * np.prod(rhs) / rhs[spec[0]]  # per output: in-channels x window
-            elif eqn.primitive.name == "dot_general":
-                (contract, _), _ = eqn.params["dimension_numbers"]
-                total += 2.0 * out * np.prod([eqn.invars[0].aval.shape[i] for i in contract])
-            subs = [count(v.jaxpr if hasattr(v, "jaxpr") else v) for v in eqn.params.values() if _is_jaxpr(v)]
-            branches = [count(b.jaxpr) for b in eqn.params.get("branches", ())]
-            total += sum(subs) * eqn.params.get("length", 1) + (min(branches) if branches else 0.0)
-        return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def _is_jaxpr(value) -> bool:
-    return isinstance(value, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))
-
-
-def measure_peak(n: int = 8192, repeats: int = 10) -> float:
-    """The device's bf16 matrix-product rate in FLOP/s (median of timed n^3 products, random data)."""
+def measure_peak(n: int = 8192, chain: int = 10, rounds: int = 5) -> float:
+    """The device's bf16 matrix-product rate in FLOP/s: the fastest of `rounds` timings of `chain`
+    back-to-back n^3 products on random data (one sync per chain, so dispatch and the sync do not
+    count; a peak is the best rate, hence the fastest round, not the median)."""
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in range(2))
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
     times = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         t = time.perf_counter()
-        jax.block_until_ready(dot(a, b))
+        jax.block_until_ready([dot(a, b) for _ in range(chain)])
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 * chain / min(times)
 
 
 def main() -> None:
@@ -307,7 +281,7 @@ def main() -> None:
     jax.block_until_ready(out)
     jax_compile = time.perf_counter() - start
     jax.block_until_ready(infer(st, batch["image"]))
-    forward_flops = model_flops(infer, st, batch["image"])
+    forward_flops = count_flops(infer, st, batch["image"])
 
     net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())

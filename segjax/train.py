@@ -35,6 +35,7 @@ from segjax import (
 )
 from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from segjax.flops import count_flops
 from segjax.models import build_model, unetpp
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -70,12 +71,10 @@ def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes:
 
 
 def model_summary(model, variables, sample) -> dict[str, float]:
-    """Parameter count and inference forward FLOPs per example (XLA cost analysis of the compiled
-    forward). For a pruned U-Net++ (`inference_head`) also the parameters inference uses."""
-    fwd = jax.jit(functools.partial(model.apply, train=False))
-    cost = fwd.lower(variables, sample).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) / sample.shape[0] if cost else float("nan")
+    """Parameter count and inference forward FLOPs per example (convolutions and matrix products,
+    `segjax.flops`: the same on every backend). For a pruned U-Net++ (`inference_head`) also the
+    parameters inference uses."""
+    flops = count_flops(functools.partial(model.apply, train=False), variables, sample) / sample.shape[0]
     summary = {"params": state.param_count(variables["params"]), "flops": flops}
     if getattr(model, "inference_head", 0):
         summary["params_inference"] = unetpp.inference_param_count(

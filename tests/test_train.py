@@ -30,6 +30,7 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
         saved = json.load(f)
     for key in ("step", "train/loss", "val/miou", "val/mdice", "val/accuracy", "params", "flops"):
         assert key in saved, key
+    assert saved["flops"] > 2 * saved["params"]  # each conv weight multiplies at every output pixel
     for name in tiny_config.data.class_names:
         assert f"val/iou/{name}" in saved and f"val/dice/{name}" in saved
     assert saved["val/pixels"] == tiny_config.data.synthetic.num_val * 32 * 32
