@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issues 6 and 8 in one script, for a lent single-GPU machine that has JAX,
-# Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections travel as wheels
+# The GPU benchmarks of issues 6 and 8 in one script (~10 minutes on an H100), for a lent single-GPU
+# machine that has JAX, Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections travel as wheels
 # in .whl/ (see benchmarks/RESULTS.md for how they were fetched). Logs go to $OUT (default /tmp/out).
 #
 #   bash benchmarks/gpu.sh
@@ -21,11 +21,11 @@ B=benchmarks/train_bench.py
 run() { echo "=== $*" | tee -a "$LOG"; timeout "${LIMIT:-240}" python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
 # Where the step's time goes, and the layer rewrites vs the textbook layers (bf16, 512^2): one process
 LIMIT=230 run benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --steps 20 --trace "$OUT/trace" \
-  --variants "default,textbook,batch=32,no_norm,xla:xla_gpu_enable_triton_gemm=false" --json "$OUT/profile.jsonl"
+  --variants "default,plain_conv,stem_im2col,textbook,no_norm" --json "$OUT/profile.jsonl"
 # bf16 (the targets): segjax model.dtype=bfloat16 vs PyTorch AMP bf16, channels_last, torch.compile
-run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
-run $B --size 256 --batch 32 --dtype bfloat16 --compile --peak --steps 20 --json "$OUT/train.jsonl"
-run $B --size 512 --batch 16 --dtype float32 --peak --steps 20 --json "$OUT/train.jsonl"
+run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
+run $B --size 256 --batch 32 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
+run $B --size 512 --batch 16 --dtype float32 --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
 run benchmarks/scaling_bench.py --seeds_only --seeds 8 --steps 30
 echo "=== summary" | tee -a "$LOG"
-grep -h "^===\|speedup\|vmap K=\|^segjax (jax\|^torch\|^default\|^textbook\|^no_norm\|^batch=\|^xla:" "$LOG"
+grep -h "^===\|speedup\|^pipelined\|^segjax\|^torch\|vmap K=\|^default\|^textbook\|^no_norm\|^plain_conv\|^stem_im2col\|^batch=\|^xla:" "$LOG"

@@ -17,7 +17,8 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
 On a GPU, `--peak` measures the card's bf16 matrix-product rate (8192^3, jnp.dot) and prints each
 framework's model FLOP utilisation: 3 x forward FLOPs (the convolutions and matrix products in
 segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that rate. `--json FILE` appends one
-JSON line of results.
+JSON line of results. `--pipelined N` also times N steps back to back with one sync at the end
+(the rate of a training loop that does not wait for each step, as segjax's own).
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--pipelined", type=int, default=0, help="also time N steps back to back, one sync")
     parser.add_argument("--no_eager", action="store_true", help="with --compile: skip the eager PyTorch runners")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
@@ -301,14 +303,15 @@ def main() -> None:
         def amp():  # PyTorch's mixed precision: autocast to bf16, parameters and loss in float32
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-        def step():
+        def step(wait=True):
             opt.zero_grad(set_to_none=True)
             with amp():
                 out = module(x)
             loss = torch_loss([o.float() for o in out] if isinstance(out, list) else out.float(), y_t)
             loss.backward()
             opt.step()
-            sync()
+            if wait:
+                sync()
 
         def forward():
             with torch.no_grad(), amp():
@@ -355,6 +358,23 @@ def main() -> None:
             else:
                 r[1]()
             infer_t[name].append(time.perf_counter() - t)
+    # Pipelined: `--pipelined N` steps back to back, one sync at the end (3 alternating rounds,
+    # median): the rate of a training loop that does not wait for each step, as segjax's (it
+    # reads a step's outputs while the next one runs), so host dispatch overlaps device work.
+    piped = {k: [] for k in runners}
+    for _ in range(3 if args.pipelined else 0):
+        for name, r in runners.items():
+            t = time.perf_counter()
+            for _ in range(args.pipelined):
+                if r is None:
+                    st, out = train(st, batch)
+                else:
+                    r[0](wait=False)
+            if r is None:
+                jax.block_until_ready(out)
+            else:
+                sync()
+            piped[name].append((time.perf_counter() - t) / args.pipelined)
     peak = measure_peak() if args.peak else float("nan")
     ours = statistics.median(train_t["segjax (jax.jit)"])
     ours_inf = statistics.median(infer_t["segjax (jax.jit)"])
@@ -373,6 +393,14 @@ def main() -> None:
             f"{name:<28}{tr * 1000:>14.1f}{tr / ours:>8.2f}{args.batch / tr:>12.1f}{mfu:>7.1%}"
             f"{inf * 1000:>12.1f}{inf / ours_inf:>8.2f}{args.batch / inf:>14.1f}"
         )
+    if args.pipelined:
+        ours_piped = statistics.median(piped["segjax (jax.jit)"])
+        title = f"pipelined ({args.pipelined} steps, one sync)"
+        print(f"\n{title:<40}{'train ms/step':>14}{'ratio':>8}{'train img/s':>12}")
+        for name, times in piped.items():
+            ms = statistics.median(times)
+            rows[name]["pipelined_ms"] = ms * 1000
+            print(f"{name:<40}{ms * 1000:>14.1f}{ms / ours_piped:>8.2f}{args.batch / ms:>12.1f}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"args": vars(args), "device": where, "peak": peak, "rows": rows}) + "\n")
