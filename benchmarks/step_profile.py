@@ -6,12 +6,14 @@ before the next one starts, and its line is printed at once, so a time limit los
 variants after it. Variants (`--variants`, comma-separated):
 
   default    segjax's layers: 2x max-pool as reshape + max, the 2x2 stride-2 up-convolution as one
-             matmul + depth-to-space (`segjax.models.blocks`)
+             matmul + depth-to-space, on CUDA unaligned channel counts zero-padded to 8
+             (`segjax.models.blocks`)
   textbook   the layers those replace: `nn.max_pool` and `nn.ConvTranspose` (same parameters,
              same function) -- the rewrites are defaults only where they are not slower
   plain_conv every convolution as plain `lax.conv_general_dilated` (no channel padding on CUDA:
              segjax before `blocks.aligned_conv`)
   stem_im2col convolutions with unaligned channels as 9 shifted slices + one matmul (2D, stride 1)
+             (plain_conv and stem_im2col change only the CUDA program: on CPU they equal default)
   no_norm    norm='none' (convolutions with bias): not the same network; what batch norm costs
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
