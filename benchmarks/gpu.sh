@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks of issues 6 and 8 in one script (~10 minutes on an H100), for a lent single-GPU
-# machine that has JAX, Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections travel as wheels
-# in .whl/ (see benchmarks/RESULTS.md for how they were fetched). Logs go to $OUT (default /tmp/out).
+# machine that has JAX, Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections
+# travel as wheels in .whl/ (see benchmarks/RESULTS.md for how they were fetched). Logs go to $OUT
+# (default /tmp/out).
 #
 #   bash benchmarks/gpu.sh
 set -uo pipefail
