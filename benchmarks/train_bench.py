@@ -16,9 +16,10 @@ all cores (thread counts printed). Loss: pixel cross-entropy; optimizer: Adam.
 
 On a GPU, `--peak` measures the card's bf16 matrix-product rate (8192^3, jnp.dot) and prints each
 framework's model FLOP utilisation: 3 x forward FLOPs (the convolutions and matrix products in
-segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that rate. `--json FILE` appends one
-JSON line of results. `--pipelined N` also times N steps back to back with one sync at the end
-(the rate of a training loop that does not wait for each step, as segjax's own).
+segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that rate.
+`--json FILE` appends one JSON line of results. `--pipelined N` also times N steps back to back
+with one sync at the end (the rate of a training loop that does not wait for each step, as
+segjax's own).
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
