@@ -46,12 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from train_bench import measure_peak
+from train_bench import measure_peak, segjax_step
 
-from segjax import optim, state, steps
 from segjax.configuration import default_config
 from segjax.flops import count_flops
-from segjax.models import blocks, build_model
+from segjax.models import blocks
 
 
 class TextbookUpConv(nn.Module):
@@ -127,7 +126,6 @@ def build(args, variant: str):
     """(jitted train step, state, batch, forward FLOPs per batch) for one variant."""
     cfg = default_config()
     cfg.model.depth, cfg.model.base_features, cfg.model.dtype = args.depth, args.base, args.dtype
-    cfg.loss.terms, cfg.optim.grad_clip, cfg.optim.weight_decay = "ce", 0.0, 0.0
     batch_size, options = args.batch, None
     if variant == "no_norm":
         cfg.model.norm = "none"
@@ -138,21 +136,17 @@ def build(args, variant: str):
     elif variant not in ("default", "textbook", "plain_conv", "stem_im2col"):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
-    image = jnp.asarray(rng.random((batch_size, args.size, args.size, 3), dtype=np.float32))
-    label = jnp.asarray(rng.integers(0, args.classes, (batch_size, args.size, args.size)).astype(np.int32))
-    batch = {"image": image, "label": label, "valid": jnp.ones(label.shape, jnp.float32)}
+    image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
+    label = rng.integers(0, args.classes, (batch_size, args.size, args.size)).astype(np.int32)
     patches = {
         "textbook": textbook_layers,
         "plain_conv": functools.partial(cuda_conv, plain_conv),
         "stem_im2col": functools.partial(cuda_conv, im2col_conv),
     }
     with patches.get(variant, contextlib.nullcontext)():
-        model = build_model(cfg.model, args.classes)
-        st = state.create(model, optim.build(cfg.optim, 1000), image[:1], 0)
-        step = functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss)
-        train = jax.jit(step, donate_argnums=0).lower(st, batch).compile(compiler_options=options)
-        forward = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
-        return train, st, batch, count_flops(forward, st, image)
+        train, forward, st, batch = segjax_step(cfg, args.classes, image, label)
+        train = train.lower(st, batch).compile(compiler_options=options)
+        return train, st, batch, count_flops(forward, st, batch["image"])
 
 
 def time_steps(train, st, batch, n: int):

@@ -199,6 +199,19 @@ def torch_vnet(torch, dims: int, depth: int, base: int, in_ch: int, classes: int
     return VNet()
 
 
+def segjax_step(cfg, classes: int, image, label):
+    """(jitted train step donating the state, jitted forward, initial state, batch) of segjax's
+    network for `cfg`, with the benchmarks' loss and optimizer: pixel cross-entropy, Adam without
+    gradient clipping or weight decay (as the PyTorch twin)."""
+    cfg.loss.terms, cfg.optim.grad_clip, cfg.optim.weight_decay = "ce", 0.0, 0.0
+    model = build_model(cfg.model, classes)
+    st = state.create(model, optim.build(cfg.optim, 1000), jnp.asarray(image[:1]), 0)
+    train = jax.jit(functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss), donate_argnums=0)
+    infer = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
+    batch = {"image": jnp.asarray(image), "label": jnp.asarray(label), "valid": jnp.ones(label.shape, jnp.float32)}
+    return train, infer, st, batch
+
+
 def measure_peak(n: int = 8192, chain: int = 10, rounds: int = 5) -> float:
     """The device's bf16 matrix-product rate in FLOP/s: the fastest of `rounds` timings of `chain`
     back-to-back n^3 products on random data (one sync per chain, so dispatch and the sync do not
@@ -273,12 +286,7 @@ def main() -> None:
             return sum(torch.nn.functional.cross_entropy(o, target) for o in out) / len(out)
         return torch.nn.functional.cross_entropy(out, target)
 
-    cfg.loss.terms, cfg.optim.grad_clip, cfg.optim.weight_decay = "ce", 0.0, 0.0
-    model = build_model(cfg.model, args.classes)
-    st = state.create(model, optim.build(cfg.optim, 1000), jnp.asarray(image[:1]), 0)
-    train = jax.jit(functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss), donate_argnums=0)
-    infer = jax.jit(lambda s, x: model.apply(s.variables(), x, train=False)[0])
-    batch = {"image": jnp.asarray(image), "label": jnp.asarray(label), "valid": jnp.ones(label.shape, jnp.float32)}
+    train, infer, st, batch = segjax_step(cfg, args.classes, image, label)
     start = time.perf_counter()
     st, out = train(st, batch)
     jax.block_until_ready(out)
