@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.stage_convs = config_dict.placeholder(tuple)  # vnet: convs per level 0..depth (default 1,2,3,3,..)
     c.model.dropout = 0.0  # dropout rate after the bottleneck block
     c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
-    c.model.freeze_encoder = False  # unet/encoder_decoder: keep the (pretrained) encoder fixed; train the decoder
+    c.model.freeze_encoder = False  # keep the (pretrained) encoder fixed; train the decoder (and head)
 
     c.pretrain = ml_collections.ConfigDict()  # the classic recipe (segjax/pretrain.py); unet/encoder_decoder
     c.pretrain.steps = 0  # > 0: first train the encoder as a classifier of the classes present in each image

@@ -1,11 +1,16 @@
 """The classic recipe's first stage: train the encoder as a classifier of image-level labels.
 
 The image-level label of a training image is the set of classes present among its valid pixels
-(multi-hot; the weak supervision older pipelines pretrained encoders on). `UNet.classify` puts
-global average pooling and one dense layer on the bottleneck; the loss is sigmoid cross-entropy.
-The pretrained encoder (weights and BatchNorm statistics) then initialises the segmentation
-network, which trains on the pixel masks with the encoder frozen (`model.freeze_encoder=True`,
-the recipe: only the decoder and head learn) or fine-tuned (False).
+(multi-hot; the weak supervision older pipelines pretrained encoders on). Every network's
+`classify` method puts global average pooling and one dense layer (`classifier`) on its encoder's
+deepest output; the loss is sigmoid cross-entropy. The pretrained encoder (weights and BatchNorm
+statistics) then initialises the segmentation network, which trains on the pixel masks with the
+encoder frozen (`model.freeze_encoder=True`, the recipe: only the decoder and head learn) or
+fine-tuned (False).
+
+Which parameters are "the encoder" is not a hand-kept list per architecture: it is every
+top-level parameter scope that `classify` uses, except `classifier` (`encoder_scopes`): U-Net's
+`encoder`, U-Net++'s column `X{i}_0`, V-Net's `enc{i}`/`down{i}` stages and their norms.
 
 `train.train_and_evaluate` runs this first when `pretrain.steps > 0`, in `<workdir>/pretrain/`
 (checkpointed, resumed, skipped once finished), so end-to-end training and both recipe variants
@@ -31,7 +36,16 @@ from segjax import checkpointing, instances, optim, parallel, state, writers
 from segjax.data import pipeline
 from segjax.errors import CheckpointError, ConfigError, NonFiniteLossError
 
-ARCHS = ("unet", "encoder_decoder")  # architectures with a separable `encoder` and `classify`
+CLASSIFIER = "classifier"  # the pretraining head's parameter scope, the one `classify` scope not in the encoder
+
+
+def encoder_scopes(model) -> tuple[str, ...]:
+    """Top-level parameter scopes of `model`'s encoder: those `model.classify` creates, but the
+    classifier. Found by tracing `init` (shapes only, nothing is computed or compiled)."""
+    size = (2**model.depth,) * model.spatial_dims
+    init = functools.partial(model.init, train=False, method="classify")
+    shapes = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct((1, *size, 1), jnp.float32))
+    return tuple(k for k in shapes["params"] if k != CLASSIFIER)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -42,8 +56,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "model.freeze_encoder=True with pretrain.steps=0 would freeze a randomly initialised encoder; "
             "set pretrain.steps > 0 (the classic recipe) or leave the encoder trainable"
         )
-    if config.pretrain.steps and config.model.arch not in ARCHS:
-        raise ConfigError(f"pretrain.steps > 0 needs model.arch in {list(ARCHS)} (got {config.model.arch!r})")
     if config.pretrain.steps and (config.train.num_seeds > 1 or config.parallel.mode != "jit"):
         raise ConfigError("pretrain.steps > 0 runs with train.num_seeds=1 and parallel.mode='jit'")
 
@@ -57,16 +69,22 @@ def image_labels(label: jax.Array, valid: jax.Array, num_classes: int) -> jax.Ar
 def train_step(st: state.TrainState, batch: dict, *, model) -> tuple[state.TrainState, dict]:
     targets = image_labels(batch["label"], batch["valid"], model.num_classes)
     has_stats = bool(st.batch_stats)
+    rng, dropout_rng = jax.random.split(st.rng)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": st.batch_stats} if has_stats else {"params": params}
         logits, updates = model.apply(
-            variables, batch["image"], train=True, method="classify", mutable=["batch_stats"] if has_stats else []
+            variables,
+            batch["image"],
+            train=True,
+            method="classify",
+            mutable=["batch_stats"] if has_stats else [],
+            rngs={"dropout": dropout_rng},
         )
         return optax.sigmoid_binary_cross_entropy(logits, targets).mean(), updates.get("batch_stats", st.batch_stats)
 
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
-    return st.apply_gradients(grads, stats, st.rng), {"loss": loss}
+    return st.apply_gradients(grads, stats, rng), {"loss": loss}
 
 
 def eval_step(st: state.TrainState, batch: dict, *, model) -> jax.Array:
@@ -153,24 +171,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
     if pidx == 0:
         writers.write_summary(os.path.join(workdir, "metrics.json"), results)
     params, stats = jax.device_get(st.params), jax.device_get(st.batch_stats)
-    return {"params": params["encoder"], "batch_stats": stats.get("encoder", {}) if stats else {}}
+    scopes = [k for k in params if k != CLASSIFIER]
+    return {
+        "params": {k: params[k] for k in scopes},
+        "batch_stats": {k: stats[k] for k in scopes if k in stats} if stats else {},
+    }
 
 
 def load_encoder(st: state.TrainState, encoder: dict) -> state.TrainState:
-    """The segmentation state with its encoder replaced by the pretrained one (shapes checked)."""
-    mine = jax.tree_util.tree_map(jnp.shape, st.params["encoder"])
+    """The segmentation state with its encoder scopes replaced by the pretrained ones (the same
+    scopes and shapes, checked); everything else and a fresh optimizer state are kept."""
+    mine = {k: jax.tree_util.tree_map(jnp.shape, st.params[k]) for k in encoder["params"] if k in st.params}
     theirs = jax.tree_util.tree_map(jnp.shape, encoder["params"])
     if mine != theirs:
-        raise CheckpointError("the pretrained encoder's parameters do not fit this model's encoder")
-    params = {**st.params, "encoder": encoder["params"]}
-    stats = {**st.batch_stats, "encoder": encoder["batch_stats"]} if st.batch_stats else st.batch_stats
+        raise CheckpointError(
+            f"the pretrained encoder's parameters ({sorted(theirs)}) do not fit this model's encoder: "
+            "scopes or shapes differ"
+        )
+    params = {**st.params, **encoder["params"]}
+    stats = {**st.batch_stats, **encoder["batch_stats"]} if st.batch_stats else st.batch_stats
     return st.replace(params=params, batch_stats=stats, opt_state=st.tx.init(params))
 
 
-def frozen_encoder_tx(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`tx` for everything but the encoder, whose parameters never change (no weight decay either)."""
+def frozen_encoder_tx(tx: optax.GradientTransformation, scopes) -> optax.GradientTransformation:
+    """`tx` for everything but the encoder `scopes` (`encoder_scopes`), whose parameters never
+    change (no weight decay either)."""
+    scopes = frozenset(scopes)
 
     def labels(params):
-        return traverse_util.path_aware_map(lambda path, _: "frozen" if path[0] == "encoder" else "train", params)
+        return traverse_util.path_aware_map(lambda path, _: "frozen" if path[0] in scopes else "train", params)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -29,7 +29,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
     targets, extra_scores = instances.hooks(config)
     sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
-    template = state.create(model, train.make_tx(config), sample, config.train.seed)
+    template = state.create(model, train.make_tx(config, model), sample, config.train.seed)
     template = jax.device_put(template, parallel.replicated(mesh))
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     try:

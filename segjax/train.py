@@ -106,10 +106,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_tx(config):
-    """The run's optimizer (`optim.*`), with the encoder held fixed under `model.freeze_encoder`."""
+def make_tx(config, model):
+    """The run's optimizer (`optim.*`), with `model`'s encoder held fixed under `model.freeze_encoder`."""
     tx = optim.build(config.optim, config.train.steps)
-    return pretrain.frozen_encoder_tx(tx) if config.model.freeze_encoder else tx
+    return pretrain.frozen_encoder_tx(tx, pretrain.encoder_scopes(model)) if config.model.freeze_encoder else tx
 
 
 def check_config(config) -> None:
@@ -169,7 +169,7 @@ def train_and_evaluate(
     eval_host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
     sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
-    tx = make_tx(config)
+    tx = make_tx(config, model)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)

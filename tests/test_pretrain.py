@@ -45,10 +45,49 @@ def test_scores_match_scikit_learn():
     assert got["pretrain/val/accuracy"] == pytest.approx(1 - hamming_loss(truth, pred))
 
 
+ARCH_OVERRIDES = {  # small 2D versions of every architecture the recipe supports
+    "unet": {},
+    "encoder_decoder": {},
+    "unetpp": {"model.deep_supervision": True},
+    "vnet": {"model.kernel_size": 3, "model.spatial_dims": 2},
+}
+
+
+def _set(config, overrides):
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
 def _model_and_state(config, seed=0):
     model = build_model(config.model, config.data.num_classes)
     tx = optim.build(config.optim, 10)
     return model, tx, state.create(model, tx, jnp.zeros((1, 32, 32, 3)), seed)
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, a, b)))
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("unet", {"encoder"}),
+        ("encoder_decoder", {"encoder"}),
+        ("unetpp", {"X0_0", "X1_0", "X2_0"}),  # column 0 of the nested grid
+        ("vnet", {"enc0", "enc1", "enc2", "down1", "down2", "Norm_0", "Norm_1", "PReLU_0", "PReLU_1"}),
+    ],
+)
+def test_encoder_scopes_are_what_classify_uses(tiny_config, arch, expected):
+    tiny_config.model.arch = arch
+    model, _, st = _model_and_state(_set(tiny_config, ARCH_OVERRIDES[arch]))
+    scopes = set(pretrain.encoder_scopes(model))
+    assert scopes == expected
+    assert scopes < set(st.params)  # every encoder scope is part of the segmentation network
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), method="classify")
+    assert set(variables["params"]) == scopes | {"classifier"}
+    assert model.apply(variables, jnp.zeros((2, 32, 32, 3)), method="classify").shape == (2, 4)
 
 
 def test_eval_counts_skip_padding_examples(tiny_config):
@@ -64,43 +103,63 @@ def test_eval_counts_skip_padding_examples(tiny_config):
     np.testing.assert_array_equal(counts[0] + counts[2], [2, 2, 2, 2])  # every class present in both
 
 
-def test_frozen_encoder_gets_no_gradient_and_no_update(tiny_config):
+@pytest.mark.parametrize("arch", ["unet", "unetpp", "vnet"])
+def test_frozen_encoder_gets_no_gradient_no_update_and_keeps_its_statistics(tiny_config, arch):
+    tiny_config.model.arch = arch
     tiny_config.model.freeze_encoder = True
-    model, _, st = _model_and_state(tiny_config)
+    model, _, st = _model_and_state(_set(tiny_config, ARCH_OVERRIDES[arch]))
+    scopes = set(pretrain.encoder_scopes(model))
     image = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
 
     def loss(params):
-        (logits, _), _ = model.apply(
+        (logits, _), updates = model.apply(
             {"params": params, "batch_stats": st.batch_stats}, image, train=True, mutable=["batch_stats"]
         )
-        return jnp.sum(logits**2)
+        return jnp.sum(logits**2), updates["batch_stats"]
 
-    grads = jax.grad(loss)(st.params)
-    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves(grads["encoder"]))
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads["decoder"]))
+    grads, stats = jax.grad(loss, has_aux=True)(st.params)
+    for name, grad in grads.items():
+        largest = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grad))
+        assert (largest == 0) == (name in scopes), name  # no gradient into the encoder, some everywhere else
+    # the encoder runs on its running statistics (inference mode): a training pass leaves them alone
+    for name in stats:
+        assert _leaves_equal(stats[name], st.batch_stats[name]) == (name in scopes), name
     # the optimizer leaves the encoder alone even where weight decay would move it
-    tx = pretrain.frozen_encoder_tx(optax.adamw(1e-2, weight_decay=0.5))
+    tx = pretrain.frozen_encoder_tx(optax.adamw(1e-2, weight_decay=0.5), scopes)
     ones = jax.tree_util.tree_map(jnp.ones_like, st.params)
     updates, _ = tx.update(ones, tx.init(st.params), st.params)
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(updates["encoder"]))
-    assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree_util.tree_leaves(updates["head"]))
+    for name, update in updates.items():
+        largest = max(float(jnp.abs(u).max()) for u in jax.tree_util.tree_leaves(update))
+        assert (largest == 0) == (name in scopes), name
 
 
-def test_load_encoder_replaces_only_the_encoder_and_checks_shapes(tiny_config):
-    _, _, st = _model_and_state(tiny_config, seed=0)
+@pytest.mark.parametrize("arch", ["unet", "unetpp", "vnet"])
+def test_load_encoder_replaces_only_the_encoder_and_checks_shapes(tiny_config, arch):
+    tiny_config.model.arch = arch
+    model, _, st = _model_and_state(_set(tiny_config, ARCH_OVERRIDES[arch]), seed=0)
     _, _, other = _model_and_state(tiny_config, seed=1)
-    loaded = pretrain.load_encoder(st, {"params": other.params["encoder"], "batch_stats": other.batch_stats["encoder"]})
-    same = jax.tree_util.tree_map(np.array_equal, loaded.params["encoder"], other.params["encoder"])
-    assert all(jax.tree_util.tree_leaves(same))
-    kept = jax.tree_util.tree_map(np.array_equal, loaded.params["decoder"], st.params["decoder"])
-    assert all(jax.tree_util.tree_leaves(kept))
+    scopes = pretrain.encoder_scopes(model)
+    encoder = {
+        "params": {k: other.params[k] for k in scopes},
+        "batch_stats": {k: other.batch_stats[k] for k in scopes if k in other.batch_stats},
+    }
+    loaded = pretrain.load_encoder(st, encoder)
+    for name in st.params:
+        source = other if name in scopes else st
+        assert _leaves_equal(loaded.params[name], source.params[name]), name
+    for name in st.batch_stats:
+        source = other if name in scopes else st
+        assert _leaves_equal(loaded.batch_stats[name], source.batch_stats[name]), name
     tiny_config.model.base_features = 8
     _, _, wider = _model_and_state(tiny_config)
     with pytest.raises(CheckpointError, match="pretrained encoder"):
-        pretrain.load_encoder(st, {"params": wider.params["encoder"], "batch_stats": wider.batch_stats["encoder"]})
+        pretrain.load_encoder(st, {"params": {k: wider.params[k] for k in scopes}, "batch_stats": {}})
 
 
-def test_classic_recipe_keeps_the_pretrained_encoder_and_trains_the_decoder(tiny_config, tmp_path):
+@pytest.mark.parametrize("arch", ["unet", "vnet"])
+def test_classic_recipe_keeps_the_pretrained_encoder_and_trains_the_decoder(tiny_config, tmp_path, arch):
+    tiny_config.model.arch = arch
+    _set(tiny_config, ARCH_OVERRIDES[arch])
     tiny_config.pretrain.steps = 24
     tiny_config.pretrain.lr = 1e-2
     tiny_config.train.log_every = 4
@@ -120,28 +179,43 @@ def test_classic_recipe_keeps_the_pretrained_encoder_and_trains_the_decoder(tiny
     )
     with open(os.path.join(workdir, "pretrain", "metrics.jsonl"), encoding="utf-8") as f:
         assert sum("pretrain/train/loss" in r for r in map(json.loads, f)) == 6
+    scopes = pretrain.encoder_scopes(model)
+    assert sorted(encoder["params"]) == sorted(scopes)
     # after segmentation training the encoder (weights and BN statistics) is still the pretrained one
-    tx = pretrain.frozen_encoder_tx(optim.build(tiny_config.optim, tiny_config.train.steps))
+    tx = train.make_tx(tiny_config, model)
     template = state.create(model, tx, jnp.zeros((1, 32, 32, 3)), 0)
     ckpt = train.checkpointing.Checkpointer(workdir, 2)
     final, _ = ckpt.restore(template)
     ckpt.close()
     assert int(final.step) == tiny_config.train.steps
     for key, tree in (("params", final.params), ("batch_stats", final.batch_stats)):
-        same = jax.tree_util.tree_map(np.array_equal, tree["encoder"], encoder[key])
-        assert all(jax.tree_util.tree_leaves(same)), key
-    moved = jax.tree_util.tree_map(
-        lambda a, b: not np.array_equal(a, b), final.params["decoder"], template.params["decoder"]
-    )
-    assert all(jax.tree_util.tree_leaves(moved))
+        for name in scopes:
+            if name in tree:
+                assert _leaves_equal(tree[name], encoder[key][name]), (key, name)
+    # ... and every decoder and head parameter has moved away from its initial value
+    for name in set(final.params) - set(scopes):
+        moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), final.params[name], template.params[name])
+        assert all(jax.tree_util.tree_leaves(moved)), name
     assert 0 <= result["val/miou"] <= 1
+
+
+def test_pretraining_with_dropout_draws_dropout_keys(tiny_config):
+    tiny_config.model.dropout = 0.5
+    model, _, _ = _model_and_state(tiny_config)
+    st = state.create(model, optim.build(tiny_config.optim, 10), jnp.zeros((1, 32, 32, 3)), 0, method="classify")
+    label = np.random.default_rng(1).integers(0, 4, (2, 32, 32)).astype(np.int32)
+    batch = {"image": jnp.ones((2, 32, 32, 3)), "label": jnp.asarray(label), "valid": jnp.ones((2, 32, 32))}
+    step = jax.jit(lambda s, b: pretrain.train_step(s, b, model=model))
+    first, out = step(st, batch)
+    _, again = step(st.replace(rng=first.rng), batch)  # same parameters and statistics, the next key
+    assert np.isfinite(float(out["loss"]))
+    assert float(again["loss"]) != float(out["loss"])  # a new dropout mask each step
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"model.freeze_encoder": True}, "randomly initialised encoder"),
-        ({"pretrain.steps": 5, "model.arch": "unetpp"}, "pretrain.steps > 0 needs model.arch"),
         ({"pretrain.steps": 5, "train.num_seeds": 2}, "num_seeds=1"),
         ({"pretrain.steps": -1}, "must be >= 0"),
     ],

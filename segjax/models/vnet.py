@@ -4,6 +4,9 @@ Residual stages of 1-3 convolutions (5x5x5 by default) with PReLU; down-sampling
 stride-2 convolutions, up-sampling by 2x2x2 stride-2 transposed convolutions; each decoder stage
 concatenates the matching encoder stage (skips) and adds its up-sampled input as the residual.
 Channels: `base_features` doubling per level, levels 0..depth (level `depth` is the bottom stage).
+`classify` (the classic recipe's pretraining task) is the encoder stages alone, global average
+pooling of the bottom stage and one dense layer; `freeze_encoder` runs them in inference mode
+without gradients.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
@@ -58,9 +62,15 @@ class VNet(nn.Module):
     spatial_dims: int = 3
     dtype: Any = jnp.float32
     norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
+    freeze_encoder: bool = False  # encoder stages in inference mode (running BN statistics), no gradient into them
+
+    def classify(self, image, train: bool = False):
+        """Image-level logits [B, num_classes]: the encoder stages, global average pooling of the
+        bottom stage, one dense layer named `classifier`. The pretraining task of the classic recipe."""
+        return self(image, train, classify=True)
 
     @nn.compact
-    def __call__(self, image, train: bool = False):
+    def __call__(self, image, train: bool = False, classify: bool = False):
         blocks.check_choice("norm", self.norm, blocks.NORMS)
         check_input(image, self.depth, self.spatial_dims)
         feats = level_features(self.depth + 1, self.base_features, self.features)
@@ -76,16 +86,23 @@ class VNet(nn.Module):
             norm_axis_name=self.norm_axis_name,
         )
         two = (2,) * self.spatial_dims
+        frozen = self.freeze_encoder and not classify
+        encoder_train = train and not frozen
         x = image.astype(self.dtype)
         encoded = []
         for i in range(self.depth + 1):
             if i:
                 x = blocks.Conv(feats[i], two, strides=two, dtype=self.dtype, name=f"down{i}")(x)
                 x = nn.PReLU(param_dtype=jnp.float32)(
-                    blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
+                    blocks.Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, encoder_train)
                 )
-            x = ResidualStage(feats[i], convs[i], name=f"enc{i}", **stage)(x, x, train)
+            x = ResidualStage(feats[i], convs[i], name=f"enc{i}", **stage)(x, x, encoder_train)
+            if frozen:  # no backward pass into the encoder
+                x = jax.lax.stop_gradient(x)
             encoded.append(x)
+        if classify:
+            pooled = jnp.mean(x, axis=tuple(range(1, 1 + self.spatial_dims)))
+            return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled).astype(jnp.float32)
         if self.dropout:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in reversed(range(self.depth)):
