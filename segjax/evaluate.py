@@ -8,9 +8,27 @@ import jax
 import ml_collections
 import numpy as np
 
-from segjax import metrics, parallel
+from segjax import instances, metrics, parallel
 from segjax.data import pipeline
 from segjax.errors import ConfigError
+
+
+def evaluate_split(config: ml_collections.ConfigDict, eval_fn: Callable, state, split, mesh, **kwargs):
+    """`evaluate` over a whole `split` (e.g. the validation source) with the run's eval batching:
+    `eval.batch_size` split over processes, images padded to a multiple of 2**model.depth, the
+    instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put)."""
+    targets, extra_scores = instances.hooks(config)
+    batches = pipeline.eval_batches(
+        split,
+        config.data,
+        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
+        jax.process_index(),
+        jax.process_count(),
+        2**config.model.depth,
+        targets,
+    )
+    names = instances.class_names(config)
+    return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=extra_scores, **kwargs)
 
 
 def evaluate(

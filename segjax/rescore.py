@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, train, writers
-from segjax.data import pipeline, sources
+from segjax.data import sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
 
@@ -27,7 +27,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    targets, extra_scores = instances.hooks(config)
     sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
     template = state.create(model, train.make_tx(config, model), sample, config.train.seed)
     template = jax.device_put(template, parallel.replicated(mesh))
@@ -39,22 +38,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
-    batches = pipeline.eval_batches(
-        splits["validation"],
-        config.data,
-        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
-        jax.process_index(),
-        jax.process_count(),
-        2**config.model.depth,
-        targets,
-    )
-    names = instances.class_names(config)
-    results = evaluate.evaluate(eval_fn, restored, batches, mesh, config.eval, names, extra_scores=extra_scores)
+    results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
         print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
-        print(report.results_table(results, names))
+        print(report.results_table(results, instances.class_names(config)))
     return results

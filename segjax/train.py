@@ -158,7 +158,7 @@ def train_and_evaluate(
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    targets, extra_scores = instances.hooks(config)
+    targets, _ = instances.hooks(config)
     num_seeds = config.train.num_seeds
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds)
     host_batch = parallel.host_batch_size(config.train.batch_size)
@@ -166,7 +166,7 @@ def train_and_evaluate(
         pipeline.train_dataset(splits["train"], config.data, host_batch, s, pidx, pcount, targets)
         for s in replica_seeds
     ]
-    eval_host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
+    parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")  # checked now, not at the first eval
     sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
     tx = make_tx(config, model)
@@ -249,12 +249,9 @@ def train_and_evaluate(
     names = instances.class_names(config)
 
     def run_eval() -> dict:
-        batches = pipeline.eval_batches(
-            splits["validation"], config.data, eval_host_batch, pidx, pcount, 2**config.model.depth, targets
-        )
         put = (lambda b: b) if use_pmap else None
-        per_seed = evaluate.evaluate(
-            eval_fn, train_state, batches, mesh, config.eval, names, num_seeds, put=put, extra_scores=extra_scores
+        per_seed = evaluate.evaluate_split(
+            config, eval_fn, train_state, splits["validation"], mesh, num_seeds=num_seeds, put=put
         )
         if num_seeds == 1:
             return per_seed
