@@ -43,11 +43,22 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict) -> None:
         if step not in self.latest.all_steps():
+            self._one_writer_at_a_time(self.best)
             self.latest.save(step, args=self._args(state, data_state))
 
     def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
         if step not in self.best.all_steps():
+            self._one_writer_at_a_time(self.latest)
             self.best.save(step, args=self._args(state, data_state), metrics={BEST_METRIC: float(metrics[BEST_METRIC])})
+
+    @staticmethod
+    def _one_writer_at_a_time(other: ocp.CheckpointManager) -> None:
+        """On several hosts, let `other`'s asynchronous save finish first: each save ends at a
+        cross-process barrier, and two managers' saves in flight at once can reach their barriers
+        in a different order on each host (seen with two processes: "Barrier ... is already
+        ongoing", then a timeout). One host never waits."""
+        if jax.process_count() > 1:
+            other.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

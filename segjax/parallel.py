@@ -69,12 +69,13 @@ PMAP_AXIS = "batch"
 
 def replicate(tree):
     """A copy of `tree` on every local device, stacked along a new leading axis (what
-    `jax.device_put_replicated`, now removed, did)."""
+    `jax.device_put_replicated`, now removed, did). Leaves may be host arrays or replicated
+    global arrays (this host's copy is used)."""
     devices = jax.local_devices()
     sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
     def put(x):
-        x = np.asarray(x)
+        x = np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
         return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
 
     return jax.tree_util.tree_map(put, tree)
@@ -85,6 +86,15 @@ def unreplicate(tree):
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
+def unreplicate_global(tree, mesh: Mesh):
+    """The pmap state as one global array per leaf, replicated over `mesh` (every host's devices):
+    what a checkpoint saves. On several hosts orbax refuses host-local arrays (each process
+    holds only its own devices' replicas), so every process contributes its local copy."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.host_local_array_to_global_array(unreplicate(tree), mesh, PartitionSpec())
+
+
 def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This host's batch [B, ...] -> [local devices, B / local devices, ...] for pmap."""
     n = jax.local_device_count()
@@ -92,9 +102,15 @@ def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def merge_eval_outputs(out: dict) -> dict:
-    """pmap eval outputs -> jit's layout: per-image confusions of all devices in one batch axis;
-    the loss and boundary counts are already global (identical on every device)."""
+    """pmap eval outputs -> jit's layout: per-image confusions of all devices of all hosts in one
+    batch axis (each host evaluates its own rows of every global batch); the loss and boundary
+    counts are already global (psum over the pmap axis, which spans every host)."""
     out = jax.device_get(out)
     merged = {k: v[0] for k, v in out.items()}
-    merged["confusion"] = out["confusion"].reshape(-1, *out["confusion"].shape[2:])
+    confusion = out["confusion"]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        confusion = multihost_utils.process_allgather(confusion)  # [hosts, local devices, B, C, C]
+    merged["confusion"] = confusion.reshape(-1, *confusion.shape[-2:])
     return merged

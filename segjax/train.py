@@ -42,15 +42,23 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 
 def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool) -> None:
-    """Refuse to mix two different configs in one workdir unless told; never delete silently."""
+    """Refuse to mix two different configs in one workdir unless told; never delete silently.
+
+    On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
+    (atomically); the others wait for it, so none reads a half-written file or creates folders
+    in a workdir that is about to be moved aside."""
+    if jax.process_index() == 0:
+        _prepare_workdir(config, workdir, overwrite, allow_config_changes)
+    parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
+
+
+def _prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool) -> None:
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = configuration.differences(old, config.to_dict())
-        if diff and jax.process_index() != 0:
-            pass  # process 0 decides (and moves or refuses); the others follow its config.json
-        elif diff and overwrite:
+        if diff and overwrite:
             moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
             shutil.move(workdir, moved)
             logging.warning("--overwrite: moved the previous run to %s", moved)
@@ -65,9 +73,10 @@ def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes:
             shutil.copy(path, backup)
             logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(configuration.to_json(config))
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(config))
+    os.replace(partial, path)  # a reader sees the old file or the whole new one
 
 
 def model_summary(model, variables, sample) -> dict[str, float]:
@@ -193,8 +202,8 @@ def train_and_evaluate(
         summary["params"] / 1e6,
         summary["flops"] / 1e9,
     )
-    if not use_pmap:
-        train_state = jax.device_put(train_state, parallel.replicated(mesh))
+    # replicated global arrays in both modes: what checkpoints save and restore on any number of hosts
+    train_state = jax.device_put(train_state, parallel.replicated(mesh))
 
     iterators = [pipeline.train_iterator(ds, config.data) for ds in train_ds]
     data_iter = iterators[0] if num_seeds == 1 else seeds.StackedIterator(iterators)
@@ -227,7 +236,8 @@ def train_and_evaluate(
         def put_batch(host_batch):
             return host_batch
 
-        checkpointable = parallel.unreplicate
+        def checkpointable(s):
+            return parallel.unreplicate_global(s, mesh)
     else:
         repl, batch_sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         train_batch_sh = batch_sh

@@ -75,43 +75,50 @@ def free_port() -> int:
 
 
 def test_two_processes_train_like_one(tmp_path, tfds_dir):
-    """Two local CPU processes (one device each, loopback coordinator) vs one process: the same
-    global batches, so the same losses and metrics; only process 0 writes the metric files."""
+    """Two local CPU processes (one device each, loopback coordinator), under jit and under pmap,
+    vs one process with two devices: the same global batches, so the same losses and metrics
+    (pmap: evaluation gathers every host's images; checkpoints are saved as global arrays);
+    only process 0 writes the metric files."""
     single = tmp_path / "single"
     done = run(single, tfds_dir, 2, "--config.train.batch_size=4")
     assert done.returncode == 0, done.stderr[-3000:]
-    multi = tmp_path / "multi"
-    port = free_port()
+    with open(single / "metrics.json", encoding="utf-8") as f:
+        reference = json.load(f)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "segjax.main",
-                "--config=configs/tiny.py",
-                f"--workdir={multi}",
-                f"--config.data.tfds_dir={tfds_dir}",
-                "--config.train.batch_size=4",
-                "--config.eval.batch_size=8",
-                "--config.train.log_every=1",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-4)
-    with open(single / "metrics.json", encoding="utf-8") as f1, open(multi / "metrics.json", encoding="utf-8") as f2:
-        m1, m2 = json.load(f1), json.load(f2)
-    assert m1["val/pixels"] == m2["val/pixels"]
-    np.testing.assert_allclose(m2["val/miou"], m1["val/miou"], rtol=1e-4)
+    for mode in ("jit", "pmap"):
+        multi = tmp_path / f"multi_{mode}"
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "segjax.main",
+                    "--config=configs/tiny.py",
+                    f"--workdir={multi}",
+                    f"--config.data.tfds_dir={tfds_dir}",
+                    "--config.train.batch_size=4",
+                    "--config.eval.batch_size=8",
+                    "--config.train.log_every=1",
+                    f"--config.parallel.mode={mode}",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outputs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, f"{mode}: {err[-3000:]}"
+        np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-4, err_msg=mode)
+        with open(multi / "metrics.json", encoding="utf-8") as f:
+            got = json.load(f)
+        assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"], mode
+        np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4, err_msg=mode)
+        assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"], mode
