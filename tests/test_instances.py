@@ -101,6 +101,31 @@ def test_eval_batches_carry_aligned_truth_and_a_perfect_prediction_scores_the_en
     assert scores["val/pq"] == pytest.approx(scores["val/sq"] * scores["val/rq"], rel=0.1)
 
 
+def test_in_memory_split_rewrites_each_label_once_and_streams_the_same_batches(tiny_config):
+    tiny_config.instances.enabled = True
+    targets, _ = instances.hooks(tiny_config)
+    calls = []
+
+    def counted(example):
+        calls.append(1)
+        return targets(example)
+
+    streams, rewrites = {}, {}
+    for cache in (False, True):
+        tiny_config.data.cache = cache
+        split = sources.open_splits(tiny_config.data, with_instances=True)["train"]
+        calls.clear()
+        ds = pipeline.train_dataset(split, tiny_config.data, 4, seed=0, targets=counted)
+        epochs = 2 * len(split) // 4  # two epochs of batches
+        streams[cache] = [ds[j] for j in range(epochs)]
+        rewrites[cache] = len(calls)
+    assert rewrites[False] == 2 * len(split)  # read from disk: rewritten at every read, each epoch
+    assert rewrites[True] == len(split)  # in memory: once per example, however many epochs are read
+    for a, b in zip(streams[False], streams[True], strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_training_reports_panoptic_quality(tiny_config, tmp_path):
     tiny_config.instances.enabled = True
     result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))

@@ -52,9 +52,14 @@ def train_dataset(
     The global stream (shuffle order and augmentation keyed on the global element index) is the
     same for any number of hosts; host p takes rows [p*b, (p+1)*b) of every global batch of
     b*process_count examples, so 1 and N processes train on identical global batches.
-    `targets` rewrites each example's label before augmentation (instance boundaries).
+    `targets` rewrites each example's label before augmentation (instance boundaries); with the
+    split held in memory (`data.cache`) each label is rewritten once, not once per epoch.
     """
-    elements = grain.MapDataset.source(source).map(targets or _image_and_label).shuffle(seed=seed).repeat()
+    if targets is not None and cfg.cache:
+        elements = grain.MapDataset.source([targets(source[i]) for i in range(len(source))])
+    else:
+        elements = grain.MapDataset.source(source).map(targets or _image_and_label)
+    elements = elements.shuffle(seed=seed).repeat()
     elements = elements.random_map(lambda ex, rng: augment.augment(ex, rng, cfg.augment), seed=seed + 1)
     global_batch = host_batch_size * process_count
     offset = process_index * host_batch_size
