@@ -401,3 +401,59 @@ def test_aligned_conv_pads_channels_only_when_lowered_for_cuda():
     conv, aligned = blocks.Conv(16, (3, 3)), jnp.ones((1, 8, 8, 8))
     lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), aligned), aligned)
     assert "case" not in lowered.lower(lowering_platforms=("cuda",)).as_text()  # nothing to pad: no switch
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, strides, padding, rhs_dilation",
+    [
+        ((2, 8, 8, 8, 3), (3, 3, 3, 3, 4), (1, 1, 1), "SAME", None),  # U-Net 3D block
+        ((1, 9, 8, 7, 5), (5, 5, 5, 5, 6), (1, 1, 1), "SAME", None),  # V-Net's 5x5x5, odd sizes
+        ((2, 8, 8, 8, 4), (2, 2, 2, 4, 8), (2, 2, 2), "VALID", None),  # V-Net's strided down-convolution
+        ((1, 8, 8, 8, 2), (1, 1, 1, 2, 3), (1, 1, 1), "SAME", None),  # a 1x1x1 head
+        ((1, 10, 9, 8, 2), (3, 3, 3, 2, 3), (2, 1, 1), ((2, 1), (1, 0), (0, 2)), (2, 1, 2)),  # uneven pads, dilation
+    ],
+)
+def test_depth_folded_conv_equals_the_3d_convolution(lhs_shape, rhs_shape, strides, padding, rhs_dilation):
+    """The 2D form of a 3D convolution (`blocks.aligned_conv`'s CPU form): same output and gradients."""
+    from jax import lax
+
+    from segjax.models import blocks
+
+    rng = np.random.default_rng(0)
+    lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    dn = ("NDHWC", "DHWIO", "NDHWC")
+    plain = lambda a, b: lax.conv_general_dilated(  # noqa: E731
+        a, b, strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dn
+    )
+    folded = lambda a, b: blocks.depth_folded_conv(a, b, strides, padding, rhs_dilation=rhs_dilation)  # noqa: E731
+    ref = plain(lhs, rhs)
+    scale = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(folded(lhs, rhs), ref, rtol=1e-5, atol=1e-5 * scale)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+    for ours, want in zip(
+        jax.grad(loss(folded), (0, 1))(lhs, rhs), jax.grad(loss(plain), (0, 1))(lhs, rhs), strict=True
+    ):
+        assert ours.shape == want.shape
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_3d_convolutions_lower_to_2d_ones_on_cpu_only():
+    """nn.Conv 3D: the CPU program holds only 2D (rank-4) convolutions, the CUDA one a 3D one;
+    grouped 3D convolutions (vmapped seeds) keep the plain form everywhere."""
+    import re
+
+    from segjax.models import blocks
+
+    def convolution_ranks(conv, x, platform):
+        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
+        text = lowered.lower(lowering_platforms=(platform,)).as_text()
+        operands = re.findall(r"stablehlo\.convolution.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+        return {lhs.count("x") for lhs, _ in operands}  # "tensor<1x8x8x8x2xf32>": rank = count of 'x'
+
+    x = jnp.ones((1, 8, 8, 8, 16))
+    assert convolution_ranks(blocks.Conv(16, (3, 3, 3)), x, "cpu") == {4}
+    assert convolution_ranks(blocks.Conv(16, (3, 3, 3)), x, "cuda") == {5}
+    assert convolution_ranks(blocks.Conv(16, (3, 3, 3), feature_group_count=2), x, "cpu") == {5}
+    conv = blocks.Conv(16, (3, 3, 3))
+    variables = conv.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 3, 16, 16), "bias": (16,)}}

@@ -44,22 +44,73 @@ def channel_padded_conv(lhs, rhs, window_strides, padding, *, multiple=CUDA_CHAN
     return lax.slice_in_dim(y, 0, rhs.shape[rhs_out], axis=out_c)
 
 
-def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
-    """`lax.conv_general_dilated`, as `channel_padded_conv` on CUDA when a channel count is not a
-    multiple of 8 (nn.Conv's `conv_general_dilated` hook, so parameters stay nn.Conv's).
+_CHANNELS_LAST_3D = ((0, 4, 1, 2, 3), (4, 3, 0, 1, 2), (0, 4, 1, 2, 3))  # NDHWC, DHWIO, NDHWC
 
-    Why: cuDNN runs a 3-channel image's first convolution on a generic non-tensor-core kernel;
-    on an H100 in bf16 it was the slowest convolution per FLOP of the U-Net step
-    (benchmarks/RESULTS.md). Other platforms get the plain convolution (XLA:CPU would pay for
-    the zeros).
+
+def depth_folded_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None, **kwargs):
+    """A 3D convolution (NDHWC, DHWIO) computed as one 2D convolution: each of the kernel's depth
+    taps becomes a block of input channels (the input, sliced at that tap's depth offsets, is
+    concatenated along channels) and the output depth joins the batch. Same products, same result.
+
+    Why: XLA:CPU has no fast 3D convolution; on 2 cores a 3x3x3 conv on 2 x 32^3 x 16 took 88 ms
+    forward (240 ms with both gradients), the folded form 8 ms (34 ms) -- Eigen's 2D
+    convolution. The copies (kernel depth x the input) are cheap next to that."""
+    rd = tuple(rhs_dilation or (1, 1, 1))
+    kd, sd = rhs.shape[0], window_strides[0]
+    if isinstance(padding, str):
+        dilated = [(k - 1) * r + 1 for k, r in zip(rhs.shape[:3], rd, strict=True)]
+        padding = lax.padtype_to_pads(lhs.shape[1:4], dilated, window_strides, padding)
+    (lo, hi), hw_padding = padding[0], tuple(padding[1:])
+    x = jnp.pad(lhs, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+    n, depth, h, w, c = x.shape
+    out_depth = (depth - (kd - 1) * rd[0] - 1) // sd + 1
+    taps = [lax.slice_in_dim(x, i * rd[0], i * rd[0] + sd * (out_depth - 1) + 1, sd, axis=1) for i in range(kd)]
+    x2 = jnp.concatenate(taps, axis=-1).reshape(n * out_depth, h, w, kd * c)
+    w2 = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(*rhs.shape[1:3], kd * c, rhs.shape[4])
+    y = lax.conv_general_dilated(
+        x2,
+        w2,
+        window_strides[1:],
+        hw_padding,
+        rhs_dilation=rd[1:],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        **kwargs,
+    )
+    return y.reshape(n, out_depth, *y.shape[1:])
+
+
+def _foldable(lhs, rhs, padding, dn, kwargs) -> bool:
+    """A plain channels-last 3D convolution `depth_folded_conv` computes (no groups, no input
+    dilation, no negative padding)."""
+    plain = all(kwargs.get(k, 1) == 1 for k in ("feature_group_count", "batch_group_count"))
+    plain &= all(d == 1 for d in (kwargs.get("lhs_dilation") or (1,)))
+    plain &= isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)
+    return lhs.ndim == 5 and (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == _CHANNELS_LAST_3D and plain
+
+
+def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
+    """`lax.conv_general_dilated` in the form each backend runs fastest (nn.Conv's
+    `conv_general_dilated` hook, so parameters stay nn.Conv's; every form is the same function):
+
+    - CUDA: `channel_padded_conv` when a channel count is not a multiple of 8. cuDNN runs a
+      3-channel image's first convolution on a generic non-tensor-core kernel; on an H100 in bf16
+      it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
+    - CPU: 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower).
+    - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
     aligned = all(n % CUDA_CHANNEL_MULTIPLE == 0 for n in (lhs.shape[dn.lhs_spec[1]], rhs.shape[dn.rhs_spec[0]]))
-    if aligned or kwargs.get("feature_group_count", 1) != 1:
+    grouped = kwargs.get("feature_group_count", 1) != 1
+    forms = {}
+    if not (aligned or grouped):
+        forms["cuda"] = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
+    if _foldable(lhs, rhs, padding, dn, kwargs):
+        folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
+        forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
+    if not forms:
         return conv(lhs, rhs)
-    padded = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
-    return lax.platform_dependent(lhs, rhs, cuda=padded, default=conv)
+    return lax.platform_dependent(lhs, rhs, default=conv, **forms)
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=aligned_conv)  # nn.Conv, same parameters
