@@ -5,7 +5,8 @@ seed and the summary reports mean ± std over seeds.
 
 COMMAND (one axis; 3 seeds each; about 3 min per run on 2 CPU cores):
   python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/study_skips --seeds=3
-  axes: skips | depth | width | bottleneck | upsample | pool | pretraining | arch | all (every variant above)
+  axes: skips | depth | width | bottleneck | upsample | pool | pretraining | pretraining_unetpp | arch |
+        all (every variant above)
 """
 
 import os
@@ -30,6 +31,14 @@ AXES = {
         "end_to_end": {},
         "pretrained_frozen": {"pretrain.steps": 400, "model.freeze_encoder": True},
         "pretrained_finetuned": {"pretrain.steps": 400},
+    },
+    "pretraining_unetpp": {  # the same recipe on U-Net++ (its encoder: the nodes X{i}_0)
+        name: {"model.arch": "unetpp", "model.deep_supervision": True, "model.base_features": 12, **o}
+        for name, o in (
+            ("end_to_end", {}),
+            ("pretrained_frozen", {"pretrain.steps": 400, "model.freeze_encoder": True}),
+            ("pretrained_finetuned", {"pretrain.steps": 400}),
+        )
     },
     "arch": {
         "encoder_decoder": {"model.arch": "encoder_decoder"},
