@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
@@ -74,51 +75,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path, tfds_dir):
-    """Two local CPU processes (one device each, loopback coordinator), under jit and under pmap,
-    vs one process with two devices: the same global batches, so the same losses and metrics
-    (pmap: evaluation gathers every host's images; checkpoints are saved as global arrays);
-    only process 0 writes the metric files."""
+@pytest.mark.parametrize("mode", ["jit", pytest.param("pmap", marks=pytest.mark.slow)])
+def test_two_processes_train_like_one(tmp_path, tfds_dir, mode):
+    """Two local CPU processes (one device each, loopback coordinator) vs one process with two
+    devices: the same global batches, so the same losses and metrics (pmap: evaluation gathers
+    every host's images; checkpoints are saved as global arrays); only process 0 writes the
+    metric files. (pmap is marked slow only to keep the default suite short; CI runs it.)"""
     single = tmp_path / "single"
     done = run(single, tfds_dir, 2, "--config.train.batch_size=4")
     assert done.returncode == 0, done.stderr[-3000:]
     with open(single / "metrics.json", encoding="utf-8") as f:
         reference = json.load(f)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    for mode in ("jit", "pmap"):
-        multi = tmp_path / f"multi_{mode}"
-        port = free_port()
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "segjax.main",
-                    "--config=configs/tiny.py",
-                    f"--workdir={multi}",
-                    f"--config.data.tfds_dir={tfds_dir}",
-                    "--config.train.batch_size=4",
-                    "--config.eval.batch_size=8",
-                    "--config.train.log_every=1",
-                    f"--config.parallel.mode={mode}",
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2",
-                    f"--process_id={i}",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        outputs = [p.communicate(timeout=600) for p in procs]
-        for p, (_, err) in zip(procs, outputs, strict=True):
-            assert p.returncode == 0, f"{mode}: {err[-3000:]}"
-        np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-4, err_msg=mode)
-        with open(multi / "metrics.json", encoding="utf-8") as f:
-            got = json.load(f)
-        assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"], mode
-        np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4, err_msg=mode)
-        assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"], mode
+    multi = tmp_path / f"multi_{mode}"
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "segjax.main",
+                "--config=configs/tiny.py",
+                f"--workdir={multi}",
+                f"--config.data.tfds_dir={tfds_dir}",
+                "--config.train.batch_size=4",
+                "--config.eval.batch_size=8",
+                "--config.train.log_every=1",
+                f"--config.parallel.mode={mode}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-4)
+    with open(multi / "metrics.json", encoding="utf-8") as f:
+        got = json.load(f)
+    assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"]
+    np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4)
+    assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
