@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
     c.model.freeze_encoder = False  # keep the (pretrained) encoder fixed; train the decoder (and head)
 
-    c.pretrain = ml_collections.ConfigDict()  # the classic recipe (segjax/pretrain.py); unet/encoder_decoder
+    c.pretrain = ml_collections.ConfigDict()  # the classic recipe (segjax/pretrain.py), every architecture
     c.pretrain.steps = 0  # > 0: first train the encoder as a classifier of the classes present in each image
     c.pretrain.lr = 3e-3  # its peak learning rate (warm-up, schedule and the rest as in optim)
 
