@@ -175,7 +175,6 @@ def train_and_evaluate(
         pipeline.train_dataset(splits["train"], config.data, host_batch, s, pidx, pcount, targets)
         for s in replica_seeds
     ]
-    parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")  # checked now, not at the first eval
     sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
     tx = make_tx(config, model)
