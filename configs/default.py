@@ -129,11 +129,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # 'adamw' | 'sgd'
     c.optim.lr = 3e-3  # peak learning rate
-    c.optim.schedule = "cosine"  # 'cosine' | 'constant' (both after a linear warm-up)
+    c.optim.schedule = "cosine"  # 'cosine' | 'poly' (nnU-Net's) | 'constant', each after a linear warm-up
+    c.optim.poly_power = 0.9  # 'poly': lr * (1 - t / T) ** poly_power
     c.optim.warmup_steps = 100
     c.optim.weight_decay = 1e-4
     c.optim.momentum = 0.9  # SGD momentum / Adam b1
+    c.optim.nesterov = False  # SGD: Nesterov momentum (nnU-Net: SGD, momentum 0.99, Nesterov, poly)
     c.optim.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
+    c.optim.ema_decay = (
+        0.0  # > 0: keep a moving average of the weights (e.g. 0.999) for evaluation (not in pretraining)
+    )
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 800  # optimizer steps

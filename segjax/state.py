@@ -8,6 +8,8 @@ import flax
 import jax
 import optax
 
+from segjax import optim
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -24,6 +26,13 @@ class TrainState:
         if self.batch_stats:
             return {"params": self.params, "batch_stats": self.batch_stats}
         return {"params": self.params}
+
+    def eval_variables(self) -> dict:
+        """What evaluation (and so the best checkpoint's choice) uses: the weight average of
+        `optim.ema_decay` in place of the parameters when one is kept, with the running BatchNorm
+        statistics."""
+        average = optim.averaged_params(self.opt_state)
+        return self.variables() if average is None else {**self.variables(), "params": average}
 
     def apply_gradients(self, grads, batch_stats, rng):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

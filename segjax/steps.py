@@ -116,7 +116,7 @@ def eval_step(
     `eval_cfg` (window, tta) selects sliding-window and test-time-augmented inference; with
     `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device.
     `return_predictions` adds the class maps (`pred` [B, ...]) for host-side instance scoring."""
-    variables = state.variables()
+    variables = state.eval_variables()
 
     def logits_fn(images):
         return model.apply(variables, images, train=False)[0]

@@ -116,14 +116,18 @@ class _Preemption:
 
 
 def make_tx(config, model):
-    """The run's optimizer (`optim.*`), with `model`'s encoder held fixed under `model.freeze_encoder`."""
+    """The run's optimizer (`optim.*`), with `model`'s encoder held fixed under `model.freeze_encoder`
+    and the weight average of `optim.ema_decay` outermost (so it averages every parameter)."""
     tx = optim.build(config.optim, config.train.steps)
-    return pretrain.frozen_encoder_tx(tx, pretrain.encoder_scopes(model)) if config.model.freeze_encoder else tx
+    if config.model.freeze_encoder:
+        tx = pretrain.frozen_encoder_tx(tx, pretrain.encoder_scopes(model))
+    return optim.with_weight_average(tx, config.optim.ema_decay)
 
 
 def check_config(config) -> None:
     """Every config error that can be found before data or compilation."""
     configuration.validate(config)
+    optim.check(config.optim)
     pretrain.check_config(config)
     instances.check_config(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:

@@ -86,18 +86,20 @@ def _final_params(config, workdir):
 
 
 def _template(config):
-    from segjax import optim, state
+    from segjax import state
     from segjax.models import build_model
 
     model = build_model(config.model, config.data.num_classes)
     sample = np.zeros((1, 32, 32, 3), np.float32)
-    return state.create(model, optim.build(config.optim, config.train.steps), sample, config.train.seed)
+    return state.create(model, train.make_tx(config, model), sample, config.train.seed)
 
 
 def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
-    """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer, RNG, data position."""
+    """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer (with the weight
+    average), RNG, data position."""
     tiny_config.optim.schedule = "constant"  # the schedule must not depend on where we stop
     tiny_config.model.dropout = 0.1  # makes the RNG state matter
+    tiny_config.optim.ema_decay = 0.5
     straight, straight_data = _final_params(tiny_config, str(tmp_path / "straight"))
     tiny_config.train.steps = 3
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
