@@ -33,7 +33,7 @@ from segjax import (
     steps,
     writers,
 )
-from segjax.data import pipeline, sources
+from segjax.data import augment, pipeline, sources
 from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from segjax.flops import count_flops
 from segjax.models import build_model, unetpp
@@ -128,6 +128,7 @@ def check_config(config) -> None:
     """Every config error that can be found before data or compilation."""
     configuration.validate(config)
     optim.check(config.optim)
+    augment.check(config.data.augment)
     pretrain.check_config(config)
     instances.check_config(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:
