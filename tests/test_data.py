@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from segjax.data import augment, pipeline, png, sources, synthetic
 from segjax.errors import ConfigError, DataError
@@ -229,3 +230,18 @@ def test_synthetic_volumes_round_trip_and_3d_augmentation(tiny_config):
             {"image": vol, "label": (vol[..., 0] > 128).astype(np.int32)}, np.random.default_rng(seed), cfg.augment
         )
         np.testing.assert_array_equal(out["label"], (np.round(out["image"][..., 0] * 255) > 128).astype(np.int32))
+
+
+def test_cubic_sampling_on_a_window_equals_the_whole_image():
+    """The windowed spline prefilter gives scipy's whole-image cubic interpolation, also where the
+    window reaches past the image border (mirrored) and for a one-pixel-wide image."""
+    rng = np.random.default_rng(0)
+    for shape in [(40, 50, 2), (40, 1, 1)]:
+        image = rng.random(shape).astype(np.float32)
+        for lo, hi in [((10.3, 12.7), (20.1, 30.9)), ((-7.5, -3.2), (9.9, 60.4)), ((30.2, 41.7), (52.6, 55.0))]:
+            yy, xx = np.meshgrid(np.linspace(lo[0], hi[0], 13), np.linspace(lo[1], hi[1], 11), indexing="ij")
+            coords = np.stack([yy, xx]).astype(np.float32)
+            got = augment._cubic_sample(image, coords)
+            for k in range(shape[-1]):
+                want = ndimage.map_coordinates(image[..., k], coords, order=3, mode="mirror")
+                np.testing.assert_allclose(got[..., k], want, atol=1e-5)

@@ -54,12 +54,43 @@ def _warp_crop(image, label, rng, cfg):
             field = ndimage.gaussian_filter(rng.uniform(-1, 1, (out_h, out_w)), cfg.elastic_sigma, mode="constant")
             grid += cfg.elastic_alpha * field
     coords = np.stack([src_y, src_x])
-    order = cfg.image_order
-    channels = [
-        ndimage.map_coordinates(image[..., k], coords, order=order, mode="mirror") for k in range(image.shape[-1])
-    ]
     warped_label = ndimage.map_coordinates(label, coords, order=0, mode="mirror")
-    return np.stack(channels, -1), warped_label
+    if cfg.image_order == 1:
+        channels = [
+            ndimage.map_coordinates(image[..., k], coords, order=1, mode="mirror") for k in range(image.shape[-1])
+        ]
+        return np.stack(channels, -1), warped_label
+    return _cubic_sample(image, coords), warped_label
+
+
+_SPLINE_MARGIN = 12  # px: the cubic prefilter's boundary effect decays as 0.268**n (1e-7 at 12)
+
+
+def _mirror_index(i: np.ndarray, n: int) -> np.ndarray:
+    """Indices folded into 0..n-1 as scipy's mode='mirror' does (d c b | a b c d | c b a)."""
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.abs(i) % period
+    return np.where(i > n - 1, period - i, i)
+
+
+def _cubic_sample(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """`map_coordinates(order=3, mode='mirror')` of each channel, with the spline prefilter run on
+    the mirrored window the coordinates reach (plus a margin) instead of the whole image: a
+    256^2 crop of a 512^2 image prefilters ~40 % of the pixels. Equal to the whole-image result
+    to ~1e-6."""
+    lo = np.floor(coords.reshape(2, -1).min(1)).astype(int) - _SPLINE_MARGIN
+    hi = np.ceil(coords.reshape(2, -1).max(1)).astype(int) + _SPLINE_MARGIN + 1
+    rows = _mirror_index(np.arange(lo[0], hi[0]), image.shape[0])
+    cols = _mirror_index(np.arange(lo[1], hi[1]), image.shape[1])
+    window = image[np.ix_(rows, cols)].astype(np.float32)
+    local = coords - lo.reshape(2, 1, 1).astype(coords.dtype)
+    channels = []
+    for k in range(image.shape[-1]):
+        spline = ndimage.spline_filter(window[..., k], order=3, mode="mirror")
+        channels.append(ndimage.map_coordinates(spline, local, order=3, mode="mirror", prefilter=False))
+    return np.stack(channels, -1)
 
 
 def _crop_volume(image, label, rng, crop: int):
