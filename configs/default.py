@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.augment.scale_max = 1.0
     c.data.augment.elastic_alpha = 0.0  # elastic deformation strength in pixels (2D); 0 = off
     c.data.augment.elastic_sigma = 10.0  # smoothness of the elastic displacement field, pixels
-    c.data.augment.image_order = 1  # image interpolation of those warps: 1 linear | 3 cubic (sharper, ~3x slower)
+    c.data.augment.image_order = 1  # image interpolation of those warps: 1 linear | 3 cubic (sharper, slower)
     c.data.augment.flip = True  # random mirror along W (left-right)
     c.data.augment.vflip = True  # also random mirrors along H (and D for volumes); off for upright content
     c.data.augment.rot90 = True  # random multiples of 90 degrees in the (H, W) plane (square only)
@@ -137,9 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.momentum = 0.9  # SGD momentum / Adam b1
     c.optim.nesterov = False  # SGD: Nesterov momentum (nnU-Net: SGD, momentum 0.99, Nesterov, poly)
     c.optim.grad_clip = 1.0  # global-norm gradient clipping; 0 = off
-    c.optim.ema_decay = (
-        0.0  # > 0: keep a moving average of the weights (e.g. 0.999) for evaluation (not in pretraining)
-    )
+    c.optim.ema_decay = 0.0  # > 0 (e.g. 0.999): evaluate a moving average of the weights (not in pretraining)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 800  # optimizer steps
