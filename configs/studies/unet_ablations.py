@@ -5,8 +5,8 @@ seed and the summary reports mean ± std over seeds.
 
 COMMAND (one axis; 3 seeds each; about 3 min per run on 2 CPU cores):
   python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/study_skips --seeds=3
-  axes: skips | depth | width | bottleneck | upsample | pool | pretraining | pretraining_unetpp | arch |
-        all (every variant above)
+  axes: skips | depth | width | bottleneck | upsample | pool | pretraining | pretraining_unetpp |
+        optimizer | arch | all (every variant above)
 """
 
 import os
@@ -39,6 +39,18 @@ AXES = {
             ("pretrained_frozen", {"pretrain.steps": 400, "model.freeze_encoder": True}),
             ("pretrained_finetuned", {"pretrain.steps": 400}),
         )
+    },
+    "optimizer": {  # the default AdamW + cosine, with a weight average, and nnU-Net's SGD recipe
+        "adamw_cosine": {},
+        "adamw_cosine_ema": {"optim.ema_decay": 0.99},
+        "sgd_nesterov_poly": {
+            "optim.name": "sgd",
+            "optim.lr": 0.01,
+            "optim.momentum": 0.99,
+            "optim.nesterov": True,
+            "optim.schedule": "poly",
+            "optim.weight_decay": 3e-5,
+        },
     },
     "arch": {
         "encoder_decoder": {"model.arch": "encoder_decoder"},
