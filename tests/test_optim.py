@@ -89,11 +89,11 @@ def _assert_trees_equal(a, b, **tol):
 
 
 def test_weight_average_follows_its_recurrence():
-    decay = 0.8
+    decay = 0.3
     _, _, batch, st, step = _tiny_setup(decay)
     want = jax.tree_util.tree_map(np.asarray, st.params)
     _assert_trees_equal(optim.averaged_params(st.opt_state), want)  # starts at the initial weights
-    for k in range(6):  # (1 + k) / (10 + k) < 0.8 for k < 35: the warm-up rate is what is used here
+    for k in range(6):  # (1 + k) / (10 + k) is below 0.3 for k < 3: both branches of the min are used
         st, _ = step(st, batch)
         d = min(decay, (1 + k) / (10 + k))
         want = jax.tree_util.tree_map(lambda a, x, d=d: d * a + (1 - d) * np.asarray(x), want, st.params)
