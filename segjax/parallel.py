@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segjax.errors import ConfigError
@@ -26,8 +27,6 @@ def host_barrier(name: str) -> None:
 
     client = distributed.global_state.client
     if client is None or not hasattr(client, "wait_at_barrier"):
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(name, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
@@ -90,8 +89,6 @@ def unreplicate_global(tree, mesh: Mesh):
     """The pmap state as one global array per leaf, replicated over `mesh` (every host's devices):
     what a checkpoint saves. On several hosts orbax refuses host-local arrays (each process
     holds only its own devices' replicas), so every process contributes its local copy."""
-    from jax.experimental import multihost_utils
-
     return multihost_utils.host_local_array_to_global_array(unreplicate(tree), mesh, PartitionSpec())
 
 
@@ -109,8 +106,6 @@ def merge_eval_outputs(out: dict) -> dict:
     merged = {k: v[0] for k, v in out.items()}
     confusion = out["confusion"]
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         confusion = multihost_utils.process_allgather(confusion)  # [hosts, local devices, B, C, C]
     merged["confusion"] = confusion.reshape(-1, *confusion.shape[-2:])
     return merged
