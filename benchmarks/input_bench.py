@@ -6,6 +6,7 @@ on a fixed batch; (3) a short real training run's `train/data_wait_fraction` (ti
 in `next()` / wall time: an upper bound on device idle time).
 
   python benchmarks/input_bench.py --config=configs/default.py [--config=configs/isbi.py ...]
+      [--set data.augment.image_order=3 ...]   (dotted config overrides, applied to every config)
 
 Last line: `<config>: pipeline/step ratio <N>x, data wait <W>%` for each config.
 """
@@ -13,6 +14,7 @@ Last line: `<config>: pipeline/step ratio <N>x, data wait <W>%` for each config.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import importlib.util
 import json
@@ -28,20 +30,32 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from segjax import optim, parallel, state, steps, train  # noqa: E402
+from segjax import optim, parallel, state, steps, study, train  # noqa: E402
 from segjax.data import pipeline, sources  # noqa: E402
 from segjax.models import build_model  # noqa: E402
 
 
-def load(path: str):
+def load(path: str, overrides: dict):
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return study.variant_config(module.get_config(), overrides, "--set")
 
 
-def measure(path: str, batches: int, train_steps: int) -> str:
-    config = load(path)
+def parse_override(text: str) -> tuple[str, object]:
+    """'data.augment.image_order=3' -> ('data.augment.image_order', 3); values are Python literals
+    (a bare word is a string)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
+def measure(path: str, overrides: dict, batches: int, train_steps: int) -> str:
+    config = load(path, overrides)
     splits = sources.open_splits(config.data)
     ds = pipeline.train_dataset(splits["train"], config.data, config.train.batch_size, config.train.seed)
     it = pipeline.train_iterator(ds, config.data)
@@ -73,7 +87,8 @@ def measure(path: str, batches: int, train_steps: int) -> str:
             rows = [json.loads(line) for line in f if "train/data_wait_fraction" in line]
     wait = rows[-1]["train/data_wait_fraction"]  # the second window: compilation excluded
     print(f"{path}: pipeline {pipe:.1f} images/s, train step consumes {consume:.1f} images/s")
-    return f"{path}: pipeline/step ratio {pipe / consume:.1f}x, data wait {100 * wait:.1f}%"
+    label = path + "".join(f" {k}={v}" for k, v in overrides.items())
+    return f"{label}: pipeline/step ratio {pipe / consume:.1f}x, data wait {100 * wait:.1f}%"
 
 
 def main() -> None:
@@ -81,9 +96,12 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=None)
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--train_steps", type=int, default=60)
+    parser.add_argument("--set", type=parse_override, action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    print(f"{os.cpu_count()} cpus, jax {jax.__version__}")
-    lines = [measure(path, args.batches, args.train_steps) for path in args.config or ["configs/default.py"]]
+    overrides = dict(args.set)
+    print(f"{os.cpu_count()} cpus, jax {jax.__version__}, overrides {overrides or 'none'}")
+    paths = args.config or ["configs/default.py"]
+    lines = [measure(path, overrides, args.batches, args.train_steps) for path in paths]
     print("\n".join(lines))
 
 

@@ -8,27 +8,70 @@ import jax
 import ml_collections
 import numpy as np
 
-from segjax import instances, metrics, parallel
+from segjax import instances, metrics, parallel, writers
 from segjax.data import pipeline
 from segjax.errors import ConfigError
 
 
-def evaluate_split(config: ml_collections.ConfigDict, eval_fn: Callable, state, split, mesh, **kwargs):
+def evaluate_split(
+    config: ml_collections.ConfigDict, eval_fn: Callable, state, split, mesh, per_image_csv: str = "", **kwargs
+):
     """`evaluate` over a whole `split` (e.g. the validation source) with the run's eval batching:
     `eval.batch_size` split over processes, images padded to a multiple of 2**model.depth, the
-    instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put)."""
+    instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put).
+    `per_image_csv`: also write each image's scores there (`per_image_rows`; process 0, one seed)."""
     targets, extra_scores = instances.hooks(config)
+    host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
     batches = pipeline.eval_batches(
         split,
         config.data,
-        parallel.host_batch_size(config.eval.batch_size, "eval.batch_size"),
+        host_batch,
         jax.process_index(),
         jax.process_count(),
         2**config.model.depth,
         targets,
+        with_names=bool(per_image_csv),
     )
     names = instances.class_names(config)
+    if per_image_csv and kwargs.get("num_seeds", 1) == 1:
+        order = pipeline.eval_order(len(split), host_batch, jax.process_count())
+
+        def scores_and_table(outputs: list[dict]) -> dict:
+            if jax.process_index() == 0:
+                rows = per_image_rows(outputs, order, names, config.eval.empty)
+                writers.write_table(per_image_csv, rows)
+            return extra_scores(outputs) if extra_scores else {}
+
+        return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=scores_and_table, **kwargs)
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=extra_scores, **kwargs)
+
+
+def per_image_rows(outputs: list[dict], order: list[int | None], class_names, empty: str = "nan") -> list[dict]:
+    """One row per evaluated image, in split order: `index` (position in the split), `name` (the
+    stored file name; single-process runs), `pixels` scored, pixel `accuracy` and per class
+    `dice/<c>`, `iou/<c>`, `precision/<c>`, `recall/<c>` (empty classes follow `empty`).
+    `order` maps each output row to its split index (None = padding; `pipeline.eval_order`)."""
+    confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
+    if len(confusion) != len(order):
+        raise ValueError(f"{len(confusion)} evaluated rows but an order of {len(order)}")
+    local_names = np.concatenate([o["gt_name"] for o in outputs]) if outputs and "gt_name" in outputs[0] else None
+    keep = [r for r, index in enumerate(order) if index is not None]
+    cms = confusion[keep]
+    per_class = {k: np.asarray(v) for k, v in metrics.class_scores(cms, empty).items()}
+    pixels = cms.sum(axis=(1, 2))
+    correct = np.trace(cms, axis1=1, axis2=2)
+    rows = []
+    for i, r in enumerate(keep):
+        row = {"index": order[r]}
+        if local_names is not None and len(local_names) == len(order):  # one process: names for every row
+            row["name"] = str(local_names[r])
+        row["pixels"] = int(pixels[i])
+        row["accuracy"] = float(correct[i] / pixels[i]) if pixels[i] else float("nan")
+        for key in ("dice", "iou", "precision", "recall"):
+            for c, name in enumerate(class_names):
+                row[f"{key}/{name}"] = float(per_class[key][i, c])
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["index"])
 
 
 def evaluate(

@@ -18,7 +18,8 @@ from segjax.models import build_model
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
     """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
     settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
-    Writes `eval_<which>.json` next to the run's metrics.json (never overwrites metrics.json)."""
+    Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
+    the run's metrics.json (never overwrites metrics.json)."""
     train.check_config(config)
     if which not in ("best", "latest"):
         raise ConfigError(f"--eval_only={which!r}; choose 'best' or 'latest'")
@@ -38,7 +39,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
-    results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh)
+    table = os.path.join(workdir, f"eval_{which}_per_image.csv")
+    results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}

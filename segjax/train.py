@@ -262,10 +262,12 @@ def train_and_evaluate(
     writer = writers.MetricWriter(workdir)
     names = instances.class_names(config)
 
+    table = os.path.join(workdir, "val_per_image.csv") if num_seeds == 1 else ""  # the latest evaluation's
+
     def run_eval() -> dict:
         put = (lambda b: b) if use_pmap else None
         per_seed = evaluate.evaluate_split(
-            config, eval_fn, train_state, splits["validation"], mesh, num_seeds=num_seeds, put=put
+            config, eval_fn, train_state, splits["validation"], mesh, num_seeds=num_seeds, put=put, per_image_csv=table
         )
         if num_seeds == 1:
             return per_seed

@@ -5,6 +5,7 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -24,6 +25,15 @@ def write_summary(path: str, results: dict) -> None:
     """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump({k: _plain(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+
+
+def write_table(path: str, rows: list[dict]) -> None:
+    """Rows with the same keys as CSV (per-image results); NaN is written as an empty cell."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
 
 
 class MetricWriter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,3 +52,51 @@ def test_evaluate_matches_sklearn_over_the_whole_split(average):
     np.testing.assert_allclose(results["val/accuracy"], skm.accuracy_score(labels.ravel(), preds.ravel()), rtol=1e-6)
     ref_b = metrics.boundary_iou(labels, preds, 3, dilation=1)
     np.testing.assert_allclose(results["val/mbiou"], float(ref_b["mbiou"]), rtol=1e-6)
+
+
+def test_per_image_rows_match_sklearn_per_image():
+    """Each image's Dice/IoU/accuracy as scikit-learn scores that image alone; a class absent from
+    an image's truth and prediction is NaN (eval.empty='nan'); rows come back in split order with
+    the stored names."""
+    from segjax.data import pipeline
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, (5, 6, 6))
+    labels[2] = 0  # image 2: class 2 neither in the truth nor (errors go 0 -> 1) in the prediction
+    image = np.zeros((6, 6, 1), np.uint8)
+    source = [{"image": image, "label": labels[i], "name": f"img{i}".encode()} for i in range(5)]
+    cfg = load_config("default")
+    batches = list(pipeline.eval_batches(source, cfg.data, batch_size=2, with_names=True))  # 1 padding copy
+    outputs = [{**jax.device_get(fake_eval_fn(None, b)), "gt_name": b["gt_name"]} for b in batches]
+    rows = evaluate.per_image_rows(outputs, pipeline.eval_order(5, 2), NAMES)
+    preds = np.asarray(noisy_prediction(jnp.asarray(labels)))
+    assert [r["index"] for r in rows] == list(range(5)) and [r["name"] for r in rows] == [f"img{i}" for i in range(5)]
+    for i, row in enumerate(rows):
+        y, p = labels[i].ravel(), preds[i].ravel()
+        assert row["pixels"] == 36
+        np.testing.assert_allclose(row["accuracy"], skm.accuracy_score(y, p), rtol=1e-6)
+        present = [c for c in range(3) if (y == c).any() or (p == c).any()]
+        dice = skm.f1_score(y, p, labels=present, average=None)
+        iou = skm.jaccard_score(y, p, labels=present, average=None)
+        for c, name in enumerate(NAMES):
+            if c in present:
+                np.testing.assert_allclose(row[f"dice/{name}"], dice[present.index(c)], rtol=1e-6)
+                np.testing.assert_allclose(row[f"iou/{name}"], iou[present.index(c)], rtol=1e-6)
+            else:
+                assert np.isnan(row[f"dice/{name}"]) and np.isnan(row[f"iou/{name}"])
+    assert np.isnan(rows[2]["dice/b"]) and not np.isnan(rows[2]["dice/a"])
+
+
+def test_eval_order_names_the_rows_gathered_from_every_host():
+    """With 3 processes each host evaluates its own slice; the gathered outputs (hosts' batches in
+    process order) are the split indices `eval_order` lists, padding copies as None."""
+    from segjax.data import pipeline
+
+    blank = {"image": np.zeros((4, 4, 1), np.uint8), "label": np.zeros((4, 4), np.int64)}
+    source = [{**blank, "name": f"n{i}"} for i in range(8)]  # names read from the examples themselves
+    cfg = load_config("default")
+    hosts = [list(pipeline.eval_batches(source, cfg.data, 2, p, 3, with_names=True)) for p in range(3)]
+    gathered = [name for step in zip(*hosts, strict=True) for batch in step for name in batch["gt_name"]]
+    order = pipeline.eval_order(8, 2, 3)
+    assert gathered == ["" if i is None else f"n{i}" for i in order]
+    assert sorted(i for i in order if i is not None) == list(range(8))

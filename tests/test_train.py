@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -49,6 +50,14 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
             assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), name
     train_rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6]
+    # each validation image's scores: every image once, and they add up to the split's accuracy
+    with open(os.path.join(workdir, "val_per_image.csv"), encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    num_val = tiny_config.data.synthetic.num_val
+    assert [int(r["index"]) for r in table] == list(range(num_val))
+    assert all(int(r["pixels"]) == 32 * 32 for r in table)
+    per_image_accuracy = np.array([float(r["accuracy"]) for r in table])
+    np.testing.assert_allclose(per_image_accuracy.mean(), saved["val/accuracy"], rtol=1e-6)
 
     again = train.train_and_evaluate(tiny_config, workdir)  # same workdir: resumes at step 6, trains nothing
     assert again["step"] == 6
@@ -64,6 +73,8 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     assert rescored["step"] == 6
     for key in ("val/miou", "val/mdice", "val/accuracy", "val/loss"):
         np.testing.assert_allclose(rescored[key], saved[key], rtol=1e-6, err_msg=key)
+    with open(os.path.join(workdir, "eval_latest_per_image.csv"), encoding="utf-8") as f:
+        assert list(csv.DictReader(f)) == table
     tiny_config.eval.tta = "flip"
     flipped = rescore.evaluate_checkpoint(tiny_config, workdir, "latest")
     assert flipped["val/pixels"] == saved["val/pixels"] and flipped["val/miou"] != saved["val/miou"]

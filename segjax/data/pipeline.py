@@ -96,13 +96,16 @@ def eval_batches(
     process_count: int = 1,
     pad_multiple: int = 1,
     targets: Callable[[dict], dict] | None = None,
+    with_names: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of this host's slice exactly once, at full size. Images are zero-padded to
     the batch's largest size rounded up to `pad_multiple` (2**depth) and the last batch is filled
     with copies; padded pixels and copies have valid = 0, so every real pixel counts once. All
     hosts yield the same number of batches (multi-host evaluation needs equal image sizes).
     With `targets` (instance boundaries) the labels are rewritten and the original labels,
-    instance maps and valid masks ride along as host-only `gt_label`, `gt_instances`, `gt_valid`."""
+    instance maps and valid masks ride along as host-only `gt_label`, `gt_instances`, `gt_valid`.
+    `with_names` adds host-only `gt_name`: each example's stored name (its split index when it has
+    none; '' for the copies), for per-image results."""
     ds = grain.MapDataset.source(source)[process_index::process_count]
     per_host = -(-len(source) // process_count)  # every host runs the same number of batches
     for start in range(0, per_host, batch_size):
@@ -120,7 +123,28 @@ def eval_batches(
         if targets:
             batch["gt_label"] = np.stack([_pad_to(e["label"], target) for e in examples])
             batch["gt_instances"] = np.stack([_pad_to(e["instances"], target) for e in examples])
+        if with_names:
+            indices = range(process_index, len(source), process_count)[start : start + real]
+            names = [_example_name(e, i) for e, i in zip(examples[:real], indices, strict=True)]
+            batch["gt_name"] = np.array(names + [""] * (batch_size - real))
         batch = to_model_batch(batch, cfg.ignore_label)
         if targets:
             batch["gt_valid"] = batch["valid"] > 0
         yield batch
+
+
+def _example_name(example: dict, index: int) -> str:
+    name = example.get("name", index)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def eval_order(num_examples: int, host_batch_size: int, process_count: int = 1) -> list[int | None]:
+    """The split index of each row of the evaluation outputs gathered from every host (each global
+    batch holds the hosts' `eval_batches` batches in process order); None for the padding copies."""
+    per_host = -(-num_examples // process_count)
+    order: list[int | None] = []
+    for start in range(0, per_host, host_batch_size):
+        for p in range(process_count):
+            rows = list(range(p, num_examples, process_count)[start : start + host_batch_size])
+            order += rows + [None] * (host_batch_size - len(rows))
+    return order

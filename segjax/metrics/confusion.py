@@ -111,6 +111,14 @@ def _scores(c: dict[str, jax.Array], empty: str) -> dict[str, jax.Array]:
     }
 
 
+def class_scores(confusion, empty: str = "nan") -> dict[str, jax.Array]:
+    """Per-class `iou`, `dice`, `precision`, `recall`, `specificity` of a [..., C, C] confusion
+    matrix, over any leading axes (e.g. one row per image)."""
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"empty={empty!r} is not valid; choose one of {list(EMPTY_POLICIES)}")
+    return _scores(counts(confusion), empty)
+
+
 def summarize(confusion, average: str = "dataset", empty: str = "nan", include_background: bool = True) -> dict:
     """Named scores from a confusion matrix.
 
