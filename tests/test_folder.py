@@ -48,6 +48,7 @@ def test_gray_folder_with_k_fold_split(tmp_path, tfds_dir):
     original = np.asarray(Image.open(f"{root}/images/004.png"))  # fold 2 of 3 = the last two names
     np.testing.assert_array_equal(ex["image"][..., 0], original)
     np.testing.assert_array_equal(ex["label"], np.asarray(Image.open(f"{root}/masks/004.png")))
+    assert ex["name"] == "004"  # the file it came from (per-image results name their rows by it)
 
 
 def test_rgb_mixed_sizes_instances_and_split_folders(tmp_path, tfds_dir):

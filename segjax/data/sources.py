@@ -146,6 +146,9 @@ class DecodedSource:
         if any(self._cfg.image_shift):
             image = alignment.shift_image(image, self._cfg.image_shift, where)
         example = {"image": image, "label": label, "index": np.int32(index)}
+        if "name" in record:  # folder / NIfTI builders store the file name (per-image results)
+            name = record["name"]
+            example["name"] = name.decode() if isinstance(name, bytes) else str(name)
         if instances is not None:
             example["instances"] = instances
         return example
