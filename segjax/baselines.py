@@ -77,9 +77,10 @@ def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     return (mask != cfg.invert).astype(np.int32)
 
 
-def evaluate_split(source, config: ml_collections.ConfigDict) -> dict:
+def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str = "") -> dict:
     """Named scores of `config.baseline` on every example of `source` (foreground vs background
-    when the dataset has more than two classes)."""
+    when the dataset has more than two classes); `per_image_csv`: each image's scores there too,
+    as a network run writes them."""
     import jax.numpy as jnp
 
     if config.model.spatial_dims != 2:
@@ -100,6 +101,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict) -> dict:
         out = {
             "confusion": np.asarray(metrics.per_image_confusion(label[None], pred[None], 2, valid[None])),
             "loss": float("nan"),
+            "gt_name": np.array([str(ex.get("name", i))]),
         }
         if config.eval.boundary_dilation > 0:
             inter, union = metrics.boundary_counts(
@@ -109,6 +111,9 @@ def evaluate_split(source, config: ml_collections.ConfigDict) -> dict:
         outputs.append(out)
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
+    if per_image_csv:
+        rows = evaluate.per_image_rows(outputs, list(range(len(source))), names, config.eval.empty)
+        writers.write_table(per_image_csv, rows)
     return results
 
 
@@ -125,10 +130,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 raise SegjaxError(f"{path} belongs to a trained run; use another --workdir for the baseline")
     start = time.perf_counter()
     splits = sources.open_splits(config.data)
-    results = evaluate_split(splits["validation"], config)
+    os.makedirs(workdir, exist_ok=True)
+    results = evaluate_split(splits["validation"], config, os.path.join(workdir, "val_per_image.csv"))
     results["baseline"] = config.baseline.method
     results["seconds"] = time.perf_counter() - start
-    os.makedirs(workdir, exist_ok=True)
     writers.write_summary(path, results)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(configuration.to_json(config))

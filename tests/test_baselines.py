@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -78,10 +79,19 @@ def test_bad_baseline_config():
         baselines.bright_mask(np.zeros((8, 8)), method("adaptive", block_size=10))
 
 
-def test_scores_equal_scikit_learn_on_the_synthetic_split(tiny_config):
-    """4-class scenes are scored as foreground vs background; IoU per class == scikit-learn's."""
+def test_scores_equal_scikit_learn_on_the_synthetic_split(tiny_config, tmp_path):
+    """4-class scenes are scored as foreground vs background; IoU per class == scikit-learn's,
+    over the split and (the per-image table) image by image."""
     source = sources.open_splits(tiny_config.data)["validation"]
-    results = baselines.evaluate_split(source, tiny_config)
+    results = baselines.evaluate_split(source, tiny_config, str(tmp_path / "per_image.csv"))
+    with open(tmp_path / "per_image.csv", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(source)
+    for i in range(3):
+        y = (source[i]["label"] > 0).ravel().astype(int)
+        p = baselines.predict(source[i]["image"], tiny_config.baseline).ravel()
+        assert int(table[i]["index"]) == i
+        assert float(table[i]["iou/foreground"]) == pytest.approx(jaccard_score(y, p), abs=1e-6)
     truth = np.concatenate([(source[i]["label"] > 0).ravel() for i in range(len(source))]).astype(int)
     preds = np.concatenate(
         [baselines.predict(source[i]["image"], tiny_config.baseline).ravel() for i in range(len(source))]
