@@ -18,6 +18,10 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
             (run / "metrics.json").write_text(json.dumps({"step": 2, "val/miou": miou, "val/mbiou": miou / 2}))
             log = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/miou": miou}]
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+            (run / "val_per_image.csv").write_text(  # mean Dice: a 0.7, b 0.95 (fg absent), c 0.5
+                "index,name,pixels,accuracy,dice/bg,dice/fg\n0,a.png,16,0.9,0.9,0.5\n"
+                "1,b.png,16,1.0,0.95,\n2,c.png,16,0.7,0.8,0.2\n"
+            )
     monkeypatch.chdir(tmp_path)
     with open(os.path.join(ROOT, "experiments", "analysis.ipynb"), encoding="utf-8") as f:
         notebook = json.load(f)
@@ -28,5 +32,8 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "4 finished runs" in out
     assert "| unet | 2 | 0.8500 ± 0.0707 |" in out and "| no_skips | 2 | 0.6100 ± 0.0141 |" in out
+    expected = (("c.png", "0.500"), ("a.png", "0.700"), ("b.png", "0.950"))
+    hardest = [out.index(f"{name}  mean Dice {dice}") for name, dice in expected]
+    assert hardest == sorted(hardest)  # the per-image table, hardest image first
     assert plt.get_fignums()  # the plots were drawn
     plt.close("all")

@@ -1,0 +1,85 @@
+"""A 3x3 convolution's forward pass, input gradient and weight gradient, timed per U-Net level shape.
+
+Why: on XLA:CPU the weight gradient (a convolution whose batch is the input channels and whose
+window is the whole image) is the slowest of the three at the full-resolution levels. This script
+times each part, and the weight-gradient convolution alone (its operands already transposed into
+the layout XLA gives it), so a run pinned to one core (`taskset -c 0`) next to one on every core
+shows which parts use more than one thread.
+
+  python benchmarks/conv_grads.py                  # every core of this machine
+  taskset -c 0 python benchmarks/conv_grads.py     # one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import segjax  # noqa: F401  (applies segjax's XLA:CPU options before JAX starts)
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
+
+
+def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+
+def input_grad(x, w, g):
+    return jax.vjp(lambda v: conv(v, w), x)[1](g)[0]
+
+
+def weight_grad(x, w, g):
+    return jax.vjp(lambda v: conv(x, v), w)[1](g)[0]
+
+
+def weight_grad_conv_only(xt, gt):
+    """The convolution XLA runs for `weight_grad`: batch = input channels, features = images."""
+    return lax.conv_general_dilated(xt, gt, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
+    print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone")
+    for n, edge, c in SHAPES:
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(keys[0], (n, edge, edge, c))
+        w = jax.random.normal(keys[1], (3, 3, c, c))
+        g = jax.random.normal(keys[2], (n, edge, edge, c))
+        xt, gt = jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3))
+        alone = jnp.transpose(jax.jit(weight_grad_conv_only)(xt, gt), (1, 2, 0, 3))
+        full = jax.jit(weight_grad)(x, w, g)  # the same numbers, or the timing compares different work
+        assert jnp.allclose(alone, full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max())), "dW mismatch"
+        row = [
+            median_ms(conv, x, w, repeats=args.repeats),
+            median_ms(input_grad, x, w, g, repeats=args.repeats),
+            median_ms(weight_grad, x, w, g, repeats=args.repeats),
+            median_ms(weight_grad_conv_only, xt, gt, repeats=args.repeats),
+        ]
+        print(f"{n} x {edge}^2 x {c:<4}             " + "  ".join(f"{v:9.1f}" for v in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
