@@ -45,6 +45,7 @@ def test_volumes_are_read_in_dhw_order_normalised_and_split(tmp_path, tfds_dir):
     splits = sources.open_splits(nifti_config(root, tfds_dir, num_folds=4, fold=3))
     assert len(splits["train"]) == 3 and len(splits["validation"]) == 1
     ex = splits["validation"][0]  # case3, the last name
+    assert ex["name"] == "case3"
     raw = np.asarray(nib.load(os.path.join(root, "images", "case3.nii.gz")).dataobj)
     label = np.asarray(nib.load(os.path.join(root, "masks", "case3.nii.gz")).dataobj)
     assert ex["image"].shape == (10, 10, 10, 1) and ex["image"].dtype == np.float32
