@@ -31,6 +31,7 @@ from scipy import ndimage
 from skimage import feature, filters, segmentation
 
 from segjax import configuration, evaluate, metrics, report, writers
+from segjax.data import pipeline
 from segjax.errors import ConfigError, SegjaxError
 
 METHODS = ("otsu", "adaptive", "edges", "watershed")
@@ -101,7 +102,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
         out = {
             "confusion": np.asarray(metrics.per_image_confusion(label[None], pred[None], 2, valid[None])),
             "loss": float("nan"),
-            "gt_name": np.array([str(ex.get("name", i))]),
+            "gt_name": np.array([pipeline.example_name(ex, i)]),
         }
         if config.eval.boundary_dilation > 0:
             inter, union = metrics.boundary_counts(

@@ -33,17 +33,16 @@ def evaluate_split(
         with_names=bool(per_image_csv),
     )
     names = instances.class_names(config)
+    hook = extra_scores
     if per_image_csv and kwargs.get("num_seeds", 1) == 1:
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())
 
-        def scores_and_table(outputs: list[dict]) -> dict:
+        def hook(outputs: list[dict]) -> dict:  # the per-image table, then the config's own scores
             if jax.process_index() == 0:
-                rows = per_image_rows(outputs, order, names, config.eval.empty)
-                writers.write_table(per_image_csv, rows)
+                writers.write_table(per_image_csv, per_image_rows(outputs, order, names, config.eval.empty))
             return extra_scores(outputs) if extra_scores else {}
 
-        return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=scores_and_table, **kwargs)
-    return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=extra_scores, **kwargs)
+    return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, **kwargs)
 
 
 def per_image_rows(outputs: list[dict], order: list[int | None], class_names, empty: str = "nan") -> list[dict]:

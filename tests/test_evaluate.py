@@ -64,7 +64,7 @@ def test_per_image_rows_match_sklearn_per_image():
     labels = rng.integers(0, 3, (5, 6, 6))
     labels[2] = 0  # image 2: class 2 neither in the truth nor (errors go 0 -> 1) in the prediction
     image = np.zeros((6, 6, 1), np.uint8)
-    source = [{"image": image, "label": labels[i], "name": f"img{i}".encode()} for i in range(5)]
+    source = [{"image": image, "label": labels[i], "name": f"img{i}"} for i in range(5)]
     cfg = load_config("default")
     batches = list(pipeline.eval_batches(source, cfg.data, batch_size=2, with_names=True))  # 1 padding copy
     outputs = [{**jax.device_get(fake_eval_fn(None, b)), "gt_name": b["gt_name"]} for b in batches]

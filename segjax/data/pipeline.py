@@ -125,7 +125,7 @@ def eval_batches(
             batch["gt_instances"] = np.stack([_pad_to(e["instances"], target) for e in examples])
         if with_names:
             indices = range(process_index, len(source), process_count)[start : start + real]
-            names = [_example_name(e, i) for e, i in zip(examples[:real], indices, strict=True)]
+            names = [example_name(e, i) for e, i in zip(examples[:real], indices, strict=True)]
             batch["gt_name"] = np.array(names + [""] * (batch_size - real))
         batch = to_model_batch(batch, cfg.ignore_label)
         if targets:
@@ -133,9 +133,10 @@ def eval_batches(
         yield batch
 
 
-def _example_name(example: dict, index: int) -> str:
-    name = example.get("name", index)
-    return name.decode() if isinstance(name, bytes) else str(name)
+def example_name(example: dict, index: int) -> str:
+    """What per-image results call an example: its stored file name (decoded sources carry one for
+    folder and NIfTI data), else its index in the split."""
+    return str(example.get("name", index))
 
 
 def eval_order(num_examples: int, host_batch_size: int, process_count: int = 1) -> list[int | None]:
