@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +135,73 @@ def test_empty_folder_and_missing_dir(tmp_path, tfds_dir):
         sources.open_splits(folder_config(tmp_path / "empty", tfds_dir))
     with pytest.raises(DataError, match="is not a folder"):
         sources.open_splits(folder_config(tmp_path / "nowhere", tfds_dir))
+
+
+_PREPARE = """
+import sys
+from segjax.data import sources
+from tests.test_folder import folder_config
+sources.open_splits(folder_config(sys.argv[1], sys.argv[2]))
+print("prepared")
+"""
+
+
+def test_processes_preparing_one_dataset_wait_for_each_other(tmp_path):
+    """Two runs started side by side on one machine: before the lock, the second to finish
+    failed renaming its copy onto the first's (FileExistsError); now one writes, one waits."""
+    root = write_folder(tmp_path / "shared", [(64, 64)] * 24)
+    tfds_dir = str(tmp_path / "tfds")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, str(root), tfds_dir, "--verbosity=1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert all(out.rstrip().endswith("prepared") for out in outputs)
+    builder = sources.DATASETS["folder"](folder_config(root, tfds_dir), tfds_dir)
+    assert len(os.listdir(os.path.dirname(os.fspath(builder.data_dir)))) == 1  # one version, no leftovers
+
+
+def test_preparation_lock_excludes_a_second_holder(tmp_path):
+    """flock locks belong to open files, so two holders in one process exclude each other too."""
+    builder = sources.DATASETS["folder"](
+        folder_config(write_folder(tmp_path / "f", [(8, 8)] * 2), str(tmp_path)), str(tmp_path)
+    )
+    order, held = [], threading.Event()
+
+    def first():
+        with sources.preparation_lock(builder):
+            held.set()
+            time.sleep(0.5)
+            order.append("first released")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait()
+    with sources.preparation_lock(builder):
+        order.append("second acquired")
+    thread.join()
+    assert order == ["first released", "second acquired"]
+
+
+def test_preparation_lock_gives_way_to_a_read_only_data_dir(tmp_path, monkeypatch):
+    """A prepared dataset in a folder the user cannot write to is read without a lock."""
+    root = write_folder(tmp_path / "ro", [(8, 8)] * 3)
+    cfg = folder_config(root, str(tmp_path / "tfds"))
+    sources.prepare(cfg)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(sources.os, "makedirs", read_only)
+    assert len(sources.open_splits(cfg)["train"]) + len(sources.open_splits(cfg)["validation"]) == 3
 
 
 def test_warp_crop_keeps_image_and_label_aligned():

@@ -7,6 +7,8 @@ the split, for error messages and padding). Labels are checked against `num_clas
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 
 import jax
@@ -71,23 +73,56 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
     return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
+@contextlib.contextmanager
+def preparation_lock(builder):
+    """Hold an exclusive lock on `builder`'s dataset while it is prepared, so that processes on
+    one machine (seeds or study variants started side by side) do not write the same files at
+    once: TFDS would fail in the second one when it renames its finished copy into place. The
+    lock is a file beside the dataset's folder (`<config folder>.lock`), released on exit; where
+    that file cannot be made (a read-only, already prepared data dir) nothing is locked."""
+    path = os.path.dirname(os.fspath(builder.data_dir)) + ".lock"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle = open(path, "a")  # closed by the `with` below
+    except OSError:  # a read-only data dir: nothing can be prepared there, so nothing to guard
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("waiting for another process to finish preparing %s (%s)", builder.name, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_and_prepare(cfg: ml_collections.ConfigDict):
+    """The prepared builder, made once the lock is held (a builder made earlier would not see
+    files another process has just finished)."""
+    with preparation_lock(DATASETS[cfg.name](cfg, data_dir(cfg))):
+        builder = DATASETS[cfg.name](cfg, data_dir(cfg))
+        builder.download_and_prepare()
+    return builder
+
+
 def prepare(cfg: ml_collections.ConfigDict):
     """Build the dataset's array_record files if they are not there yet; return the builder."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
-    if jax.process_count() > 1:  # one process writes the files, the others wait and read them
-        if jax.process_index() == 0:
-            DATASETS[cfg.name](cfg, data_dir(cfg)).download_and_prepare()
-        parallel.host_barrier(f"segjax: prepared {cfg.name}")
-    builder = DATASETS[cfg.name](cfg, data_dir(cfg))
     try:
-        builder.download_and_prepare()
+        if jax.process_count() > 1:  # one process writes the files, the others wait and read them
+            if jax.process_index() == 0:
+                _download_and_prepare(cfg)
+            parallel.host_barrier(f"segjax: prepared {cfg.name}")
+        return _download_and_prepare(cfg)
     except ImportError as err:  # catalogue builders that need TensorFlow to prepare (not to read)
         raise DataError(
-            f"preparing {builder.name} needs TensorFlow ({err}); prepare it once with "
+            f"preparing {cfg.tfds.name or cfg.name} needs TensorFlow ({err}); prepare it once with "
             "`pip install -r requirements-tf.txt`, then train without it (see configs/pets.py)"
         ) from err
-    return builder
 
 
 def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.ConfigDict, where: str) -> None:
