@@ -15,6 +15,10 @@ variants after it. Variants (`--variants`, comma-separated):
   stem_im2col convolutions with unaligned channels as 9 shifted slices + one matmul (2D, stride 1)
              (plain_conv and stem_im2col change only the CUDA program: on CPU they equal default)
   no_norm    norm='none' (convolutions with bias): not the same network; what batch norm costs
+  materialized every convolution's input passed through a `lax.cond` (both branches the identity),
+             which XLA cannot fuse through: XLA:CPU then transposes the stored activation for the
+             weight gradient instead of recomputing norm + ReLU inside a strided transpose loop
+             (the same function; an experiment for issue 8, not a default)
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
 
@@ -101,6 +105,25 @@ def im2col_conv(lhs, rhs, window_strides, padding, multiple=8, **kwargs):
 channel_padded = blocks.channel_padded_conv
 
 
+def opaque(x):
+    """`x`, through a conditional XLA cannot fuse its producers into (a runtime predicate)."""
+    flat = x.reshape(-1)
+    return lax.cond(flat[0] == flat[0], lambda y: y, lambda y: y, x)
+
+
+@contextlib.contextmanager
+def materialized_inputs():
+    """Build models whose convolutions read their input through `opaque`."""
+    saved = blocks.Conv
+    blocks.Conv = functools.partial(
+        nn.Conv, conv_general_dilated=lambda lhs, *a, **k: blocks.aligned_conv(opaque(lhs), *a, **k)
+    )
+    try:
+        yield
+    finally:
+        blocks.Conv = saved
+
+
 @contextlib.contextmanager
 def cuda_conv(replacement):
     """Build models whose CUDA branch of `blocks.aligned_conv` is `replacement`."""
@@ -133,7 +156,7 @@ def build(args, variant: str):
         batch_size = int(variant.split("=", 1)[1])
     elif variant.startswith("xla:"):
         options = dict(parse_option(o) for o in variant[4:].split(";"))
-    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col"):
+    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized"):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
     image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
@@ -142,6 +165,7 @@ def build(args, variant: str):
         "textbook": textbook_layers,
         "plain_conv": functools.partial(cuda_conv, plain_conv),
         "stem_im2col": functools.partial(cuda_conv, im2col_conv),
+        "materialized": materialized_inputs,
     }
     with patches.get(variant, contextlib.nullcontext)():
         train, forward, st, batch = segjax_step(cfg, args.classes, image, label)
