@@ -24,5 +24,9 @@ class WorkdirError(SegjaxError):
     """The workdir holds a run that this run would silently change or overwrite."""
 
 
+class BusyError(SegjaxError):
+    """Another process holds the lock on a workdir (or file) that this run needs for itself."""
+
+
 class NonFiniteLossError(SegjaxError):
     """Training produced a NaN/Inf loss or gradient."""

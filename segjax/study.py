@@ -5,7 +5,10 @@ A study file is a Python config file with two functions (see configs/studies/):
     get_variants(arg) -> {variant name: {"dotted.config.key": value, ...}}
 Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
 overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
-the command continues a study. With `vmap_seeds` each variant trains all its seeds as replicas of
+the command continues a study. The same command started several times (one process per GPU,
+`CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage) shares the work: a run
+another process is training is skipped (its workdir lock), and the last process to finish
+writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
 one vmapped step (`train.num_seeds`; for accelerators) in `<workdir>/<variant>/`.
 
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips --seeds=3
@@ -29,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration
-from segjax.errors import ConfigError, SegjaxError
+from segjax.errors import BusyError, ConfigError, SegjaxError
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 
@@ -106,7 +109,10 @@ def run_study(
                 logging.info("study: %s is finished, skipping", run_dir)
                 continue
             logging.info("study: training %s", run_dir)
-            train.train_and_evaluate(c, run_dir)
+            try:
+                train.train_and_evaluate(c, run_dir)
+            except BusyError as err:  # another process of this study trains it: take the next one
+                logging.info("study: skipping %s (%s)", run_dir, err)
     return collect(workdir, list(variants))
 
 
@@ -156,15 +162,20 @@ def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
 
 
 def write_results(workdir: str, rows: list[dict]) -> str:
-    """runs.csv (every run) and summary.md; returns the markdown table."""
+    """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
+    may write them); returns the markdown table."""
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
-    with open(os.path.join(workdir, "runs.csv"), "w", newline="", encoding="utf-8") as f:
+    path = os.path.join(workdir, "runs.csv")
+    with open(f"{path}.{os.getpid()}.partial", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(f.name, path)
     table = markdown(summarize(rows))
-    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+    path = os.path.join(workdir, "summary.md")
+    with open(f"{path}.{os.getpid()}.partial", "w", encoding="utf-8") as f:
         f.write(f"Mean ± sample std over seeds (validation split; n = finished runs).\n\n{table}\n")
+    os.replace(f.name, path)
     return table
 
 
@@ -191,7 +202,9 @@ def main(argv):
         else:
             seeds = [base.train.seed + k for k in range(f.seeds)]
             rows = run_study(base, variants, seeds, f.workdir, f.vmap_seeds)
-        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}\n")
+        missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
+        missing = f" ({missing} not finished: in progress elsewhere or failed)" if missing > 0 else ""
+        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{missing}\n")
         print(write_results(f.workdir, rows))
     except SegjaxError as err:
         print(f"error: {err}", file=sys.stderr)

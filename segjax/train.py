@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from segjax import (
     evaluate,
     inference,
     instances,
+    locks,
     metrics,
     optim,
     parallel,
@@ -41,18 +43,34 @@ from segjax.models import build_model, unetpp
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool) -> None:
+LOCK_FILE = ".lock"  # in the workdir: held by the process training there
+
+
+def workdir_lock(workdir: str):
+    """Held by process 0 for as long as it trains in `workdir`: a second run started there (the
+    same command twice, or two study processes) stops with BusyError before it reads or writes
+    anything, instead of interleaving checkpoints and logs with the first."""
+    return locks.held(
+        os.path.join(workdir, LOCK_FILE),
+        wait=False,
+        what=f"workdir {workdir}",
+        hint="; wait for that run to finish or use another --workdir",
+    )
+
+
+def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
     """Refuse to mix two different configs in one workdir unless told; never delete silently.
 
     On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
     (atomically); the others wait for it, so none reads a half-written file or creates folders
-    in a workdir that is about to be moved aside."""
+    in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
+    `workdir_lock`) takes the new folder's lock when --overwrite moved the old run aside."""
     if jax.process_index() == 0:
-        _prepare_workdir(config, workdir, overwrite, allow_config_changes)
+        _prepare_workdir(config, workdir, overwrite, allow_config_changes, held)
     parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
 
 
-def _prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool) -> None:
+def _prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -60,8 +78,10 @@ def _prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes
         diff = configuration.differences(old, config.to_dict())
         if diff and overwrite:
             moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(workdir, moved)
+            shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
             logging.warning("--overwrite: moved the previous run to %s", moved)
+            if held is not None:
+                held.enter_context(workdir_lock(workdir))
         elif diff and not allow_config_changes:
             shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
             raise WorkdirError(
@@ -163,12 +183,20 @@ def check_config(config) -> None:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, allow_config_changes: bool = False
 ) -> dict:
-    """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics."""
+    """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics.
+    One run trains in a workdir at a time (`workdir_lock`: BusyError for the second)."""
     check_config(config)
+    with contextlib.ExitStack() as held:
+        if jax.process_index() == 0:
+            held.enter_context(workdir_lock(workdir))
+        return _train_and_evaluate(config, workdir, overwrite, allow_config_changes, held)
+
+
+def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_changes: bool, held) -> dict:
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
     model = build_model(config.model, instances.num_outputs(config), norm_axis_name=axis)
-    prepare_workdir(config, workdir, overwrite, allow_config_changes)
+    prepare_workdir(config, workdir, overwrite, allow_config_changes, held)
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from segjax import study
+from segjax import study, train
 from segjax.errors import ConfigError
 from tests.conftest import ROOT, load_config
 
@@ -65,6 +65,21 @@ def test_study_runs_variants_and_seeds_then_skips_finished_runs(tfds_dir, tmp_pa
     again = study.run_study(base, variants, [0, 1], workdir)  # finished runs are skipped
     assert os.path.getmtime(os.path.join(workdir, "unet", "seed_0", "metrics.json")) == stamp
     assert [r["val/miou"] for r in again] == [r["val/miou"] for r in rows]
+
+
+def test_study_processes_share_the_work(tfds_dir, tmp_path):
+    """The same study started twice: a run the other process is training (its workdir lock held)
+    is skipped, not trained a second time in the same folder; a later pass trains it."""
+    base = load_config("tiny")
+    base.data.tfds_dir = tfds_dir
+    base.train.steps, base.train.log_every, base.train.checkpoint_every, base.eval.every = 2, 2, 2, 2
+    workdir = str(tmp_path / "study")
+    with train.workdir_lock(os.path.join(workdir, "unet", "seed_0")):  # the other process's run
+        rows = study.run_study(base, {"unet": {}}, [0, 1], workdir)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("unet", 1)]
+    assert not os.path.exists(os.path.join(workdir, "unet", "seed_0", "config.json"))
+    rows = study.run_study(base, {"unet": {}}, [0, 1], workdir)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("unet", 0), ("unet", 1)]
 
 
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):

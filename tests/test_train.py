@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import pytest
 
 from segjax import checkpointing, configuration, rescore, train
 from segjax.data import pipeline
-from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT
 
 
@@ -137,6 +139,40 @@ def test_different_config_in_same_workdir_is_refused(tiny_config, tmp_path):
     train.prepare_workdir(tiny_config, workdir, overwrite=True, allow_config_changes=False)
     moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
     assert len(moved) == 1 and os.path.exists(os.path.join(tmp_path, moved[0], "metrics.json"))
+
+
+def test_second_run_in_a_busy_workdir_stops_before_touching_it(tiny_config, tmp_path):
+    """Two trainers in one folder would interleave checkpoints and logs: the second one stops
+    with BusyError naming the holder, and with --overwrite the busy run is not moved aside."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(tiny_config))
+    with train.workdir_lock(workdir):  # the first run, still training
+        with pytest.raises(BusyError, match=rf"workdir {re.escape(workdir)} is in use by pid {os.getpid()} since"):
+            train.train_and_evaluate(tiny_config, workdir)
+        tiny_config.model.depth = 1
+        with pytest.raises(BusyError):
+            train.train_and_evaluate(tiny_config, workdir, overwrite=True)
+    assert os.listdir(tmp_path) == ["run"]  # not moved aside
+    assert sorted(os.listdir(workdir)) == [train.LOCK_FILE, "config.json"]  # nothing else written
+
+
+def test_overwrite_locks_the_fresh_workdir(tiny_config, tmp_path):
+    """--overwrite moves the old run (and the lock file in it) aside; the new folder is locked again."""
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(tiny_config))
+    tiny_config.model.depth = 1
+    with contextlib.ExitStack() as held:
+        held.enter_context(train.workdir_lock(workdir))
+        train.prepare_workdir(tiny_config, workdir, overwrite=True, allow_config_changes=False, held=held)
+        assert len([p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]) == 1
+        with pytest.raises(BusyError), train.workdir_lock(workdir):
+            pass
+    with train.workdir_lock(workdir):  # released with the run
+        pass
 
 
 def test_run_saved_before_a_field_existed_resumes_unless_the_field_is_set(tiny_config, tmp_path):

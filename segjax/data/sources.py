@@ -7,8 +7,6 @@ the split, for error messages and padding). Labels are checked against `num_clas
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 
 import jax
@@ -18,7 +16,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from segjax import parallel
+from segjax import locks, parallel
 from segjax.data import alignment, builders, folder, nifti, png, validation
 from segjax.errors import ConfigError, DataError
 
@@ -73,30 +71,13 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
     return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
-@contextlib.contextmanager
 def preparation_lock(builder):
-    """Hold an exclusive lock on `builder`'s dataset while it is prepared, so that processes on
-    one machine (seeds or study variants started side by side) do not write the same files at
-    once: TFDS would fail in the second one when it renames its finished copy into place. The
-    lock is a file beside the dataset's folder (`<config folder>.lock`), released on exit; where
-    that file cannot be made (a read-only, already prepared data dir) nothing is locked."""
+    """Held while `builder`'s dataset is prepared, so that processes on one machine (seeds or
+    study variants started side by side) take turns: the first writes the files, the others
+    wait and then read them. TFDS alone would fail in the second one when it renames its
+    finished copy into place. The lock file sits beside the dataset's folder."""
     path = os.path.dirname(os.fspath(builder.data_dir)) + ".lock"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle = open(path, "a")  # closed by the `with` below
-    except OSError:  # a read-only data dir: nothing can be prepared there, so nothing to guard
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logging.info("waiting for another process to finish preparing %s (%s)", builder.name, path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return locks.held(path, wait=True, what=f"dataset {builder.name}")
 
 
 def _download_and_prepare(cfg: ml_collections.ConfigDict):

@@ -1,0 +1,52 @@
+"""Advisory file locks that keep processes on one machine off each other's files.
+
+Two places need them: a dataset being prepared (TFDS fails in the second of two processes that
+write it at once) and a run's workdir (two trainers in one folder would interleave their
+checkpoints and logs). `fcntl.flock` locks belong to an open file and vanish with the process,
+so a crashed run never leaves a stale lock behind. The lock file holds the holder's pid and
+start time, for the message the next process shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+
+from absl import logging
+
+from segjax.errors import BusyError
+
+
+@contextlib.contextmanager
+def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
+    """Hold an exclusive lock on the file `path` (created, with its folder, if needed).
+
+    `wait=True` blocks until the holder lets go (logging once that it waits); `wait=False` raises
+    BusyError at once, naming `what`, the holder and `hint`. Where the file cannot be made (a
+    read-only folder) nothing is locked: nothing can be written there either."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # closed by the `with` below
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise BusyError(f"{what or path} is in use by {holder} (lock file {path}){hint}") from None
+            logging.info("waiting for %s to release %s (%s)", holder, what or path, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
