@@ -25,7 +25,11 @@ def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
 
     `wait=True` blocks until the holder lets go (logging once that it waits); `wait=False` raises
     BusyError at once, naming `what`, the holder and `hint`. Where the file cannot be made (a
-    read-only folder) nothing is locked: nothing can be written there either."""
+    read-only folder), on object storage (`gs://...`) and on filesystems without locks nothing is
+    locked: the caller goes on unguarded, as it would without this module."""
+    if "://" in path:
+        yield
+        return
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         handle = open(path, "a+", encoding="utf-8")  # closed by the `with` below
@@ -42,6 +46,10 @@ def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
                 raise BusyError(f"{what or path} is in use by {holder} (lock file {path}){hint}") from None
             logging.info("waiting for %s to release %s (%s)", holder, what or path, path)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. a network mount without lock support
+            logging.warning("cannot lock %s (%s); going on without a lock", path, err)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

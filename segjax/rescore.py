@@ -15,27 +15,33 @@ from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
-    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
-    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
-    Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
-    the run's metrics.json (never overwrites metrics.json)."""
-    train.check_config(config)
+def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray):
+    """(model, the run's `best` or `latest` state replicated over the mesh, mesh) of the run in
+    `workdir`; `sample` is one image batch [1, ...] (its shape builds the state template)."""
     if which not in ("best", "latest"):
-        raise ConfigError(f"--eval_only={which!r}; choose 'best' or 'latest'")
+        raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to evaluate")
+        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
-    splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    sample = jnp.asarray(splits["validation"][0]["image"][None].astype(np.float32))
-    template = state.create(model, train.make_tx(config, model), sample, config.train.seed)
+    template = state.create(model, train.make_tx(config, model), jnp.asarray(sample, jnp.float32), config.train.seed)
     template = jax.device_put(template, parallel.replicated(mesh))
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     try:
         restored, _ = ckpt.restore(template, best=which == "best")
     finally:
         ckpt.close()
+    return model, restored, mesh
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
+    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
+    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
+    Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
+    the run's metrics.json (never overwrites metrics.json)."""
+    train.check_config(config)
+    splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
+    model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"][None])
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)

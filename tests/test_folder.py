@@ -110,6 +110,9 @@ def corrupt_cases():
     def rgb_mask(root):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f"{root}/masks/001.png")
 
+    def sixteen_bit(root):
+        Image.fromarray(np.full((8, 8), 300, np.uint16)).save(f"{root}/images/001.png")  # 300 would wrap to 44
+
     return [
         (zero_255, r"masks/001.png: label values \[255\].*0/255 mask"),
         (missing_mask, r"images/002.png: no mask"),
@@ -118,6 +121,7 @@ def corrupt_cases():
         (gray_in_rgb, r"images/001.png: image has 1 channels but data.channels=3"),
         (rgb_mask, r"masks/001.png: masks must be single-channel"),
         (float_mask, r"masks/001.tif: masks must hold integer class ids, got float32"),
+        (sixteen_bit, r"images/001.png: uint16 image; segjax stores 8-bit images"),
     ]
 
 

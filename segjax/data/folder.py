@@ -136,6 +136,11 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     """Decode and validate one image/mask(/instances) triple; errors name the file."""
     with open(image_path, "rb") as f:
         image = png.decode(f.read(), image_path)
+    if image.dtype != np.uint8:  # stored as 8-bit below: a 16-bit image would wrap around silently
+        raise DataError(
+            f"{image_path}: {image.dtype} image; segjax stores 8-bit images, convert it first "
+            "(e.g. rescale 16-bit microscopy to 0..255)"
+        )
     if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel
         image = image[..., :3]
     if image.ndim == 2:

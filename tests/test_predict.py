@@ -1,0 +1,108 @@
+"""segjax.predict: masks for new image files from a trained run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segjax import predict, rescore, train
+from segjax.data import sources
+from segjax.errors import DataError, WorkdirError
+from tests.conftest import ROOT, load_config
+
+
+@pytest.fixture(scope="module")
+def run(tfds_dir, tmp_path_factory):
+    """A trained tiny run and its validation split (images and labels)."""
+    config = load_config("tiny")
+    config.data.tfds_dir = tfds_dir
+    workdir = str(tmp_path_factory.mktemp("predict") / "run")
+    train.train_and_evaluate(config, workdir)
+    val = sources.open_splits(config.data)["validation"]
+    return config, workdir, [val[i] for i in range(len(val))]
+
+
+def write_images(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(os.path.join(folder, f"img{i:02d}.png"))
+    return str(folder)
+
+
+def test_masks_of_the_validation_images_score_what_evaluation_scores(run, tmp_path):
+    """The masks written for the validation images, compared with their labels in numpy, give
+    the accuracy that `--eval_only` computes from its confusion counts (same checkpoint, same
+    flip TTA); the probabilities are a distribution whose argmax is the mask."""
+    config, workdir, examples = run
+    config = config.copy_and_resolve_references()
+    config.eval.tta = "flip"
+    images = write_images(tmp_path / "images", [e["image"] for e in examples])
+    paths = predict.predict_folder(config, workdir, images, str(tmp_path / "out"), "latest", probabilities=True)
+    assert [os.path.basename(p) for p in paths] == [f"img{i:02d}.png" for i in range(len(examples))]
+    masks = [np.asarray(Image.open(p)) for p in paths]
+    correct = sum(int((m == e["label"]).sum()) for m, e in zip(masks, examples, strict=True))
+    accuracy = correct / sum(e["label"].size for e in examples)
+    scored = rescore.evaluate_checkpoint(config, workdir, "latest")
+    np.testing.assert_allclose(accuracy, scored["val/accuracy"], rtol=1e-9)
+    assert len({int(v) for m in masks for v in np.unique(m)}) > 1  # not one class everywhere
+    probs = np.load(os.path.join(tmp_path, "out", "img00.npy"))
+    assert probs.dtype == np.float16 and probs.shape == (*masks[0].shape, config.data.num_classes)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1.0, atol=2e-3)
+    assert (np.argmax(probs, -1) == masks[0]).mean() > 0.99  # float16 rounding may tie a few pixels
+
+
+def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tmp_path):
+    config, workdir, examples = run
+    rng = np.random.default_rng(0)
+    images = write_images(tmp_path / "images", [rng.integers(0, 256, (40, 24, 3), np.uint8), examples[0]["image"]])
+    out = str(tmp_path / "out")
+    config = config.copy_and_resolve_references()
+    paths = predict.predict_folder(config, workdir, images, out, "best")
+    assert [np.asarray(Image.open(p)).shape for p in paths] == [(40, 24), (32, 32)]
+    with pytest.raises(WorkdirError, match="2 outputs already exist"):
+        predict.predict_folder(config, workdir, images, out, "best")
+    config.data.resize = 32  # a resized run: predicted at 32 x 32, written at the file's 40 x 24
+    resized = predict.predict_folder(config, workdir, images, out, "best", overwrite=True)
+    assert np.asarray(Image.open(resized[0])).shape == (40, 24)
+
+    bad = tmp_path / "bad"
+    for name, write in [
+        ("gray.png", lambda p: Image.fromarray(np.zeros((32, 32), np.uint8)).save(p)),
+        ("deep.png", lambda p: Image.fromarray(np.zeros((32, 32), np.uint16)).save(p)),
+        ("broken.png", lambda p: open(p, "wb").write(b"\x89PNG not really")),
+    ]:
+        os.makedirs(bad / name[:-4])
+        write(bad / name[:-4] / name)
+        with pytest.raises(DataError, match=rf"{name}: "):
+            predict.predict_folder(config, workdir, str(bad / name[:-4]), str(tmp_path / "o"))
+    with pytest.raises(WorkdirError, match="no run"):
+        predict.predict_folder(config, str(tmp_path / "nothing"), images, str(tmp_path / "o2"))
+
+
+def test_cli_refuses_to_replace_masks(run, tmp_path):
+    config, workdir, examples = run
+    images = write_images(tmp_path / "images", [examples[0]["image"]])
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "img00.png").write_bytes(b"a mask from before")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segjax.predict",
+            "--config=configs/tiny.py",
+            f"--config.data.tfds_dir={config.data.tfds_dir}",
+            f"--workdir={workdir}",
+            f"--images={images}",
+            f"--out={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "1 outputs already exist" in done.stderr
+    assert (tmp_path / "out" / "img00.png").read_bytes() == b"a mask from before"
