@@ -3,13 +3,15 @@
     python -m segjax.predict --config=configs/isbi.py --workdir=runs/isbi \\
         --images=../shared/data/isbi2012_membrane/test_images --out=runs/isbi/test_masks
 
-Every image file in `--images` (PNG, TIFF, JPEG, ...; 2D runs) is prepared exactly as a
-validation image (channels, `data.resize`, `data.image_shift`, 0..1 scaling, zero padding to a
-multiple of 2**depth, masked out) and predicted with the config's eval settings (`eval.window`,
-`eval.tta`; pass the run's config, overriding those if wanted) from the run's `best` or `latest`
-checkpoint. Writes `<out>/<name>.png` (class ids at the file's own size: uint8, uint16 above 256
-classes) and with `--probabilities` `<out>/<name>.npy` (float16 softmax [H, W, C]). Files
-already in `--out` are never replaced unless `--overwrite`.
+Every image file in `--images` (PNG, TIFF, JPEG, ...; NIfTI volumes for 3D `data.name='nifti'`
+runs) is prepared exactly as a validation image (channels, `data.resize`, `data.image_shift`,
+0..1 scaling or the volume's intensity normalisation, zero padding to a multiple of 2**depth,
+masked out) and predicted with the config's eval settings (`eval.window`, `eval.tta`; pass the
+run's config, overriding those if wanted) from the run's `best` or `latest` checkpoint. Writes
+`<out>/<name>.png` (class ids at the file's own size: uint8, uint16 above 256 classes), for
+volumes `<out>/<name>.nii.gz` (on the image's grid: its affine and axis order), and with
+`--probabilities` `<out>/<name>.npy` (float16 softmax [H, W, C]; volumes [D, H, W, C], D the
+slice axis). Files already in `--out` are never replaced unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -20,45 +22,54 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import nibabel as nib
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
 from segjax import inference, rescore, train
-from segjax.data import alignment, folder, pipeline, png, sources
+from segjax.data import alignment, folder, nifti, pipeline, png, sources
 from segjax.errors import ConfigError, DataError, SegjaxError, WorkdirError
 
 
-class ImageFiles:
-    """Random-access source of the image files in a folder, prepared as the validation split's
-    images are (`sources.DecodedSource`); labels are zeros (there are none). `shapes` keeps each
-    read image's prepared and original size, to which its prediction is brought back."""
+class _Files:
+    """The files of one folder as a random-access source of examples prepared as the validation
+    split's are (`sources.DecodedSource`), labels all zeros (there are none). `shapes` keeps each
+    read example's prepared and original size, to which its prediction is brought back."""
 
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
+    extension = ""
+
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...] = ()):
         if not os.path.isdir(directory):
             raise DataError(f"--images={directory} is not a folder")
-        self._paths = [
+        self.paths = [
             os.path.join(directory, n)
             for n in sorted(os.listdir(directory))
-            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n))
+            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)) and n.endswith(suffixes or "")
         ]
-        if not self._paths:
-            raise DataError(f"no image files in {directory}")
-        self.names = [folder.stem(os.path.basename(p)) for p in self._paths]
+        if not self.paths:
+            raise DataError(f"no {' or '.join(suffixes) or 'image'} files in {directory}")
+        self.names = [folder.stem(os.path.basename(p)) for p in self.paths]
         twice = sorted({n for n in self.names if self.names.count(n) > 1})
         if twice:
             raise DataError(
                 f"{directory}: several files share the names {twice[:3]} (masks would overwrite each other)"
             )
-        self._cfg = cfg
-        self.shapes: dict[int, tuple] = {}  # index -> ((h, w) as prepared, (H, W) of the file), once read
+        self.cfg = cfg
+        self.shapes: dict[int, tuple] = {}  # index -> (prepared spatial shape, the file's), once read
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self.paths)
+
+
+class ImageFiles(_Files):
+    """2D image files (PNG, TIFF, JPEG, ...): masks as PNG at the file's own size."""
+
+    extension = ".png"
 
     def __getitem__(self, index: int) -> dict:
-        path = self._paths[index]
+        path = self.paths[index]
         with open(path, "rb") as f:
             image = png.decode(f.read(), path)
         if image.dtype != np.uint8:
@@ -68,19 +79,43 @@ class ImageFiles:
         if image.ndim == 2:
             image = image[..., None]
         label = np.zeros(image.shape[:2], np.int32)
-        sources.check_example(image, label, self._cfg, path)
+        sources.check_example(image, label, self.cfg, path)
         size = image.shape[:2]
-        if self._cfg.resize and size != (self._cfg.resize,) * 2:
-            image, label = sources.resize(image, label, self._cfg.resize)
-        if any(self._cfg.image_shift):
-            image = alignment.shift_image(image, self._cfg.image_shift, path)
+        if self.cfg.resize and size != (self.cfg.resize,) * 2:
+            image, label = sources.resize(image, label, self.cfg.resize)
+        if any(self.cfg.image_shift):
+            image = alignment.shift_image(image, self.cfg.image_shift, path)
         self.shapes[index] = (image.shape[:2], size)
         return {"image": image, "label": label, "name": self.names[index]}
 
+    def save(self, index: int, mask: np.ndarray, path: str) -> None:
+        Image.fromarray(mask).save(path)
 
-def _back_to_size(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Probabilities [h, w, C] of a `data.resize`d image -> the file's size (bilinear per class)."""
-    if probs.shape[:2] == tuple(size):
+
+class VolumeFiles(_Files):
+    """NIfTI volumes (`data.name='nifti'` runs), normalised as the training volumes were; masks
+    as NIfTI on the image's grid (its affine, its axis order)."""
+
+    extension = ".nii.gz"
+
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
+        super().__init__(directory, cfg, (".nii", ".nii.gz"))
+        self.affines: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, index: int) -> dict:
+        raw, self.affines[index] = nifti.read_image(self.paths[index], self.cfg.channels)
+        image = nifti.normalize(raw, self.cfg.nifti.normalize, *self.cfg.nifti.percentiles)
+        self.shapes[index] = (image.shape[:3], image.shape[:3])
+        return {"image": image, "label": np.zeros(image.shape[:3], np.int32), "name": self.names[index]}
+
+    def save(self, index: int, mask: np.ndarray, path: str) -> None:
+        nib.save(nib.Nifti1Image(np.transpose(mask, (2, 1, 0)), self.affines[index]), path)  # [D,H,W] -> (x,y,z)
+
+
+def _back_to_size(probs: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Probabilities [h, w, C] of a `data.resize`d image -> the file's size (bilinear per class);
+    unchanged when they have it (every volume: `data.resize` is 2D only)."""
+    if probs.shape[:-1] == tuple(size):
         return probs
     planes = [
         np.asarray(Image.fromarray(probs[..., c]).resize(size[::-1], Image.BILINEAR)) for c in range(probs.shape[-1])
@@ -100,19 +135,20 @@ def predict_folder(
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
     returns the mask paths in file order."""
     train.check_config(config)
-    if config.model.spatial_dims != 2:
-        raise ConfigError("segjax.predict reads 2D image files; 3D volumes (NIfTI) are not supported yet")
     if config.instances.enabled:
         raise ConfigError("segjax.predict writes semantic masks; instance runs (instances.enabled) are not supported")
-    source = ImageFiles(images, config.data)
-    targets = [os.path.join(out, f"{n}.png") for n in source.names]
+    if config.model.spatial_dims == 3 and config.data.name != "nifti":
+        raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
+    source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data)
+    targets = [os.path.join(out, n + source.extension) for n in source.names]
     targets += [os.path.join(out, f"{n}.npy") for n in source.names] if probabilities else []
     present = [t for t in targets if os.path.exists(t)]
     if present and not overwrite:
         raise WorkdirError(
             f"{len(present)} outputs already exist (e.g. {present[0]}); use another --out or --overwrite"
         )
-    sample = source[0]["image"][None].astype(np.float32) / 255.0
+    first = source[0]["image"][None]
+    sample = first / 255.0 if first.dtype == np.uint8 else first
     model, state, _ = rescore.load_run(config, workdir, which, sample)
 
     @jax.jit
@@ -131,11 +167,12 @@ def predict_folder(
         for row_classes, row_probs in zip(classes, probs, strict=True):
             if index == len(source):  # copies that fill the last batch
                 break
-            (h, w), size = source.shapes[index]
-            p = _back_to_size(row_probs[:h, :w], size)
+            prepared, size = source.shapes[index]
+            crop = tuple(slice(0, n) for n in prepared)
+            p = _back_to_size(row_probs[crop], size)
             # the logits' argmax, as evaluation scores it; after data.resize, of the resized probabilities
-            mask = row_classes[:h, :w] if (h, w) == tuple(size) else np.argmax(p, -1)
-            Image.fromarray(mask.astype(dtype)).save(targets[index])
+            mask = row_classes[crop] if prepared == tuple(size) else np.argmax(p, -1)
+            source.save(index, mask.astype(dtype), targets[index])
             if probabilities:
                 np.save(os.path.join(out, f"{source.names[index]}.npy"), p.astype(np.float16))
             written.append(targets[index])

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segjax import train
+from segjax import predict, rescore, train
 from segjax.data import nifti, sources
 from segjax.errors import DataError
 from tests.conftest import load_config
@@ -136,3 +136,21 @@ def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir
     final = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert final["step"] == 2
     assert final["val/pixels"] == 16 * 16 * 16  # the validation volume (case3), whole, every voxel once
+
+    # segjax.predict on volumes: the validation volume's mask, compared with its label in numpy,
+    # gives the accuracy --eval_only computes; a non-cubic volume's mask keeps its grid
+    new = tmp_path / "new"
+    os.makedirs(new)
+    os.symlink(os.path.join(root, "images", "case3.nii.gz"), new / "case3.nii.gz")
+    odd = np.random.default_rng(1).normal(400.0, 50.0, (20, 16, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(odd, AFFINE), new / "odd.nii")
+    out = str(tmp_path / "masks")
+    paths = predict.predict_folder(config, str(tmp_path / "run"), str(new), out, "latest")
+    assert [os.path.basename(p) for p in paths] == ["case3.nii.gz", "odd.nii.gz"]
+    mask = nib.load(paths[0])
+    label = np.asarray(nib.load(os.path.join(root, "masks", "case3.nii.gz")).dataobj)
+    scored = rescore.evaluate_checkpoint(config, str(tmp_path / "run"), "latest")
+    np.testing.assert_allclose((np.asarray(mask.dataobj) == label).mean(), scored["val/accuracy"], rtol=1e-9)
+    odd_mask = nib.load(paths[1])
+    assert odd_mask.shape == (20, 16, 12) and np.allclose(odd_mask.affine, AFFINE)
+    assert set(np.unique(np.asarray(odd_mask.dataobj))) <= {0, 1}

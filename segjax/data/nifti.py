@@ -74,16 +74,22 @@ def load(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: corrupt or unreadable NIfTI file ({type(err).__name__}: {err})") from err
 
 
-def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np.ndarray]:
-    """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8."""
-    image, image_affine = load(image_path)
+def read_image(image_path: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw intensities [D,H,W,C], affine) of one image volume, its shape and channels checked."""
+    image, affine = load(image_path)
     if image.ndim == 3:
         image = image[..., None]
     if image.ndim != 4:
         raise DataError(f"{image_path}: expected a 3D volume (or 4D with channels last), got shape {image.shape}")
     image = np.transpose(image, (2, 1, 0, 3))  # (x, y, z, c) -> (z, y, x, c) = [D, H, W, C]
-    if image.shape[-1] != cfg.channels:
-        raise DataError(f"{image_path}: volume has {image.shape[-1]} channels but data.channels={cfg.channels}")
+    if image.shape[-1] != channels:
+        raise DataError(f"{image_path}: volume has {image.shape[-1]} channels but data.channels={channels}")
+    return image, affine
+
+
+def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np.ndarray]:
+    """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8."""
+    image, image_affine = read_image(image_path, cfg.channels)
     label, label_affine = load(mask_path)
     if label.ndim == 4 and label.shape[-1] == 1:
         label = label[..., 0]
