@@ -151,10 +151,13 @@ def predict_folder(
     sample = first / 255.0 if first.dtype == np.uint8 else first
     model, state, _ = rescore.load_run(config, workdir, which, sample)
 
+    need_probabilities = probabilities or bool(config.data.resize)  # resized back before the argmax
+
     @jax.jit
     def classes_and_probabilities(variables, images):
         logits = inference.predict(lambda x: model.apply(variables, x, train=False)[0], images, config.eval)
-        return jnp.argmax(logits, -1), jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        classes = jnp.argmax(logits, -1)
+        return classes, jax.nn.softmax(logits.astype(jnp.float32), -1) if need_probabilities else classes
 
     os.makedirs(out, exist_ok=True)
     dtype = np.uint8 if config.data.num_classes <= 256 else np.uint16
@@ -169,7 +172,7 @@ def predict_folder(
                 break
             prepared, size = source.shapes[index]
             crop = tuple(slice(0, n) for n in prepared)
-            p = _back_to_size(row_probs[crop], size)
+            p = _back_to_size(row_probs[crop], size) if need_probabilities else None
             # the logits' argmax, as evaluation scores it; after data.resize, of the resized probabilities
             mask = row_classes[crop] if prepared == tuple(size) else np.argmax(p, -1)
             source.save(index, mask.astype(dtype), targets[index])
