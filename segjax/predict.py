@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segjax import inference, rescore, train
-from segjax.data import alignment, folder, nifti, pipeline, png, sources
+from segjax.data import alignment, folder, intensity, nifti, pipeline, png, sources
 from segjax.errors import ConfigError, DataError, SegjaxError, WorkdirError
 
 
@@ -72,8 +72,8 @@ class ImageFiles(_Files):
         path = self.paths[index]
         with open(path, "rb") as f:
             image = png.decode(f.read(), path)
-        if image.dtype != np.uint8:
-            raise DataError(f"{path}: {image.dtype} image; segjax trains on 8-bit images, convert it to uint8")
+        if image.dtype != np.uint8:  # as the folder builder does (data.folder.rescale)
+            image = intensity.to_uint8(image, self.cfg.folder.rescale, *self.cfg.folder.percentiles, path)
         if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel, as in training
             image = image[..., :3]
         if image.ndim == 2:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from segjax.data import augment, folder, pipeline, sources
-from segjax.errors import DataError
+from segjax.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATA, load_config
 
 
@@ -121,7 +121,7 @@ def corrupt_cases():
         (gray_in_rgb, r"images/001.png: image has 1 channels but data.channels=3"),
         (rgb_mask, r"masks/001.png: masks must be single-channel"),
         (float_mask, r"masks/001.tif: masks must hold integer class ids, got float32"),
-        (sixteen_bit, r"images/001.png: uint16 image; segjax stores 8-bit images"),
+        (sixteen_bit, r"images/001.png: uint16 image; segjax stores 8-bit images: set data.folder.rescale"),
     ]
 
 
@@ -131,6 +131,31 @@ def test_bad_files_fail_naming_the_file(tmp_path, tfds_dir, damage, pattern):
     damage(root)
     with pytest.raises(DataError, match=pattern):
         sources.open_splits(folder_config(root, tfds_dir))
+
+
+@pytest.mark.parametrize("mode", ["percentile", "minmax"])
+def test_16_bit_images_rescaled_per_image_when_asked(tmp_path, tfds_dir, mode):
+    """16-bit microscopy (values far above 255) scaled to 0..255 per image, as numpy computes it."""
+    root = write_folder(tmp_path / mode, [(16, 16)] * 3, channels=1)
+    rng = np.random.default_rng(1)
+    raw = rng.integers(1000, 40000, (3, 16, 16)).astype(np.uint16)
+    for i in range(3):
+        Image.fromarray(raw[i]).save(f"{root}/images/{i:03d}.png")
+    cfg = folder_config(root, tfds_dir, channels=1, num_folds=3, fold=2)
+    cfg.folder.rescale = mode
+    cfg.folder.percentiles = (1.0, 99.0)
+    got = sources.open_splits(cfg)["validation"][0]["image"][..., 0]
+    x = raw[2].astype(np.float64)
+    lo, hi = np.percentile(x, [1.0, 99.0]) if mode == "percentile" else (x.min(), x.max())
+    expected = np.rint((np.clip(x, lo, hi) - lo) / (hi - lo) * 255.0)
+    assert got.dtype == np.uint8 and got.min() == 0 and got.max() == 255
+    np.testing.assert_array_equal(got, expected)
+    cfg.folder.rescale = "zscore"
+    with pytest.raises(ConfigError, match=r"data\.folder\.rescale='zscore'; choose one of"):
+        sources.open_splits(cfg)
+    cfg.folder.rescale, cfg.folder.percentiles = mode, (50.0, 5.0)
+    with pytest.raises(ConfigError, match=r"data.folder.percentiles=\(50.0, 5.0\)"):
+        sources.open_splits(cfg)
 
 
 def test_empty_folder_and_missing_dir(tmp_path, tfds_dir):

@@ -106,3 +106,15 @@ def test_cli_refuses_to_replace_masks(run, tmp_path):
     )
     assert done.returncode == 2 and "1 outputs already exist" in done.stderr
     assert (tmp_path / "out" / "img00.png").read_bytes() == b"a mask from before"
+
+
+def test_16_bit_files_are_scaled_as_the_folder_builder_scales_them(tmp_path):
+    """With data.folder.rescale, a 16-bit file is prepared as a training image would be."""
+    cfg = load_config("default").data
+    cfg.channels, cfg.folder.rescale = 1, "minmax"
+    raw = np.random.default_rng(2).integers(1000, 40000, (12, 10)).astype(np.uint16)
+    os.makedirs(tmp_path / "deep")
+    Image.fromarray(raw).save(tmp_path / "deep" / "a.png")
+    got = predict.ImageFiles(str(tmp_path / "deep"), cfg)[0]["image"][..., 0]
+    x = raw.astype(np.float64)
+    np.testing.assert_array_equal(got, np.rint((x - x.min()) / (x.max() - x.min()) * 255.0))

@@ -23,7 +23,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from segjax.data import png, validation
+from segjax.data import intensity, png, validation
 from segjax.errors import ConfigError, DataError
 
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -41,6 +41,9 @@ class FolderConfig(tfds.core.BuilderConfig):
     fold: int = 0
     val_fraction: float = 0.2
     split_seed: int = 0
+    rescale: str = "none"
+    rescale_low: float = 0.5
+    rescale_high: float = 99.5
 
     @classmethod
     def from_config(cls, cfg, **extra) -> FolderConfig:
@@ -52,6 +55,11 @@ class FolderConfig(tfds.core.BuilderConfig):
         if not os.path.isdir(root):
             raise DataError(f"data.dir={cfg.dir!r} is not a folder")
         f = cfg.folder
+        if f.rescale not in intensity.RESCALES:
+            raise ConfigError(f"data.folder.rescale={f.rescale!r}; choose one of {list(intensity.RESCALES)}")
+        low, high = f.percentiles
+        if not 0 <= low < high <= 100:
+            raise ConfigError(f"data.folder.percentiles={tuple(f.percentiles)} must satisfy 0 <= low < high <= 100")
         knobs = dict(
             root=root,
             channels=cfg.channels,
@@ -63,6 +71,9 @@ class FolderConfig(tfds.core.BuilderConfig):
             fold=f.fold,
             val_fraction=f.val_fraction,
             split_seed=f.split_seed,
+            rescale=f.rescale,
+            rescale_low=float(low),
+            rescale_high=float(high),
             **extra,
         )
         digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
@@ -136,11 +147,8 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     """Decode and validate one image/mask(/instances) triple; errors name the file."""
     with open(image_path, "rb") as f:
         image = png.decode(f.read(), image_path)
-    if image.dtype != np.uint8:  # stored as 8-bit below: a 16-bit image would wrap around silently
-        raise DataError(
-            f"{image_path}: {image.dtype} image; segjax stores 8-bit images, convert it first "
-            "(e.g. rescale 16-bit microscopy to 0..255)"
-        )
+    if image.dtype != np.uint8:  # stored as 8-bit: a cast would wrap 16-bit values around silently
+        image = intensity.to_uint8(image, cfg.rescale, cfg.rescale_low, cfg.rescale_high, image_path)
     if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel
         image = image[..., :3]
     if image.ndim == 2:

@@ -25,9 +25,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from segjax.data import folder, validation
+from segjax.data.intensity import NORMALIZATIONS, normalize
 from segjax.errors import ConfigError, DataError
-
-NORMALIZATIONS = ("percentile", "zscore", "minmax")
 
 
 @dataclasses.dataclass
@@ -45,24 +44,6 @@ class NiftiConfig(folder.FolderConfig):
         if not 0 <= low < high <= 100:
             raise ConfigError(f"data.nifti.percentiles={tuple(n.percentiles)} must satisfy 0 <= low < high <= 100")
         return cls.from_config(cfg, normalize=n.normalize, low=float(low), high=float(high))
-
-
-def normalize(volume: np.ndarray, mode: str, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Per-channel intensity normalisation of one [D, H, W, C] volume (module docstring)."""
-    out = np.empty(volume.shape, np.float32)
-    for c in range(volume.shape[-1]):
-        x = volume[..., c].astype(np.float64)
-        if mode == "percentile":
-            lo, hi = np.percentile(x, [low, high])
-            x = (np.clip(x, lo, hi) - lo) / max(hi - lo, 1e-8)
-        elif mode == "zscore":
-            x = (x - x.mean()) / max(x.std(), 1e-8)
-        elif mode == "minmax":
-            x = (x - x.min()) / max(x.max() - x.min(), 1e-8)
-        else:
-            raise ConfigError(f"data.nifti.normalize={mode!r}; choose one of {list(NORMALIZATIONS)}")
-        out[..., c] = x
-    return out
 
 
 def load(path: str) -> tuple[np.ndarray, np.ndarray]:
