@@ -11,7 +11,10 @@ run's config, overriding those if wanted) from the run's `best` or `latest` chec
 `<out>/<name>.png` (class ids at the file's own size: uint8, uint16 above 256 classes), for
 volumes `<out>/<name>.nii.gz` (on the image's grid: its affine and axis order), and with
 `--probabilities` `<out>/<name>.npy` (float16 softmax [H, W, C]; volumes [D, H, W, C], D the
-slice axis). Files already in `--out` are never replaced unless `--overwrite`.
+slice axis). Instance runs (`instances.enabled`) also write `<out>/<name>_instances.png` (uint16
+ids, 0 = none), post-processed as evaluation does; their masks are the semantic classes and
+their probabilities include the boundary class. Files already in `--out` are never replaced
+unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import inference, rescore, train
+from segjax import inference, instances, rescore, train
 from segjax.data import alignment, folder, intensity, nifti, pipeline, png, sources
 from segjax.errors import ConfigError, DataError, SegjaxError, WorkdirError
 
@@ -135,12 +138,12 @@ def predict_folder(
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
     returns the mask paths in file order."""
     train.check_config(config)
-    if config.instances.enabled:
-        raise ConfigError("segjax.predict writes semantic masks; instance runs (instances.enabled) are not supported")
     if config.model.spatial_dims == 3 and config.data.name != "nifti":
         raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
     source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data)
     targets = [os.path.join(out, n + source.extension) for n in source.names]
+    with_instances = config.instances.enabled  # the boundary-class network (2D): also instance ids
+    targets += [os.path.join(out, f"{n}_instances.png") for n in source.names] if with_instances else []
     targets += [os.path.join(out, f"{n}.npy") for n in source.names] if probabilities else []
     present = [t for t in targets if os.path.exists(t)]
     if present and not overwrite:
@@ -175,6 +178,11 @@ def predict_folder(
             p = _back_to_size(row_probs[crop], size) if need_probabilities else None
             # the logits' argmax, as evaluation scores it; after data.resize, of the resized probabilities
             mask = row_classes[crop] if prepared == tuple(size) else np.argmax(p, -1)
+            if with_instances:  # C+1 classes -> semantic classes and instance ids, as evaluation does
+                mask, ids = instances.to_instances(mask, config)
+                if ids.max() > np.iinfo(np.uint16).max:
+                    raise DataError(f"{source.paths[index]}: {ids.max()} instances do not fit a uint16 PNG")
+                source.save(index, ids.astype(np.uint16), os.path.join(out, f"{source.names[index]}_instances.png"))
             source.save(index, mask.astype(dtype), targets[index])
             if probabilities:
                 np.save(os.path.join(out, f"{source.names[index]}.npy"), p.astype(np.float16))
