@@ -19,6 +19,7 @@ unless `--overwrite`.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 
@@ -54,7 +55,7 @@ class _Files:
         if not self.paths:
             raise DataError(f"no {' or '.join(suffixes) or 'image'} files in {directory}")
         self.names = [folder.stem(os.path.basename(p)) for p in self.paths]
-        twice = sorted({n for n in self.names if self.names.count(n) > 1})
+        twice = sorted(n for n, k in collections.Counter(self.names).items() if k > 1)
         if twice:
             raise DataError(
                 f"{directory}: several files share the names {twice[:3]} (masks would overwrite each other)"

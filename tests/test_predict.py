@@ -144,3 +144,11 @@ def test_instance_run_writes_instance_maps_that_score_the_evaluation_pq(tfds_dir
     scored = rescore.evaluate_checkpoint(config, workdir, "latest")
     assert scored["val/pq"] > 0.05  # objects found: the comparison is not 0 == 0
     np.testing.assert_allclose(acc.result()["mpq"], scored["val/pq"], rtol=1e-9)
+
+
+def test_files_that_would_write_the_same_mask_are_refused(tmp_path):
+    os.makedirs(tmp_path / "twice")
+    for ext in ("png", "tif"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "twice" / f"a.{ext}")
+    with pytest.raises(DataError, match=r"share the names \['a'\]"):
+        predict.ImageFiles(str(tmp_path / "twice"), load_config("default").data)
