@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import ml_collections
@@ -32,7 +31,7 @@ from skimage import feature, filters, segmentation
 
 from segjax import configuration, evaluate, metrics, report, writers
 from segjax.data import pipeline
-from segjax.errors import ConfigError, SegjaxError
+from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
 METHODS = ("otsu", "adaptive", "edges", "watershed")
 
@@ -147,11 +146,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+    with exit_on_user_error():
         run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except SegjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

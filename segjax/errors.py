@@ -1,7 +1,13 @@
 """User-facing errors: one line that says what is wrong and how to fix it.
 
-`segjax.main` prints these without a traceback; anything else is a bug and keeps its traceback.
+The command-line programs print these without a traceback (`exit_on_user_error`); anything else
+is a bug and keeps its traceback.
 """
+
+import contextlib
+import sys
+
+from absl import logging
 
 
 class SegjaxError(ValueError):
@@ -30,3 +36,15 @@ class BusyError(SegjaxError):
 
 class NonFiniteLossError(SegjaxError):
     """Training produced a NaN/Inf loss or gradient."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Around a command-line program's work: a SegjaxError ends it with one line `error: ...` on
+    stderr (after the log lines so far) and exit status 2."""
+    try:
+        yield
+    except SegjaxError as err:
+        logging.flush()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

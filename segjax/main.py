@@ -9,12 +9,11 @@ checkpoint, workdir) ends with a one-line `error: ...` and exit status 2, not a 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax.errors import SegjaxError
+from segjax.errors import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (Python, trusted code).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, metrics.json.", required=True)
@@ -77,16 +76,12 @@ def main(argv):
     init_distributed()
     from segjax import rescore, train  # after flag parsing: keeps --help fast
 
-    try:
+    with exit_on_user_error():
         if _EVAL_ONLY.value:
             rescore.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
         shutdown_distributed()
-    except SegjaxError as err:
-        logging.flush()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def run():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from segjax import inference, instances, rescore, train
-from segjax.data import alignment, folder, intensity, nifti, pipeline, png, sources
-from segjax.errors import ConfigError, DataError, SegjaxError, WorkdirError
+from segjax.data import alignment, folder, nifti, pipeline, sources
+from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
 
 class _Files:
@@ -74,14 +73,7 @@ class ImageFiles(_Files):
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        with open(path, "rb") as f:
-            image = png.decode(f.read(), path)
-        if image.dtype != np.uint8:  # as the folder builder does (data.folder.rescale)
-            image = intensity.to_uint8(image, self.cfg.folder.rescale, *self.cfg.folder.percentiles, path)
-        if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel, as in training
-            image = image[..., :3]
-        if image.ndim == 2:
-            image = image[..., None]
+        image = folder.read_image(path, self.cfg.folder.rescale, *self.cfg.folder.percentiles)
         label = np.zeros(image.shape[:2], np.int32)
         sources.check_example(image, label, self.cfg, path)
         size = image.shape[:2]
@@ -199,12 +191,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    try:
+    with exit_on_user_error():
         written = predict_folder(f.config, f.workdir, f.images, f.out, f.checkpoint, f.probabilities, f.overwrite)
         print(f"{len(written)} masks written to {f.out}")
-    except SegjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

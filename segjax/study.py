@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration
-from segjax.errors import BusyError, ConfigError, SegjaxError
+from segjax.errors import BusyError, ConfigError, exit_on_user_error
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 
@@ -192,7 +192,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    try:
+    with exit_on_user_error():
         if not f.study or not f.workdir:
             raise ConfigError("--study and --workdir are required")
         base, variants = load_study(f.study)
@@ -206,9 +206,6 @@ def main(argv):
         missing = f" ({missing} not finished: in progress elsewhere or failed)" if missing > 0 else ""
         print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{missing}\n")
         print(write_results(f.workdir, rows))
-    except SegjaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
 import time
 
@@ -24,7 +23,6 @@ from segjax import (
     evaluate,
     inference,
     instances,
-    locks,
     metrics,
     optim,
     parallel,
@@ -33,70 +31,15 @@ from segjax import (
     seeds,
     state,
     steps,
+    workdirs,
     writers,
 )
 from segjax.data import augment, pipeline, sources
-from segjax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from segjax.errors import ConfigError, NonFiniteLossError
 from segjax.flops import count_flops
 from segjax.models import build_model, unetpp
 
 NONFINITE_POLICIES = ("stop", "skip")
-
-
-LOCK_FILE = ".lock"  # in the workdir: held by the process training there
-
-
-def workdir_lock(workdir: str):
-    """Held by process 0 for as long as it trains in `workdir`: a second run started there (the
-    same command twice, or two study processes) stops with BusyError before it reads or writes
-    anything, instead of interleaving checkpoints and logs with the first."""
-    return locks.held(
-        os.path.join(workdir, LOCK_FILE),
-        wait=False,
-        what=f"workdir {workdir}",
-        hint="; wait for that run to finish or use another --workdir",
-    )
-
-
-def prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
-    """Refuse to mix two different configs in one workdir unless told; never delete silently.
-
-    On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
-    (atomically); the others wait for it, so none reads a half-written file or creates folders
-    in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
-    `workdir_lock`) takes the new folder's lock when --overwrite moved the old run aside."""
-    if jax.process_index() == 0:
-        _prepare_workdir(config, workdir, overwrite, allow_config_changes, held)
-    parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
-
-
-def _prepare_workdir(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = configuration.differences(old, config.to_dict())
-        if diff and overwrite:
-            moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
-            logging.warning("--overwrite: moved the previous run to %s", moved)
-            if held is not None:
-                held.enter_context(workdir_lock(workdir))
-        elif diff and not allow_config_changes:
-            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-            raise WorkdirError(
-                f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
-                "--allow_config_changes to resume with the new values, or --overwrite to move the old run aside"
-            )
-        elif diff:
-            backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
-            shutil.copy(path, backup)
-            logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
-    os.makedirs(workdir, exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(configuration.to_json(config))
-    os.replace(partial, path)  # a reader sees the old file or the whole new one
 
 
 def model_summary(model, variables, sample) -> dict[str, float]:
@@ -184,11 +127,11 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, allow_config_changes: bool = False
 ) -> dict:
     """Train `config` in `workdir` (resuming from its latest checkpoint) and return final metrics.
-    One run trains in a workdir at a time (`workdir_lock`: BusyError for the second)."""
+    One run trains in a workdir at a time (`workdirs.lock`: BusyError for the second)."""
     check_config(config)
     with contextlib.ExitStack() as held:
         if jax.process_index() == 0:
-            held.enter_context(workdir_lock(workdir))
+            held.enter_context(workdirs.lock(workdir))
         return _train_and_evaluate(config, workdir, overwrite, allow_config_changes, held)
 
 
@@ -196,7 +139,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
     model = build_model(config.model, instances.num_outputs(config), norm_axis_name=axis)
-    prepare_workdir(config, workdir, overwrite, allow_config_changes, held)
+    workdirs.prepare(config, workdir, overwrite, allow_config_changes, held)
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)

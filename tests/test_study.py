@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from segjax import study, train
+from segjax import study, workdirs
 from segjax.errors import ConfigError
 from tests.conftest import ROOT, load_config
 
@@ -74,7 +74,7 @@ def test_study_processes_share_the_work(tfds_dir, tmp_path):
     base.data.tfds_dir = tfds_dir
     base.train.steps, base.train.log_every, base.train.checkpoint_every, base.eval.every = 2, 2, 2, 2
     workdir = str(tmp_path / "study")
-    with train.workdir_lock(os.path.join(workdir, "unet", "seed_0")):  # the other process's run
+    with workdirs.lock(os.path.join(workdir, "unet", "seed_0")):  # the other process's run
         rows = study.run_study(base, {"unet": {}}, [0, 1], workdir)
     assert [(r["variant"], r["seed"]) for r in rows] == [("unet", 1)]
     assert not os.path.exists(os.path.join(workdir, "unet", "seed_0", "config.json"))

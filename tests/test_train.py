@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, configuration, rescore, train
+from segjax import checkpointing, configuration, rescore, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT
@@ -134,9 +134,9 @@ def test_different_config_in_same_workdir_is_refused(tiny_config, tmp_path):
         f.write("{}")
     tiny_config.model.depth = 1
     with pytest.raises(WorkdirError, match=r"differs in: model.depth"):
-        train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)
+        workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)
     assert os.path.exists(marker)  # nothing touched
-    train.prepare_workdir(tiny_config, workdir, overwrite=True, allow_config_changes=False)
+    workdirs.prepare(tiny_config, workdir, overwrite=True, allow_config_changes=False)
     moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
     assert len(moved) == 1 and os.path.exists(os.path.join(tmp_path, moved[0], "metrics.json"))
 
@@ -148,14 +148,14 @@ def test_second_run_in_a_busy_workdir_stops_before_touching_it(tiny_config, tmp_
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(configuration.to_json(tiny_config))
-    with train.workdir_lock(workdir):  # the first run, still training
+    with workdirs.lock(workdir):  # the first run, still training
         with pytest.raises(BusyError, match=rf"workdir {re.escape(workdir)} is in use by pid {os.getpid()} since"):
             train.train_and_evaluate(tiny_config, workdir)
         tiny_config.model.depth = 1
         with pytest.raises(BusyError):
             train.train_and_evaluate(tiny_config, workdir, overwrite=True)
     assert os.listdir(tmp_path) == ["run"]  # not moved aside
-    assert sorted(os.listdir(workdir)) == [train.LOCK_FILE, "config.json"]  # nothing else written
+    assert sorted(os.listdir(workdir)) == [workdirs.LOCK_FILE, "config.json"]  # nothing else written
 
 
 def test_overwrite_locks_the_fresh_workdir(tiny_config, tmp_path):
@@ -166,12 +166,12 @@ def test_overwrite_locks_the_fresh_workdir(tiny_config, tmp_path):
         f.write(configuration.to_json(tiny_config))
     tiny_config.model.depth = 1
     with contextlib.ExitStack() as held:
-        held.enter_context(train.workdir_lock(workdir))
-        train.prepare_workdir(tiny_config, workdir, overwrite=True, allow_config_changes=False, held=held)
+        held.enter_context(workdirs.lock(workdir))
+        workdirs.prepare(tiny_config, workdir, overwrite=True, allow_config_changes=False, held=held)
         assert len([p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]) == 1
-        with pytest.raises(BusyError), train.workdir_lock(workdir):
+        with pytest.raises(BusyError), workdirs.lock(workdir):
             pass
-    with train.workdir_lock(workdir):  # released with the run
+    with workdirs.lock(workdir):  # released with the run
         pass
 
 
@@ -182,10 +182,10 @@ def test_run_saved_before_a_field_existed_resumes_unless_the_field_is_set(tiny_c
     del old["instances"], old["pretrain"]  # fields added in a later version of segjax
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(old, f, default=list)
-    train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)  # defaults: fine
+    workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)  # defaults: fine
     tiny_config.pretrain.steps = 5
     with pytest.raises(WorkdirError, match=r"differs in: pretrain.steps"):
-        train.prepare_workdir(tiny_config, workdir, overwrite=False, allow_config_changes=False)
+        workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)
 
 
 def test_unknown_and_mistyped_config_keys(tiny_config):

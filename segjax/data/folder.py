@@ -143,16 +143,22 @@ def assign_splits(cfg: FolderConfig) -> dict[str, list]:
     }
 
 
+def read_image(path: str, rescale: str, low: float, high: float) -> np.ndarray:
+    """One image file as uint8 [H, W, C]: deeper than 8 bits scaled per `data.folder.rescale`
+    (a cast would wrap 16-bit values around silently), RGBA's unused alpha dropped, gray given
+    its channel axis. Used for the training data and for `segjax.predict`'s new images alike."""
+    with open(path, "rb") as f:
+        image = png.decode(f.read(), path)
+    if image.dtype != np.uint8:
+        image = intensity.to_uint8(image, rescale, low, high, path)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    return image[..., None] if image.ndim == 2 else image
+
+
 def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str | None) -> dict[str, np.ndarray]:
     """Decode and validate one image/mask(/instances) triple; errors name the file."""
-    with open(image_path, "rb") as f:
-        image = png.decode(f.read(), image_path)
-    if image.dtype != np.uint8:  # stored as 8-bit: a cast would wrap 16-bit values around silently
-        image = intensity.to_uint8(image, cfg.rescale, cfg.rescale_low, cfg.rescale_high, image_path)
-    if image.ndim == 3 and image.shape[-1] == 4:  # RGBA with an unused alpha channel
-        image = image[..., :3]
-    if image.ndim == 2:
-        image = image[..., None]
+    image = read_image(image_path, cfg.rescale, cfg.rescale_low, cfg.rescale_high)
     if image.shape[-1] != cfg.channels:
         raise DataError(
             f"{image_path}: image has {image.shape[-1]} channels but data.channels={cfg.channels} "

@@ -1,0 +1,74 @@
+"""A run's folder: one trainer at a time (a file lock) and one config per run (config.json).
+
+`train.train_and_evaluate` holds `lock` while it trains and calls `prepare` before it reads or
+writes anything else in the folder; `segjax.study` relies on the lock to share a study between
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+from absl import logging
+
+from segjax import configuration, locks, parallel
+from segjax.errors import WorkdirError
+
+LOCK_FILE = ".lock"  # in the workdir: held by the process training there
+
+
+def lock(workdir: str):
+    """Held by process 0 for as long as it trains in `workdir`: a second run started there (the
+    same command twice, or two study processes) stops with BusyError before it reads or writes
+    anything, instead of interleaving checkpoints and logs with the first."""
+    return locks.held(
+        os.path.join(workdir, LOCK_FILE),
+        wait=False,
+        what=f"workdir {workdir}",
+        hint="; wait for that run to finish or use another --workdir",
+    )
+
+
+def prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
+    """Refuse to mix two different configs in one workdir unless told; never delete silently.
+
+    On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
+    (atomically); the others wait for it, so none reads a half-written file or creates folders
+    in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
+    `lock`) takes the new folder's lock when --overwrite moved the old run aside."""
+    if jax.process_index() == 0:
+        _prepare(config, workdir, overwrite, allow_config_changes, held)
+    parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
+
+
+def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = configuration.differences(old, config.to_dict())
+        if diff and overwrite:
+            moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
+            logging.warning("--overwrite: moved the previous run to %s", moved)
+            if held is not None:
+                held.enter_context(lock(workdir))
+        elif diff and not allow_config_changes:
+            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            raise WorkdirError(
+                f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
+                "--allow_config_changes to resume with the new values, or --overwrite to move the old run aside"
+            )
+        elif diff:
+            backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
+            shutil.copy(path, backup)
+            logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
+    os.makedirs(workdir, exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(configuration.to_json(config))
+    os.replace(partial, path)  # a reader sees the old file or the whole new one
