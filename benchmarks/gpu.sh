@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issues 6 and 8 in one script (~10 minutes on an H100), for a lent single-GPU
+# The GPU benchmarks of issue 8 in one script (~6 minutes on an H100), for a lent single-GPU
 # machine that has JAX, Flax, optax and PyTorch but no internet: the pinned flax/optax/ml_collections
 # travel as wheels in .whl/ (see benchmarks/RESULTS.md for how they were fetched). Logs go to $OUT
 # (default /tmp/out).
@@ -20,13 +20,12 @@ python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax'
 optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 B=benchmarks/train_bench.py
 run() { echo "=== $*" | tee -a "$LOG"; timeout "${LIMIT:-240}" python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
-# Where the step's time goes, and the layer rewrites vs the textbook layers (bf16, 512^2): one process
-LIMIT=230 run benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --steps 20 --trace "$OUT/trace" \
-  --variants "default,plain_conv,stem_im2col,textbook,no_norm" --json "$OUT/profile.jsonl"
-# bf16 (the targets): segjax model.dtype=bfloat16 vs PyTorch AMP bf16, channels_last, torch.compile
-run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
-run $B --size 256 --batch 32 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
-run $B --size 512 --batch 16 --dtype float32 --peak --steps 20 --pipelined 20 --json "$OUT/train.jsonl"
-run benchmarks/scaling_bench.py --seeds_only --seeds 8 --steps 30
+# Session 11: the headline ratio at 512^2 and 256^2 (bf16), segjax also with its step recorded
+# whole as CUDA graphs (convolutions included) and with command buffers off, synchronised and pipelined
+CB="xla_gpu_enable_command_buffer=+CONVOLUTION;xla_gpu_graph_min_graph_size=1"
+LIMIT=300 run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 \
+  --xla "$CB" --xla "xla_gpu_enable_command_buffer=" --json "$OUT/train.jsonl"
+LIMIT=200 run $B --size 256 --batch 32 --dtype bfloat16 --compile --no_eager --steps 20 --pipelined 20 \
+  --xla "$CB" --json "$OUT/train.jsonl"
 echo "=== summary" | tee -a "$LOG"
 grep -h "^===\|speedup\|^pipelined\|^segjax\|^torch\|vmap K=\|^default\|^textbook\|^no_norm\|^plain_conv\|^stem_im2col\|^batch=\|^xla:" "$LOG"

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from train_bench import measure_peak, segjax_step
+from train_bench import measure_peak, parse_option, segjax_step
 
 from segjax.configuration import default_config
 from segjax.flops import count_flops
@@ -132,17 +132,6 @@ def cuda_conv(replacement):
         yield
     finally:
         blocks.channel_padded_conv = channel_padded
-
-
-def parse_option(text: str):
-    """'name=value' -> (name, bool | int | float | str)."""
-    name, value = text.split("=", 1)
-    if value.lower() in ("true", "false"):
-        return name, value.lower() == "true"
-    for cast in (int, float):
-        with contextlib.suppress(ValueError):
-            return name, cast(value)
-    return name, value
 
 
 def build(args, variant: str):

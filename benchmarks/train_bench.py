@@ -19,7 +19,8 @@ framework's model FLOP utilisation: 3 x forward FLOPs (the convolutions and matr
 segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that rate.
 `--json FILE` appends one JSON line of results. `--pipelined N` also times N steps back to back
 with one sync at the end (the rate of a training loop that does not wait for each step, as
-segjax's own).
+segjax's own). `--xla "K=V[;K2=V2]"` (repeatable) adds a segjax runner whose step is compiled with
+those XLA options (e.g. `xla_gpu_enable_command_buffer=+CONVOLUTION`), timed alongside the rest.
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -212,6 +213,35 @@ def segjax_step(cfg, classes: int, image, label):
     return train, infer, st, batch
 
 
+def jax_runner(train, infer, st, batch):
+    """(step(wait=True), forward(), wait()) for a jitted segjax step, as the PyTorch runners: the
+    runner keeps its own (donated) state."""
+    held = {"st": st, "out": None}
+
+    def step(wait=True):
+        held["st"], held["out"] = train(held["st"], batch)
+        if wait:
+            jax.block_until_ready(held["out"])
+
+    def forward():
+        jax.block_until_ready(infer(held["st"], batch["image"]))
+
+    return step, forward, lambda: jax.block_until_ready(held["out"])
+
+
+def parse_option(text: str):
+    """'name=value' -> (name, bool | int | float | str): an XLA option as `compiler_options` takes it."""
+    name, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return name, cast(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def measure_peak(n: int = 8192, chain: int = 10, rounds: int = 5) -> float:
     """The device's bf16 matrix-product rate in FLOP/s: the fastest of `rounds` timings of `chain`
     back-to-back n^3 products on random data (one sync per chain, so dispatch and the sync do not
@@ -244,6 +274,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
     parser.add_argument("--json", default="", help="append a JSON line of results to this file")
+    parser.add_argument("--xla", action="append", default=[], help="'K=V;K2=V2': another segjax runner")
     args = parser.parse_args()
     import torch
 
@@ -287,12 +318,22 @@ def main() -> None:
         return torch.nn.functional.cross_entropy(out, target)
 
     train, infer, st, batch = segjax_step(cfg, args.classes, image, label)
+    variants = {f"segjax + {text}": dict(parse_option(o) for o in text.split(";")) for text in args.xla}
+    states = {name: jax.tree.map(jnp.copy, st) for name in variants}  # each runner donates its own
     start = time.perf_counter()
     st, out = train(st, batch)
     jax.block_until_ready(out)
     jax_compile = time.perf_counter() - start
     jax.block_until_ready(infer(st, batch["image"]))
     forward_flops = count_flops(infer, st, batch["image"])
+    runners = {"segjax (jax.jit)": jax_runner(train, infer, st, batch)}
+    for name, options in variants.items():
+        try:
+            compiled = train.lower(states[name], batch).compile(compiler_options=options)
+        except Exception as err:  # an option this jaxlib does not know: report, go on
+            print(f"{name}: failed: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        runners[name] = jax_runner(compiled, infer, states[name], batch)
 
     net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())
@@ -329,21 +370,26 @@ def main() -> None:
                 module.train()
             sync()
 
-        return step, forward
+        return step, forward, sync
 
-    runners = {"segjax (jax.jit)": None}
     if not (args.no_eager and args.compile):
         runners["torch eager"] = torch_runner(twin(), False)
         runners["torch eager channels_last"] = torch_runner(twin(), True)
     if args.compile:  # on a GPU compiled with channels_last, the fastest PyTorch layout there
         runners["torch.compile"] = torch_runner(torch.compile(twin()), cuda)
-    for name, r in runners.items():  # warm-up (torch.compile's compilation, cuDNN's autotuning)
-        if r:
-            t = time.perf_counter()
+    for name, r in list(runners.items()):  # warm-up (torch.compile's compilation, cuDNN's autotuning)
+        t = time.perf_counter()
+        try:
             for _ in range(3 if cuda else 1):
                 r[0]()
                 r[1]()
-            print(f"{name}: warm-up {time.perf_counter() - t:.1f} s")
+        except Exception as err:  # an XLA option that compiles but cannot run here: report, go on
+            if name not in variants:
+                raise
+            print(f"{name}: failed: {type(err).__name__}: {str(err)[:200]}")
+            del runners[name]
+            continue
+        print(f"{name}: warm-up {time.perf_counter() - t:.1f} s")
     where = jax.devices()[0].device_kind if cuda else f"CPU, {threads} threads"
     print(
         f"segjax: first step (compile) {jax_compile:.1f} s; {where}; dtype {args.dtype}; "
@@ -355,17 +401,10 @@ def main() -> None:
     for _ in range(args.steps):
         for name, r in runners.items():
             t = time.perf_counter()
-            if r is None:
-                st, out = train(st, batch)
-                jax.block_until_ready(out)
-            else:
-                r[0]()
+            r[0]()
             train_t[name].append(time.perf_counter() - t)
             t = time.perf_counter()
-            if r is None:
-                jax.block_until_ready(infer(st, batch["image"]))
-            else:
-                r[1]()
+            r[1]()
             infer_t[name].append(time.perf_counter() - t)
     # Pipelined: `--pipelined N` steps back to back, one sync at the end (3 alternating rounds,
     # median): the rate of a training loop that does not wait for each step, as segjax's (it
@@ -375,14 +414,8 @@ def main() -> None:
         for name, r in runners.items():
             t = time.perf_counter()
             for _ in range(args.pipelined):
-                if r is None:
-                    st, out = train(st, batch)
-                else:
-                    r[0](wait=False)
-            if r is None:
-                jax.block_until_ready(out)
-            else:
-                sync()
+                r[0](wait=False)
+            r[2]()
             piped[name].append((time.perf_counter() - t) / args.pipelined)
     peak = measure_peak() if args.peak else float("nan")
     ours = statistics.median(train_t["segjax (jax.jit)"])
