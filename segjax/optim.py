@@ -62,27 +62,43 @@ def build(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTra
 class WeightAverageState(NamedTuple):
     count: jax.Array  # updates averaged so far
     average: Any  # the moving average of the parameters
+    stats: Any = None  # the moving average of the BatchNorm statistics (`init`; None until then)
 
 
-def weight_average(decay: float) -> optax.GradientTransformation:
+def weight_average(decay: float) -> optax.GradientTransformationExtraArgs:
     """Passes the updates through and keeps an exponential moving average of the parameters they
-    produce. Update k (k = 0, 1, ...) uses min(decay, (1 + k) / (10 + k)), as TF's
+    produce, and of the BatchNorm statistics passed as `batch_stats=` (the averaged weights are
+    evaluated with averaged statistics, as timm's model EMA does, not with the statistics of the
+    current weights). Update k (k = 0, 1, ...) uses min(decay, (1 + k) / (10 + k)), as TF's
     ExponentialMovingAverage with `num_updates`, so the first updates do not drag the
     initialisation along. Kept in the optimizer state: checkpointed and resumed with it, restarted
-    whenever the optimizer is (`tx.init`, e.g. after loading a pretrained encoder)."""
+    whenever the optimizer is (`init`, e.g. after loading a pretrained encoder)."""
 
-    def init(params):
+    def init_fn(params):
         return WeightAverageState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(jnp.array, params))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, *, batch_stats=None, **extra):
         if params is None:
             raise ValueError("weight_average needs the parameters: call tx.update(grads, opt_state, params)")
         new = optax.apply_updates(params, updates)
         d = jnp.minimum(decay, (1.0 + state.count) / (10.0 + state.count))
-        average = jax.tree_util.tree_map(lambda a, x: a + (1.0 - d) * (x - a), state.average, new)
-        return updates, WeightAverageState(state.count + 1, average)
+        move = lambda a, x: a + (1.0 - d) * (x - a)  # noqa: E731
+        average = jax.tree_util.tree_map(move, state.average, new)
+        stats = state.stats
+        if batch_stats is not None and stats is not None:
+            stats = jax.tree_util.tree_map(move, stats, batch_stats)
+        return updates, WeightAverageState(state.count + 1, average, stats)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init_fn, update)
+
+
+def init(tx: optax.GradientTransformation, params, batch_stats) -> optax.OptState:
+    """`tx.init(params)`, with the weight average's statistics starting at `batch_stats`."""
+    opt_state = tx.init(params)
+    if averaged_params(opt_state) is not None:
+        average = opt_state[-1]._replace(stats=jax.tree_util.tree_map(jnp.array, batch_stats))
+        opt_state = (*opt_state[:-1], average)
+    return opt_state
 
 
 def with_weight_average(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
@@ -95,3 +111,10 @@ def averaged_params(opt_state) -> Any | None:
     if isinstance(opt_state, tuple) and opt_state and isinstance(opt_state[-1], WeightAverageState):
         return opt_state[-1].average
     return None
+
+
+def averaged_stats(opt_state) -> Any | None:
+    """The BatchNorm statistics' average held with the weight average (`init`), else None."""
+    if averaged_params(opt_state) is None:
+        return None
+    return opt_state[-1].stats

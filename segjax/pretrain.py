@@ -190,7 +190,7 @@ def load_encoder(st: state.TrainState, encoder: dict) -> state.TrainState:
         )
     params = {**st.params, **encoder["params"]}
     stats = {**st.batch_stats, **encoder["batch_stats"]} if st.batch_stats else st.batch_stats
-    return st.replace(params=params, batch_stats=stats, opt_state=st.tx.init(params))
+    return st.replace(params=params, batch_stats=stats, opt_state=optim.init(st.tx, params, stats))
 
 
 def frozen_encoder_tx(tx: optax.GradientTransformation, scopes) -> optax.GradientTransformation:

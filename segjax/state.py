@@ -29,13 +29,19 @@ class TrainState:
 
     def eval_variables(self) -> dict:
         """What evaluation (and so the best checkpoint's choice) uses: the weight average of
-        `optim.ema_decay` in place of the parameters when one is kept, with the running BatchNorm
-        statistics."""
+        `optim.ema_decay` in place of the parameters when one is kept, with the average of the
+        running BatchNorm statistics kept beside it."""
         average = optim.averaged_params(self.opt_state)
-        return self.variables() if average is None else {**self.variables(), "params": average}
+        if average is None:
+            return self.variables()
+        stats = optim.averaged_stats(self.opt_state)
+        if self.batch_stats and stats is not None:
+            return {"params": average, "batch_stats": stats}
+        return {**self.variables(), "params": average}
 
     def apply_gradients(self, grads, batch_stats, rng):
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        extra = {"batch_stats": batch_stats} if optim.averaged_params(self.opt_state) is not None else {}
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng)
 
@@ -50,7 +56,7 @@ def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, see
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
+        opt_state=optim.init(tx, params, variables.get("batch_stats", {})),
         rng=state_rng,
         tx=tx,
     )

@@ -92,16 +92,23 @@ def test_weight_average_follows_its_recurrence():
     decay = 0.3
     _, _, batch, st, step = _tiny_setup(decay)
     want = jax.tree_util.tree_map(np.asarray, st.params)
+    want_stats = jax.tree_util.tree_map(np.asarray, st.batch_stats)
     _assert_trees_equal(optim.averaged_params(st.opt_state), want)  # starts at the initial weights
+    _assert_trees_equal(optim.averaged_stats(st.opt_state), want_stats)  # and statistics
     for k in range(6):  # (1 + k) / (10 + k) is below 0.3 for k < 3: both branches of the min are used
         st, _ = step(st, batch)
         d = min(decay, (1 + k) / (10 + k))
-        want = jax.tree_util.tree_map(lambda a, x, d=d: d * a + (1 - d) * np.asarray(x), want, st.params)
-    average = optim.averaged_params(st.opt_state)
+        move = lambda a, x, d=d: d * a + (1 - d) * np.asarray(x)  # noqa: E731
+        want = jax.tree_util.tree_map(move, want, st.params)
+        want_stats = jax.tree_util.tree_map(move, want_stats, st.batch_stats)
+    average, stats = optim.averaged_params(st.opt_state), optim.averaged_stats(st.opt_state)
     _assert_trees_equal(average, want, rtol=1e-5, atol=1e-6)
+    _assert_trees_equal(stats, want_stats, rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(average["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
-    variables = st.eval_variables()  # evaluation: the average with the running BatchNorm statistics
-    assert variables["params"] is average and variables["batch_stats"] is st.batch_stats
+    level0 = lambda tree: np.asarray(tree["decoder"]["level0"]["Norm_0"]["BatchNorm_0"]["mean"])  # noqa: E731
+    assert not np.allclose(level0(stats), level0(st.batch_stats))
+    variables = st.eval_variables()  # evaluation: the averaged weights with the averaged statistics
+    assert variables["params"] is average and variables["batch_stats"] is stats
 
 
 def test_without_decay_no_average_is_kept():
@@ -114,8 +121,10 @@ def test_without_decay_no_average_is_kept():
 def test_evaluation_scores_the_weight_average():
     cfg, model, batch, st, _ = _tiny_setup(0.9)
     other = state.create(model, optim.build(cfg.optim, 10), jnp.asarray(batch["image"][:1]), 7)  # other weights
+    shifted = jax.tree_util.tree_map(lambda x: 1.5 * x + 0.1, other.batch_stats)  # not st's statistics
+    other = other.replace(batch_stats=shifted)
     inner, avg = st.opt_state
-    st = st.replace(opt_state=(inner, avg._replace(average=other.params)), batch_stats=other.batch_stats)
+    st = st.replace(opt_state=(inner, avg._replace(average=other.params, stats=shifted)))
     evaluate = jax.jit(
         functools.partial(
             steps.eval_step, model=model, loss_cfg=cfg.loss, num_classes=2, boundary_dilation=0, eval_cfg=None
