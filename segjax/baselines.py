@@ -112,7 +112,8 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
     if per_image_csv:
-        rows = evaluate.per_image_rows(outputs, list(range(len(source))), names, config.eval.empty)
+        row_names = [str(o["gt_name"][0]) for o in outputs]
+        rows = evaluate.per_image_rows(outputs, list(range(len(source))), names, config.eval.empty, row_names)
         writers.write_table(per_image_csv, rows)
     return results
 

@@ -38,22 +38,28 @@ def evaluate_split(
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())
 
         def hook(outputs: list[dict]) -> dict:  # the per-image table, then the config's own scores
+            rows_names = parallel.gather_names([o["gt_name"] for o in outputs], host_batch)  # every process
             if jax.process_index() == 0:
-                writers.write_table(per_image_csv, per_image_rows(outputs, order, names, config.eval.empty))
+                rows = per_image_rows(outputs, order, names, config.eval.empty, rows_names)
+                writers.write_table(per_image_csv, rows)
             return extra_scores(outputs) if extra_scores else {}
 
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, **kwargs)
 
 
-def per_image_rows(outputs: list[dict], order: list[int | None], class_names, empty: str = "nan") -> list[dict]:
+def per_image_rows(
+    outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None
+) -> list[dict]:
     """One row per evaluated image, in split order: `index` (position in the split), `name` (the
-    stored file name; single-process runs), `pixels` scored, pixel `accuracy` and per class
-    `dice/<c>`, `iou/<c>`, `precision/<c>`, `recall/<c>` (empty classes follow `empty`).
-    `order` maps each output row to its split index (None = padding; `pipeline.eval_order`)."""
+    stored file name, when `row_names` gives one per output row, e.g. `parallel.gather_names`),
+    `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
+    `recall/<c>` (empty classes follow `empty`). `order` maps each output row to its split index
+    (None = padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     if len(confusion) != len(order):
         raise ValueError(f"{len(confusion)} evaluated rows but an order of {len(order)}")
-    local_names = np.concatenate([o["gt_name"] for o in outputs]) if outputs and "gt_name" in outputs[0] else None
+    if row_names is not None and len(row_names) != len(order):
+        raise ValueError(f"{len(row_names)} names for {len(order)} evaluated rows")
     keep = [r for r, index in enumerate(order) if index is not None]
     cms = confusion[keep]
     per_class = {k: np.asarray(v) for k, v in metrics.class_scores(cms, empty).items()}
@@ -62,8 +68,8 @@ def per_image_rows(outputs: list[dict], order: list[int | None], class_names, em
     rows = []
     for i, r in enumerate(keep):
         row = {"index": order[r]}
-        if local_names is not None and len(local_names) == len(order):  # one process: names for every row
-            row["name"] = str(local_names[r])
+        if row_names is not None:
+            row["name"] = str(row_names[r])
         row["pixels"] = int(pixels[i])
         row["accuracy"] = float(correct[i] / pixels[i]) if pixels[i] else float("nan")
         for key in ("dice", "iou", "precision", "recall"):

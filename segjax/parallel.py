@@ -98,6 +98,26 @@ def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
 
 
+NAME_BYTES = 255  # a file name's longest (NAME_MAX); longer names are cut to it when gathered
+
+
+def gather_names(local: list[np.ndarray], host_batch: int) -> np.ndarray:
+    """Names of this host's evaluation batches (one array per batch, `host_batch` each) -> the
+    names of every row of the gathered outputs: per global batch, each host's rows in process
+    order (as `pipeline.eval_order`). Every process must call it (an all-gather across hosts)."""
+    mine = np.concatenate(local) if local else np.zeros(0, str)
+    if jax.process_count() == 1:
+        return mine
+    encoded = np.zeros((len(mine), NAME_BYTES), np.uint8)
+    for i, name in enumerate(mine):
+        raw = str(name).encode()[:NAME_BYTES]
+        encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(encoded))  # [hosts, rows, NAME_BYTES]
+    hosts, rows = gathered.shape[:2]
+    by_batch = gathered.reshape(hosts, rows // host_batch, host_batch, NAME_BYTES).transpose(1, 0, 2, 3)
+    return np.array([bytes(row).rstrip(b"\0").decode(errors="replace") for row in by_batch.reshape(-1, NAME_BYTES)])
+
+
 def merge_eval_outputs(out: dict) -> dict:
     """pmap eval outputs -> jit's layout: per-image confusions of all devices of all hosts in one
     batch axis (each host evaluates its own rows of every global batch); the loss and boundary

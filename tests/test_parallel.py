@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -123,3 +124,9 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode):
     assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"]
     np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4)
     assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+    # each image's row, named, though each host evaluated (and knew the names of) half of them
+    mine, theirs = (list(csv.DictReader(open(d / "val_per_image.csv", encoding="utf-8"))) for d in (multi, single))
+    ids = lambda rows: [(r["index"], r["name"], r["pixels"]) for r in rows]  # noqa: E731
+    accuracy = lambda rows: [float(r["accuracy"]) for r in rows]  # noqa: E731
+    assert ids(mine) == ids(theirs) and len({r["name"] for r in mine}) == reference["val/images"]
+    np.testing.assert_allclose(accuracy(mine), accuracy(theirs), rtol=1e-3)
