@@ -10,6 +10,7 @@ Nothing is unpickled: arrays are read by tensorstore, the iterator state is JSON
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -100,10 +101,22 @@ def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: E
     """Name the parameters that differ between a checkpoint and the configured model."""
     try:
         saved = manager.item_metadata(step)["state"]
-        saved_params = _paths(getattr(saved, "tree", saved)["params"])
+        saved = getattr(saved, "tree", saved)
+        saved_params = _paths(saved["params"])
     except Exception:
         return f"checkpoint step {step} in {manager.directory} does not match the configured model: {err}"
     want = _paths(template.params)
+    if want == saved_params:  # the same network: the optimizer state is what differs
+        with contextlib.suppress(Exception):
+            mine, theirs = set(_paths(template.opt_state)), set(_paths(saved["opt_state"]))
+            if mine != theirs:
+                return (
+                    f"checkpoint step {step} in {manager.directory} holds another optimizer's state "
+                    f"({len(theirs - mine)} entries not in this run's, {len(mine - theirs)} missing): the "
+                    "optim.* settings that shape it (optim.name, optim.grad_clip, optim.ema_decay, "
+                    "model.freeze_encoder) differ from the run that saved it; train in a new workdir, "
+                    "or restore with the saved config"
+                )
     missing = sorted(set(want) - set(saved_params))
     extra = sorted(set(saved_params) - set(want))
     shape = sorted(k for k in set(want) & set(saved_params) if tuple(want[k]) != tuple(saved_params[k]))

@@ -208,6 +208,11 @@ def test_checkpoint_of_another_model_names_the_differing_parameters(tiny_config,
     template = state.create(build_model(other, 4), optim.build(tiny_config.optim, 6), np.zeros((1, 32, 32, 3)), 0)
     with pytest.raises(CheckpointError, match=r"not in the model: decoder/level1/Conv_0/kernel"):
         ckpt.restore(template)
+    # the same network with a weight average: the optimizer state is named as what differs
+    tx = optim.with_weight_average(optim.build(tiny_config.optim, 6), 0.9)
+    template = state.create(build_model(tiny_config.model, 4), tx, np.zeros((1, 32, 32, 3), np.float32), 0)
+    with pytest.raises(CheckpointError, match=r"another optimizer's state \(\d+ entries not in this run's, [1-9]"):
+        ckpt.restore(template)
     ckpt.close()
 
 
