@@ -29,7 +29,7 @@ from absl import app, flags
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, metrics, report, writers
+from segjax import configuration, evaluate, metrics, report, surface, writers
 from segjax.data import pipeline
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -108,12 +108,20 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
                 jnp.asarray(label[None]), jnp.asarray(pred[None]), 2, config.eval.boundary_dilation, valid[None]
             )
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
+        if config.eval.surface_metrics:
+            out["pred"], out["label"], out["valid"] = pred[None], label[None], valid[None]
         outputs.append(out)
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
+    extra = None
+    if config.eval.surface_metrics:
+        per_row = surface.per_image(outputs, len(names), config.eval.nsd_tolerance)
+        results.update(surface.split_scores(per_row, names))
+        extra = [surface.named(r, names) if r is not None else None for r in per_row]
     if per_image_csv:
         row_names = [str(o["gt_name"][0]) for o in outputs]
-        rows = evaluate.per_image_rows(outputs, list(range(len(source))), names, config.eval.empty, row_names)
+        order = list(range(len(source)))
+        rows = evaluate.per_image_rows(outputs, order, names, config.eval.empty, row_names, extra)
         writers.write_table(per_image_csv, rows)
     return results
 
@@ -124,6 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from segjax.data import sources
 
     configuration.validate(config)
+    surface.check_config(config)
     path = os.path.join(workdir, "metrics.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from segjax import instances, metrics, parallel, writers
+from segjax import instances, metrics, parallel, surface, writers
 from segjax.data import pipeline
 from segjax.errors import ConfigError
 
@@ -33,28 +33,38 @@ def evaluate_split(
         with_names=bool(per_image_csv),
     )
     names = instances.class_names(config)
+    table = bool(per_image_csv) and kwargs.get("num_seeds", 1) == 1
+    surfaces = bool(config.eval.surface_metrics)
     hook = extra_scores
-    if per_image_csv and kwargs.get("num_seeds", 1) == 1:
+    if table or surfaces:
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())
 
-        def hook(outputs: list[dict]) -> dict:  # the per-image table, then the config's own scores
-            rows_names = parallel.gather_names([o["gt_name"] for o in outputs], host_batch)  # every process
-            if jax.process_index() == 0:
-                rows = per_image_rows(outputs, order, names, config.eval.empty, rows_names)
-                writers.write_table(per_image_csv, rows)
-            return extra_scores(outputs) if extra_scores else {}
+        def hook(outputs: list[dict]) -> dict:  # surface metrics, the per-image table, the config's own scores
+            results = dict(extra_scores(outputs)) if extra_scores else {}
+            extra = None
+            if surfaces:
+                per_row = surface.per_image(outputs, len(names), config.eval.nsd_tolerance)
+                results.update(surface.split_scores(per_row, names))
+                extra = [surface.named(r, names) if r is not None else None for r in per_row]
+            if table:
+                row_names = parallel.gather_names([o["gt_name"] for o in outputs], host_batch)  # every process
+                if jax.process_index() == 0:
+                    rows = per_image_rows(outputs, order, names, config.eval.empty, row_names, extra)
+                    writers.write_table(per_image_csv, rows)
+            return results
 
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, **kwargs)
 
 
 def per_image_rows(
-    outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None
+    outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None, extra=None
 ) -> list[dict]:
     """One row per evaluated image, in split order: `index` (position in the split), `name` (the
     stored file name, when `row_names` gives one per output row, e.g. `parallel.gather_names`),
     `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
-    `recall/<c>` (empty classes follow `empty`). `order` maps each output row to its split index
-    (None = padding; `pipeline.eval_order`)."""
+    `recall/<c>` (empty classes follow `empty`), and the columns of `extra[row]` when given (e.g.
+    `surface.per_image`'s, named). `order` maps each output row to its split index (None =
+    padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     if len(confusion) != len(order):
         raise ValueError(f"{len(confusion)} evaluated rows but an order of {len(order)}")
@@ -75,6 +85,8 @@ def per_image_rows(
         for key in ("dice", "iou", "precision", "recall"):
             for c, name in enumerate(class_names):
                 row[f"{key}/{name}"] = float(per_class[key][i, c])
+        if extra is not None and extra[r]:
+            row.update(extra[r])
         rows.append(row)
     return sorted(rows, key=lambda row: row["index"])
 

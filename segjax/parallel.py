@@ -118,12 +118,17 @@ def gather_names(local: list[np.ndarray], host_batch: int) -> np.ndarray:
     return np.array([bytes(row).rstrip(b"\0").decode(errors="replace") for row in by_batch.reshape(-1, NAME_BYTES)])
 
 
+PER_IMAGE_OUTPUTS = {"confusion", "pred", "label", "valid"}  # eval-step outputs with one row per image
+
+
 def merge_eval_outputs(out: dict) -> dict:
     """pmap eval outputs -> jit's layout: per-image confusions of all devices of all hosts in one
     batch axis (each host evaluates its own rows of every global batch); the loss and boundary
     counts are already global (psum over the pmap axis, which spans every host)."""
     out = jax.device_get(out)
     merged = {k: v[0] for k, v in out.items()}
+    for k in PER_IMAGE_OUTPUTS & set(out) - {"confusion"}:  # this host's devices, in order
+        merged[k] = out[k].reshape(-1, *out[k].shape[2:])
     confusion = out["confusion"]
     if jax.process_count() > 1:
         confusion = multihost_utils.process_allgather(confusion)  # [hosts, local devices, B, C, C]

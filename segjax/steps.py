@@ -95,7 +95,8 @@ def make_eval_step(config: ml_collections.ConfigDict, model, axis_name: str | No
         boundary_dilation=config.eval.boundary_dilation,
         eval_cfg=config.eval,
         axis_name=axis_name,
-        return_predictions=config.instances.enabled,
+        return_predictions=config.instances.enabled or config.eval.surface_metrics,
+        return_truth=config.eval.surface_metrics,
     )
 
 
@@ -110,12 +111,14 @@ def eval_step(
     eval_cfg: ml_collections.ConfigDict | None = None,
     axis_name: str | None = None,
     return_predictions: bool = False,
+    return_truth: bool = False,
 ):
     """Per-image confusion matrices [B, C, C] of the valid pixels, boundary-band counts [C]
     (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host.
     `eval_cfg` (window, tta) selects sliding-window and test-time-augmented inference; with
     `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device.
-    `return_predictions` adds the class maps (`pred` [B, ...]) for host-side instance scoring."""
+    `return_predictions` adds the class maps (`pred` [B, ...]) for host-side instance scoring,
+    `return_truth` the batch's `label` and `valid` (host-side surface metrics)."""
     variables = state.eval_variables()
 
     def logits_fn(images):
@@ -129,6 +132,8 @@ def eval_step(
     out = {"confusion": confusion, "loss": loss}
     if return_predictions:
         out["pred"] = preds.astype(jnp.int32)
+    if return_truth:
+        out["label"], out["valid"] = batch["label"], batch["valid"]
     if boundary_dilation > 0:
         inter, union = metrics.boundary_counts(batch["label"], preds, num_classes, boundary_dilation, batch["valid"])
         if axis_name:

@@ -31,6 +31,7 @@ from segjax import (
     seeds,
     state,
     steps,
+    surface,
     workdirs,
     writers,
 )
@@ -94,6 +95,7 @@ def check_config(config) -> None:
     augment.check(config.data.augment)
     pretrain.check_config(config)
     instances.check_config(config)
+    surface.check_config(config)
     if config.train.nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
     if config.eval.average not in metrics.AVERAGES:

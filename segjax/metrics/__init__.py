@@ -1,13 +1,20 @@
 """Segmentation metrics: a small public API usable on any arrays, in or out of training.
 
 * `confusion`: confusion matrices -> IoU, Dice, precision, recall, specificity, accuracy (jit).
-* `boundary`: Boundary IoU (jit) and Hausdorff distances HD95/HD100 (host, scipy).
+* `boundary`: Boundary IoU (jit), Hausdorff distances HD95/HD100 and normalised surface Dice
+  (host, scipy).
 * `panoptic`: panoptic quality PQ = SQ x RQ with per-class values (host, numpy).
 
 See `confusion` for the named conventions (average, empty, include_background).
 """
 
-from segjax.metrics.boundary import boundary_counts, boundary_iou, boundary_iou_from_counts, hausdorff_distance
+from segjax.metrics.boundary import (
+    boundary_counts,
+    boundary_iou,
+    boundary_iou_from_counts,
+    hausdorff_distance,
+    surface_dice,
+)
 from segjax.metrics.confusion import (
     AVERAGES,
     EMPTY_POLICIES,
@@ -37,4 +44,5 @@ __all__ = [
     "panoptic_quality",
     "per_image_confusion",
     "summarize",
+    "surface_dice",
 ]
