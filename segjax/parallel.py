@@ -127,7 +127,7 @@ def merge_eval_outputs(out: dict) -> dict:
     counts are already global (psum over the pmap axis, which spans every host)."""
     out = jax.device_get(out)
     merged = {k: v[0] for k, v in out.items()}
-    for k in PER_IMAGE_OUTPUTS & set(out) - {"confusion"}:  # this host's devices, in order
+    for k in (PER_IMAGE_OUTPUTS & set(out)) - {"confusion"}:  # this host's devices, in order
         merged[k] = out[k].reshape(-1, *out[k].shape[2:])
     confusion = out["confusion"]
     if jax.process_count() > 1:
