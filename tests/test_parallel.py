@@ -62,6 +62,23 @@ def test_one_device_eight_devices_jit_and_pmap_give_the_same_training(tmp_path, 
     np.testing.assert_allclose(resumed["val/miou"], metrics["pmap8"]["val/miou"], rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_pmap_instance_runs_score_every_devices_images(tmp_path, tfds_dir):
+    """Panoptic quality under pmap with 2 devices comes from every device's class maps (it took
+    device 0's only and failed): it equals what one device scores for the same checkpoint."""
+    extra = ["--config.instances.enabled=True", "--config.parallel.mode=pmap", "--config.model.base_features=8"]
+    extra += ["--config.train.steps=80", "--config.optim.lr=0.01", "--config.eval.every=80"]  # objects found
+    done = run(tmp_path, tfds_dir, 2, *extra, "--config.train.checkpoint_every=80")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = run(tmp_path, tfds_dir, 1, *extra, "--config.train.checkpoint_every=80", "--eval_only=latest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(tmp_path / "metrics.json", encoding="utf-8") as f, open(tmp_path / "eval_latest.json") as g:
+        two, one = json.load(f), json.load(g)
+    assert two["val/pq"] > 0.05 and two["val/images"] == one["val/images"]  # not a 0 == 0 comparison
+    for key in ("val/pq", "val/sq", "val/rq", "val/miou"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-6, err_msg=key)
+
+
 def test_batch_not_divisible_by_device_count_is_a_clear_error(tmp_path, tfds_dir):
     done = run(tmp_path / "w", tfds_dir, 8, "--config.train.batch_size=12")
     assert done.returncode == 2
