@@ -109,13 +109,14 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
             )
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
         if config.eval.surface_metrics:
-            out["pred"], out["label"], out["valid"] = pred[None], label[None], valid[None]
+            maps = {"pred": pred[None], "label": label[None], "valid": valid[None]}
+            out["surface"] = surface.per_image([maps], len(names), config.eval.nsd_tolerance)
         outputs.append(out)
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
     extra = None
     if config.eval.surface_metrics:
-        per_row = surface.per_image(outputs, len(names), config.eval.nsd_tolerance)
+        per_row = [row for out in outputs for row in out["surface"]]
         results.update(surface.split_scores(per_row, names))
         extra = [surface.named(r, names) if r is not None else None for r in per_row]
     if per_image_csv:

@@ -35,7 +35,13 @@ def evaluate_split(
     names = instances.class_names(config)
     table = bool(per_image_csv) and kwargs.get("num_seeds", 1) == 1
     surfaces = bool(config.eval.surface_metrics)
-    hook = extra_scores
+    hook, reduce = extra_scores, None
+    if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
+
+        def reduce(out: dict) -> dict:
+            rows = surface.per_image([out], len(names), config.eval.nsd_tolerance)
+            return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
+
     if table or surfaces:
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())
 
@@ -43,7 +49,7 @@ def evaluate_split(
             results = dict(extra_scores(outputs)) if extra_scores else {}
             extra = None
             if surfaces:
-                per_row = surface.per_image(outputs, len(names), config.eval.nsd_tolerance)
+                per_row = [row for out in outputs for row in out["surface"]]
                 results.update(surface.split_scores(per_row, names))
                 extra = [surface.named(r, names) if r is not None else None for r in per_row]
             if table:
@@ -53,7 +59,7 @@ def evaluate_split(
                     writers.write_table(per_image_csv, rows)
             return results
 
-    return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, **kwargs)
+    return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, reduce_batch=reduce, **kwargs)
 
 
 def per_image_rows(
@@ -102,6 +108,7 @@ def evaluate(
     batch_sharding=None,
     put: Callable | None = None,
     extra_scores: Callable[[list[dict]], dict] | None = None,
+    reduce_batch: Callable[[dict], dict] | None = None,
 ):
     """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
     `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images` (a list of such dicts, one per
@@ -111,13 +118,16 @@ def evaluate(
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
     Host-only batch keys (`gt_*`) skip the device and join the step's outputs, for
-    `extra_scores(outputs) -> dict` (e.g. panoptic quality; single replica only).
+    `extra_scores(outputs) -> dict` (e.g. panoptic quality; single replica only);
+    `reduce_batch(output) -> output` shrinks each batch's outputs as they arrive (e.g. class maps
+    to per-image scores), so a split's maps are never all held on the host.
     """
     put = put or (lambda batch: parallel.to_global(batch, mesh, batch_sharding))
     outputs = []
     for batch in batches:
         host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
-        outputs.append({**jax.device_get(eval_fn(state, put(batch))), **host})
+        out = {**jax.device_get(eval_fn(state, put(batch))), **host}
+        outputs.append(reduce_batch(out) if reduce_batch else out)
     if num_seeds == 1:
         results = scores(outputs, eval_cfg, class_names)
         return {**results, **extra_scores(outputs)} if extra_scores else results
