@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import jax
@@ -41,6 +42,9 @@ def evaluate_split(
         def reduce(out: dict) -> dict:
             rows = surface.per_image([out], len(names), config.eval.nsd_tolerance)
             return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
+
+    elif config.instances.enabled and kwargs.get("num_seeds", 1) == 1:  # -> panoptic counts, as they arrive
+        reduce = functools.partial(instances.reduce_outputs, config=config)
 
     if table or surfaces:
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())

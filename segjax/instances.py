@@ -129,22 +129,39 @@ def to_instances(pred: np.ndarray, config: ml_collections.ConfigDict) -> tuple[n
     return semantic.astype(np.int32), instances.astype(np.int32)
 
 
-def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
-    """PQ over a split from eval outputs holding `pred` (C+1 classes) and the host-side truth
-    `gt_label` (semantic), `gt_instances` and `gt_valid` per image."""
-    num_classes = config.data.num_classes
+def _accumulate(acc: metrics.PanopticAccumulator, out: dict, config: ml_collections.ConfigDict) -> None:
+    """Add the images of one batch of eval outputs (`pred`, `gt_label`, `gt_instances`, `gt_valid`)."""
     things = set(thing_classes(config))
+    images = zip(out["pred"], out["gt_label"], out["gt_instances"], out["gt_valid"], strict=True)
+    for pred, label, inst, valid in images:
+        if not valid.any():
+            continue  # a padding copy
+        rows, cols = np.nonzero(valid)  # crop the zero padding
+        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        p_sem, p_inst = to_instances(np.asarray(pred)[box], config)
+        t_inst = np.where(np.isin(label[box], list(things)), inst[box], 0)  # stuff: one segment per class
+        acc.update(label[box], t_inst, p_sem, p_inst, void=~valid[box])
+
+
+def reduce_outputs(out: dict, config: ml_collections.ConfigDict) -> dict:
+    """One batch's eval outputs with its maps replaced by their panoptic counts (`panoptic`), so
+    a split's maps are never all held on the host."""
+    acc = metrics.PanopticAccumulator(config.data.num_classes)
+    _accumulate(acc, out, config)
+    kept = {k: v for k, v in out.items() if (k != "pred" and not k.startswith("gt_")) or k == "gt_name"}
+    return {**kept, "panoptic": acc}
+
+
+def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
+    """PQ over a split from eval outputs: batches reduced by `reduce_outputs`, or holding `pred`
+    (C+1 classes) and the host-side truth `gt_label` (semantic), `gt_instances` and `gt_valid`."""
+    num_classes = config.data.num_classes
     acc = metrics.PanopticAccumulator(num_classes)
     for out in outputs:
-        images = zip(out["pred"], out["gt_label"], out["gt_instances"], out["gt_valid"], strict=True)
-        for pred, label, inst, valid in images:
-            if not valid.any():
-                continue  # a padding copy
-            rows, cols = np.nonzero(valid)  # crop the zero padding
-            box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-            p_sem, p_inst = to_instances(np.asarray(pred)[box], config)
-            t_inst = np.where(np.isin(label[box], list(things)), inst[box], 0)  # stuff: one segment per class
-            acc.update(label[box], t_inst, p_sem, p_inst, void=~valid[box])
+        if "panoptic" in out:
+            acc.merge(out["panoptic"])
+        else:
+            _accumulate(acc, out, config)
     res = acc.result()
     out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
     for c in range(1, num_classes):

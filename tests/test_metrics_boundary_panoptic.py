@@ -123,3 +123,23 @@ def test_panoptic_void_overlap_is_not_held_against_a_match():
 def test_boundary_module_example_runs():
     failures, tried = doctest.testmod(boundary)
     assert tried > 0 and failures == 0
+
+
+def test_panoptic_accumulators_merge_into_the_split_total():
+    """Two images in two accumulators, merged: the by-hand example (TP 1, FP 1, FN 1, IoU 0.75)
+    plus a perfect match (IoU 1) -> PQ = 1.75 / (2 + 0.5 + 0.5), as one accumulator fed both."""
+    tc, ti, pc, pi, void = panoptic_example()
+    second = np.zeros((6, 6), int)
+    second[0:2, 0:2] = 1
+    a, b, both = (metrics.PanopticAccumulator(2) for _ in range(3))
+    a.update(tc, ti, pc, pi, void)
+    b.update(second, second * 4, second, second * 9)
+    both.update(tc, ti, pc, pi, void)
+    both.update(second, second * 4, second, second * 9)
+    a.merge(b)
+    got, want = a.result(), both.result()
+    assert (int(got["tp"][1]), int(got["fp"][1]), int(got["fn"][1])) == (2, 1, 1)
+    np.testing.assert_allclose(got["pq"][1], 1.75 / 3)
+    np.testing.assert_allclose(got["mpq"], want["mpq"])
+    with pytest.raises(ValueError, match="different classes"):
+        a.merge(metrics.PanopticAccumulator(3))

@@ -61,6 +61,15 @@ class PanopticAccumulator:
             if p not in matched_p and p_void.get(p, 0) / area <= 0.5:
                 self.fp[int(p // big)] += 1
 
+    def merge(self, other: PanopticAccumulator) -> None:
+        """Add another accumulator's counts (e.g. one batch's) to this one."""
+        if (other.num_classes, other.classes) != (self.num_classes, self.classes):
+            raise ValueError("accumulators of different classes cannot be merged")
+        self.tp += other.tp
+        self.fp += other.fp
+        self.fn += other.fn
+        self.iou_sum += other.iou_sum
+
     def result(self) -> dict[str, np.ndarray | float]:
         """`pq`, `sq`, `rq` [C] (NaN for unscored classes or classes without segments), their
         means `mpq`, `msq`, `mrq`, and the `tp`/`fp`/`fn` segment counts."""
