@@ -20,6 +20,9 @@ def results_table(results: dict, class_names, prefix: str = "val") -> str:
     lines.append(f"pixel accuracy {_fmt(results.get(f'{prefix}/accuracy'))}")
     if f"{prefix}/mbiou" in results:
         lines.append(f"boundary IoU   {_fmt(results.get(f'{prefix}/mbiou'))}")
+    if f"{prefix}/mnsd" in results:
+        nsd, hd95 = _fmt(results.get(f"{prefix}/mnsd")), _fmt(results.get(f"{prefix}/mhd95"))
+        lines.append(f"surface Dice   {nsd} (HD95 {hd95} px)")
     if f"{prefix}/pq" in results:
         pq, sq, rq = (_fmt(results.get(f"{prefix}/{k}")) for k in ("pq", "sq", "rq"))
         lines.append(f"panoptic quality {pq} (SQ {sq}, RQ {rq})")

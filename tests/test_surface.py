@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import baselines, metrics, parallel, predict, surface, train
+from segjax import baselines, metrics, parallel, predict, report, surface, train
 from segjax.data import sources
 from segjax.errors import ConfigError
 from tests.conftest import load_config
@@ -121,6 +121,9 @@ def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path):
     assert {f"val/nsd/{n}" for n in names[1:]} <= set(final) and "val/mhd95" in final
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f)["val/mnsd"] == pytest.approx(final["val/mnsd"])
+    assert f"surface Dice   {final['val/mnsd']:6.4f} (HD95 {final['val/mhd95']:6.4f} px)" in report.results_table(
+        final, names
+    )
     val = sources.open_splits(config.data)["validation"]
     examples = [val[i] for i in range(len(val))]
     images = write_images(tmp_path / "images", [e["image"] for e in examples])
