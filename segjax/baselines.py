@@ -110,15 +110,14 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
         if config.eval.surface_metrics:
             maps = {"pred": pred[None], "label": label[None], "valid": valid[None]}
-            out["surface"] = surface.per_image([maps], len(names), config.eval.nsd_tolerance)
+            out["surface"] = surface.per_image([maps], names, config.eval.nsd_tolerance)
         outputs.append(out)
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
     extra = None
     if config.eval.surface_metrics:
-        per_row = [row for out in outputs for row in out["surface"]]
-        results.update(surface.split_scores(per_row, names))
-        extra = [surface.named(r, names) if r is not None else None for r in per_row]
+        extra = [row for out in outputs for row in out["surface"]]
+        results.update(surface.split_scores(extra, names))
     if per_image_csv:
         row_names = [str(o["gt_name"][0]) for o in outputs]
         order = list(range(len(source)))

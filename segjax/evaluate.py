@@ -34,16 +34,17 @@ def evaluate_split(
         with_names=bool(per_image_csv),
     )
     names = instances.class_names(config)
-    table = bool(per_image_csv) and kwargs.get("num_seeds", 1) == 1
+    one_seed = kwargs.get("num_seeds", 1) == 1
+    table = bool(per_image_csv) and one_seed
     surfaces = bool(config.eval.surface_metrics)
     hook, reduce = extra_scores, None
     if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
 
         def reduce(out: dict) -> dict:
-            rows = surface.per_image([out], len(names), config.eval.nsd_tolerance)
+            rows = surface.per_image([out], names, config.eval.nsd_tolerance)
             return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
 
-    elif config.instances.enabled and kwargs.get("num_seeds", 1) == 1:  # -> panoptic counts, as they arrive
+    elif config.instances.enabled and one_seed:  # -> panoptic counts, as they arrive
         reduce = functools.partial(instances.reduce_outputs, config=config)
 
     if table or surfaces:
@@ -53,9 +54,8 @@ def evaluate_split(
             results = dict(extra_scores(outputs)) if extra_scores else {}
             extra = None
             if surfaces:
-                per_row = [row for out in outputs for row in out["surface"]]
-                results.update(surface.split_scores(per_row, names))
-                extra = [surface.named(r, names) if r is not None else None for r in per_row]
+                extra = [row for out in outputs for row in out["surface"]]  # per output row
+                results.update(surface.split_scores(extra, names))
             if table:
                 row_names = parallel.gather_names([o["gt_name"] for o in outputs], host_batch)  # every process
                 if jax.process_index() == 0:
@@ -73,7 +73,7 @@ def per_image_rows(
     stored file name, when `row_names` gives one per output row, e.g. `parallel.gather_names`),
     `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
     `recall/<c>` (empty classes follow `empty`), and the columns of `extra[row]` when given (e.g.
-    `surface.per_image`'s, named). `order` maps each output row to its split index (None =
+    `surface.per_image`'s). `order` maps each output row to its split index (None =
     padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     if len(confusion) != len(order):

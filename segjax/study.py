@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from segjax import configuration
+from segjax import configuration, writers
 from segjax.errors import BusyError, ConfigError, exit_on_user_error
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
@@ -165,17 +165,13 @@ def write_results(workdir: str, rows: list[dict]) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
     may write them); returns the markdown table."""
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
-    path = os.path.join(workdir, "runs.csv")
-    with open(f"{path}.{os.getpid()}.partial", "w", newline="", encoding="utf-8") as f:
+    with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(f.name, path)
     table = markdown(summarize(rows))
-    path = os.path.join(workdir, "summary.md")
-    with open(f"{path}.{os.getpid()}.partial", "w", encoding="utf-8") as f:
+    with writers.replaced(os.path.join(workdir, "summary.md")) as f:
         f.write(f"Mean ± sample std over seeds (validation split; n = finished runs).\n\n{table}\n")
-    os.replace(f.name, path)
     return table
 
 

@@ -39,9 +39,9 @@ def _crop(valid: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
 
 
-def per_image(outputs: list[dict], num_classes: int, tolerance: float) -> list[dict | None]:
-    """One entry per output row (None for a padding copy): `hd95/<c>` and `nsd/<c>` for classes
-    1..C-1 (integer keys), from the rows' `pred`, `label` and `valid`."""
+def per_image(outputs: list[dict], class_names, tolerance: float) -> list[dict | None]:
+    """One entry per output row (None for a padding copy): `hd95/<name>` and `nsd/<name>` for
+    classes 1..C-1, from the rows' `pred`, `label` and `valid` (the per-image table's columns)."""
     rows: list[dict | None] = []
     for out in outputs:
         for pred, label, valid in zip(out["pred"], out["label"], out["valid"], strict=True):
@@ -53,16 +53,11 @@ def per_image(outputs: list[dict], num_classes: int, tolerance: float) -> list[d
             keep = valid[box]
             truth, guess = np.where(keep, np.asarray(label)[box], 0), np.where(keep, np.asarray(pred)[box], 0)
             row = {}
-            for c in range(1, num_classes):
-                row[f"hd95/{c}"] = metrics.hausdorff_distance(truth == c, guess == c, 95.0)
-                row[f"nsd/{c}"] = metrics.surface_dice(truth == c, guess == c, tolerance)
+            for c, name in enumerate(class_names[1:], start=1):
+                row[f"hd95/{name}"] = metrics.hausdorff_distance(truth == c, guess == c, 95.0)
+                row[f"nsd/{name}"] = metrics.surface_dice(truth == c, guess == c, tolerance)
             rows.append(row)
     return rows
-
-
-def named(row: dict, class_names) -> dict:
-    """`hd95/<c>` keys with class ids -> the same keys with class names."""
-    return {f"{key.split('/')[0]}/{class_names[int(key.split('/')[1])]}": value for key, value in row.items()}
 
 
 def split_scores(rows: list[dict | None], class_names) -> dict[str, float]:
@@ -70,14 +65,14 @@ def split_scores(rows: list[dict | None], class_names) -> dict[str, float]:
     module docstring for which images count)."""
     images = [r for r in rows if r is not None]
     out, hd_means, nsd_means = {}, [], []
-    for c in range(1, len(class_names)):
-        nsd = np.array([r[f"nsd/{c}"] for r in images], np.float64)
-        hd = np.array([r[f"hd95/{c}"] for r in images], np.float64)
+    for name in class_names[1:]:
+        nsd = np.array([r[f"nsd/{name}"] for r in images], np.float64)
+        hd = np.array([r[f"hd95/{name}"] for r in images], np.float64)
         nsd, hd = nsd[~np.isnan(nsd)], hd[np.isfinite(hd)]
-        out[f"val/nsd/{class_names[c]}"] = float(nsd.mean()) if len(nsd) else float("nan")
-        out[f"val/hd95/{class_names[c]}"] = float(hd.mean()) if len(hd) else float("nan")
-        nsd_means.append(out[f"val/nsd/{class_names[c]}"])
-        hd_means.append(out[f"val/hd95/{class_names[c]}"])
+        out[f"val/nsd/{name}"] = float(nsd.mean()) if len(nsd) else float("nan")
+        out[f"val/hd95/{name}"] = float(hd.mean()) if len(hd) else float("nan")
+        nsd_means.append(out[f"val/nsd/{name}"])
+        hd_means.append(out[f"val/hd95/{name}"])
     with np.errstate(invalid="ignore"):
         out["val/mnsd"] = float(np.nanmean(nsd_means)) if not np.all(np.isnan(nsd_means)) else float("nan")
         out["val/mhd95"] = float(np.nanmean(hd_means)) if not np.all(np.isnan(hd_means)) else float("nan")

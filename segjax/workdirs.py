@@ -15,7 +15,7 @@ import time
 import jax
 from absl import logging
 
-from segjax import configuration, locks, parallel
+from segjax import configuration, locks, parallel, writers
 from segjax.errors import WorkdirError
 
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
@@ -68,7 +68,5 @@ def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, 
             shutil.copy(path, backup)
             logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
     os.makedirs(workdir, exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
+    with writers.replaced(path) as f:  # a reader sees the old file or the whole new one
         f.write(configuration.to_json(config))
-    os.replace(partial, path)  # a reader sees the old file or the whole new one

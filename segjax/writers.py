@@ -5,6 +5,7 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -19,6 +20,22 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else value
     return value
+
+
+@contextlib.contextmanager
+def replaced(path: str, newline: str | None = None):
+    """A text file opened for writing as `<path>.<pid>.partial` and renamed over `path` when the
+    block ends: readers, and other processes replacing the same file, see the old file or the
+    whole new one, never half of it. On an error the partial file is removed, `path` untouched."""
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    os.replace(partial, path)
 
 
 def write_summary(path: str, results: dict) -> None:

@@ -75,17 +75,18 @@ def test_per_image_crops_padding_ignores_invalid_pixels_and_skips_padding_copies
     valid[2] = 0  # a padding copy
     pred[2, 0, 0] = 2  # (class 2 absent from image 2's truth: it must not count)
     outputs = [{"pred": pred[s], "label": label[s], "valid": valid[s]} for s in (slice(0, 2), slice(2, 3))]
-    rows = surface.per_image(outputs, 3, 1.0)
+    names = ("bg", "a", "b")
+    rows = surface.per_image(outputs, names, 1.0)
     assert rows[2] is None and len(rows) == 3
     keep0 = valid[0] > 0
     for c in (1, 2):
         t0, p0 = np.where(keep0, label[0], 0) == c, np.where(keep0, pred[0], 0) == c
-        assert rows[0][f"nsd/{c}"] == metrics.surface_dice(t0, p0, 1.0)
-        assert rows[1][f"hd95/{c}"] == metrics.hausdorff_distance(label[1, :8] == c, pred[1, :8] == c)
+        assert rows[0][f"nsd/{names[c]}"] == metrics.surface_dice(t0, p0, 1.0)
+        assert rows[1][f"hd95/{names[c]}"] == metrics.hausdorff_distance(label[1, :8] == c, pred[1, :8] == c)
     # the split: NSD over images with the class in truth or prediction, HD95 over images with it in both
-    rows = [{"nsd/1": 0.5, "hd95/1": 2.0}, {"nsd/1": 0.0, "hd95/1": np.inf}, {"nsd/1": np.nan, "hd95/1": np.nan}, None]
-    rows = [dict(r, **{"nsd/2": 1.0, "hd95/2": 0.0}) if r else None for r in rows]
-    got = surface.split_scores(rows, ("bg", "a", "b"))
+    rows = [{"nsd/a": 0.5, "hd95/a": 2.0}, {"nsd/a": 0.0, "hd95/a": np.inf}, {"nsd/a": np.nan, "hd95/a": np.nan}, None]
+    rows = [dict(r, **{"nsd/b": 1.0, "hd95/b": 0.0}) if r else None for r in rows]
+    got = surface.split_scores(rows, names)
     assert got["val/nsd/a"] == 0.25 and got["val/hd95/a"] == 2.0
     assert got["val/nsd/b"] == 1.0 and got["val/mnsd"] == 0.625 and got["val/mhd95"] == 1.0
 
