@@ -5,16 +5,39 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 from tests.conftest import ROOT
 
+# XLA:CPU aborts a process (SIGABRT) when its devices' all-reduce rendezvous times out; on a loaded
+# 2-core CI machine, 8 fake devices hit that once in 12 sessions (the run itself was fine). Such a
+# run is retried once from the workdir as it was before; any other failure is returned as is.
+XLA_CPU_RENDEZVOUS_ABORT = "InProcessCommunicator"
+
 
 def run(workdir, tfds_dir, devices, *extra):
+    before = tempfile.mkdtemp()
+    existed = os.path.exists(workdir)
+    if existed:
+        shutil.copytree(workdir, before, dirs_exist_ok=True)
+    done = run_once(workdir, tfds_dir, devices, *extra)
+    if done.returncode == -signal.SIGABRT and XLA_CPU_RENDEZVOUS_ABORT in done.stderr:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if existed:
+            shutil.copytree(before, workdir)
+        done = run_once(workdir, tfds_dir, devices, *extra)
+    shutil.rmtree(before)
+    return done
+
+
+def run_once(workdir, tfds_dir, devices, *extra):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     args = [
         sys.executable,
