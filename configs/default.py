@@ -168,7 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.window_blend = "gaussian"  # 'gaussian' (nnU-Net importance map) | 'constant' (plain average)
     c.eval.tta = "none"  # test-time augmentation: 'none' | 'hflip' (left-right) | 'flip' (every axis) | 'd4' (2D)
     c.eval.surface_metrics = False  # also HD95 and normalised surface Dice per image (host; segjax/surface.py)
-    c.eval.nsd_tolerance = 1.0  # surface Dice tolerance in pixels/voxels
+    c.eval.nsd_tolerance = 1.0  # surface Dice tolerance, in eval.surface_units
+    c.eval.surface_units = "pixels"  # HD95 / NSD distances: 'pixels' (voxels) | 'physical' (mm; NIfTI spacing)
 
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
     c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'

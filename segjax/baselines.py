@@ -85,6 +85,8 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
 
     if config.model.spatial_dims != 2:
         raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
+    if config.eval.surface_metrics and config.eval.surface_units != "pixels":
+        raise ConfigError("classic baselines score surface distances in pixels (eval.surface_units='pixels')")
     binary = config.data.num_classes > 2
     names = ("background", "foreground") if binary else tuple(config.data.class_names)
     outputs = []

@@ -38,10 +38,11 @@ def evaluate_split(
     table = bool(per_image_csv) and one_seed
     surfaces = bool(config.eval.surface_metrics)
     hook, reduce = extra_scores, None
+    physical = config.eval.surface_units == "physical"
     if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
 
         def reduce(out: dict) -> dict:
-            rows = surface.per_image([out], names, config.eval.nsd_tolerance)
+            rows = surface.per_image([out], names, config.eval.nsd_tolerance, physical)
             return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
 
     elif config.instances.enabled and one_seed:  # -> panoptic counts, as they arrive
@@ -135,7 +136,11 @@ def evaluate(
     if num_seeds == 1:
         results = scores(outputs, eval_cfg, class_names)
         return {**results, **extra_scores(outputs)} if extra_scores else results
-    return [scores([{k: v[r] for k, v in o.items()} for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]
+
+    def replica(o: dict, r: int) -> dict:  # host-only keys are the batch's, shared by every replica
+        return {k: v if k.startswith(pipeline.HOST_ONLY) else v[r] for k, v in o.items()}
+
+    return [scores([replica(o, r) for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]
 
 
 def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:

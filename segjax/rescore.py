@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, train, writers
+from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, surface, train, writers
 from segjax.data import sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
@@ -53,5 +53,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
         print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
-        print(report.results_table(results, instances.class_names(config)))
+        print(
+            report.results_table(
+                results, instances.class_names(config), distance_unit=surface.UNITS[config.eval.surface_units]
+            )
+        )
     return results

@@ -4,12 +4,15 @@ maps, as MONAI and the Medical Segmentation Decathlon report them next to Dice.
 
 Conventions (also in the README): classes 1..C-1 are scored (class 0 is the background, whose
 contour is the others'); each image is cropped to its valid pixels (padding of mixed sizes) and
-pixels outside `valid` (ignore label) count as background in truth and prediction; distances are
-in pixels/voxels. Per image: a class absent from both truth and prediction is nan (left out);
-present in only one, NSD is 0 and HD95 is inf. The split's `val/nsd/<c>` is the mean over the
-images with that class in truth or prediction; `val/hd95/<c>` the mean over the images with it in
-both (a missed or invented class is penalised by Dice and NSD, and would make any HD mean inf);
-`val/mnsd`, `val/mhd95` average those over classes.
+pixels outside `valid` (ignore label) count as background in truth and prediction. Distances (HD95,
+and the NSD tolerance) are in pixels/voxels (`eval.surface_units='pixels'`, the default) or in mm
+(`'physical'`: each volume's voxel spacing as the NIfTI builder stores it, so anisotropic voxels
+are measured as they are; 2D image folders carry no spacing). Per image: a class absent from both
+truth and prediction is nan (left out); present in only one, NSD is 0 and HD95 is inf. The
+split's `val/nsd/<c>` is the mean over the images with that class in truth or prediction;
+`val/hd95/<c>` the mean over the images with it in both (a missed or invented class is penalised
+by Dice and NSD, and would make any HD mean inf); `val/mnsd`, `val/mhd95` average those over
+classes.
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ import ml_collections
 import numpy as np
 
 from segjax import metrics
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, DataError
+
+UNITS = {"pixels": "px", "physical": "mm"}  # eval.surface_units -> the unit the distances are in
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    if config.eval.surface_units not in UNITS:
+        raise ConfigError(f"eval.surface_units={config.eval.surface_units!r}; choose one of {list(UNITS)}")
     if not config.eval.surface_metrics:
         return
+    if config.eval.surface_units == "physical" and config.data.name != "nifti":
+        raise ConfigError(
+            "eval.surface_units='physical' needs voxel spacing stored with the data (data.name='nifti'); "
+            f"data.name={config.data.name!r} has none: use 'pixels'"
+        )
     if config.eval.nsd_tolerance < 0:
         raise ConfigError(f"eval.nsd_tolerance={config.eval.nsd_tolerance} must be >= 0 (pixels)")
     if config.instances.enabled:
@@ -39,12 +51,16 @@ def _crop(valid: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
 
 
-def per_image(outputs: list[dict], class_names, tolerance: float) -> list[dict | None]:
+def per_image(outputs: list[dict], class_names, tolerance: float, physical: bool = False) -> list[dict | None]:
     """One entry per output row (None for a padding copy): `hd95/<name>` and `nsd/<name>` for
-    classes 1..C-1, from the rows' `pred`, `label` and `valid` (the per-image table's columns)."""
+    classes 1..C-1, from the rows' `pred`, `label` and `valid` (the per-image table's columns);
+    `physical`: distances in the units of the rows' `gt_spacing` (voxel sizes, mm) instead of pixels."""
     rows: list[dict | None] = []
     for out in outputs:
-        for pred, label, valid in zip(out["pred"], out["label"], out["valid"], strict=True):
+        if physical and "gt_spacing" not in out:
+            raise DataError("eval.surface_units='physical' but the evaluated data carries no voxel spacing")
+        spacings = out["gt_spacing"] if physical else [None] * len(out["pred"])
+        for pred, label, valid, spacing in zip(out["pred"], out["label"], out["valid"], spacings, strict=True):
             valid = np.asarray(valid) > 0
             if not valid.any():
                 rows.append(None)
@@ -54,8 +70,8 @@ def per_image(outputs: list[dict], class_names, tolerance: float) -> list[dict |
             truth, guess = np.where(keep, np.asarray(label)[box], 0), np.where(keep, np.asarray(pred)[box], 0)
             row = {}
             for c, name in enumerate(class_names[1:], start=1):
-                row[f"hd95/{name}"] = metrics.hausdorff_distance(truth == c, guess == c, 95.0)
-                row[f"nsd/{name}"] = metrics.surface_dice(truth == c, guess == c, tolerance)
+                row[f"hd95/{name}"] = metrics.hausdorff_distance(truth == c, guess == c, 95.0, spacing)
+                row[f"nsd/{name}"] = metrics.surface_dice(truth == c, guess == c, tolerance, spacing)
             rows.append(row)
     return rows
 

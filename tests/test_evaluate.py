@@ -101,3 +101,28 @@ def test_eval_order_names_the_rows_gathered_from_every_host():
     order = pipeline.eval_order(8, 2, 3)
     assert gathered == ["" if i is None else f"n{i}" for i in order]
     assert sorted(i for i in order if i is not None) == list(range(8))
+
+
+def test_seed_replicas_share_the_batchs_host_only_keys():
+    """num_seeds=2: each replica is scored from its own slice of the step's outputs, while host-only
+    keys (here a NIfTI batch's `gt_spacing`, one row at eval batch 1) belong to the batch and are
+    not sliced by replica (which failed: a [1, 3] array has no row 1)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, (3, 6, 6))
+    source = [{"image": np.zeros((6, 6, 1), np.uint8), "label": labels[i], "spacing": np.ones(3)} for i in range(3)]
+    cfg = load_config("default")
+    from segjax.data import pipeline
+
+    def two_replicas(state, batch):  # replica 0: the noisy model; replica 1: perfect
+        noisy = fake_eval_fn(state, batch)
+        perfect = {"confusion": metrics.per_image_confusion(batch["label"], batch["label"], 3, batch["valid"])}
+        perfect["boundary_inter"], perfect["boundary_union"] = noisy["boundary_inter"], noisy["boundary_union"]
+        return {k: jnp.stack([noisy[k], perfect.get(k, noisy[k])]) for k in noisy}
+
+    batches = list(pipeline.eval_batches(source, cfg.data, batch_size=1))
+    assert batches[0]["gt_spacing"].shape == (1, 3)
+    put = lambda b: b  # noqa: E731
+    noisy, perfect = evaluate.evaluate(two_replicas, None, batches, None, cfg.eval, NAMES, num_seeds=2, put=put)
+    preds = np.asarray(noisy_prediction(jnp.asarray(labels)))
+    np.testing.assert_allclose(noisy["val/accuracy"], skm.accuracy_score(labels.ravel(), preds.ravel()), rtol=1e-6)
+    assert perfect["val/accuracy"] == 1.0 and perfect["val/images"] == noisy["val/images"] == 3

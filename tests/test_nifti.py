@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from segjax import predict, rescore, train
+from segjax import metrics, predict, rescore, train
 from segjax.data import nifti, sources
 from segjax.errors import DataError
 from tests.conftest import load_config
@@ -46,6 +47,7 @@ def test_volumes_are_read_in_dhw_order_normalised_and_split(tmp_path, tfds_dir):
     assert len(splits["train"]) == 3 and len(splits["validation"]) == 1
     ex = splits["validation"][0]  # case3, the last name
     assert ex["name"] == "case3"
+    np.testing.assert_array_equal(ex["spacing"], [2.0, 1.5, 1.5])  # AFFINE's (x, y, z) sizes as (D, H, W)
     raw = np.asarray(nib.load(os.path.join(root, "images", "case3.nii.gz")).dataobj)
     label = np.asarray(nib.load(os.path.join(root, "masks", "case3.nii.gz")).dataobj)
     assert ex["image"].shape == (10, 10, 10, 1) and ex["image"].dtype == np.float32
@@ -56,6 +58,20 @@ def test_volumes_are_read_in_dhw_order_normalised_and_split(tmp_path, tfds_dir):
     assert ex["image"].min() == 0.0 and ex["image"].max() == pytest.approx(1.0)
     shapes_seen = sorted(splits["train"][i]["label"].shape for i in range(3))
     assert shapes_seen == sorted(s[::-1] for s in shapes[:3])  # mixed sizes kept
+
+
+@pytest.mark.parametrize("unit, mm", [("mm", 1.0), ("unknown", 1.0), ("micron", 0.001), ("meter", 1000.0)])
+def test_voxel_spacing_in_mm_along_the_array_axes(tmp_path, unit, mm):
+    """Spacing = the length of each array axis's affine column (a rotated grid keeps its voxel
+    sizes), in the header's unit converted to mm, listed as (D, H, W) = (z, y, x)."""
+    affine = np.eye(4)
+    affine[:3, :3] = [[0.0, 0.7, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 3.0]]  # x and y axes swapped in space
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+    img.header.set_xyzt_units(xyz=unit)
+    path = str(tmp_path / "v.nii.gz")
+    nib.save(img, path)
+    _, _, spacing = nifti.load_with_spacing(path)
+    np.testing.assert_allclose(spacing, np.array([3.0, 0.7, 0.5]) * mm, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["zscore", "minmax"])
@@ -125,7 +141,7 @@ def test_bad_volumes_fail_naming_the_file(tmp_path, tfds_dir, damage, pattern):
         sources.open_splits(nifti_config(root, tfds_dir, num_folds=3))
 
 
-def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir):
+def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir, capsys):
     root = write_volumes(tmp_path / "train3d", [(20, 18, 16), (18, 18, 18), (16, 20, 18), (16, 16, 16)], num_classes=2)
     config = load_config("unet3d")
     config.data = nifti_config(root, tfds_dir, num_classes=2, num_folds=4, fold=3)
@@ -133,9 +149,11 @@ def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir
     config.model.depth, config.model.base_features = 2, 4
     config.train.steps, config.train.batch_size, config.eval.batch_size = 2, 2, 1
     config.train.log_every = config.train.checkpoint_every = config.eval.every = 2
+    config.eval.surface_metrics, config.eval.surface_units, config.eval.nsd_tolerance = True, "physical", 2.0
     final = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert final["step"] == 2
     assert final["val/pixels"] == 16 * 16 * 16  # the validation volume (case3), whole, every voxel once
+    assert "(HD95" in capsys.readouterr().out.split("surface Dice")[1].split("mm)")[0]
 
     # segjax.predict on volumes: the validation volume's mask, compared with its label in numpy,
     # gives the accuracy --eval_only computes; a non-cubic volume's mask keeps its grid
@@ -151,6 +169,16 @@ def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir
     label = np.asarray(nib.load(os.path.join(root, "masks", "case3.nii.gz")).dataobj)
     scored = rescore.evaluate_checkpoint(config, str(tmp_path / "run"), "latest")
     np.testing.assert_allclose((np.asarray(mask.dataobj) == label).mean(), scored["val/accuracy"], rtol=1e-9)
+    # surface metrics in mm: the run's per-image HD95 / NSD are the written mask's, measured in
+    # (x, y, z) order with the affine's voxel sizes; in voxels they would differ (anisotropic)
+    with open(tmp_path / "run" / "val_per_image.csv", encoding="utf-8") as f:
+        (row,) = csv.DictReader(f)
+    truth, guess = label == 1, np.asarray(mask.dataobj) == 1
+    hd_mm = metrics.hausdorff_distance(truth, guess, 95.0, (1.5, 1.5, 2.0))
+    assert np.isfinite(hd_mm) and hd_mm != metrics.hausdorff_distance(truth, guess)
+    np.testing.assert_allclose(float(row["hd95/c1"]), hd_mm, rtol=1e-6)
+    nsd = metrics.surface_dice(truth, guess, 2.0, (1.5, 1.5, 2.0))
+    np.testing.assert_allclose(float(row["nsd/c1"]), nsd, rtol=1e-6)
     odd_mask = nib.load(paths[1])
     assert odd_mask.shape == (20, 16, 12) and np.allclose(odd_mask.affine, AFFINE)
     assert set(np.unique(np.asarray(odd_mask.dataobj))) <= {0, 1}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from segjax import baselines, metrics, parallel, predict, report, surface, train
 from segjax.data import sources
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, DataError
 from tests.conftest import load_config
 from tests.test_predict import write_images
 
@@ -89,6 +89,30 @@ def test_per_image_crops_padding_ignores_invalid_pixels_and_skips_padding_copies
     got = surface.split_scores(rows, names)
     assert got["val/nsd/a"] == 0.25 and got["val/hd95/a"] == 2.0
     assert got["val/nsd/b"] == 1.0 and got["val/mnsd"] == 0.625 and got["val/mhd95"] == 1.0
+
+
+def test_physical_units_measure_each_rows_anisotropic_voxels():
+    """`physical`: row k's distances use its own `gt_spacing` (brute force on coordinates scaled by
+    it); a row with unit spacing scores what pixel units score; no spacing is a clear error."""
+    rng = np.random.default_rng(3)
+    label = np.zeros((2, 6, 7, 8), int)
+    label[:, 1:5, 2:6, 1:7] = 1
+    pred = np.where(rng.random(label.shape) < 0.15, 1 - label, label)
+    spacing = np.array([[3.0, 0.5, 0.8], [1.0, 1.0, 1.0]], np.float32)
+    out = {"pred": pred, "label": label, "valid": np.ones(label.shape), "gt_spacing": spacing}
+    rows = surface.per_image([out], ("bg", "a"), 1.0, physical=True)
+    a, b = label[0] == 1, pred[0] == 1
+    pa, pb = np.argwhere(brute_surface(a)) * spacing[0], np.argwhere(brute_surface(b)) * spacing[0]
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    to_b, to_a = d.min(axis=1), d.min(axis=0)
+    np.testing.assert_allclose(rows[0]["hd95/a"], max(np.percentile(to_b, 95), np.percentile(to_a, 95)), rtol=1e-6)
+    want = ((to_b <= 1.0).sum() + (to_a <= 1.0).sum()) / (len(to_b) + len(to_a))
+    np.testing.assert_allclose(rows[0]["nsd/a"], want, rtol=1e-6)
+    assert rows[0]["hd95/a"] != surface.per_image([out], ("bg", "a"), 1.0)[0]["hd95/a"]  # spacing matters here
+    assert rows[1] == surface.per_image([out], ("bg", "a"), 1.0)[1]
+    del out["gt_spacing"]
+    with pytest.raises(DataError, match="carries no voxel spacing"):
+        surface.per_image([out], ("bg", "a"), 1.0, physical=True)
 
 
 def test_pmap_outputs_keep_every_devices_images():
@@ -167,6 +191,8 @@ def test_baselines_report_surface_metrics_per_image(tmp_path):
         ({"eval.nsd_tolerance": -1.0}, r"eval\.nsd_tolerance=-1\.0 must be >= 0"),
         ({"instances.enabled": True}, r"surface_metrics scores semantic runs"),
         ({"train.num_seeds": 2}, r"one host with train\.num_seeds=1"),
+        ({"eval.surface_units": "mm"}, r"eval\.surface_units='mm'; choose one of \['pixels', 'physical'\]"),
+        ({"eval.surface_units": "physical"}, r"needs voxel spacing stored with the data \(data\.name='nifti'\)"),
     ],
 )
 def test_bad_surface_settings_are_config_errors(tiny_config, change, message):

@@ -14,11 +14,16 @@ axis) after per-volume intensity normalisation (`data.nifti.normalize`):
     'minmax'      scale min..max to 0..1
 Each channel is normalised on its own. Labels must hold integral class ids; an image and a mask
 whose shapes or affines differ, or a corrupt file, fail while preparing, naming the file.
+
+Each volume's voxel spacing is stored too, as `spacing` (D, H, W) in millimetres (the header's
+spatial unit converted; a header without one is taken as mm, the NIfTI tools' convention), so
+that surface metrics can be reported in mm (`eval.surface_units='physical'`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -46,18 +51,35 @@ class NiftiConfig(folder.FolderConfig):
         return cls.from_config(cfg, normalize=n.normalize, low=float(low), high=float(high))
 
 
+MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}  # NIfTI xyz units
+
+
 def load(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(data in NIfTI axis order, affine); a corrupt or unreadable file raises DataError."""
+    data, affine, _ = load_with_spacing(path)
+    return data, affine
+
+
+def load_with_spacing(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data in NIfTI axis order, affine, voxel spacing (D, H, W) in mm); a corrupt or unreadable
+    file raises DataError."""
     try:
         img = nib.load(path)
-        return np.asarray(img.dataobj), np.asarray(img.affine)
+        data, affine = np.asarray(img.dataobj), np.asarray(img.affine)
+        unit = img.header.get_xyzt_units()[0]
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         raise DataError(f"{path}: corrupt or unreadable NIfTI file ({type(err).__name__}: {err})") from err
+    xyz = np.linalg.norm(affine[:3, :3], axis=0) * MM_PER_UNIT.get(unit, 1.0)  # voxel size along x, y, z
+    return data, affine, xyz[::-1].astype(np.float32)
 
 
 def read_image(image_path: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(raw intensities [D,H,W,C], affine) of one image volume, its shape and channels checked."""
     image, affine = load(image_path)
+    return _as_dhwc(image, image_path, channels), affine
+
+
+def _as_dhwc(image: np.ndarray, image_path: str, channels: int) -> np.ndarray:
     if image.ndim == 3:
         image = image[..., None]
     if image.ndim != 4:
@@ -65,12 +87,14 @@ def read_image(image_path: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
     image = np.transpose(image, (2, 1, 0, 3))  # (x, y, z, c) -> (z, y, x, c) = [D, H, W, C]
     if image.shape[-1] != channels:
         raise DataError(f"{image_path}: volume has {image.shape[-1]} channels but data.channels={channels}")
-    return image, affine
+    return image
 
 
 def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np.ndarray]:
-    """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8."""
-    image, image_affine = read_image(image_path, cfg.channels)
+    """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8,
+    spacing (D, H, W) in mm."""
+    raw, image_affine, spacing = load_with_spacing(image_path)
+    image = _as_dhwc(raw, image_path, cfg.channels)
     label, label_affine = load(mask_path)
     if label.ndim == 4 and label.shape[-1] == 1:
         label = label[..., 0]
@@ -85,13 +109,18 @@ def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np
         if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
             raise DataError(f"{mask_path}: label volume holds non-integer values; store class ids")
     validation.check_labels(label, cfg.num_classes, cfg.ignore_label, mask_path)
-    return {"image": normalize(image, cfg.normalize, cfg.low, cfg.high), "label": label.astype(np.uint8)}
+    image = normalize(image, cfg.normalize, cfg.low, cfg.high)
+    return {"image": image, "label": label.astype(np.uint8), "spacing": spacing}
 
 
 class SegNifti(tfds.core.GeneratorBasedBuilder):
     """A folder of NIfTI image/label volumes as a TFDS dataset; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.1.0": "voxel spacing (D, H, W) in mm per volume",
+        "1.0.0": "volumes and labels",
+    }
     BUILDER_CONFIGS = (NiftiConfig(name="default"),)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -105,6 +134,7 @@ class SegNifti(tfds.core.GeneratorBasedBuilder):
                     "name": tfds.features.Text(),
                     "image": tfds.features.Tensor(shape=(None, None, None, c), dtype=np.float32, encoding="zlib"),
                     "label": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding="zlib"),
+                    "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
                 }
             ),
         )

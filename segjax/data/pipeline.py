@@ -104,6 +104,7 @@ def eval_batches(
     hosts yield the same number of batches (multi-host evaluation needs equal image sizes).
     With `targets` (instance boundaries) the labels are rewritten and the original labels,
     instance maps and valid masks ride along as host-only `gt_label`, `gt_instances`, `gt_valid`.
+    Examples that carry a voxel `spacing` (NIfTI) give host-only `gt_spacing` [B, 3].
     `with_names` adds host-only `gt_name`: each example's stored name (its split index when it has
     none; '' for the copies), for per-image results."""
     ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -123,6 +124,8 @@ def eval_batches(
         if targets:
             batch["gt_label"] = np.stack([_pad_to(e["label"], target) for e in examples])
             batch["gt_instances"] = np.stack([_pad_to(e["instances"], target) for e in examples])
+        if "spacing" in examples[0]:  # voxel sizes (NIfTI), for surface distances in mm
+            batch["gt_spacing"] = np.stack([e["spacing"] for e in examples])
         if with_names:
             indices = range(process_index, len(source), process_count)[start : start + real]
             names = [example_name(e, i) for e, i in zip(examples[:real], indices, strict=True)]

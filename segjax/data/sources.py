@@ -165,6 +165,8 @@ class DecodedSource:
         if "name" in record:  # folder / NIfTI builders store the file name (per-image results)
             name = record["name"]
             example["name"] = name.decode() if isinstance(name, bytes) else str(name)
+        if "spacing" in record:  # NIfTI volumes: voxel size (D, H, W) in mm (surface metrics in mm)
+            example["spacing"] = np.asarray(record["spacing"], np.float32)
         if instances is not None:
             example["instances"] = instances
         return example
