@@ -58,7 +58,7 @@ def evaluate_split(
                 extra = [row for out in outputs for row in out["surface"]]  # per output row
                 results.update(surface.split_scores(extra, names))
             if table:
-                row_names = parallel.gather_names([o["gt_name"] for o in outputs], host_batch)  # every process
+                row_names = np.concatenate([o["gt_name"] for o in outputs])  # every host's (gathered)
                 if jax.process_index() == 0:
                     rows = per_image_rows(outputs, order, names, config.eval.empty, row_names, extra)
                     writers.write_table(per_image_csv, rows)
@@ -71,7 +71,7 @@ def per_image_rows(
     outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None, extra=None
 ) -> list[dict]:
     """One row per evaluated image, in split order: `index` (position in the split), `name` (the
-    stored file name, when `row_names` gives one per output row, e.g. `parallel.gather_names`),
+    stored file name, when `row_names` gives one per output row, e.g. the outputs' `gt_name`),
     `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
     `recall/<c>` (empty classes follow `empty`), and the columns of `extra[row]` when given (e.g.
     `surface.per_image`'s). `order` maps each output row to its split index (None =
@@ -122,8 +122,9 @@ def evaluate(
     `put` turns a host batch into the step's input (default: a global array sharded along `data`).
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
-    Host-only batch keys (`gt_*`) skip the device and join the step's outputs, for
-    `extra_scores(outputs) -> dict` (e.g. panoptic quality; single replica only);
+    Host-only batch keys (`gt_*`) skip the device and join the step's outputs, every host's rows
+    gathered (`parallel.gather_host_rows`), for `extra_scores(outputs) -> dict` (e.g. panoptic
+    quality; single replica only);
     `reduce_batch(output) -> output` shrinks each batch's outputs as they arrive (e.g. class maps
     to per-image scores), so a split's maps are never all held on the host.
     """
@@ -131,7 +132,7 @@ def evaluate(
     outputs = []
     for batch in batches:
         host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
-        out = {**jax.device_get(eval_fn(state, put(batch))), **host}
+        out = {**jax.device_get(eval_fn(state, put(batch))), **parallel.gather_host_rows(host)}
         outputs.append(reduce_batch(out) if reduce_batch else out)
     if num_seeds == 1:
         results = scores(outputs, eval_cfg, class_names)

@@ -101,36 +101,46 @@ def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 NAME_BYTES = 255  # a file name's longest (NAME_MAX); longer names are cut to it when gathered
 
 
-def gather_names(local: list[np.ndarray], host_batch: int) -> np.ndarray:
-    """Names of this host's evaluation batches (one array per batch, `host_batch` each) -> the
-    names of every row of the gathered outputs: per global batch, each host's rows in process
-    order (as `pipeline.eval_order`). Every process must call it (an all-gather across hosts)."""
-    mine = np.concatenate(local) if local else np.zeros(0, str)
+def gather_host_rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's rows of one evaluation batch (host-only keys: truth maps, names, voxel spacing;
+    [host_batch, ...] each) -> the global batch's rows, hosts in process order (as
+    `pipeline.eval_order` and the eval step's outputs). Every process must call it with the same
+    keys (an all-gather across hosts); arrays must have equal shapes on every host. Strings
+    travel as NAME_BYTES bytes (longer ones are cut)."""
     if jax.process_count() == 1:
-        return mine
-    encoded = np.zeros((len(mine), NAME_BYTES), np.uint8)
-    for i, name in enumerate(mine):
-        raw = str(name).encode()[:NAME_BYTES]
-        encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(encoded))  # [hosts, rows, NAME_BYTES]
-    hosts, rows = gathered.shape[:2]
-    by_batch = gathered.reshape(hosts, rows // host_batch, host_batch, NAME_BYTES).transpose(1, 0, 2, 3)
-    return np.array([bytes(row).rstrip(b"\0").decode(errors="replace") for row in by_batch.reshape(-1, NAME_BYTES)])
+        return host
+    out = {}
+    for key, value in host.items():
+        value = np.asarray(value)
+        text = value.dtype.kind in "USO"
+        if text:
+            encoded = np.zeros((len(value), NAME_BYTES), np.uint8)
+            for i, name in enumerate(value):
+                raw = str(name).encode()[:NAME_BYTES]
+                encoded[i, : len(raw)] = np.frombuffer(raw, np.uint8)
+            value = encoded
+        gathered = np.asarray(multihost_utils.process_allgather(value))  # [hosts, host_batch, ...]
+        gathered = gathered.reshape(-1, *gathered.shape[2:])
+        if text:
+            gathered = np.array([bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered])
+        out[key] = gathered
+    return out
 
 
 PER_IMAGE_OUTPUTS = {"confusion", "pred", "label", "valid"}  # eval-step outputs with one row per image
 
 
 def merge_eval_outputs(out: dict) -> dict:
-    """pmap eval outputs -> jit's layout: per-image confusions of all devices of all hosts in one
-    batch axis (each host evaluates its own rows of every global batch); the loss and boundary
-    counts are already global (psum over the pmap axis, which spans every host)."""
+    """pmap eval outputs -> jit's layout: per-image outputs (confusions, class maps) of all devices
+    of all hosts in one batch axis (each host evaluates its own rows of every global batch); the
+    loss and boundary counts are already global (psum over the pmap axis, which spans every host)."""
     out = jax.device_get(out)
     merged = {k: v[0] for k, v in out.items()}
-    for k in (PER_IMAGE_OUTPUTS & set(out)) - {"confusion"}:  # this host's devices, in order
-        merged[k] = out[k].reshape(-1, *out[k].shape[2:])
-    confusion = out["confusion"]
-    if jax.process_count() > 1:
-        confusion = multihost_utils.process_allgather(confusion)  # [hosts, local devices, B, C, C]
-    merged["confusion"] = confusion.reshape(-1, *confusion.shape[-2:])
+    for k in sorted(PER_IMAGE_OUTPUTS & set(out)):  # every host's devices, in order (sorted: the hosts'
+        # all-gathers must come in one order, and a set's order differs between processes)
+        rows = out[k]
+        if jax.process_count() > 1:
+            rows = np.asarray(multihost_utils.process_allgather(rows))  # [hosts, local devices, B, ...]
+            rows = rows.reshape(-1, *rows.shape[2:])
+        merged[k] = rows.reshape(-1, *rows.shape[2:])
     return merged

@@ -68,7 +68,7 @@ def test_per_image_rows_match_sklearn_per_image():
     cfg = load_config("default")
     batches = list(pipeline.eval_batches(source, cfg.data, batch_size=2, with_names=True))  # 1 padding copy
     outputs = [{**jax.device_get(fake_eval_fn(None, b)), "gt_name": b["gt_name"]} for b in batches]
-    row_names = parallel.gather_names([o["gt_name"] for o in outputs], 2)  # one process: its own names
+    row_names = np.concatenate([o["gt_name"] for o in outputs])
     rows = evaluate.per_image_rows(outputs, pipeline.eval_order(5, 2), NAMES, "nan", row_names)
     preds = np.asarray(noisy_prediction(jnp.asarray(labels)))
     assert [r["index"] for r in rows] == list(range(5)) and [r["name"] for r in rows] == [f"img{i}" for i in range(5)]

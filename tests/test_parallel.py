@@ -116,14 +116,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["jit", pytest.param("pmap", marks=pytest.mark.slow)])
-def test_two_processes_train_like_one(tmp_path, tfds_dir, mode):
+SURFACE = ("--config.eval.surface_metrics=True",)
+INSTANCES = (  # long enough to find objects (PQ > 0)
+    "--config.instances.enabled=True",
+    "--config.model.base_features=8",
+    "--config.optim.lr=0.01",
+    "--config.train.steps=80",
+    "--config.train.checkpoint_every=40",
+    "--config.eval.every=40",
+)
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("jit", SURFACE),
+        pytest.param("pmap", SURFACE, marks=pytest.mark.slow),
+        pytest.param("jit", INSTANCES, marks=pytest.mark.slow, id="jit-instances"),
+    ],
+)
+def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
     """Two local CPU processes (one device each, loopback coordinator) vs one process with two
-    devices: the same global batches, so the same losses and metrics (pmap: evaluation gathers
-    every host's images; checkpoints are saved as global arrays); only process 0 writes the
-    metric files. (pmap is marked slow only to keep the default suite short; CI runs it.)"""
+    devices: the same global batches, so the same losses and metrics, host-side ones included
+    (surface Dice / HD95, panoptic quality: each host's truth maps and names are gathered);
+    checkpoints are saved as global arrays; only process 0 writes the metric files. (pmap and
+    instances are marked slow only to keep the default suite short; CI runs them.)"""
     single = tmp_path / "single"
-    done = run(single, tfds_dir, 2, "--config.train.batch_size=4")
+    done = run(single, tfds_dir, 2, "--config.train.batch_size=4", f"--config.parallel.mode={mode}", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(single / "metrics.json", encoding="utf-8") as f:
         reference = json.load(f)
@@ -146,6 +165,7 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode):
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *extra,
             ],
             cwd=ROOT,
             env=env,
@@ -163,10 +183,18 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode):
         got = json.load(f)
     assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"]
     np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4)
-    assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+    host_side = ("val/mnsd", "val/mhd95") if extra == SURFACE else ("val/pq", "val/sq", "val/rq")
+    for key in host_side:
+        assert np.isfinite(reference[key]) and (key != "val/pq" or reference[key] > 0.05), key  # not 0 == 0
+        np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, err_msg=key)
+    steps = [str(s) for s in sorted({reference["step"] // 2, reference["step"]})]
+    assert sorted(os.listdir(multi / "checkpoints"), key=int) == steps
     # each image's row, named, though each host evaluated (and knew the names of) half of them
     mine, theirs = (list(csv.DictReader(open(d / "val_per_image.csv", encoding="utf-8"))) for d in (multi, single))
     ids = lambda rows: [(r["index"], r["name"], r["pixels"]) for r in rows]  # noqa: E731
     accuracy = lambda rows: [float(r["accuracy"]) for r in rows]  # noqa: E731
     assert ids(mine) == ids(theirs) and len({r["name"] for r in mine}) == reference["val/images"]
     np.testing.assert_allclose(accuracy(mine), accuracy(theirs), rtol=1e-3)
+    if extra == SURFACE:
+        nsd = lambda rows: [float(r[k] or "nan") for r in rows for k in r if k.startswith("nsd/")]  # noqa: E731
+        np.testing.assert_allclose(nsd(mine), nsd(theirs), rtol=1e-3)
