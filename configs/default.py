@@ -98,7 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.norm = "batch"  # 'batch' | 'group' | 'none'
     c.model.num_convs = 2  # convolutions per block (unet, unetpp)
     c.model.kernel_size = 3  # convolution kernel edge (vnet uses 5)
-    c.model.deep_supervision = False  # unetpp: a head on each X^{0,j}, losses weighted by loss.deep_supervision_weights
+    c.model.deep_supervision = False  # a head per decoder level (unet) / on each X^{0,j} (unetpp)
     c.model.inference_head = 0  # unetpp at eval: 0 = mean of the heads, j = pruned network ending at head j
     c.model.stage_convs = config_dict.placeholder(tuple)  # vnet: convs per level 0..depth (default 1,2,3,3,..)
     c.model.dropout = 0.0  # dropout rate after the bottleneck block
@@ -128,7 +128,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0  # cross-entropy label smoothing
     c.loss.class_weights = config_dict.placeholder(tuple)  # cross-entropy weight per class
     c.loss.focal_gamma = 2.0  # focal-loss focusing exponent (0 = cross-entropy)
-    c.loss.deep_supervision_weights = config_dict.placeholder(tuple)  # one per head; default: equal, summing to 1
+    # one weight per deep-supervision head; default: unet 1, 1/2, 1/4, ... (normalised), unetpp equal
+    c.loss.deep_supervision_weights = config_dict.placeholder(tuple)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"  # 'adamw' | 'sgd'

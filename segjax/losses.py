@@ -169,12 +169,14 @@ def total_loss(
     the loss of the global batch (the same value jit mode computes).
 
     With deep supervision (`aux['heads']`, one logits map per head) this is the one place that
-    weights the heads: sum_j w_j * loss(head_j), w from `loss.deep_supervision_weights`
-    (default: equal weights summing to 1).
+    weights the heads: sum_j w_j * loss(head_j), w from `loss.deep_supervision_weights`, else the
+    network's own `aux['head_weights']` (U-Net: 1, 1/2, 1/4, ... normalised), else equal weights
+    summing to 1 (U-Net++).
     """
-    heads = (aux or {}).get("heads")
+    aux = aux or {}
+    heads = aux.get("heads")
     if heads:
-        weights = cfg.deep_supervision_weights or (1.0 / len(heads),) * len(heads)
+        weights = cfg.deep_supervision_weights or aux.get("head_weights") or (1.0 / len(heads),) * len(heads)
         if len(weights) != len(heads):
             raise ConfigError(
                 f"loss.deep_supervision_weights has {len(weights)} values but the network has {len(heads)} heads"

@@ -129,6 +129,24 @@ def test_total_loss_is_weighted_sum():
     assert set(terms) == {"ce", "dice"}
 
 
+def test_deep_supervision_heads_are_weighted_by_config_else_network_else_equally():
+    heads = [batch(s)[0] for s in (1, 2, 3)]
+    labels = batch(1)[1]
+    valid = jnp.ones(labels.shape)
+    cfg = loss_cfg("ce+dice")
+    one = [float(losses.cross_entropy(h, labels, valid) + 0.5 * losses.soft_dice(h, labels, valid)) for h in heads]
+    network = (4 / 7, 2 / 7, 1 / 7)
+    total, terms = losses.total_loss(cfg, heads[0], labels, valid, {"heads": heads, "head_weights": network})
+    np.testing.assert_allclose(total, np.dot(network, one), rtol=1e-6)
+    np.testing.assert_allclose([terms[f"head{j}"] for j in (1, 2, 3)], one, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.total_loss(cfg, heads[0], labels, valid, {"heads": heads})[0], np.mean(one), rtol=1e-6
+    )
+    cfg.deep_supervision_weights = (1.0, 0.0, 0.0)  # the config wins over the network's weights
+    chosen, _ = losses.total_loss(cfg, heads[0], labels, valid, {"heads": heads, "head_weights": network})
+    np.testing.assert_allclose(chosen, one[0], rtol=1e-6)
+
+
 def test_lovasz_term_is_weighted_and_follows_dice_background():
     logits, labels = batch(15, num_classes=3)
     valid = jnp.ones(labels.shape)

@@ -172,6 +172,7 @@ def test_wrong_rank_input_is_explained():
 FAMILY = [
     ("unet", 2, {}),
     ("unet", 3, {}),
+    ("unet", 2, {"deep_supervision": True, "upsample": "resize"}),
     ("encoder_decoder", 3, {}),
     ("unetpp", 2, {"deep_supervision": True}),
     ("unetpp", 3, {"deep_supervision": True, "upsample": "resize", "pool": "avg"}),
@@ -198,6 +199,36 @@ def test_family_shapes_and_finite_gradients(arch, dims, knobs):
     grads = jax.tree_util.tree_leaves(jax.grad(loss)(variables["params"]))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in grads) > len(grads) // 2
+
+
+def test_unet_deep_supervision_heads_are_resized_level_outputs_and_leave_the_output_alone():
+    """A 1x1 head per decoder level, resized to the image; weights 1, 1/2, 1/4 normalised; the
+    full-resolution output equals the plain U-Net's with the same parameters; no heads at eval."""
+    cfg = model_cfg(depth=3, base_features=4, deep_supervision=True)
+    model = build_model(cfg, 2)
+    variables, x = init_apply(model, (2, 16, 24, 3))
+    (logits, aux), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert len(aux["heads"]) == 3 and all(h.shape == logits.shape for h in aux["heads"])
+    np.testing.assert_allclose(aux["head_weights"], (4 / 7, 2 / 7, 1 / 7), rtol=1e-12)
+
+    def decode(m, x):
+        bottleneck, levels = m.encoder(x, True)
+        return m.decoder(bottleneck, levels, True, every_level=True)
+
+    outs, _ = model.apply(variables, x, method=decode, mutable=["batch_stats"])
+    assert [o.shape[1:3] for o in outs] == [(16, 24), (8, 12), (4, 6)]
+    np.testing.assert_allclose(np.asarray(aux["heads"][0]), np.asarray(logits))
+    for level in (1, 2):
+        p = variables["params"][f"coarse_heads_{level - 1}"]
+        coarse = np.einsum("bhwc,ck->bhwk", np.asarray(outs[level]), np.asarray(p["kernel"][0, 0])) + p["bias"]
+        want = jax.image.resize(coarse, logits.shape, method="bilinear")
+        np.testing.assert_allclose(np.asarray(aux["heads"][level]), np.asarray(want), rtol=1e-4, atol=1e-5)
+    plain = build_model(model_cfg(depth=3, base_features=4), 2)
+    params = {k: v for k, v in variables["params"].items() if not k.startswith("coarse_heads")}
+    out, plain_aux = plain.apply(dict(variables, params=params), x, train=False)
+    ds_out, ds_aux = model.apply(variables, x, train=False)
+    np.testing.assert_allclose(np.asarray(ds_out), np.asarray(out), rtol=1e-6)
+    assert "heads" not in ds_aux and "heads" not in plain_aux
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
@@ -260,7 +291,8 @@ def test_family_param_count_is_size_independent_and_tracks_width():
 @pytest.mark.parametrize(
     ("knobs", "pattern"),
     [
-        ({"arch": "unet", "deep_supervision": True}, "deep_supervision=True does not apply to model.arch='unet'"),
+        ({"arch": "vnet", "deep_supervision": True}, "deep_supervision=True does not apply to model.arch='vnet'"),
+        ({"arch": "unet", "deep_supervision": True, "depth": 1}, "deep_supervision needs model.depth >= 2"),
         ({"arch": "vnet", "pool": "avg"}, "model.pool='avg' does not apply to model.arch='vnet'"),
         ({"arch": "unet", "spatial_dims": 4}, "spatial_dims=4 is not supported"),
         ({"arch": "unetpp", "inference_head": 3}, "inference_head=3 must be in 0..model.depth=2"),
@@ -283,17 +315,26 @@ def test_volume_that_does_not_fit_depth_and_wrong_rank():
 
 
 @pytest.mark.parametrize(
-    "arch,dims",
-    [("unet", 2), ("unet", 3), ("encoder_decoder", 2), ("unetpp", 2), ("unetpp", 3), ("vnet", 2), ("vnet", 3)],
+    "arch,dims,ds",
+    [
+        ("unet", 2, False),
+        ("unet", 2, True),
+        ("unet", 3, False),
+        ("encoder_decoder", 2, False),
+        ("unetpp", 2, True),
+        ("unetpp", 3, True),
+        ("vnet", 2, False),
+        ("vnet", 3, False),
+    ],
 )
-def test_a_few_steps_lower_the_loss(arch, dims):
+def test_a_few_steps_lower_the_loss(arch, dims, ds):
     import functools
 
     from segjax import optim, state, steps
 
     cfg = load_config("default")
     cfg.model.arch, cfg.model.spatial_dims, cfg.model.depth, cfg.model.base_features = arch, dims, 2, 4
-    cfg.model.deep_supervision = arch == "unetpp"
+    cfg.model.deep_supervision = ds
     cfg.optim.warmup_steps, cfg.optim.schedule = 0, "constant"
     model = build_model(cfg.model, 2)
     shape = (2, 8, 8, 8, 1) if dims == 3 else (2, 16, 16, 3)
@@ -305,7 +346,8 @@ def test_a_few_steps_lower_the_loss(arch, dims):
     losses = []
     for _ in range(20):
         st, out = step(st, batch)
-        losses.append(float(out["loss"]))
+        # the full-resolution output's loss (U-Net's coarse heads cannot fit this per-pixel target)
+        losses.append(float(out["loss_head1"] if ds and arch == "unet" else out["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
 
 

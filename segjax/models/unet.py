@@ -3,6 +3,12 @@
 One module covers both: `skips='all'` feeds each encoder level's output to the matching decoder
 level; `skips='none'` leaves the bottleneck as the only path from input to output (a
 bridge/bottleneck network). A tuple of booleans switches skips per level (level 0 = full size).
+
+Deep supervision (`deep_supervision=True`, nnU-Net's): a 1x1 head on every decoder level; in
+training each coarse head's logits are resized (bilinear) to the image and scored like the main
+output, weighted 1, 1/2, 1/4, ... from full resolution down (normalised to sum 1; nnU-Net's
+weights, `loss.deep_supervision_weights` overrides them). Evaluation uses the full-resolution
+head only, so the network's output and cost at inference are those without deep supervision.
 """
 
 from __future__ import annotations
@@ -102,14 +108,17 @@ class Decoder(nn.Module):
     norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
 
     @nn.compact
-    def __call__(self, x, levels, train: bool):
+    def __call__(self, x, levels, train: bool, every_level: bool = False):
+        """The full-resolution features; with `every_level`, each level's output, level 0 first."""
         block = blocks.block_kwargs(self)
+        outputs = []
         for i in reversed(range(len(self.features))):
             x = blocks.Upsample(self.features[i], self.upsample, self.spatial_dims, self.dtype, name=f"up{i}")(x)
             if self.skips[i]:
                 x = jnp.concatenate([x, levels[i].astype(x.dtype)], axis=-1)
             x = blocks.ConvBlock(self.features[i], name=f"level{i}", **block)(x, train)
-        return x
+            outputs.insert(0, x)
+        return outputs if every_level else x
 
 
 class UNet(nn.Module):
@@ -131,6 +140,7 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
     freeze_encoder: bool = False  # encoder in inference mode (running BN statistics), no gradient into it
+    deep_supervision: bool = False  # a head on every decoder level, scored in training (module docstring)
 
     def setup(self):
         blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)
@@ -145,6 +155,10 @@ class UNet(nn.Module):
         )
         self.decoder = Decoder(feats, skip_mask(self.skips, self.depth), upsample=self.upsample, **common)
         self.head = blocks.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype)
+        if self.deep_supervision and self.depth < 2:
+            raise ConfigError("model.deep_supervision needs model.depth >= 2 (a head on each decoder level)")
+        coarse = range(1, self.depth) if self.deep_supervision else ()
+        self.coarse_heads = [blocks.Conv(self.num_classes, (1,) * self.spatial_dims, dtype=self.dtype) for _ in coarse]
         self.classifier = nn.Dense(self.num_classes, dtype=self.dtype)  # only `classify` creates its params
 
     def __call__(self, image, train: bool = False):
@@ -152,9 +166,20 @@ class UNet(nn.Module):
         bottleneck, levels = self.encoder(image.astype(self.dtype), train and not self.freeze_encoder)
         if self.freeze_encoder:  # no backward pass through the encoder: its updates would be discarded
             bottleneck, levels = jax.lax.stop_gradient((bottleneck, levels))
-        x = self.decoder(bottleneck, levels, train)
-        logits = self.head(x).astype(jnp.float32)
-        return logits, {"bottleneck": bottleneck}
+        if not self.deep_supervision:
+            logits = self.head(self.decoder(bottleneck, levels, train)).astype(jnp.float32)
+            return logits, {"bottleneck": bottleneck}
+        outputs = self.decoder(bottleneck, levels, train, every_level=True)
+        logits = self.head(outputs[0]).astype(jnp.float32)
+        if not (train or self.is_initializing()):
+            return logits, {"bottleneck": bottleneck}
+        heads = [logits]
+        for head, x in zip(self.coarse_heads, outputs[1:], strict=True):
+            coarse = head(x).astype(jnp.float32)
+            heads.append(jax.image.resize(coarse, logits.shape, method="bilinear"))
+        weights = [0.5**i for i in range(len(heads))]
+        aux = {"bottleneck": bottleneck, "heads": heads, "head_weights": tuple(w / sum(weights) for w in weights)}
+        return logits, aux
 
     def classify(self, image, train: bool = False):
         """Image-level logits [B, num_classes] (which classes are present): the encoder, global
