@@ -45,7 +45,7 @@ def evaluate_split(
             rows = surface.per_image([out], names, config.eval.nsd_tolerance, physical)
             return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
 
-    elif config.instances.enabled and one_seed:  # -> panoptic counts, as they arrive
+    elif config.instances.enabled:  # -> panoptic counts, as they arrive
         reduce = functools.partial(instances.reduce_outputs, config=config)
 
     if table or surfaces:
@@ -124,24 +124,27 @@ def evaluate(
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
     Host-only batch keys (`gt_*`) skip the device and join the step's outputs, every host's rows
     gathered (`parallel.gather_host_rows`), for `extra_scores(outputs) -> dict` (e.g. panoptic
-    quality; single replica only);
-    `reduce_batch(output) -> output` shrinks each batch's outputs as they arrive (e.g. class maps
-    to per-image scores), so a split's maps are never all held on the host.
+    quality, surface metrics); `reduce_batch(output) -> output` shrinks each batch's outputs as
+    they arrive (e.g. class maps to per-image scores), so a split's maps are never all held on
+    the host. With replicas, both see one replica's outputs at a time.
     """
     put = put or (lambda batch: parallel.to_global(batch, mesh, batch_sharding))
-    outputs = []
+
+    def replica(o: dict, r: int) -> dict:  # host-only keys are the batch's, shared by every replica
+        return o if num_seeds == 1 else {k: v if k.startswith(pipeline.HOST_ONLY) else v[r] for k, v in o.items()}
+
+    per_replica: list[list[dict]] = [[] for _ in range(num_seeds)]
     for batch in batches:
         host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
         out = {**jax.device_get(eval_fn(state, put(batch))), **parallel.gather_host_rows(host)}
-        outputs.append(reduce_batch(out) if reduce_batch else out)
-    if num_seeds == 1:
-        results = scores(outputs, eval_cfg, class_names)
-        return {**results, **extra_scores(outputs)} if extra_scores else results
-
-    def replica(o: dict, r: int) -> dict:  # host-only keys are the batch's, shared by every replica
-        return {k: v if k.startswith(pipeline.HOST_ONLY) else v[r] for k, v in o.items()}
-
-    return [scores([replica(o, r) for o in outputs], eval_cfg, class_names) for r in range(num_seeds)]
+        for r, outputs in enumerate(per_replica):
+            outputs.append(reduce_batch(replica(out, r)) if reduce_batch else replica(out, r))
+    results = []
+    for outputs in per_replica:
+        results.append(scores(outputs, eval_cfg, class_names))
+        if extra_scores:
+            results[-1].update(extra_scores(outputs))
+    return results[0] if num_seeds == 1 else results
 
 
 def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:

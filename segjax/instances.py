@@ -44,8 +44,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"instances.thing_classes {bad} are not classes 1..{config.data.num_classes - 1} (0 is background)"
         )
-    if config.train.num_seeds > 1:
-        raise ConfigError("instances.enabled scores one model: train.num_seeds=1 (PQ is computed on the host)")
     if config.data.ignore_label == config.data.num_classes:
         raise ConfigError("data.ignore_label equals the instance-boundary class id; use -1 or a larger value")
 

@@ -104,9 +104,10 @@ def test_eval_order_names_the_rows_gathered_from_every_host():
 
 
 def test_seed_replicas_share_the_batchs_host_only_keys():
-    """num_seeds=2: each replica is scored from its own slice of the step's outputs, while host-only
-    keys (here a NIfTI batch's `gt_spacing`, one row at eval batch 1) belong to the batch and are
-    not sliced by replica (which failed: a [1, 3] array has no row 1)."""
+    """num_seeds=2: each replica is scored (host-side scores too: `reduce_batch`, `extra_scores`)
+    from its own slice of the step's outputs, while host-only keys (here a NIfTI batch's
+    `gt_spacing`, one row at eval batch 1) belong to the batch and are not sliced by replica
+    (which failed: a [1, 3] array has no row 1)."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, (3, 6, 6))
     source = [{"image": np.zeros((6, 6, 1), np.uint8), "label": labels[i], "spacing": np.ones(3)} for i in range(3)]
@@ -122,7 +123,27 @@ def test_seed_replicas_share_the_batchs_host_only_keys():
     batches = list(pipeline.eval_batches(source, cfg.data, batch_size=1))
     assert batches[0]["gt_spacing"].shape == (1, 3)
     put = lambda b: b  # noqa: E731
-    noisy, perfect = evaluate.evaluate(two_replicas, None, batches, None, cfg.eval, NAMES, num_seeds=2, put=put)
+
+    def reduce(out):  # per batch, per replica: the batch's wrong pixels (as a host-side score would)
+        cms = np.asarray(out["confusion"])
+        return {**out, "wrong": int(cms.sum() - np.trace(cms, axis1=1, axis2=2).sum())}
+
+    def extra(outputs):
+        return {"val/wrong": sum(o["wrong"] for o in outputs)}
+
+    noisy, perfect = evaluate.evaluate(
+        two_replicas,
+        None,
+        batches,
+        None,
+        cfg.eval,
+        NAMES,
+        num_seeds=2,
+        put=put,
+        extra_scores=extra,
+        reduce_batch=reduce,
+    )
     preds = np.asarray(noisy_prediction(jnp.asarray(labels)))
     np.testing.assert_allclose(noisy["val/accuracy"], skm.accuracy_score(labels.ravel(), preds.ravel()), rtol=1e-6)
     assert perfect["val/accuracy"] == 1.0 and perfect["val/images"] == noisy["val/images"] == 3
+    assert noisy["val/wrong"] == int((preds != labels).sum()) > 0 and perfect["val/wrong"] == 0

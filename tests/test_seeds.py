@@ -18,6 +18,7 @@ def logged(workdir, key):
 def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
     tiny_config.train.log_every = 1
     tiny_config.model.dropout = 0.1  # per-replica RNG streams matter
+    tiny_config.eval.surface_metrics = True  # host-side scores per replica too
     singles = {}
     for seed in (3, 4):
         tiny_config.train.seed = seed
@@ -33,8 +34,12 @@ def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
         with open(tmp_path / "vmapped" / f"seed_{seed}" / "metrics.json", encoding="utf-8") as f:
             own = json.load(f)
         np.testing.assert_allclose(own["val/miou"], singles[seed]["val/miou"], rtol=1e-4)
+        assert singles[seed]["val/mnsd"] > 0 and np.isfinite(singles[seed]["val/mhd95"])
+        for key in ("val/mnsd", "val/mhd95"):
+            np.testing.assert_allclose(own[key], singles[seed][key], rtol=1e-4, err_msg=key)
     np.testing.assert_allclose(both["val/miou"], np.mean([singles[s]["val/miou"] for s in (3, 4)]), rtol=1e-4)
     assert both["val/miou_std"] >= 0
+    np.testing.assert_allclose(both["val/mnsd"], np.mean([singles[s]["val/mnsd"] for s in (3, 4)]), rtol=1e-4)
     # resuming a finished K-seed run trains nothing and reproduces the numbers
     again = train.train_and_evaluate(tiny_config, str(tmp_path / "vmapped"))
     np.testing.assert_allclose(again["val/miou"], both["val/miou"], rtol=1e-6)

@@ -190,7 +190,6 @@ def test_baselines_report_surface_metrics_per_image(tmp_path):
     [
         ({"eval.nsd_tolerance": -1.0}, r"eval\.nsd_tolerance=-1\.0 must be >= 0"),
         ({"instances.enabled": True}, r"surface_metrics scores semantic runs"),
-        ({"train.num_seeds": 2}, r"scores one model: train\.num_seeds=1"),
         ({"eval.surface_units": "mm"}, r"eval\.surface_units='mm'; choose one of \['pixels', 'physical'\]"),
         ({"eval.surface_units": "physical"}, r"needs voxel spacing stored with the data \(data\.name='nifti'\)"),
     ],
