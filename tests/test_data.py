@@ -245,3 +245,27 @@ def test_cubic_sampling_on_a_window_equals_the_whole_image():
             for k in range(shape[-1]):
                 want = ndimage.map_coordinates(image[..., k], coords, order=3, mode="mirror")
                 np.testing.assert_allclose(got[..., k], want, atol=1e-5)
+
+
+def test_class_histogram_counts_every_cached_image_and_samples_large_uncached_splits():
+    """Pixels per class (ignored/out-of-range ids not counted) as numpy counts them: all images of
+    a cached split however many, evenly spaced ones (first and last included) of a large one."""
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 3, (4, 5)) for _ in range(10)]
+    labels[3][0, 0] = 255  # an ignore label
+    source = [{"label": lab} for lab in labels]
+
+    def by_numpy(chosen):
+        flat = np.concatenate([lab.ravel() for lab in chosen])
+        return np.bincount(flat[flat < 3], minlength=3)
+
+    hist, counted = sources.class_histogram(source, 3, max_images=3)
+    assert counted == 3
+    np.testing.assert_array_equal(hist, by_numpy([labels[0], labels[4], labels[9]]))  # linspace(0, 9, 3) rounded
+    hist, counted = sources.class_histogram(source, 3)
+    assert counted == 10 and hist.sum() == 10 * 20 - 1
+    np.testing.assert_array_equal(hist, by_numpy(labels))
+    cached = sources.InMemorySource(source)
+    hist, counted = sources.class_histogram(cached, 3, max_images=3)
+    assert counted == 10
+    np.testing.assert_array_equal(hist, by_numpy(labels))

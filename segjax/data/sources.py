@@ -208,12 +208,22 @@ class InMemorySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return self._examples[index]
 
-    def class_histogram(self, num_classes: int) -> np.ndarray:
-        hist = np.zeros(num_classes, np.int64)
-        for e in self._examples:
-            lab = e["label"]
-            hist += np.bincount(lab[(lab >= 0) & (lab < num_classes)].ravel(), minlength=num_classes)
-        return hist
+
+HISTOGRAM_IMAGES = 256  # a split larger than this (and not cached) is sampled for the histogram
+
+
+def class_histogram(source, num_classes: int, max_images: int = HISTOGRAM_IMAGES) -> tuple[np.ndarray, int]:
+    """(pixels per class 0..C-1, images counted): every image of a cached split, else up to
+    `max_images` evenly spaced ones (decoding a large split only to log its histogram would
+    delay training); ignored pixels are not counted."""
+    n = len(source)
+    every = isinstance(source, InMemorySource) or n <= max_images
+    indices = range(n) if every else np.linspace(0, n - 1, max_images).round().astype(int)
+    hist = np.zeros(num_classes, np.int64)
+    for i in indices:
+        lab = source[int(i)]["label"]
+        hist += np.bincount(lab[(lab >= 0) & (lab < num_classes)].ravel(), minlength=num_classes)
+    return hist, len(indices)
 
 
 def _is_image(features, key: str) -> bool:
@@ -241,9 +251,7 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
             ) from err
         source = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
         splits[split] = InMemorySource(source) if cfg.cache else source
-    train = splits["train"]
-    if isinstance(train, InMemorySource):
-        hist = train.class_histogram(cfg.num_classes)
-        shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
-        logging.info("train class histogram (pixel share): %s", shares)
+    hist, counted = class_histogram(splits["train"], cfg.num_classes)
+    shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
+    logging.info("train class histogram (pixel share, %d of %d images): %s", counted, len(splits["train"]), shares)
     return splits
