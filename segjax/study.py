@@ -35,6 +35,8 @@ from segjax import configuration, writers
 from segjax.errors import BusyError, ConfigError, exit_on_user_error
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
+# host-side scores, summarised when the runs computed them (instances.enabled, eval.surface_metrics)
+OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
 
 
 def load_study(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
@@ -161,15 +163,27 @@ def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
     return "\n".join(lines)
 
 
-def write_results(workdir: str, rows: list[dict]) -> str:
+def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
+    """The summary's columns: SUMMARY_KEYS, the OPTIONAL_KEYS some run has, then `extra` (e.g.
+    `val/dice/membrane`); an extra key no run has is an error naming the keys there are."""
+    present = {k for r in rows for k in r} - {"variant", "seed"}
+    missing = [k for k in extra if k not in present]
+    if missing and rows:
+        raise ConfigError(f"--summary_keys {missing} are in no run's metrics.json; they hold {sorted(present)}")
+    optional = [k for k in OPTIONAL_KEYS if k in present]
+    return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
+
+
+def write_results(workdir: str, rows: list[dict], extra_keys=()) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
-    may write them); returns the markdown table."""
+    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`)."""
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
     with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(summarize(rows))
+    columns = summary_keys(rows, extra_keys)
+    table = markdown(summarize(rows, columns), columns)
     with writers.replaced(os.path.join(workdir, "summary.md")) as f:
         f.write(f"Mean ± sample std over seeds (validation split; n = finished runs).\n\n{table}\n")
     return table
@@ -182,6 +196,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 3, "Seeds per variant: train.seed .. train.seed + seeds - 1.")
     flags.DEFINE_bool("vmap_seeds", False, "Train each variant's seeds as one vmapped run (train.num_seeds).")
     flags.DEFINE_bool("collect_only", False, "Only rebuild runs.csv and summary.md from finished runs.")
+    flags.DEFINE_list("summary_keys", [], "More metrics.json keys for summary.md, e.g. val/dice/membrane.")
 
 
 def main(argv):
@@ -201,7 +216,7 @@ def main(argv):
         missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
         missing = f" ({missing} not finished: in progress elsewhere or failed)" if missing > 0 else ""
         print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{missing}\n")
-        print(write_results(f.workdir, rows))
+        print(write_results(f.workdir, rows, f.summary_keys))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| a | 3 | 0.7000 ± 0.2000 |" in table and "| b | 1 | 0.4000 |" in table
 
 
+def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path):
+    rows = [
+        {"variant": "a", "seed": s, "val/miou": 0.5, "val/mnsd": 0.6 + 0.2 * s, "val/dice/membrane": 0.8}
+        for s in (0, 1)
+    ]
+    assert study.summary_keys(rows) == (*study.SUMMARY_KEYS, "val/mnsd")  # no val/pq, val/mhd95 in these runs
+    table = study.write_results(str(tmp_path), rows, ["val/dice/membrane"])
+    head = table.splitlines()[0]
+    assert head.endswith("| val/mnsd | val/dice/membrane |")
+    assert f"| 0.7000 ± {np.std([0.6, 0.8], ddof=1):.4f} | 0.8000 ± 0.0000 |" in table
+    with open(tmp_path / "summary.md", encoding="utf-8") as f:
+        assert head in f.read()
+    with pytest.raises(ConfigError, match=r"\['val/dice/nucleus'\] are in no run's metrics.json"):
+        study.write_results(str(tmp_path), rows, ["val/dice/nucleus"])
+
+
 def test_variant_overrides_are_checked():
     base = load_config("tiny")
     config = study.variant_config(base, {"model.skips": "none", "model.depth": 3}, "x")
