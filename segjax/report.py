@@ -1,8 +1,11 @@
-"""The per-class results table printed at the end of a run."""
+"""The per-class results table printed at the end of a run, and per-image results by group."""
 
 from __future__ import annotations
 
+import csv
 import math
+
+import numpy as np
 
 
 def _fmt(value) -> str:
@@ -28,3 +31,37 @@ def results_table(results: dict, class_names, prefix: str = "val", distance_unit
         pq, sq, rq = (_fmt(results.get(f"{prefix}/{k}")) for k in ("pq", "sq", "rq"))
         lines.append(f"panoptic quality {pq} (SQ {sq}, RQ {rq})")
     return "\n".join(lines)
+
+
+def by_group(per_image_csv: str, groups_csv: str, column: str, keys, id_column: str = "id") -> list[dict]:
+    """Mean per-image scores by subgroup, e.g. by imaging modality: the rows of a run's
+    `val_per_image.csv` joined on their `name` with `groups_csv`'s `id_column`, grouped by its
+    `column`. One dict per group (sorted): `group`, `n` images, and the mean of each of `keys`
+    over the images where it is finite (empty cells: class absent; an infinite HD95: the class in
+    only one of truth and prediction, left out as the split's `val/hd95` leaves it). An image
+    missing from `groups_csv`, or a key or column that is not in its file, is an error naming it."""
+    with open(groups_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if id_column not in reader.fieldnames or column not in reader.fieldnames:
+            raise KeyError(f"{groups_csv} has columns {reader.fieldnames}; no {id_column!r} or {column!r}")
+        group_of = {row[id_column]: row[column] for row in reader}
+    with open(per_image_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [k for k in keys if k not in reader.fieldnames]
+        if missing:
+            raise KeyError(f"{per_image_csv} has no columns {missing}; it has {reader.fieldnames}")
+        rows = list(reader)
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["name"] not in group_of:
+            raise KeyError(f"{per_image_csv}: image {row['name']!r} has no {id_column!r} row in {groups_csv}")
+        grouped.setdefault(group_of[row["name"]], []).append(row)
+    out = []
+    for group in sorted(grouped):
+        entry = {"group": group, "n": len(grouped[group])}
+        for key in keys:
+            values = np.array([float(r[key]) for r in grouped[group] if r[key] != ""], np.float64)
+            values = values[np.isfinite(values)]
+            entry[key] = float(values.mean()) if len(values) else math.nan
+        out.append(entry)
+    return out

@@ -147,3 +147,25 @@ def test_seed_replicas_share_the_batchs_host_only_keys():
     np.testing.assert_allclose(noisy["val/accuracy"], skm.accuracy_score(labels.ravel(), preds.ravel()), rtol=1e-6)
     assert perfect["val/accuracy"] == 1.0 and perfect["val/images"] == noisy["val/images"] == 3
     assert noisy["val/wrong"] == int((preds != labels).sum()) > 0 and perfect["val/wrong"] == 0
+
+
+def test_per_image_scores_by_group_join_on_names(tmp_path):
+    """report.by_group: a run's per-image table joined with a metadata CSV, means per group over
+    the images where a score is defined (hand computed); an unknown image is an error."""
+    from segjax import report
+
+    per_image = tmp_path / "val_per_image.csv"
+    per_image.write_text("index,name,dice/fg,hd95/fg\n0,a,0.5,2.0\n1,b,0.7,inf\n2,c,0.9,4.0\n3,d,0.2,1.0\n4,e,,\n")
+    groups = tmp_path / "index.csv"
+    groups.write_text("id,modality\nd,he\nc,fluo\nb,fluo\na,fluo\nz,he\ne,he\n")
+    got = report.by_group(str(per_image), str(groups), "modality", ("dice/fg", "hd95/fg"))
+    assert [g["group"] for g in got] == ["fluo", "he"] and [g["n"] for g in got] == [3, 2]
+    assert got[0]["dice/fg"] == pytest.approx((0.5 + 0.7 + 0.9) / 3) and got[0]["hd95/fg"] == pytest.approx(3.0)
+    assert got[1]["dice/fg"] == pytest.approx(0.2) and got[1]["hd95/fg"] == pytest.approx(1.0)
+    with pytest.raises(KeyError, match=r"has no columns \['nsd/fg'\]"):
+        report.by_group(str(per_image), str(groups), "modality", ("nsd/fg",))
+    with pytest.raises(KeyError, match="no 'id' or 'site'"):
+        report.by_group(str(per_image), str(groups), "site", ("dice/fg",))
+    groups.write_text("id,modality\na,fluo\n")
+    with pytest.raises(KeyError, match="image 'b' has no 'id' row"):
+        report.by_group(str(per_image), str(groups), "modality", ("dice/fg",))
