@@ -175,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
     c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'
     c.baseline.invert = False  # class 1 where the method finds *dark* regions (e.g. ISBI membranes: True)
+    c.baseline.auto_polarity = False  # per image: objects are the minority side of Otsu's threshold
     c.baseline.smooth_sigma = 1.0  # Gaussian smoothing before thresholding, pixels; 0 = off
     c.baseline.block_size = 51  # adaptive: local threshold window, pixels (odd)
     c.baseline.offset = 0.0  # adaptive: subtracted from the local mean (0..1 intensity scale)

@@ -8,8 +8,12 @@ Methods (scikit-image), each turning a grayscale image into a mask of *bright* r
     watershed  region growing: Otsu mask, markers at the peaks of its distance transform, watershed
                on the negated distance with watershed lines, so touching objects are split
 The prediction is class 1 where the mask is on (`baseline.invert`: where it is off, for dark
-targets such as ISBI's membranes), class 0 elsewhere. Datasets with more than two classes are
-scored as foreground (label > 0) vs background: the question a classic baseline can answer.
+targets such as ISBI's membranes), class 0 elsewhere. `baseline.auto_polarity` decides per image
+instead, for datasets that mix bright and dark objects (fluorescence and stained tissue): objects
+are the minority, so when the bright side of Otsu's threshold covers more than half of the image
+the method runs on the negated image (its dark regions become the bright objects it finds).
+Datasets with more than two classes are scored as foreground (label > 0) vs background: the
+question a classic baseline can answer.
 
     python -m segjax.baselines --config=configs/isbi.py --workdir=runs/isbi_otsu --config.baseline.invert=True
 
@@ -71,9 +75,22 @@ def bright_mask(img: np.ndarray, cfg: ml_collections.ConfigDict) -> tuple[np.nda
     raise ConfigError(f"baseline.method={cfg.method!r}; choose one of {list(METHODS)}")
 
 
+def dark_objects(img: np.ndarray, cfg: ml_collections.ConfigDict) -> bool:
+    """`auto_polarity`: True when the bright side of Otsu's threshold (after the smoothing) is
+    the majority of the image, i.e. the objects are the dark regions."""
+    smooth = filters.gaussian(img, sigma=cfg.smooth_sigma) if cfg.smooth_sigma > 0 else img
+    return bool(np.mean(smooth > filters.threshold_otsu(smooth)) > 0.5)
+
+
 def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """Class map (int32, 0/1) of one image."""
-    mask, _ = bright_mask(gray(image), cfg)
+    img = gray(image)
+    if cfg.auto_polarity:
+        if cfg.invert:
+            raise ConfigError("baseline.auto_polarity chooses the polarity per image; leave baseline.invert=False")
+        if dark_objects(img, cfg):
+            img = 1.0 - img
+    mask, _ = bright_mask(img, cfg)
     return (mask != cfg.invert).astype(np.int32)
 
 

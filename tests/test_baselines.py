@@ -54,6 +54,23 @@ def test_otsu_matches_skimage_threshold_by_hand():
     assert (pred == 1).mean() == pytest.approx(1 - (img > filters.threshold_otsu(img)).mean(), abs=0.01)
 
 
+@pytest.mark.parametrize("name", ["otsu", "watershed"])
+def test_auto_polarity_finds_bright_and_dark_minority_objects(name):
+    """The same discs bright on dark and dark on bright: auto_polarity finds them in both (the
+    dark ones as the method finds them on the negated image); with invert it is an error."""
+    img, truth, _, _ = two_discs(touching=False)
+    cfg = method(name, auto_polarity=True)
+    for image in (img, 1.0 - img):
+        pred = baselines.predict((image * 255).astype(np.uint8)[..., None], cfg)
+        assert jaccard_score(truth.ravel(), pred.ravel()) > 0.85
+    dark = baselines.predict((255 - (img * 255).astype(np.uint8))[..., None], cfg)
+    negated = baselines.bright_mask(baselines.gray((img * 255).astype(np.uint8)), method(name))[0]
+    np.testing.assert_array_equal(dark, negated.astype(np.int32))
+    assert not baselines.dark_objects(img, cfg) and baselines.dark_objects(1.0 - img, cfg)
+    with pytest.raises(ConfigError, match=r"leave baseline\.invert=False"):
+        baselines.predict(img[..., None], method(name, auto_polarity=True, invert=True))
+
+
 def test_watershed_splits_touching_objects():
     img, _, a, b = two_discs(touching=True, noise=0.0)
     _, instances = baselines.bright_mask(img, method("watershed", smooth_sigma=0.0, min_distance=8))
