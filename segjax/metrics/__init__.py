@@ -14,6 +14,7 @@ from segjax.metrics.boundary import (
     boundary_iou_from_counts,
     hausdorff_distance,
     surface_dice,
+    surface_scores,
 )
 from segjax.metrics.confusion import (
     AVERAGES,
@@ -45,4 +46,5 @@ __all__ = [
     "per_image_confusion",
     "summarize",
     "surface_dice",
+    "surface_scores",
 ]

@@ -93,16 +93,25 @@ def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarra
     return to_b, to_a
 
 
+def surface_scores(truth, pred, percentile: float = 95.0, tolerance: float = 1.0, spacing=None):
+    """(percentile Hausdorff distance, normalised surface Dice at `tolerance`) of two binary masks
+    from one pair of distance transforms (see `hausdorff_distance`, `surface_dice`). Both masks
+    empty: (nan, nan); exactly one empty: (inf, 0.0)."""
+    a, b = _masks(truth, pred)
+    if not a.any() and not b.any():
+        return float("nan"), float("nan")
+    if not a.any() or not b.any():
+        return float("inf"), 0.0
+    to_b, to_a = _surface_distances(a, b, spacing)
+    hd = float(max(np.percentile(to_b, percentile), np.percentile(to_a, percentile)))
+    nsd = float((np.sum(to_b <= tolerance) + np.sum(to_a <= tolerance)) / (len(to_b) + len(to_a)))
+    return hd, nsd
+
+
 def hausdorff_distance(truth, pred, percentile: float = 95.0, spacing=None) -> float:
     """Symmetric percentile Hausdorff distance between two binary masks (2D or 3D), in units of
     `spacing` (default 1 per pixel/voxel). Both empty: nan. Exactly one empty: inf."""
-    a, b = _masks(truth, pred)
-    if not a.any() and not b.any():
-        return float("nan")
-    if not a.any() or not b.any():
-        return float("inf")
-    to_b, to_a = _surface_distances(a, b, spacing)
-    return float(max(np.percentile(to_b, percentile), np.percentile(to_a, percentile)))
+    return surface_scores(truth, pred, percentile, spacing=spacing)[0]
 
 
 def surface_dice(truth, pred, tolerance: float = 1.0, spacing=None) -> float:
@@ -117,10 +126,4 @@ def surface_dice(truth, pred, tolerance: float = 1.0, spacing=None) -> float:
         >>> surface_dice(g, p, 0.0), surface_dice(g, p, 1.0)
         (0.5, 1.0)
     """
-    a, b = _masks(truth, pred)
-    if not a.any() and not b.any():
-        return float("nan")
-    if not a.any() or not b.any():
-        return 0.0
-    to_b, to_a = _surface_distances(a, b, spacing)
-    return float((np.sum(to_b <= tolerance) + np.sum(to_a <= tolerance)) / (len(to_b) + len(to_a)))
+    return surface_scores(truth, pred, tolerance=tolerance, spacing=spacing)[1]
