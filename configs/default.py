@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # pixels (rows, cols), cubic spline, so images line up with labels drawn off-centre;
     # `python -m segjax.data.alignment --config=...` measures it on the training split
     c.data.image_shift = (0.0, 0.0)
+    # size of one pixel (voxel) per spatial axis, in `spacing_unit`, for data that stores none
+    # (image folders, TFDS, synthetic): HD95 / surface Dice in physical units with
+    # eval.surface_units='physical'; None = unknown. NIfTI volumes carry their own (mm).
+    c.data.spacing = config_dict.placeholder(tuple)
+    c.data.spacing_unit = "mm"
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.seed = 0  # generator seed (the dataset's content, not the training order)
     c.data.synthetic.image_size = 64  # square scene size in pixels
@@ -170,7 +175,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.tta = "none"  # test-time augmentation: 'none' | 'hflip' (left-right) | 'flip' (every axis) | 'd4' (2D)
     c.eval.surface_metrics = False  # also HD95 and normalised surface Dice per image (host; segjax/surface.py)
     c.eval.nsd_tolerance = 1.0  # surface Dice tolerance, in eval.surface_units
-    c.eval.surface_units = "pixels"  # HD95 / NSD distances: 'pixels' (voxels) | 'physical' (mm; NIfTI spacing)
+    c.eval.surface_units = (
+        "pixels"  # HD95 / NSD distances: 'pixels' (voxels) | 'physical' (NIfTI: mm; else data.spacing)
+    )
 
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
     c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'

@@ -102,8 +102,9 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
 
     if config.model.spatial_dims != 2:
         raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
-    if config.eval.surface_metrics and config.eval.surface_units != "pixels":
-        raise ConfigError("classic baselines score surface distances in pixels (eval.surface_units='pixels')")
+    spacing = surface.spacing(config) if config.eval.surface_metrics else None
+    if spacing == surface.STORED:
+        raise ConfigError("eval.surface_units='physical' for a baseline: give the pixel size in data.spacing")
     binary = config.data.num_classes > 2
     names = ("background", "foreground") if binary else tuple(config.data.class_names)
     outputs = []
@@ -129,7 +130,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
         if config.eval.surface_metrics:
             maps = {"pred": pred[None], "label": label[None], "valid": valid[None]}
-            out["surface"] = surface.per_image([maps], names, config.eval.nsd_tolerance)
+            out["surface"] = surface.per_image([maps], names, config.eval.nsd_tolerance, spacing)
         outputs.append(out)
     results = evaluate.scores(outputs, config.eval, names)
     del results["val/loss"]
@@ -168,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f.write(configuration.to_json(config))
     names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
     print(f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s):")
-    print(report.results_table(results, names))
+    print(report.results_table(results, names, distance_unit=surface.unit(config)))
     return results
 
 

@@ -32,17 +32,18 @@ def evaluate_split(
         2**config.model.depth,
         targets,
         with_names=bool(per_image_csv),
+        agree=parallel.largest_over_hosts,
     )
     names = instances.class_names(config)
     one_seed = kwargs.get("num_seeds", 1) == 1
     table = bool(per_image_csv) and one_seed
     surfaces = bool(config.eval.surface_metrics)
     hook, reduce = extra_scores, None
-    physical = config.eval.surface_units == "physical"
+    spacing = surface.spacing(config)
     if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
 
         def reduce(out: dict) -> dict:
-            rows = surface.per_image([out], names, config.eval.nsd_tolerance, physical)
+            rows = surface.per_image([out], names, config.eval.nsd_tolerance, spacing)
             return {**{k: v for k, v in out.items() if k not in ("pred", "label", "valid")}, "surface": rows}
 
     elif config.instances.enabled:  # -> panoptic counts, as they arrive

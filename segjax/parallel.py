@@ -98,6 +98,16 @@ def split_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
 
 
+def largest_over_hosts(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """This host's padded evaluation size -> the largest of every host's (an all-gather; every
+    process calls it once per batch), so hosts evaluating images of different sizes pad their
+    batches alike."""
+    if jax.process_count() == 1:
+        return tuple(shape)
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(shape, np.int32)))  # [hosts, dims]
+    return tuple(int(v) for v in gathered.max(axis=0))
+
+
 NAME_BYTES = 255  # a file name's longest (NAME_MAX); longer names are cut to it when gathered
 
 

@@ -158,6 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
             pidx,
             pcount,
             pad_multiple=2**config.model.depth,
+            agree=parallel.largest_over_hosts,
         )
         counts = sum(np.asarray(eval_fn(st, parallel.to_global(b, mesh, batch_sh)), np.int64) for b in batches)
         results = {"step": step, **scores(counts, instances.class_names(config))}

@@ -50,12 +50,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results["step"] = int(restored.step)
     results["checkpoint"] = which
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
+    if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
+        results["eval_settings"]["distance_unit"] = surface.unit(config)
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
         print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
-        print(
-            report.results_table(
-                results, instances.class_names(config), distance_unit=surface.UNITS[config.eval.surface_units]
-            )
-        )
+        print(report.results_table(results, instances.class_names(config), distance_unit=surface.unit(config)))
     return results

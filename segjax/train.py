@@ -346,7 +346,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     if pidx == 0:
         writers.write_summary(os.path.join(workdir, "metrics.json"), final)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
-        print(report.results_table(final, names, distance_unit=surface.UNITS[config.eval.surface_units]))
+        print(report.results_table(final, names, distance_unit=surface.unit(config)))
         if num_seeds > 1:
             print(
                 f"(means over {num_seeds} seeds; val/miou per seed: "

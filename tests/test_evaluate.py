@@ -103,6 +103,45 @@ def test_eval_order_names_the_rows_gathered_from_every_host():
     assert sorted(i for i in order if i is not None) == list(range(8))
 
 
+def test_hosts_with_images_of_mixed_sizes_pad_their_batches_alike():
+    """Two hosts evaluating images of different sizes: alone, their batches differ in shape (no
+    global batch can hold both); with `agree` returning the largest over the hosts (what
+    `parallel.largest_over_hosts` gathers), each batch has one shape on both hosts, every image
+    sits unchanged in its top-left corner and every real pixel is valid exactly once."""
+    from segjax.data import pipeline
+
+    rng = np.random.default_rng(2)
+    sizes = [(8, 8), (12, 4), (4, 16), (8, 12), (6, 6)]
+    source = [{"image": rng.integers(0, 255, (*s, 1), np.uint8), "label": rng.integers(0, 3, s)} for s in sizes]
+    cfg = load_config("default")
+    alone = [[b["image"].shape[1:3] for b in pipeline.eval_batches(source, cfg.data, 1, p, 2, 4)] for p in range(2)]
+    assert alone[0] != alone[1]
+    largest = [tuple(np.max(shapes, axis=0)) for shapes in zip(*alone, strict=True)]
+
+    def agree_for(host):
+        batch = iter(range(len(largest)))
+
+        def agree(shape):
+            j = next(batch)
+            assert shape == alone[host][j]  # called with this host's own padded size, batch by batch
+            return largest[j]
+
+        return agree
+
+    hosts = [list(pipeline.eval_batches(source, cfg.data, 1, p, 2, 4, agree=agree_for(p))) for p in range(2)]
+    assert [b["image"].shape for b in hosts[0]] == [b["image"].shape for b in hosts[1]]
+    valid_pixels = 0
+    for p, batches in enumerate(hosts):
+        for j, batch in enumerate(batches):
+            valid_pixels += int(batch["valid"].sum())
+            if batch["valid"][0].any():  # not a padding copy
+                ex = source[p + 2 * j]
+                h, w = ex["label"].shape
+                np.testing.assert_array_equal(batch["label"][0, :h, :w], ex["label"])
+                assert batch["valid"][0, :h, :w].all() and batch["valid"][0].sum() == h * w
+    assert valid_pixels == sum(h * w for h, w in sizes)
+
+
 def test_seed_replicas_share_the_batchs_host_only_keys():
     """num_seeds=2: each replica is scored (host-side scores too: `reduce_batch`, `extra_scores`)
     from its own slice of the step's outputs, while host-only keys (here a NIfTI batch's

@@ -120,6 +120,7 @@ def free_port() -> int:
 
 
 SURFACE = ("--config.eval.surface_metrics=True",)
+MIXED_SIZES = (*SURFACE, "--config.data.augment.crop=16")  # + a folder of images of mixed sizes (below)
 INSTANCES = (  # long enough to find objects (PQ > 0)
     "--config.instances.enabled=True",
     "--config.model.base_features=8",
@@ -136,14 +137,30 @@ INSTANCES = (  # long enough to find objects (PQ > 0)
         ("jit", SURFACE),
         pytest.param("pmap", SURFACE, marks=pytest.mark.slow),
         pytest.param("jit", INSTANCES, marks=pytest.mark.slow, id="jit-instances"),
+        pytest.param("jit", MIXED_SIZES, marks=pytest.mark.slow, id="jit-mixed-sizes"),
     ],
 )
 def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
     """Two local CPU processes (one device each, loopback coordinator) vs one process with two
     devices: the same global batches, so the same losses and metrics, host-side ones included
     (surface Dice / HD95, panoptic quality: each host's truth maps and names are gathered);
-    checkpoints are saved as global arrays; only process 0 writes the metric files. (pmap and
-    instances are marked slow only to keep the default suite short; CI runs them.)"""
+    checkpoints are saved as global arrays; only process 0 writes the metric files. With images
+    of mixed sizes the hosts pad each evaluation batch to the largest size either holds. (pmap,
+    instances and mixed sizes are marked slow only to keep the default suite short; CI runs them.)"""
+    if extra == MIXED_SIZES:  # 3-class RGB images 24..44 px: each host's validation images differ in size
+        from tests.test_folder import write_folder
+
+        sizes = [tuple(s) for s in np.random.default_rng(5).integers(24, 45, (20, 2))]
+        root = write_folder(str(tmp_path / "mixed"), sizes, channels=3, num_classes=3)
+        extra = (
+            *extra,
+            "--config.data.name=folder",
+            f"--config.data.dir={root}",
+            "--config.data.folder.val_fraction=0.4",
+            "--config.data.num_classes=3",
+            "--config.data.class_names=('c0','c1','c2')",
+            "--config.data.channels=3",
+        )
     single = tmp_path / "single"
     done = run(single, tfds_dir, 2, "--config.train.batch_size=4", f"--config.parallel.mode={mode}", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -186,7 +203,8 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
         got = json.load(f)
     assert got["val/pixels"] == reference["val/pixels"] and got["val/images"] == reference["val/images"]
     np.testing.assert_allclose(got["val/miou"], reference["val/miou"], rtol=1e-4)
-    host_side = ("val/mnsd", "val/mhd95") if extra == SURFACE else ("val/pq", "val/sq", "val/rq")
+    surfaces = SURFACE[0] in extra
+    host_side = ("val/mnsd", "val/mhd95") if surfaces else ("val/pq", "val/sq", "val/rq")
     for key in host_side:
         assert np.isfinite(reference[key]) and (key != "val/pq" or reference[key] > 0.05), key  # not 0 == 0
         np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, err_msg=key)
@@ -198,6 +216,6 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
     accuracy = lambda rows: [float(r["accuracy"]) for r in rows]  # noqa: E731
     assert ids(mine) == ids(theirs) and len({r["name"] for r in mine}) == reference["val/images"]
     np.testing.assert_allclose(accuracy(mine), accuracy(theirs), rtol=1e-3)
-    if extra == SURFACE:
+    if surfaces:
         nsd = lambda rows: [float(r[k] or "nan") for r in rows for k in r if k.startswith("nsd/")]  # noqa: E731
         np.testing.assert_allclose(nsd(mine), nsd(theirs), rtol=1e-3)

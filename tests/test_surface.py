@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import baselines, metrics, parallel, predict, report, surface, train
+from segjax import baselines, metrics, parallel, predict, report, rescore, surface, train
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError
 from tests.conftest import load_config
@@ -100,7 +100,7 @@ def test_physical_units_measure_each_rows_anisotropic_voxels():
     pred = np.where(rng.random(label.shape) < 0.15, 1 - label, label)
     spacing = np.array([[3.0, 0.5, 0.8], [1.0, 1.0, 1.0]], np.float32)
     out = {"pred": pred, "label": label, "valid": np.ones(label.shape), "gt_spacing": spacing}
-    rows = surface.per_image([out], ("bg", "a"), 1.0, physical=True)
+    rows = surface.per_image([out], ("bg", "a"), 1.0, surface.STORED)
     a, b = label[0] == 1, pred[0] == 1
     pa, pb = np.argwhere(brute_surface(a)) * spacing[0], np.argwhere(brute_surface(b)) * spacing[0]
     d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
@@ -112,7 +112,28 @@ def test_physical_units_measure_each_rows_anisotropic_voxels():
     assert rows[1] == surface.per_image([out], ("bg", "a"), 1.0)[1]
     del out["gt_spacing"]
     with pytest.raises(DataError, match="carries no voxel spacing"):
-        surface.per_image([out], ("bg", "a"), 1.0, physical=True)
+        surface.per_image([out], ("bg", "a"), 1.0, surface.STORED)
+
+
+def test_a_configured_pixel_size_measures_every_row_with_it():
+    """2D data stores no spacing: `data.spacing` (rows, cols) scales every row's distances the
+    same way (brute force on scaled coordinates); a (1, 1) spacing scores what pixels score."""
+    rng = np.random.default_rng(4)
+    label = np.zeros((2, 14, 11), int)
+    label[:, 3:10, 2:8] = 1
+    pred = np.where(rng.random(label.shape) < 0.1, 1 - label, label)
+    out = {"pred": pred, "label": label, "valid": np.ones(label.shape)}
+    rows = surface.per_image([out], ("bg", "a"), 1.5, (2.0, 0.5))
+    for k in range(2):
+        a, b = label[k] == 1, pred[k] == 1
+        pa, pb = np.argwhere(brute_surface(a)) * [2.0, 0.5], np.argwhere(brute_surface(b)) * [2.0, 0.5]
+        d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+        to_b, to_a = d.min(axis=1), d.min(axis=0)
+        hd95 = max(np.percentile(to_b, 95), np.percentile(to_a, 95))
+        np.testing.assert_allclose(rows[k]["hd95/a"], hd95, rtol=1e-9)
+        want = ((to_b <= 1.5).sum() + (to_a <= 1.5).sum()) / (len(to_b) + len(to_a))
+        np.testing.assert_allclose(rows[k]["nsd/a"], want, rtol=1e-9)
+    assert surface.per_image([out], ("bg", "a"), 1.5, (1.0, 1.0)) == surface.per_image([out], ("bg", "a"), 1.5)
 
 
 def test_pmap_outputs_keep_every_devices_images():
@@ -134,9 +155,10 @@ def number(cell: str) -> float:
     return float(cell) if cell else float("nan")  # the tables leave nan cells empty
 
 
-def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path):
+def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path, capsys):
     """`eval.surface_metrics`: the per-image NSD/HD95 of the last evaluation equal those of the
-    masks `segjax.predict` writes for the validation images, scored here against their labels."""
+    masks `segjax.predict` writes for the validation images, scored here against their labels;
+    rescored with a pixel size in the config, they are those masks' distances in that unit."""
     config = load_config("tiny")
     config.data.tfds_dir = tfds_dir
     config.eval.surface_metrics, config.eval.nsd_tolerance = True, 1.5
@@ -167,6 +189,20 @@ def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path):
             scored += 0 < want < 1
     assert scored > 0  # not only 0/1/nan cases
 
+    config.eval.surface_units, config.data.spacing, config.data.spacing_unit = "physical", (2.0, 0.5), "um"
+    results = rescore.evaluate_checkpoint(config, workdir, "latest")
+    assert results["eval_settings"]["distance_unit"] == "um"
+    assert f"(HD95 {results['val/mhd95']:6.4f} um)" in capsys.readouterr().out
+    with open(os.path.join(workdir, "eval_latest_per_image.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row, path, e in zip(rows, paths, examples, strict=True):
+        mask = np.asarray(Image.open(path))
+        for c, name in enumerate(names[1:], start=1):
+            want = metrics.surface_dice(e["label"] == c, mask == c, 1.5, spacing=(2.0, 0.5))
+            np.testing.assert_allclose(number(row[f"nsd/{name}"]), want, rtol=1e-9)
+            hd = metrics.hausdorff_distance(e["label"] == c, mask == c, spacing=(2.0, 0.5))
+            np.testing.assert_allclose(number(row[f"hd95/{name}"]), hd, rtol=1e-9)
+
 
 def test_baselines_report_surface_metrics_per_image(tmp_path):
     config = load_config("tiny")
@@ -183,6 +219,11 @@ def test_baselines_report_surface_metrics_per_image(tmp_path):
     with open(tmp_path / "rows.csv", encoding="utf-8") as f:
         row = next(csv.DictReader(f))
     assert float(row["hd95/fg"]) == metrics.hausdorff_distance(label == 1, pred == 1)
+    # with a pixel size in the config: physical distances, that size along each axis
+    config.eval.surface_units, config.data.spacing = "physical", (3.0, 1.0)
+    results = baselines.evaluate_split(source, config)
+    hd = metrics.hausdorff_distance(label == 1, pred == 1, spacing=(3.0, 1.0))
+    assert results["val/hd95/fg"] == hd != metrics.hausdorff_distance(label == 1, pred == 1)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +232,17 @@ def test_baselines_report_surface_metrics_per_image(tmp_path):
         ({"eval.nsd_tolerance": -1.0}, r"eval\.nsd_tolerance=-1\.0 must be >= 0"),
         ({"instances.enabled": True}, r"surface_metrics scores semantic runs"),
         ({"eval.surface_units": "mm"}, r"eval\.surface_units='mm'; choose one of \['pixels', 'physical'\]"),
-        ({"eval.surface_units": "physical"}, r"needs voxel spacing stored with the data \(data\.name='nifti'\)"),
+        (
+            {"eval.surface_units": "physical"},
+            r"needs voxel spacing stored with the data \(data\.name='nifti'\) or a pixel",
+        ),
+        ({"data.spacing": (1.0,)}, r"data\.spacing=\(1\.0,\) must be 2 positive sizes, one per spatial axis"),
+        ({"data.spacing": (1.0, 0.0)}, r"data\.spacing=\(1\.0, 0\.0\) must be 2 positive sizes"),
+        ({"data.spacing": (1.0, 1.0), "data.name": "nifti"}, r"NIfTI volumes carry their own voxel spacing"),
+        (
+            {"data.spacing": (1.0, 1.0), "data.resize": 32, "eval.surface_units": "physical"},
+            r"data\.resize=32 changes each image's pixel size",
+        ),
     ],
 )
 def test_bad_surface_settings_are_config_errors(tiny_config, change, message):

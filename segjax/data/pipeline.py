@@ -97,11 +97,14 @@ def eval_batches(
     pad_multiple: int = 1,
     targets: Callable[[dict], dict] | None = None,
     with_names: bool = False,
+    agree: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every example of this host's slice exactly once, at full size. Images are zero-padded to
     the batch's largest size rounded up to `pad_multiple` (2**depth) and the last batch is filled
     with copies; padded pixels and copies have valid = 0, so every real pixel counts once. All
-    hosts yield the same number of batches (multi-host evaluation needs equal image sizes).
+    hosts yield the same number of batches; with images of mixed sizes, `agree` (multi-host:
+    `parallel.largest_over_hosts`) turns this host's padded size into the one every host pads
+    its batch to, so the hosts' batches form one global batch.
     With `targets` (instance boundaries) the labels are rewritten and the original labels,
     instance maps and valid masks ride along as host-only `gt_label`, `gt_instances`, `gt_valid`.
     Examples that carry a voxel `spacing` (NIfTI) give host-only `gt_spacing` [B, 3].
@@ -115,6 +118,7 @@ def eval_batches(
         examples += [examples[-1] if examples else source[0]] * (batch_size - real)
         spatial = tuple(np.max([e["label"].shape for e in examples], axis=0))
         target = tuple(-(-s // pad_multiple) * pad_multiple for s in spatial)
+        target = agree(target) if agree else target
         batch = {
             "image": np.stack([_pad_to(e["image"], target) for e in examples]),
             "label": np.stack([_pad_to((targets(e) if targets else e)["label"], target) for e in examples]),
