@@ -102,7 +102,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
 
     if config.model.spatial_dims != 2:
         raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
-    spacing = surface.spacing(config) if config.eval.surface_metrics else None
+    spacing = surface.spacing_of(config) if config.eval.surface_metrics else None
     if spacing == surface.STORED:
         raise ConfigError("eval.surface_units='physical' for a baseline: give the pixel size in data.spacing")
     binary = config.data.num_classes > 2

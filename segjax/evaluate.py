@@ -39,7 +39,7 @@ def evaluate_split(
     table = bool(per_image_csv) and one_seed
     surfaces = bool(config.eval.surface_metrics)
     hook, reduce = extra_scores, None
-    spacing = surface.spacing(config)
+    spacing = surface.spacing_of(config)
     if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
 
         def reduce(out: dict) -> dict:

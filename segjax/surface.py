@@ -26,7 +26,7 @@ from segjax import metrics
 from segjax.errors import ConfigError, DataError
 
 UNITS = ("pixels", "physical")  # eval.surface_units
-STORED = "stored"  # spacing(config): each example's own (NIfTI), as `gt_spacing` rows
+STORED = "stored"  # spacing_of(config): each example's own (NIfTI), as `gt_spacing` rows
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -53,12 +53,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "or use 'pixels'"
         )
     if config.eval.nsd_tolerance < 0:
-        raise ConfigError(f"eval.nsd_tolerance={config.eval.nsd_tolerance} must be >= 0 (pixels)")
+        raise ConfigError(f"eval.nsd_tolerance={config.eval.nsd_tolerance} must be >= 0 (in eval.surface_units)")
     if config.instances.enabled:
         raise ConfigError("eval.surface_metrics scores semantic runs; instance runs report PQ (instances.enabled)")
 
 
-def spacing(config: ml_collections.ConfigDict):
+def spacing_of(config: ml_collections.ConfigDict):
     """What distances are measured with: None (pixels), STORED (each row's `gt_spacing`) or the
     config's one pixel size `data.spacing` (a tuple of floats)."""
     if config.eval.surface_units == "pixels":
@@ -68,7 +68,7 @@ def spacing(config: ml_collections.ConfigDict):
 
 def unit(config: ml_collections.ConfigDict) -> str:
     """The unit surface distances are reported in: 'px', 'mm' (NIfTI) or `data.spacing_unit`."""
-    found = spacing(config)
+    found = spacing_of(config)
     return "px" if found is None else "mm" if found == STORED else config.data.spacing_unit
 
 
@@ -81,14 +81,14 @@ def _crop(valid: np.ndarray) -> tuple[slice, ...]:
 def per_image(outputs: list[dict], class_names, tolerance: float, spacing=None) -> list[dict | None]:
     """One entry per output row (None for a padding copy): `hd95/<name>` and `nsd/<name>` for
     classes 1..C-1, from the rows' `pred`, `label` and `valid` (the per-image table's columns).
-    `spacing` (see `spacing(config)`): None measures in pixels, STORED in the units of the rows'
+    `spacing` (see `spacing_of(config)`): None measures in pixels, STORED in the units of the rows'
     `gt_spacing` (voxel sizes, mm), a tuple with that one pixel size for every row."""
     rows: list[dict | None] = []
     for out in outputs:
         if spacing == STORED and "gt_spacing" not in out:
             raise DataError("eval.surface_units='physical' but the evaluated data carries no voxel spacing")
         spacings = out["gt_spacing"] if spacing == STORED else [spacing] * len(out["pred"])
-        for pred, label, valid, spacing in zip(out["pred"], out["label"], out["valid"], spacings, strict=True):
+        for pred, label, valid, size in zip(out["pred"], out["label"], out["valid"], spacings, strict=True):
             valid = np.asarray(valid) > 0
             if not valid.any():
                 rows.append(None)
@@ -98,7 +98,7 @@ def per_image(outputs: list[dict], class_names, tolerance: float, spacing=None) 
             truth, guess = np.where(keep, np.asarray(label)[box], 0), np.where(keep, np.asarray(pred)[box], 0)
             row = {}
             for c, name in enumerate(class_names[1:], start=1):
-                hd, nsd = metrics.surface_scores(truth == c, guess == c, 95.0, tolerance, spacing)  # one EDT pair
+                hd, nsd = metrics.surface_scores(truth == c, guess == c, 95.0, tolerance, size)  # one EDT pair
                 row[f"hd95/{name}"], row[f"nsd/{name}"] = hd, nsd
             rows.append(row)
     return rows

@@ -110,6 +110,8 @@ def test_physical_units_measure_each_rows_anisotropic_voxels():
     np.testing.assert_allclose(rows[0]["nsd/a"], want, rtol=1e-6)
     assert rows[0]["hd95/a"] != surface.per_image([out], ("bg", "a"), 1.0)[0]["hd95/a"]  # spacing matters here
     assert rows[1] == surface.per_image([out], ("bg", "a"), 1.0)[1]
+    one_row_each = [{k: v[i : i + 1] for k, v in out.items()} for i in range(2)]  # two batches: each its own
+    assert surface.per_image(one_row_each, ("bg", "a"), 1.0, surface.STORED) == rows
     del out["gt_spacing"]
     with pytest.raises(DataError, match="carries no voxel spacing"):
         surface.per_image([out], ("bg", "a"), 1.0, surface.STORED)
