@@ -14,7 +14,9 @@ volumes `<out>/<name>.nii.gz` (on the image's grid: its affine and axis order), 
 slice axis). Instance runs (`instances.enabled`) also write `<out>/<name>_instances.png` (uint16
 ids, 0 = none), post-processed as evaluation does; their masks are the semantic classes and
 their probabilities include the boundary class. Files already in `--out` are never replaced
-unless `--overwrite`.
+unless `--overwrite`. `--shard=i/N`: this process segments files i, i+N, i+2N, ... of the sorted
+folder, so N independent processes (one per host or accelerator) split a large folder between
+them, writing into the same `--out`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class _Files:
 
     extension = ""
 
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...] = ()):
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...] = (), shard=(0, 1)):
         if not os.path.isdir(directory):
             raise DataError(f"--images={directory} is not a folder")
         self.paths = [
@@ -59,6 +61,7 @@ class _Files:
             raise DataError(
                 f"{directory}: several files share the names {twice[:3]} (masks would overwrite each other)"
             )
+        self.paths, self.names = self.paths[shard[0] :: shard[1]], self.names[shard[0] :: shard[1]]
         self.cfg = cfg
         self.shapes: dict[int, tuple] = {}  # index -> (prepared spatial shape, the file's), once read
 
@@ -94,8 +97,8 @@ class VolumeFiles(_Files):
 
     extension = ".nii.gz"
 
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
-        super().__init__(directory, cfg, (".nii", ".nii.gz"))
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, shard=(0, 1)):
+        super().__init__(directory, cfg, (".nii", ".nii.gz"), shard)
         self.affines: dict[int, np.ndarray] = {}
 
     def __getitem__(self, index: int) -> dict:
@@ -127,13 +130,20 @@ def predict_folder(
     which: str = "best",
     probabilities: bool = False,
     overwrite: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[str]:
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
-    returns the mask paths in file order."""
+    returns the mask paths in file order. `shard=(i, N)`: only files i, i+N, ... (sorted)."""
     train.check_config(config)
     if config.model.spatial_dims == 3 and config.data.name != "nifti":
         raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
-    source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data)
+    part, parts = shard
+    if not (parts >= 1 and 0 <= part < parts):
+        raise ConfigError(f"--shard={part}/{parts}: needs 0 <= i < N")
+    source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data, shard=shard)
+    if not source.paths:  # more shards than files
+        logging.info("predict: shard %d/%d of %s holds no file", part, parts, images)
+        return []
     targets = [os.path.join(out, n + source.extension) for n in source.names]
     with_instances = config.instances.enabled  # the boundary-class network (2D): also instance ids
     targets += [os.path.join(out, f"{n}_instances.png") for n in source.names] if with_instances else []
@@ -191,8 +201,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    index, _, count = f.shard.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise app.UsageError(f"--shard={f.shard}: write i/N, e.g. 0/4")
     with exit_on_user_error():
-        written = predict_folder(f.config, f.workdir, f.images, f.out, f.checkpoint, f.probabilities, f.overwrite)
+        written = predict_folder(
+            f.config, f.workdir, f.images, f.out, f.checkpoint, f.probabilities, f.overwrite, (int(index), int(count))
+        )
         print(f"{len(written)} masks written to {f.out}")
 
 
@@ -206,4 +221,5 @@ if __name__ == "__main__":
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
     flags.DEFINE_bool("probabilities", False, "Also write <name>.npy: float16 softmax [H, W, C].")
     flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
+    flags.DEFINE_string("shard", "0/1", "i/N: segment files i, i+N, ... of the sorted folder (N processes).")
     app.run(main)

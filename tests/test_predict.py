@@ -12,7 +12,7 @@ from PIL import Image
 
 from segjax import instances, metrics, predict, rescore, train
 from segjax.data import sources
-from segjax.errors import DataError, WorkdirError
+from segjax.errors import ConfigError, DataError, WorkdirError
 from tests.conftest import ROOT, load_config
 
 
@@ -152,3 +152,38 @@ def test_files_that_would_write_the_same_mask_are_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "twice" / f"a.{ext}")
     with pytest.raises(DataError, match=r"share the names \['a'\]"):
         predict.ImageFiles(str(tmp_path / "twice"), load_config("default").data)
+
+
+def test_shards_split_a_folder_between_processes(run, tmp_path):
+    """`--shard=i/N`: N processes writing into one folder produce the files of one unsharded
+    run (every file once, the same masks); a shard with no file writes nothing; a bad shard and a
+    malformed flag are clear errors."""
+    config, workdir, examples = run
+    config = config.copy_and_resolve_references()
+    images = write_images(tmp_path / "images", [e["image"] for e in examples[:5]])
+    whole = predict.predict_folder(config, workdir, images, str(tmp_path / "whole"), "latest")
+    out = str(tmp_path / "sharded")
+    parts = [predict.predict_folder(config, workdir, images, out, "latest", shard=(i, 2)) for i in range(2)]
+    assert [os.path.basename(p) for p in parts[0]] == ["img00.png", "img02.png", "img04.png"]
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in whole)
+    for path in whole:
+        a, b = np.asarray(Image.open(path)), np.asarray(Image.open(os.path.join(out, os.path.basename(path))))
+        assert (a == b).mean() > 0.999  # batches of another size may round a tied pixel differently
+    assert predict.predict_folder(config, workdir, images, str(tmp_path / "none"), "latest", shard=(5, 6)) == []
+    with pytest.raises(ConfigError, match=r"--shard=2/2: needs 0 <= i < N"):
+        predict.predict_folder(config, workdir, images, out, "latest", shard=(2, 2))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segjax.predict",
+            f"--workdir={workdir}",
+            f"--images={images}",
+            f"--out={out}",
+            "--shard=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "--shard=1: write i/N, e.g. 0/4" in done.stderr
