@@ -50,9 +50,17 @@ def gray(image: np.ndarray) -> np.ndarray:
     return x[..., 0] if x.ndim == 3 else x
 
 
-def bright_mask(img: np.ndarray, cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray | None]:
-    """(mask of bright regions, instance ids or None) of a [H, W] image in 0..1."""
-    smooth = filters.gaussian(img, sigma=cfg.smooth_sigma) if cfg.smooth_sigma > 0 else img
+def smoothed(img: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """The image after `baseline.smooth_sigma`'s Gaussian (unchanged at 0)."""
+    return filters.gaussian(img, sigma=cfg.smooth_sigma) if cfg.smooth_sigma > 0 else img
+
+
+def bright_mask(
+    img: np.ndarray, cfg: ml_collections.ConfigDict, smooth: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mask of bright regions, instance ids or None) of a [H, W] image in 0..1; `smooth`: the
+    image already smoothed (`smoothed`), when the caller has it."""
+    smooth = smoothed(img, cfg) if smooth is None else smooth
     if cfg.method == "otsu":
         return smooth > filters.threshold_otsu(smooth), None
     if cfg.method == "adaptive":
@@ -75,22 +83,23 @@ def bright_mask(img: np.ndarray, cfg: ml_collections.ConfigDict) -> tuple[np.nda
     raise ConfigError(f"baseline.method={cfg.method!r}; choose one of {list(METHODS)}")
 
 
-def dark_objects(img: np.ndarray, cfg: ml_collections.ConfigDict) -> bool:
+def dark_objects(img: np.ndarray, cfg: ml_collections.ConfigDict, smooth: np.ndarray | None = None) -> bool:
     """`auto_polarity`: True when the bright side of Otsu's threshold (after the smoothing) is
     the majority of the image, i.e. the objects are the dark regions."""
-    smooth = filters.gaussian(img, sigma=cfg.smooth_sigma) if cfg.smooth_sigma > 0 else img
+    smooth = smoothed(img, cfg) if smooth is None else smooth
     return bool(np.mean(smooth > filters.threshold_otsu(smooth)) > 0.5)
 
 
 def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """Class map (int32, 0/1) of one image."""
     img = gray(image)
+    smooth = smoothed(img, cfg)  # once: the Gaussian is linear, so the negated image's is 1 - smooth
     if cfg.auto_polarity:
         if cfg.invert:
             raise ConfigError("baseline.auto_polarity chooses the polarity per image; leave baseline.invert=False")
-        if dark_objects(img, cfg):
-            img = 1.0 - img
-    mask, _ = bright_mask(img, cfg)
+        if dark_objects(img, cfg, smooth):
+            img, smooth = 1.0 - img, 1.0 - smooth
+    mask, _ = bright_mask(img, cfg, smooth)
     return (mask != cfg.invert).astype(np.int32)
 
 
