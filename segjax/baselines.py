@@ -111,9 +111,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
 
     if config.model.spatial_dims != 2:
         raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
-    spacing = surface.spacing_of(config) if config.eval.surface_metrics else None
-    if spacing == surface.STORED:
-        raise ConfigError("eval.surface_units='physical' for a baseline: give the pixel size in data.spacing")
+    spacing = surface.spacing_of(config)
     binary = config.data.num_classes > 2
     names = ("background", "foreground") if binary else tuple(config.data.class_names)
     outputs = []

@@ -86,7 +86,9 @@ def per_image(outputs: list[dict], class_names, tolerance: float, spacing=None) 
     rows: list[dict | None] = []
     for out in outputs:
         if spacing == STORED and "gt_spacing" not in out:
-            raise DataError("eval.surface_units='physical' but the evaluated data carries no voxel spacing")
+            raise DataError(
+                "eval.surface_units='physical' but the evaluated data carries no voxel spacing; give data.spacing"
+            )
         spacings = out["gt_spacing"] if spacing == STORED else [spacing] * len(out["pred"])
         for pred, label, valid, size in zip(out["pred"], out["label"], out["valid"], spacings, strict=True):
             valid = np.asarray(valid) > 0
