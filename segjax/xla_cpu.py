@@ -1,6 +1,6 @@
 """XLA:CPU options segjax sets before JAX starts its CPU backend, because they make training faster.
 
-jaxlib 0.10/0.11 hand convolutions, matrix products and reductions to YNNPACK by default. For
+jaxlib 0.10-0.12 hand convolutions, matrix products and reductions to YNNPACK by default. For
 convolution *weight gradients* (a convolution whose window is the whole image) YNNPACK is about
 2x slower than XLA's own Eigen convolution on this project's CPU, and those dominate a U-Net
 training step. `--xla_cpu_experimental_ynn_fusion_type=dot,reduce` keeps YNNPACK for products
@@ -21,7 +21,7 @@ import os
 from collections.abc import MutableMapping
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
-MEASURED_JAXLIB = ((0, 10), (0, 11))  # (major, minor) versions the flags were measured on
+MEASURED_JAXLIB = ((0, 10), (0, 11), (0, 12))  # (major, minor) versions the flags were measured on
 OPT_OUT = "SEGJAX_XLA_CPU_DEFAULTS"
 
 

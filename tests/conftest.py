@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
 import pytest
 
@@ -27,6 +28,22 @@ def load_config(name: str, arg: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _library_temporary_files(tmp_path_factory):
+    """Libraries' own temporary files go under pytest's folder (which pytest prunes), not /tmp:
+    TFDS leaves an empty `tmp*tfds` folder behind whenever it opens a dataset not yet prepared. TMPDIR carries
+    it to the CLI subprocesses the tests start."""
+    path = str(tmp_path_factory.mktemp("tempfile"))
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = path, path
+    yield
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ against numpy, and the ISBI README's claim that the protocol's validation membra
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from PIL import Image
 from scipy import stats
 
 from segjax.data import label_stats
-from tests.conftest import SHARED_DATA, load_config
+from segjax.errors import DataError
+from tests.conftest import ROOT, SHARED_DATA, load_config
 from tests.test_folder import folder_config
 
 
@@ -83,6 +86,37 @@ def test_split_rows_read_a_folder_dataset(tmp_path, tfds_dir):
     np.testing.assert_allclose([r["width"] for r in rows], widths[2:], rtol=0.04)
     with pytest.raises(ValueError, match="splits"):
         label_stats.split_rows(cfg, "test", class_id=1)
+
+
+def write_frames(folder, widths):
+    os.makedirs(folder, exist_ok=True)
+    for i, w in enumerate(widths):
+        Image.fromarray(square_frame(64, 48, w).astype(np.uint8)).save(os.path.join(folder, f"m{i}.png"))
+
+
+def test_a_folder_of_masks_is_measured_file_by_file(tmp_path):
+    write_frames(tmp_path, [5, 3])
+    Image.fromarray(np.ones((64, 64), np.uint16)).save(tmp_path / "m0_instances.png")  # left out
+    (tmp_path / "notes.txt").write_text("not a mask")
+    rows = label_stats.folder_rows(str(tmp_path), class_id=1)
+    assert [r["name"] for r in rows] == ["m0", "m1"]
+    np.testing.assert_allclose([r["width"] for r in rows], [5, 3], rtol=0.04)
+    with pytest.raises(DataError, match="no such folder"):
+        label_stats.folder_rows(str(tmp_path / "absent"), 1)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"no \.png masks"):
+        label_stats.folder_rows(str(tmp_path / "empty"), 1)
+
+
+def test_command_line_on_a_mask_folder(tmp_path):
+    write_frames(tmp_path, [4, 8, 6])
+    cmd = [sys.executable, "-m", "segjax.data.label_stats", f"--masks={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mean = next(line for line in out.stdout.splitlines() if line.startswith("mean")).split()
+    assert float(mean[2]) == pytest.approx(6, rel=0.04)  # the mean width of 4, 8 and 6 px frames
+    both = subprocess.run([*cmd, "--config=configs/isbi.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and "either --config" in both.stderr
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="shared data absent")

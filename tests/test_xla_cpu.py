@@ -14,7 +14,7 @@ from segjax import xla_cpu
 FLAG = xla_cpu.CPU_FLAGS[0].split("=")[0]
 
 # One U-Net training step on fixed data; prints the loss, gradient norm, parameter sums and whether
-# XLA hands a convolution to YNNPACK (its default in jaxlib 0.10/0.11; segjax's flags keep Eigen's).
+# XLA hands a convolution to YNNPACK (its default in jaxlib 0.10-0.12; segjax's flags keep Eigen's).
 PROBE = """
 import json, functools
 import jax, jax.numpy as jnp, numpy as np

@@ -9,14 +9,21 @@ thinnest-drawn of the six folds).
   python -m segjax.data.label_stats --config=configs/isbi.py --split=validation [--class_id=1]
 
 prints, per image of the split, the class's pixel fraction and mean width and the image's mean
-intensity and contrast (standard deviation), then the split's means and how the width correlates
-with the image's statistics (a width that follows none of them is the annotators', not the images').
+intensity and contrast (standard deviation), then the means and how the width correlates with the
+image's statistics (a width that follows none of them is the annotators', not the images').
+
+  python -m segjax.data.label_stats --masks=runs/isbi/masks [--class_id=1]
+
+measures a folder of class-id PNG masks instead (a dataset's `masks/`, or what `segjax.predict`
+wrote: how wide the network draws the structures; no image statistics there).
 Width = area / skeleton length, the skeleton's length counted in pixels (scikit-image's
 `skeletonize`; a diagonal step counts as one pixel, so obliquely running structures read up to
 1.4x wider: compare images of similar texture, not a vertical against a diagonal one).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from skimage.morphology import skeletonize
@@ -65,19 +72,41 @@ def split_rows(data_config, split: str, class_id: int) -> list[dict]:
     return per_image((source[i] for i in range(len(source))), class_id)
 
 
+def folder_rows(path: str, class_id: int) -> list[dict]:
+    """`per_image` over the class-id PNG masks in folder `path` (sorted; `*_instances.png` left out)."""
+    from PIL import Image
+
+    from segjax.errors import DataError
+
+    if not os.path.isdir(path):
+        raise DataError(f"--masks={path}: no such folder")
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(".png") and not n.endswith("_instances.png"))
+    if not names:
+        raise DataError(f"--masks={path}: no .png masks in the folder")
+    return per_image(
+        ({"label": np.asarray(Image.open(os.path.join(path, n))), "name": n[:-4]} for n in names), class_id
+    )
+
+
 def main(argv) -> None:
     from absl import flags
 
-    config = flags.FLAGS.config
-    config.data.cache = False
-    rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
-    keys = ("fraction", "width", "image_mean", "image_std")
+    config, masks = flags.FLAGS.config, flags.FLAGS.masks
+    if (config is None) == (masks is None):
+        raise SystemExit("give either --config (a dataset's split) or --masks (a folder of class-id PNGs)")
+    if masks is not None:
+        rows = folder_rows(masks, flags.FLAGS.class_id)
+    else:
+        config.data.cache = False
+        rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
+    with_images = any(np.isfinite(row["image_mean"]) for row in rows)
+    keys = ("fraction", "width", "image_mean", "image_std") if with_images else ("fraction", "width")
     print(f"{'image':<16}" + "".join(f"{k:>12}" for k in keys))
     for row in rows:
         print(f"{row['name']:<16}" + "".join(f"{row[k]:12.4f}" for k in keys))
     columns = {k: np.array([row[k] for row in rows]) for k in keys}
     print(f"{'mean':<16}" + "".join(f"{np.nanmean(columns[k]):12.4f}" for k in keys) + f"  ({len(rows)} images)")
-    if len(rows) >= 3:
+    if with_images and len(rows) >= 3:
         print(
             "correlation of the width with "
             + ", ".join(f"{k}: {correlation(columns['width'], columns[k]):+.2f}" for k in keys[2:])
@@ -97,5 +126,5 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
     flags.DEFINE_integer("class_id", 1, "the class whose structures are measured")
     flags.DEFINE_string("split", "validation", "which split: train, validation or test")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("masks", None, "a folder of class-id PNG masks to measure instead of a dataset")
     app.run(main)
