@@ -136,11 +136,20 @@ def collect(workdir: str, order: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict], keys=SUMMARY_KEYS) -> list[dict]:
-    """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`."""
+POOLED = "all (pooled)"
+
+
+def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list[dict]:
+    """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`.
+    `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
+    the folds of a cross-validation, the cross-validated mean and its spread over folds."""
+    groups = {
+        variant: [r for r in rows if r["variant"] == variant] for variant in dict.fromkeys(r["variant"] for r in rows)
+    }
+    if pooled and rows:
+        groups[POOLED] = rows
     out = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
+    for variant, mine in groups.items():
         entry = {"variant": variant, "n": len(mine)}
         for key in keys:
             values = np.array([r[key] for r in mine if r.get(key) is not None], np.float64)
@@ -174,18 +183,20 @@ def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
 
 
-def write_results(workdir: str, rows: list[dict], extra_keys=()) -> str:
+def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
-    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`)."""
+    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`; with
+    `pooled` a last row over every run)."""
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
     with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
         writer.writeheader()
         writer.writerows(rows)
     columns = summary_keys(rows, extra_keys)
-    table = markdown(summarize(rows, columns), columns)
+    table = markdown(summarize(rows, columns, pooled), columns)
+    note = f"; '{POOLED}': over every run of every variant" if pooled else ""
     with writers.replaced(os.path.join(workdir, "summary.md")) as f:
-        f.write(f"Mean ± sample std over seeds (validation split; n = finished runs).\n\n{table}\n")
+        f.write(f"Mean ± sample std over seeds (validation split; n = finished runs{note}).\n\n{table}\n")
     return table
 
 
@@ -197,6 +208,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("vmap_seeds", False, "Train each variant's seeds as one vmapped run (train.num_seeds).")
     flags.DEFINE_bool("collect_only", False, "Only rebuild runs.csv and summary.md from finished runs.")
     flags.DEFINE_list("summary_keys", [], "More metrics.json keys for summary.md, e.g. val/dice/membrane.")
+    flags.DEFINE_bool("pooled", False, "Add a row over every run of every variant (the folds of a cross-validation).")
 
 
 def main(argv):
@@ -216,7 +228,7 @@ def main(argv):
         missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
         missing = f" ({missing} not finished: in progress elsewhere or failed)" if missing > 0 else ""
         print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{missing}\n")
-        print(write_results(f.workdir, rows, f.summary_keys))
+        print(write_results(f.workdir, rows, f.summary_keys, f.pooled))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,20 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "| a | 3 | 0.7000 ± 0.2000 |" in table and "| b | 1 | 0.4000 |" in table
 
 
+def test_pooled_row_is_over_every_run_of_every_variant(tmp_path):
+    rows = [{"variant": f"fold{k}", "seed": 0, "val/miou": v} for k, v in enumerate((0.80, 0.84, 0.83, 0.79))]
+    summary = study.summarize(rows, keys=("val/miou",), pooled=True)
+    assert [e["variant"] for e in summary] == ["fold0", "fold1", "fold2", "fold3", study.POOLED]
+    assert summary[-1]["n"] == 4 and summary[-1]["val/miou"] == pytest.approx(0.815)  # (0.80+0.84+0.83+0.79)/4
+    assert summary[-1]["val/miou_std"] == pytest.approx(np.std([0.80, 0.84, 0.83, 0.79], ddof=1))
+    assert all(math.isnan(e["val/miou_std"]) for e in summary[:-1])  # one run per fold
+    assert [e["variant"] for e in study.summarize(rows, keys=("val/miou",))] == ["fold0", "fold1", "fold2", "fold3"]
+    table = study.write_results(str(tmp_path), rows, pooled=True)
+    assert table.splitlines()[-1].startswith(f"| {study.POOLED} | 4 | 0.8150 ± ")
+    with open(tmp_path / "summary.md", encoding="utf-8") as f:
+        assert "over every run of every variant" in f.read()
+
+
 def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path):
     rows = [
         {"variant": "a", "seed": s, "val/miou": 0.5, "val/mnsd": 0.6 + 0.2 * s, "val/dice/membrane": 0.8}
@@ -116,3 +130,14 @@ def test_example_study_file_defines_valid_variants():
     assert len(variants) >= 15
     for name, overrides in variants.items():
         study.variant_config(base, overrides, name)  # every override is a valid, well-typed key
+
+
+def test_isbi_cross_validation_study_holds_out_each_fold_once():
+    path = os.path.join(ROOT, "configs", "studies", "isbi_folds.py")
+    base, variants = study.load_study(path + ":proxy")
+    assert base.train.steps == 1000 and base.data.num_threads == 1
+    configs = [study.variant_config(base, overrides, name) for name, overrides in variants.items()]
+    assert [c.data.folder.fold for c in configs] == list(range(base.data.folder.num_folds))
+    assert study.load_study(path)[0].train.steps == load_config("isbi").train.steps
+    with pytest.raises(ValueError, match="unknown argument 'fast'"):
+        study.load_study(path + ":fast")
