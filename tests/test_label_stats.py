@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from segjax.data import label_stats
-from segjax.errors import DataError
+from segjax.errors import ConfigError, DataError
 from tests.conftest import ROOT, SHARED_DATA, load_config
 from tests.test_folder import folder_config
 
@@ -46,7 +46,7 @@ def test_empty_and_non_2d_masks():
     assert np.isnan(label_stats.mean_width(np.zeros((8, 8), bool)))
     with pytest.raises(ValueError, match="2D mask"):
         label_stats.mean_width(np.zeros((4, 8, 8), bool))
-    with pytest.raises(ValueError, match="2D labels"):
+    with pytest.raises(ConfigError, match="2D labels"):
         label_stats.per_image([{"label": np.zeros((4, 8, 8), np.int32)}], 1)
 
 
@@ -84,7 +84,7 @@ def test_split_rows_read_a_folder_dataset(tmp_path, tfds_dir):
     rows = label_stats.split_rows(cfg, "validation", class_id=1)
     assert [r["name"] for r in rows] == ["002", "003"]
     np.testing.assert_allclose([r["width"] for r in rows], widths[2:], rtol=0.04)
-    with pytest.raises(ValueError, match="splits"):
+    with pytest.raises(ConfigError, match="--split=test: this dataset has the splits"):
         label_stats.split_rows(cfg, "test", class_id=1)
 
 
@@ -116,7 +116,7 @@ def test_command_line_on_a_mask_folder(tmp_path):
     mean = next(line for line in out.stdout.splitlines() if line.startswith("mean")).split()
     assert float(mean[2]) == pytest.approx(6, rel=0.04)  # the mean width of 4, 8 and 6 px frames
     both = subprocess.run([*cmd, "--config=configs/isbi.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert both.returncode != 0 and "either --config" in both.stderr
+    assert both.returncode == 2 and "error: give either --config" in both.stderr
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="shared data absent")

@@ -28,6 +28,8 @@ import os
 import numpy as np
 from skimage.morphology import skeletonize
 
+from segjax.errors import ConfigError, DataError, exit_on_user_error
+
 
 def mean_width(mask: np.ndarray) -> float:
     """Area / skeleton length in pixels of a 2D boolean mask; NaN where the mask is empty."""
@@ -45,7 +47,7 @@ def per_image(examples, class_id: int) -> list[dict]:
     for i, example in enumerate(examples):
         label = np.asarray(example["label"])
         if label.ndim != 2:
-            raise ValueError(f"label statistics need 2D labels, got shape {label.shape} (example {i})")
+            raise ConfigError(f"label statistics need 2D labels, got shape {label.shape} (example {i})")
         mask = label == class_id
         name = example.get("name", str(i))
         image = np.asarray(example.get("image", np.nan), np.float64)
@@ -67,7 +69,7 @@ def split_rows(data_config, split: str, class_id: int) -> list[dict]:
 
     splits = sources.open_splits(data_config)
     if split not in splits:
-        raise ValueError(f"split {split!r}: this dataset has the splits {sorted(splits)}")
+        raise ConfigError(f"--split={split}: this dataset has the splits {sorted(splits)}")
     source = splits[split]
     return per_image((source[i] for i in range(len(source))), class_id)
 
@@ -75,8 +77,6 @@ def split_rows(data_config, split: str, class_id: int) -> list[dict]:
 def folder_rows(path: str, class_id: int) -> list[dict]:
     """`per_image` over the class-id PNG masks in folder `path` (sorted; `*_instances.png` left out)."""
     from PIL import Image
-
-    from segjax.errors import DataError
 
     if not os.path.isdir(path):
         raise DataError(f"--masks={path}: no such folder")
@@ -92,13 +92,14 @@ def main(argv) -> None:
     from absl import flags
 
     config, masks = flags.FLAGS.config, flags.FLAGS.masks
-    if (config is None) == (masks is None):
-        raise SystemExit("give either --config (a dataset's split) or --masks (a folder of class-id PNGs)")
-    if masks is not None:
-        rows = folder_rows(masks, flags.FLAGS.class_id)
-    else:
-        config.data.cache = False
-        rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
+    with exit_on_user_error():
+        if (config is None) == (masks is None):
+            raise ConfigError("give either --config (a dataset's split) or --masks (a folder of class-id PNGs)")
+        if masks is not None:
+            rows = folder_rows(masks, flags.FLAGS.class_id)
+        else:
+            config.data.cache = False
+            rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
     with_images = any(np.isfinite(row["image_mean"]) for row in rows)
     keys = ("fraction", "width", "image_mean", "image_std") if with_images else ("fraction", "width")
     print(f"{'image':<16}" + "".join(f"{k:>12}" for k in keys))
