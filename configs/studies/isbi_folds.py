@@ -4,7 +4,7 @@ One variant per held-out fold; fold5 (images 025-029) is the issue's protocol. `
 row over all folds: the cross-validated mean +- std over folds.
 
 COMMAND (the README's proxy: 1000 steps on one core per process; two processes share the study,
-~70 min on a 2-core machine; ../shared/data or $SEGJAX_SHARED_DATA):
+~75 min on a 2-core machine; ../shared/data or $SEGJAX_SHARED_DATA):
   for c in 0 1; do taskset -c $c python -m segjax.study --study=configs/studies/isbi_folds.py:proxy \\
       --workdir=runs/isbi_folds --seeds=1 --summary_keys=val/dice/membrane --pooled & done; wait
 Full recipe (2000 steps, both cores, ~23 min per fold): --study=configs/studies/isbi_folds.py
