@@ -103,6 +103,9 @@ def test_a_folder_of_masks_is_measured_file_by_file(tmp_path):
     np.testing.assert_allclose([r["width"] for r in rows], [5, 3], rtol=0.04)
     with pytest.raises(DataError, match="no such folder"):
         label_stats.folder_rows(str(tmp_path / "absent"), 1)
+    (tmp_path / "m2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"m2\.png: corrupt or truncated image"):
+        label_stats.folder_rows(str(tmp_path), class_id=1)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(DataError, match=r"no \.png masks"):
         label_stats.folder_rows(str(tmp_path / "empty"), 1)

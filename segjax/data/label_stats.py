@@ -75,17 +75,22 @@ def split_rows(data_config, split: str, class_id: int) -> list[dict]:
 
 
 def folder_rows(path: str, class_id: int) -> list[dict]:
-    """`per_image` over the class-id PNG masks in folder `path` (sorted; `*_instances.png` left out)."""
-    from PIL import Image
+    """`per_image` over the class-id PNG masks in folder `path` (sorted; `*_instances.png` left out);
+    a corrupt file is a DataError naming it (`png.decode`, as the dataset builders read masks)."""
+    from segjax.data import folder, png
 
     if not os.path.isdir(path):
         raise DataError(f"--masks={path}: no such folder")
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(".png") and not n.endswith("_instances.png"))
     if not names:
         raise DataError(f"--masks={path}: no .png masks in the folder")
-    return per_image(
-        ({"label": np.asarray(Image.open(os.path.join(path, n))), "name": n[:-4]} for n in names), class_id
-    )
+
+    def read(name: str) -> dict:
+        file = os.path.join(path, name)
+        with open(file, "rb") as f:
+            return {"label": png.decode(f.read(), file), "name": folder.stem(name)}
+
+    return per_image((read(n) for n in names), class_id)
 
 
 def main(argv) -> None:
@@ -100,7 +105,7 @@ def main(argv) -> None:
         else:
             config.data.cache = False
             rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
-    with_images = any(np.isfinite(row["image_mean"]) for row in rows)
+    with_images = masks is None  # a mask folder has no images to describe
     keys = ("fraction", "width", "image_mean", "image_std") if with_images else ("fraction", "width")
     print(f"{'image':<16}" + "".join(f"{k:>12}" for k in keys))
     for row in rows:
