@@ -8,6 +8,7 @@ shows which parts use more than one thread.
 
   python benchmarks/conv_grads.py                  # every core of this machine
   taskset -c 0 python benchmarks/conv_grads.py     # one core
+  python benchmarks/conv_grads.py --regrouped      # + two grouped forms of the weight gradient
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def weight_grad_conv_only(xt, gt):
     return lax.conv_general_dilated(xt, gt, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
 
 
+def weight_grad_feature_groups(x, g):
+    """The weight gradient with one group per image (feature_group_count = N): N x more output
+    values for Eigen to spread over threads, summed over images afterwards."""
+    n, h, w, ci = x.shape
+    gt = jnp.transpose(g, (1, 2, 0, 3)).reshape(h, w, 1, n * g.shape[-1])
+    out = lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)), gt, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=n
+    )
+    return out.reshape(ci, 3, 3, n, -1).sum(3).transpose(1, 2, 0, 3)
+
+
+def weight_grad_row_groups(x, g, parts: int = 2):
+    """The weight gradient over `parts` bands of rows at once (batch_group_count = parts), summed."""
+    h = x.shape[1] // parts
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    xs = jnp.concatenate([jnp.transpose(xp[:, i * h : i * h + h + 2], (3, 1, 2, 0)) for i in range(parts)], 0)
+    gs = jnp.concatenate([jnp.transpose(g[:, i * h : (i + 1) * h], (1, 2, 0, 3)) for i in range(parts)], -1)
+    out = lax.conv_general_dilated(xs, gs, (1, 1), "VALID", dimension_numbers=NHWC, batch_group_count=parts)
+    return out.reshape(x.shape[-1], 3, 3, parts, -1).sum(3).transpose(1, 2, 0, 3)
+
+
 def median_ms(fn, *args, repeats: int) -> float:
     fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
@@ -60,9 +82,11 @@ def median_ms(fn, *args, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--regrouped", action="store_true", help="also time the two grouped weight gradients")
     args = parser.parse_args()
     print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
-    print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone")
+    extra = "  feature groups  row groups" if args.regrouped else ""
+    print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone" + extra)
     for n, edge, c in SHAPES:
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(keys[0], (n, edge, edge, c))
@@ -78,6 +102,9 @@ def main() -> None:
             median_ms(weight_grad, x, w, g, repeats=args.repeats),
             median_ms(weight_grad_conv_only, xt, gt, repeats=args.repeats),
         ]
+        for form in (weight_grad_feature_groups, weight_grad_row_groups) if args.regrouped else ():
+            assert jnp.allclose(jax.jit(form)(x, g), full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+            row.append(median_ms(form, x, g, repeats=args.repeats))
         print(f"{n} x {edge}^2 x {c:<4}             " + "  ".join(f"{v:9.1f}" for v in row), flush=True)
 
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from segjax import study, workdirs
+from segjax import configuration, study, workdirs
 from segjax.errors import ConfigError
 from tests.conftest import ROOT, load_config
 
@@ -141,3 +141,19 @@ def test_isbi_cross_validation_study_holds_out_each_fold_once():
     assert study.load_study(path)[0].train.steps == load_config("isbi").train.steps
     with pytest.raises(ValueError, match="unknown argument 'fast'"):
         study.load_study(path + ":fast")
+
+
+def test_isbi_variants_study_changes_only_its_keys_of_the_protocol_proxy():
+    path = os.path.join(ROOT, "configs", "studies", "isbi_variants.py")
+    base, variants = study.load_study(path)
+    folds_base, folds = study.load_study(os.path.join(ROOT, "configs", "studies", "isbi_folds.py") + ":proxy")
+    protocol = study.variant_config(folds_base, folds[f"fold{folds_base.data.folder.fold}"], "protocol")
+    flat = configuration.flatten
+    assert flat(study.variant_config(base, variants["default"], "default").to_dict()) == flat(protocol.to_dict())
+    reference = flat(base.to_dict())
+    for name, overrides in variants.items():
+        changed = flat(study.variant_config(base, overrides, name).to_dict())
+        assert {k for k in reference if changed[k] != reference[k]} == set(overrides), name
+    assert list(study.load_study(path + ":ce_only, pool_avg")[1]) == ["ce_only", "pool_avg"]
+    with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['ce'\]"):
+        study.load_study(path + ":ce,pool_avg")

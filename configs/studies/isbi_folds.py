@@ -16,6 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import isbi
 
+from segjax.errors import ConfigError
+
 
 def get_config(arg=None):
     c = isbi.get_config()
@@ -23,7 +25,7 @@ def get_config(arg=None):
         c.train.steps = 1000
         c.data.num_threads = 1
     elif arg:
-        raise ValueError(f"isbi_folds.py: unknown argument {arg!r}; use ':proxy' or nothing")
+        raise ConfigError(f"isbi_folds.py: unknown argument {arg!r}; use ':proxy' or nothing")
     return c
 
 

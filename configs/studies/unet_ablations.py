@@ -15,6 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import default
 
+from segjax.errors import ConfigError
+
 AXES = {
     "skips": {
         "unet": {},
@@ -70,5 +72,5 @@ def get_variants(arg=None):
     if axis == "all":
         return {f"{a}/{name}".replace("/", "_"): o for a, variants in AXES.items() for name, o in variants.items()}
     if axis not in AXES:
-        raise ValueError(f"unknown axis {axis!r}; choose one of {sorted(AXES)} or 'all'")
+        raise ConfigError(f"unknown axis {axis!r}; choose one of {sorted(AXES)} or 'all'")
     return AXES[axis]
