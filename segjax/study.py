@@ -3,6 +3,8 @@
 A study file is a Python config file with two functions (see configs/studies/):
     get_config(arg)   -> the base ConfigDict (any config: start from configs/default.py)
     get_variants(arg) -> {variant name: {"dotted.config.key": value, ...}}
+(an `arg` a study file does not know raises `segjax.errors.ConfigError`: a one-line error, as
+configs/studies/ do)
 Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
 overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
 the command continues a study. The same command started several times (one process per GPU,
