@@ -20,12 +20,12 @@ python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax'
 optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 B=benchmarks/train_bench.py
 run() { echo "=== $*" | tee -a "$LOG"; timeout "${LIMIT:-240}" python3 "$@" 2>&1 | grep -v "^W0\|^I0\|Warning" | tee -a "$LOG"; }
-# Session 11: the headline ratio at 512^2 and 256^2 (bf16), segjax also with its step recorded
-# whole as CUDA graphs (convolutions included) and with command buffers off, synchronised and pipelined
-CB="xla_gpu_enable_command_buffer=+CONVOLUTION;xla_gpu_graph_min_graph_size=1"
-LIMIT=300 run $B --size 512 --batch 16 --dtype bfloat16 --compile --peak --steps 20 --pipelined 20 \
-  --xla "$CB" --xla "xla_gpu_enable_command_buffer=" --json "$OUT/train.jsonl"
-LIMIT=200 run $B --size 256 --batch 32 --dtype bfloat16 --compile --no_eager --steps 20 --pipelined 20 \
-  --xla "$CB" --json "$OUT/train.jsonl"
+# Session 16: batch norm's sums as matrix products (norm_forms.py), one layer and then the whole
+# step against torch.compile (bf16, 512^2 then 256^2)
+LIMIT=90 run benchmarks/norm_forms.py --shape 16,512,512,32 --dtype bfloat16
+LIMIT=300 run $B --size 512 --batch 16 --dtype bfloat16 --compile --no_eager --peak --steps 20 --pipelined 20 \
+  --norm_form vjp --norm_form dot --norm_form rows --json "$OUT/train.jsonl"
+LIMIT=150 run $B --size 256 --batch 32 --dtype bfloat16 --compile --no_eager --steps 20 --pipelined 20 \
+  --norm_form vjp --json "$OUT/train.jsonl"
 echo "=== summary" | tee -a "$LOG"
-grep -h "^===\|speedup\|^pipelined\|^segjax\|^torch\|vmap K=\|^default\|^textbook\|^no_norm\|^plain_conv\|^stem_im2col\|^batch=\|^xla:" "$LOG"
+grep -h "^===\|speedup\|^flax \|^dot \|^vjp \|^rows \|^segjax +\|^pipelined\|^segjax\|^torch\|vmap K=\|^default\|^textbook\|^no_norm\|^plain_conv\|^stem_im2col\|^batch=\|^xla:" "$LOG"

@@ -19,6 +19,9 @@ variants after it. Variants (`--variants`, comma-separated):
              which XLA cannot fuse through: XLA:CPU then transposes the stored activation for the
              weight gradient instead of recomputing norm + ReLU inside a strided transpose loop
              (the same function; an experiment for issue 8, not a default)
+  bn_dot, bn_vjp, bn_rows
+             batch norm's per-channel sums as matrix products / also in a hand-written backward /
+             as a two-stage reduction (`norm_forms.py`; the same function, an experiment for issue 8)
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
 
@@ -48,6 +51,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import norm_forms
 import numpy as np
 from jax import lax
 from train_bench import measure_peak, parse_option, segjax_step
@@ -134,6 +138,9 @@ def cuda_conv(replacement):
         blocks.channel_padded_conv = channel_padded
 
 
+BN_FORMS = {"bn_dot": "dot", "bn_vjp": "vjp", "bn_rows": "rows"}
+
+
 def build(args, variant: str):
     """(jitted train step, state, batch, forward FLOPs per batch) for one variant."""
     cfg = default_config()
@@ -145,7 +152,7 @@ def build(args, variant: str):
         batch_size = int(variant.split("=", 1)[1])
     elif variant.startswith("xla:"):
         options = dict(parse_option(o) for o in variant[4:].split(";"))
-    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized"):
+    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized", *BN_FORMS):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
     image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
@@ -155,6 +162,7 @@ def build(args, variant: str):
         "plain_conv": functools.partial(cuda_conv, plain_conv),
         "stem_im2col": functools.partial(cuda_conv, im2col_conv),
         "materialized": materialized_inputs,
+        **{name: functools.partial(norm_forms.use, form) for name, form in BN_FORMS.items()},
     }
     with patches.get(variant, contextlib.nullcontext)():
         train, forward, st, batch = segjax_step(cfg, args.classes, image, label)

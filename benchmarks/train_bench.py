@@ -20,7 +20,9 @@ segjax's forward, counted from its jaxpr by `segjax.flops`) x steps/s over that 
 `--json FILE` appends one JSON line of results. `--pipelined N` also times N steps back to back
 with one sync at the end (the rate of a training loop that does not wait for each step, as
 segjax's own). `--xla "K=V[;K2=V2]"` (repeatable) adds a segjax runner whose step is compiled with
-those XLA options (e.g. `xla_gpu_enable_command_buffer=+CONVOLUTION`), timed alongside the rest.
+those XLA options (e.g. `xla_gpu_enable_command_buffer=+CONVOLUTION`), timed alongside the rest;
+`--norm_form dot|vjp|rows` (repeatable) one whose batch norm computes its sums another way
+(`norm_forms.py`).
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -36,6 +38,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import norm_forms
 import numpy as np
 
 from segjax import optim, state, steps
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
     parser.add_argument("--json", default="", help="append a JSON line of results to this file")
     parser.add_argument("--xla", action="append", default=[], help="'K=V;K2=V2': another segjax runner")
+    parser.add_argument("--norm_form", action="append", default=[], help="another segjax runner: norm_forms.py's form")
     args = parser.parse_args()
     import torch
 
@@ -334,6 +338,9 @@ def main() -> None:
             print(f"{name}: failed: {type(err).__name__}: {str(err)[:200]}")
             continue
         runners[name] = jax_runner(compiled, infer, states[name], batch)
+    for form in args.norm_form:  # the same network with batch norm's sums in another form
+        with norm_forms.use(form):
+            runners[f"segjax + bn {form}"] = jax_runner(*segjax_step(cfg, args.classes, image, label))
 
     net = twin()
     n_jax, n_torch = state.param_count(st.params), sum(p.numel() for p in net.parameters())
