@@ -5,7 +5,9 @@ and loss reductions (`RESULTS.md`, session 6). XLA reduces an (N, H, W, C) tenso
 as a column reduction with only C (32 at full resolution) columns. The same sums are matrix
 products with a long contraction: sum(x) = 1^T X and sum(x^2) = diag(X^T X) (X the M x C
 flattening; bf16 x bf16 products are exact in float32, so with float32 accumulation these are
-flax's float32 sums in another order), which cuBLAS runs at full memory bandwidth.
+flax's float32 sums in another order), which cuBLAS might run closer to the memory bandwidth.
+Measured on the H100 (`RESULTS.md`, session 16): it does not; flax's layer is the fastest form
+(2.0 TB/s over its least traffic) and no form moves the training step, so none is a default.
 
 `BatchNorm(form=...)` is `flax.linen.BatchNorm` as segjax uses it (same parameters, statistics,
 momentum, epsilon, fast variance, float32 statistics, output dtype; the class name keeps the
@@ -41,7 +43,7 @@ def _precision(x):
 
 
 def channel_sums(x):
-    """(sum over all but the last axis of x, of x^2, of x*y-ready flat view) in float32."""
+    """(sum of x, sum of x^2) over all but the last axis, float32, as two matrix products."""
     flat = x.reshape(-1, x.shape[-1])
     ones = jnp.ones((flat.shape[0],), flat.dtype)
     prec = _precision(flat)
