@@ -35,6 +35,7 @@ from jax import lax
 from segjax.models import blocks
 
 EPSILON = 1e-5  # flax's default, as segjax uses it
+FORMS = ("dot", "vjp", "rows")
 
 
 def _precision(x):
@@ -42,14 +43,17 @@ def _precision(x):
     return lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
+def product_sums(a, b):
+    """(sum of a, sum of a * b) over the rows of two M x C matrices, float32, as the matrix
+    products 1^T A and diag(A^T B)."""
+    dot = functools.partial(jnp.dot, precision=_precision(a), preferred_element_type=jnp.float32)
+    return dot(jnp.ones((a.shape[0],), a.dtype), a), jnp.diagonal(dot(a.T, b.astype(a.dtype)))
+
+
 def channel_sums(x):
     """(sum of x, sum of x^2) over all but the last axis, float32, as two matrix products."""
     flat = x.reshape(-1, x.shape[-1])
-    ones = jnp.ones((flat.shape[0],), flat.dtype)
-    prec = _precision(flat)
-    total = jnp.dot(ones, flat, precision=prec, preferred_element_type=jnp.float32)
-    gram = jnp.dot(flat.T, flat, precision=prec, preferred_element_type=jnp.float32)
-    return total, jnp.diagonal(gram)
+    return product_sums(flat, flat)
 
 
 def row_split_sums(x):
@@ -75,8 +79,7 @@ def _normalize(x, mean, var, scale, bias, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _train_norm(x, scale, bias, dtype):
-    mean, var = _stats(x, "dot")
-    return _normalize(x, mean, var, scale, bias, dtype), mean, var
+    return _train_norm_fwd(x, scale, bias, dtype)[0]
 
 
 def _train_norm_fwd(x, scale, bias, dtype):
@@ -89,10 +92,7 @@ def _train_norm_bwd(dtype, res, cotangents):
     dy, dmean, dvar = cotangents
     m = x.size // x.shape[-1]
     rstd = lax.rsqrt(var + EPSILON)
-    flat_dy, flat_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    dot = functools.partial(jnp.dot, precision=_precision(flat_dy), preferred_element_type=jnp.float32)
-    dbias = dot(jnp.ones((flat_dy.shape[0],), flat_dy.dtype), flat_dy)
-    dy_x = jnp.diagonal(dot(flat_dy.T, flat_x.astype(flat_dy.dtype)))
+    dbias, dy_x = product_sums(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
     dscale = (dy_x - mean * dbias) * rstd
     xhat = (x - mean) * rstd
     dx = rstd * scale * (dy - dbias / m - xhat * (dscale / m)) + dmean / m + dvar * 2 * (x - mean) / m
@@ -170,7 +170,7 @@ def main() -> None:
     gbytes = 8 * x.size * dtype.itemsize / 1e9
     print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {shape} {args.dtype}; 8 passes = {gbytes:.2f} GB")
     modules = {"flax": nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)}
-    modules.update({form: BatchNorm(dtype=dtype, form=form) for form in ("dot", "vjp", "rows")})
+    modules.update({form: BatchNorm(dtype=dtype, form=form) for form in FORMS})
     for name, module in modules.items():
         variables = module.init(jax.random.key(0), x)
 

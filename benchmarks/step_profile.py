@@ -138,7 +138,7 @@ def cuda_conv(replacement):
         blocks.channel_padded_conv = channel_padded
 
 
-BN_FORMS = {"bn_dot": "dot", "bn_vjp": "vjp", "bn_rows": "rows"}
+BN_FORMS = {f"bn_{form}": form for form in norm_forms.FORMS}
 
 
 def build(args, variant: str):

@@ -278,7 +278,13 @@ def main() -> None:
     parser.add_argument("--peak", action="store_true", help="measure the bf16 matmul peak; print MFU")
     parser.add_argument("--json", default="", help="append a JSON line of results to this file")
     parser.add_argument("--xla", action="append", default=[], help="'K=V;K2=V2': another segjax runner")
-    parser.add_argument("--norm_form", action="append", default=[], help="another segjax runner: norm_forms.py's form")
+    parser.add_argument(
+        "--norm_form",
+        action="append",
+        default=[],
+        choices=norm_forms.FORMS,
+        help="another segjax runner: norm_forms.py",
+    )
     args = parser.parse_args()
     import torch
 
