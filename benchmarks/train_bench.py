@@ -22,7 +22,8 @@ with one sync at the end (the rate of a training loop that does not wait for eac
 segjax's own). `--xla "K=V[;K2=V2]"` (repeatable) adds a segjax runner whose step is compiled with
 those XLA options (e.g. `xla_gpu_enable_command_buffer=+CONVOLUTION`), timed alongside the rest;
 `--norm_form dot|vjp|rows` (repeatable) one whose batch norm computes its sums another way
-(`norm_forms.py`).
+(`norm_forms.py`); `--xla_weight_grads` one that keeps XLA's 3x3 weight gradients on CPU
+(segjax's default uses `segjax.kernels.conv3x3` there).
 
 Last line: `speedup vs torch eager: <N>x, vs channels_last: <M>x, vs torch.compile: <K>x`.
 """
@@ -44,6 +45,7 @@ import numpy as np
 from segjax import optim, state, steps
 from segjax.configuration import default_config
 from segjax.flops import count_flops
+from segjax.kernels import conv3x3
 from segjax.models import build_model
 
 
@@ -285,6 +287,7 @@ def main() -> None:
         choices=norm_forms.FORMS,
         help="another segjax runner: norm_forms.py",
     )
+    parser.add_argument("--xla_weight_grads", action="store_true", help="a segjax runner without conv3x3's kernel")
     args = parser.parse_args()
     import torch
 
@@ -344,6 +347,12 @@ def main() -> None:
             print(f"{name}: failed: {type(err).__name__}: {str(err)[:200]}")
             continue
         runners[name] = jax_runner(compiled, infer, states[name], batch)
+    if args.xla_weight_grads:  # the same network without segjax's CPU weight-gradient kernel
+        with conv3x3.switched_off():  # traced and compiled here, so the switch applies
+            x_train, x_infer, x_st, x_batch = segjax_step(cfg, args.classes, image, label)
+            x_train = x_train.lower(x_st, x_batch).compile()
+            x_infer = x_infer.lower(x_st, x_batch["image"]).compile()
+        runners["segjax, XLA's weight grads"] = jax_runner(x_train, x_infer, x_st, x_batch)
     for form in args.norm_form:  # the same network with batch norm's sums in another form
         with norm_forms.use(form):
             runners[f"segjax + bn {form}"] = jax_runner(*segjax_step(cfg, args.classes, image, label))

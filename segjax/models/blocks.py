@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from segjax.errors import ConfigError
+from segjax.kernels import conv3x3
 
 NORMS = ("batch", "group", "none")
 POOLS = ("max", "avg")
@@ -67,15 +68,17 @@ def depth_folded_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None, *
     taps = [lax.slice_in_dim(x, i * rd[0], i * rd[0] + sd * (out_depth - 1) + 1, sd, axis=1) for i in range(kd)]
     x2 = jnp.concatenate(taps, axis=-1).reshape(n * out_depth, h, w, kd * c)
     w2 = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(*rhs.shape[1:3], kd * c, rhs.shape[4])
-    y = lax.conv_general_dilated(
-        x2,
-        w2,
-        window_strides[1:],
-        hw_padding,
+    conv_2d = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides[1:],
+        padding=hw_padding,
         rhs_dilation=rd[1:],
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         **kwargs,
     )
+    if conv3x3.applies(x2, w2, **conv_2d.keywords) and conv3x3.available():
+        conv_2d = conv3x3.conv  # the same convolution, its weight gradient on every core
+    y = conv_2d(x2, w2)
     return y.reshape(n, out_depth, *y.shape[1:])
 
 
@@ -95,7 +98,9 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     - CUDA: `channel_padded_conv` when a channel count is not a multiple of 8. cuDNN runs a
       3-channel image's first convolution on a generic non-tensor-core kernel; on an H100 in bf16
       it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
-    - CPU: 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower).
+    - CPU: 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower);
+      2D 3x3 ones as `conv3x3.conv` when its kernel is built (XLA:CPU's weight gradient at 16-64
+      channels runs on one core; the kernel's on all, 2-7x faster).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
@@ -108,6 +113,9 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     if _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
+    elif jax.default_backend() == "cpu" and conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs):
+        if conv3x3.available():
+            forms["cpu"] = conv3x3.conv
     if not forms:
         return conv(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, default=conv, **forms)

@@ -1,0 +1,170 @@
+"""A CPU kernel for the weight gradient of 3x3 convolutions, XLA's own forward and input gradient.
+
+On CPU the weight gradient of a 3x3 convolution at 16-64 channels is the slowest part of a
+U-Net training step: XLA transposes both operands and runs one Eigen convolution whose 9 x Ci x
+Co output one core computes almost alone (benchmarks/RESULTS.md, sessions 9-15).
+`conv3x3_dw.cc` (next to this file) computes it on every core without copies; `conv` is
+`lax.conv_general_dilated` (3x3, stride 1, zero padding 1, NHWC/HWIO, float32) whose backward
+pass uses that kernel for the weight gradient. The same function to float32 rounding
+(tests/test_kernels.py).
+
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++ / c++ /
+clang++) for this CPU and this jaxlib, into `$SEGJAX_KERNEL_DIR` (default
+`~/.cache/segjax/kernels`), and reused from there. Without a compiler, or with
+`SEGJAX_CPU_KERNELS=0`, `available()` is False and callers keep XLA's convolution: slower, the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+SOURCE = Path(__file__).with_name("conv3x3_dw.cc")
+TARGET = "segjax_conv3x3_weight_grad"
+OPT_OUT = "SEGJAX_CPU_KERNELS"
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+CHANNEL_MULTIPLE = 16  # the kernel's tiles are 16 output channels wide
+# Where the kernel is faster than XLA's (benchmarks/RESULTS.md, session 18): each of its products
+# runs along one image row, so narrow images leave it little to do per product; its per-thread sum
+# (9 x Ci x Co floats) must also stay in cache at 32 pixels.
+MIN_WIDTH = 32
+MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH = 128 * 128
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or next(
+        (path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None
+    )
+
+
+def _cpu_id() -> str:
+    """What the binary's `-march=native` depends on: a cache shared between machines must not
+    hand one CPU's instructions to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+def _library_path(compiler: str) -> Path:
+    key = "\n".join([SOURCE.read_text(), compiler, metadata.version("jaxlib"), _cpu_id()])
+    cache = Path(os.environ.get("SEGJAX_KERNEL_DIR", Path.home() / ".cache" / "segjax" / "kernels"))
+    return cache / f"conv3x3_dw-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile into a temporary file, then rename: processes building at once never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+        cmd += ["-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(out, path)
+
+
+_switched_off = [False]
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Programs traced inside keep XLA's weight gradients (benchmarks compare the two)."""
+    _switched_off[0] = True
+    try:
+        yield
+    finally:
+        _switched_off[0] = False
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered with XLA's CPU backend (builds it if needed)."""
+    return not _switched_off[0] and os.environ.get(OPT_OUT, "1") != "0" and _load()
+
+
+@functools.cache
+def _load() -> bool:
+    compiler = _compiler()
+    if compiler is None:
+        logging.info("no C++ compiler found: 3x3 convolution weight gradients stay XLA's")
+        return False
+    path = _library_path(compiler)
+    try:
+        if not path.exists():
+            _build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        logging.warning("building %s failed, 3x3 weight gradients stay XLA's: %s", SOURCE.name, detail)
+        return False
+    handler = jax.ffi.pycapsule(library.SegjaxConv3x3WeightGrad)
+    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+    return True
+
+
+def applies(lhs, rhs, window_strides, padding, dimension_numbers=None, **kwargs) -> bool:
+    """Whether `conv` computes this `lax.conv_general_dilated` call."""
+    if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1):
+        return False
+    if isinstance(padding, str):
+        same = padding == "SAME"
+    else:
+        same = [tuple(p) for p in padding] == [(1, 1), (1, 1)]
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    plain = all(kwargs.get(k) in (None, 1) for k in ("feature_group_count", "batch_group_count"))
+    plain &= all(tuple(kwargs.get(k) or (1, 1)) == (1, 1) for k in ("lhs_dilation", "rhs_dilation"))
+    plain &= kwargs.get("preferred_element_type") in (None, jnp.float32)
+    return (
+        same
+        and plain
+        and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
+        and lhs.dtype == rhs.dtype == jnp.float32
+        and rhs.shape[3] % CHANNEL_MULTIPLE == 0
+        and lhs.shape[2] >= MIN_WIDTH
+        and (lhs.shape[2] >= 2 * MIN_WIDTH or rhs.shape[2] * rhs.shape[3] <= MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH)
+    )
+
+
+def _forward(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSION_NUMBERS)
+
+
+def weight_grad(x, dy):
+    """d(loss)/d(kernel) [3, 3, Ci, Co] of `conv` from its input x and output gradient dy (NHWC)."""
+    out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, dy)
+
+
+@jax.custom_vjp
+def conv(x, w):
+    """3x3 convolution, stride 1, zero padding 1, NHWC input, HWIO kernel, float32."""
+    return _forward(x, w)
+
+
+def _conv_fwd(x, w):
+    return _forward(x, w), (x, w)
+
+
+def _conv_bwd(residuals, dy):
+    x, w = residuals
+    _, input_grad = jax.vjp(lambda x: _forward(x, w), x)
+    return input_grad(dy)[0], weight_grad(x, dy)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

@@ -1,0 +1,139 @@
+"""segjax.kernels.conv3x3: the CPU weight-gradient kernel against numpy, and the convolution that
+uses it against `lax.conv_general_dilated` in value and both gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from segjax.configuration import default_config
+from segjax.kernels import conv3x3
+from segjax.models import build_model
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not conv3x3.available(), reason="needs the CPU kernel (a C++ compiler)"
+)
+
+
+def numpy_weight_grad(x, dy):
+    """dw[kh, kw, i, o] = sum over n, h, w of x_padded[n, h + kh, w + kw, i] * dy[n, h, w, o]."""
+    _, h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [[np.einsum("nhwi,nhwo->io", xp[:, kh : kh + h, kw : kw + w], dy) for kw in range(3)] for kh in range(3)]
+    return np.asarray(taps)
+
+
+def lax_conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "ci", "co"),
+    [
+        (2, 5, 7, 3, 16),  # a 3-channel image; narrower than the 3x3 window's reach on both sides
+        (1, 1, 1, 1, 16),  # one pixel: only the centre tap sees it
+        (3, 9, 33, 20, 32),  # 20 input channels: row blocks of 12 and 8
+        (2, 6, 8, 30, 48),  # 48 outputs: tiles of 16 columns, 24 rows + 6
+        (1, 4, 40, 7, 64),  # 64 outputs: two tiles of 32 columns, one block of 7 rows
+        (1, 3, 5, 50, 128),  # several column tiles
+    ],
+)
+def test_weight_grad_matches_numpy(n, h, w, ci, co):
+    rng = np.random.default_rng(ci * co + w)
+    x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
+    dy = rng.standard_normal((n, h, w, co)).astype(np.float32)
+    got = np.asarray(jax.jit(conv3x3.weight_grad)(x, dy))
+    np.testing.assert_allclose(got, numpy_weight_grad(x, dy), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_value_and_gradients_match_lax():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 12, 34, 5)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 5, 32)).astype(np.float32))
+    target = jnp.asarray(rng.standard_normal((2, 12, 34, 32)).astype(np.float32))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) * target)
+
+    np.testing.assert_allclose(conv3x3.conv(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(loss(conv3x3.conv), argnums=(0, 1)))(x, w)
+    want = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_vmapped_weight_grad_is_one_per_member():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 4, 6, 3)).astype(np.float32)
+    dy = rng.standard_normal((3, 2, 4, 6, 16)).astype(np.float32)
+    got = np.asarray(jax.jit(jax.vmap(conv3x3.weight_grad))(x, dy))
+    for k in range(3):
+        np.testing.assert_allclose(got[k], numpy_weight_grad(x[k], dy[k]), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_rejects_shapes_that_do_not_fit():
+    x = jnp.ones((1, 4, 4, 3), jnp.float32)
+    with pytest.raises(Exception, match="shapes do not fit"):
+        jax.jit(conv3x3.weight_grad)(x, jnp.ones((1, 4, 5, 16), jnp.float32))  # dy not x's size
+
+
+def test_applies_only_to_the_convolution_it_computes():
+    x, w = jnp.ones((2, 64, 64, 8)), jnp.ones((3, 3, 8, 32))
+    dn = ("NHWC", "HWIO", "NHWC")
+    assert conv3x3.applies(x, w, (1, 1), "SAME", dn)
+    assert conv3x3.applies(x, w, (1, 1), ((1, 1), (1, 1)), dn)
+    assert not conv3x3.applies(x, w, (2, 2), "SAME", dn)  # strided
+    assert not conv3x3.applies(x, w, (1, 1), "VALID", dn)
+    assert not conv3x3.applies(x, jnp.ones((5, 5, 8, 32)), (1, 1), "SAME", dn)
+    assert not conv3x3.applies(x, jnp.ones((3, 3, 8, 24)), (1, 1), "SAME", dn)  # outputs not a multiple of 16
+    assert not conv3x3.applies(x, w, (1, 1), "SAME", dn, rhs_dilation=(2, 2))
+    assert not conv3x3.applies(x, jnp.ones((3, 3, 4, 32)), (1, 1), "SAME", dn, feature_group_count=2)
+    assert not conv3x3.applies(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), "SAME", dn)
+    assert not conv3x3.applies(jnp.ones((2, 16, 16, 8)), w, (1, 1), "SAME", dn)  # narrower than MIN_WIDTH
+    many = jnp.ones((3, 3, 256, 256))
+    assert conv3x3.applies(jnp.ones((2, 64, 64, 256)), many, (1, 1), "SAME", dn)
+    assert not conv3x3.applies(jnp.ones((2, 32, 32, 256)), many, (1, 1), "SAME", dn)  # XLA's faster there
+    assert not conv3x3.applies(jnp.ones((2, 8, 64, 64)), w, (1, 1), "SAME", ("NCHW", "OIHW", "NCHW"))
+
+
+def test_unet_gradients_equal_with_and_without_the_kernel():
+    cfg = default_config()
+    cfg.model.depth, cfg.model.base_features = 2, 16
+    model = build_model(cfg.model, 2)
+    rng = np.random.default_rng(2)
+    image = jnp.asarray(rng.random((2, 64, 64, 3), dtype=np.float32))
+    variables = model.init(jax.random.key(0), image, train=False)
+
+    def loss(params):
+        (logits, _), _ = model.apply(
+            {**variables, "params": params},
+            image,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(1)},
+        )
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 1])
+
+    with_kernel = jax.jit(jax.grad(loss)).lower(variables["params"])
+    with conv3x3.switched_off():
+        without = jax.jit(jax.grad(loss)).lower(variables["params"])
+    assert conv3x3.TARGET in with_kernel.as_text() and conv3x3.TARGET not in without.as_text()
+    got, want = with_kernel.compile()(variables["params"]), without.compile()(variables["params"])
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_without_a_compiler_the_kernel_is_not_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGJAX_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    conv3x3._load.cache_clear()
+    try:
+        assert not conv3x3.available()
+        assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+    finally:
+        conv3x3._load.cache_clear()
+    monkeypatch.setenv("SEGJAX_CPU_KERNELS", "0")
+    assert not conv3x3.available()
