@@ -9,6 +9,7 @@ shows which parts use more than one thread.
   python benchmarks/conv_grads.py                  # every core of this machine
   taskset -c 0 python benchmarks/conv_grads.py     # one core
   python benchmarks/conv_grads.py --regrouped      # + two grouped forms of the weight gradient
+  python benchmarks/conv_grads.py --kernel         # + segjax's CPU kernel (segjax.kernels.conv3x3)
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import segjax  # noqa: F401  (applies segjax's XLA:CPU options before JAX starts)
+from segjax.kernels import conv3x3
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
+KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512))  # --kernel: where its rule (conv3x3.applies) draws the line
 
 
 def conv(x, w):
@@ -83,11 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--regrouped", action="store_true", help="also time the two grouped weight gradients")
+    parser.add_argument("--kernel", action="store_true", help="also time segjax's weight-gradient kernel")
     args = parser.parse_args()
+    if args.kernel and not conv3x3.available():
+        parser.error("segjax's kernel is not available here (no C++ compiler, or SEGJAX_CPU_KERNELS=0)")
     print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
     extra = "  feature groups  row groups" if args.regrouped else ""
+    extra += "  segjax kernel  (used)" if args.kernel else ""
     print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone" + extra)
-    for n, edge, c in SHAPES:
+    for n, edge, c in SHAPES + (KERNEL_SHAPES if args.kernel else ()):
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(keys[0], (n, edge, edge, c))
         w = jax.random.normal(keys[1], (3, 3, c, c))
@@ -105,7 +112,14 @@ def main() -> None:
         for form in (weight_grad_feature_groups, weight_grad_row_groups) if args.regrouped else ():
             assert jnp.allclose(jax.jit(form)(x, g), full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
             row.append(median_ms(form, x, g, repeats=args.repeats))
-        print(f"{n} x {edge}^2 x {c:<4}             " + "  ".join(f"{v:9.1f}" for v in row), flush=True)
+        used = ""
+        if args.kernel:
+            assert jnp.allclose(
+                jax.jit(conv3x3.weight_grad)(x, g), full, rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max())
+            )
+            row.append(median_ms(conv3x3.weight_grad, x, g, repeats=args.repeats))
+            used = "  yes" if conv3x3.applies(x, w, (1, 1), "SAME", NHWC) else "  no"
+        print(f"{n} x {edge}^2 x {c:<4}             " + "  ".join(f"{v:9.1f}" for v in row) + used, flush=True)
 
 
 if __name__ == "__main__":
