@@ -94,8 +94,10 @@ def switched_off():
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered with XLA's CPU backend (builds it if needed)."""
-    return not _switched_off[0] and os.environ.get(OPT_OUT, "1") != "0" and _load()
+    """Whether programs traced now use the kernel: JAX computes on the CPU, the kernel is not
+    switched off, and it is built and registered with XLA's CPU backend (built here if needed)."""
+    on = jax.default_backend() == "cpu" and not _switched_off[0] and os.environ.get(OPT_OUT, "1") != "0"
+    return on and _load()
 
 
 @functools.cache

@@ -113,9 +113,8 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     if _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
-    elif jax.default_backend() == "cpu" and conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs):
-        if conv3x3.available():
-            forms["cpu"] = conv3x3.conv
+    elif conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
+        forms["cpu"] = conv3x3.conv
     if not forms:
         return conv(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, default=conv, **forms)
