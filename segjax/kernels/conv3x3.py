@@ -165,8 +165,9 @@ def _conv_fwd(x, w):
 
 def _conv_bwd(residuals, dy):
     x, w = residuals
-    _, input_grad = jax.vjp(lambda x: _forward(x, w), x)
-    return input_grad(dy)[0], weight_grad(x, dy)
+    # the convolution is linear in x: its transpose is the input gradient (no forward pass traced again)
+    (input_grad,) = jax.linear_transpose(lambda x: _forward(x, w), x)(dy)
+    return input_grad, weight_grad(x, dy)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
