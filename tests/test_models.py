@@ -374,14 +374,19 @@ def test_transpose_conv_as_matmul_equals_the_textbook_layer(dims):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_max_pool_as_reshape_equals_the_textbook_layer(dims):
-    """Same values and input gradient as flax's reduce-window max-pool (random input: no ties)."""
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_equals_the_textbook_layer(dims, ties):
+    """Same values and input gradient as flax's reduce-window max-pool, also when a window holds
+    its maximum twice or more (small integers after a ReLU: many all-zero windows), where the
+    textbook gradient goes to the first maximum in row-major window order."""
     import flax.linen as nn
 
     from segjax.models import blocks
 
     shape = (2, 8, 6, 4, 3)[-(dims + 2) :]
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    if ties:
+        x = jax.nn.relu(jnp.round(x))
     window = (2,) * dims
     ref = lambda v: nn.max_pool(v, window, strides=window)  # noqa: E731
     ours = lambda v: blocks.pool(v, "max", dims)  # noqa: E731
@@ -391,6 +396,11 @@ def test_max_pool_as_reshape_equals_the_textbook_layer(dims):
     grad_ref = jax.grad(lambda v: jnp.sum(ref(v) * weights))(x)
     np.testing.assert_array_equal(grad_ours, grad_ref)
     assert int(jnp.sum(grad_ours != 0)) == weights.size  # one winner per window
+    if ties:  # the case that tells the forms apart: plenty of windows with a repeated maximum
+        windows = np.asarray(x).reshape(shape[0], *(n for s in shape[1:-1] for n in (s // 2, 2)), shape[-1])
+        axes = tuple(range(2, 2 * dims + 1, 2))
+        repeated = (windows == windows.max(axis=axes, keepdims=True)).sum(axis=axes) > 1
+        assert repeated.mean() > 0.2
 
 
 @pytest.mark.parametrize(
