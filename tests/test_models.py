@@ -509,3 +509,37 @@ def test_3d_convolutions_lower_to_2d_ones_on_cpu_only():
     conv = blocks.Conv(16, (3, 3, 3))
     variables = conv.init(jax.random.PRNGKey(0), x)
     assert jax.tree_util.tree_map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 3, 16, 16), "bias": (16,)}}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pointwise_conv_equals_the_1x1_convolution_and_is_a_product_on_cpu_only(dims):
+    """A 1x1(x1) nn.Conv (segjax's heads): on CPU one matrix product, the same output and
+    gradients as flax's own convolution; CUDA keeps the convolution; a strided or padded 1x1
+    convolution is no plain product and keeps it on CPU too."""
+    import re
+
+    import flax.linen as nn
+
+    from segjax.models import blocks
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, *(6, 5, 4)[:dims], 7))
+    ours, ref = blocks.Conv(3, (1,) * dims), nn.Conv(3, (1,) * dims)
+    variables = ref.init(jax.random.PRNGKey(1), x)
+    assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree_util.tree_map(
+        jnp.shape, variables
+    )
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+    loss = lambda m: lambda v, a: jnp.sum(jnp.sin(m.apply(v, a)))  # noqa: E731
+    got, want = jax.grad(loss(ours), (0, 1))(variables, x), jax.grad(loss(ref), (0, 1))(variables, x)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def ops(conv, platform):
+        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
+        text = lowered.lower(lowering_platforms=(platform,)).as_text()
+        return len(re.findall(r"stablehlo\.convolution", text)), len(re.findall(r"stablehlo\.dot_general", text))
+
+    assert ops(ours, "cpu") == (0, 1)
+    assert ops(ours, "cuda")[0] == 1
+    assert ops(blocks.Conv(3, (1,) * dims, strides=2), "cpu")[0] == 1
+    assert ops(blocks.Conv(3, (1,) * dims, padding=1), "cpu")[0] == 1

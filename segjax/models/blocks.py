@@ -86,10 +86,47 @@ def depth_folded_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None, *
 def _foldable(lhs, rhs, padding, dn, kwargs) -> bool:
     """A plain channels-last 3D convolution `depth_folded_conv` computes (no groups, no input
     dilation, no negative padding)."""
+    plain = isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)
+    return (
+        lhs.ndim == 5
+        and (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == _CHANNELS_LAST_3D
+        and plain
+        and _ungrouped_undilated(kwargs)
+    )
+
+
+def _ungrouped_undilated(kwargs) -> bool:
+    """No feature or batch groups and no input dilation."""
     plain = all(kwargs.get(k, 1) == 1 for k in ("feature_group_count", "batch_group_count"))
-    plain &= all(d == 1 for d in (kwargs.get("lhs_dilation") or (1,)))
-    plain &= isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)
-    return lhs.ndim == 5 and (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == _CHANNELS_LAST_3D and plain
+    return plain and all(d == 1 for d in (kwargs.get("lhs_dilation") or (1,)))
+
+
+def _pointwise(lhs, rhs, window_strides, padding, dn, kwargs) -> bool:
+    """A 1x1(x1) channels-last convolution without stride, padding, dilation or groups: a matrix
+    product over the channel axis."""
+    nd = lhs.ndim
+    channels_last = (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == (
+        (0, nd - 1, *range(1, nd - 1)),
+        (nd - 1, nd - 2, *range(nd - 2)),
+        (0, nd - 1, *range(1, nd - 1)),
+    )
+    unpadded = isinstance(padding, str) or all(lo == 0 and hi == 0 for lo, hi in padding)
+    window = all(k == 1 for k in rhs.shape[:-2]) and set(window_strides) <= {1}
+    return channels_last and _ungrouped_undilated(kwargs) and unpadded and window
+
+
+def pointwise_conv(lhs, rhs, precision=None, preferred_element_type=None):
+    """A 1x1(x1) channels-last convolution as one `dot_general` over the channel axis: the same
+    products. Why: XLA:CPU computes the convolution's weight gradient from a transposed copy of the
+    input ([C, H, W, N], 12 ms of thread time for the U-Net head on 8 x 128^2 x 32), the product's
+    from the input as it is (benchmarks/RESULTS.md, session 19: the U-Net step 2-3 % faster)."""
+    return lax.dot_general(
+        lhs,
+        rhs.reshape(rhs.shape[-2:]),
+        (((lhs.ndim - 1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
 
 def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
@@ -99,9 +136,11 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     - CUDA: `channel_padded_conv` when a channel count is not a multiple of 8. cuDNN runs a
       3-channel image's first convolution on a generic non-tensor-core kernel; on an H100 in bf16
       it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
-    - CPU: 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower);
-      2D 3x3 ones as `conv3x3.conv` when its kernel is built (XLA:CPU's weight gradient at 16-64
-      channels runs on one core; the kernel's on all, 2-7x faster).
+    - CPU: 1x1(x1) convolutions as `pointwise_conv` (a matrix product: no transposed copy of the
+      input for the weight gradient); 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D
+      convolution is ~10x slower); 2D 3x3 ones as `conv3x3.conv` when its kernel is built
+      (XLA:CPU's weight gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x
+      faster).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
@@ -111,7 +150,10 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     forms = {}
     if not (aligned or grouped):
         forms["cuda"] = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
-    if _foldable(lhs, rhs, padding, dn, kwargs):
+    if _pointwise(lhs, rhs, window_strides, padding, dn, kwargs):
+        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
+        forms["cpu"] = functools.partial(pointwise_conv, **products)
+    elif _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
     elif conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
