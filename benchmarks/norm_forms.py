@@ -111,6 +111,7 @@ class BatchNorm(nn.Module):
     dtype: object = jnp.float32
     axis_name: str | None = None
     form: str = "dot"
+    relu: bool = False  # a ReLU after it, as segjax's `Norm(relu=True)` asks of its batch norm
 
     @nn.compact
     def __call__(self, x):
@@ -121,7 +122,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         dtype = jnp.result_type(x.dtype, jnp.float32) if self.dtype is None else self.dtype
         if self.use_running_average:
-            return _normalize(x, ra_mean.value, ra_var.value, scale, bias, dtype)
+            y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, dtype)
+            return nn.relu(y) if self.relu else y
         if self.axis_name is not None:
             raise NotImplementedError("the experiment covers single-program batch norm only")
         if self.form == "vjp":
@@ -133,7 +135,7 @@ class BatchNorm(nn.Module):
             mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y
+        return nn.relu(y) if self.relu else y
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from segjax.configuration import default_config
-from segjax.models import blocks, build_model
+from segjax.models import batchnorm, blocks, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("norm_forms", os.path.join(ROOT, "benchmarks", "norm_forms.py"))
@@ -67,7 +67,7 @@ def test_use_swaps_the_networks_batch_norm_and_keeps_the_parameter_tree():
     with norm_forms.use("vjp"):
         swapped = init()
         y, _ = build_model(cfg.model, 2).apply(swapped, x, train=True, mutable=["batch_stats"])
-    assert blocks.BatchNorm is nn.BatchNorm  # restored
+    assert blocks.BatchNorm is batchnorm.BatchNorm  # restored
     assert jax.tree.structure(swapped) == jax.tree.structure(plain)
     want, _ = build_model(cfg.model, 2).apply(plain, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(y[0], want[0], rtol=1e-4, atol=1e-4)  # (logits, {"bottleneck": ...})

@@ -13,6 +13,7 @@ from jax import lax
 
 from segjax.errors import ConfigError
 from segjax.kernels import conv3x3
+from segjax.models import batchnorm
 
 NORMS = ("batch", "group", "none")
 POOLS = ("max", "avg")
@@ -164,27 +165,31 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=aligned_conv)  # nn.Conv, same parameters
-BatchNorm = nn.BatchNorm  # a module attribute so benchmarks can swap in another form of the same layer
+BatchNorm = batchnorm.BatchNorm  # a module attribute so benchmarks can swap in another form of the same layer
 
 
 class Norm(nn.Module):
-    """Batch norm, group norm or identity, chosen by name."""
+    """Batch norm, group norm or identity, chosen by name; then a ReLU when `relu` (batch norm
+    computes both in one layer with a hand-written backward: `segjax.models.batchnorm`)."""
 
     kind: str = "batch"
     groups: int = 8
     dtype: Any = jnp.float32
     axis_name: str | None = None  # batch norm over this pmap axis too (cross-replica statistics)
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         if self.kind == "batch":
-            return BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, axis_name=self.axis_name)(x)
+            return BatchNorm(
+                use_running_average=not train, momentum=0.9, dtype=self.dtype, axis_name=self.axis_name, relu=self.relu
+            )(x)
         if self.kind == "group":
             groups = self.groups
             while x.shape[-1] % groups:
                 groups //= 2
-            return nn.GroupNorm(num_groups=groups, dtype=self.dtype)(x)
-        return x
+            x = nn.GroupNorm(num_groups=groups, dtype=self.dtype)(x)
+        return nn.relu(x) if self.relu else x
 
 
 class ConvBlock(nn.Module):
@@ -204,8 +209,7 @@ class ConvBlock(nn.Module):
         kernel = (self.kernel_size,) * self.spatial_dims
         for _ in range(self.num_convs):
             x = Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
-            x = Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name)(x, train)
-            x = nn.relu(x)
+            x = Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name, relu=True)(x, train)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return x
