@@ -543,3 +543,36 @@ def test_pointwise_conv_equals_the_1x1_convolution_and_is_a_product_on_cpu_only(
     assert ops(ours, "cuda")[0] == 1
     assert ops(blocks.Conv(3, (1,) * dims, strides=2), "cpu")[0] == 1
     assert ops(blocks.Conv(3, (1,) * dims, padding=1), "cpu")[0] == 1
+
+
+@pytest.mark.parametrize("dims, channels", [(2, (4, 3)), (2, (2, 5, 3)), (3, (3, 2))])
+def test_concat_conv_equals_nn_conv_over_the_concatenation(dims, channels):
+    """`blocks.ConcatConv` (the decoder's first convolution): nn.Conv's parameters and initial
+    values, and the same output and gradients (parameters and every part) as nn.Conv applied to
+    the concatenated parts; on CPU the concatenation is not built."""
+    import flax.linen as nn
+
+    from segjax.models import blocks
+
+    keys = jax.random.split(jax.random.PRNGKey(0), len(channels))
+    parts = [jax.random.normal(k, (2, *(6, 5, 4)[:dims], c)) for k, c in zip(keys, channels, strict=True)]
+    kernel = (3,) * dims
+    ours, ref = blocks.ConcatConv(6, kernel, name="conv"), nn.Conv(6, kernel, name="conv")
+    joined = lambda ps: jnp.concatenate(ps, axis=-1)  # noqa: E731
+    variables = ref.init(jax.random.PRNGKey(1), joined(parts))
+    mine = ours.init(jax.random.PRNGKey(1), parts)
+    for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(ours.apply(variables, parts), ref.apply(variables, joined(parts)), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.PRNGKey(2), ref.apply(variables, joined(parts)).shape)
+    got = jax.grad(lambda v, ps: jnp.sum(ours.apply(v, ps) * weights), (0, 1))(variables, parts)
+    want = jax.grad(lambda v, ps: jnp.sum(ref.apply(v, joined(ps)) * weights), (0, 1))(variables, parts)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    def concatenations(platform):
+        lowered = jax.jit(ours.apply).trace(variables, parts).lower(lowering_platforms=(platform,))
+        return lowered.as_text().count("stablehlo.concatenate")
+
+    assert concatenations("cuda") == 1
+    assert concatenations("cpu") == (len(parts) if dims == 3 else 0)  # 3D: each part's depth folding only

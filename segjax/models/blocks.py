@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from segjax.errors import ConfigError
@@ -192,6 +193,43 @@ class Norm(nn.Module):
         return nn.relu(x) if self.relu else x
 
 
+class ConcatConv(nn.Module):
+    """`nn.Conv` (stride 1, "SAME"; the same parameters and initialisation) over the channel
+    concatenation of `parts`. On CPU the concatenation is never built: the result is the sum of
+    each part's convolution with its slice of the kernel (the same products). Why: XLA:CPU ran a
+    U-Net decoder's first convolution (8 x 128^2 x (32 + 32) -> 32) with its gradients in 46 ms
+    as two convolutions and 96 ms as one over the concatenation (benchmarks/RESULTS.md, session 19).
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts):
+        channels = [p.shape[-1] for p in parts]
+        shape = (*self.kernel_size, sum(channels), self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32).astype(self.dtype)
+        parts = [p.astype(self.dtype) for p in parts]
+        d = len(self.kernel_size)
+        spec = "N" + "DHW"[-d:] + "C", "DHW"[-d:] + "IO", "N" + "DHW"[-d:] + "C"
+        conv = functools.partial(aligned_conv, window_strides=(1,) * d, padding="SAME", dimension_numbers=spec)
+        ends = np.cumsum(channels)
+
+        def joined(kernel, *parts):
+            return conv(jnp.concatenate(parts, axis=-1), kernel)
+
+        def summed(kernel, *parts):
+            sums = [conv(p, kernel[..., end - c : end, :]) for p, c, end in zip(parts, channels, ends, strict=True)]
+            return functools.reduce(jnp.add, sums)
+
+        y = lax.platform_dependent(kernel, *parts, cpu=summed, default=joined)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
 class ConvBlock(nn.Module):
     """`num_convs` x (conv -> norm -> ReLU), then optional dropout."""
 
@@ -206,9 +244,17 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
+        """`x`: an array, or a sequence of arrays the first convolution reads as their channel
+        concatenation (`ConcatConv`: the same layer and parameters)."""
         kernel = (self.kernel_size,) * self.spatial_dims
-        for _ in range(self.num_convs):
-            x = Conv(self.features, kernel, use_bias=self.norm == "none", dtype=self.dtype)(x)
+        bias = self.norm == "none"
+        if isinstance(x, list | tuple) and len(x) == 1:
+            x = x[0]
+        for i in range(self.num_convs):
+            if isinstance(x, list | tuple):
+                x = ConcatConv(self.features, kernel, use_bias=bias, dtype=self.dtype, name=f"Conv_{i}")(x)
+            else:
+                x = Conv(self.features, kernel, use_bias=bias, dtype=self.dtype, name=f"Conv_{i}")(x)
             x = Norm(self.norm, dtype=self.dtype, axis_name=self.norm_axis_name, relu=True)(x, train)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)

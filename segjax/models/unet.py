@@ -115,7 +115,7 @@ class Decoder(nn.Module):
         for i in reversed(range(len(self.features))):
             x = blocks.Upsample(self.features[i], self.upsample, self.spatial_dims, self.dtype, name=f"up{i}")(x)
             if self.skips[i]:
-                x = jnp.concatenate([x, levels[i].astype(x.dtype)], axis=-1)
+                x = (x, levels[i].astype(x.dtype))  # concatenated along channels by the block
             x = blocks.ConvBlock(self.features[i], name=f"level{i}", **block)(x, train)
             outputs.insert(0, x)
         return outputs if every_level else x

@@ -103,7 +103,8 @@ class UNetPlusPlus(nn.Module):
                 )
                 dense = [nodes[i, k] for k in range(j)] if skips[i] else []
                 nodes[i, j] = blocks.ConvBlock(feats[i], name=f"X{i}_{j}", **block)(
-                    jnp.concatenate([*dense, up], axis=-1), train
+                    [*dense, up],
+                    train,  # concatenated along channels by the block
                 )
         head = (1,) * self.spatial_dims
         if not self.deep_supervision:
