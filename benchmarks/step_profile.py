@@ -22,8 +22,15 @@ variants after it. Variants (`--variants`, comma-separated):
   bn_dot, bn_vjp, bn_rows
              batch norm's per-channel sums as matrix products / also in a hand-written backward /
              as a two-stage reduction (`norm_forms.py`; the same function, an experiment for issue 8)
+  former_pool, former_head, former_bn, former_concat, former_all
+             session 19's CPU forms undone (one, or all): max-pool as reshape + max, 1x1 heads as
+             convolutions, flax's batch norm + ReLU (JAX's derivative), decoder concatenation
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
+
+`--alternate N` compiles every variant first, then times N rounds of one step per variant in turn
+(the medians then compare variants under the same machine drift; the sequential default cannot
+resolve 1-2 %).
 
 `--trace DIR` records `--trace_steps` steps of the default variant with `jax.profiler` and prints
 the device time per step by thread and its largest kernels (the Perfetto JSON stays in DIR).
@@ -141,6 +148,70 @@ def cuda_conv(replacement):
 BN_FORMS = {f"bn_{form}": form for form in norm_forms.FORMS}
 
 
+def reduce_max_pool(x, d):
+    """Session 18's max-pool: reshape + `max` (its gradient splits ties, via compare, count, divide)."""
+    blocks_ = [n for size in x.shape[1 : 1 + d] for n in (size // 2, 2)]
+    return x.reshape(x.shape[0], *blocks_, x.shape[-1]).max(axis=tuple(range(2, 2 * d + 1, 2)))
+
+
+def convolution_only(lhs, rhs, window_strides, padding, **kwargs):
+    """`blocks.aligned_conv` without its 1x1 matrix-product form (session 18's heads)."""
+    if all(k == 1 for k in rhs.shape[:-2]):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    return blocks.aligned_conv(lhs, rhs, window_strides, padding, **kwargs)
+
+
+class FlaxBatchNorm(nn.Module):
+    """flax's `nn.BatchNorm` then `nn.relu` (session 18's layers; JAX's derivative everywhere)."""
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    dtype: object = jnp.float32
+    axis_name: str | None = None
+    relu: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.BatchNorm(self.use_running_average, momentum=self.momentum, dtype=self.dtype, name="BatchNorm_0")(x)
+        return nn.relu(y) if self.relu else y
+
+
+class JoinedConv(nn.Module):
+    """`blocks.ConcatConv` as session 18 computed it: concatenate, then one convolution."""
+
+    features: int
+    kernel_size: tuple
+    use_bias: bool = True
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts):
+        conv = blocks.Conv(self.features, self.kernel_size, use_bias=self.use_bias, dtype=self.dtype)
+        return conv(jnp.concatenate(parts, axis=-1))
+
+
+FORMER = {  # session 19's CPU rewrites, each undone alone: `--variants default,former_bn,...`
+    "former_pool": {"max_pool2x": reduce_max_pool},
+    "former_head": {"Conv": functools.partial(nn.Conv, conv_general_dilated=convolution_only)},
+    "former_bn": {"BatchNorm": FlaxBatchNorm},
+    "former_concat": {"ConcatConv": JoinedConv},
+}
+FORMER["former_all"] = {k: v for patch in FORMER.values() for k, v in patch.items()}
+
+
+@contextlib.contextmanager
+def former(patch: dict):
+    """Build models with `blocks` attributes replaced by `patch`."""
+    saved = {name: getattr(blocks, name) for name in patch}
+    for name, value in patch.items():
+        setattr(blocks, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(blocks, name, value)
+
+
 def build(args, variant: str):
     """(jitted train step, state, batch, forward FLOPs per batch) for one variant."""
     cfg = default_config()
@@ -152,7 +223,7 @@ def build(args, variant: str):
         batch_size = int(variant.split("=", 1)[1])
     elif variant.startswith("xla:"):
         options = dict(parse_option(o) for o in variant[4:].split(";"))
-    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized", *BN_FORMS):
+    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized", *BN_FORMS, *FORMER):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
     image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
@@ -163,6 +234,7 @@ def build(args, variant: str):
         "stem_im2col": functools.partial(cuda_conv, im2col_conv),
         "materialized": materialized_inputs,
         **{name: functools.partial(norm_forms.use, form) for name, form in BN_FORMS.items()},
+        **{name: functools.partial(former, patch) for name, patch in FORMER.items()},
     }
     with patches.get(variant, contextlib.nullcontext)():
         train, forward, st, batch = segjax_step(cfg, args.classes, image, label)
@@ -244,6 +316,27 @@ def kernel_summary(trace_dir: str, steps_traced: int, top: int = 15) -> list[str
     return lines
 
 
+def alternate(args, variants: list[str]) -> None:
+    """Every variant compiled and warmed up first, then `args.alternate` rounds of one step each,
+    in turn: the machine's drift (several per cent over minutes on a shared VM) hits all alike,
+    so differences of 1-2 % show. Prints each variant's median and its ratio to the first."""
+    runs = {}
+    for variant in variants:
+        train, st, batch, _ = build(args, variant)
+        runs[variant] = [train, time_steps(train, st, batch, 1)[1], batch, []]
+    for _ in range(args.alternate):
+        for run in runs.values():
+            train, st, batch, times = run
+            t = time.perf_counter()
+            run[1], out = train(st, batch)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+    first = statistics.median(runs[variants[0]][3])
+    for variant, (*_, times) in runs.items():
+        ms = statistics.median(times) * 1000
+        print(f"{variant:<44}{'':>10}{ms:>10.2f}{'':>17}{first * 1000 / ms:>10.2f}x  (alternating, {len(times)} steps)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -258,12 +351,15 @@ def main() -> None:
     parser.add_argument("--trace", default="", help="profile the default variant into this folder")
     parser.add_argument("--trace_steps", type=int, default=5)
     parser.add_argument("--json", default="", help="append one JSON line per variant to this file")
+    parser.add_argument("--alternate", type=int, default=0, help="N rounds of one step per variant, in turn")
     args = parser.parse_args()
 
     peak = measure_peak() if args.peak else float("nan")
     where = jax.devices()[0].device_kind
     print(f"{where}; jax {jax.__version__}; dtype {args.dtype}; {args.size}^2; peak {peak / 1e12:.0f} TFLOP/s")
     print(f"{'variant':<44}{'compile s':>10}{'ms/step':>10}{'images/s':>10}{'MFU':>7}{'vs default':>11}")
+    if args.alternate:
+        return alternate(args, args.variants.split(","))
     reference = None
     for variant in args.variants.split(","):
         t = time.perf_counter()
