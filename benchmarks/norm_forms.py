@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from segjax.models import blocks
+from segjax.models import batchnorm, blocks
 
 EPSILON = 1e-5  # flax's default, as segjax uses it
 FORMS = ("dot", "vjp", "rows")
@@ -115,11 +115,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean, ra_var, scale, bias = batchnorm.flax_variables(self, x.shape[-1])
         dtype = jnp.result_type(x.dtype, jnp.float32) if self.dtype is None else self.dtype
         if self.use_running_average:
             y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, dtype)

@@ -396,6 +396,9 @@ def test_max_pool_equals_the_textbook_layer(dims, ties):
     grad_ref = jax.grad(lambda v: jnp.sum(ref(v) * weights))(x)
     np.testing.assert_array_equal(grad_ours, grad_ref)
     assert int(jnp.sum(grad_ours != 0)) == weights.size  # one winner per window
+    poisoned = x.reshape(-1).at[jnp.arange(1, x.size, 7)].set(jnp.nan).reshape(x.shape)  # not first in a window
+    np.testing.assert_array_equal(np.isnan(ours(poisoned)), np.isnan(ref(poisoned)))
+    assert bool(jnp.isnan(ours(poisoned)).any())
     if ties:  # the case that tells the forms apart: plenty of windows with a repeated maximum
         windows = np.asarray(x).reshape(shape[0], *(n for s in shape[1:-1] for n in (s // 2, 2)), shape[-1])
         axes = tuple(range(2, 2 * dims + 1, 2))

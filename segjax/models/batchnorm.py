@@ -85,6 +85,16 @@ def _fused_bwd(relu, dtype, residuals, cotangents):
 fused_train_norm.defvjp(_fused_fwd, _fused_bwd)
 
 
+def flax_variables(module: nn.Module, channels: int):
+    """(running mean, running variance, scale, bias) as `nn.BatchNorm` creates them (names,
+    collections, shapes, float32, initial values), inside `module`'s compact call."""
+    ra_mean = module.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = module.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+    scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return ra_mean, ra_var, scale, bias
+
+
 class BatchNorm(nn.Module):
     """flax's `BatchNorm` (see the module docstring), then a ReLU when `relu`."""
 
@@ -96,11 +106,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean, ra_var, scale, bias = flax_variables(self, x.shape[-1])
         dtype = jnp.result_type(x.dtype, jnp.float32) if self.dtype is None else self.dtype
         if self.use_running_average:
             return _normalize(x.astype(jnp.float32), ra_mean.value, ra_var.value, scale, bias, self.relu, dtype)

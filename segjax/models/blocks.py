@@ -121,7 +121,7 @@ def pointwise_conv(lhs, rhs, precision=None, preferred_element_type=None):
     """A 1x1(x1) channels-last convolution as one `dot_general` over the channel axis: the same
     products. Why: XLA:CPU computes the convolution's weight gradient from a transposed copy of the
     input ([C, H, W, N], 12 ms of thread time for the U-Net head on 8 x 128^2 x 32), the product's
-    from the input as it is (benchmarks/RESULTS.md, session 19: the U-Net step 2-3 % faster)."""
+    from the input as it is (benchmarks/RESULTS.md, session 19: the U-Net step 1-3 % faster)."""
     return lax.dot_general(
         lhs,
         rhs.reshape(rhs.shape[-2:]),
@@ -198,7 +198,8 @@ class ConcatConv(nn.Module):
     concatenation of `parts`. On CPU the concatenation is never built: the result is the sum of
     each part's convolution with its slice of the kernel (the same products). Why: XLA:CPU ran a
     U-Net decoder's first convolution (8 x 128^2 x (32 + 32) -> 32) with its gradients in 46 ms
-    as two convolutions and 96 ms as one over the concatenation (benchmarks/RESULTS.md, session 19).
+    as two convolutions and 96 ms as one over the concatenation; ~1 % of a U-Net training step
+    (benchmarks/RESULTS.md, session 19).
     """
 
     features: int
@@ -290,7 +291,7 @@ def max_pool2x(x: jax.Array, spatial_dims: int) -> jax.Array:
     Why: XLA:CPU lowers the reduce-window form's gradient to a variadic reduce-window plus a
     scatter (43 ms forward + backward on 8 x 128^2 x 32), and a reshape + `max` form to a
     compare, a count reduction and a division (11 ms); the select chain's gradient is one
-    elementwise fusion (1 ms).
+    elementwise fusion (1 ms). A NaN anywhere in a window gives NaN, as `nn.max_pool`.
     """
     blocks = [n for size in x.shape[1 : 1 + spatial_dims] for n in (size // 2, 2)]
     windows = x.reshape(x.shape[0], *blocks, x.shape[-1])
@@ -298,7 +299,7 @@ def max_pool2x(x: jax.Array, spatial_dims: int) -> jax.Array:
     for offsets in itertools.product((0, 1), repeat=spatial_dims):
         index = (slice(None), *(i for o in offsets for i in (slice(None), o)), slice(None))
         piece = windows[index]
-        out = piece if out is None else jnp.where(piece > out, piece, out)
+        out = piece if out is None else jnp.where((piece > out) | jnp.isnan(piece), piece, out)  # NaN propagates
     return out
 
 
