@@ -34,7 +34,7 @@ from jax import lax
 
 from segjax.models import batchnorm, blocks
 
-EPSILON = 1e-5  # flax's default, as segjax uses it
+EPSILON = batchnorm.EPSILON  # flax's default, as segjax uses it
 FORMS = ("dot", "vjp", "rows")
 
 

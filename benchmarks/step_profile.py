@@ -65,7 +65,7 @@ from train_bench import measure_peak, parse_option, segjax_step
 
 from segjax.configuration import default_config
 from segjax.flops import count_flops
-from segjax.models import blocks
+from segjax.models import batchnorm, blocks
 
 
 class TextbookUpConv(nn.Module):
@@ -161,14 +161,9 @@ def convolution_only(lhs, rhs, window_strides, padding, **kwargs):
     return blocks.aligned_conv(lhs, rhs, window_strides, padding, **kwargs)
 
 
-class FlaxBatchNorm(nn.Module):
-    """flax's `nn.BatchNorm` then `nn.relu` (session 18's layers; JAX's derivative everywhere)."""
-
-    use_running_average: bool = False
-    momentum: float = 0.9
-    dtype: object = jnp.float32
-    axis_name: str | None = None
-    relu: bool = False
+class FlaxBatchNorm(batchnorm.BatchNorm):
+    """flax's `nn.BatchNorm` then `nn.relu` (session 18's layers; JAX's derivative everywhere),
+    with segjax's layer's attributes (single-program statistics only; timing, not checkpoints)."""
 
     @nn.compact
     def __call__(self, x):

@@ -102,10 +102,8 @@ class UNetPlusPlus(nn.Module):
                     nodes[i + 1, j - 1]
                 )
                 dense = [nodes[i, k] for k in range(j)] if skips[i] else []
-                nodes[i, j] = blocks.ConvBlock(feats[i], name=f"X{i}_{j}", **block)(
-                    [*dense, up],
-                    train,  # concatenated along channels by the block
-                )
+                parts = [*dense, up]  # concatenated along channels by the block
+                nodes[i, j] = blocks.ConvBlock(feats[i], name=f"X{i}_{j}", **block)(parts, train)
         head = (1,) * self.spatial_dims
         if not self.deep_supervision:
             logits = blocks.Conv(self.num_classes, head, dtype=self.dtype, name="head")(nodes[0, levels])
