@@ -25,6 +25,9 @@ variants after it. Variants (`--variants`, comma-separated):
   former_pool, former_head, former_bn, former_concat, former_all
              session 19's CPU forms undone (one, or all): max-pool as reshape + max, 1x1 heads as
              convolutions, flax's batch norm + ReLU (JAX's derivative), decoder concatenation
+  xla_forward
+             the 3x3 convolutions' forward passes and input gradients XLA's again (session 20's
+             CPU forward kernel, `segjax.kernels.conv3x3.forward_applies`, switched off)
   batch=N    the default layers at batch N
   xla:K=V    the default layers compiled with the XLA option K=V (e.g. xla:xla_gpu_enable_triton_gemm=false)
 
@@ -65,6 +68,7 @@ from train_bench import measure_peak, parse_option, segjax_step
 
 from segjax.configuration import default_config
 from segjax.flops import count_flops
+from segjax.kernels import conv3x3
 from segjax.models import batchnorm, blocks
 
 
@@ -195,6 +199,17 @@ FORMER["former_all"] = {k: v for patch in FORMER.values() for k, v in patch.item
 
 
 @contextlib.contextmanager
+def xla_forward():
+    """Build models whose 3x3 convolutions keep XLA's forward pass and input gradient."""
+    saved = conv3x3.FORWARD_MIN_WIDTH
+    conv3x3.FORWARD_MIN_WIDTH = 1 << 30
+    try:
+        yield
+    finally:
+        conv3x3.FORWARD_MIN_WIDTH = saved
+
+
+@contextlib.contextmanager
 def former(patch: dict):
     """Build models with `blocks` attributes replaced by `patch`."""
     saved = {name: getattr(blocks, name) for name in patch}
@@ -205,6 +220,9 @@ def former(patch: dict):
     finally:
         for name, value in saved.items():
             setattr(blocks, name, value)
+
+
+LAYER_VARIANTS = ("default", "textbook", "plain_conv", "stem_im2col", "materialized", "xla_forward")
 
 
 def build(args, variant: str):
@@ -218,7 +236,7 @@ def build(args, variant: str):
         batch_size = int(variant.split("=", 1)[1])
     elif variant.startswith("xla:"):
         options = dict(parse_option(o) for o in variant[4:].split(";"))
-    elif variant not in ("default", "textbook", "plain_conv", "stem_im2col", "materialized", *BN_FORMS, *FORMER):
+    elif variant not in (*LAYER_VARIANTS, *BN_FORMS, *FORMER):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
     image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
@@ -228,6 +246,7 @@ def build(args, variant: str):
         "plain_conv": functools.partial(cuda_conv, plain_conv),
         "stem_im2col": functools.partial(cuda_conv, im2col_conv),
         "materialized": materialized_inputs,
+        "xla_forward": xla_forward,
         **{name: functools.partial(norm_forms.use, form) for name, form in BN_FORMS.items()},
         **{name: functools.partial(former, patch) for name, patch in FORMER.items()},
     }

@@ -1,5 +1,5 @@
-"""segjax.kernels.conv3x3: the CPU weight-gradient kernel against numpy, and the convolution that
-uses it against `lax.conv_general_dilated` in value and both gradients."""
+"""segjax.kernels.conv3x3: the CPU forward and weight-gradient kernels against numpy, and the
+convolution that uses them against `lax.conv_general_dilated` in value and both gradients."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ def numpy_weight_grad(x, dy):
     return np.asarray(taps)
 
 
+def numpy_conv(x, k):
+    """y[n, h, w, o] = sum over kh, kw, i of x_padded[n, h + kh, w + kw, i] * k[kh, kw, i, o]."""
+    _, h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(
+        np.einsum("nhwi,io->nhwo", xp[:, kh : kh + h, kw : kw + w], k[kh, kw].astype(np.float64))
+        for kh in range(3)
+        for kw in range(3)
+    )
+
+
 def lax_conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -45,6 +56,53 @@ def test_weight_grad_matches_numpy(n, h, w, ci, co):
     dy = rng.standard_normal((n, h, w, co)).astype(np.float32)
     got = np.asarray(jax.jit(conv3x3.weight_grad)(x, dy))
     np.testing.assert_allclose(got, numpy_weight_grad(x, dy), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "w", "ci", "co"),
+    [
+        (2, 5, 7, 3, 16),  # a 3-channel image, 5 interior pixels: one tile of 5 (16 outputs)
+        (1, 1, 1, 1, 32),  # one pixel: only the centre tap sees it
+        (1, 3, 2, 4, 16),  # two pixels: both are edge pixels
+        (2, 4, 30, 20, 32),  # 28 interior pixels: tiles of 12, 12 and 4
+        (1, 3, 17, 7, 48),  # 48 outputs: three tiles of 16 channels, 14 + 1 pixels
+        (1, 2, 9, 160, 32),  # 480 taps in five blocks of k: edge pixels see only some of them
+        (1, 2, 6, 30, 64),  # two tiles of 32 channels
+    ],
+)
+def test_forward_matches_numpy(n, h, w, ci, co):
+    rng = np.random.default_rng(ci * co + w)
+    x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
+    k = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
+    got = np.asarray(jax.jit(conv3x3.forward)(x, k))
+    np.testing.assert_allclose(got, numpy_conv(x, k), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_with_forward_kernel_matches_lax():
+    """At 64 pixels wide the forward pass and the input gradient are the forward kernel's too."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 64, 16)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)).astype(np.float32))
+    target = jnp.asarray(rng.standard_normal((2, 5, 64, 32)).astype(np.float32))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) * target)
+
+    grad = jax.jit(jax.grad(loss(conv3x3.conv), argnums=(0, 1)))
+    assert conv3x3.forward_applies(x.shape, w.shape) and conv3x3.forward_applies(target.shape, (3, 3, 32, 16))
+    assert grad.lower(x, w).as_text().count(conv3x3.FORWARD_TARGET) == 2  # forward, input gradient
+    np.testing.assert_allclose(jax.jit(conv3x3.conv)(x, w), lax_conv(x, w), rtol=1e-5, atol=1e-4)
+    want = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+    for g, r in zip(grad(x, w), want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_applies_where_it_is_faster():
+    assert conv3x3.forward_applies((8, 128, 128, 3), (3, 3, 3, 32))
+    assert conv3x3.forward_applies((8, 64, 64, 64), (3, 3, 64, 64))
+    assert not conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 64))  # narrower than 64
+    assert not conv3x3.forward_applies((8, 64, 64, 128), (3, 3, 128, 64))  # more than 64 x 64 channels
+    assert not conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 24))  # outputs not a multiple of 16
 
 
 def test_conv_value_and_gradients_match_lax():
@@ -76,6 +134,8 @@ def test_kernel_rejects_shapes_that_do_not_fit():
     x = jnp.ones((1, 4, 4, 3), jnp.float32)
     with pytest.raises(Exception, match="shapes do not fit"):
         jax.jit(conv3x3.weight_grad)(x, jnp.ones((1, 4, 5, 16), jnp.float32))  # dy not x's size
+    with pytest.raises(Exception, match="shapes do not fit"):
+        jax.jit(conv3x3.forward)(x, jnp.ones((3, 3, 4, 16), jnp.float32))  # kernel for 4 channels, x has 3
 
 
 def test_applies_only_to_the_convolution_it_computes():
@@ -119,6 +179,7 @@ def test_unet_gradients_equal_with_and_without_the_kernel():
     with conv3x3.switched_off():
         without = jax.jit(jax.grad(loss)).lower(variables["params"])
     assert conv3x3.TARGET in with_kernel.as_text() and conv3x3.TARGET not in without.as_text()
+    assert conv3x3.FORWARD_TARGET in with_kernel.as_text() and conv3x3.FORWARD_TARGET not in without.as_text()
     got, want = with_kernel.compile()(variables["params"]), without.compile()(variables["params"])
     for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5)

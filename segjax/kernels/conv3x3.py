@@ -1,14 +1,17 @@
-"""A CPU kernel for the weight gradient of 3x3 convolutions, XLA's own forward and input gradient.
+"""CPU kernels for 3x3 convolutions: the forward pass, the input gradient and the weight gradient.
 
 On CPU the weight gradient of a 3x3 convolution at 16-64 channels is the slowest part of a
 U-Net training step: XLA transposes both operands and runs one Eigen convolution whose 9 x Ci x
-Co output one core computes almost alone (benchmarks/RESULTS.md, sessions 9-15).
-`conv3x3_dw.cc` (next to this file) computes it on every core without copies; `conv` is
-`lax.conv_general_dilated` (3x3, stride 1, zero padding 1, NHWC/HWIO, float32) whose backward
-pass uses that kernel for the weight gradient. The same function to float32 rounding
-(tests/test_kernels.py).
+Co output one core computes almost alone (benchmarks/RESULTS.md, sessions 9-15). XLA's forward
+pass reaches about two thirds of the cores' peak at 16-64 channels. `conv3x3.cc` (next to this
+file) computes the weight gradient on every core without copies, and the forward pass as one
+small matrix product per kernel row with no im2col copy; `conv` is `lax.conv_general_dilated`
+(3x3, stride 1, zero padding 1, NHWC/HWIO, float32) that uses them: the weight gradient always,
+the forward pass and the input gradient (the forward pass of the output gradient with the
+kernel flipped and transposed) where they beat XLA's (`forward_applies`). The same function to
+float32 rounding (tests/test_kernels.py).
 
-The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++ / c++ /
+The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++ / c++ /
 clang++) for this CPU and this jaxlib, into `$SEGJAX_KERNEL_DIR` (default
 `~/.cache/segjax/kernels`), and reused from there. Without a compiler, or with
 `SEGJAX_CPU_KERNELS=0`, `available()` is False and callers keep XLA's convolution: slower, the
@@ -34,8 +37,9 @@ import jax.numpy as jnp
 from absl import logging
 from jax import lax
 
-SOURCE = Path(__file__).with_name("conv3x3_dw.cc")
+SOURCE = Path(__file__).with_name("conv3x3.cc")
 TARGET = "segjax_conv3x3_weight_grad"
+FORWARD_TARGET = "segjax_conv3x3_forward"
 OPT_OUT = "SEGJAX_CPU_KERNELS"
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CHANNEL_MULTIPLE = 16  # the kernel's tiles are 16 output channels wide
@@ -44,6 +48,10 @@ CHANNEL_MULTIPLE = 16  # the kernel's tiles are 16 output channels wide
 # (9 x Ci x Co floats) must also stay in cache at 32 pixels.
 MIN_WIDTH = 32
 MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH = 128 * 128
+# Where the forward kernel is faster than XLA's (benchmarks/RESULTS.md, session 20): 1.1-1.8x at
+# 64-256 pixels wide with up to 64 x 64 channels; about equal at 32 wide, slower at 256 channels.
+FORWARD_MIN_WIDTH = 64
+FORWARD_MAX_CHANNEL_PRODUCT = 64 * 64
 
 
 def _compiler() -> str | None:
@@ -66,7 +74,7 @@ def _cpu_id() -> str:
 def _library_path(compiler: str) -> Path:
     key = "\n".join([SOURCE.read_text(), compiler, metadata.version("jaxlib"), _cpu_id()])
     cache = Path(os.environ.get("SEGJAX_KERNEL_DIR", Path.home() / ".cache" / "segjax" / "kernels"))
-    return cache / f"conv3x3_dw-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return cache / f"conv3x3-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def _build(compiler: str, path: Path) -> None:
@@ -115,8 +123,8 @@ def _load() -> bool:
         detail = getattr(err, "stderr", "") or err
         logging.warning("building %s failed, 3x3 weight gradients stay XLA's: %s", SOURCE.name, detail)
         return False
-    handler = jax.ffi.pycapsule(library.SegjaxConv3x3WeightGrad)
-    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SegjaxConv3x3WeightGrad), platform="cpu")
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.SegjaxConv3x3Forward), platform="cpu")
     return True
 
 
@@ -143,8 +151,28 @@ def applies(lhs, rhs, window_strides, padding, dimension_numbers=None, **kwargs)
     )
 
 
-def _forward(x, w):
+def _lax_forward(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSION_NUMBERS)
+
+
+def forward_applies(x_shape, k_shape) -> bool:
+    """Whether `conv` computes the convolution of x [N, H, W, Ci] with k [3, 3, Ci, Co] with the
+    forward kernel (it needs Co a multiple of 16)."""
+    _, _, width, ci = x_shape
+    co = k_shape[3]
+    return co % CHANNEL_MULTIPLE == 0 and width >= FORWARD_MIN_WIDTH and ci * co <= FORWARD_MAX_CHANNEL_PRODUCT
+
+
+def _forward(x, w):
+    if forward_applies(x.shape, w.shape):
+        return forward(x, w)
+    return _lax_forward(x, w)
+
+
+def forward(x, k):
+    """The kernel's 3x3 convolution of x (NHWC) with k [3, 3, Ci, Co]."""
+    out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(FORWARD_TARGET, out, vmap_method="sequential")(x, k)
 
 
 def weight_grad(x, dy):
@@ -165,8 +193,13 @@ def _conv_fwd(x, w):
 
 def _conv_bwd(residuals, dy):
     x, w = residuals
-    # the convolution is linear in x: its transpose is the input gradient (no forward pass traced again)
-    (input_grad,) = jax.linear_transpose(lambda x: _forward(x, w), x)(dy)
+    if forward_applies(dy.shape, (3, 3, w.shape[3], w.shape[2])):
+        # dx[n, h, w, i] = sum of dy[n, h - kh + 1, w - kw + 1, o] * w[kh, kw, i, o]: the forward
+        # convolution of dy with the kernel flipped in space and its channels swapped
+        input_grad = forward(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    else:
+        # the convolution is linear in x: its transpose is the input gradient (no forward pass traced again)
+        (input_grad,) = jax.linear_transpose(lambda x: _lax_forward(x, w), x)(dy)
     return input_grad, weight_grad(x, dy)
 
 
