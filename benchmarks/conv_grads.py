@@ -10,6 +10,7 @@ shows which parts use more than one thread.
   taskset -c 0 python benchmarks/conv_grads.py     # one core
   python benchmarks/conv_grads.py --regrouped      # + two grouped forms of the weight gradient
   python benchmarks/conv_grads.py --kernel         # + segjax's CPU kernel (segjax.kernels.conv3x3)
+  python benchmarks/conv_grads.py --forward        # XLA's forward pass vs segjax's forward kernel
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ from segjax.kernels import conv3x3
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
 KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512))  # --kernel: where its rule (conv3x3.applies) draws the line
+FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
+    (8, 128, 3, 32),
+    (8, 128, 32, 32),
+    (8, 64, 64, 64),
+    (8, 64, 32, 64),
+    (4, 256, 16, 16),
+    (8, 128, 32, 16),
+    (8, 32, 64, 128),
+    (8, 32, 128, 128),
+    (2, 64, 256, 256),
+)
 
 
 def conv(x, w):
@@ -82,15 +94,45 @@ def median_ms(fn, *args, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def forward_table(repeats: int) -> None:
+    """XLA's 3x3 convolution and segjax's forward kernel, one call each in turn (the machine's
+    speed drifts over minutes), medians and GFLOP/s."""
+    print("shape (N x H^2 x Ci -> Co)  XLA ms  kernel ms  XLA GFLOP/s  kernel GFLOP/s  speedup  (used)")
+    for n, edge, ci, co in FORWARD_SHAPES:
+        keys = jax.random.split(jax.random.PRNGKey(0), 2)
+        x, w = jax.random.normal(keys[0], (n, edge, edge, ci)), jax.random.normal(keys[1], (3, 3, ci, co))
+        forms = [jax.jit(conv), jax.jit(conv3x3.forward)]
+        want = forms[0](x, w)
+        assert jnp.allclose(forms[1](x, w), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+        times = [[], []]
+        for _ in range(repeats):
+            for form, kept in zip(forms, times, strict=True):
+                start = time.perf_counter()
+                jax.block_until_ready(form(x, w))
+                kept.append(time.perf_counter() - start)
+        xla_ms, kernel_ms = (1e3 * statistics.median(t) for t in times)
+        gflop = 2 * n * edge * edge * 9 * ci * co / 1e9
+        used = "yes" if conv3x3.forward_applies(x.shape, w.shape) else "no"
+        print(
+            f"{n} x {edge}^2 x {ci} -> {co}".ljust(27)
+            + f"{xla_ms:7.2f}  {kernel_ms:9.2f}  {gflop / xla_ms * 1e3:11.0f}  {gflop / kernel_ms * 1e3:14.0f}"
+            + f"  {xla_ms / kernel_ms:6.2f}x  {used}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--regrouped", action="store_true", help="also time the two grouped weight gradients")
     parser.add_argument("--kernel", action="store_true", help="also time segjax's weight-gradient kernel")
+    parser.add_argument("--forward", action="store_true", help="only: XLA's forward pass vs the forward kernel")
     args = parser.parse_args()
-    if args.kernel and not conv3x3.available():
+    if (args.kernel or args.forward) and not conv3x3.available():
         parser.error("segjax's kernel is not available here (no C++ compiler, or SEGJAX_CPU_KERNELS=0)")
     print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
+    if args.forward:
+        return forward_table(args.repeats)
     extra = "  feature groups  row groups" if args.regrouped else ""
     extra += "  segjax kernel  (used)" if args.kernel else ""
     print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone" + extra)
