@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <utility>
@@ -98,27 +99,39 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
   }
 }
 
-// Work shared by the calling thread and the tasks it schedules. Chunks of rows are claimed from
-// an atomic counter, so the caller never waits for a task that has not started (it does the
-// unclaimed chunks itself): no deadlock however busy the pool is.
-struct Work {
-  const float* x;
-  const float* dy;
-  Shape s;
-  int64_t rows, chunks, size;
-  std::vector<float> buffers;  // one [9, Ci, Co] buffer per participant
-  std::atomic<int64_t> next{0}, finished{0};
-  std::atomic<int> slots{0};
+// Calls fn(slot, begin, end) on chunks of the rows [0, rows) from the calling thread and
+// participants - 1 tasks of the pool; slot numbers the participant, 0 .. participants - 1.
+// Chunks are claimed from an atomic counter, so the caller never waits for a task that has not
+// started (it does the unclaimed chunks itself): no deadlock however busy the pool is. A task
+// that starts after the last chunk was claimed touches only the shared counters.
+void ParallelRows(ffi::ThreadPool& pool, int participants, int64_t rows,
+                  std::function<void(int, int64_t, int64_t)> fn) {
+  struct Shared {
+    std::function<void(int, int64_t, int64_t)> fn;
+    int64_t rows, chunks;
+    std::atomic<int64_t> next{0}, finished{0};
+    std::atomic<int> slots{0};
 
-  void Participate() {
-    const int slot = slots.fetch_add(1);
-    float* acc = buffers.data() + slot * size;
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      Rows(x, dy, acc, s, rows * c / chunks, rows * (c + 1) / chunks);
-      finished.fetch_add(1);
+    void Participate() {
+      const int slot = slots.fetch_add(1);
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+        fn(slot, rows * c / chunks, rows * (c + 1) / chunks);
+        finished.fetch_add(1);
+      }
     }
-  }
-};
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->fn = std::move(fn);
+  shared->rows = rows;
+  shared->chunks = rows < 8 * participants ? rows : 8 * participants;
+  for (int t = 1; t < participants; ++t) pool.Schedule([shared] { shared->Participate(); });
+  shared->Participate();
+  while (shared->finished.load() < shared->chunks) std::this_thread::yield();
+}
+
+int Participants(ffi::ThreadPool& pool) {
+  return pool.num_threads() > 1 ? static_cast<int>(pool.num_threads()) : 1;
+}
 
 ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dw) {
@@ -128,22 +141,19 @@ ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] ||
       wd[3] != yd[3] || yd[3] % 16 != 0)
     return ffi::Error::InvalidArgument("conv3x3 weight gradient: shapes do not fit (Co must be a multiple of 16)");
-  const int participants = pool.num_threads() > 1 ? static_cast<int>(pool.num_threads()) : 1;
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->dy = dy.typed_data();
-  work->s = Shape{xd[1], xd[2], xd[3], yd[3]};
-  work->rows = xd[0] * xd[1];
-  work->chunks = work->rows < 8 * participants ? work->rows : 8 * participants;
-  work->size = 9 * xd[3] * yd[3];
-  work->buffers.assign(participants * work->size, 0.0f);
-  for (int t = 1; t < participants; ++t) pool.Schedule([work] { work->Participate(); });
-  work->Participate();
-  while (work->finished.load() < work->chunks) std::this_thread::yield();
+  const int participants = Participants(pool);
+  const Shape shape{xd[1], xd[2], xd[3], yd[3]};
+  const int64_t size = 9 * xd[3] * yd[3];
+  std::vector<float> buffers(participants * size, 0.0f);  // one [9, Ci, Co] sum per participant
+  const float* x_data = x.typed_data();
+  const float* dy_data = dy.typed_data();
+  ParallelRows(pool, participants, xd[0] * xd[1], [&](int slot, int64_t begin, int64_t end) {
+    Rows(x_data, dy_data, buffers.data() + slot * size, shape, begin, end);
+  });
   float* out = dw->typed_data();
-  for (int64_t i = 0; i < work->size; ++i) {
+  for (int64_t i = 0; i < size; ++i) {
     float sum = 0.0f;
-    for (int t = 0; t < participants; ++t) sum += work->buffers[t * work->size + i];
+    for (int t = 0; t < participants; ++t) sum += buffers[t * size + i];
     out[i] = sum;
   }
   return ffi::Error::Success();
@@ -240,23 +250,6 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
   }
 }
 
-// Rows of the output claimed in chunks by the calling thread and the pool's tasks (as `Work`).
-struct ForwardWork {
-  const float* x;
-  const float* k;
-  float* y;
-  Shape s;
-  int64_t rows, chunks;
-  std::atomic<int64_t> next{0}, finished{0};
-
-  void Participate() {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      ForwardRows(x, k, y, s, rows * c / chunks, rows * (c + 1) / chunks);
-      finished.fetch_add(1);
-    }
-  }
-};
-
 ffi::Error Conv3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                           ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
@@ -265,17 +258,13 @@ ffi::Error Conv3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3] || xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] ||
       yd[3] != kd[3] || kd[3] % 16 != 0)
     return ffi::Error::InvalidArgument("conv3x3 forward: shapes do not fit (Co must be a multiple of 16)");
-  const int participants = pool.num_threads() > 1 ? static_cast<int>(pool.num_threads()) : 1;
-  auto work = std::make_shared<ForwardWork>();
-  work->x = x.typed_data();
-  work->k = k.typed_data();
-  work->y = y->typed_data();
-  work->s = Shape{xd[1], xd[2], xd[3], kd[3]};
-  work->rows = xd[0] * xd[1];
-  work->chunks = work->rows < 8 * participants ? work->rows : 8 * participants;
-  for (int t = 1; t < participants; ++t) pool.Schedule([work] { work->Participate(); });
-  work->Participate();
-  while (work->finished.load() < work->chunks) std::this_thread::yield();
+  const Shape shape{xd[1], xd[2], xd[3], kd[3]};
+  const float* x_data = x.typed_data();
+  const float* k_data = k.typed_data();
+  float* y_data = y->typed_data();
+  ParallelRows(pool, Participants(pool), xd[0] * xd[1], [&](int, int64_t begin, int64_t end) {
+    ForwardRows(x_data, k_data, y_data, shape, begin, end);
+  });
   return ffi::Error::Success();
 }
 
