@@ -79,7 +79,7 @@ def test_forward_matches_numpy(n, h, w, ci, co):
 
 
 def test_conv_with_forward_kernel_matches_lax():
-    """At 64 pixels wide the forward pass and the input gradient are the forward kernel's too."""
+    """With up to 64 x 64 channels the forward pass and the input gradient are the forward kernel's too."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 5, 64, 16)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)).astype(np.float32))
@@ -100,7 +100,9 @@ def test_conv_with_forward_kernel_matches_lax():
 def test_forward_applies_where_it_is_faster():
     assert conv3x3.forward_applies((8, 128, 128, 3), (3, 3, 3, 32))
     assert conv3x3.forward_applies((8, 64, 64, 64), (3, 3, 64, 64))
-    assert not conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 64))  # narrower than 64
+    assert conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 64))
+    assert not conv3x3.forward_applies((8, 16, 16, 64), (3, 3, 64, 64))  # narrower than 32
+    assert not conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 128))  # more than 64 x 64 channels
     assert not conv3x3.forward_applies((8, 64, 64, 128), (3, 3, 128, 64))  # more than 64 x 64 channels
     assert not conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 24))  # outputs not a multiple of 16
 

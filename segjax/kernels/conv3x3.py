@@ -48,9 +48,10 @@ CHANNEL_MULTIPLE = 16  # the kernel's tiles are 16 output channels wide
 # (9 x Ci x Co floats) must also stay in cache at 32 pixels.
 MIN_WIDTH = 32
 MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH = 128 * 128
-# Where the forward kernel is faster than XLA's (benchmarks/RESULTS.md, session 20): 1.1-1.8x at
-# 64-256 pixels wide with up to 64 x 64 channels; about equal at 32 wide, slower at 256 channels.
-FORWARD_MIN_WIDTH = 64
+# Where the forward kernel is faster than XLA's (benchmarks/RESULTS.md, session 20): 1.1-1.8x
+# with up to 64 x 64 channels at 16-256 pixels wide; about equal at 64 x 128 and 128 x 128
+# channels, slower at 256 x 256.
+FORWARD_MIN_WIDTH = MIN_WIDTH
 FORWARD_MAX_CHANNEL_PRODUCT = 64 * 64
 
 
@@ -112,7 +113,7 @@ def available() -> bool:
 def _load() -> bool:
     compiler = _compiler()
     if compiler is None:
-        logging.info("no C++ compiler found: 3x3 convolution weight gradients stay XLA's")
+        logging.info("no C++ compiler found: 3x3 convolutions stay XLA's")
         return False
     path = _library_path(compiler)
     try:
@@ -121,7 +122,7 @@ def _load() -> bool:
         library = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        logging.warning("building %s failed, 3x3 weight gradients stay XLA's: %s", SOURCE.name, detail)
+        logging.warning("building %s failed, 3x3 convolutions stay XLA's: %s", SOURCE.name, detail)
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SegjaxConv3x3WeightGrad), platform="cpu")
     jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.SegjaxConv3x3Forward), platform="cpu")
