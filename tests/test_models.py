@@ -548,6 +548,60 @@ def test_pointwise_conv_equals_the_1x1_convolution_and_is_a_product_on_cpu_only(
     assert ops(blocks.Conv(3, (1,) * dims, padding=1), "cpu")[0] == 1
 
 
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, padding",
+    [
+        ((2, 2, 2, 5), (3, 3, 5, 4), "SAME"),  # a U-Net's 2 x 2 bottleneck
+        ((1, 4, 4, 3), (3, 3, 3, 2), ((1, 1), (1, 1))),
+        ((2, 3, 5, 2), (5, 5, 2, 3), "SAME"),  # V-Net's 5 x 5 window, wider than the image
+        ((1, 4, 3, 2), (3, 3, 2, 2), ((0, 1), (2, 0))),  # uneven padding
+        ((1, 3, 3, 2), (2, 2, 2, 3), "VALID"),
+    ],
+)
+def test_patches_conv_equals_the_convolution(lhs_shape, rhs_shape, padding):
+    """The patches form of a small image's convolution: same output and gradients as lax's."""
+    from jax import lax
+
+    from segjax.models import blocks
+
+    rng = np.random.default_rng(0)
+    lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    plain = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    patches = lambda a, b: blocks.patches_conv(a, b, padding)  # noqa: E731
+    ref = plain(lhs, rhs)
+    np.testing.assert_allclose(patches(lhs, rhs), ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
+    for ours, want in zip(
+        jax.grad(loss(patches), (0, 1))(lhs, rhs), jax.grad(loss(plain), (0, 1))(lhs, rhs), strict=True
+    ):
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_small_images_are_convolved_as_patches_on_cpu_only():
+    """nn.Conv on images of at most 16 pixels (2D, or 3D after depth folding): on CPU a matrix
+    product and no convolution; CUDA keeps the convolution; an 8 x 8 image keeps it on CPU too."""
+    import re
+
+    import flax.linen as nn
+
+    from segjax.models import blocks
+
+    def counts(conv, x, platform):
+        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
+        text = lowered.lower(lowering_platforms=(platform,)).as_text()
+        return len(re.findall(r"stablehlo\.convolution", text)), len(re.findall(r"stablehlo\.dot_general", text))
+
+    for x in (jnp.ones((2, 4, 4, 8)), jnp.ones((1, 2, 2, 2, 8))):
+        conv = blocks.Conv(16, (3,) * (x.ndim - 2))
+        assert counts(conv, x, "cpu") == (0, 1)
+        assert counts(conv, x, "cuda")[0] == 1
+        variables = conv.init(jax.random.PRNGKey(0), x)
+        y = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+        want = nn.Conv(16, (3,) * (x.ndim - 2)).apply(variables, y)
+        np.testing.assert_allclose(conv.apply(variables, y), want, rtol=1e-5, atol=1e-5)
+    assert counts(blocks.Conv(16, (3, 3)), jnp.ones((2, 8, 8, 8)), "cpu")[0] == 1
+
+
 @pytest.mark.parametrize("dims, channels", [(2, (4, 3)), (2, (2, 5, 3)), (3, (3, 2))])
 def test_concat_conv_equals_nn_conv_over_the_concatenation(dims, channels):
     """`blocks.ConcatConv` (the decoder's first convolution): nn.Conv's parameters and initial

@@ -79,8 +79,12 @@ def depth_folded_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None, *
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         **kwargs,
     )
-    if conv3x3.applies(x2, w2, **conv_2d.keywords) and conv3x3.available():
-        conv_2d = conv3x3.conv  # the same convolution, its weight gradient on every core
+    dn = lax.conv_dimension_numbers(x2.shape, w2.shape, ("NHWC", "HWIO", "NHWC"))
+    if _small_image(x2, w2, window_strides[1:], hw_padding, dn, conv_2d.keywords):
+        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
+        conv_2d = functools.partial(patches_conv, padding=hw_padding, **products)
+    elif conv3x3.applies(x2, w2, **conv_2d.keywords) and conv3x3.available():
+        conv_2d = conv3x3.conv  # the same convolution, segjax's CPU kernels
     y = conv_2d(x2, w2)
     return y.reshape(n, out_depth, *y.shape[1:])
 
@@ -131,6 +135,49 @@ def pointwise_conv(lhs, rhs, precision=None, preferred_element_type=None):
     )
 
 
+SMALL_IMAGE_PIXELS = 16  # CPU: 2D convolutions of images with at most this many pixels as `patches_conv`
+
+
+def _small_image(lhs, rhs, window_strides, padding, dn, kwargs) -> bool:
+    """A channels-last 2D convolution of a tiny image (<= SMALL_IMAGE_PIXELS pixels) with no
+    stride, dilation or groups and non-negative padding: what `patches_conv` computes."""
+    channels_last = (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    plain = isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)
+    undilated = all(d == 1 for d in (kwargs.get("rhs_dilation") or (1,)))
+    return (
+        lhs.ndim == 4
+        and channels_last
+        and plain
+        and undilated
+        and set(window_strides) <= {1}
+        and _ungrouped_undilated(kwargs)
+        and lhs.shape[1] * lhs.shape[2] <= SMALL_IMAGE_PIXELS
+    )
+
+
+def patches_conv(lhs, rhs, padding, precision=None, preferred_element_type=None):
+    """A stride-1 channels-last 2D convolution (NHWC, HWIO) as one matrix product of the image's
+    patches (each window's pixels side by side along channels) with the kernel: the same products.
+
+    Why: XLA:CPU's convolution is very slow on images of a few pixels, the deepest levels of a
+    U-Net on small inputs (benchmarks/RESULTS.md, session 20: a 3x3 convolution of 4 x 2^2 x 768
+    -> 256, 22.6 ms; 2 x 2^2 x 1024 -> 1024, 146 ms; as patches 0.9 and 6.8 ms). With a few pixels
+    the patches (kernel size x the input) cost nothing."""
+    kh, kw, ci, co = rhs.shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
+    x = jnp.pad(lhs, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    patches = jnp.concatenate([x[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)], axis=-1)
+    return lax.dot_general(
+        patches,
+        rhs.reshape(kh * kw * ci, co),
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
 def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     """`lax.conv_general_dilated` in the form each backend runs fastest (nn.Conv's
     `conv_general_dilated` hook, so parameters stay nn.Conv's; every form is the same function):
@@ -140,9 +187,11 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
       it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
     - CPU: 1x1(x1) convolutions as `pointwise_conv` (a matrix product: no transposed copy of the
       input for the weight gradient); 3D convolutions as `depth_folded_conv` (XLA:CPU's 3D
-      convolution is ~10x slower); 2D 3x3 ones as `conv3x3.conv` when its kernel is built
+      convolution is ~10x slower); 2D ones of images of at most 16 pixels as `patches_conv` (a
+      matrix product: XLA:CPU's convolution is 10-25x slower there); 2D 3x3 ones as
+      `conv3x3.conv` when its kernel is built
       (XLA:CPU's weight gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x
-      faster).
+      faster; at 64+ pixels wide and up to 64 channels the forward pass and input gradient too).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
@@ -158,6 +207,9 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     elif _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
+    elif _small_image(lhs, rhs, window_strides, padding, dn, kwargs):
+        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
+        forms["cpu"] = functools.partial(patches_conv, padding=padding, **products)
     elif conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
         forms["cpu"] = conv3x3.conv
     if not forms:
