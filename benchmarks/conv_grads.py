@@ -11,6 +11,7 @@ shows which parts use more than one thread.
   python benchmarks/conv_grads.py --regrouped      # + two grouped forms of the weight gradient
   python benchmarks/conv_grads.py --kernel         # + segjax's CPU kernel (segjax.kernels.conv3x3)
   python benchmarks/conv_grads.py --forward        # XLA's forward pass vs segjax's forward kernel
+  python benchmarks/conv_grads.py --small          # tiny images: XLA's convolution vs blocks.patches_conv
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import segjax  # noqa: F401  (applies segjax's XLA:CPU options before JAX starts)
 from segjax.kernels import conv3x3
+from segjax.models import blocks
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
@@ -39,9 +41,18 @@ FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
     (8, 64, 32, 64),
     (4, 256, 16, 16),
     (8, 128, 32, 16),
+    (8, 32, 64, 64),
     (8, 32, 64, 128),
     (8, 32, 128, 128),
     (2, 64, 256, 256),
+)
+SMALL_SHAPES = (  # --small: batch, edge, input channels, output channels (a U-Net's deepest levels)
+    (4, 2, 768, 256),
+    (2, 2, 1024, 1024),
+    (8, 4, 384, 128),
+    (4, 4, 512, 512),
+    (16, 8, 192, 64),
+    (8, 8, 512, 512),
 )
 
 
@@ -104,13 +115,7 @@ def forward_table(repeats: int) -> None:
         forms = [jax.jit(conv), jax.jit(conv3x3.forward)]
         want = forms[0](x, w)
         assert jnp.allclose(forms[1](x, w), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
-        times = [[], []]
-        for _ in range(repeats):
-            for form, kept in zip(forms, times, strict=True):
-                start = time.perf_counter()
-                jax.block_until_ready(form(x, w))
-                kept.append(time.perf_counter() - start)
-        xla_ms, kernel_ms = (1e3 * statistics.median(t) for t in times)
+        xla_ms, kernel_ms = alternating_ms([(form, (x, w)) for form in forms], repeats)
         gflop = 2 * n * edge * edge * 9 * ci * co / 1e9
         used = "yes" if conv3x3.forward_applies(x.shape, w.shape) else "no"
         print(
@@ -121,18 +126,64 @@ def forward_table(repeats: int) -> None:
         )
 
 
+def alternating_ms(calls, repeats: int) -> list[float]:
+    """Median ms of each (jitted function, args), one call of each in turn per round."""
+    times = [[] for _ in calls]
+    for fn, args in calls:
+        jax.block_until_ready(fn(*args))
+    for _ in range(repeats):
+        for (fn, args), kept in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            kept.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def small_table(repeats: int) -> None:
+    """XLA's 3x3 convolution of tiny images and `blocks.patches_conv`, forward and forward + both
+    gradients, alternating."""
+
+    def patches(x, w):
+        return blocks.patches_conv(x, w, ((1, 1), (1, 1)))
+
+    def with_grads(form):
+        return jax.jit(jax.grad(lambda x, w, g: jnp.sum(form(x, w) * g), argnums=(0, 1)))
+
+    print("shape (N x H^2 x Ci -> Co)  forward: XLA  patches  | + gradients: XLA  patches  (used)")
+    for n, edge, ci, co in SMALL_SHAPES:
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        x, w = jax.random.normal(keys[0], (n, edge, edge, ci)), jax.random.normal(keys[1], (3, 3, ci, co))
+        g = jax.random.normal(keys[2], (n, edge, edge, co))
+        want = jax.jit(conv)(x, w)
+        assert jnp.allclose(jax.jit(patches)(x, w), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+        ms = alternating_ms(
+            [
+                (jax.jit(conv), (x, w)),
+                (jax.jit(patches), (x, w)),
+                (with_grads(conv), (x, w, g)),
+                (with_grads(patches), (x, w, g)),
+            ],
+            repeats,
+        )
+        used = "yes" if edge * edge <= blocks.SMALL_IMAGE_PIXELS else "no"
+        print(f"{n} x {edge}^2 x {ci} -> {co}".ljust(27) + "".join(f"{v:9.2f}" for v in ms) + f"  {used}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--regrouped", action="store_true", help="also time the two grouped weight gradients")
     parser.add_argument("--kernel", action="store_true", help="also time segjax's weight-gradient kernel")
     parser.add_argument("--forward", action="store_true", help="only: XLA's forward pass vs the forward kernel")
+    parser.add_argument("--small", action="store_true", help="only: tiny images, XLA's convolution vs patches")
     args = parser.parse_args()
     if (args.kernel or args.forward) and not conv3x3.available():
         parser.error("segjax's kernel is not available here (no C++ compiler, or SEGJAX_CPU_KERNELS=0)")
     print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
     if args.forward:
         return forward_table(args.repeats)
+    if args.small:
+        return small_table(args.repeats)
     extra = "  feature groups  row groups" if args.regrouped else ""
     extra += "  segjax kernel  (used)" if args.kernel else ""
     print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone" + extra)

@@ -7,11 +7,13 @@ checkpoints are interchangeable, and the same numbers to float32 rounding (teste
 
 Why: differentiated by JAX, batch norm + ReLU becomes several passes over the activation, some
 of them materialising x - mean. The backward needs only two: the per-channel sums of the masked
-output gradient g and of g * (x - mean), then dx = a * g - c * (x - mean) - a * mean(g) with
-per-channel a, c. On XLA:CPU that form runs batch norm + ReLU's forward and backward 1.7x faster
-(8 x 128^2 x 32) and a U-Net training step 2-4 % faster (alternating runs, benchmarks/RESULTS.md,
-session 19). It is the CPU form only (`lax.platform_dependent`): on GPUs, where flax's layer was
-measured at memory speed, and with cross-replica statistics (`axis_name`) the layer is JAX's
+output gradient g and of g * x (sum g * (x - mean) = sum g * x - mean * sum g), then
+dx = a * g - c * (x - mean) - a * mean(g) with per-channel a, c. On XLA:CPU that form runs
+batch norm + ReLU's forward and backward 1.7x faster (8 x 128^2 x 32) and a U-Net training step
+2-4 % faster (alternating runs, benchmarks/RESULTS.md, session 19); summing g * x rather than
+g * (x - mean) saves another 5 % (session 20: XLA had written x - mean to memory for it). It
+is the CPU form only (`lax.platform_dependent`): on GPUs, where flax's layer was measured at
+memory speed, and with cross-replica statistics (`axis_name`) the layer is JAX's
 derivative of the same maths.
 """
 
