@@ -229,8 +229,9 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
           const float* b[3];
           // Pixel p's window starts at input pixel p - 1: k in [lo, hi) of it lies in the image.
           auto edge = [&](int64_t p, int64_t lo, int64_t hi) {
-            const int64_t start = k0 > lo ? k0 : lo, stop = k1 < hi ? k1 : hi;
-            const int64_t len = stop > start ? stop - start : 0;
+            const int64_t from = k0 > lo ? k0 : lo, stop = k1 < hi ? k1 : hi;
+            const int64_t len = stop > from ? stop - from : 0;
+            const int64_t start = len > 0 ? from : lo;  // no taps in this block: pointers stay in the row
             for (int t = 0; t < taps; ++t) a[t] = rows[t] + (p - 1) * s.ci + start, b[t] = kernels[t] + start * s.co;
             tiles[0](a, b, taps, s.ci, s.co, len, y_row + p * s.co, s.co, add);
           };

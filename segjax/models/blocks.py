@@ -81,8 +81,7 @@ def depth_folded_conv(lhs, rhs, window_strides, padding, *, rhs_dilation=None, *
     )
     dn = lax.conv_dimension_numbers(x2.shape, w2.shape, ("NHWC", "HWIO", "NHWC"))
     if _small_image(x2, w2, window_strides[1:], hw_padding, dn, conv_2d.keywords):
-        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
-        conv_2d = functools.partial(patches_conv, padding=hw_padding, **products)
+        conv_2d = functools.partial(patches_conv, padding=hw_padding, **_product_options(kwargs))
     elif conv3x3.applies(x2, w2, **conv_2d.keywords) and conv3x3.available():
         conv_2d = conv3x3.conv  # the same convolution, segjax's CPU kernels
     y = conv_2d(x2, w2)
@@ -119,6 +118,11 @@ def _pointwise(lhs, rhs, window_strides, padding, dn, kwargs) -> bool:
     unpadded = isinstance(padding, str) or all(lo == 0 and hi == 0 for lo, hi in padding)
     window = all(k == 1 for k in rhs.shape[:-2]) and set(window_strides) <= {1}
     return channels_last and _ungrouped_undilated(kwargs) and unpadded and window
+
+
+def _product_options(kwargs) -> dict:
+    """The convolution's keyword arguments a matrix product takes too."""
+    return {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
 
 
 def pointwise_conv(lhs, rhs, precision=None, preferred_element_type=None):
@@ -161,7 +165,7 @@ def patches_conv(lhs, rhs, padding, precision=None, preferred_element_type=None)
 
     Why: XLA:CPU's convolution is very slow on images of a few pixels, the deepest levels of a
     U-Net on small inputs (benchmarks/RESULTS.md, session 20: a 3x3 convolution of 4 x 2^2 x 768
-    -> 256, 22.6 ms; 2 x 2^2 x 1024 -> 1024, 146 ms; as patches 0.9 and 6.8 ms). With a few pixels
+    -> 256, 22 ms; 2 x 2^2 x 1024 -> 1024, 144 ms; as patches 0.9 and 5.4 ms). With a few pixels
     the patches (kernel size x the input) cost nothing."""
     kh, kw, ci, co = rhs.shape
     if isinstance(padding, str):
@@ -191,7 +195,7 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
       matrix product: XLA:CPU's convolution is 10-25x slower there); 2D 3x3 ones as
       `conv3x3.conv` when its kernel is built
       (XLA:CPU's weight gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x
-      faster; at 64+ pixels wide and up to 64 channels the forward pass and input gradient too).
+      faster; with up to 64 x 64 channels the forward pass and input gradient too, 1.1-1.8x).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
@@ -202,14 +206,12 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
     if not (aligned or grouped):
         forms["cuda"] = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
     if _pointwise(lhs, rhs, window_strides, padding, dn, kwargs):
-        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
-        forms["cpu"] = functools.partial(pointwise_conv, **products)
+        forms["cpu"] = functools.partial(pointwise_conv, **_product_options(kwargs))
     elif _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
     elif _small_image(lhs, rhs, window_strides, padding, dn, kwargs):
-        products = {k: kwargs[k] for k in ("precision", "preferred_element_type") if k in kwargs}
-        forms["cpu"] = functools.partial(patches_conv, padding=padding, **products)
+        forms["cpu"] = functools.partial(patches_conv, padding=padding, **_product_options(kwargs))
     elif conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
         forms["cpu"] = conv3x3.conv
     if not forms:
