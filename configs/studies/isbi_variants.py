@@ -3,7 +3,8 @@
 Every variant is configs/isbi.py shortened to the proxy the README's comparisons use (1000 steps,
 one input thread, one core per process) with the overrides below; `default` is the recipe itself.
 The README's table ("ISBI 2012 on 2 CPU cores") lists what each gave; rerunning a variant
-reproduces its numbers bit for bit (the proxy is deterministic for a seed).
+reproduced its numbers bit for bit in sessions 15-16 (the proxy is deterministic for a seed);
+the CPU layer forms and kernels since session 18 sum in other orders, so the last digits differ.
 
 COMMAND (all variants, two processes on one core each share the study, ~25-35 min per run):
   for c in 0 1; do taskset -c $c python -m segjax.study --study=configs/studies/isbi_variants.py \\
