@@ -11,7 +11,7 @@ shows which parts use more than one thread.
   python benchmarks/conv_grads.py --regrouped      # + two grouped forms of the weight gradient
   python benchmarks/conv_grads.py --kernel         # + segjax's CPU kernel (segjax.kernels.conv3x3)
   python benchmarks/conv_grads.py --forward        # XLA's forward pass vs segjax's forward kernel
-  python benchmarks/conv_grads.py --small          # tiny images: XLA's convolution vs blocks.patches_conv
+  python benchmarks/conv_grads.py --small          # tiny images: XLA's convolution vs conv_forms.patches_conv
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import segjax  # noqa: F401  (applies segjax's XLA:CPU options before JAX starts)
 from segjax.kernels import conv3x3
-from segjax.models import blocks
+from segjax.models import conv_forms
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
@@ -140,11 +140,11 @@ def alternating_ms(calls, repeats: int) -> list[float]:
 
 
 def small_table(repeats: int) -> None:
-    """XLA's 3x3 convolution of tiny images and `blocks.patches_conv`, forward and forward + both
+    """XLA's 3x3 convolution of tiny images and `conv_forms.patches_conv`, forward and forward + both
     gradients, alternating."""
 
     def patches(x, w):
-        return blocks.patches_conv(x, w, ((1, 1), (1, 1)))
+        return conv_forms.patches_conv(x, w, ((1, 1), (1, 1)))
 
     def with_grads(form):
         return jax.jit(jax.grad(lambda x, w, g: jnp.sum(form(x, w) * g), argnums=(0, 1)))
@@ -165,7 +165,7 @@ def small_table(repeats: int) -> None:
             ],
             repeats,
         )
-        used = "yes" if edge * edge <= blocks.SMALL_IMAGE_PIXELS else "no"
+        used = "yes" if edge * edge <= conv_forms.SMALL_IMAGE_PIXELS else "no"
         print(f"{n} x {edge}^2 x {ci} -> {co}".ljust(27) + "".join(f"{v:9.2f}" for v in ms) + f"  {used}", flush=True)
 
 

@@ -11,7 +11,7 @@ variants after it. Variants (`--variants`, comma-separated):
   textbook   the layers those replace: `nn.max_pool` and `nn.ConvTranspose` (same parameters,
              same function) -- the rewrites are defaults only where they are not slower
   plain_conv every convolution as plain `lax.conv_general_dilated` (no channel padding on CUDA:
-             segjax before `blocks.aligned_conv`)
+             segjax before `conv_forms.aligned_conv`)
   stem_im2col convolutions with unaligned channels as 9 shifted slices + one matmul (2D, stride 1)
              (plain_conv and stem_im2col change only the CUDA program: on CPU they equal default)
   no_norm    norm='none' (convolutions with bias): not the same network; what batch norm costs
@@ -69,7 +69,7 @@ from train_bench import measure_peak, parse_option, segjax_step
 from segjax.configuration import default_config
 from segjax.flops import count_flops
 from segjax.kernels import conv3x3
-from segjax.models import batchnorm, blocks
+from segjax.models import batchnorm, blocks, conv_forms
 
 
 class TextbookUpConv(nn.Module):
@@ -103,7 +103,7 @@ def plain_conv(lhs, rhs, window_strides, padding, multiple=None, **kwargs):
 
 def im2col_conv(lhs, rhs, window_strides, padding, multiple=8, **kwargs):
     """A stride-1 channels-last 2D convolution as shifted slices concatenated on channels (padded
-    to `multiple`) times the reshaped kernel; anything else as `blocks.channel_padded_conv`."""
+    to `multiple`) times the reshaped kernel; anything else as `conv_forms.channel_padded_conv`."""
     if lhs.ndim != 4 or set(window_strides) != {1} or any(kwargs.get(k) for k in ("lhs_dilation", "rhs_dilation")):
         return channel_padded(lhs, rhs, window_strides, padding, multiple=multiple, **kwargs)
     (kh, kw), (h, w) = rhs.shape[:2], lhs.shape[1:3]
@@ -117,7 +117,7 @@ def im2col_conv(lhs, rhs, window_strides, padding, multiple=8, **kwargs):
     return jnp.dot(cols, kernel, preferred_element_type=kwargs.get("preferred_element_type"))
 
 
-channel_padded = blocks.channel_padded_conv
+channel_padded = conv_forms.channel_padded_conv
 
 
 def opaque(x):
@@ -131,7 +131,7 @@ def materialized_inputs():
     """Build models whose convolutions read their input through `opaque`."""
     saved = blocks.Conv
     blocks.Conv = functools.partial(
-        nn.Conv, conv_general_dilated=lambda lhs, *a, **k: blocks.aligned_conv(opaque(lhs), *a, **k)
+        nn.Conv, conv_general_dilated=lambda lhs, *a, **k: conv_forms.aligned_conv(opaque(lhs), *a, **k)
     )
     try:
         yield
@@ -141,12 +141,12 @@ def materialized_inputs():
 
 @contextlib.contextmanager
 def cuda_conv(replacement):
-    """Build models whose CUDA branch of `blocks.aligned_conv` is `replacement`."""
-    blocks.channel_padded_conv = replacement
+    """Build models whose CUDA branch of `conv_forms.aligned_conv` is `replacement`."""
+    conv_forms.channel_padded_conv = replacement
     try:
         yield
     finally:
-        blocks.channel_padded_conv = channel_padded
+        conv_forms.channel_padded_conv = channel_padded
 
 
 BN_FORMS = {f"bn_{form}": form for form in norm_forms.FORMS}
@@ -159,10 +159,10 @@ def reduce_max_pool(x, d):
 
 
 def convolution_only(lhs, rhs, window_strides, padding, **kwargs):
-    """`blocks.aligned_conv` without its 1x1 matrix-product form (session 18's heads)."""
+    """`conv_forms.aligned_conv` without its 1x1 matrix-product form (session 18's heads)."""
     if all(k == 1 for k in rhs.shape[:-2]):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    return blocks.aligned_conv(lhs, rhs, window_strides, padding, **kwargs)
+    return conv_forms.aligned_conv(lhs, rhs, window_strides, padding, **kwargs)
 
 
 class FlaxBatchNorm(batchnorm.BatchNorm):

@@ -19,7 +19,7 @@ def count_flops(fn, *args, **kwargs) -> float:
     """FLOPs of `fn(*args, **kwargs)`; arguments may be arrays or `jax.ShapeDtypeStruct`s.
 
     Loops count once per iteration where the trip count is static (`scan`); of a conditional's
-    branches the cheapest counts (e.g. `blocks.aligned_conv` on CUDA is the same arithmetic plus
+    branches the cheapest counts (e.g. `conv_forms.aligned_conv` on CUDA is the same arithmetic plus
     zero channels); a `while` body counts once."""
     return _count(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 

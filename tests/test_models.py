@@ -415,17 +415,17 @@ def test_max_pool_equals_the_textbook_layer(dims, ties):
     ],
 )
 def test_channel_padded_conv_equals_the_plain_convolution(lhs_shape, rhs_shape, strides):
-    """Zero channels change neither the output nor the gradients (`blocks.aligned_conv`'s CUDA form)."""
+    """Zero channels change neither the output nor the gradients (`conv_forms.aligned_conv`'s CUDA form)."""
     from jax import lax
 
-    from segjax.models import blocks
+    from segjax.models import conv_forms
 
     rng = np.random.default_rng(0)
     lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
     spatial = "DHW"[-(len(lhs_shape) - 2) :]
     dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
     plain = lambda a, b: lax.conv_general_dilated(a, b, strides, "SAME", dimension_numbers=dn)  # noqa: E731
-    padded = lambda a, b: blocks.channel_padded_conv(a, b, strides, "SAME", dimension_numbers=dn)  # noqa: E731
+    padded = lambda a, b: conv_forms.channel_padded_conv(a, b, strides, "SAME", dimension_numbers=dn)  # noqa: E731
     np.testing.assert_allclose(padded(lhs, rhs), plain(lhs, rhs), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
     for ours, ref in zip(
@@ -469,10 +469,10 @@ def test_aligned_conv_pads_channels_only_when_lowered_for_cuda():
     ],
 )
 def test_depth_folded_conv_equals_the_3d_convolution(lhs_shape, rhs_shape, strides, padding, rhs_dilation):
-    """The 2D form of a 3D convolution (`blocks.aligned_conv`'s CPU form): same output and gradients."""
+    """The 2D form of a 3D convolution (`conv_forms.aligned_conv`'s CPU form): same output and gradients."""
     from jax import lax
 
-    from segjax.models import blocks
+    from segjax.models import conv_forms
 
     rng = np.random.default_rng(0)
     lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
@@ -480,7 +480,7 @@ def test_depth_folded_conv_equals_the_3d_convolution(lhs_shape, rhs_shape, strid
     plain = lambda a, b: lax.conv_general_dilated(  # noqa: E731
         a, b, strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dn
     )
-    folded = lambda a, b: blocks.depth_folded_conv(a, b, strides, padding, rhs_dilation=rhs_dilation)  # noqa: E731
+    folded = lambda a, b: conv_forms.depth_folded_conv(a, b, strides, padding, rhs_dilation=rhs_dilation)  # noqa: E731
     ref = plain(lhs, rhs)
     scale = float(jnp.abs(ref).max())
     np.testing.assert_allclose(folded(lhs, rhs), ref, rtol=1e-5, atol=1e-5 * scale)
@@ -562,12 +562,12 @@ def test_patches_conv_equals_the_convolution(lhs_shape, rhs_shape, padding):
     """The patches form of a small image's convolution: same output and gradients as lax's."""
     from jax import lax
 
-    from segjax.models import blocks
+    from segjax.models import conv_forms
 
     rng = np.random.default_rng(0)
     lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
     plain = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
-    patches = lambda a, b: blocks.patches_conv(a, b, padding)  # noqa: E731
+    patches = lambda a, b: conv_forms.patches_conv(a, b, padding)  # noqa: E731
     ref = plain(lhs, rhs)
     np.testing.assert_allclose(patches(lhs, rhs), ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))  # noqa: E731
