@@ -33,7 +33,8 @@ from segjax.models import conv_forms
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
-KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512))  # --kernel: where its rule (conv3x3.applies) draws the line
+# --kernel: where its rule (conv3x3.applies) draws the line; 8 and 24 channels (8-wide tiles)
+KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512), (64, 32, 8), (4, 256, 24))
 FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
     (8, 128, 3, 32),
     (8, 128, 32, 32),
@@ -45,6 +46,8 @@ FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
     (8, 32, 64, 128),
     (8, 32, 128, 128),
     (2, 64, 256, 256),
+    (64, 32, 24, 8),  # 8 outputs (8-wide tiles): a 3D U-Net's level 0, 2 x 32^3 x 8, folded (24 = 3 x 8)
+    (4, 256, 24, 24),  # 24 outputs (16 + 8): ISBI's level 0 with base_features=24
 )
 SMALL_SHAPES = (  # --small: batch, edge, input channels, output channels (a U-Net's deepest levels)
     (4, 2, 768, 256),

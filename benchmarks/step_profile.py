@@ -42,6 +42,8 @@ bf16 peak.
 
   python benchmarks/step_profile.py --size 512 --batch 16 --dtype bfloat16 --peak --trace /tmp/out/trace
   python benchmarks/step_profile.py --size 64 --batch 2 --base 8 --depth 2 --variants default,textbook   # CPU smoke run
+  python benchmarks/step_profile.py --dims 3 --size 32 --batch 2 --depth 3 --base 8 --variants default --trace /tmp/t3
+      # the 3D U-Net (--arch vnet: V-Net; --arch unetpp: U-Net++ with deep supervision)
 """
 
 from __future__ import annotations
@@ -229,6 +231,11 @@ def build(args, variant: str):
     """(jitted train step, state, batch, forward FLOPs per batch) for one variant."""
     cfg = default_config()
     cfg.model.depth, cfg.model.base_features, cfg.model.dtype = args.depth, args.base, args.dtype
+    cfg.model.arch, cfg.model.spatial_dims = args.arch, args.dims
+    if args.arch == "unetpp":
+        cfg.model.deep_supervision = True
+    if args.arch == "vnet":
+        cfg.model.kernel_size = args.kernel
     batch_size, options = args.batch, None
     if variant == "no_norm":
         cfg.model.norm = "none"
@@ -239,8 +246,9 @@ def build(args, variant: str):
     elif variant not in (*LAYER_VARIANTS, *BN_FORMS, *FORMER):
         raise SystemExit(f"unknown variant {variant!r}")
     rng = np.random.default_rng(0)
-    image = rng.random((batch_size, args.size, args.size, 3), dtype=np.float32)
-    label = rng.integers(0, args.classes, (batch_size, args.size, args.size)).astype(np.int32)
+    spatial = (args.size,) * args.dims
+    image = rng.random((batch_size, *spatial, 3 if args.dims == 2 else 1), dtype=np.float32)
+    label = rng.integers(0, args.classes, (batch_size, *spatial)).astype(np.int32)
     patches = {
         "textbook": textbook_layers,
         "plain_conv": functools.partial(cuda_conv, plain_conv),
@@ -353,6 +361,9 @@ def alternate(args, variants: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["unet", "unetpp", "vnet"], default="unet")
+    parser.add_argument("--dims", type=int, default=2, help="3: 1-channel volumes of size^3 (as train_bench.py)")
+    parser.add_argument("--kernel", type=int, default=3, help="V-Net kernel edge")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--depth", type=int, default=4)
@@ -370,7 +381,8 @@ def main() -> None:
 
     peak = measure_peak() if args.peak else float("nan")
     where = jax.devices()[0].device_kind
-    print(f"{where}; jax {jax.__version__}; dtype {args.dtype}; {args.size}^2; peak {peak / 1e12:.0f} TFLOP/s")
+    shape = f"{args.arch} {args.size}^{args.dims}"
+    print(f"{where}; jax {jax.__version__}; dtype {args.dtype}; {shape}; peak {peak / 1e12:.0f} TFLOP/s")
     print(f"{'variant':<44}{'compile s':>10}{'ms/step':>10}{'images/s':>10}{'MFU':>7}{'vs default':>11}")
     if args.alternate:
         return alternate(args, args.variants.split(","))

@@ -48,6 +48,9 @@ def lax_conv(x, w):
         (2, 6, 8, 30, 48),  # 48 outputs: tiles of 16 columns, 24 rows + 6
         (1, 4, 40, 7, 64),  # 64 outputs: two tiles of 32 columns, one block of 7 rows
         (1, 3, 5, 50, 128),  # several column tiles
+        (2, 4, 9, 27, 8),  # 8 outputs: one 8-wide tile, row blocks of 24 and 3
+        (1, 3, 6, 10, 24),  # 24 outputs: a tile of 16 columns and one of 8
+        (1, 2, 7, 5, 40),  # 40 outputs: 16 + 16 + 8
     ],
 )
 def test_weight_grad_matches_numpy(n, h, w, ci, co):
@@ -68,6 +71,9 @@ def test_weight_grad_matches_numpy(n, h, w, ci, co):
         (1, 3, 17, 7, 48),  # 48 outputs: three tiles of 16 channels, 14 + 1 pixels
         (1, 2, 9, 160, 32),  # 480 taps in five blocks of k: edge pixels see only some of them
         (1, 2, 6, 30, 64),  # two tiles of 32 channels
+        (2, 3, 20, 6, 8),  # 8 outputs: 8-wide tiles of 14 + 4 pixels
+        (1, 4, 11, 9, 24),  # 24 outputs: a tile of 16 channels and one of 8
+        (1, 2, 9, 160, 40),  # 16 + 16 + 8 outputs, with five blocks of k
     ],
 )
 def test_forward_matches_numpy(n, h, w, ci, co):
@@ -85,7 +91,8 @@ def test_forward_applies_where_it_is_faster():
     assert not conv3x3.forward_applies((8, 16, 16, 64), (3, 3, 64, 64))  # narrower than 32
     assert not conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 128))  # more than 64 x 64 channels
     assert not conv3x3.forward_applies((8, 64, 64, 128), (3, 3, 128, 64))  # more than 64 x 64 channels
-    assert not conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 24))  # outputs not a multiple of 16
+    assert conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 24))  # a tile of 16 outputs and one of 8
+    assert not conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 20))  # outputs not a multiple of 8
 
 
 @pytest.mark.parametrize(
@@ -94,6 +101,7 @@ def test_forward_applies_where_it_is_faster():
         ((2, 12, 34, 5), (3, 3, 5, 32), 1),  # the forward pass; the input gradient (5 outputs) is XLA's
         ((2, 5, 64, 16), (3, 3, 16, 32), 2),  # the forward pass and the input gradient
         ((1, 4, 32, 64), (3, 3, 64, 128), 0),  # more than 64 x 64 channels: XLA's both
+        ((2, 4, 40, 24), (3, 3, 24, 8), 2),  # 8 outputs (8-wide tiles), the input gradient's 24 (16 + 8)
     ],
 )
 def test_conv_value_and_gradients_match_lax(x_shape, w_shape, forward_kernels):
@@ -140,7 +148,8 @@ def test_applies_only_to_the_convolution_it_computes():
     assert not conv3x3.applies(x, w, (2, 2), "SAME", dn)  # strided
     assert not conv3x3.applies(x, w, (1, 1), "VALID", dn)
     assert not conv3x3.applies(x, jnp.ones((5, 5, 8, 32)), (1, 1), "SAME", dn)
-    assert not conv3x3.applies(x, jnp.ones((3, 3, 8, 24)), (1, 1), "SAME", dn)  # outputs not a multiple of 16
+    assert conv3x3.applies(x, jnp.ones((3, 3, 8, 24)), (1, 1), "SAME", dn)  # a tile of 16 outputs and one of 8
+    assert not conv3x3.applies(x, jnp.ones((3, 3, 8, 12)), (1, 1), "SAME", dn)  # outputs not a multiple of 8
     assert not conv3x3.applies(x, w, (1, 1), "SAME", dn, rhs_dilation=(2, 2))
     assert not conv3x3.applies(x, jnp.ones((3, 3, 4, 32)), (1, 1), "SAME", dn, feature_group_count=2)
     assert not conv3x3.applies(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), "SAME", dn)

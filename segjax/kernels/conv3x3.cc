@@ -33,36 +33,59 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats; the compiler maps it to one AVX-512 register or two AVX2 ones (GCC/Clang vectors).
+// 16 or 8 floats; the compiler maps a v16 to one AVX-512 register or two AVX2 ones, a v8 to one
+// AVX2 register (GCC/Clang vectors). Output channels go in tiles of 16 or 32, and the last 8 of a
+// count that is not a multiple of 16 (8, 24, 40, ...) in an 8-wide tile.
 typedef float v16 __attribute__((vector_size(64)));
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+typedef float v8 __attribute__((vector_size(32)));
+template <typename T>
+inline T load(const float* p) { T v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T>
+inline void store(float* p, T v) { std::memcpy(p, &v, sizeof v); }
+template <typename T>
+constexpr int kLanes = sizeof(T) / sizeof(float);
 
-// c[r, :] += sum_k a[k * lda + r] * b[k * ldb + :] for R rows and 16 V columns, in registers.
-template <int R, int V>
+// c[r, :] += sum_k a[k * lda + r] * b[k * ldb + :] for R rows and L V columns (vectors T of L
+// floats), in registers.
+template <typename T, int R, int V>
 void Tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k_len, float* c, int64_t ldc) {
-  v16 acc[R][V];
+  constexpr int L = kLanes<T>;
+  T acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = load(c + r * ldc + 16 * v);
+    for (int v = 0; v < V; ++v) acc[r][v] = load<T>(c + r * ldc + L * v);
   for (int64_t k = 0; k < k_len; ++k) {
-    v16 bk[V];
-    for (int v = 0; v < V; ++v) bk[v] = load(b + k * ldb + 16 * v);
+    T bk[V];
+    for (int v = 0; v < V; ++v) bk[v] = load<T>(b + k * ldb + L * v);
     for (int r = 0; r < R; ++r) {
       const float s = a[k * lda + r];
       for (int v = 0; v < V; ++v) acc[r][v] += s * bk[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store(c + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) store<T>(c + r * ldc + L * v, acc[r][v]);
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
 
-// Tile<1, V> ... Tile<R, V>: row blocks of every height, so any Ci works.
-template <int V, int... Rows>
+// Tile<T, 1, V> ... Tile<T, R, V>: row blocks of every height, so any Ci works.
+template <typename T, int V, int... Rows>
 const TileFn* Tiles(std::integer_sequence<int, Rows...>) {
-  static const TileFn fns[] = {Tile<Rows + 1, V>...};
+  static const TileFn fns[] = {Tile<T, Rows + 1, V>...};
   return fns;
+}
+
+// One kind of tile: its functions (by height - 1), its greatest height and its width in channels.
+template <typename Fn>
+struct TileSet {
+  const Fn* fns;
+  int max_rows;
+  int64_t width;
+};
+
+// The tile for the output channels from c0 on: 32 or 16 wide while 16 are left, then 8 wide.
+template <typename Fn>
+const TileSet<Fn>& Columns(const TileSet<Fn>& wide, const TileSet<Fn>& narrow, int64_t co, int64_t c0) {
+  return co - c0 >= wide.width ? wide : narrow;
 }
 
 struct Shape {
@@ -71,12 +94,13 @@ struct Shape {
 
 // Adds the products of image rows [begin, end) (row index = n * H + h) to acc[9, Ci, Co].
 void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t begin, int64_t end) {
-  // Tiles of 32 columns and 12 rows, or 16 x 24 (Co is a multiple of 16): 24 accumulating
-  // registers (64-column tiles of 6 rows were slower: 7.6 vs 6.7 ms at 8 x 64^2 x 64 -> 64).
-  const int v = s.co % 32 == 0 ? 2 : 1;
-  const int max_rows = 24 / v;
-  const TileFn* tiles = v == 2 ? Tiles<2>(std::make_integer_sequence<int, 12>())
-                               : Tiles<1>(std::make_integer_sequence<int, 24>());
+  // Tiles of 32 columns and 12 rows, or 16 x 24, and 8 x 24 for the last 8 channels of a count
+  // that is not a multiple of 16: 24 accumulating registers (64-column tiles of 6 rows were
+  // slower: 7.6 vs 6.7 ms at 8 x 64^2 x 64 -> 64).
+  static const TileSet<TileFn> t32{Tiles<v16, 2>(std::make_integer_sequence<int, 12>()), 12, 32},
+      t16{Tiles<v16, 1>(std::make_integer_sequence<int, 24>()), 24, 16},
+      t8{Tiles<v8, 1>(std::make_integer_sequence<int, 24>()), 24, 8};
+  const TileSet<TileFn>& wide = s.co % 32 == 0 ? t32 : t16;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / s.h, h = row % s.h;
     const float* dy_row = dy + row * s.w * s.co;
@@ -89,10 +113,13 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
         const float* a = x_row + (w0 + shift) * s.ci;
         const float* b = dy_row + w0 * s.co;
         float* c = acc + (kh * 3 + kw) * s.ci * s.co;
-        for (int64_t r0 = 0; r0 < s.ci; r0 += max_rows) {
-          const int64_t rows = s.ci - r0 < max_rows ? s.ci - r0 : max_rows;
-          for (int64_t c0 = 0; c0 < s.co; c0 += 16 * v)
-            tiles[rows - 1](a + r0, s.ci, b + c0, s.co, k_len, c + r0 * s.co + c0, s.co);
+        for (int64_t c0 = 0; c0 < s.co;) {
+          const TileSet<TileFn>& t = Columns(wide, t8, s.co, c0);
+          for (int64_t r0 = 0; r0 < s.ci; r0 += t.max_rows) {
+            const int64_t rows = s.ci - r0 < t.max_rows ? s.ci - r0 : t.max_rows;
+            t.fns[rows - 1](a + r0, s.ci, b + c0, s.co, k_len, c + r0 * s.co + c0, s.co);
+          }
+          c0 += t.width;
         }
       }
     }
@@ -139,8 +166,8 @@ ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
     return ffi::Error::InvalidArgument("conv3x3 weight gradient: x, dy and dw must be 4-D (NHWC, NHWC, HWIO)");
   if (xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] ||
-      wd[3] != yd[3] || yd[3] % 16 != 0)
-    return ffi::Error::InvalidArgument("conv3x3 weight gradient: shapes do not fit (Co must be a multiple of 16)");
+      wd[3] != yd[3] || yd[3] % 8 != 0)
+    return ffi::Error::InvalidArgument("conv3x3 weight gradient: shapes do not fit (Co must be a multiple of 8)");
   const int participants = Participants(pool);
   const Shape shape{xd[1], xd[2], xd[3], yd[3]};
   const int64_t size = 9 * xd[3] * yd[3];
@@ -160,20 +187,21 @@ ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
 }
 
 // c[r, :] (+)= sum over taps t, k of a[t][r * lda + k] * b[t][k * ldb + :] for R pixels and
-// 16 V output channels, in registers: R overlapping input windows times a kernel row, per tap.
+// L V output channels, in registers: R overlapping input windows times a kernel row, per tap.
 // `add`: add to c (a later block of k) instead of overwriting it.
-template <int R, int V>
+template <typename T, int R, int V>
 void ForwardTile(const float* const* a, const float* const* b, int taps, int64_t lda, int64_t ldb, int64_t k_len,
                  float* c, int64_t ldc, bool add) {
-  v16 acc[R][V];
+  constexpr int L = kLanes<T>;
+  T acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = add ? load(c + r * ldc + 16 * v) : v16{};
+    for (int v = 0; v < V; ++v) acc[r][v] = add ? load<T>(c + r * ldc + L * v) : T{};
   for (int t = 0; t < taps; ++t) {
     const float* at = a[t];
     const float* bt = b[t];
     for (int64_t k = 0; k < k_len; ++k) {
-      v16 bk[V];
-      for (int v = 0; v < V; ++v) bk[v] = load(bt + k * ldb + 16 * v);
+      T bk[V];
+      for (int v = 0; v < V; ++v) bk[v] = load<T>(bt + k * ldb + L * v);
       for (int r = 0; r < R; ++r) {
         const float s = at[r * lda + k];
         for (int v = 0; v < V; ++v) acc[r][v] += s * bk[v];
@@ -181,35 +209,38 @@ void ForwardTile(const float* const* a, const float* const* b, int taps, int64_t
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) store(c + r * ldc + 16 * v, acc[r][v]);
+    for (int v = 0; v < V; ++v) store<T>(c + r * ldc + L * v, acc[r][v]);
 }
 
 using ForwardTileFn = void (*)(const float* const*, const float* const*, int, int64_t, int64_t, int64_t, float*,
                                int64_t, bool);
 
-template <int V, int... Rows>
+template <typename T, int V, int... Rows>
 const ForwardTileFn* ForwardTiles(std::integer_sequence<int, Rows...>) {
-  static const ForwardTileFn fns[] = {ForwardTile<Rows + 1, V>...};
+  static const ForwardTileFn fns[] = {ForwardTile<T, Rows + 1, V>...};
   return fns;
 }
 
 // Output rows [begin, end) (row index = n * H + h) of y = conv(x, k).
 void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64_t begin, int64_t end) {
-  // Tiles of 12 pixels x 32 channels, or 14 x 16: 24 or 14 accumulating registers (24 x 16 spilled).
-  const int v = s.co % 32 == 0 ? 2 : 1;
-  const int max_pixels = v == 2 ? 12 : 14;
-  const ForwardTileFn* tiles = v == 2 ? ForwardTiles<2>(std::make_integer_sequence<int, 12>())
-                                      : ForwardTiles<1>(std::make_integer_sequence<int, 14>());
+  // Tiles of 12 pixels x 32 channels, or 14 x 16: 24 or 14 accumulating registers (24 x 16
+  // spilled); the last 8 channels of a count that is not a multiple of 16 in tiles of 14 x 8.
+  static const TileSet<ForwardTileFn> t32{ForwardTiles<v16, 2>(std::make_integer_sequence<int, 12>()), 12, 32},
+      t16{ForwardTiles<v16, 1>(std::make_integer_sequence<int, 14>()), 14, 16},
+      t8{ForwardTiles<v8, 1>(std::make_integer_sequence<int, 14>()), 14, 8};
+  const TileSet<ForwardTileFn>& wide = s.co % 32 == 0 ? t32 : t16;
   const int64_t row_len = s.w * s.ci, kernel_row = 3 * s.ci * s.co, k_total = 3 * s.ci;
   // The kernel's columns for one tile, all three kernel rows, are read once per pixel tile: in
   // blocks of k of at most ~40 KB they stay in the L1 cache.
-  const int64_t blocks = (3 * k_total * 16 * v * 4 + 40959) / 40960;
+  const int64_t blocks = (3 * k_total * wide.width * 4 + 40959) / 40960;
   const int64_t k_block = (k_total + blocks - 1) / blocks;
   // Rows in groups of at least 128 pixels, so that narrow images reuse a block as often.
   const int64_t group = s.w >= 128 ? 1 : (128 + s.w - 1) / s.w;
   for (int64_t g0 = begin; g0 < end; g0 += group) {
     const int64_t g1 = g0 + group < end ? g0 + group : end;
-    for (int64_t c0 = 0; c0 < s.co; c0 += 16 * v) {
+    for (int64_t c0 = 0; c0 < s.co; c0 += Columns(wide, t8, s.co, c0).width) {
+      const ForwardTileFn* tiles = Columns(wide, t8, s.co, c0).fns;
+      const int64_t max_pixels = Columns(wide, t8, s.co, c0).max_rows;
       for (int64_t k0 = 0; k0 < k_total; k0 += k_block) {
         const int64_t k1 = k0 + k_block < k_total ? k0 + k_block : k_total;
         const bool add = k0 > 0;
@@ -257,8 +288,8 @@ ffi::Error Conv3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("conv3x3 forward: x, kernel and y must be 4-D (NHWC, HWIO, NHWC)");
   if (kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3] || xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] ||
-      yd[3] != kd[3] || kd[3] % 16 != 0)
-    return ffi::Error::InvalidArgument("conv3x3 forward: shapes do not fit (Co must be a multiple of 16)");
+      yd[3] != kd[3] || kd[3] % 8 != 0)
+    return ffi::Error::InvalidArgument("conv3x3 forward: shapes do not fit (Co must be a multiple of 8)");
   const Shape shape{xd[1], xd[2], xd[3], kd[3]};
   const float* x_data = x.typed_data();
   const float* k_data = k.typed_data();

@@ -42,7 +42,7 @@ TARGET = "segjax_conv3x3_weight_grad"
 FORWARD_TARGET = "segjax_conv3x3_forward"
 OPT_OUT = "SEGJAX_CPU_KERNELS"
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-CHANNEL_MULTIPLE = 16  # the kernel's tiles are 16 output channels wide
+CHANNEL_MULTIPLE = 8  # output channels go in tiles of 32 or 16, the last 8 of other multiples of 8 in one 8 wide
 # Where the kernel is faster than XLA's (benchmarks/RESULTS.md, session 18): each of its products
 # runs along one image row, so narrow images leave it little to do per product; its per-thread sum
 # (9 x Ci x Co floats) must also stay in cache at 32 pixels.
@@ -158,7 +158,7 @@ def _lax_forward(x, w):
 
 def forward_applies(x_shape, k_shape) -> bool:
     """Whether `conv` computes the convolution of x [N, H, W, Ci] with k [3, 3, Ci, Co] with the
-    forward kernel (it needs Co a multiple of 16)."""
+    forward kernel (it needs Co a multiple of 8)."""
     _, _, width, ci = x_shape
     co = k_shape[3]
     return co % CHANNEL_MULTIPLE == 0 and width >= FORWARD_MIN_WIDTH and ci * co <= FORWARD_MAX_CHANNEL_PRODUCT
