@@ -88,7 +88,8 @@ def test_forward_applies_where_it_is_faster():
     assert conv3x3.forward_applies((8, 128, 128, 3), (3, 3, 3, 32))
     assert conv3x3.forward_applies((8, 64, 64, 64), (3, 3, 64, 64))
     assert conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 64))
-    assert not conv3x3.forward_applies((8, 16, 16, 64), (3, 3, 64, 64))  # narrower than 32
+    assert conv3x3.forward_applies((8, 16, 16, 64), (3, 3, 64, 64))
+    assert not conv3x3.forward_applies((8, 8, 8, 64), (3, 3, 64, 64))  # narrower than 16
     assert not conv3x3.forward_applies((8, 32, 32, 64), (3, 3, 64, 128))  # more than 64 x 64 channels
     assert not conv3x3.forward_applies((8, 64, 64, 128), (3, 3, 128, 64))  # more than 64 x 64 channels
     assert conv3x3.forward_applies((8, 64, 64, 32), (3, 3, 32, 24))  # a tile of 16 outputs and one of 8
@@ -153,7 +154,10 @@ def test_applies_only_to_the_convolution_it_computes():
     assert not conv3x3.applies(x, w, (1, 1), "SAME", dn, rhs_dilation=(2, 2))
     assert not conv3x3.applies(x, jnp.ones((3, 3, 4, 32)), (1, 1), "SAME", dn, feature_group_count=2)
     assert not conv3x3.applies(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), "SAME", dn)
-    assert not conv3x3.applies(jnp.ones((2, 16, 16, 8)), w, (1, 1), "SAME", dn)  # narrower than MIN_WIDTH
+    assert not conv3x3.applies(jnp.ones((2, 8, 8, 8)), w, (1, 1), "SAME", dn)  # narrower than 16 pixels
+    assert conv3x3.applies(jnp.ones((2, 16, 16, 8)), w, (1, 1), "SAME", dn)  # 16-31 px: up to 64 x 64 channels
+    assert not conv3x3.applies(jnp.ones((2, 16, 16, 128)), jnp.ones((3, 3, 128, 64)), (1, 1), "SAME", dn)
+    assert conv3x3.applies(jnp.ones((2, 32, 32, 128)), jnp.ones((3, 3, 128, 64)), (1, 1), "SAME", dn)
     many = jnp.ones((3, 3, 256, 256))
     assert conv3x3.applies(jnp.ones((2, 64, 64, 256)), many, (1, 1), "SAME", dn)
     assert not conv3x3.applies(jnp.ones((2, 32, 32, 256)), many, (1, 1), "SAME", dn)  # XLA's faster there

@@ -43,15 +43,16 @@ FORWARD_TARGET = "segjax_conv3x3_forward"
 OPT_OUT = "SEGJAX_CPU_KERNELS"
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CHANNEL_MULTIPLE = 8  # output channels go in tiles of 32 or 16, the last 8 of other multiples of 8 in one 8 wide
-# Where the kernel is faster than XLA's (benchmarks/RESULTS.md, session 18): each of its products
-# runs along one image row, so narrow images leave it little to do per product; its per-thread sum
-# (9 x Ci x Co floats) must also stay in cache at 32 pixels.
-MIN_WIDTH = 32
-MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH = 128 * 128
+# Where the kernel is faster than XLA's (benchmarks/RESULTS.md, sessions 18 and 21): each of its
+# products runs along one image row, so narrow images leave it little to do per product; its
+# per-thread sum (9 x Ci x Co floats) must also stay in cache. Images 64 pixels wide or more: any
+# channels; 32-63: up to 128 x 128 channels; 16-31: up to 64 x 64 (1.0-3x XLA's there, 0.8x at
+# 256 x 256).
+MAX_CHANNEL_PRODUCT_BY_WIDTH = ((64, None), (32, 128 * 128), (16, 64 * 64))  # (from width, channel product)
 # Where the forward kernel is faster than XLA's (benchmarks/RESULTS.md, session 20): 1.1-1.8x
 # with up to 64 x 64 channels at 16-256 pixels wide; about equal at 64 x 128 and 128 x 128
 # channels, slower at 256 x 256.
-FORWARD_MIN_WIDTH = MIN_WIDTH
+FORWARD_MIN_WIDTH = 16
 FORWARD_MAX_CHANNEL_PRODUCT = 64 * 64
 
 
@@ -147,9 +148,14 @@ def applies(lhs, rhs, window_strides, padding, dimension_numbers=None, **kwargs)
         and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
         and lhs.dtype == rhs.dtype == jnp.float32
         and rhs.shape[3] % CHANNEL_MULTIPLE == 0
-        and lhs.shape[2] >= MIN_WIDTH
-        and (lhs.shape[2] >= 2 * MIN_WIDTH or rhs.shape[2] * rhs.shape[3] <= MAX_CHANNEL_PRODUCT_AT_MIN_WIDTH)
+        and _channels_fit(lhs.shape[2], rhs.shape[2] * rhs.shape[3])
     )
+
+
+def _channels_fit(width: int, channel_product: int) -> bool:
+    """Whether images `width` pixels wide with Ci x Co = `channel_product` are in the kernel's rule."""
+    limit = next((limit for start, limit in MAX_CHANNEL_PRODUCT_BY_WIDTH if width >= start), 0)
+    return limit is None or channel_product <= limit
 
 
 def _lax_forward(x, w):
