@@ -84,6 +84,66 @@ def test_forward_matches_numpy(n, h, w, ci, co):
     np.testing.assert_allclose(got, numpy_conv(x, k), rtol=1e-4, atol=1e-4)
 
 
+def numpy_conv3d(x, k):
+    """y[n, d, h, w, o] = sum over kd, kh, kw, i of x_padded[n, d + kd, h + kh, w + kw, i] * k[kd, kh, kw, i, o]."""
+    _, d, h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+    taps = ((a, b, c) for a in range(3) for b in range(3) for c in range(3))
+    return sum(
+        np.einsum("ndhwi,io->ndhwo", xp[:, a : a + d, b : b + h, c : c + w], k[a, b, c].astype(np.float64))
+        for a, b, c in taps
+    )
+
+
+def numpy_weight_grad3d(x, dy):
+    """dw[kd, kh, kw, i, o] = sum over n, d, h, w of x_padded[n, d + kd, h + kh, w + kw, i] * dy[n, d, h, w, o]."""
+    _, d, h, w, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+    taps = [[[xp[:, a : a + d, b : b + h, c : c + w] for c in range(3)] for b in range(3)] for a in range(3)]
+    return np.einsum("zyxndhwi,ndhwo->zyxio", np.asarray(taps), dy)
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "h", "w", "ci", "co"),
+    [
+        (2, 3, 4, 5, 3, 16),  # every output row sees the depth padding on one side or the other
+        (1, 1, 2, 3, 4, 8),  # one slice: only the centre depth tap sees the volume (8-wide tiles)
+        (1, 4, 3, 20, 7, 24),  # 18 interior pixels: tiles of 14 and 4; 16 + 8 outputs
+        (1, 2, 2, 6, 60, 32),  # 9 x 180 taps: blocks of k (the kernel rows of a tile > 40 KB)
+    ],
+)
+def test_3d_kernels_match_numpy(n, d, h, w, ci, co):
+    rng = np.random.default_rng(ci * co + w + d)
+    x = rng.standard_normal((n, d, h, w, ci)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 3, ci, co)).astype(np.float32)
+    dy = rng.standard_normal((n, d, h, w, co)).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(conv3x3.forward)(x, k), numpy_conv3d(x, k), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(conv3x3.weight_grad)(x, dy), numpy_weight_grad3d(x, dy), rtol=1e-4, atol=1e-4)
+
+
+def test_3d_conv_value_and_gradients_match_lax():
+    """`conv` on a volume (forward kernel, both gradients by the kernels) against lax's 3D convolution."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 17, 8)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)).astype(np.float32))
+    target = jnp.asarray(rng.standard_normal((2, 5, 6, 17, 16)).astype(np.float32))
+
+    def lax_conv3d(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=conv3x3.DIMENSION_NUMBERS_3D)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w)) * target)
+
+    grad = jax.jit(jax.grad(loss(conv3x3.conv), argnums=(0, 1)))
+    hlo = grad.lower(x, w).as_text()
+    assert hlo.count(conv3x3.FORWARD_TARGET) == 2 and hlo.count(conv3x3.TARGET) == 1
+    assert "convolution" not in hlo
+    want = lax_conv3d(x, w)
+    np.testing.assert_allclose(jax.jit(conv3x3.conv)(x, w), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    for g, r in zip(grad(x, w), jax.grad(loss(lax_conv3d), argnums=(0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
 def test_forward_applies_where_it_is_faster():
     assert conv3x3.forward_applies((8, 128, 128, 3), (3, 3, 3, 32))
     assert conv3x3.forward_applies((8, 64, 64, 64), (3, 3, 64, 64))
@@ -162,14 +222,25 @@ def test_applies_only_to_the_convolution_it_computes():
     assert conv3x3.applies(jnp.ones((2, 64, 64, 256)), many, (1, 1), "SAME", dn)
     assert not conv3x3.applies(jnp.ones((2, 32, 32, 256)), many, (1, 1), "SAME", dn)  # XLA's faster there
     assert not conv3x3.applies(jnp.ones((2, 8, 64, 64)), w, (1, 1), "SAME", ("NCHW", "OIHW", "NCHW"))
+    volume, w3 = jnp.ones((1, 4, 16, 16, 8)), jnp.ones((3, 3, 3, 8, 16))
+    dn3 = conv3x3.DIMENSION_NUMBERS_3D
+    assert conv3x3.applies(volume, w3, (1, 1, 1), "SAME", dn3)
+    assert conv3x3.applies(volume, w3, (1, 1, 1), ((1, 1),) * 3, dn3)
+    assert not conv3x3.applies(volume, w3, (2, 2, 2), "SAME", dn3)  # strided
+    assert not conv3x3.applies(volume, jnp.ones((5, 5, 5, 8, 16)), (1, 1, 1), "SAME", dn3)
+    assert not conv3x3.applies(volume, jnp.ones((1, 3, 3, 8, 16)), (1, 1, 1), "SAME", dn3)  # 1 x 3 x 3
+    assert not conv3x3.applies(jnp.ones((1, 4, 8, 8, 8)), w3, (1, 1, 1), "SAME", dn3)  # narrower than 16
+    assert not conv3x3.applies(volume, w3, (1, 1, 1), "SAME", ("NCDHW", "OIDHW", "NCDHW"))
 
 
-def test_unet_gradients_equal_with_and_without_the_kernel():
+@pytest.mark.parametrize("dims", [2, 3])
+def test_unet_gradients_equal_with_and_without_the_kernel(dims):
+    """The U-Net's gradients with the kernels and with XLA's convolutions (3D: the depth-folded form)."""
     cfg = default_config()
-    cfg.model.depth, cfg.model.base_features = 2, 16
+    cfg.model.depth, cfg.model.base_features, cfg.model.spatial_dims = 2, 16 if dims == 2 else 8, dims
     model = build_model(cfg.model, 2)
     rng = np.random.default_rng(2)
-    image = jnp.asarray(rng.random((2, 64, 64, 3), dtype=np.float32))
+    image = jnp.asarray(rng.random((2, 64, 64, 3) if dims == 2 else (1, 8, 32, 32, 1), dtype=np.float32))
     variables = model.init(jax.random.key(0), image, train=False)
 
     def loss(params):

@@ -1,10 +1,14 @@
-// 3x3, stride-1, zero-padded ("SAME") 2D convolution on channels-last float32 data: forward pass
-// and weight gradient as XLA FFI custom calls for the CPU backend (see segjax/kernels/conv3x3.py).
+// 3x3 (2D) and 3x3x3 (3D), stride-1, zero-padded ("SAME") convolutions on channels-last float32
+// data: forward pass and weight gradient as XLA FFI custom calls for the CPU backend (see
+// segjax/kernels/conv3x3.py).
 //
 //   y[n, h, w, co]    = sum over kh, kw, ci of x[n, h + kh - 1, w + kw - 1, ci] * k[kh, kw, ci, co]
 //   dw[kh, kw, ci, co] = sum over n, h, w of x[n, h + kh - 1, w + kw - 1, ci] * dy[n, h, w, co]
 //
-// The input gradient is the forward pass of dy with the kernel flipped and transposed.
+// and in 3D the same with a depth axis (NDHWC, DHWIO): a 2D image is a volume of depth 1 with a
+// kernel of depth 1. An output row (n, z, h) reads up to 3 x 3 input rows (z + kz - 1, h + kh - 1),
+// each against the kernel's contiguous [3 x Ci, Co] matrix k[kz, kh]. The input gradient is the
+// forward pass of dy with the kernel flipped and transposed.
 //
 // Forward: for one output row and one kernel row kh, the taps (kw, ci) of R neighbouring pixels
 // are R overlapping windows of 3 x Ci contiguous floats of one input row, and k[kh] is a
@@ -89,10 +93,29 @@ const TileSet<Fn>& Columns(const TileSet<Fn>& wide, const TileSet<Fn>& narrow, i
 }
 
 struct Shape {
-  int64_t h, w, ci, co;
+  int64_t d, h, w, ci, co;
+  int64_t kd;  // the kernel's depth: 1 (2D; d = 1) or 3
 };
 
-// Adds the products of image rows [begin, end) (row index = n * H + h) to acc[9, Ci, Co].
+// The input rows (index (n * D + z) * H + h) that output row `row` reads inside the volume, and
+// the kernel row kz * 3 + kh each one meets: up to 9; returns how many.
+int InputRows(const Shape& s, int64_t row, int64_t (&rows)[9], int64_t (&kernel_rows)[9]) {
+  const int64_t h = row % s.h, z = (row / s.h) % s.d, n = row / (s.h * s.d);
+  int count = 0;
+  for (int64_t kz = 0; kz < s.kd; ++kz) {
+    const int64_t zi = z + kz - s.kd / 2;
+    if (zi < 0 || zi >= s.d) continue;  // the zero padding contributes nothing
+    for (int64_t kh = 0; kh < 3; ++kh) {
+      const int64_t hi = h + kh - 1;
+      if (hi < 0 || hi >= s.h) continue;
+      rows[count] = (n * s.d + zi) * s.h + hi;
+      kernel_rows[count++] = kz * 3 + kh;
+    }
+  }
+  return count;
+}
+
+// Adds the products of output rows [begin, end) (index (n * D + z) * H + h) to acc[kd * 9, Ci, Co].
 void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t begin, int64_t end) {
   // Tiles of 32 columns and 12 rows, or 16 x 24, and 8 x 24 for the last 8 channels of a count
   // that is not a multiple of 16: 24 accumulating registers (64-column tiles of 6 rows were
@@ -101,18 +124,17 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
       t16{Tiles<v16, 1>(std::make_integer_sequence<int, 24>()), 24, 16},
       t8{Tiles<v8, 1>(std::make_integer_sequence<int, 24>()), 24, 8};
   const TileSet<TileFn>& wide = s.co % 32 == 0 ? t32 : t16;
+  int64_t in_rows[9], kernel_rows[9];
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / s.h, h = row % s.h;
     const float* dy_row = dy + row * s.w * s.co;
-    for (int64_t kh = 0; kh < 3; ++kh) {
-      const int64_t hi = h + kh - 1;
-      if (hi < 0 || hi >= s.h) continue;  // the zero padding contributes nothing
-      const float* x_row = x + (n * s.h + hi) * s.w * s.ci;
+    const int taps = InputRows(s, row, in_rows, kernel_rows);
+    for (int t = 0; t < taps; ++t) {
+      const float* x_row = x + in_rows[t] * s.w * s.ci;
       for (int64_t kw = 0; kw < 3; ++kw) {
         const int64_t shift = kw - 1, w0 = shift < 0 ? 1 : 0, k_len = s.w - (shift == 0 ? 0 : 1);
         const float* a = x_row + (w0 + shift) * s.ci;
         const float* b = dy_row + w0 * s.co;
-        float* c = acc + (kh * 3 + kw) * s.ci * s.co;
+        float* c = acc + (kernel_rows[t] * 3 + kw) * s.ci * s.co;
         for (int64_t c0 = 0; c0 < s.co;) {
           const TileSet<TileFn>& t = Columns(wide, t8, s.co, c0);
           for (int64_t r0 = 0; r0 < s.ci; r0 += t.max_rows) {
@@ -160,21 +182,36 @@ int Participants(ffi::ThreadPool& pool) {
   return pool.num_threads() > 1 ? static_cast<int>(pool.num_threads()) : 1;
 }
 
+// The shape of a convolution of x [N, (D,) H, W, Ci] with a kernel [(3,) 3, 3, Ci, Co] giving
+// y [N, (D,) H, W, Co], or false when the three do not fit together (Co must be a multiple of 8).
+template <typename A, typename B, typename C>
+bool ConvShape(const A& xd, const B& kd, const C& yd, Shape& s) {
+  const size_t rank = xd.size();
+  if ((rank != 4 && rank != 5) || kd.size() != rank || yd.size() != rank) return false;
+  for (size_t i = 0; i + 1 < rank; ++i)
+    if (xd[i] != yd[i]) return false;
+  for (size_t i = 0; i + 2 < rank; ++i)
+    if (kd[i] != 3) return false;
+  const int64_t co = yd[rank - 1];
+  if (kd[rank - 2] != xd[rank - 1] || kd[rank - 1] != co || co % 8 != 0) return false;
+  s = Shape{rank == 5 ? xd[1] : 1, xd[rank - 3], xd[rank - 2], xd[rank - 1], co, rank == 5 ? 3 : 1};
+  return true;
+}
+
 ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dw) {
-  const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
-    return ffi::Error::InvalidArgument("conv3x3 weight gradient: x, dy and dw must be 4-D (NHWC, NHWC, HWIO)");
-  if (xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] || wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3] ||
-      wd[3] != yd[3] || yd[3] % 8 != 0)
-    return ffi::Error::InvalidArgument("conv3x3 weight gradient: shapes do not fit (Co must be a multiple of 8)");
+  Shape shape;
+  if (!ConvShape(x.dimensions(), dw->dimensions(), dy.dimensions(), shape))
+    return ffi::Error::InvalidArgument(
+        "conv3x3 weight gradient: shapes do not fit (x NHWC / NDHWC, dy of x's size, dw HWIO / DHWIO of "
+        "3s; Co must be a multiple of 8)");
   const int participants = Participants(pool);
-  const Shape shape{xd[1], xd[2], xd[3], yd[3]};
-  const int64_t size = 9 * xd[3] * yd[3];
-  std::vector<float> buffers(participants * size, 0.0f);  // one [9, Ci, Co] sum per participant
+  const int64_t size = shape.kd * 9 * shape.ci * shape.co;
+  std::vector<float> buffers(participants * size, 0.0f);  // one [kd * 9, Ci, Co] sum per participant
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
-  ParallelRows(pool, participants, xd[0] * xd[1], [&](int slot, int64_t begin, int64_t end) {
+  const int64_t rows = x.dimensions()[0] * shape.d * shape.h;
+  ParallelRows(pool, participants, rows, [&](int slot, int64_t begin, int64_t end) {
     Rows(x_data, dy_data, buffers.data() + slot * size, shape, begin, end);
   });
   float* out = dw->typed_data();
@@ -221,7 +258,7 @@ const ForwardTileFn* ForwardTiles(std::integer_sequence<int, Rows...>) {
   return fns;
 }
 
-// Output rows [begin, end) (row index = n * H + h) of y = conv(x, k).
+// Output rows [begin, end) (index (n * D + z) * H + h) of y = conv(x, k).
 void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64_t begin, int64_t end) {
   // Tiles of 12 pixels x 32 channels, or 14 x 16: 24 or 14 accumulating registers (24 x 16
   // spilled); the last 8 channels of a count that is not a multiple of 16 in tiles of 14 x 8.
@@ -230,9 +267,9 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
       t8{ForwardTiles<v8, 1>(std::make_integer_sequence<int, 14>()), 14, 8};
   const TileSet<ForwardTileFn>& wide = s.co % 32 == 0 ? t32 : t16;
   const int64_t row_len = s.w * s.ci, kernel_row = 3 * s.ci * s.co, k_total = 3 * s.ci;
-  // The kernel's columns for one tile, all three kernel rows, are read once per pixel tile: in
+  // The kernel's columns for one tile, all its kernel rows, are read once per pixel tile: in
   // blocks of k of at most ~40 KB they stay in the L1 cache.
-  const int64_t blocks = (3 * k_total * wide.width * 4 + 40959) / 40960;
+  const int64_t blocks = (s.kd * 3 * k_total * wide.width * 4 + 40959) / 40960;
   const int64_t k_block = (k_total + blocks - 1) / blocks;
   // Rows in groups of at least 128 pixels, so that narrow images reuse a block as often.
   const int64_t group = s.w >= 128 ? 1 : (128 + s.w - 1) / s.w;
@@ -245,19 +282,17 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
         const int64_t k1 = k0 + k_block < k_total ? k0 + k_block : k_total;
         const bool add = k0 > 0;
         for (int64_t row = g0; row < g1; ++row) {
-          const int64_t n = row / s.h, h = row % s.h;
-          const float* rows[3];
-          const float* kernels[3];
-          int taps = 0;
-          for (int64_t kh = 0; kh < 3; ++kh) {
-            const int64_t hi = h + kh - 1;
-            if (hi < 0 || hi >= s.h) continue;  // the zero padding contributes nothing
-            rows[taps] = x + (n * s.h + hi) * row_len;
-            kernels[taps++] = k + kh * kernel_row + c0;
+          int64_t in_rows[9], kernel_rows[9];
+          const int taps = InputRows(s, row, in_rows, kernel_rows);
+          const float* rows[9];
+          const float* kernels[9];
+          for (int t = 0; t < taps; ++t) {
+            rows[t] = x + in_rows[t] * row_len;
+            kernels[t] = k + kernel_rows[t] * kernel_row + c0;
           }
           float* y_row = y + row * s.w * s.co + c0;
-          const float* a[3];
-          const float* b[3];
+          const float* a[9];
+          const float* b[9];
           // Pixel p's window starts at input pixel p - 1: k in [lo, hi) of it lies in the image.
           auto edge = [&](int64_t p, int64_t lo, int64_t hi) {
             const int64_t from = k0 > lo ? k0 : lo, stop = k1 < hi ? k1 : hi;
@@ -284,17 +319,16 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
 
 ffi::Error Conv3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                           ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("conv3x3 forward: x, kernel and y must be 4-D (NHWC, HWIO, NHWC)");
-  if (kd[0] != 3 || kd[1] != 3 || kd[2] != xd[3] || xd[0] != yd[0] || xd[1] != yd[1] || xd[2] != yd[2] ||
-      yd[3] != kd[3] || kd[3] % 8 != 0)
-    return ffi::Error::InvalidArgument("conv3x3 forward: shapes do not fit (Co must be a multiple of 8)");
-  const Shape shape{xd[1], xd[2], xd[3], kd[3]};
+  Shape shape;
+  if (!ConvShape(x.dimensions(), k.dimensions(), y->dimensions(), shape))
+    return ffi::Error::InvalidArgument(
+        "conv3x3 forward: shapes do not fit (x NHWC / NDHWC, kernel HWIO / DHWIO of 3s for x's channels, "
+        "y of x's size; Co must be a multiple of 8)");
   const float* x_data = x.typed_data();
   const float* k_data = k.typed_data();
   float* y_data = y->typed_data();
-  ParallelRows(pool, Participants(pool), xd[0] * xd[1], [&](int, int64_t begin, int64_t end) {
+  const int64_t rows = x.dimensions()[0] * shape.d * shape.h;
+  ParallelRows(pool, Participants(pool), rows, [&](int, int64_t begin, int64_t end) {
     ForwardRows(x_data, k_data, y_data, shape, begin, end);
   });
   return ffi::Error::Success();

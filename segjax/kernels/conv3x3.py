@@ -1,4 +1,5 @@
-"""CPU kernels for 3x3 convolutions: the forward pass, the input gradient and the weight gradient.
+"""CPU kernels for 3x3 (2D) and 3x3x3 (3D) convolutions: the forward pass, the input gradient and
+the weight gradient.
 
 On CPU the weight gradient of a 3x3 convolution at 16-64 channels is the slowest part of a
 U-Net training step: XLA transposes both operands and runs one Eigen convolution whose 9 x Ci x
@@ -6,10 +7,12 @@ Co output one core computes almost alone (benchmarks/RESULTS.md, sessions 9-15).
 pass reaches about two thirds of the cores' peak at 16-64 channels. `conv3x3.cc` (next to this
 file) computes the weight gradient on every core without copies, and the forward pass as one
 small matrix product per kernel row with no im2col copy; `conv` is `lax.conv_general_dilated`
-(3x3, stride 1, zero padding 1, NHWC/HWIO, float32) that uses them: the weight gradient always,
-the forward pass and the input gradient (the forward pass of the output gradient with the
-kernel flipped and transposed) where they beat XLA's (`forward_applies`). The same function to
-float32 rounding (tests/test_kernels.py).
+(3x3, stride 1, zero padding 1, NHWC/HWIO, float32; or 3x3x3, NDHWC/DHWIO) that uses them: the
+weight gradient always, the forward pass and the input gradient (the forward pass of the output
+gradient with the kernel flipped and transposed) where they beat XLA's (`forward_applies`). A 3D
+output row reads 3 x 3 input rows instead of 3, each a contiguous matrix product as in 2D: no
+copies of the volume (`conv_forms.depth_folded_conv` makes three). The same function to float32
+rounding (tests/test_kernels.py).
 
 The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++ / c++ /
 clang++) for this CPU and this jaxlib, into `$SEGJAX_KERNEL_DIR` (default
@@ -42,6 +45,7 @@ TARGET = "segjax_conv3x3_weight_grad"
 FORWARD_TARGET = "segjax_conv3x3_forward"
 OPT_OUT = "SEGJAX_CPU_KERNELS"
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+DIMENSION_NUMBERS_3D = ("NDHWC", "DHWIO", "NDHWC")
 CHANNEL_MULTIPLE = 8  # output channels go in tiles of 32 or 16, the last 8 of other multiples of 8 in one 8 wide
 # Where the kernel is faster than XLA's (benchmarks/RESULTS.md, sessions 18 and 21): each of its
 # products runs along one image row, so narrow images leave it little to do per product; its
@@ -130,25 +134,32 @@ def _load() -> bool:
     return True
 
 
+def _dimension_numbers(ndim: int):
+    return DIMENSION_NUMBERS if ndim == 4 else DIMENSION_NUMBERS_3D
+
+
 def applies(lhs, rhs, window_strides, padding, dimension_numbers=None, **kwargs) -> bool:
-    """Whether `conv` computes this `lax.conv_general_dilated` call."""
-    if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1):
+    """Whether `conv` computes this `lax.conv_general_dilated` call (2D 3x3 or 3D 3x3x3)."""
+    if lhs.ndim not in (4, 5):
+        return False
+    nd = lhs.ndim - 2
+    if rhs.shape[:nd] != (3,) * nd or tuple(window_strides) != (1,) * nd:
         return False
     if isinstance(padding, str):
         same = padding == "SAME"
     else:
-        same = [tuple(p) for p in padding] == [(1, 1), (1, 1)]
+        same = [tuple(p) for p in padding] == [(1, 1)] * nd
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     plain = all(kwargs.get(k) in (None, 1) for k in ("feature_group_count", "batch_group_count"))
-    plain &= all(tuple(kwargs.get(k) or (1, 1)) == (1, 1) for k in ("lhs_dilation", "rhs_dilation"))
+    plain &= all(set(kwargs.get(k) or (1,)) == {1} for k in ("lhs_dilation", "rhs_dilation"))
     plain &= kwargs.get("preferred_element_type") in (None, jnp.float32)
     return (
         same
         and plain
-        and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
+        and dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _dimension_numbers(lhs.ndim))
         and lhs.dtype == rhs.dtype == jnp.float32
-        and rhs.shape[3] % CHANNEL_MULTIPLE == 0
-        and _channels_fit(lhs.shape[2], rhs.shape[2] * rhs.shape[3])
+        and rhs.shape[-1] % CHANNEL_MULTIPLE == 0
+        and _channels_fit(lhs.shape[-2], rhs.shape[-2] * rhs.shape[-1])
     )
 
 
@@ -159,14 +170,14 @@ def _channels_fit(width: int, channel_product: int) -> bool:
 
 
 def _lax_forward(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DIMENSION_NUMBERS)
+    padding = ((1, 1),) * (x.ndim - 2)
+    return lax.conv_general_dilated(x, w, (1,) * (x.ndim - 2), padding, dimension_numbers=_dimension_numbers(x.ndim))
 
 
 def forward_applies(x_shape, k_shape) -> bool:
-    """Whether `conv` computes the convolution of x [N, H, W, Ci] with k [3, 3, Ci, Co] with the
-    forward kernel (it needs Co a multiple of 8)."""
-    _, _, width, ci = x_shape
-    co = k_shape[3]
+    """Whether `conv` computes the convolution of x [N, (D,) H, W, Ci] with k [(3,) 3, 3, Ci, Co]
+    with the forward kernel (it needs Co a multiple of 8)."""
+    width, ci, co = x_shape[-2], x_shape[-1], k_shape[-1]
     return co % CHANNEL_MULTIPLE == 0 and width >= FORWARD_MIN_WIDTH and ci * co <= FORWARD_MAX_CHANNEL_PRODUCT
 
 
@@ -177,20 +188,21 @@ def _forward(x, w):
 
 
 def forward(x, k):
-    """The kernel's 3x3 convolution of x (NHWC) with k [3, 3, Ci, Co]."""
-    out = jax.ShapeDtypeStruct((*x.shape[:3], k.shape[3]), jnp.float32)
+    """The kernel's convolution of x (NHWC or NDHWC) with k [(3,) 3, 3, Ci, Co]."""
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], k.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(FORWARD_TARGET, out, vmap_method="sequential")(x, k)
 
 
 def weight_grad(x, dy):
-    """d(loss)/d(kernel) [3, 3, Ci, Co] of `conv` from its input x and output gradient dy (NHWC)."""
-    out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
+    """d(loss)/d(kernel) [(3,) 3, 3, Ci, Co] of `conv` from its input x and output gradient dy
+    (NHWC or NDHWC)."""
+    out = jax.ShapeDtypeStruct(((3,) * (x.ndim - 2) + (x.shape[-1], dy.shape[-1])), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, dy)
 
 
 @jax.custom_vjp
 def conv(x, w):
-    """3x3 convolution, stride 1, zero padding 1, NHWC input, HWIO kernel, float32."""
+    """3x3 (2D: NHWC, HWIO) or 3x3x3 (3D: NDHWC, DHWIO) convolution, stride 1, zero padding 1, float32."""
     return _forward(x, w)
 
 
@@ -200,10 +212,12 @@ def _conv_fwd(x, w):
 
 def _conv_bwd(residuals, dy):
     x, w = residuals
-    if forward_applies(dy.shape, (3, 3, w.shape[3], w.shape[2])):
+    spatial = tuple(range(x.ndim - 2))
+    flipped = jnp.swapaxes(jnp.flip(w, spatial), -1, -2)
+    if forward_applies(dy.shape, flipped.shape):
         # dx[n, h, w, i] = sum of dy[n, h - kh + 1, w - kw + 1, o] * w[kh, kw, i, o]: the forward
         # convolution of dy with the kernel flipped in space and its channels swapped
-        input_grad = forward(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+        input_grad = forward(dy, flipped)
     else:
         # the convolution is linear in x: its transpose is the input gradient (no forward pass traced again)
         (input_grad,) = jax.linear_transpose(lambda x: _lax_forward(x, w), x)(dy)
