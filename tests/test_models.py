@@ -556,17 +556,22 @@ def test_pointwise_conv_equals_the_1x1_convolution_and_is_a_product_on_cpu_only(
         ((2, 3, 5, 2), (5, 5, 2, 3), "SAME"),  # V-Net's 5 x 5 window, wider than the image
         ((1, 4, 3, 2), (3, 3, 2, 2), ((0, 1), (2, 0))),  # uneven padding
         ((1, 3, 3, 2), (2, 2, 2, 3), "VALID"),
+        ((2, 2, 2, 2, 5), (3, 3, 3, 5, 4), "SAME"),  # a 3D U-Net's 2^3 bottleneck
+        ((1, 5, 2, 3, 2), (3, 3, 3, 2, 3), ((1, 1), (0, 1), (2, 0))),  # deeper than wide, uneven padding
+        ((1, 3, 4, 4, 2), (2, 3, 1, 2, 2), "VALID"),
     ],
 )
 def test_patches_conv_equals_the_convolution(lhs_shape, rhs_shape, padding):
-    """The patches form of a small image's convolution: same output and gradients as lax's."""
+    """The patches form of a small image's (or volume's) convolution: same output and gradients as lax's."""
     from jax import lax
 
     from segjax.models import conv_forms
 
     rng = np.random.default_rng(0)
     lhs, rhs = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (lhs_shape, rhs_shape))
-    plain = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    nd = len(lhs_shape) - 2
+    dn = ("NHWC", "HWIO", "NHWC") if nd == 2 else ("NDHWC", "DHWIO", "NDHWC")
+    plain = lambda a, b: lax.conv_general_dilated(a, b, (1,) * nd, padding, dimension_numbers=dn)  # noqa: E731
     patches = lambda a, b: conv_forms.patches_conv(a, b, padding)  # noqa: E731
     ref = plain(lhs, rhs)
     np.testing.assert_allclose(patches(lhs, rhs), ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
@@ -578,7 +583,7 @@ def test_patches_conv_equals_the_convolution(lhs_shape, rhs_shape, padding):
 
 
 def test_small_images_are_convolved_as_patches_on_cpu_only():
-    """nn.Conv on images of at most 16 pixels (2D, or 3D after depth folding): on CPU a matrix
+    """nn.Conv on images of at most 16 pixels (2D, or 3D of any depth): on CPU a matrix
     product and no convolution; CUDA keeps the convolution; an 8 x 8 image keeps it on CPU too."""
     import re
 

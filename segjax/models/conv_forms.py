@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax.numpy as jnp
 from jax import lax
@@ -123,44 +124,56 @@ def pointwise_conv(lhs, rhs, precision=None, preferred_element_type=None):
     )
 
 
-SMALL_IMAGE_PIXELS = 16  # CPU: 2D convolutions of images with at most this many pixels as `patches_conv`
+SMALL_IMAGE_PIXELS = 16  # CPU: convolutions of images (H x W) with at most this many pixels as `patches_conv`
 
 
 def _small_image(lhs, rhs, window_strides, padding, dn, kwargs) -> bool:
-    """A channels-last 2D convolution of a tiny image (<= SMALL_IMAGE_PIXELS pixels) with no
-    stride, dilation or groups and non-negative padding: what `patches_conv` computes."""
-    channels_last = (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    """A channels-last 2D or 3D convolution of a tiny image (H x W <= SMALL_IMAGE_PIXELS pixels;
+    in 3D any depth) with no stride, dilation or groups and non-negative padding: what
+    `patches_conv` computes."""
+    nd = lhs.ndim - 2
+    channels_last = (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == (
+        (0, nd + 1, *range(1, nd + 1)),
+        (nd + 1, nd, *range(nd)),
+        (0, nd + 1, *range(1, nd + 1)),
+    )
     plain = isinstance(padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in padding)
     undilated = all(d == 1 for d in (kwargs.get("rhs_dilation") or (1,)))
     return (
-        lhs.ndim == 4
+        nd in (2, 3)
         and channels_last
         and plain
         and undilated
         and set(window_strides) <= {1}
         and _ungrouped_undilated(kwargs)
-        and lhs.shape[1] * lhs.shape[2] <= SMALL_IMAGE_PIXELS
+        and lhs.shape[-3] * lhs.shape[-2] <= SMALL_IMAGE_PIXELS
     )
 
 
 def patches_conv(lhs, rhs, padding, precision=None, preferred_element_type=None):
-    """A stride-1 channels-last 2D convolution (NHWC, HWIO) as one matrix product of the image's
-    patches (each window's pixels side by side along channels) with the kernel: the same products.
+    """A stride-1 channels-last convolution (NHWC/HWIO or NDHWC/DHWIO) as one matrix product of
+    the image's patches (each window's pixels side by side along channels, in the kernel's order)
+    with the kernel: the same products.
 
     Why: XLA:CPU's convolution is very slow on images of a few pixels, the deepest levels of a
     U-Net on small inputs (benchmarks/RESULTS.md, session 20: a 3x3 convolution of 4 x 2^2 x 768
     -> 256, 22 ms; 2 x 2^2 x 1024 -> 1024, 144 ms; as patches 0.9 and 5.4 ms). With a few pixels
-    the patches (kernel size x the input) cost nothing."""
-    kh, kw, ci, co = rhs.shape
+    the patches (kernel size x the input) cost nothing, and the kernel is used as it is stored (a
+    depth-folded 3D form would copy it, and its gradient, in another order: session 21)."""
+    nd = lhs.ndim - 2
+    window, co = rhs.shape[:nd], rhs.shape[-1]
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], window, (1,) * nd, padding)
     x = jnp.pad(lhs, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
-    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    patches = jnp.concatenate([x[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)], axis=-1)
+    out = [x.shape[1 + i] - window[i] + 1 for i in range(nd)]
+    taps = itertools.product(*(range(k) for k in window))
+    patches = jnp.concatenate(
+        [x[(slice(None), *(slice(o, o + n) for o, n in zip(tap, out, strict=True)))] for tap in taps], axis=-1
+    )
     return lax.dot_general(
         patches,
-        rhs.reshape(kh * kw * ci, co),
-        (((3,), (0,)), ((), ())),
+        rhs.reshape(-1, co),
+        (((nd + 1,), (0,)), ((), ())),
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
@@ -174,10 +187,10 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
       3-channel image's first convolution on a generic non-tensor-core kernel; on an H100 in bf16
       it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
     - CPU: 1x1(x1) convolutions as `pointwise_conv` (a matrix product: no transposed copy of the
-      input for the weight gradient); 3x3x3 ones as `conv3x3.conv` where its rule says, other 3D
-      ones as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower); 2D ones of images
-      of at most 16 pixels as `patches_conv` (a matrix product: XLA:CPU's convolution is 10-25x
-      slower there); 2D 3x3 ones as `conv3x3.conv` when its kernel is built
+      input for the weight gradient); 3x3x3 ones as `conv3x3.conv` where its rule says; 2D and
+      3D ones of images of at most 16 pixels (H x W) as `patches_conv` (a matrix product:
+      XLA:CPU's convolution is 10-25x slower there); other 3D ones as `depth_folded_conv`
+      (XLA:CPU's 3D convolution is ~10x slower); 2D 3x3 ones as `conv3x3.conv` when its kernel is built
       (XLA:CPU's weight gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x
       faster; with up to 64 x 64 channels the forward pass and input gradient too, 1.1-1.8x).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
@@ -193,6 +206,8 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
         forms["cpu"] = functools.partial(pointwise_conv, **_product_options(kwargs))
     elif lhs.ndim == 5 and conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
         forms["cpu"] = conv3x3.conv  # 3x3x3 on the volume itself: no folded copies
+    elif lhs.ndim == 5 and _small_image(lhs, rhs, window_strides, padding, dn, kwargs):
+        forms["cpu"] = functools.partial(patches_conv, padding=padding, **_product_options(kwargs))
     elif _foldable(lhs, rhs, padding, dn, kwargs):
         folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
         forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
