@@ -12,6 +12,7 @@ shows which parts use more than one thread.
   python benchmarks/conv_grads.py --kernel         # + segjax's CPU kernel (segjax.kernels.conv3x3)
   python benchmarks/conv_grads.py --forward        # XLA's forward pass vs segjax's forward kernel
   python benchmarks/conv_grads.py --small          # tiny images: XLA's convolution vs conv_forms.patches_conv
+  python benchmarks/conv_grads.py --volume         # 3x3x3: depth-folded 2D convolution vs segjax's 3D kernels
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from segjax.models import conv_forms
 NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = ((8, 128, 32), (8, 64, 64), (8, 32, 128), (8, 16, 256), (4, 256, 16))  # batch, edge, channels
 # --kernel: where its rule (conv3x3.applies) draws the line; 8 and 24 channels (8-wide tiles)
-KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512), (64, 32, 8), (4, 256, 24))
+KERNEL_SHAPES = ((8, 32, 256), (2, 64, 256), (8, 8, 512), (64, 32, 8), (4, 256, 24), (8, 16, 16), (8, 16, 64))
 FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
     (8, 128, 3, 32),
     (8, 128, 32, 32),
@@ -48,6 +49,16 @@ FORWARD_SHAPES = (  # --forward: batch, edge, input channels, output channels
     (2, 64, 256, 256),
     (64, 32, 24, 8),  # 8 outputs (8-wide tiles): a 3D U-Net's level 0, 2 x 32^3 x 8, folded (24 = 3 x 8)
     (4, 256, 24, 24),  # 24 outputs (16 + 8): ISBI's level 0 with base_features=24
+    (8, 16, 16, 16),  # 16 pixels wide (session 21's rule: up to 64 x 64 channels there)
+    (8, 16, 64, 64),
+)
+VOLUME_SHAPES = (  # --volume: batch, edge (a cube), input channels, output channels (3D U-Net / V-Net levels)
+    (2, 32, 1, 8),
+    (2, 32, 8, 8),
+    (2, 32, 16, 8),
+    (2, 32, 16, 16),
+    (2, 16, 16, 16),
+    (2, 16, 32, 32),
 )
 SMALL_SHAPES = (  # --small: batch, edge, input channels, output channels (a U-Net's deepest levels)
     (4, 2, 768, 256),
@@ -172,6 +183,43 @@ def small_table(repeats: int) -> None:
         print(f"{n} x {edge}^2 x {ci} -> {co}".ljust(27) + "".join(f"{v:9.2f}" for v in ms) + f"  {used}", flush=True)
 
 
+def volume_table(repeats: int) -> None:
+    """3x3x3 convolutions, forward and forward + both gradients: the depth-folded 2D form (segjax's
+    CPU form before session 21, with the 2D kernels where they apply) and `conv3x3.conv` on the
+    volume, alternating."""
+
+    def folded(x, w):
+        return conv_forms.depth_folded_conv(x, w, (1, 1, 1), "SAME")
+
+    def with_grads(form):
+        return jax.jit(jax.grad(lambda x, w, g: jnp.sum(form(x, w) * g), argnums=(0, 1)))
+
+    print("shape (N x D^3 x Ci -> Co)  forward: folded  kernel | + gradients: folded  kernel  speedup  (used)")
+    for n, edge, ci, co in VOLUME_SHAPES:
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(keys[0], (n, edge, edge, edge, ci))
+        w = jax.random.normal(keys[1], (3, 3, 3, ci, co))
+        g = jax.random.normal(keys[2], (n, edge, edge, edge, co))
+        want = jax.jit(folded)(x, w)
+        assert jnp.allclose(jax.jit(conv3x3.conv)(x, w), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+        ms = alternating_ms(
+            [
+                (jax.jit(folded), (x, w)),
+                (jax.jit(conv3x3.conv), (x, w)),
+                (with_grads(folded), (x, w, g)),
+                (with_grads(conv3x3.conv), (x, w, g)),
+            ],
+            repeats,
+        )
+        used = "yes" if conv3x3.applies(x, w, (1, 1, 1), "SAME", conv3x3.DIMENSION_NUMBERS_3D) else "no"
+        print(
+            f"{n} x {edge}^3 x {ci} -> {co}".ljust(27)
+            + "".join(f"{v:9.2f}" for v in ms)
+            + f"  {ms[2] / ms[3]:6.2f}x  {used}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -179,14 +227,17 @@ def main() -> None:
     parser.add_argument("--kernel", action="store_true", help="also time segjax's weight-gradient kernel")
     parser.add_argument("--forward", action="store_true", help="only: XLA's forward pass vs the forward kernel")
     parser.add_argument("--small", action="store_true", help="only: tiny images, XLA's convolution vs patches")
+    parser.add_argument("--volume", action="store_true", help="only: 3x3x3, depth-folded form vs the 3D kernels")
     args = parser.parse_args()
-    if (args.kernel or args.forward) and not conv3x3.available():
+    if (args.kernel or args.forward or args.volume) and not conv3x3.available():
         parser.error("segjax's kernel is not available here (no C++ compiler, or SEGJAX_CPU_KERNELS=0)")
     print(f"{len(os.sched_getaffinity(0))} usable cores, jax {jax.__version__}, median of {args.repeats}, ms")
     if args.forward:
         return forward_table(args.repeats)
     if args.small:
         return small_table(args.repeats)
+    if args.volume:
+        return volume_table(args.repeats)
     extra = "  feature groups  row groups" if args.regrouped else ""
     extra += "  segjax kernel  (used)" if args.kernel else ""
     print("shape (N x H^2 x C -> C)  forward  input grad  weight grad  dW conv alone" + extra)

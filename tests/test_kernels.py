@@ -3,6 +3,8 @@ convolution that uses them against `lax.conv_general_dilated` in value and both 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,12 +123,21 @@ def test_3d_kernels_match_numpy(n, d, h, w, ci, co):
     np.testing.assert_allclose(jax.jit(conv3x3.weight_grad)(x, dy), numpy_weight_grad3d(x, dy), rtol=1e-4, atol=1e-4)
 
 
-def test_3d_conv_value_and_gradients_match_lax():
-    """`conv` on a volume (forward kernel, both gradients by the kernels) against lax's 3D convolution."""
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "forward_kernels"),
+    [
+        ((2, 5, 6, 17, 8), (3, 3, 3, 8, 16), 2),  # the forward pass and the input gradient by the kernel
+        ((1, 4, 3, 16, 1), (3, 3, 3, 1, 8), 1),  # the input gradient (1 output) in the depth-folded form
+        ((1, 3, 2, 16, 72), (3, 3, 3, 72, 64), 0),  # more than 64 x 64 channels: both depth-folded
+    ],
+)
+def test_3d_conv_value_and_gradients_match_lax(x_shape, w_shape, forward_kernels):
+    """`conv` on a volume against lax's 3D convolution; what the forward kernel does not compute is
+    the depth-folded 2D convolution, never XLA's 3D one (10x slower on CPU)."""
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 5, 6, 17, 8)).astype(np.float32))
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 8, 16)).astype(np.float32))
-    target = jnp.asarray(rng.standard_normal((2, 5, 6, 17, 16)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal(x_shape).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal(w_shape).astype(np.float32))
+    target = jnp.asarray(rng.standard_normal((*x_shape[:-1], w_shape[-1])).astype(np.float32))
 
     def lax_conv3d(x, w):
         return lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=conv3x3.DIMENSION_NUMBERS_3D)
@@ -136,8 +147,10 @@ def test_3d_conv_value_and_gradients_match_lax():
 
     grad = jax.jit(jax.grad(loss(conv3x3.conv), argnums=(0, 1)))
     hlo = grad.lower(x, w).as_text()
-    assert hlo.count(conv3x3.FORWARD_TARGET) == 2 and hlo.count(conv3x3.TARGET) == 1
-    assert "convolution" not in hlo
+    assert hlo.count(conv3x3.FORWARD_TARGET) == forward_kernels and hlo.count(conv3x3.TARGET) == 1
+    operands = re.findall(r"stablehlo\.convolution.*?: \((tensor<[^>]*>), tensor<[^>]*>\)", hlo)
+    assert {lhs.count("x") for lhs in operands} <= {4}  # only 2D (rank-4) convolutions: "tensor<1x4x8x8xf32>"
+    assert len(operands) == 2 - forward_kernels  # the depth-folded ones
     want = lax_conv3d(x, w)
     np.testing.assert_allclose(jax.jit(conv3x3.conv)(x, w), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
     for g, r in zip(grad(x, w), jax.grad(loss(lax_conv3d), argnums=(0, 1))(x, w), strict=True):
