@@ -5,7 +5,8 @@ does not count (a U-Net forward of 1.5 TFLOP read as 60 GFLOP), and on some jaxl
 module's analysis is empty. The jaxpr is the same on every backend. Windows that overlap the
 padding count in full (XLA's CPU analysis leaves those products out: ~1 % fewer for a U-Net at
 512²). Elementwise work (norms, activations) is not counted: these are the FLOPs that model FLOP
-utilisation divides by the matrix-unit peak.
+utilisation divides by the matrix-unit peak. segjax's CPU convolution kernels (FFI custom calls,
+`segjax.kernels.conv3x3`) count as the convolutions they compute.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.extend import core
+
+from segjax.kernels import conv3x3
 
 
 def count_flops(fn, *args, **kwargs) -> float:
@@ -32,6 +35,12 @@ def _count(jaxpr) -> float:
             out = np.prod(eqn.outvars[0].aval.shape)
             rhs, spec = eqn.invars[1].aval.shape, eqn.params["dimension_numbers"].rhs_spec
             total += 2.0 * out * np.prod(rhs) / rhs[spec[0]]  # per output: in-channels (per group) x window
+        elif name == "ffi_call" and eqn.params.get("target_name") == conv3x3.FORWARD_TARGET:
+            out, kernel = np.prod(eqn.outvars[0].aval.shape), eqn.invars[1].aval.shape
+            total += 2.0 * out * np.prod(kernel[:-1])  # per output: window x in-channels
+        elif name == "ffi_call" and eqn.params.get("target_name") == conv3x3.TARGET:
+            x = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(x[:-1])  # per weight: every position
         elif name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
             out = np.prod(eqn.outvars[0].aval.shape)
