@@ -136,12 +136,12 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
         const float* b = dy_row + w0 * s.co;
         float* c = acc + (kernel_rows[t] * 3 + kw) * s.ci * s.co;
         for (int64_t c0 = 0; c0 < s.co;) {
-          const TileSet<TileFn>& t = Columns(wide, t8, s.co, c0);
-          for (int64_t r0 = 0; r0 < s.ci; r0 += t.max_rows) {
-            const int64_t rows = s.ci - r0 < t.max_rows ? s.ci - r0 : t.max_rows;
-            t.fns[rows - 1](a + r0, s.ci, b + c0, s.co, k_len, c + r0 * s.co + c0, s.co);
+          const TileSet<TileFn>& tile = Columns(wide, t8, s.co, c0);
+          for (int64_t r0 = 0; r0 < s.ci; r0 += tile.max_rows) {
+            const int64_t rows = s.ci - r0 < tile.max_rows ? s.ci - r0 : tile.max_rows;
+            tile.fns[rows - 1](a + r0, s.ci, b + c0, s.co, k_len, c + r0 * s.co + c0, s.co);
           }
-          c0 += t.width;
+          c0 += tile.width;
         }
       }
     }
