@@ -21,7 +21,8 @@
 // core does nearly all the work, and XLA first transposes both operands. Here each thread takes
 // whole image rows: for one output row and one (kh, kw) tap the operands are two contiguous row
 // segments of x and dy (no copies, no transposes), a small matrix product accumulated in
-// registers. Each thread sums into its own buffer; the buffers are added at the end.
+// registers. Each chunk of rows sums into its own buffer; the buffers are added in chunk order.
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -148,23 +149,22 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
   }
 }
 
-// Calls fn(slot, begin, end) on chunks of the rows [0, rows) from the calling thread and
-// participants - 1 tasks of the pool; slot numbers the participant, 0 .. participants - 1.
-// Chunks are claimed from an atomic counter, so the caller never waits for a task that has not
-// started (it does the unclaimed chunks itself): no deadlock however busy the pool is. A task
-// that starts after the last chunk was claimed touches only the shared counters.
-void ParallelRows(ffi::ThreadPool& pool, int participants, int64_t rows,
-                  std::function<void(int, int64_t, int64_t)> fn) {
+// Calls fn(c, begin, end) for chunks c = 0 .. chunks - 1 of the rows [0, rows) (chunk c: rows
+// [rows * c / chunks, rows * (c + 1) / chunks)) from the calling thread and participants - 1 tasks
+// of the pool. Chunks are claimed from an atomic counter, so the caller never waits for a task
+// that has not started (it does the unclaimed chunks itself): no deadlock however busy the pool
+// is. A task that starts after the last chunk was claimed touches only the shared counters. Which
+// thread runs a chunk varies from call to call; what a chunk computes must depend on c only.
+void ParallelRows(ffi::ThreadPool& pool, int participants, int64_t rows, int64_t chunks,
+                  std::function<void(int64_t, int64_t, int64_t)> fn) {
   struct Shared {
-    std::function<void(int, int64_t, int64_t)> fn;
+    std::function<void(int64_t, int64_t, int64_t)> fn;
     int64_t rows, chunks;
     std::atomic<int64_t> next{0}, finished{0};
-    std::atomic<int> slots{0};
 
     void Participate() {
-      const int slot = slots.fetch_add(1);
       for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-        fn(slot, rows * c / chunks, rows * (c + 1) / chunks);
+        fn(c, rows * c / chunks, rows * (c + 1) / chunks);
         finished.fetch_add(1);
       }
     }
@@ -172,7 +172,7 @@ void ParallelRows(ffi::ThreadPool& pool, int participants, int64_t rows,
   auto shared = std::make_shared<Shared>();
   shared->fn = std::move(fn);
   shared->rows = rows;
-  shared->chunks = rows < 8 * participants ? rows : 8 * participants;
+  shared->chunks = rows < chunks ? rows : chunks;
   for (int t = 1; t < participants; ++t) pool.Schedule([shared] { shared->Participate(); });
   shared->Participate();
   while (shared->finished.load() < shared->chunks) std::this_thread::yield();
@@ -207,19 +207,28 @@ ffi::Error Conv3x3WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
         "3s; Co must be a multiple of 8)");
   const int participants = Participants(pool);
   const int64_t size = shape.kd * 9 * shape.ci * shape.co;
-  std::vector<float> buffers(participants * size, 0.0f);  // one [kd * 9, Ci, Co] sum per participant
+  const int64_t rows = x.dimensions()[0] * shape.d * shape.h;
+  float* out = dw->typed_data();
+  if (rows == 0) {
+    std::fill(out, out + size, 0.0f);
+    return ffi::Error::Success();
+  }
+  // One [kd * 9, Ci, Co] sum per chunk of rows, added in chunk order: the same numbers whichever
+  // thread takes which chunk (resumed runs repeat bit for bit). Chunks: 4 per participant.
+  const int64_t chunks = rows < 4 * participants ? rows : 4 * participants;
+  std::unique_ptr<float[]> buffers(new float[chunks * size]);
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
-  const int64_t rows = x.dimensions()[0] * shape.d * shape.h;
-  ParallelRows(pool, participants, rows, [&](int slot, int64_t begin, int64_t end) {
-    Rows(x_data, dy_data, buffers.data() + slot * size, shape, begin, end);
+  ParallelRows(pool, participants, rows, chunks, [&](int64_t c, int64_t begin, int64_t end) {
+    float* sum = buffers.get() + c * size;
+    std::fill(sum, sum + size, 0.0f);
+    Rows(x_data, dy_data, sum, shape, begin, end);
   });
-  float* out = dw->typed_data();
-  for (int64_t i = 0; i < size; ++i) {
-    float sum = 0.0f;
-    for (int t = 0; t < participants; ++t) sum += buffers[t * size + i];
-    out[i] = sum;
-  }
+  ParallelRows(pool, participants, size, 8 * participants, [&](int64_t, int64_t begin, int64_t end) {
+    std::copy(buffers.get() + begin, buffers.get() + end, out + begin);
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t i = begin; i < end; ++i) out[i] += buffers[c * size + i];
+  });
   return ffi::Error::Success();
 }
 
@@ -328,7 +337,8 @@ ffi::Error Conv3x3Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* k_data = k.typed_data();
   float* y_data = y->typed_data();
   const int64_t rows = x.dimensions()[0] * shape.d * shape.h;
-  ParallelRows(pool, Participants(pool), rows, [&](int, int64_t begin, int64_t end) {
+  const int participants = Participants(pool);
+  ParallelRows(pool, participants, rows, 8 * participants, [&](int64_t, int64_t begin, int64_t end) {
     ForwardRows(x_data, k_data, y_data, shape, begin, end);
   });
   return ffi::Error::Success();
