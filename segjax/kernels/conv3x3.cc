@@ -284,9 +284,11 @@ void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64
   const int64_t group = s.w >= 128 ? 1 : (128 + s.w - 1) / s.w;
   for (int64_t g0 = begin; g0 < end; g0 += group) {
     const int64_t g1 = g0 + group < end ? g0 + group : end;
-    for (int64_t c0 = 0; c0 < s.co; c0 += Columns(wide, t8, s.co, c0).width) {
-      const ForwardTileFn* tiles = Columns(wide, t8, s.co, c0).fns;
-      const int64_t max_pixels = Columns(wide, t8, s.co, c0).max_rows;
+    for (int64_t c0 = 0, width = 0; c0 < s.co; c0 += width) {
+      const TileSet<ForwardTileFn>& tile = Columns(wide, t8, s.co, c0);
+      const ForwardTileFn* tiles = tile.fns;
+      const int64_t max_pixels = tile.max_rows;
+      width = tile.width;
       for (int64_t k0 = 0; k0 < k_total; k0 += k_block) {
         const int64_t k1 = k0 + k_block < k_total ? k0 + k_block : k_total;
         const bool add = k0 > 0;

@@ -187,12 +187,12 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
       3-channel image's first convolution on a generic non-tensor-core kernel; on an H100 in bf16
       it was the slowest convolution per FLOP of the U-Net step (benchmarks/RESULTS.md).
     - CPU: 1x1(x1) convolutions as `pointwise_conv` (a matrix product: no transposed copy of the
-      input for the weight gradient); 3x3x3 ones as `conv3x3.conv` where its rule says; 2D and
-      3D ones of images of at most 16 pixels (H x W) as `patches_conv` (a matrix product:
-      XLA:CPU's convolution is 10-25x slower there); other 3D ones as `depth_folded_conv`
-      (XLA:CPU's 3D convolution is ~10x slower); 2D 3x3 ones as `conv3x3.conv` when its kernel is built
-      (XLA:CPU's weight gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x
-      faster; with up to 64 x 64 channels the forward pass and input gradient too, 1.1-1.8x).
+      input for the weight gradient); 2D and 3D ones of images of at most 16 pixels (H x W) as
+      `patches_conv` (a matrix product: XLA:CPU's convolution is 10-25x slower there); 3x3 and
+      3x3x3 ones as `conv3x3.conv` where its rule says and its kernels are built (XLA:CPU's weight
+      gradient at 16-64 channels runs on one core; the kernel's on all, 2-7x faster; with up to
+      64 x 64 channels the forward pass and input gradient too, 1.1-1.8x; 3D on the volume, no
+      folded copies); other 3D ones as `depth_folded_conv` (XLA:CPU's 3D convolution is ~10x slower).
     - otherwise the plain convolution (XLA:CPU would pay for padding zeros; GPUs run 3D natively).
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs)
@@ -204,17 +204,13 @@ def aligned_conv(lhs, rhs, window_strides, padding, **kwargs):
         forms["cuda"] = functools.partial(channel_padded_conv, window_strides=window_strides, padding=padding, **kwargs)
     if _pointwise(lhs, rhs, window_strides, padding, dn, kwargs):
         forms["cpu"] = functools.partial(pointwise_conv, **_product_options(kwargs))
-    elif lhs.ndim == 5 and conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
-        forms["cpu"] = conv3x3.conv  # 3x3x3 on the volume itself: no folded copies
-    elif lhs.ndim == 5 and _small_image(lhs, rhs, window_strides, padding, dn, kwargs):
-        forms["cpu"] = functools.partial(patches_conv, padding=padding, **_product_options(kwargs))
-    elif _foldable(lhs, rhs, padding, dn, kwargs):
-        folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
-        forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
     elif _small_image(lhs, rhs, window_strides, padding, dn, kwargs):
         forms["cpu"] = functools.partial(patches_conv, padding=padding, **_product_options(kwargs))
     elif conv3x3.applies(lhs, rhs, window_strides, padding, **kwargs) and conv3x3.available():
-        forms["cpu"] = conv3x3.conv
+        forms["cpu"] = conv3x3.conv  # 2D, or 3D on the volume itself (no folded copies)
+    elif _foldable(lhs, rhs, padding, dn, kwargs):
+        folded = {k: v for k, v in kwargs.items() if k not in ("dimension_numbers", "lhs_dilation")}
+        forms["cpu"] = functools.partial(depth_folded_conv, window_strides=window_strides, padding=padding, **folded)
     if not forms:
         return conv(lhs, rhs)
     return lax.platform_dependent(lhs, rhs, default=conv, **forms)
