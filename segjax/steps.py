@@ -77,8 +77,10 @@ def train_step(
         terms = jax.tree_util.tree_map(jnp.mean, terms_all)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, new_stats, rng)
-    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # A branch, not `where(finite, new, old)` over the state: the select read both copies of
+    # every parameter and moment (and made XLA copy the donated old ones first), 2-3x the time of
+    # the update itself (5.6M parameters on 2 CPU cores: 22 ms vs 8 ms; benchmarks/RESULTS.md).
+    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads, new_stats, rng), lambda s: s, state)
     new_state = new_state.replace(step=state.step + 1, rng=rng)
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     out.update({f"loss_{k}": v for k, v in terms.items()})

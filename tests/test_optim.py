@@ -1,5 +1,5 @@
 """Learning-rate schedules, SGD with Nesterov momentum and the weight average (train.ema_decay),
-each against its formula written out in numpy."""
+each against its formula written out in numpy; the train step against optax's own update."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from segjax import optim, pretrain, state, steps, train
+from segjax import losses, optim, pretrain, state, steps, train
 from segjax.errors import ConfigError
 from segjax.models import build_model
 from tests.conftest import load_config
@@ -138,13 +139,37 @@ def test_evaluation_scores_the_weight_average():
     assert float(got["loss"]) != pytest.approx(float(ref_raw["loss"]), rel=1e-3)
 
 
-def test_non_finite_step_leaves_the_average_unchanged():
-    _, _, batch, st, step = _tiny_setup(0.9)
-    st, _ = step(st, batch)
-    before = jax.tree_util.tree_map(np.asarray, st.opt_state)
+def test_non_finite_step_leaves_params_statistics_and_optimizer_state_unchanged():
+    cfg, model, batch, st, _ = _tiny_setup(0.9)
+    step = jax.jit(functools.partial(steps.train_step, model=model, loss_cfg=cfg.loss), donate_argnums=0)
+    st, _ = step(st, batch)  # donated, as in training
+    before = jax.tree_util.tree_map(np.asarray, (st.params, st.batch_stats, st.opt_state))
+    step_before, rng_before = int(st.step), np.asarray(st.rng)
     st, out = step(st, dict(batch, image=batch["image"] * np.nan))
     assert not bool(out["finite"])
-    _assert_trees_equal(st.opt_state, before, rtol=0, atol=0)
+    _assert_trees_equal((st.params, st.batch_stats, st.opt_state), before, rtol=0, atol=0)
+    assert int(st.step) == step_before + 1 and not np.array_equal(np.asarray(st.rng), rng_before)
+
+
+def test_finite_step_is_the_optax_update_of_the_loss_gradient():
+    """Reference: the loss's gradient by `jax.grad` and optax's own `update` / `apply_updates`."""
+    cfg, model, batch, st, step = _tiny_setup(0.0)
+    dropout_rng = jax.random.split(st.rng)[1]
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": st.batch_stats}
+        (logits, aux), upd = model.apply(
+            variables, batch["image"], train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
+        )
+        return losses.total_loss(cfg.loss, logits, batch["label"], batch["valid"], aux)[0], upd["batch_stats"]
+
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    updates, opt_state = st.tx.update(grads, st.opt_state, st.params)
+    want = (optax.apply_updates(st.params, updates), stats, opt_state)
+    new, out = step(st, batch)
+    assert bool(out["finite"])
+    _assert_trees_equal((new.params, new.batch_stats, new.opt_state), want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.asarray(new.params["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
 
 
 def test_loading_a_pretrained_encoder_restarts_the_average():
