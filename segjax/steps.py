@@ -35,6 +35,21 @@ def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg, axis_name=
     return loss, terms, new_stats, grads
 
 
+def update_by_select(state: TrainState, finite, update) -> TrainState:
+    """`update(state)` where `finite`, else `state`, as an element-wise select over the state:
+    fused into the update's own kernels on accelerators (a branch there waits for the predicate
+    on the host: XLA:GPU's conditional copies it there and waits, stalling the dispatch of the
+    next step)."""
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), update(state), state)
+
+
+def update_by_branch(state: TrainState, finite, update) -> TrainState:
+    """`update(state)` where `finite`, else `state`, as a branch: on CPU the select read both
+    copies of every parameter and moment (and made XLA copy the donated old ones first), 2-3x the
+    update's own time (5.6M parameters, 2 cores: 22 vs 8 ms; benchmarks/RESULTS.md, session 22)."""
+    return jax.lax.cond(finite, update, lambda s: s, state)
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -77,11 +92,13 @@ def train_step(
         terms = jax.tree_util.tree_map(jnp.mean, terms_all)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A branch, not `where(finite, new, old)` over the state: the select read both copies of
-    # every parameter and moment (and made XLA copy the donated old ones first), 2-3x the time of
-    # the update itself (5.6M parameters on 2 CPU cores: 22 ms vs 8 ms; benchmarks/RESULTS.md).
-    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads, new_stats, rng), lambda s: s, state)
-    new_state = new_state.replace(step=state.step + 1, rng=rng)
+    update = functools.partial(TrainState.apply_gradients, grads=grads, batch_stats=new_stats, rng=rng)
+    new_state = jax.lax.platform_dependent(
+        state,
+        finite,
+        cpu=functools.partial(update_by_branch, update=update),
+        default=functools.partial(update_by_select, update=update),
+    ).replace(step=state.step + 1, rng=rng)
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     out.update({f"loss_{k}": v for k, v in terms.items()})
     return new_state, out

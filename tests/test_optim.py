@@ -172,6 +172,23 @@ def test_finite_step_is_the_optax_update_of_the_loss_gradient():
     assert not np.allclose(np.asarray(new.params["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_select_and_branch_forms_of_the_guarded_update_agree(finite):
+    """GPUs take the select (`update_by_select`), CPUs the branch: the same state either way."""
+    _, _, batch, st, step = _tiny_setup(0.9)
+    st, _ = step(st, batch)
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), st.params)
+    update = functools.partial(state.TrainState.apply_gradients, grads=grads, batch_stats=st.batch_stats, rng=st.rng)
+    pred = jnp.asarray(finite)
+    by_select = jax.jit(functools.partial(steps.update_by_select, update=update))(st, pred)
+    by_branch = jax.jit(functools.partial(steps.update_by_branch, update=update))(st, pred)
+    _assert_trees_equal(by_select, by_branch, rtol=0, atol=0)
+    if finite:  # op by op outside jit: the same update up to float32 rounding
+        _assert_trees_equal(by_branch, update(st), rtol=1e-6, atol=1e-9)
+    else:
+        _assert_trees_equal(by_branch, st, rtol=0, atol=0)
+
+
 def test_loading_a_pretrained_encoder_restarts_the_average():
     cfg, model, batch, st, step = _tiny_setup(0.9)
     st, _ = step(st, batch)
