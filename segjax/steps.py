@@ -37,9 +37,8 @@ def _loss_and_grads(params, batch_stats, batch, rng, model, loss_cfg, axis_name=
 
 def update_by_select(state: TrainState, finite, update) -> TrainState:
     """`update(state)` where `finite`, else `state`, as an element-wise select over the state:
-    fused into the update's own kernels on accelerators (a branch there waits for the predicate
-    on the host: XLA:GPU's conditional copies it there and waits, stalling the dispatch of the
-    next step)."""
+    on accelerators it fuses into the update's own kernels, where a branch would stall (XLA:GPU's
+    conditional copies its predicate to the host and waits for it)."""
     return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), update(state), state)
 
 
