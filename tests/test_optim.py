@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from segjax import losses, optim, pretrain, state, steps, train
+from segjax import optim, pretrain, state, steps, train
 from segjax.errors import ConfigError
 from segjax.models import build_model
 from tests.conftest import load_config
@@ -152,18 +152,11 @@ def test_non_finite_step_leaves_params_statistics_and_optimizer_state_unchanged(
 
 
 def test_finite_step_is_the_optax_update_of_the_loss_gradient():
-    """Reference: the loss's gradient by `jax.grad` and optax's own `update` / `apply_updates`."""
+    """Reference: optax's own `update` / `apply_updates` of the step's loss gradient (the gradient
+    itself is the losses' and models' tests' business)."""
     cfg, model, batch, st, step = _tiny_setup(0.0)
-    dropout_rng = jax.random.split(st.rng)[1]
-
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": st.batch_stats}
-        (logits, aux), upd = model.apply(
-            variables, batch["image"], train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
-        )
-        return losses.total_loss(cfg.loss, logits, batch["label"], batch["valid"], aux)[0], upd["batch_stats"]
-
-    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    dropout_rng = jax.random.split(st.rng)[1]  # as train_step splits it
+    _, _, stats, grads = steps._loss_and_grads(st.params, st.batch_stats, batch, dropout_rng, model, cfg.loss)
     updates, opt_state = st.tx.update(grads, st.opt_state, st.params)
     want = (optax.apply_updates(st.params, updates), stats, opt_state)
     new, out = step(st, batch)
