@@ -38,10 +38,30 @@ print(json.dumps({"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"
 """
 
 
-def run_probe(**env) -> dict:
+# The end of a decoder level at inference: convolution, batch norm, ReLU, then a product (the
+# transposed convolution). Prints the ops XLA put inside YNNPACK fusions.
+LEVEL_PROBE = """
+import json, re
+import jax, jax.numpy as jnp
+import segjax
+def level(x, w, s, v):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.maximum(y * s + 1.0, 0.0) @ v
+args = (jnp.ones((2, 16, 16, 128)), jnp.ones((3, 3, 128, 128)), jnp.ones((128,)), jnp.ones((128, 256)))
+hlo = jax.jit(level).lower(*args).compile().as_text()
+called = set(re.findall(r"calls=(%[\\w.-]+)[^\\n]*__ynn_fusion", hlo))
+ops = {op for block in hlo.split("\\n\\n") if block.lstrip().split(" ", 1)[0] in called
+       for op in re.findall(r"= \\S+ ([\\w-]+)\\(", block)}
+print(json.dumps(sorted(ops - {"parameter"})))
+"""
+
+
+def run_probe(probe: str = PROBE, xla_flags: str | None = None, **env):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -80,3 +100,16 @@ def test_importing_segjax_keeps_convolutions_off_ynnpack_and_results_match_the_d
     np.testing.assert_allclose(fast["loss"], plain["loss"], rtol=1e-5)
     np.testing.assert_allclose(fast["grad_norm"], plain["grad_norm"], rtol=1e-4)
     np.testing.assert_allclose(fast["params"], plain["params"], rtol=1e-4, atol=1e-4)
+
+
+def test_products_go_to_ynnpack_alone_without_the_convolutions_around_them():
+    """`individual_dot`: the product stays in YNNPACK; with `dot` the convolution, batch norm and
+    ReLU before it join one YNNPACK fusion (slower at inference, benchmarks/RESULTS.md)."""
+    if xla_cpu.jaxlib_minor() not in xla_cpu.MEASURED_JAXLIB:
+        import pytest
+
+        pytest.skip("flags are only added for measured jaxlib versions")
+    assert run_probe(LEVEL_PROBE) == ["dot"]
+    fused = run_probe(LEVEL_PROBE, xla_flags=f"{FLAG}=dot,reduce")  # the flag segjax set before session 23
+    assert {"convolution", "dot", "maximum"} <= set(fused)
+    assert "convolution" in run_probe(LEVEL_PROBE, **{xla_cpu.OPT_OUT: "0"})  # jaxlib's default
