@@ -1,4 +1,4 @@
-"""XLA:CPU options segjax sets before JAX starts its CPU backend, because they make training faster.
+"""XLA:CPU options segjax sets before JAX starts its CPU backend, because they make it faster.
 
 jaxlib 0.10-0.12 hand convolutions, matrix products and reductions to YNNPACK by default. For
 convolution *weight gradients* (a convolution whose window is the whole image) YNNPACK is about
@@ -6,11 +6,13 @@ convolution *weight gradients* (a convolution whose window is the whole image) Y
 training step. `--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce` keeps YNNPACK for
 products (each on its own) and reductions and gives convolutions back to Eigen: U-Net training
 steps run 1.4-1.8x faster (benchmarks/RESULTS.md), with results equal to the default backend's
-to float32 rounding (tests/test_xla_cpu.py). `individual_dot` rather than `dot` (sessions 12-22):
-a `dot` fusion also pulls the convolutions, batch norms and ReLUs around a product into one
-YNNPACK graph (a decoder level ending in its transposed convolution), which in inference runs
-3-12 % slower than Eigen's convolutions plus a lone YNNPACK product; training steps are the same
-(session 23). GPU and TPU backends ignore CPU options.
+to float32 rounding (tests/test_xla_cpu.py). `individual_dot` rather than `dot` (the flag until
+session 23): a `dot` fusion also pulls the convolutions, batch norms and ReLUs around a product
+into one YNNPACK graph (a decoder level ending in its transposed convolution), which in
+inference runs 3-12 % slower than Eigen's convolutions plus a lone YNNPACK product; training
+steps are the same (session 23, jaxlib 0.10.2; the value is in 0.10.2's XLA and in XLA's
+current source, so 0.11-0.12 should accept it: not yet run there). GPU and TPU backends ignore
+CPU options.
 
 The flag is experimental in XLA, so it is only added for jaxlib versions it was measured on
 (`MEASURED_JAXLIB`); an unknown flag would make XLA abort at start-up. A value the user already
