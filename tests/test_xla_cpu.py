@@ -56,7 +56,7 @@ print(json.dumps(sorted(ops - {"parameter"})))
 """
 
 
-def run_probe(probe: str = PROBE, xla_flags: str | None = None, **env):
+def run_probe(probe: str = PROBE, xla_flags: str | None = None, **env) -> dict | list:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
     env.pop("XLA_FLAGS", None)
     if xla_flags is not None:
