@@ -8,10 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from segjax import xla_cpu
 
 FLAG = xla_cpu.CPU_FLAGS[0].split("=")[0]
+flags_added = pytest.mark.skipif(
+    xla_cpu.jaxlib_minor() not in xla_cpu.MEASURED_JAXLIB, reason="flags are only added for measured jaxlib versions"
+)
 
 # One U-Net training step on fixed data; prints the loss, gradient norm, parameter sums and whether
 # XLA hands a convolution to YNNPACK (its default in jaxlib 0.10-0.12; segjax's flags keep Eigen's).
@@ -90,11 +94,8 @@ def test_opt_out_and_unmeasured_jaxlib_add_nothing():
     assert xla_cpu.apply(env, version=None) in ([], list(xla_cpu.CPU_FLAGS))  # the installed jaxlib
 
 
+@flags_added
 def test_importing_segjax_keeps_convolutions_off_ynnpack_and_results_match_the_default_backend():
-    if xla_cpu.jaxlib_minor() not in xla_cpu.MEASURED_JAXLIB:
-        import pytest
-
-        pytest.skip("flags are only added for measured jaxlib versions")
     fast, plain = run_probe(), run_probe(**{xla_cpu.OPT_OUT: "0"})
     assert plain["conv_in_ynnpack"] and not fast["conv_in_ynnpack"]  # the flag reached XLA
     np.testing.assert_allclose(fast["loss"], plain["loss"], rtol=1e-5)
@@ -102,13 +103,10 @@ def test_importing_segjax_keeps_convolutions_off_ynnpack_and_results_match_the_d
     np.testing.assert_allclose(fast["params"], plain["params"], rtol=1e-4, atol=1e-4)
 
 
+@flags_added
 def test_products_go_to_ynnpack_alone_without_the_convolutions_around_them():
     """`individual_dot`: the product stays in YNNPACK; with `dot` the convolution, batch norm and
     ReLU before it join one YNNPACK fusion (slower at inference, benchmarks/RESULTS.md)."""
-    if xla_cpu.jaxlib_minor() not in xla_cpu.MEASURED_JAXLIB:
-        import pytest
-
-        pytest.skip("flags are only added for measured jaxlib versions")
     assert run_probe(LEVEL_PROBE) == ["dot"]
     fused = run_probe(LEVEL_PROBE, xla_flags=f"{FLAG}=dot,reduce")  # the flag segjax set before session 23
     assert {"convolution", "dot", "maximum"} <= set(fused)
