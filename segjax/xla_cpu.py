@@ -10,9 +10,8 @@ to float32 rounding (tests/test_xla_cpu.py). `individual_dot` rather than `dot` 
 session 23): a `dot` fusion also pulls the convolutions, batch norms and ReLUs around a product
 into one YNNPACK graph (a decoder level ending in its transposed convolution), which in
 inference runs 3-12 % slower than Eigen's convolutions plus a lone YNNPACK product; training
-steps are the same (session 23, jaxlib 0.10.2; the value is in 0.10.2's XLA and in XLA's
-current source, so 0.11-0.12 should accept it: not yet run there). GPU and TPU backends ignore
-CPU options.
+steps are the same (session 23, jaxlib 0.10.2; session 24: the same on 0.11.2 and 0.12.1, whose
+XLA accepts the value too). GPU and TPU backends ignore CPU options.
 
 The flag is experimental in XLA, so it is only added for jaxlib versions it was measured on
 (`MEASURED_JAXLIB`); an unknown flag would make XLA abort at start-up. A value the user already

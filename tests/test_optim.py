@@ -167,7 +167,10 @@ def test_finite_step_is_the_optax_update_of_the_loss_gradient():
 
 @pytest.mark.parametrize("finite", [True, False])
 def test_select_and_branch_forms_of_the_guarded_update_agree(finite):
-    """GPUs take the select (`update_by_select`), CPUs the branch: the same state either way."""
+    """GPUs take the select (`update_by_select`), CPUs the branch: the same state either way (a
+    finite step to float32 rounding: the two programs are fused apart, and jaxlib 0.12.1 rounds
+    a few of their products 1 ulp apart; 0.10-0.11 agree bit for bit). A non-finite step keeps
+    the old state exactly in both."""
     _, _, batch, st, step = _tiny_setup(0.9)
     st, _ = step(st, batch)
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), st.params)
@@ -175,10 +178,11 @@ def test_select_and_branch_forms_of_the_guarded_update_agree(finite):
     pred = jnp.asarray(finite)
     by_select = jax.jit(functools.partial(steps.update_by_select, update=update))(st, pred)
     by_branch = jax.jit(functools.partial(steps.update_by_branch, update=update))(st, pred)
-    _assert_trees_equal(by_select, by_branch, rtol=0, atol=0)
-    if finite:  # op by op outside jit: the same update up to float32 rounding
+    if finite:  # and op by op outside jit: the same update up to float32 rounding
+        _assert_trees_equal(by_select, by_branch, rtol=1e-6, atol=1e-9)
         _assert_trees_equal(by_branch, update(st), rtol=1e-6, atol=1e-9)
     else:
+        _assert_trees_equal(by_select, st, rtol=0, atol=0)
         _assert_trees_equal(by_branch, st, rtol=0, atol=0)
 
 
