@@ -14,6 +14,21 @@ from jax import lax
 
 from segjax.models import blocks, conv_forms
 
+CONV_OPERANDS = r"stablehlo\.convolution.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)"
+
+
+def lowered_text(module, x, platform: str, variables=None) -> str:
+    """StableHLO of `module.apply` (jitted) on x as lowered for `platform` ("cpu", "cuda"),
+    with the module's initial variables unless given."""
+    variables = module.init(jax.random.PRNGKey(0), x) if variables is None else variables
+    return jax.jit(module.apply).trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
+
+
+def conv_and_dot_counts(module, x, platform: str) -> tuple[int, int]:
+    """How many convolutions and matrix products `module` lowers to on `platform`."""
+    text = lowered_text(module, x, platform)
+    return len(re.findall(r"stablehlo\.convolution", text)), len(re.findall(r"stablehlo\.dot_general", text))
+
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_transpose_conv_as_matmul_equals_the_textbook_layer(dims):
@@ -96,17 +111,11 @@ def test_aligned_conv_pads_channels_only_when_lowered_for_cuda():
     x = jnp.ones((1, 8, 8, 3))
     variables = conv.init(jax.random.PRNGKey(0), x)
     assert jax.tree_util.tree_map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 3, 4), "bias": (4,)}}
-    apply = jax.jit(conv.apply)
-
-    def convolution_operands(platform):
-        text = apply.trace(variables, x).lower(lowering_platforms=(platform,)).as_text()
-        return re.findall(r"stablehlo\.convolution.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
-
-    assert convolution_operands("cpu") == [("tensor<1x8x8x3xf32>", "tensor<3x3x3x4xf32>")]
-    assert convolution_operands("cuda") == [("tensor<1x8x8x8xf32>", "tensor<3x3x8x8xf32>")]
-    conv, aligned = blocks.Conv(16, (3, 3)), jnp.ones((1, 8, 8, 8))
-    lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), aligned), aligned)
-    assert "case" not in lowered.lower(lowering_platforms=("cuda",)).as_text()  # nothing to pad: no switch
+    operands = lambda platform: re.findall(CONV_OPERANDS, lowered_text(conv, x, platform, variables))  # noqa: E731
+    assert operands("cpu") == [("tensor<1x8x8x3xf32>", "tensor<3x3x3x4xf32>")]
+    assert operands("cuda") == [("tensor<1x8x8x8xf32>", "tensor<3x3x8x8xf32>")]
+    aligned = jnp.ones((1, 8, 8, 8))
+    assert "case" not in lowered_text(blocks.Conv(16, (3, 3)), aligned, "cuda")  # nothing to pad: no switch
 
 
 @pytest.mark.parametrize(
@@ -145,9 +154,7 @@ def test_3d_convolutions_lower_to_2d_ones_on_cpu_only():
     grouped 3D convolutions (vmapped seeds) keep the plain form everywhere."""
 
     def convolution_ranks(conv, x, platform):
-        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
-        text = lowered.lower(lowering_platforms=(platform,)).as_text()
-        operands = re.findall(r"stablehlo\.convolution.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+        operands = re.findall(CONV_OPERANDS, lowered_text(conv, x, platform))
         return {lhs.count("x") for lhs, _ in operands}  # "tensor<1x8x8x8x2xf32>": rank = count of 'x'
 
     x = jnp.ones((1, 8, 8, 8, 16))
@@ -177,15 +184,10 @@ def test_pointwise_conv_equals_the_1x1_convolution_and_is_a_product_on_cpu_only(
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
-    def ops(conv, platform):
-        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
-        text = lowered.lower(lowering_platforms=(platform,)).as_text()
-        return len(re.findall(r"stablehlo\.convolution", text)), len(re.findall(r"stablehlo\.dot_general", text))
-
-    assert ops(ours, "cpu") == (0, 1)
-    assert ops(ours, "cuda")[0] == 1
-    assert ops(blocks.Conv(3, (1,) * dims, strides=2), "cpu")[0] == 1
-    assert ops(blocks.Conv(3, (1,) * dims, padding=1), "cpu")[0] == 1
+    assert conv_and_dot_counts(ours, x, "cpu") == (0, 1)
+    assert conv_and_dot_counts(ours, x, "cuda")[0] == 1
+    assert conv_and_dot_counts(blocks.Conv(3, (1,) * dims, strides=2), x, "cpu")[0] == 1
+    assert conv_and_dot_counts(blocks.Conv(3, (1,) * dims, padding=1), x, "cpu")[0] == 1
 
 
 @pytest.mark.parametrize(
@@ -222,21 +224,15 @@ def test_patches_conv_equals_the_convolution(lhs_shape, rhs_shape, padding):
 def test_small_images_are_convolved_as_patches_on_cpu_only():
     """nn.Conv on images of at most 16 pixels (2D, or 3D of any depth): on CPU a matrix
     product and no convolution; CUDA keeps the convolution; an 8 x 8 image keeps it on CPU too."""
-
-    def counts(conv, x, platform):
-        lowered = jax.jit(conv.apply).trace(conv.init(jax.random.PRNGKey(0), x), x)
-        text = lowered.lower(lowering_platforms=(platform,)).as_text()
-        return len(re.findall(r"stablehlo\.convolution", text)), len(re.findall(r"stablehlo\.dot_general", text))
-
     for x in (jnp.ones((2, 4, 4, 8)), jnp.ones((1, 2, 2, 2, 8))):
         conv = blocks.Conv(16, (3,) * (x.ndim - 2))
-        assert counts(conv, x, "cpu") == (0, 1)
-        assert counts(conv, x, "cuda")[0] == 1
+        assert conv_and_dot_counts(conv, x, "cpu") == (0, 1)
+        assert conv_and_dot_counts(conv, x, "cuda")[0] == 1
         variables = conv.init(jax.random.PRNGKey(0), x)
         y = jax.random.normal(jax.random.PRNGKey(1), x.shape)
         want = nn.Conv(16, (3,) * (x.ndim - 2)).apply(variables, y)
         np.testing.assert_allclose(conv.apply(variables, y), want, rtol=1e-5, atol=1e-5)
-    assert counts(blocks.Conv(16, (3, 3)), jnp.ones((2, 8, 8, 8)), "cpu")[0] == 1
+    assert conv_and_dot_counts(blocks.Conv(16, (3, 3)), jnp.ones((2, 8, 8, 8)), "cpu")[0] == 1
 
 
 @pytest.mark.parametrize("dims, channels", [(2, (4, 3)), (2, (2, 5, 3)), (3, (3, 2))])
@@ -261,9 +257,7 @@ def test_concat_conv_equals_nn_conv_over_the_concatenation(dims, channels):
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
-    def concatenations(platform):
-        lowered = jax.jit(ours.apply).trace(variables, parts).lower(lowering_platforms=(platform,))
-        return lowered.as_text().count("stablehlo.concatenate")
+    concatenations = lambda platform: lowered_text(ours, parts, platform, variables).count("stablehlo.concatenate")  # noqa: E731
 
     assert concatenations("cuda") == 1
     assert concatenations("cpu") == (len(parts) if dims == 3 else 0)  # 3D: each part's depth folding only
