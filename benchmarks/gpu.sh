@@ -34,4 +34,4 @@ LIMIT=150 run $B --size 256 --batch 32 --dtype bfloat16 --compile --no_eager --s
   --json "$OUT/train.jsonl"
 LIMIT=120 run $B --size 512 --batch 16 --dtype float32 --steps 15 --json "$OUT/train.jsonl"
 echo "=== summary" | tee -a "$LOG"
-grep -h "^===\|speedup\|cpu ok\|^segjax +\|^pipelined\|^segjax\|^torch\|vmap K=\|^default\|^textbook\|^no_norm\|^plain_conv\|^stem_im2col\|^batch=\|^xla:" "$LOG"
+grep -h "^===\|cpu ok\|^forward FLOPs\|^segjax\|^torch\|^pipelined\|speedup" "$LOG"

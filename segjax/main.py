@@ -49,13 +49,13 @@ def init_distributed() -> None:
     else:
         jax.distributed.initialize()
     logging.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(), jax.device_count())
-    cache = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-    if cache and jax.process_count() > 1 and jax.default_backend() == "cpu":
+    cache_dir = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    if cache_dir and jax.process_count() > 1 and jax.default_backend() == "cpu":
         # jaxlib 0.12.1: a program with cross-process (gloo) collectives that process 0 loads from the
         # persistent compilation cache waits forever in its first all-reduce (0.10/0.11 do not);
         # CPU multi-process runs are small, so they compile instead of risking the hang.
         jax.config.update("jax_enable_compilation_cache", False)
-        logging.warning("multi-process CPU run: JAX's persistent compilation cache (%s) is off for this process", cache)
+        logging.warning("multi-process CPU run: JAX's persistent compilation cache (%s) is off here", cache_dir)
 
 
 def shutdown_distributed() -> None:
