@@ -53,8 +53,8 @@ def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, see
 
     One jit-compiled program: the values of an eager `model.init` bit for bit (tested), but XLA
     compiles one program instead of one per primitive and shape, which on a cold start was most
-    of the time before the first step (default U-Net, 2 CPU cores, empty compilation cache: 5.9 s
-    eager, 2.1 s here; `blocks.kernel_init` took both down from 9.2 s and 4.8 s)."""
+    of the time before the first step (default U-Net, fresh process, 2 CPU cores: 6.8 s eager,
+    2.5 s here; 9.5 s before `blocks.kernel_init`; benchmarks/startup_bench.py)."""
     params, batch_stats, opt_state, rng = _initial_values(
         model, tx, tuple(sorted(init_kwargs.items())), seed, sample_image
     )
