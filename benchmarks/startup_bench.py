@@ -3,7 +3,7 @@
 A research run pays XLA's compile time again in every new process (JAX's persistent compilation
 cache is opt-in), and before session 26 building the initial state was most of a small run's
 start: flax's eager `model.init` compiles every primitive and shape on its own, and a threefry
-draw of a rank-4/5 kernel compiles ~6x slower than the same draw as a matrix. Four forms, each
+draw of a rank-4/5 kernel compiles up to 9x slower than the same draw as a matrix. Four forms, each
 timed in its own fresh process (no compilation cache), alternating, median of `--repeats`:
 
   flax_eager     flax's `lecun_normal` on the kernel's shape, eager `model.init` (segjax before)
