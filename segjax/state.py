@@ -55,8 +55,9 @@ def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, see
     compiles one program instead of one per primitive and shape, which on a cold start was most
     of the time before the first step (default U-Net, fresh process, 2 CPU cores: 6.8 s eager,
     2.5 s here; 9.5 s before `blocks.kernel_init`; benchmarks/startup_bench.py)."""
+    key = jax.random.PRNGKey(seed)  # outside the program: any Python int, as before (2**32 + 5 too)
     params, batch_stats, opt_state, rng = _initial_values(
-        model, tx, tuple(sorted(init_kwargs.items())), seed, sample_image
+        model, tx, tuple(sorted(init_kwargs.items())), key, sample_image
     )
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
@@ -69,8 +70,8 @@ def create(model, tx: optax.GradientTransformation, sample_image: jax.Array, see
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _initial_values(model, tx, init_kwargs: tuple, seed, sample_image):
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+def _initial_values(model, tx, init_kwargs: tuple, key, sample_image):
+    init_rng, state_rng = jax.random.split(key)
     variables = model.init({"params": init_rng}, sample_image, train=False, **dict(init_kwargs))
     batch_stats = variables.get("batch_stats", {})
     return variables["params"], batch_stats, optim.init(tx, variables["params"], batch_stats), state_rng

@@ -119,8 +119,9 @@ def test_initial_state_is_eager_flax_init_bit_for_bit(tiny_config, kwargs):
     model = build_model(tiny_config.model, tiny_config.data.num_classes)
     tx = train.make_tx(tiny_config, model)
     sample = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    got = state.create(model, tx, sample, 5, **kwargs)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(5))  # eager, op by op (jax.random's own jits)
+    seed = 2**32 + 5  # a seed beyond int32 works as it did eagerly
+    got = state.create(model, tx, sample, seed, **kwargs)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))  # eager, op by op (jax.random's own jits)
     variables = model.init({"params": init_rng}, sample, train=False, **kwargs)
     stats = variables.get("batch_stats", {})
     want = (variables["params"], stats, optim.init(tx, variables["params"], stats), state_rng)
