@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -30,16 +29,13 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from segjax import optim, parallel, state, steps, study, train  # noqa: E402
+from segjax import configuration, optim, parallel, state, steps, study, train  # noqa: E402
 from segjax.data import pipeline, sources  # noqa: E402
 from segjax.models import build_model  # noqa: E402
 
 
 def load(path: str, overrides: dict):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return study.variant_config(module.get_config(), overrides, "--set")
+    return study.variant_config(configuration.from_file(os.path.join(ROOT, path)), overrides, "--set")
 
 
 def parse_override(text: str) -> tuple[str, object]:

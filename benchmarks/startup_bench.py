@@ -34,23 +34,19 @@ MODES = ("flax_eager", "flax_jit", "matrix_eager", "segjax")
 
 def child(mode: str, config_name: str) -> None:
     """Build the state of `config_name` in `mode` and print the seconds it took."""
-    import importlib.util
     import time
 
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from segjax import optim, state, train
+    from segjax import configuration, optim, state, train
     from segjax.models import blocks, build_model, conv_forms
 
     if mode.startswith("flax"):  # what nn.Conv draws by itself
         blocks.kernel_init = nn.initializers.lecun_normal()
         blocks.Conv = functools.partial(nn.Conv, conv_general_dilated=conv_forms.aligned_conv)
-    spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, "configs", f"{config_name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = configuration.from_file(os.path.join(ROOT, "configs", f"{config_name}.py"))
     model = build_model(config.model, config.data.num_classes)
     sample = jnp.zeros((1, *(32,) * config.model.spatial_dims, config.data.channels))
     tx = train.make_tx(config, model)

@@ -19,11 +19,22 @@ from segjax.errors import ConfigError
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("segjax_default_config", _DEFAULT)
+def load_module(path: str):
+    """The Python file at `path` run as a module (config and study files are trusted code)."""
+    spec = importlib.util.spec_from_file_location("segjax_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (what `--config=path[:arg]` loads)."""
+    module = load_module(path)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return from_file(_DEFAULT)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

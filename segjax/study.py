@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -47,9 +46,7 @@ def load_study(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
     if not os.path.isfile(file):
         raise ConfigError(f"--study={path}: no such file")
     sys.path.insert(0, os.path.dirname(os.path.abspath(file)))
-    spec = importlib.util.spec_from_file_location("segjax_study", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = configuration.load_module(file)
     if not hasattr(module, "get_variants"):
         raise ConfigError(f"{file} has no get_variants(arg); a study file defines get_config and get_variants")
     return module.get_config(arg or None), module.get_variants(arg or None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 
@@ -23,11 +22,19 @@ SHARED_DATA = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(
 
 def load_config(name: str, arg: str | None = None):
     """get_config(arg) of configs/<name>.py."""
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from segjax import configuration
+
+    return configuration.from_file(os.path.join(ROOT, "configs", f"{name}.py"), arg)
+
+
+def assert_trees_equal(a, b, **tol):
+    """Leaf by leaf `np.testing.assert_allclose` (pass rtol=0, atol=0 for exact equality), each
+    failure naming the leaf's path; the trees must have as many leaves."""
+    import jax  # not at the top: JAX reads the cache settings above when it is first imported
+    import numpy as np
+
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,7 @@ import pytest
 
 from segjax.errors import ConfigError
 from segjax.models import ARCHS, blocks, build_model
-from tests.conftest import load_config
+from tests.conftest import assert_trees_equal, load_config
 
 
 def model_cfg(**overrides):
@@ -39,8 +39,7 @@ def test_kernel_init_is_flax_lecun_normal_bit_for_bit(shape):
     ours = blocks.Conv(shape[-1], shape[:-2]).init(key, x)
     theirs = nn.Conv(shape[-1], shape[:-2]).init(key, x)
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(ours, theirs, rtol=0, atol=0)
 
 
 KNOBS = [

@@ -14,7 +14,7 @@ import pytest
 from segjax import optim, pretrain, state, steps, train
 from segjax.errors import ConfigError
 from segjax.models import build_model
-from tests.conftest import load_config
+from tests.conftest import assert_trees_equal, load_config
 
 
 def _optim_config(**overrides):
@@ -84,18 +84,13 @@ def _tiny_setup(ema_decay: float):
     return cfg, model, batch, st, step
 
 
-def _assert_trees_equal(a, b, **tol):
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
-
-
 def test_weight_average_follows_its_recurrence():
     decay = 0.3
     _, _, batch, st, step = _tiny_setup(decay)
     want = jax.tree_util.tree_map(np.asarray, st.params)
     want_stats = jax.tree_util.tree_map(np.asarray, st.batch_stats)
-    _assert_trees_equal(optim.averaged_params(st.opt_state), want)  # starts at the initial weights
-    _assert_trees_equal(optim.averaged_stats(st.opt_state), want_stats)  # and statistics
+    assert_trees_equal(optim.averaged_params(st.opt_state), want)  # starts at the initial weights
+    assert_trees_equal(optim.averaged_stats(st.opt_state), want_stats)  # and statistics
     for k in range(6):  # (1 + k) / (10 + k) is below 0.3 for k < 3: both branches of the min are used
         st, _ = step(st, batch)
         d = min(decay, (1 + k) / (10 + k))
@@ -103,8 +98,8 @@ def test_weight_average_follows_its_recurrence():
         want = jax.tree_util.tree_map(move, want, st.params)
         want_stats = jax.tree_util.tree_map(move, want_stats, st.batch_stats)
     average, stats = optim.averaged_params(st.opt_state), optim.averaged_stats(st.opt_state)
-    _assert_trees_equal(average, want, rtol=1e-5, atol=1e-6)
-    _assert_trees_equal(stats, want_stats, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(average, want, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(stats, want_stats, rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(average["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
     level0 = lambda tree: np.asarray(tree["decoder"]["level0"]["Norm_0"]["BatchNorm_0"]["mean"])  # noqa: E731
     assert not np.allclose(level0(stats), level0(st.batch_stats))
@@ -147,7 +142,7 @@ def test_non_finite_step_leaves_params_statistics_and_optimizer_state_unchanged(
     step_before, rng_before = int(st.step), np.asarray(st.rng)
     st, out = step(st, dict(batch, image=batch["image"] * np.nan))
     assert not bool(out["finite"])
-    _assert_trees_equal((st.params, st.batch_stats, st.opt_state), before, rtol=0, atol=0)
+    assert_trees_equal((st.params, st.batch_stats, st.opt_state), before, rtol=0, atol=0)
     assert int(st.step) == step_before + 1 and not np.array_equal(np.asarray(st.rng), rng_before)
 
 
@@ -161,7 +156,7 @@ def test_finite_step_is_the_optax_update_of_the_loss_gradient():
     want = (optax.apply_updates(st.params, updates), stats, opt_state)
     new, out = step(st, batch)
     assert bool(out["finite"])
-    _assert_trees_equal((new.params, new.batch_stats, new.opt_state), want, rtol=1e-5, atol=1e-7)
+    assert_trees_equal((new.params, new.batch_stats, new.opt_state), want, rtol=1e-5, atol=1e-7)
     assert not np.allclose(np.asarray(new.params["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
 
 
@@ -179,11 +174,11 @@ def test_select_and_branch_forms_of_the_guarded_update_agree(finite):
     by_select = jax.jit(functools.partial(steps.update_by_select, update=update))(st, pred)
     by_branch = jax.jit(functools.partial(steps.update_by_branch, update=update))(st, pred)
     if finite:  # and op by op outside jit: the same update up to float32 rounding
-        _assert_trees_equal(by_select, by_branch, rtol=1e-6, atol=1e-9)
-        _assert_trees_equal(by_branch, update(st), rtol=1e-6, atol=1e-9)
+        assert_trees_equal(by_select, by_branch, rtol=1e-6, atol=1e-9)
+        assert_trees_equal(by_branch, update(st), rtol=1e-6, atol=1e-9)
     else:
-        _assert_trees_equal(by_select, st, rtol=0, atol=0)
-        _assert_trees_equal(by_branch, st, rtol=0, atol=0)
+        assert_trees_equal(by_select, st, rtol=0, atol=0)
+        assert_trees_equal(by_branch, st, rtol=0, atol=0)
 
 
 def test_loading_a_pretrained_encoder_restarts_the_average():
@@ -197,8 +192,8 @@ def test_loading_a_pretrained_encoder_restarts_the_average():
     }
     loaded = pretrain.load_encoder(st, encoder)
     average = optim.averaged_params(loaded.opt_state)
-    _assert_trees_equal(average, loaded.params, rtol=0, atol=0)
-    _assert_trees_equal({k: average[k] for k in scopes}, encoder["params"], rtol=0, atol=0)
+    assert_trees_equal(average, loaded.params, rtol=0, atol=0)
+    assert_trees_equal({k: average[k] for k in scopes}, encoder["params"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.1])

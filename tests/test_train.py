@@ -17,7 +17,7 @@ import pytest
 from segjax import checkpointing, configuration, rescore, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_trees_equal
 
 
 def read_jsonl(path):
@@ -128,8 +128,7 @@ def test_initial_state_is_eager_flax_init_bit_for_bit(tiny_config, kwargs):
     got = (got.params, got.batch_stats, got.opt_state, got.rng)
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     assert stats and len(jax.tree_util.tree_leaves(got)) > 20
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(got, want, rtol=0, atol=0)
 
 
 def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
