@@ -123,6 +123,8 @@ def evaluate(
     `put` turns a host batch into the step's input (default: a global array sharded along `data`).
     Counts are summed in int64 over the split before any score is computed; the means follow
     `eval.average` ('dataset' by default), padding images (no valid pixel) are dropped.
+    `val/loss` is the batches' losses weighted by their valid pixels: the CE and focal terms are
+    then the split's pixel means at any `eval.batch_size` (Dice and Lovász terms are per batch).
     Host-only batch keys (`gt_*`) skip the device and join the step's outputs, every host's rows
     gathered (`parallel.gather_host_rows`), for `extra_scores(outputs) -> dict` (e.g. panoptic
     quality, surface metrics); `reduce_batch(output) -> output` shrinks each batch's outputs as
@@ -151,13 +153,14 @@ def evaluate(
 def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
     """Named scores from the eval-step outputs of a whole split (see `evaluate`)."""
     num_classes = len(class_names)
-    per_image, losses = [], []
+    per_image, losses, weights = [], [], []
     b_inter = np.zeros(num_classes, np.int64)
     b_union = np.zeros(num_classes, np.int64)
     for out in outputs:
         cms = np.asarray(out["confusion"], np.int64)
         per_image.append(cms[cms.sum(axis=(1, 2)) > 0])
         losses.append(float(out["loss"]))
+        weights.append(cms.sum())
         if "boundary_inter" in out:
             b_inter += np.asarray(out["boundary_inter"], np.int64)
             b_union += np.asarray(out["boundary_union"], np.int64)
@@ -170,7 +173,9 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
         stack if avg == "per_image" else dataset, avg if avg != "micro" else "dataset", empty, bg
     )
     means = metrics.summarize(stack if avg == "per_image" else dataset, avg, empty, bg)
-    results = {"val/loss": float(np.mean(losses)) if losses else float("nan")}
+    # each batch's loss weighted by its valid pixels: a padded last batch counts for what it holds,
+    # so a per-pixel loss (CE, focal) is the split's pixel mean at any eval.batch_size
+    results = {"val/loss": float(np.average(losses, weights=weights)) if sum(weights) else float("nan")}
     for key in metrics.SCORES:
         for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
             results[f"val/{key}/{name}"] = float(v)

@@ -54,6 +54,36 @@ def test_evaluate_matches_sklearn_over_the_whole_split(average):
     np.testing.assert_allclose(results["val/mbiou"], float(ref_b["mbiou"]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7])
+def test_val_loss_is_the_pixel_mean_of_cross_entropy_at_any_batch_size(batch_size):
+    """With a per-pixel loss, `val/loss` is its mean over every valid pixel of the split, whatever
+    the eval batch size: a padded last batch weighs what it holds (an unweighted mean of the
+    batches' losses gave 7 images at batch 3 a last batch of one image worth a third)."""
+    from segjax import losses
+    from segjax.data import pipeline
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, (7, 6, 6))
+    source = [{"image": np.zeros((6, 6, 1), np.uint8), "label": labels[i]} for i in range(7)]
+    cfg = load_config("default")
+    cfg.loss.terms = "ce"
+
+    def logits_of(label):  # confident, and wrong where noisy_prediction is
+        return 3.0 * jax.nn.one_hot(noisy_prediction(label), 3)
+
+    def eval_fn(state, batch):
+        out = fake_eval_fn(state, batch)
+        out["loss"] = losses.total_loss(cfg.loss, logits_of(batch["label"]), batch["label"], batch["valid"])[0]
+        return out
+
+    batches = pipeline.eval_batches(source, cfg.data, batch_size=batch_size)
+    results = evaluate.evaluate(eval_fn, None, batches, parallel.make_mesh(), cfg.eval, NAMES)
+    logits = np.asarray(logits_of(jnp.asarray(labels)), np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    reference = -np.take_along_axis(log_softmax, labels[..., None], -1).mean()
+    np.testing.assert_allclose(results["val/loss"], reference, rtol=1e-5)  # float32 sums
+
+
 def test_per_image_rows_match_sklearn_per_image():
     """Each image's Dice/IoU/accuracy as scikit-learn scores that image alone; a class absent from
     an image's truth and prediction is NaN (eval.empty='nan'); rows come back in split order with
