@@ -121,8 +121,9 @@ class Decoder(nn.Module):
         return outputs if every_level else x
 
 
-class UNet(nn.Module):
-    """U-Net / encoder-decoder. `apply(vars, image, train) -> (logits float32, aux dict)`."""
+class LevelNetwork(nn.Module):
+    """The knobs U-Net and U-Net++ share (config.model's fields of the same names): levels of
+    conv blocks, pooled on the way down and up-sampled on the way up, skips per level."""
 
     num_classes: int
     depth: int = 4
@@ -140,14 +141,23 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
     freeze_encoder: bool = False  # encoder in inference mode (running BN statistics), no gradient into it
-    deep_supervision: bool = False  # a head on every decoder level, scored in training (module docstring)
 
-    def setup(self):
+    def check_knobs(self) -> None:
+        """A clear error for an unknown upsample/pool/norm name or a depth below 1."""
         blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)
         blocks.check_choice("pool", self.pool, blocks.POOLS)
         blocks.check_choice("norm", self.norm, blocks.NORMS)
         if self.depth < 1:
             raise ConfigError(f"model.depth={self.depth} must be >= 1")
+
+
+class UNet(LevelNetwork):
+    """U-Net / encoder-decoder. `apply(vars, image, train) -> (logits float32, aux dict)`."""
+
+    deep_supervision: bool = False  # a head on every decoder level, scored in training (module docstring)
+
+    def setup(self):
+        self.check_knobs()
         feats = level_features(self.depth, self.base_features, self.features)
         common = blocks.block_kwargs(self)
         self.encoder = Encoder(

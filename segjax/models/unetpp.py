@@ -15,15 +15,13 @@ X^{d,0} and one dense layer; `freeze_encoder` runs column 0 in inference mode wi
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from segjax.errors import ConfigError
 from segjax.models import blocks
-from segjax.models.unet import check_input, level_features, skip_mask
+from segjax.models.unet import LevelNetwork, check_input, level_features, skip_mask
 
 
 def node_names(depth: int, levels: int | None = None) -> list[str]:
@@ -40,27 +38,12 @@ def inference_param_count(params: dict, depth: int, levels: int) -> int:
     return int(sum(x.size for name, sub in params.items() if name in keep for x in jax.tree_util.tree_leaves(sub)))
 
 
-class UNetPlusPlus(nn.Module):
-    """`apply(vars, image, train) -> (logits float32, aux)`; aux['heads'] with deep supervision."""
+class UNetPlusPlus(LevelNetwork):
+    """`apply(vars, image, train) -> (logits float32, aux)`; aux['heads'] with deep supervision.
+    `freeze_encoder` freezes column 0 (the encoder)."""
 
-    num_classes: int
-    depth: int = 4
-    base_features: int = 32
-    features: tuple[int, ...] | None = None
-    bottleneck_features: int | None = None
-    skips: str | tuple[bool, ...] = "all"
-    upsample: str = "transpose"
-    pool: str = "max"
-    norm: str = "batch"
-    num_convs: int = 2
-    kernel_size: int = 3
-    dropout: float = 0.0
-    spatial_dims: int = 2
-    dtype: Any = jnp.float32
-    norm_axis_name: str | None = None  # set by parallel.mode='pmap': cross-replica batch norm
     deep_supervision: bool = True
     inference_head: int = 0  # 0: mean of all heads; j in 1..depth: pruned network ending at X^{0,j}
-    freeze_encoder: bool = False  # column 0 in inference mode (running BN statistics), no gradient into it
 
     def classify(self, image, train: bool = False):
         """Image-level logits [B, num_classes]: column 0 (the encoder), global average pooling of
@@ -69,9 +52,7 @@ class UNetPlusPlus(nn.Module):
 
     @nn.compact
     def __call__(self, image, train: bool = False, classify: bool = False):
-        blocks.check_choice("upsample", self.upsample, blocks.UPSAMPLES)
-        blocks.check_choice("pool", self.pool, blocks.POOLS)
-        blocks.check_choice("norm", self.norm, blocks.NORMS)
+        self.check_knobs()
         if not 0 <= self.inference_head <= self.depth:
             raise ConfigError(f"model.inference_head={self.inference_head} must be in 0..model.depth={self.depth}")
         if self.inference_head and not self.deep_supervision:
