@@ -313,6 +313,9 @@ def test_family_param_count_is_size_independent_and_tracks_width():
         ({"arch": "unetpp", "inference_head": 3}, "inference_head=3 must be in 0..model.depth=2"),
         ({"arch": "unetpp", "inference_head": 1}, "needs model.deep_supervision=True"),
         ({"arch": "vnet", "stage_convs": (1, 2)}, "stage_convs needs depth\\+1=3 entries"),
+        ({"arch": "unet", "depth": 0}, "model.depth=0 must be >= 1"),
+        ({"arch": "unetpp", "depth": 0}, "model.depth=0 must be >= 1"),  # an IndexError before
+        ({"arch": "vnet", "depth": 0}, "model.depth=0 must be >= 1"),
     ],
 )
 def test_unsupported_combinations(knobs, pattern):

@@ -72,6 +72,8 @@ class VNet(nn.Module):
     @nn.compact
     def __call__(self, image, train: bool = False, classify: bool = False):
         blocks.check_choice("norm", self.norm, blocks.NORMS)
+        if self.depth < 1:  # as U-Net's: at least one down and one up stage
+            raise ConfigError(f"model.depth={self.depth} must be >= 1")
         check_input(image, self.depth, self.spatial_dims)
         feats = level_features(self.depth + 1, self.base_features, self.features)
         convs = self.stage_convs or tuple(min(i + 1, 3) for i in range(self.depth + 1))
