@@ -88,6 +88,23 @@ def make_tx(config, model):
     return optim.with_weight_average(tx, config.optim.ema_decay)
 
 
+def window_means(outputs: list[dict]) -> dict[str, np.ndarray]:
+    """Each train-step output averaged over the steps of a logging window (host copies, oldest
+    first), leaving out the non-finite steps that `train.nonfinite='skip'` skipped (NaN if all
+    were); `nonfinite_steps` counts the steps skipped for any replica. Outputs with a leading
+    replica axis (seeds; pmap's devices) are averaged per replica."""
+    finite = np.stack([np.asarray(o["finite"], bool) for o in outputs])
+    kept = np.maximum(finite.sum(axis=0), 1)
+    means = {}
+    for key in outputs[0]:
+        if key != "finite":
+            values = np.stack([np.asarray(o[key], np.float64) for o in outputs])
+            total = np.where(finite, values, 0.0).sum(axis=0)
+            means[key] = np.where(finite.any(axis=0), total / kept, np.nan)
+    means["nonfinite_steps"] = np.float64((~finite.reshape(len(outputs), -1).all(axis=1)).sum())
+    return means
+
+
 def check_config(config) -> None:
     """Every config error that can be found before data or compilation."""
     configuration.validate(config)
@@ -256,7 +273,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     seed_results: list[dict] = []
     convention = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
     logging.info("metrics convention: %s", convention)
-    last_train, results, pending = {}, {}, None
+    last_train, results, pending, window = {}, {}, None, []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     bar = tqdm(
         total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0, disable=pidx != 0
@@ -283,6 +300,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 host_batch = next(data_iter)
                 data_wait += time.perf_counter() - wait_start
                 train_state, out = train_fn(train_state, put_batch(host_batch))
+                window.append(out)  # read back once per log: no transfer per step
                 if pending is not None:  # read the previous step's outputs while this one runs
                     check_finite(*pending)
                 pending = (step, out)
@@ -294,10 +312,13 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                     pending = None
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps / elapsed
-                    last_train = {f"train/{k}": float(np.mean(v)) for k, v in out.items() if k != "finite"}
+                    means = window_means(jax.device_get(window))
+                    window.clear()
+                    last_train = {f"train/{k}": float(np.mean(v)) for k, v in means.items()}
+                    last_train["train/nonfinite_steps"] = int(means["nonfinite_steps"])
                     if num_seeds > 1:
                         for k, s in enumerate(replica_seeds):
-                            last_train[f"seed{s}/train/loss"] = float(out["loss"][k])
+                            last_train[f"seed{s}/train/loss"] = float(means["loss"][k])
                     last_train["train/steps_per_sec"] = rate
                     last_train["train/lr"] = float(lr_schedule(step - 1))
                     # time the loop waited for the input pipeline: an upper bound on device idle time

@@ -131,6 +131,39 @@ def test_initial_state_is_eager_flax_init_bit_for_bit(tiny_config, kwargs):
     assert_trees_equal(got, want, rtol=0, atol=0)
 
 
+def test_window_means_leave_out_skipped_steps_per_replica():
+    """Hand-computed: two replicas over three steps; replica 1's second step is non-finite."""
+    nan = float("nan")
+    outputs = [
+        {"loss": np.array([1.0, 2.0]), "finite": np.array([True, True])},
+        {"loss": np.array([3.0, nan]), "finite": np.array([True, False])},
+        {"loss": np.array([5.0, 6.0]), "finite": np.array([True, True])},
+    ]
+    means = train.window_means(outputs)
+    np.testing.assert_allclose(means["loss"], [3.0, 4.0])
+    assert means["nonfinite_steps"] == 1
+    only_bad = train.window_means([{"loss": np.float32(nan), "finite": np.bool_(False)}])
+    assert np.isnan(only_bad["loss"]) and only_bad["nonfinite_steps"] == 1
+
+
+def test_logged_training_metrics_are_means_over_the_logging_window(tiny_config, tmp_path):
+    """A row every 3 steps holds the mean of the 3 per-step values a row every step logs (the
+    same training: logging does not change it), not the last step's value."""
+    per_step = {}
+    for every in (1, 3):
+        tiny_config.train.log_every = every
+        train.train_and_evaluate(tiny_config, str(tmp_path / f"every{every}"))
+        rows = [r for r in read_jsonl(tmp_path / f"every{every}" / "metrics.jsonl") if "train/loss" in r]
+        per_step[every] = {r["step"]: r for r in rows}
+    assert sorted(per_step[1]) == [1, 2, 3, 4, 5, 6] and sorted(per_step[3]) == [3, 6]
+    for end in (3, 6):
+        for key in ("train/loss", "train/grad_norm", "train/loss_ce", "train/loss_dice"):
+            want = np.mean([per_step[1][s][key] for s in range(end - 2, end + 1)])
+            np.testing.assert_allclose(per_step[3][end][key], want, rtol=1e-6, err_msg=f"{key} at {end}")
+            assert per_step[3][end][key] != pytest.approx(per_step[1][end][key], rel=1e-4)  # not the last step's
+        assert per_step[3][end]["train/nonfinite_steps"] == 0
+
+
 def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
     """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer (with the weight
     average), RNG, data position."""
