@@ -137,15 +137,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
     )
     writer = writers.MetricWriter(workdir)
     bar = tqdm(total=steps, initial=step, desc="pretrain encoder", unit="step", disable=pidx != 0)
+    window = []  # the losses since the last log (as the training loop: their mean is logged)
     try:
         while step < steps:
             st, out = train_fn(st, parallel.to_global(next(data_iter), mesh, batch_sh))
             step += 1
             bar.update(1)
+            window.append(out["loss"])
             if step % config.train.log_every == 0 or step == steps:
-                loss = float(out["loss"])
-                if not np.isfinite(loss):
-                    raise NonFiniteLossError(f"pretraining loss is {loss} at step {step}; lower pretrain.lr")
+                losses = np.asarray(jax.device_get(window), np.float64)
+                if not np.isfinite(losses).all():
+                    bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+                    at = step - len(window) + bad + 1
+                    raise NonFiniteLossError(f"pretraining loss is {losses[bad]} at step {at}; lower pretrain.lr")
+                window.clear()
+                loss = float(losses.mean())
                 writer.write(step, {"pretrain/train/loss": loss})
                 bar.set_postfix(loss=f"{loss:.4f}")
             if step % config.train.checkpoint_every == 0 or step == steps:

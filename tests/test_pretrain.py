@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score, hamming_loss
 
 from segjax import optim, parallel, pretrain, state, train
 from segjax.data import sources
-from segjax.errors import CheckpointError, ConfigError
+from segjax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from segjax.models import build_model
 
 
@@ -154,6 +154,22 @@ def test_load_encoder_replaces_only_the_encoder_and_checks_shapes(tiny_config, a
     _, _, wider = _model_and_state(tiny_config)
     with pytest.raises(CheckpointError, match="pretrained encoder"):
         pretrain.load_encoder(st, {"params": {k: wider.params[k] for k in scopes}, "batch_stats": {}})
+
+
+def test_non_finite_pretraining_loss_names_its_step(tiny_config, tmp_path, monkeypatch):
+    """The loss of every step is checked (at the next log), not only the logged step's: a NaN at
+    step 3 of a 4-step logging window is reported as step 3."""
+    original = pretrain.train_step
+
+    def nan_at_step_3(st, batch, model):
+        new, out = original(st, batch, model=model)
+        return new, {"loss": jnp.where(st.step == 2, jnp.nan, out["loss"])}  # st.step counts from 0
+
+    monkeypatch.setattr(pretrain, "train_step", nan_at_step_3)
+    tiny_config.pretrain.steps = 8
+    tiny_config.train.log_every = 4
+    with pytest.raises(NonFiniteLossError, match=r"pretraining loss is nan at step 3; lower pretrain\.lr"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("arch", ["unet", "vnet"])

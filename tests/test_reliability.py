@@ -193,8 +193,9 @@ def test_nan_loss_skip_policy_finishes_with_finite_params(tiny_config, tmp_path,
     assert final["step"] == tiny_config.train.steps and np.isfinite(final["val/miou"])
     with open(tmp_path / "skip" / "metrics.jsonl", encoding="utf-8") as f:
         rows = [r for r in map(json.loads, f) if "train/loss" in r]
-    # the skipped step is counted in its logging window and left out of the window's mean loss
-    assert [r["train/nonfinite_steps"] for r in rows] == [1, 0, 0] and all(np.isfinite(r["train/loss"]) for r in rows)
+    # the skipped step is counted in its logging window (which one: the reader threads' order)
+    # and left out of the window's mean loss
+    assert sum(r["train/nonfinite_steps"] for r in rows) == 1 and all(np.isfinite(r["train/loss"]) for r in rows)
 
 
 def test_checkpoint_of_another_model_names_the_differing_parameters(tiny_config, tmp_path):
