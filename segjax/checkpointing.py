@@ -22,7 +22,10 @@ BEST_METRIC = "val/miou"
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
+    # handlers named up front (not only through save/restore args), so a checkpoint's metadata
+    # can be read before anything is restored
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 class Checkpointer:
@@ -73,6 +76,11 @@ class Checkpointer:
             step = manager.best_step()
         if step is None:
             raise CheckpointError(f"no checkpoint found in {manager.directory}")
+        saved = _saved_params(manager, step)
+        if saved is not None and saved != _paths(state_template.params):
+            # refused from the metadata, before orbax reads an array: a restore that fails midway
+            # leaves tensorstore reads calling into a closed event loop (~1000 lines of tracebacks)
+            raise CheckpointError(mismatch_message(manager, step, state_template, None))
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_template)
         try:
             restored = manager.restore(
@@ -97,13 +105,29 @@ def _paths(tree) -> dict[str, tuple]:
     return {name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
-def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: Exception) -> str:
-    """Name the parameters that differ between a checkpoint and the configured model."""
+def _saved_state(manager: ocp.CheckpointManager, step: int):
+    """The saved state's metadata tree (shapes, dtypes; no array read), or None if unreadable."""
     try:
         saved = manager.item_metadata(step)["state"]
-        saved = getattr(saved, "tree", saved)
-        saved_params = _paths(saved["params"])
+        return getattr(saved, "tree", saved)
     except Exception:
+        return None
+
+
+def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple] | None:
+    """{parameter path: shape} of a checkpoint, from its metadata; None if unreadable."""
+    saved = _saved_state(manager, step)
+    try:
+        return None if saved is None else _paths(saved["params"])
+    except Exception:
+        return None
+
+
+def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: Exception | None) -> str:
+    """Name the parameters that differ between a checkpoint and the configured model."""
+    saved = _saved_state(manager, step)
+    saved_params = _saved_params(manager, step)
+    if saved_params is None:
         return f"checkpoint step {step} in {manager.directory} does not match the configured model: {err}"
     want = _paths(template.params)
     if want == saved_params:  # the same network: the optimizer state is what differs
