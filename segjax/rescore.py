@@ -24,8 +24,10 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
-    template = state.create(model, train.make_tx(config, model), jnp.asarray(sample, jnp.float32), config.train.seed)
-    template = jax.device_put(template, parallel.replicated(mesh))
+    # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
+    tx, repl = train.make_tx(config, model), parallel.replicated(mesh)
+    shapes = jax.eval_shape(lambda: state.create(model, tx, jnp.asarray(sample, jnp.float32), config.train.seed))
+    template = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
     try:
         restored, _ = ckpt.restore(template, best=which == "best")
