@@ -156,7 +156,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.num_seeds = 1  # K > 1: train seeds seed..seed+K-1 as K replicas in one vmapped step
     c.train.log_every = 50  # steps between logged training metrics
     c.train.checkpoint_every = 400  # steps between checkpoints (and at the end)
-    c.train.keep_checkpoints = 2  # latest checkpoints kept; the best (val/miou) is kept apart
+    c.train.keep_checkpoints = 2  # latest checkpoints kept; the best (train.best_metric) is kept apart
+    c.train.best_metric = "val/miou"  # the validation score that picks best/, e.g. 'val/dice/<class>', 'val/loss'
+    c.train.best_mode = "max"  # 'max' | 'min' (for losses): which end of train.best_metric is best
     c.train.nonfinite = "stop"  # NaN/Inf loss or gradient: 'stop' (error naming the step) | 'skip' the batch
 
     c.parallel = ml_collections.ConfigDict()

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None):
     c.train.batch_size = 4
     c.train.log_every = 25
     c.train.checkpoint_every = 500
+    c.train.best_metric = "val/dice/membrane"  # best/ by the score this task is judged by
     c.eval.every = 500
     c.eval.tta = "d4"
     c.eval.batch_size = 5

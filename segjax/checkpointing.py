@@ -1,7 +1,8 @@
 """Checkpoints with orbax (the only module that imports it).
 
 Two managers under the workdir: `checkpoints/` keeps the latest `train.keep_checkpoints` steps (for
-resume) and `best/` keeps the single best step by `val/miou`. Each checkpoint holds the whole
+resume) and `best/` keeps the single best step by `train.best_metric` (default `val/miou`, highest;
+`train.best_mode='min'` for e.g. `val/loss`). Each checkpoint holds the whole
 TrainState (params, batch stats, optimizer state incl. schedule position, RNG, step) and the data
 iterator's position as JSON. orbax writes to a temporary folder and renames it when complete, so a
 crash mid-save leaves the previous checkpoint intact; unfinished folders are ignored on restore.
@@ -11,6 +12,7 @@ Nothing is unpickled: arrays are read by tensorstore, the iterator state is JSON
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import jax
@@ -18,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from segjax.errors import CheckpointError
 
-BEST_METRIC = "val/miou"
+BEST_MODES = ("max", "min")
 
 
 def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -29,17 +31,21 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.Check
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int):
+    def __init__(self, workdir: str, keep: int, best_metric: str = "val/miou", best_mode: str = "max"):
         # cleanup_tmp_directories: a save interrupted by a crash leaves a *.orbax-checkpoint-tmp*
         # folder; it is never restored from and is removed when the next run opens the manager.
         common = dict(create=True, cleanup_tmp_directories=True)
         self.latest = _manager(
             os.path.join(workdir, "checkpoints"), ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
         )
-        self.best = _manager(
-            os.path.join(workdir, "best"),
-            ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode="max", **common),
+        self.best_metric = best_metric
+        # a best checkpoint saved under another metric (a run resumed with a new train.best_metric)
+        # ranks last, so the first evaluation under the new metric replaces it
+        worst = -math.inf if best_mode == "max" else math.inf
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m.get(best_metric, worst), best_mode=best_mode, **common
         )
+        self.best = _manager(os.path.join(workdir, "best"), options)
 
     @staticmethod
     def _args(state, data_state: dict) -> ocp.args.Composite:
@@ -53,7 +59,8 @@ class Checkpointer:
     def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
         if step not in self.best.all_steps():
             self._one_writer_at_a_time(self.latest)
-            self.best.save(step, args=self._args(state, data_state), metrics={BEST_METRIC: float(metrics[BEST_METRIC])})
+            score = {self.best_metric: float(metrics[self.best_metric])}
+            self.best.save(step, args=self._args(state, data_state), metrics=score)
 
     @staticmethod
     def _one_writer_at_a_time(other: ocp.CheckpointManager) -> None:

@@ -150,6 +150,13 @@ def evaluate(
     return results[0] if num_seeds == 1 else results
 
 
+def score_keys(eval_cfg: ml_collections.ConfigDict, class_names) -> set[str]:
+    """The keys `scores` gives for these settings and classes (instance and surface scores come
+    on top), computed by scoring an empty split: e.g. to check `train.best_metric` before training."""
+    empty = {"confusion": np.zeros((1, len(class_names), len(class_names)), np.int64), "loss": 0.0}
+    return set(scores([empty], eval_cfg, class_names))
+
+
 def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
     """Named scores from the eval-step outputs of a whole split (see `evaluate`)."""
     num_classes = len(class_names)

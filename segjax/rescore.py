@@ -28,7 +28,9 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
     tx, repl = train.make_tx(config, model), parallel.replicated(mesh)
     shapes = jax.eval_shape(lambda: state.create(model, tx, jnp.asarray(sample, jnp.float32), config.train.seed))
     template = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
-    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer(
+        workdir, config.train.keep_checkpoints, config.train.best_metric, config.train.best_mode
+    )
     try:
         restored, _ = ckpt.restore(template, best=which == "best")
     finally:

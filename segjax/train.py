@@ -126,6 +126,14 @@ def check_config(config) -> None:
             f"({outputs}: data.num_classes, plus the boundary class under instances.enabled)"
         )
     inference.check(config.eval, config.model.spatial_dims, 2**config.model.depth)
+    if config.train.best_mode not in checkpointing.BEST_MODES:
+        raise ConfigError(f"train.best_mode={config.train.best_mode!r}; choose one of {list(checkpointing.BEST_MODES)}")
+    keys = evaluate.score_keys(config.eval, instances.class_names(config))
+    later = config.instances.enabled or config.eval.surface_metrics  # their keys are checked at the first evaluation
+    if config.train.best_metric not in keys and not (later and config.train.best_metric.startswith("val/")):
+        raise ConfigError(
+            f"train.best_metric={config.train.best_metric!r} is not a validation score; choose one of {sorted(keys)}"
+        )
     if config.train.num_seeds < 1:
         raise ConfigError(f"train.num_seeds={config.train.num_seeds} must be >= 1")
     if config.parallel.mode not in parallel.MODES:
@@ -173,7 +181,8 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     sample = jnp.asarray(train_ds[0][0]["image"][:1])
 
     tx = make_tx(config, model)
-    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
+    best = config.train.best_metric
+    ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, best, config.train.best_mode)
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)
         if config.pretrain.steps and ckpt.latest_step() is None:  # the classic recipe's first stage
@@ -333,7 +342,12 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                         f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
                         f"val/accuracy={results['val/accuracy']:.4f}"
                     )
-                    if math.isfinite(results["val/miou"]):
+                    if best not in results:  # a key only instance or surface scores could have given
+                        raise ConfigError(
+                            f"train.best_metric={best!r} is not among this run's validation scores; choose "
+                            f"one of {sorted(k for k in results if k.startswith('val/'))}"
+                        )
+                    if math.isfinite(results[best]):
                         ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
                 if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
                     ckpt.save(step, checkpointable(train_state), data_iter.get_state())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 import numpy as np
 import pytest
@@ -128,10 +130,15 @@ def test_in_memory_split_rewrites_each_label_once_and_streams_the_same_batches(t
 
 def test_training_reports_panoptic_quality(tiny_config, tmp_path):
     tiny_config.instances.enabled = True
+    tiny_config.train.best_metric = "val/pq"  # a key only the panoptic scores give
     result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
     for key in ("val/pq", "val/sq", "val/rq", "val/pq/tool", "val/iou/instance_boundary"):
         assert 0 <= result[key] <= 1, key
     assert result["val/pixels"] == 12 * 32 * 32
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+        pq = {r["step"]: r["val/pq"] for r in map(json.loads, f) if "val/pq" in r}
+    (best,) = os.listdir(tmp_path / "run" / "best")  # a step of the highest PQ (6 steps: often a 0 == 0 tie)
+    assert sorted(pq) == [3, 6] and pq[int(best)] == max(pq.values())
 
 
 @pytest.mark.parametrize(
@@ -140,6 +147,10 @@ def test_training_reports_panoptic_quality(tiny_config, tmp_path):
         ({"instances.thing_classes": (0, 2)}, "not classes 1..3"),
         ({"instances.boundary_width": 0}, ">= 1 pixel"),
         ({"loss.class_weights": (1.0, 1.0, 1.0, 1.0)}, "one per network output"),
+        (
+            {"train.best_metric": "val/pq/sky"},
+            r"'val/pq/sky' is not among this run's validation scores.*'val/pq/tool'",
+        ),
     ],
 )
 def test_instance_config_errors(tiny_config, tmp_path, overrides, message):

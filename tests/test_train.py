@@ -245,6 +245,38 @@ def test_run_saved_before_a_field_existed_resumes_unless_the_field_is_set(tiny_c
         workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)
 
 
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_checkpoint_is_the_extreme_of_train_best_metric(tiny_config, tmp_path, mode):
+    """best/ holds the evaluated step with the lowest (or, the other way round, highest) val/loss
+    of the six logged evaluations."""
+    tiny_config.train.best_metric, tiny_config.train.best_mode = "val/loss", mode
+    tiny_config.eval.every = 1
+    workdir = tmp_path / mode
+    train.train_and_evaluate(tiny_config, str(workdir))
+    logged = {r["step"]: r["val/loss"] for r in read_jsonl(workdir / "metrics.jsonl") if "val/loss" in r}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6] and len(set(logged.values())) == 6  # no ties
+    want = (min if mode == "min" else max)(logged, key=logged.get)
+    assert os.listdir(workdir / "best") == [str(want)]
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode", "pattern"),
+    [
+        (
+            "val/dice/sky",
+            "max",
+            r"train.best_metric='val/dice/sky' is not a validation score; choose one of .*'val/dice/",
+        ),
+        ("miou", "max", r"'miou' is not a validation score; choose one of .*'val/miou'"),
+        ("val/loss", "lowest", r"train.best_mode='lowest'; choose one of \['max', 'min'\]"),
+    ],
+)
+def test_best_metric_that_evaluation_cannot_give_is_refused_before_training(tiny_config, metric, mode, pattern):
+    tiny_config.train.best_metric, tiny_config.train.best_mode = metric, mode
+    with pytest.raises(ConfigError, match=pattern):
+        train.check_config(tiny_config)
+
+
 def test_unknown_and_mistyped_config_keys(tiny_config):
     with tiny_config.unlocked():
         tiny_config.train.stpes = 5
