@@ -83,7 +83,7 @@ class Checkpointer:
             step = manager.best_step()
         if step is None:
             raise CheckpointError(f"no checkpoint found in {manager.directory}")
-        saved = _saved_params(manager, step)
+        saved = _param_shapes(_saved_state(manager, step))
         if saved is not None and saved != _paths(state_template.params):
             # refused from the metadata, before orbax reads an array: a restore that fails midway
             # leaves tensorstore reads calling into a closed event loop (~1000 lines of tracebacks)
@@ -121,9 +121,8 @@ def _saved_state(manager: ocp.CheckpointManager, step: int):
         return None
 
 
-def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple] | None:
-    """{parameter path: shape} of a checkpoint, from its metadata; None if unreadable."""
-    saved = _saved_state(manager, step)
+def _param_shapes(saved) -> dict[str, tuple] | None:
+    """{parameter path: shape} of a saved state's metadata tree; None if there is none."""
     try:
         return None if saved is None else _paths(saved["params"])
     except Exception:
@@ -133,7 +132,7 @@ def _saved_params(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple]
 def mismatch_message(manager: ocp.CheckpointManager, step: int, template, err: Exception | None) -> str:
     """Name the parameters that differ between a checkpoint and the configured model."""
     saved = _saved_state(manager, step)
-    saved_params = _saved_params(manager, step)
+    saved_params = _param_shapes(saved)
     if saved_params is None:
         return f"checkpoint step {step} in {manager.directory} does not match the configured model: {err}"
     want = _paths(template.params)
