@@ -137,24 +137,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
     )
     writer = writers.MetricWriter(workdir)
     bar = tqdm(total=steps, initial=step, desc="pretrain encoder", unit="step", disable=pidx != 0)
-    window = []  # the losses since the last log (as the training loop: their mean is logged)
+    unread, window = [], []  # losses still on device; this logging window's (their mean is logged)
+
+    def read_losses() -> None:
+        """Every loss since the last read, checked before anything is logged or saved."""
+        values = [float(x) for x in jax.device_get(unread)]
+        unread.clear()
+        for k, value in enumerate(values):
+            if not np.isfinite(value):
+                at = step - len(values) + k + 1
+                raise NonFiniteLossError(f"pretraining loss is {value} at step {at}; lower pretrain.lr")
+        window.extend(values)
+
     try:
         while step < steps:
             st, out = train_fn(st, parallel.to_global(next(data_iter), mesh, batch_sh))
             step += 1
             bar.update(1)
-            window.append(out["loss"])
+            unread.append(out["loss"])
             if step % config.train.log_every == 0 or step == steps:
-                losses = np.asarray(jax.device_get(window), np.float64)
-                if not np.isfinite(losses).all():
-                    bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-                    at = step - len(window) + bad + 1
-                    raise NonFiniteLossError(f"pretraining loss is {losses[bad]} at step {at}; lower pretrain.lr")
+                read_losses()
+                loss = float(np.mean(window))
                 window.clear()
-                loss = float(losses.mean())
                 writer.write(step, {"pretrain/train/loss": loss})
                 bar.set_postfix(loss=f"{loss:.4f}")
             if step % config.train.checkpoint_every == 0 or step == steps:
+                read_losses()  # no checkpoint after a step whose loss was not finite
                 ckpt.save(step, st, data_iter.get_state())
         eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, batch_sh), out_shardings=repl)
         batches = pipeline.eval_batches(

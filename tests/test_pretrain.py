@@ -157,8 +157,9 @@ def test_load_encoder_replaces_only_the_encoder_and_checks_shapes(tiny_config, a
 
 
 def test_non_finite_pretraining_loss_names_its_step(tiny_config, tmp_path, monkeypatch):
-    """The loss of every step is checked (at the next log), not only the logged step's: a NaN at
-    step 3 of a 4-step logging window is reported as step 3."""
+    """The loss of every step is checked (at the next log or checkpoint), not only the logged
+    step's: a NaN at step 3 of a 4-step logging window is reported as step 3, and the checkpoint
+    due at step 3 is not written."""
     original = pretrain.train_step
 
     def nan_at_step_3(st, batch, model):
@@ -168,8 +169,10 @@ def test_non_finite_pretraining_loss_names_its_step(tiny_config, tmp_path, monke
     monkeypatch.setattr(pretrain, "train_step", nan_at_step_3)
     tiny_config.pretrain.steps = 8
     tiny_config.train.log_every = 4
+    tiny_config.train.checkpoint_every = 3
     with pytest.raises(NonFiniteLossError, match=r"pretraining loss is nan at step 3; lower pretrain\.lr"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run" / "pretrain" / "checkpoints") == []
 
 
 @pytest.mark.parametrize("arch", ["unet", "vnet"])
