@@ -30,8 +30,20 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.Check
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
+def _save_whole_arrays_in_one_process() -> None:
+    """orbax saves a replicated array "replica-parallel" by default (except where JAX_PLATFORMS
+    names a GPU): each replica writes a slice, so several hosts share the writing. With one
+    process every byte is written by it anyway, and the slicing costs a compiled slice per array
+    and device: default U-Net on 8 CPU devices, first save 5.7-6.2 s -> 0.24 s, later saves
+    0.56 -> 0.23 s, the same files. So a single-process job writes whole arrays from one replica."""
+    if jax.process_count() == 1:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, best_metric: str = "val/miou", best_mode: str = "max"):
+        _save_whole_arrays_in_one_process()
         # cleanup_tmp_directories: a save interrupted by a crash leaves a *.orbax-checkpoint-tmp*
         # folder; it is never restored from and is removed when the next run opens the manager.
         common = dict(create=True, cleanup_tmp_directories=True)
