@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import inference, instances, rescore, train
+from segjax import inference, instances, preflight, rescore
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -134,7 +134,7 @@ def predict_folder(
 ) -> list[str]:
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
     returns the mask paths in file order. `shard=(i, N)`: only files i, i+N, ... (sorted)."""
-    train.check_config(config)
+    preflight.check(config)
     if config.model.spatial_dims == 3 and config.data.name != "nifti":
         raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
     part, parts = shard

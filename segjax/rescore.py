@@ -9,7 +9,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segjax import checkpointing, evaluate, instances, parallel, report, state, steps, surface, train, writers
+from segjax import (
+    checkpointing,
+    evaluate,
+    instances,
+    parallel,
+    preflight,
+    report,
+    state,
+    steps,
+    surface,
+    train,
+    writers,
+)
 from segjax.data import sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
@@ -43,7 +55,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
     Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
     the run's metrics.json (never overwrites metrics.json)."""
-    train.check_config(config)
+    preflight.check(config)
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
     model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"][None])
     eval_step = steps.make_eval_step(config, model)

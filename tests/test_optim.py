@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from segjax import optim, pretrain, state, steps, train
+from segjax import optim, preflight, pretrain, state, steps
 from segjax.errors import ConfigError
 from segjax.models import build_model
 from tests.conftest import assert_trees_equal, load_config
@@ -200,4 +200,4 @@ def test_loading_a_pretrained_encoder_restarts_the_average():
 def test_decay_outside_zero_one_is_a_config_error(tiny_config, decay):
     tiny_config.optim.ema_decay = decay
     with pytest.raises(ConfigError, match=r"optim\.ema_decay"):
-        train.check_config(tiny_config)
+        preflight.check(tiny_config)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import baselines, metrics, parallel, predict, report, rescore, surface, train
+from segjax import baselines, metrics, parallel, predict, preflight, report, rescore, surface, train
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError
 from tests.conftest import load_config
@@ -253,4 +253,4 @@ def test_bad_surface_settings_are_config_errors(tiny_config, change, message):
         section, name = key.split(".")
         tiny_config[section][name] = value
     with pytest.raises(ConfigError, match=message):
-        train.check_config(tiny_config)
+        preflight.check(tiny_config)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, configuration, rescore, train, workdirs
+from segjax import checkpointing, configuration, preflight, rescore, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT, assert_trees_equal
@@ -274,7 +274,7 @@ def test_best_checkpoint_is_the_extreme_of_train_best_metric(tiny_config, tmp_pa
 def test_best_metric_that_evaluation_cannot_give_is_refused_before_training(tiny_config, metric, mode, pattern):
     tiny_config.train.best_metric, tiny_config.train.best_mode = metric, mode
     with pytest.raises(ConfigError, match=pattern):
-        train.check_config(tiny_config)
+        preflight.check(tiny_config)
 
 
 def test_unknown_and_mistyped_config_keys(tiny_config):
