@@ -156,7 +156,10 @@ def test_finite_step_is_the_optax_update_of_the_loss_gradient():
     want = (optax.apply_updates(st.params, updates), stats, opt_state)
     new, out = step(st, batch)
     assert bool(out["finite"])
-    assert_trees_equal((new.params, new.batch_stats, new.opt_state), want, rtol=1e-5, atol=1e-7)
+    # Adam's first update is lr * g / (|g| + eps), +-3e-3 here: where g is nearly zero it amplifies
+    # g's rounding (the jitted and the eager gradient sum in other orders), so the parameters
+    # agree to 1e-6 absolute, a three-thousandth of an update
+    assert_trees_equal((new.params, new.batch_stats, new.opt_state), want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(new.params["head"]["kernel"]), np.asarray(st.params["head"]["kernel"]))
 
 

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TEST_XLA_FLAGS
 
 # XLA:CPU aborts a process (SIGABRT) when its devices' all-reduce rendezvous waits too long; on a
 # loaded 2-core CI machine, 8 fake devices hit that once in 12 sessions (the run itself was fine).
@@ -40,7 +40,7 @@ def run(workdir, tfds_dir, devices, *extra):
 
 
 def run_once(workdir, tfds_dir, devices, *extra):
-    flags = f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES}"
+    flags = f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES} {TEST_XLA_FLAGS}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     args = [
         sys.executable,
@@ -183,7 +183,7 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
     cache = tmp_path / "jax_cache"
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}",
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(cache),
     )
