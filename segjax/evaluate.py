@@ -137,11 +137,23 @@ def evaluate(
         return o if num_seeds == 1 else {k: v if k.startswith(pipeline.HOST_ONLY) else v[r] for k, v in o.items()}
 
     per_replica: list[list[dict]] = [[] for _ in range(num_seeds)]
-    for batch in batches:
-        host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
-        out = {**jax.device_get(eval_fn(state, put(batch))), **parallel.gather_host_rows(host)}
+
+    def collect(on_device, host: dict) -> None:
+        out = {**jax.device_get(on_device), **parallel.gather_host_rows(host)}
         for r, outputs in enumerate(per_replica):
             outputs.append(reduce_batch(replica(out, r)) if reduce_batch else replica(out, r))
+
+    # one batch in flight: the next batch is dispatched before this one's outputs are read back
+    # and reduced on the host, so the host's work overlaps the device's (JAX dispatches async)
+    pending = None
+    for batch in batches:
+        host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
+        dispatched = (eval_fn(state, put(batch)), host)
+        if pending is not None:
+            collect(*pending)
+        pending = dispatched
+    if pending is not None:
+        collect(*pending)
     results = []
     for outputs in per_replica:
         results.append(scores(outputs, eval_cfg, class_names))
