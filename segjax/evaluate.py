@@ -138,22 +138,15 @@ def evaluate(
 
     per_replica: list[list[dict]] = [[] for _ in range(num_seeds)]
 
-    def collect(on_device, host: dict) -> None:
+    def dispatch(batch: dict):
+        host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
+        return eval_fn(state, put(batch)), host
+
+    # each batch's outputs are read back and reduced while the device computes the next batch
+    for on_device, host in pipeline.one_ahead(batches, dispatch):
         out = {**jax.device_get(on_device), **parallel.gather_host_rows(host)}
         for r, outputs in enumerate(per_replica):
             outputs.append(reduce_batch(replica(out, r)) if reduce_batch else replica(out, r))
-
-    # one batch in flight: the next batch is dispatched before this one's outputs are read back
-    # and reduced on the host, so the host's work overlaps the device's (JAX dispatches async)
-    pending = None
-    for batch in batches:
-        host = {k: batch.pop(k) for k in list(batch) if k.startswith(pipeline.HOST_ONLY)}
-        dispatched = (eval_fn(state, put(batch)), host)
-        if pending is not None:
-            collect(*pending)
-        pending = dispatched
-    if pending is not None:
-        collect(*pending)
     results = []
     for outputs in per_replica:
         results.append(scores(outputs, eval_cfg, class_names))

@@ -171,8 +171,13 @@ def predict_folder(
     batches = pipeline.eval_batches(source, config.data, batch_size, pad_multiple=2**config.model.depth)
     written, index = [], 0
     bar = tqdm(total=len(source), desc="predict", unit="image", dynamic_ncols=True)
-    for batch in batches:
-        classes, probs = jax.device_get(classes_and_probabilities(state.eval_variables(), jnp.asarray(batch["image"])))
+    variables = state.eval_variables()
+
+    def dispatch(batch: dict):
+        return classes_and_probabilities(variables, jnp.asarray(batch["image"]))
+
+    for on_device in pipeline.one_ahead(batches, dispatch):  # masks written while the next batch computes
+        classes, probs = jax.device_get(on_device)
         for row_classes, row_probs in zip(classes, probs, strict=True):
             if index == len(source):  # copies that fill the last batch
                 break

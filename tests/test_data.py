@@ -269,3 +269,21 @@ def test_class_histogram_counts_every_cached_image_and_samples_large_uncached_sp
     hist, counted = sources.class_histogram(cached, 3, max_images=3)
     assert counted == 10
     np.testing.assert_array_equal(hist, by_numpy(labels))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5])
+def test_one_ahead_dispatches_the_next_batch_before_yielding_each_result(count):
+    """Each result is handed over only once the following batch is dispatched (the last one when
+    the batches run out); every batch once, in order."""
+    events = []
+
+    def dispatch(batch):
+        events.append(("dispatch", batch))
+        return batch * 10
+
+    for result in pipeline.one_ahead(iter(range(count)), dispatch):
+        events.append(("consume", result))
+    want = [("dispatch", 0)] if count else []
+    for k in range(count):
+        want += ([("dispatch", k + 1)] if k + 1 < count else []) + [("consume", 10 * k)]
+    assert events == want

@@ -8,7 +8,7 @@ padding example). The training stream is a grain MapDataset, so batch k is a pur
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grain
 import ml_collections
@@ -156,3 +156,16 @@ def eval_order(num_examples: int, host_batch_size: int, process_count: int = 1) 
             rows = list(range(p, num_examples, process_count)[start : start + host_batch_size])
             order += rows + [None] * (host_batch_size - len(rows))
     return order
+
+
+def one_ahead(batches: Iterable, dispatch: Callable) -> Iterator:
+    """`dispatch(batch)` for each batch, each result yielded only after the next batch has been
+    dispatched. JAX runs dispatched work asynchronously, so a consumer that reads a result back
+    and works on it on the host (scores, masks written to disk) overlaps the device's work on the
+    next batch; one batch is in flight at a time."""
+    pending = []
+    for batch in batches:
+        pending.append(dispatch(batch))
+        if len(pending) == 2:
+            yield pending.pop(0)
+    yield from pending
