@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from segjax import (
     checkpointing,
@@ -54,7 +55,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
     settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
     Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
-    the run's metrics.json (never overwrites metrics.json)."""
+    the run's metrics.json (never overwrites metrics.json); an earlier rescoring's pair of files
+    is kept under a number (`keep_earlier_results`)."""
     preflight.check(config)
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
     model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"][None])
@@ -62,6 +64,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
     table = os.path.join(workdir, f"eval_{which}_per_image.csv")
+    if jax.process_index() == 0:
+        keep_earlier_results(workdir, which)
     results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
@@ -73,3 +77,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
         print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
         print(report.results_table(results, instances.class_names(config), distance_unit=surface.unit(config)))
     return results
+
+
+def keep_earlier_results(workdir: str, which: str) -> list[str]:
+    """Rename an earlier rescoring's `eval_<which>.json` and `eval_<which>_per_image.csv` to
+    `eval_<which>.<k>.json` / `eval_<which>_per_image.<k>.csv`, k the first number free for both,
+    so rescoring with other eval settings never overwrites a result. Returns the new paths."""
+    names = [f"eval_{which}.json", f"eval_{which}_per_image.csv"]
+    present = [n for n in names if os.path.exists(os.path.join(workdir, n))]
+    if not present:
+        return []
+
+    def numbered(name: str, k: int) -> str:
+        stem, ext = os.path.splitext(name)
+        return os.path.join(workdir, f"{stem}.{k}{ext}")
+
+    k = 1
+    while any(os.path.exists(numbered(n, k)) for n in names):
+        k += 1
+    moved = []
+    for name in present:
+        moved.append(numbered(name, k))
+        os.replace(os.path.join(workdir, name), moved[-1])
+    logging.info("kept the earlier %s as %s", " and ".join(present), ", ".join(moved))
+    return moved

@@ -82,6 +82,21 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     assert flipped["val/pixels"] == saved["val/pixels"] and flipped["val/miou"] != saved["val/miou"]
     with open(os.path.join(workdir, "eval_latest.json"), encoding="utf-8") as f:
         assert json.load(f)["eval_settings"]["tta"] == "flip"
+    # the first rescoring's pair of files is kept under a number, not overwritten
+    with open(os.path.join(workdir, "eval_latest.1.json"), encoding="utf-8") as f:
+        earlier = json.load(f)
+    assert earlier["eval_settings"]["tta"] == "none" and earlier["val/miou"] == rescored["val/miou"]
+    with open(os.path.join(workdir, "eval_latest_per_image.1.csv"), encoding="utf-8") as f:
+        assert list(csv.DictReader(f)) == table
+    rescore.evaluate_checkpoint(tiny_config, workdir, "latest")  # a third: the next number
+    assert sorted(n for n in os.listdir(workdir) if n.startswith("eval_latest")) == [
+        "eval_latest.1.json",
+        "eval_latest.2.json",
+        "eval_latest.json",
+        "eval_latest_per_image.1.csv",
+        "eval_latest_per_image.2.csv",
+        "eval_latest_per_image.csv",
+    ]
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f) == before
     with pytest.raises(WorkdirError, match="no run"):
