@@ -33,7 +33,7 @@ from absl import app, flags
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, metrics, report, surface, writers
+from segjax import configuration, evaluate, metrics, report, surface, workdirs, writers
 from segjax.data import pipeline
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -153,9 +153,10 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     return results
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Score the baseline on the validation split; write `<workdir>/metrics.json` (refuses to
-    overwrite a network run's metrics.json)."""
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
+    """Score the baseline on the validation split; write `<workdir>/metrics.json` and
+    `config.json`. A network run's folder is refused; so is a baseline run of another config
+    unless `overwrite` (which moves it aside, as training's --overwrite does)."""
     from segjax.data import sources
 
     configuration.validate(config)
@@ -165,15 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(path, encoding="utf-8") as f:
             if "baseline" not in json.load(f):
                 raise SegjaxError(f"{path} belongs to a trained run; use another --workdir for the baseline")
+    workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False)  # config.json
     start = time.perf_counter()
     splits = sources.open_splits(config.data)
-    os.makedirs(workdir, exist_ok=True)
     results = evaluate_split(splits["validation"], config, os.path.join(workdir, "val_per_image.csv"))
     results["baseline"] = config.baseline.method
     results["seconds"] = time.perf_counter() - start
     writers.write_summary(path, results)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(configuration.to_json(config))
     names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
     print(f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s):")
     print(report.results_table(results, names, distance_unit=surface.unit(config)))
@@ -184,7 +183,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with exit_on_user_error():
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
+        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
 
 
 if __name__ == "__main__":
@@ -192,4 +191,5 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (data and baseline).")
     flags.DEFINE_string("workdir", None, "Where metrics.json goes.", required=True)
+    flags.DEFINE_bool("overwrite", False, "Move a baseline run of another config in --workdir aside and score anew.")
     app.run(main)

@@ -33,19 +33,23 @@ def lock(workdir: str):
     )
 
 
-def prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
+def prepare(
+    config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None, resumable: bool = True
+) -> None:
     """Refuse to mix two different configs in one workdir unless told; never delete silently.
+    `resumable=False` (runs that cannot resume, e.g. baselines) leaves --allow_config_changes
+    out of the refusal's advice.
 
     On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
     (atomically); the others wait for it, so none reads a half-written file or creates folders
     in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
     `lock`) takes the new folder's lock when --overwrite moved the old run aside."""
     if jax.process_index() == 0:
-        _prepare(config, workdir, overwrite, allow_config_changes, held)
+        _prepare(config, workdir, overwrite, allow_config_changes, held, resumable)
     parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
 
 
-def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None) -> None:
+def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable: bool) -> None:
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -59,9 +63,10 @@ def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, 
                 held.enter_context(lock(workdir))
         elif diff and not allow_config_changes:
             shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+            resume = "--allow_config_changes to resume with the new values, " if resumable else ""
             raise WorkdirError(
                 f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
-                "--allow_config_changes to resume with the new values, or --overwrite to move the old run aside"
+                f"{resume}or --overwrite to move the old run aside"
             )
         elif diff:
             backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")

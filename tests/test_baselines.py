@@ -16,7 +16,7 @@ from sklearn.metrics import jaccard_score
 from segjax import baselines
 from segjax.configuration import default_config
 from segjax.data import sources
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, SHARED_DATA, load_config
 
 
@@ -145,9 +145,30 @@ def test_cli_writes_metrics_and_never_overwrites_a_trained_run(tiny_config, tmp_
     with open(workdir / "metrics.json", encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["baseline"] == "watershed" and 0.0 <= saved["val/miou"] <= 1.0
+    refused = cli("--config.baseline.method=otsu")  # another baseline: refused, nothing touched
+    assert refused.returncode == 2 and "different config (differs in: baseline.method)" in refused.stderr
+    assert "--allow_config_changes" not in refused.stderr  # a baseline cannot resume
+    with open(workdir / "metrics.json", encoding="utf-8") as f:
+        assert json.load(f) == saved
     (workdir / "metrics.json").write_text(json.dumps({"step": 6, "val/miou": 0.9}))  # a network's run
     refused = cli()
     assert refused.returncode == 2 and "belongs to a trained run" in refused.stderr
+
+
+def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told(tiny_config, tmp_path):
+    workdir = str(tmp_path / "base")
+    tiny_config.baseline.method = "otsu"
+    first = baselines.run(tiny_config, workdir)
+    assert baselines.run(tiny_config, workdir)["val/miou"] == first["val/miou"]  # the same config: rerun
+    tiny_config.baseline.method = "watershed"
+    with pytest.raises(WorkdirError, match=r"differs in: baseline\.method"):
+        baselines.run(tiny_config, workdir)
+    second = baselines.run(tiny_config, workdir, overwrite=True)
+    (aside,) = [p for p in os.listdir(tmp_path) if p.startswith("base.replaced-")]
+    with open(os.path.join(tmp_path, aside, "metrics.json"), encoding="utf-8") as f:
+        assert json.load(f)["baseline"] == "otsu"
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+        assert json.load(f)["baseline"] == "watershed" == second["baseline"]
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="no ../shared/data")
