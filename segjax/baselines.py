@@ -162,10 +162,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     configuration.validate(config)
     surface.check_config(config)
     path = os.path.join(workdir, "metrics.json")
-    if os.path.exists(path):
+    trained = os.path.isdir(os.path.join(workdir, "checkpoints"))  # also a run still training
+    if not trained and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            if "baseline" not in json.load(f):
-                raise SegjaxError(f"{path} belongs to a trained run; use another --workdir for the baseline")
+            trained = "baseline" not in json.load(f)
+    if trained:
+        raise SegjaxError(f"{workdir} holds a trained run; use another --workdir for the baseline")
     workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False)  # config.json
     start = time.perf_counter()
     splits = sources.open_splits(config.data)

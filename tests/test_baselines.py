@@ -16,7 +16,7 @@ from sklearn.metrics import jaccard_score
 from segjax import baselines
 from segjax.configuration import default_config
 from segjax.data import sources
-from segjax.errors import ConfigError, WorkdirError
+from segjax.errors import ConfigError, SegjaxError, WorkdirError
 from tests.conftest import ROOT, SHARED_DATA, load_config
 
 
@@ -152,7 +152,7 @@ def test_cli_writes_metrics_and_never_overwrites_a_trained_run(tiny_config, tmp_
         assert json.load(f) == saved
     (workdir / "metrics.json").write_text(json.dumps({"step": 6, "val/miou": 0.9}))  # a network's run
     refused = cli()
-    assert refused.returncode == 2 and "belongs to a trained run" in refused.stderr
+    assert refused.returncode == 2 and "holds a trained run" in refused.stderr
 
 
 def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told(tiny_config, tmp_path):
@@ -169,6 +169,11 @@ def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told
         assert json.load(f)["baseline"] == "otsu"
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f)["baseline"] == "watershed" == second["baseline"]
+    os.makedirs(os.path.join(workdir, "checkpoints"))  # a network training there (no metrics.json yet)
+    os.remove(os.path.join(workdir, "metrics.json"))
+    with pytest.raises(SegjaxError, match="holds a trained run"):
+        baselines.run(tiny_config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="no ../shared/data")
