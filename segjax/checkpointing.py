@@ -36,9 +36,13 @@ def _save_whole_arrays_in_one_process() -> None:
     process every byte is written by it anyway, and the slicing costs a compiled slice per array
     and device: default U-Net on 8 CPU devices, first save 5.29 s -> 0.23 s, later saves 0.570 ->
     0.219 s, the same files (benchmarks/checkpoint_bench.py). So a single-process job writes whole
-    arrays from one replica."""
+    arrays from one replica. The handler keeps the default one's array metadata store (orbax has
+    no public name for it): without it no `array_metadatas/` is written and a typed PRNG key
+    array comes back as its raw uint32 data."""
     if jax.process_count() == 1:
-        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        default = ocp.type_handlers.get_type_handler(jax.Array)
+        store = getattr(default, "_array_metadata_store", None)
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store)
         ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 

@@ -233,6 +233,27 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ckpt.close()
 
 
+def test_saved_arrays_keep_orbax_array_metadata_and_typed_keys(tmp_path):
+    """The one-process whole-array handler writes what orbax's default does: the array metadata
+    (a typed PRNG key comes back typed, not as its uint32 data) and the values."""
+    import orbax.checkpoint as ocp
+
+    ckpt = checkpointing.Checkpointer(str(tmp_path), 1)
+    tree = {"w": jax.numpy.arange(6.0).reshape(2, 3), "key": jax.random.key(7)}
+    ckpt.save(1, tree, {"position": 3})
+    ckpt.wait()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+    restored = ckpt.latest.restore(1, args=args)
+    ckpt.close()
+    assert os.path.isdir(tmp_path / "checkpoints" / "1" / "state" / "array_metadatas")
+    key = restored["state"]["key"]
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(tree["key"]))
+    np.testing.assert_array_equal(restored["state"]["w"], tree["w"])
+    assert restored["data"] == {"position": 3}
+
+
 @pytest.mark.parametrize(
     ("path", "value", "pattern"),
     [
