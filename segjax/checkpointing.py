@@ -17,6 +17,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from segjax.errors import CheckpointError
 
@@ -39,11 +40,32 @@ def _save_whole_arrays_in_one_process() -> None:
     arrays from one replica. The handler keeps the default one's array metadata store (orbax has
     no public name for it): without it no `array_metadatas/` is written and a typed PRNG key
     array comes back as its raw uint32 data."""
-    if jax.process_count() == 1:
+    global _whole_arrays
+    if jax.process_count() == 1 and not _whole_arrays:
         default = ocp.type_handlers.get_type_handler(jax.Array)
         store = getattr(default, "_array_metadata_store", None)
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        # orbax logs a warning for every override; this one is deliberate, so it is not shown
+        notice = _DropMessage("Type handler registry type")
+        absl_logging.get_absl_logger().addFilter(notice)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_logging.get_absl_logger().removeFilter(notice)
+        _whole_arrays = True
+
+
+_whole_arrays = False  # the handler is registered once per process
+
+
+class _DropMessage:
+    """A logging filter that drops records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 class Checkpointer:

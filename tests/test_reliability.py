@@ -254,6 +254,21 @@ def test_saved_arrays_keep_orbax_array_metadata_and_typed_keys(tmp_path):
     assert restored["data"] == {"position": 3}
 
 
+def test_the_whole_array_handler_is_registered_without_orbax_override_warnings(tmp_path, monkeypatch, caplog):
+    import orbax.checkpoint as ocp
+
+    monkeypatch.setattr(checkpointing, "_whole_arrays", False)  # as in a fresh process
+    with caplog.at_level("WARNING"):
+        checkpointing.Checkpointer(str(tmp_path / "a"), 1).close()
+        checkpointing.Checkpointer(str(tmp_path / "b"), 1).close()
+    assert not [r for r in caplog.records if "overriding" in r.getMessage()]
+    assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
+    # the notice is dropped only while registering: orbax's other warnings still show
+    with caplog.at_level("WARNING"):
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.get_type_handler(jax.Array), override=True)
+    assert [r for r in caplog.records if "overriding" in r.getMessage()]
+
+
 @pytest.mark.parametrize(
     ("path", "value", "pattern"),
     [
