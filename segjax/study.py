@@ -7,7 +7,8 @@ A study file is a Python config file with two functions (see configs/studies/):
 configs/studies/ do)
 Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
 overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
-the command continues a study. The same command started several times (one process per GPU,
+the command continues a study; a run folder of another config than the study file now gives
+(an edited variant) is refused before anything trains. The same command started several times (one process per GPU,
 `CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage) shares the work: a run
 another process is training is skipped (its workdir lock), and the last process to finish
 writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
@@ -33,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration, writers
-from segjax.errors import BusyError, ConfigError, exit_on_user_error
+from segjax.errors import BusyError, ConfigError, WorkdirError, exit_on_user_error
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 # host-side scores, summarised when the runs computed them (instances.enabled, eval.surface_metrics)
@@ -77,6 +78,23 @@ def _finished(run_dir: str, steps: int) -> bool:
         return json.load(f).get("step") == steps
 
 
+def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str) -> None:
+    """A run folder from an earlier version of the study file (a variant's overrides or the base
+    changed) is refused before anything trains: skipped as finished, its old numbers would
+    stand in the new table under the variant's name."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        diff = configuration.differences(json.load(f), config.to_dict())
+    if diff:
+        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+        raise WorkdirError(
+            f"{run_dir} holds a run of another config than variant {variant!r} now gives (differs in: {shown}); "
+            "use a new --workdir for the changed study, or move that run folder away"
+        )
+
+
 def run_study(
     base: ml_collections.ConfigDict,
     variants: dict[str, dict],
@@ -93,27 +111,29 @@ def run_study(
     if bad:
         raise ConfigError(f"variant names {bad} cannot be folder names")
     configs = {name: variant_config(base, o, name) for name, o in variants.items()}  # all errors up front
+    todo = []  # (variant, config, run folder)
     for name, config in configs.items():
         if vmap_seeds:
             config.train.seed, config.train.num_seeds = seeds[0], len(seeds)
             if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
                 raise ConfigError(f"--vmap_seeds needs consecutive seeds, got {seeds}")
-            todo = [(config, os.path.join(workdir, name))]
+            todo.append((name, config, os.path.join(workdir, name)))
         else:
-            todo = []
             for s in seeds:
                 c = copy.deepcopy(config)
                 c.train.seed = s
-                todo.append((c, os.path.join(workdir, name, f"seed_{s}")))
-        for c, run_dir in todo:
-            if _finished(run_dir, c.train.steps):
-                logging.info("study: %s is finished, skipping", run_dir)
-                continue
-            logging.info("study: training %s", run_dir)
-            try:
-                train.train_and_evaluate(c, run_dir)
-            except BusyError as err:  # another process of this study trains it: take the next one
-                logging.info("study: skipping %s (%s)", run_dir, err)
+                todo.append((name, c, os.path.join(workdir, name, f"seed_{s}")))
+    for name, c, run_dir in todo:  # before anything trains
+        _check_same_config(run_dir, c, name)
+    for _, c, run_dir in todo:
+        if _finished(run_dir, c.train.steps):
+            logging.info("study: %s is finished, skipping", run_dir)
+            continue
+        logging.info("study: training %s", run_dir)
+        try:
+            train.train_and_evaluate(c, run_dir)
+        except BusyError as err:  # another process of this study trains it: take the next one
+            logging.info("study: skipping %s (%s)", run_dir, err)
     return collect(workdir, list(variants))
 
 

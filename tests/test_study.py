@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from segjax import configuration, study, workdirs
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
 
@@ -95,6 +95,13 @@ def test_study_runs_variants_and_seeds_then_skips_finished_runs(tfds_dir, tmp_pa
     again = study.run_study(base, variants, [0, 1], workdir)  # finished runs are skipped
     assert os.path.getmtime(os.path.join(workdir, "unet", "seed_0", "metrics.json")) == stamp
     assert [r["val/miou"] for r in again] == [r["val/miou"] for r in rows]
+    # the study file changed one variant: its finished runs would report the old config's numbers
+    # under the variant's name, so the study refuses before training anything (a new variant too)
+    changed = {"new": {"model.base_features": 4}, **variants, "no_skips": {"model.skips": "none", "optim.lr": 0.01}}
+    with pytest.raises(WorkdirError, match=r"variant 'no_skips' now gives \(differs in: optim\.lr\)"):
+        study.run_study(base, changed, [0, 1], workdir)
+    assert not os.path.exists(os.path.join(workdir, "new"))
+    assert os.path.getmtime(os.path.join(workdir, "unet", "seed_0", "metrics.json")) == stamp
 
 
 def test_study_processes_share_the_work(tfds_dir, tmp_path):
