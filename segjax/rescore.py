@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -12,6 +13,7 @@ from absl import logging
 
 from segjax import (
     checkpointing,
+    configuration,
     evaluate,
     instances,
     parallel,
@@ -35,6 +37,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
+    check_run_config(config, workdir)
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
@@ -49,6 +52,38 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
     finally:
         ckpt.close()
     return model, restored, mesh
+
+
+# model.* keys that only change how a trained network is run at evaluation, not which network it is
+EVAL_TIME_MODEL_KEYS = ("model.inference_head", "model.dtype", "model.dropout")
+
+
+def run_config_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Flat keys in which `config` differs from the run's `config.json` ([] without one)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return configuration.differences(json.load(f), config.to_dict())
+
+
+def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The keys in which `config` differs from the run's own `config.json` (none if it has none).
+    A different network (any other model.* key, e.g. model.pool, which leaves every parameter's
+    shape alone) is refused: the checkpoint would load and score as another network. Other
+    differences (eval.*, data.*) are what rescoring is for; those outside eval.* are logged."""
+    diff = run_config_differences(config, workdir)
+    model = [k for k in diff if k.startswith("model.") and k not in EVAL_TIME_MODEL_KEYS]
+    if model:
+        raise ConfigError(
+            f"{workdir} was trained with other model settings ({', '.join(model[:8])}); its checkpoint "
+            f"is scored as the network it was trained as: drop these overrides (eval.* and "
+            f"{', '.join(EVAL_TIME_MODEL_KEYS)} may differ)"
+        )
+    other = [k for k in diff if not k.startswith("eval.")]
+    if other:
+        logging.warning("scoring %s with settings that differ from its training run: %s", workdir, ", ".join(other))
+    return diff
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
@@ -69,6 +104,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
+    results["config_differences"] = run_config_differences(config, workdir)  # e.g. ['eval.tta']
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
         results["eval_settings"]["distance_unit"] = surface.unit(config)

@@ -54,6 +54,10 @@ def test_masks_of_the_validation_images_score_what_evaluation_scores(run, tmp_pa
     assert probs.dtype == np.float16 and probs.shape == (*masks[0].shape, config.data.num_classes)
     np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1.0, atol=2e-3)
     assert (np.argmax(probs, -1) == masks[0]).mean() > 0.99  # float16 rounding may tie a few pixels
+    config.model.pool = "avg"  # the same parameter shapes, another network: refused, nothing written
+    with pytest.raises(ConfigError, match=r"model\.pool"):
+        predict.predict_folder(config, workdir, images, str(tmp_path / "avg"), "latest")
+    assert not os.path.exists(tmp_path / "avg")
 
 
 def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tmp_path):

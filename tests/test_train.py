@@ -81,7 +81,9 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     flipped = rescore.evaluate_checkpoint(tiny_config, workdir, "latest")
     assert flipped["val/pixels"] == saved["val/pixels"] and flipped["val/miou"] != saved["val/miou"]
     with open(os.path.join(workdir, "eval_latest.json"), encoding="utf-8") as f:
-        assert json.load(f)["eval_settings"]["tta"] == "flip"
+        written = json.load(f)
+    assert written["eval_settings"]["tta"] == "flip" and written["config_differences"] == ["eval.tta"]
+    assert rescored["config_differences"] == []
     # the first rescoring's pair of files is kept under a number, not overwritten
     with open(os.path.join(workdir, "eval_latest.1.json"), encoding="utf-8") as f:
         earlier = json.load(f)
@@ -101,6 +103,10 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
         assert json.load(f) == before
     with pytest.raises(WorkdirError, match="no run"):
         rescore.evaluate_checkpoint(tiny_config, str(tmp_path / "empty"), "best")
+    # another network with the same parameter shapes (average pooling) is refused, not scored
+    tiny_config.model.pool = "avg"
+    with pytest.raises(ConfigError, match=r"other model settings \(model\.pool\)"):
+        rescore.evaluate_checkpoint(tiny_config, workdir, "latest")
 
 
 def _final_params(config, workdir):
