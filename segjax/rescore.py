@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -58,25 +57,16 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
 EVAL_TIME_MODEL_KEYS = ("model.inference_head", "model.dtype", "model.dropout")
 
 
-def run_config_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-    """Flat keys in which `config` differs from the run's `config.json` ([] without one)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return configuration.differences(json.load(f), config.to_dict())
-
-
 def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """The keys in which `config` differs from the run's own `config.json` (none if it has none).
     A different network (any other model.* key, e.g. model.pool, which leaves every parameter's
     shape alone) is refused: the checkpoint would load and score as another network. Other
     differences (eval.*, data.*) are what rescoring is for; those outside eval.* are logged."""
-    diff = run_config_differences(config, workdir)
+    diff = configuration.saved_differences(workdir, config) or []
     model = [k for k in diff if k.startswith("model.") and k not in EVAL_TIME_MODEL_KEYS]
     if model:
         raise ConfigError(
-            f"{workdir} was trained with other model settings ({', '.join(model[:8])}); its checkpoint "
+            f"{workdir} was trained with other model settings ({configuration.listed(model)}); its checkpoint "
             f"is scored as the network it was trained as: drop these overrides (eval.* and "
             f"{', '.join(EVAL_TIME_MODEL_KEYS)} may differ)"
         )
@@ -104,7 +94,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
-    results["config_differences"] = run_config_differences(config, workdir)  # e.g. ['eval.tta']
+    results["config_differences"] = configuration.saved_differences(workdir, config) or []  # e.g. ['eval.tta']
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
         results["eval_settings"]["distance_unit"] = surface.unit(config)

@@ -8,8 +8,9 @@ configs/studies/ do)
 Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
 overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
 the command continues a study; a run folder of another config than the study file now gives
-(an edited variant) is refused before anything trains. The same command started several times (one process per GPU,
-`CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage) shares the work: a run
+(an edited variant) is refused before anything trains. The same command started several times
+(one process per GPU, `CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage)
+shares the work: a run
 another process is training is skipped (its workdir lock), and the last process to finish
 writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
 one vmapped step (`train.num_seeds`; for accelerators) in `<workdir>/<variant>/`.
@@ -82,15 +83,11 @@ def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant:
     """A run folder from an earlier version of the study file (a variant's overrides or the base
     changed) is refused before anything trains: skipped as finished, its old numbers would
     stand in the new table under the variant's name."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        diff = configuration.differences(json.load(f), config.to_dict())
+    diff = configuration.saved_differences(run_dir, config)
     if diff:
-        shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
         raise WorkdirError(
-            f"{run_dir} holds a run of another config than variant {variant!r} now gives (differs in: {shown}); "
+            f"{run_dir} holds a run of another config than variant {variant!r} now gives "
+            f"(differs in: {configuration.listed(diff)}); "
             "use a new --workdir for the changed study, or move that run folder away"
         )
 

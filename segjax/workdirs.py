@@ -7,7 +7,6 @@ processes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -51,27 +50,24 @@ def prepare(
 
 def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable: bool) -> None:
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        diff = configuration.differences(old, config.to_dict())
-        if diff and overwrite:
-            moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
-            logging.warning("--overwrite: moved the previous run to %s", moved)
-            if held is not None:
-                held.enter_context(lock(workdir))
-        elif diff and not allow_config_changes:
-            shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-            resume = "--allow_config_changes to resume with the new values, " if resumable else ""
-            raise WorkdirError(
-                f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
-                f"{resume}or --overwrite to move the old run aside"
-            )
-        elif diff:
-            backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
-            shutil.copy(path, backup)
-            logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
+    diff = configuration.saved_differences(workdir, config)  # None: a new folder
+    if diff and overwrite:
+        moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
+        logging.warning("--overwrite: moved the previous run to %s", moved)
+        if held is not None:
+            held.enter_context(lock(workdir))
+    elif diff and not allow_config_changes:
+        shown = configuration.listed(diff)
+        resume = "--allow_config_changes to resume with the new values, " if resumable else ""
+        raise WorkdirError(
+            f"{workdir} holds a run with a different config (differs in: {shown}); use another --workdir, "
+            f"{resume}or --overwrite to move the old run aside"
+        )
+    elif diff:
+        backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        shutil.copy(path, backup)
+        logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
     os.makedirs(workdir, exist_ok=True)
     with writers.replaced(path) as f:  # a reader sees the old file or the whole new one
         f.write(configuration.to_json(config))
