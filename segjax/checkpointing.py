@@ -45,8 +45,10 @@ def _save_whole_arrays_in_one_process() -> None:
         default = ocp.type_handlers.get_type_handler(jax.Array)
         store = getattr(default, "_array_metadata_store", None)
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store)
-        # orbax logs a warning for every override; this one is deliberate, so it is not shown
-        notice = _DropMessage("Type handler registry type")
+
+        def notice(record) -> bool:  # orbax warns of every override; this one is deliberate
+            return not record.getMessage().startswith("Type handler registry type")
+
         absl_logging.get_absl_logger().addFilter(notice)
         try:
             ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
@@ -56,16 +58,6 @@ def _save_whole_arrays_in_one_process() -> None:
 
 
 _whole_arrays = False  # the handler is registered once per process
-
-
-class _DropMessage:
-    """A logging filter that drops records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.prefix)
 
 
 class Checkpointer:

@@ -155,7 +155,7 @@ def predict_folder(
         )
     first = source[0]["image"][None]
     sample = first / 255.0 if first.dtype == np.uint8 else first
-    model, state, _ = rescore.load_run(config, workdir, which, sample)
+    model, state, _, _ = rescore.load_run(config, workdir, which, sample)
 
     need_probabilities = probabilities or bool(config.data.resize)  # resized back before the argmax
 

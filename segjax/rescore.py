@@ -30,13 +30,14 @@ from segjax.models import build_model
 
 
 def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray):
-    """(model, the run's `best` or `latest` state replicated over the mesh, mesh) of the run in
-    `workdir`; `sample` is one image batch [1, ...] (its shape builds the state template)."""
+    """(model, the run's `best` or `latest` state replicated over the mesh, mesh, the config keys
+    set apart from the run's own, `check_run_config`) of the run in `workdir`; `sample` is one
+    image batch [1, ...] (its shape builds the state template)."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
-    check_run_config(config, workdir)
+    differences = check_run_config(config, workdir)
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
@@ -50,7 +51,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
         restored, _ = ckpt.restore(template, best=which == "best")
     finally:
         ckpt.close()
-    return model, restored, mesh
+    return model, restored, mesh, differences
 
 
 # model.* keys that only change how a trained network is run at evaluation, not which network it is
@@ -84,7 +85,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     is kept under a number (`keep_earlier_results`)."""
     preflight.check(config)
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"][None])
+    model, restored, mesh, differences = load_run(config, workdir, which, splits["validation"][0]["image"][None])
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
@@ -94,7 +95,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
-    results["config_differences"] = configuration.saved_differences(workdir, config) or []  # e.g. ['eval.tta']
+    results["config_differences"] = differences  # e.g. ['eval.tta']
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
         results["eval_settings"]["distance_unit"] = surface.unit(config)

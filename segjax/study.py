@@ -10,9 +10,8 @@ overrides and `train.seed = s`. Finished runs are skipped and interrupted ones r
 the command continues a study; a run folder of another config than the study file now gives
 (an edited variant) is refused before anything trains. The same command started several times
 (one process per GPU, `CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage)
-shares the work: a run
-another process is training is skipped (its workdir lock), and the last process to finish
-writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
+shares the work: a run another process is training is skipped (its workdir lock), and the last
+process to finish writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
 one vmapped step (`train.num_seeds`; for accelerators) in `<workdir>/<variant>/`.
 
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips --seeds=3
