@@ -91,23 +91,22 @@ def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant:
         )
 
 
-def run_study(
+def planned_runs(
     base: ml_collections.ConfigDict,
     variants: dict[str, dict],
     seeds: list[int],
     workdir: str,
     vmap_seeds: bool = False,
-) -> list[dict]:
-    """Train every variant x seed (skipping finished runs); return `collect(workdir)`."""
-    from segjax import train  # heavy imports only when training
-
+) -> list[tuple[str, ml_collections.ConfigDict, str]]:
+    """(variant, config, run folder) for every run the study asks for; bad variants are errors.
+    A run folder already holding another config (the study file was edited) is a WorkdirError."""
     if not variants:
         raise ConfigError("the study has no variants")
     bad = [v for v in variants if not v or "/" in v or v.startswith(".")]
     if bad:
         raise ConfigError(f"variant names {bad} cannot be folder names")
     configs = {name: variant_config(base, o, name) for name, o in variants.items()}  # all errors up front
-    todo = []  # (variant, config, run folder)
+    todo = []
     for name, config in configs.items():
         if vmap_seeds:
             config.train.seed, config.train.num_seeds = seeds[0], len(seeds)
@@ -119,9 +118,22 @@ def run_study(
                 c = copy.deepcopy(config)
                 c.train.seed = s
                 todo.append((name, c, os.path.join(workdir, name, f"seed_{s}")))
-    for name, c, run_dir in todo:  # before anything trains
+    for name, c, run_dir in todo:
         _check_same_config(run_dir, c, name)
-    for _, c, run_dir in todo:
+    return todo
+
+
+def run_study(
+    base: ml_collections.ConfigDict,
+    variants: dict[str, dict],
+    seeds: list[int],
+    workdir: str,
+    vmap_seeds: bool = False,
+) -> list[dict]:
+    """Train every variant x seed (skipping finished runs); return `collect(workdir, variants, seeds)`."""
+    from segjax import train  # heavy imports only when training
+
+    for _, c, run_dir in planned_runs(base, variants, seeds, workdir, vmap_seeds):  # checked before any trains
         if _finished(run_dir, c.train.steps):
             logging.info("study: %s is finished, skipping", run_dir)
             continue
@@ -130,18 +142,29 @@ def run_study(
             train.train_and_evaluate(c, run_dir)
         except BusyError as err:  # another process of this study trains it: take the next one
             logging.info("study: skipping %s (%s)", run_dir, err)
-    return collect(workdir, list(variants))
+    return collect(workdir, list(variants), seeds)
 
 
-def collect(workdir: str, order: list[str] | None = None) -> list[dict]:
-    """One row per finished run under `workdir`: variant, seed and every numeric metric."""
+def collect(workdir: str, order: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """One row per finished run under `workdir`: variant, seed and every numeric metric.
+    With `seeds`, only those seeds' runs: a study asked for 3 seeds reports 3, also where an
+    earlier command of it trained 5 (`other_seeds` counts the runs left out)."""
+    return [r for r in _all_runs(workdir, order) if seeds is None or r["seed"] in seeds]
+
+
+def other_seeds(workdir: str, order: list[str], seeds: list[int]) -> int:
+    """How many finished runs of these variants `collect(workdir, order, seeds)` leaves out."""
+    return sum(r["seed"] not in seeds for r in _all_runs(workdir, order))
+
+
+def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
     rows = []
     variants = order or sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
     for variant in variants:
         vdir = os.path.join(workdir, variant)
         if not os.path.isdir(vdir):
             continue
-        for entry in sorted(os.listdir(vdir)):
+        for entry in sorted(os.listdir(vdir), key=lambda e: (len(e), e)):  # seed_2 before seed_10
             path = os.path.join(vdir, entry, "metrics.json")
             if entry.startswith("seed_") and os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
@@ -235,14 +258,19 @@ def main(argv):
             raise ConfigError("--study and --workdir are required")
         base, variants = load_study(f.study)
         os.makedirs(f.workdir, exist_ok=True)
+        seeds = [base.train.seed + k for k in range(f.seeds)]
         if f.collect_only:
-            rows = collect(f.workdir, list(variants))
+            planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)  # an edited study's old runs are refused
+            rows = collect(f.workdir, list(variants), seeds)
         else:
-            seeds = [base.train.seed + k for k in range(f.seeds)]
             rows = run_study(base, variants, seeds, f.workdir, f.vmap_seeds)
         missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
-        missing = f" ({missing} not finished: in progress elsewhere or failed)" if missing > 0 else ""
-        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{missing}\n")
+        notes = [f"{missing} not finished: in progress elsewhere or failed"] if missing > 0 else []
+        extra = other_seeds(f.workdir, list(variants), seeds)
+        if extra:
+            notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
+        notes = f" ({'; '.join(notes)})" if notes else ""
+        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{notes}\n")
         print(write_results(f.workdir, rows, f.summary_keys, f.pooled))
 
 

@@ -132,6 +132,38 @@ def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     assert done.returncode == 2 and "has no get_variants" in done.stderr
 
 
+def test_tables_hold_the_asked_seeds_and_collect_only_refuses_an_edited_study(tmp_path):
+    """Runs of seeds 0, 1, 2 and 10 on disk (an earlier, larger --seeds): --seeds=2 averages
+    seeds 0 and 1 only and says how many it left out; a run folder whose config.json differs from
+    the study file is refused by --collect_only as by a training pass."""
+    workdir = tmp_path / "w"
+    miou = {0: 0.5, 1: 0.7, 2: 0.9, 10: 0.1}
+    for seed, value in miou.items():
+        os.makedirs(workdir / "a" / f"seed_{seed}")
+        (workdir / "a" / f"seed_{seed}" / "metrics.json").write_text(json.dumps({"step": 2, "val/miou": value}))
+    assert [r["seed"] for r in study.collect(str(workdir))] == [0, 1, 2, 10]  # numeric order
+    assert [r["seed"] for r in study.collect(str(workdir), ["a"], [0, 1])] == [0, 1]
+    assert study.other_seeds(str(workdir), ["a"], [0, 1]) == 2
+    path = tmp_path / "s.py"
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
+        "def get_variants(arg=None):\n    return {'a': {}}\n"
+    )
+    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={workdir}", "--collect_only"]
+    done = subprocess.run([*command, "--seeds=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "2 finished runs" in done.stdout and "2 of other seeds than 0..1 left out" in done.stdout
+    assert f"| a | 2 | {0.6:.4f} ± {np.std([0.5, 0.7], ddof=1):.4f} |" in done.stdout
+    with open(workdir / "runs.csv", newline="", encoding="utf-8") as f:
+        assert [row["seed"] for row in csv.DictReader(f)] == ["0", "1"]
+    edited = load_config("tiny")
+    edited.train.seed, edited.optim.lr = 1, 0.5
+    (workdir / "a" / "seed_1" / "config.json").write_text(json.dumps(edited.to_dict()))
+    done = subprocess.run([*command, "--seeds=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "differs in: optim.lr" in done.stderr
+
+
 def test_example_study_file_defines_valid_variants():
     base, variants = study.load_study(os.path.join(ROOT, "configs", "studies", "unet_ablations.py") + ":all")
     assert len(variants) >= 15
