@@ -8,12 +8,20 @@ Every field of every config lives here once, with its default; other config file
 `get_config()` and change fields. A field that is not here is an error (typos never pass silently).
 """
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
 
+def no_argument(arg: str | None, file: str) -> None:
+    """`--config=FILE:ARG` for a config file without variants is an error, not ignored."""
+    if arg:
+        raise ValueError(f"configs/{os.path.basename(file)} takes no argument, got {arg!r}")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    no_argument(arg, __file__)
     c = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()

@@ -18,7 +18,8 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.data.name = "folder"
     c.data.dir = os.environ.get("SEGJAX_DATA_DIR", "")
     c.data.num_classes = 2

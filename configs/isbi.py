@@ -30,7 +30,8 @@ _SHARED = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(_HER
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.data.name = "folder"
     c.data.dir = os.path.join(_SHARED, "isbi2012_membrane")
     c.data.num_classes = 2

@@ -19,7 +19,7 @@ import isbi
 
 
 def get_config(arg: str | None = None):
-    c = isbi.get_config(arg)
+    c = isbi.get_config()
     c.data.dir = os.path.join(isbi._SHARED, "dsb2018_nuclei_subset")
     c.data.class_names = ("background", "nucleus")
     c.data.channels = 3

@@ -17,6 +17,7 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.instances.enabled = True
     return c

@@ -30,7 +30,8 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.data.name = "tfds"
     c.data.tfds.name = "oxford_iiit_pet:4.*.*"
     c.data.tfds.image_key = "image"

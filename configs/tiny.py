@@ -12,7 +12,8 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.data.synthetic.image_size = 32
     c.data.synthetic.num_train = 32
     c.data.synthetic.num_val = 12

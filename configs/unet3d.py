@@ -8,11 +8,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default
 import vnet3d
 
 
 def get_config(arg: str | None = None):
-    c = vnet3d.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = vnet3d.get_config()
     c.model.arch = "unet"
     c.model.kernel_size = 3
     c.model.base_features = 8

@@ -14,7 +14,8 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.model.arch = "unetpp"
     c.model.deep_supervision = True
     c.model.base_features = 12

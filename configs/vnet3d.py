@@ -15,7 +15,8 @@ import default
 
 
 def get_config(arg: str | None = None):
-    c = default.get_config(arg)
+    default.no_argument(arg, __file__)
+    c = default.get_config()
     c.data.name = "synthetic_volumes"
     c.data.num_classes = 3
     c.data.class_names = ("background", "blob", "tube")

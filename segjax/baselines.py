@@ -191,7 +191,8 @@ def main(argv):
 if __name__ == "__main__":
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (data and baseline).")
+    default_config = "configs/default.py"
+    config_flags.DEFINE_config_file("config", default_config, "Config file (data and baseline).")
     flags.DEFINE_string("workdir", None, "Where metrics.json goes.", required=True)
     flags.DEFINE_bool("overwrite", False, "Move a baseline run of another config in --workdir aside and score anew.")
-    app.run(main)
+    configuration.run_program(main, default_config)

@@ -11,10 +11,11 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
 
-from segjax.errors import ConfigError
+from segjax.errors import ConfigError, exit_on_user_error
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
@@ -35,6 +36,47 @@ def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
     return from_file(_DEFAULT)
+
+
+def check_command_line(argv: list[str], default_file: str | None, flag: str = "config") -> None:
+    """Refuse, before absl parses them, what ml_collections' config flag would end in a traceback
+    on: a `--config` file that is not there, a `get_config(arg)` that refuses its argument, and a
+    `--config.KEY` override of a key the config does not have (named with the nearest valid key)."""
+    value, overrides, args = default_file, [], iter(argv)
+    for arg in args:
+        if arg == "--":
+            break
+        name, has_value, given = arg.partition("=")
+        if name in (f"--{flag}", f"-{flag}"):
+            value = given if has_value else next(args, "")
+        elif name.startswith((f"--{flag}.", f"--no{flag}.")):
+            overrides.append(name.split(".", 1)[1])
+    if value is None:
+        return  # a required flag absl reports itself
+    path, _, argument = value.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--{flag}={value}: no such config file {path!r} (relative to {os.getcwd()})")
+    try:
+        config = from_file(path, argument or None)
+    except ValueError as err:
+        raise ConfigError(f"--{flag}={value}: {err}") from err
+    keys = flatten(config.to_dict())
+    groups = {k.rsplit(".", n)[0] for k in keys for n in range(1, k.count(".") + 1)}
+    for key in overrides:
+        if key not in keys and key not in groups:
+            close = difflib.get_close_matches(key, list(keys), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"--{flag}.{key}: unknown config key {key}{hint} (valid keys are in configs/default.py)")
+
+
+def run_program(main, default_file: str | None = None) -> None:
+    """absl's `app.run(main)` for a program with a `--config` flag, after `check_command_line`
+    (its errors as one line, exit status 2)."""
+    from absl import app
+
+    with exit_on_user_error():
+        check_command_line(sys.argv[1:], default_file)
+    app.run(main)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

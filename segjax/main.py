@@ -13,9 +13,11 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from segjax import configuration
 from segjax.errors import exit_on_user_error
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (Python, trusted code).")
+_DEFAULT_CONFIG = "configs/default.py"
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (Python, trusted code).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, metrics.json.", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move an existing run with a different config aside and start anew.")
 _ALLOW_CHANGES = flags.DEFINE_bool(
@@ -92,7 +94,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    configuration.run_program(main, _DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

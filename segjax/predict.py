@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import inference, instances, preflight, rescore
+from segjax import configuration, inference, instances, preflight, rescore
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -219,7 +219,8 @@ def main(argv):
 if __name__ == "__main__":
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", "configs/default.py", "The run's config file (eval.* may differ).")
+    default_config = "configs/default.py"
+    config_flags.DEFINE_config_file("config", default_config, "The run's config file (eval.* may differ).")
     flags.DEFINE_string("workdir", None, "The trained run's folder.", required=True)
     flags.DEFINE_string("images", None, "Folder of image files to segment.", required=True)
     flags.DEFINE_string("out", None, "Folder for the masks (<name>.png).", required=True)
@@ -227,4 +228,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("probabilities", False, "Also write <name>.npy: float16 softmax [H, W, C].")
     flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
     flags.DEFINE_string("shard", "0/1", "i/N: segment files i, i+N, ... of the sorted folder (N processes).")
-    app.run(main)
+    configuration.run_program(main, default_config)

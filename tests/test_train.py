@@ -17,7 +17,7 @@ import pytest
 from segjax import checkpointing, configuration, preflight, rescore, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
-from tests.conftest import ROOT, assert_trees_equal
+from tests.conftest import ROOT, assert_trees_equal, load_config
 
 
 def read_jsonl(path):
@@ -347,7 +347,32 @@ def test_cli_bad_input_is_one_line(tmp_path, tfds_dir, override, message):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_unknown_override_key_fails(tmp_path):
-    result = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.stpes=3")
-    assert result.returncode != 0
-    assert "stpes" in result.stderr
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--config=configs/tiny.py", "--config.train.stpes=3"],
+            "error: --config.train.stpes: unknown config key train.stpes; did you mean train.steps?",
+        ),
+        (["--config", "configs/tiny.py", "--noconfig.data.cachex"], "unknown config key data.cachex; did you mean"),
+        (["--config=configs/tiny.py:small"], "--config=configs/tiny.py:small: configs/tiny.py takes no argument"),
+        (["--config=configs/tiny2.py"], "no such config file 'configs/tiny2.py'"),
+    ],
+)
+def test_cli_bad_config_flags_are_one_line(tmp_path, args, message):
+    """What ml_collections' config flag would end in a traceback on (or silently ignore: an
+    argument to a config file without variants) is one line, before anything is set up."""
+    result = run_cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_config_files_without_variants_refuse_an_argument():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if not name.endswith(".py"):
+            continue
+        load_config(name[:-3])  # no argument: loads
+        with pytest.raises(ValueError, match=f"configs/{name} takes no argument"):
+            load_config(name[:-3], "smal")
+    assert load_config("nuclei", "instances").instances.enabled

@@ -89,11 +89,13 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from segjax import configuration
 
     config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
     flags.DEFINE_integer("class_id", 1, "the class whose labels mark the thin structure")
     flags.DEFINE_bool("dark", True, "the structure is darker than its surroundings")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    configuration.run_program(main)

@@ -126,11 +126,13 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from segjax import configuration
 
     config_flags.DEFINE_config_file("config", None, "experiment config", lock_config=True)
     flags.DEFINE_integer("class_id", 1, "the class whose structures are measured")
     flags.DEFINE_string("split", "validation", "which split: train, validation or test")
     flags.DEFINE_string("masks", None, "a folder of class-id PNG masks to measure instead of a dataset")
-    app.run(main)
+    configuration.run_program(main)
