@@ -34,7 +34,7 @@ from scipy import ndimage
 from skimage import feature, filters, segmentation
 
 from segjax import configuration, evaluate, metrics, report, surface, workdirs, writers
-from segjax.data import pipeline
+from segjax.data import pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
 METHODS = ("otsu", "adaptive", "edges", "watershed")
@@ -161,6 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
     configuration.validate(config)
     surface.check_config(config)
+    validation.check_ignore_label(config.data.num_classes, config.data.ignore_label)
     path = os.path.join(workdir, "metrics.json")
     trained = os.path.isdir(os.path.join(workdir, "checkpoints"))  # also a run still training
     if not trained and os.path.exists(path):

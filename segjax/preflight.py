@@ -19,7 +19,7 @@ from segjax import (
     pretrain,
     surface,
 )
-from segjax.data import augment
+from segjax.data import augment, validation
 from segjax.errors import ConfigError
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -33,6 +33,7 @@ def check(config) -> None:
     pretrain.check_config(config)
     instances.check_config(config)
     surface.check_config(config)
+    validation.check_ignore_label(config.data.num_classes, config.data.ignore_label)
     if config.train.nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}; choose one of {list(NONFINITE_POLICIES)}")
     if config.eval.average not in metrics.AVERAGES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -101,6 +103,22 @@ def test_check_example_errors(tiny_config, image, label, pattern):
 def test_ignore_label_is_allowed(tiny_config):
     tiny_config.data.ignore_label = 255
     sources.check_example(np.zeros((2, 2, 3), np.uint8), np.array([[0, 255], [1, 3]]), tiny_config.data, "x")
+
+
+def test_ignore_label_inside_the_class_range_is_refused_before_data(tiny_config, tmp_path):
+    """ignore_label=0 with 4 classes: class 0 would be an output and in mIoU, never trained."""
+    from segjax import baselines, preflight
+
+    for ignore in (-1, 4, 255):
+        tiny_config.data.ignore_label = ignore
+        preflight.check(tiny_config)
+    for ignore in (0, 3):
+        tiny_config.data.ignore_label = ignore
+        with pytest.raises(ConfigError, match=rf"data.ignore_label={ignore} is one of the classes 0..3"):
+            preflight.check(tiny_config)
+        with pytest.raises(ConfigError, match="is one of the classes"):
+            baselines.run(tiny_config, str(tmp_path / "baseline"))
+    assert not os.path.exists(tmp_path / "baseline")
 
 
 def test_png_round_trip_and_corrupt_bytes():

@@ -1,10 +1,11 @@
-"""The one label-range check shared by every data path (folder builder, decoded sources)."""
+"""The one label-range check shared by every data path (folder builder, decoded sources), and the
+config check that keeps `ignore_label` out of the class range."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from segjax.errors import DataError
+from segjax.errors import ConfigError, DataError
 
 
 def check_labels(label: np.ndarray, num_classes: int, ignore_label: int, where: str) -> None:
@@ -18,4 +19,15 @@ def check_labels(label: np.ndarray, num_classes: int, ignore_label: int, where: 
         raise DataError(
             f"{where}: label values {values} are outside 0..{num_classes - 1} "
             f"(data.num_classes={num_classes}, data.ignore_label={ignore_label}){hint}"
+        )
+
+
+def check_ignore_label(num_classes: int, ignore_label: int) -> None:
+    """An ignore label that is also a class id (0..num_classes-1) is refused: that class would be
+    one of the network's outputs and of the averaged metrics, yet never trained (its pixels are
+    excluded) and scored only by false positives."""
+    if 0 <= ignore_label < num_classes:
+        raise ConfigError(
+            f"data.ignore_label={ignore_label} is one of the classes 0..{num_classes - 1}; use a value outside "
+            "them (e.g. 255, or -1 for none), and store the other classes as 0..num_classes-1"
         )
