@@ -73,6 +73,34 @@ def test_rgb_mixed_sizes_instances_and_split_folders(tmp_path, tfds_dir):
     assert resized["image"].shape == (8, 8, 3) and set(np.unique(resized["label"])) <= {0, 1, 2}
 
 
+def test_a_changed_folder_is_prepared_anew_and_the_earlier_copy_kept(tmp_path, tfds_dir):
+    """An edited mask, an added image or an edited split file gives a freshly prepared dataset
+    (TFDS reused the copy prepared before: training on the old masks); an unchanged folder reuses
+    its copy."""
+    root = write_folder(tmp_path / "edit", [(8, 8)] * 4, num_classes=3)
+    cfg = folder_config(root, tfds_dir, num_folds=2, fold=1)
+    first = sources.prepare(cfg).data_dir
+    assert sources.prepare(cfg).data_dir == first  # nothing changed: the same prepared copy
+    edited = np.full((8, 8), 2, np.uint8)
+    Image.fromarray(edited).save(f"{root}/masks/000.png")
+    os.utime(f"{root}/masks/000.png", ns=(1, 1))  # whatever the clock: a new modification time
+    np.testing.assert_array_equal(sources.open_splits(cfg)["train"][0]["label"], edited)
+    second = sources.prepare(cfg).data_dir
+    assert second != first and os.path.isdir(first)  # the earlier copy is not deleted
+    write_folder(tmp_path / "more", [(8, 8)] * 5, num_classes=3)
+    os.replace(tmp_path / "more" / "images" / "004.png", root / "images" / "004.png")
+    os.replace(tmp_path / "more" / "masks" / "004.png", root / "masks" / "004.png")
+    val = sources.open_splits(cfg)["validation"]  # fold 1 of 2: 002, 003 of four names; 003, 004 of five
+    assert [val[i]["name"] for i in range(len(val))] == ["003", "004"]
+    with open(root / "split.csv", "w", encoding="utf-8") as f:
+        f.write("id,split\n" + "".join(f"{i:03d},{'val' if i == 0 else 'train'}\n" for i in range(5)))
+    by_file = folder_config(root, tfds_dir, split_file="split.csv")
+    assert sources.open_splits(by_file)["validation"][0]["name"] == "000"
+    with open(root / "split.csv", "w", encoding="utf-8") as f:
+        f.write("id,split\n" + "".join(f"{i:03d},{'val' if i == 1 else 'train'}\n" for i in range(5)))
+    assert sources.open_splits(by_file)["validation"][0]["name"] == "001"
+
+
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
     with open(root / "index.csv", "w", encoding="utf-8") as f:

@@ -11,6 +11,9 @@ Splits, first rule that applies:
     4. `val_fraction` of the names, chosen with `split_seed`.
 Every pair is decoded and validated while the dataset is prepared, so a corrupt file, a missing
 mask, a size or channel mismatch or an out-of-range label fails once, naming the file.
+The prepared copy's name hashes the config and every read file's name, size and modification
+time, so a folder changed since (an edited mask, an added image) is prepared anew, never trained
+on as it was; the earlier copy stays where it is.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     rescale: str = "none"
     rescale_low: float = 0.5
     rescale_high: float = 99.5
+    listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
     def from_config(cls, cfg, **extra) -> FolderConfig:
@@ -74,6 +78,7 @@ class FolderConfig(tfds.core.BuilderConfig):
             rescale=f.rescale,
             rescale_low=float(low),
             rescale_high=float(high),
+            listing=listing_digest(root, f.split_file),
             **extra,
         )
         digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
@@ -87,6 +92,25 @@ def stem(filename: str) -> str:
         if filename.endswith(double):
             return filename[: -len(double)]
     return os.path.splitext(filename)[0]
+
+
+def listing_digest(root: str, split_file: str = "") -> str:
+    """A digest of the name, size and modification time of every file the splits can read (images/,
+    masks/, instances/ at `root` and in its split subfolders, and the split file), as make and
+    rsync decide what changed. Hidden files are skipped, as the splits skip them."""
+    digest = hashlib.sha1()
+    folders = ["", *(d for dirs in SPLIT_FOLDERS.values() for d in dirs)]
+    paths = [os.path.join(root, split_file)] if split_file else []
+    for base in folders:
+        for kind in ("images", "masks", "instances"):
+            path = os.path.join(root, base, kind)
+            if os.path.isdir(path):
+                paths += [os.path.join(path, n) for n in sorted(os.listdir(path)) if not n.startswith(".")]
+    for path in paths:
+        if os.path.exists(path):
+            info = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _stems(folder: str) -> dict[str, str]:
