@@ -102,8 +102,83 @@ def _type_ok(default, value) -> bool:
     return isinstance(value, type(default))
 
 
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def _between(low, high):  # low <= v < high
+    return lambda v: low <= v < high, f"in [{low}, {high})"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_ODD = (lambda v: v >= 1 and v % 2 == 1, "odd and >= 1 (an even kernel shifts its output by half a pixel)")
+
+# Numeric fields' valid values, checked by `validate` so that a value a run cannot use fails before
+# data or compilation (a zero interval divided by zero deep in the loop; a negative learning rate
+# or loss weight trained silently in the wrong direction). Keys checked by their own module
+# (optim.ema_decay, eval.window*, model.depth, pretrain.steps, instances.*, ...) are not repeated here.
+RANGES = {
+    "data.num_classes": _at_least(2),
+    "data.channels": _at_least(1),
+    "data.resize": _at_least(0),
+    "data.folder.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "data.folder.num_folds": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+    "data.augment.crop": _at_least(0),
+    "data.augment.rotate": (lambda v: 0 <= v <= 180, "in [0, 180] degrees"),
+    "data.augment.scale_min": _POSITIVE,
+    "data.augment.elastic_alpha": _at_least(0),
+    "data.augment.elastic_sigma": _POSITIVE,
+    "data.augment.brightness": _at_least(0),
+    "data.augment.contrast": _between(0, 1),
+    "data.augment.gamma": _at_least(0),
+    "data.augment.noise": _at_least(0),
+    "model.base_features": _at_least(1),
+    "model.num_convs": _at_least(1),
+    "model.kernel_size": _ODD,
+    "model.dropout": _between(0, 1),
+    "pretrain.lr": _POSITIVE,
+    "loss.ce_weight": _at_least(0),
+    "loss.dice_weight": _at_least(0),
+    "loss.lovasz_weight": _at_least(0),
+    "loss.dice_smooth": _at_least(0),
+    "loss.tversky_alpha": _at_least(0),
+    "loss.tversky_beta": _at_least(0),
+    "loss.label_smoothing": _between(0, 1),
+    "loss.focal_gamma": _at_least(0),
+    "optim.lr": _POSITIVE,
+    "optim.warmup_steps": _at_least(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.momentum": _between(0, 1),
+    "optim.grad_clip": _at_least(0),
+    "train.steps": _at_least(0),
+    "train.batch_size": _at_least(1),
+    "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(1),
+    "train.keep_checkpoints": _at_least(1),
+    "eval.every": _at_least(1),
+    "eval.batch_size": _at_least(1),
+    "eval.boundary_dilation": _at_least(0),
+}
+# pairs (low key, high key) that must be ordered
+ORDERED = (
+    ("data.augment.scale_min", "data.augment.scale_max"),
+    ("data.synthetic.min_objects", "data.synthetic.max_objects"),
+    ("data.synthetic3d.min_objects", "data.synthetic3d.max_objects"),
+)
+
+
+def _check_ranges(given: dict[str, object]) -> None:
+    for key, (ok, what) in RANGES.items():
+        if not ok(given[key]):
+            raise ConfigError(f"{key}={given[key]!r} must be {what}")
+    for low, high in ORDERED:
+        if given[low] > given[high]:
+            raise ConfigError(f"{low}={given[low]} is larger than {high}={given[high]}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise ConfigError for unknown keys or wrong types (compared with configs/default.py)."""
+    """Raise ConfigError for unknown keys, wrong types (compared with configs/default.py) and
+    numbers outside `RANGES`."""
     reference = flatten(default_config().to_dict())
     given = flatten(config.to_dict())
     for key, value in given.items():
@@ -119,6 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     missing = sorted(set(reference) - set(given))
     if missing:
         raise ConfigError(f"config is missing keys {missing[:5]}; start config files from configs/default.get_config()")
+    _check_ranges(given)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

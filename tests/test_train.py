@@ -307,6 +307,29 @@ def test_unknown_and_mistyped_config_keys(tiny_config):
     configuration.validate(tiny_config)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optim.lr": -1e-3}, r"optim.lr=-0.001 must be > 0"),  # trained uphill, silently
+        ({"loss.dice_weight": -1.0}, r"loss.dice_weight=-1.0 must be >= 0"),
+        ({"model.dropout": 1.0}, r"model.dropout=1.0 must be in \[0, 1\)"),
+        ({"model.kernel_size": 4}, r"model.kernel_size=4 must be odd"),
+        ({"data.num_classes": 1, "data.class_names": ("a",)}, r"data.num_classes=1 must be >= 2"),
+        ({"data.folder.num_folds": 1}, r"num_folds=1 must be 0 \(off\) or >= 2"),  # everything validation
+        ({"data.augment.scale_min": 1.2}, r"scale_min=1.2 is larger than data.augment.scale_max=1.0"),
+    ],
+)
+def test_numbers_a_run_cannot_use_are_refused(tiny_config, overrides, message):
+    for key, value in overrides.items():
+        section, *path, field = key.split(".")
+        node = tiny_config[section]
+        for part in path:
+            node = node[part]
+        node[field] = value
+    with pytest.raises(ConfigError, match=message):
+        configuration.validate(tiny_config)
+
+
 def test_non_finite_loss_stops_and_names_the_step(tiny_config, tmp_path, monkeypatch):
     original = pipeline.to_model_batch
 
@@ -333,6 +356,7 @@ def run_cli(*args, timeout=120):
         ("--config.model.arch=resnet", "error: unknown model.arch='resnet'; valid architectures"),
         ("--config.data.synthetic.image_size=30", "pad or crop 30 to 32"),
         ("--config.train.batch_size=3", None),
+        ("--config.eval.every=0", "error: eval.every=0 must be >= 1"),  # was a ZeroDivisionError traceback
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, tfds_dir, override, message):
@@ -372,7 +396,7 @@ def test_config_files_without_variants_refuse_an_argument():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         if not name.endswith(".py"):
             continue
-        load_config(name[:-3])  # no argument: loads
+        configuration.validate(load_config(name[:-3]))  # no argument: loads, and its values are valid
         with pytest.raises(ValueError, match=f"configs/{name} takes no argument"):
             load_config(name[:-3], "smal")
     assert load_config("nuclei", "instances").instances.enabled

@@ -38,7 +38,7 @@ def _warp_crop(image, label, rng, cfg):
         if (out_h, out_w) == (h, w):
             return image, label
         if out_h > h or out_w > w:
-            raise ValueError(f"data.augment.crop={cfg.crop} is larger than the image ({h}x{w}); set data.resize")
+            raise ConfigError(f"data.augment.crop={cfg.crop} is larger than the image ({h}x{w}); set data.resize")
         top, left = rng.integers(0, h - out_h + 1), rng.integers(0, w - out_w + 1)
         return image[top : top + out_h, left : left + out_w], label[top : top + out_h, left : left + out_w]
     angle = np.deg2rad(rng.uniform(-cfg.rotate, cfg.rotate))
@@ -97,7 +97,7 @@ def _cubic_sample(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
 def _crop_volume(image, label, rng, crop: int):
     """A random crop^3 patch of a [D,H,W,C] volume (every axis must be at least `crop`)."""
     if any(s < crop for s in label.shape):
-        raise ValueError(f"data.augment.crop={crop} is larger than a volume of shape {label.shape}")
+        raise ConfigError(f"data.augment.crop={crop} is larger than a volume of shape {label.shape}")
     corner = [int(rng.integers(0, s - crop + 1)) for s in label.shape]
     where = tuple(slice(c, c + crop) for c in corner)
     return image[where], label[where]
