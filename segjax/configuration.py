@@ -158,6 +158,10 @@ RANGES = {
     "eval.every": _at_least(1),
     "eval.batch_size": _at_least(1),
     "eval.boundary_dilation": _at_least(0),
+    "baseline.smooth_sigma": _at_least(0),
+    "baseline.edge_sigma": _at_least(0),
+    "baseline.edge_width": _at_least(0),
+    "baseline.min_distance": _at_least(1),
 }
 # pairs (low key, high key) that must be ordered
 ORDERED = (

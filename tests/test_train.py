@@ -317,6 +317,7 @@ def test_unknown_and_mistyped_config_keys(tiny_config):
         ({"data.num_classes": 1, "data.class_names": ("a",)}, r"data.num_classes=1 must be >= 2"),
         ({"data.folder.num_folds": 1}, r"num_folds=1 must be 0 \(off\) or >= 2"),  # everything validation
         ({"data.augment.scale_min": 1.2}, r"scale_min=1.2 is larger than data.augment.scale_max=1.0"),
+        ({"baseline.edge_sigma": -1.0}, r"baseline.edge_sigma=-1.0 must be >= 0"),  # a scikit-image traceback
     ],
 )
 def test_numbers_a_run_cannot_use_are_refused(tiny_config, overrides, message):
