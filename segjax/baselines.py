@@ -169,7 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
             trained = "baseline" not in json.load(f)
     if trained:
         raise SegjaxError(f"{workdir} holds a trained run; use another --workdir for the baseline")
-    workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False)  # config.json
+    dataset = sources.dataset_id(config.data)
+    workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False, dataset=dataset)
     start = time.perf_counter()
     splits = sources.open_splits(config.data)
     results = evaluate_split(splits["validation"], config, os.path.join(workdir, "val_per_image.csv"))

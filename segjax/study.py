@@ -80,9 +80,15 @@ def _finished(run_dir: str, steps: int) -> bool:
 
 def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str) -> None:
     """A run folder from an earlier version of the study file (a variant's overrides or the base
-    changed) is refused before anything trains: skipped as finished, its old numbers would
-    stand in the new table under the variant's name."""
-    diff = configuration.saved_differences(run_dir, config)
+    changed), or of a dataset folder whose files changed since, is refused before anything
+    trains: skipped as finished, its old numbers would stand in the new table under the
+    variant's name."""
+    from segjax import workdirs  # jax and tfds only when a study is run, not on import
+    from segjax.data import sources
+
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        return
+    diff = workdirs.saved_differences(run_dir, config, sources.dataset_id(config.data))
     if diff:
         raise WorkdirError(
             f"{run_dir} holds a run of another config than variant {variant!r} now gives "

@@ -118,7 +118,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
     model = build_model(config.model, instances.num_outputs(config), norm_axis_name=axis)
-    workdirs.prepare(config, workdir, overwrite, allow_config_changes, held)
+    workdirs.prepare(config, workdir, overwrite, allow_config_changes, held, dataset=sources.dataset_id(config.data))
     mesh = parallel.make_mesh()
     pidx, pcount = jax.process_index(), jax.process_count()
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)

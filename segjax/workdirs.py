@@ -7,6 +7,7 @@ processes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from segjax import configuration, locks, parallel, writers
 from segjax.errors import WorkdirError
 
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
+DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 
 
 def lock(workdir: str):
@@ -33,9 +35,17 @@ def lock(workdir: str):
 
 
 def prepare(
-    config, workdir: str, overwrite: bool, allow_config_changes: bool, held=None, resumable: bool = True
+    config,
+    workdir: str,
+    overwrite: bool,
+    allow_config_changes: bool,
+    held=None,
+    resumable: bool = True,
+    dataset: str | None = None,
 ) -> None:
     """Refuse to mix two different configs in one workdir unless told; never delete silently.
+    `dataset` (`sources.dataset_id`) counts as part of the config: a folder whose files changed
+    since the run started is refused like a changed key (`dataset.json` records it).
     `resumable=False` (runs that cannot resume, e.g. baselines) leaves --allow_config_changes
     out of the refusal's advice.
 
@@ -44,13 +54,26 @@ def prepare(
     in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
     `lock`) takes the new folder's lock when --overwrite moved the old run aside."""
     if jax.process_index() == 0:
-        _prepare(config, workdir, overwrite, allow_config_changes, held, resumable)
+        _prepare(config, workdir, overwrite, allow_config_changes, held, resumable, dataset)
     parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")
 
 
-def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable: bool) -> None:
+def saved_differences(workdir: str, config, dataset: str | None = None) -> list[str] | None:
+    """`configuration.saved_differences` (None: no run saved there) plus, when `dataset` is given
+    and the run recorded one, the dataset when it differs (a run from before datasets were
+    recorded counts as the same)."""
+    diff = configuration.saved_differences(workdir, config)
+    path = os.path.join(workdir, DATASET_FILE)
+    if diff is None or dataset is None or not os.path.exists(path):
+        return diff
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)["dataset"]
+    return diff if old == dataset else [*diff, f"dataset ({old} -> {dataset}: its files or preparation changed)"]
+
+
+def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable, dataset) -> None:
     path = os.path.join(workdir, "config.json")
-    diff = configuration.saved_differences(workdir, config)  # None: a new folder
+    diff = saved_differences(workdir, config, dataset)  # None: a new folder
     if diff and overwrite:
         moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
@@ -71,3 +94,6 @@ def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, 
     os.makedirs(workdir, exist_ok=True)
     with writers.replaced(path) as f:  # a reader sees the old file or the whole new one
         f.write(configuration.to_json(config))
+    if dataset is not None:
+        with writers.replaced(os.path.join(workdir, DATASET_FILE)) as f:
+            json.dump({"dataset": dataset}, f)

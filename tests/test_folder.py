@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,39 @@ def test_a_changed_folder_is_prepared_anew_and_the_earlier_copy_kept(tmp_path, t
     with open(root / "split.csv", "w", encoding="utf-8") as f:
         f.write("id,split\n" + "".join(f"{i:03d},{'val' if i == 1 else 'train'}\n" for i in range(5)))
     assert sources.open_splits(by_file)["validation"][0]["name"] == "001"
+
+
+def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_config, tmp_path, tfds_dir):
+    """Resuming (or rerunning) a run, a baseline or a study after a mask was edited would mix two
+    datasets in one result: refused, naming the dataset; --allow_config_changes / --overwrite
+    go on as for a changed config key."""
+    from segjax import baselines, study, train
+    from segjax.errors import WorkdirError
+
+    root = write_folder(tmp_path / "data", [(32, 32)] * 6, num_classes=4)
+    tiny_config.data = folder_config(root, tfds_dir, num_classes=4, num_folds=3, fold=2)
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    run, base = str(tmp_path / "run"), str(tmp_path / "baseline")
+    train.train_and_evaluate(tiny_config, run)
+    baselines.run(tiny_config, base)
+    study.run_study(tiny_config, {"unet": {}}, [0], str(tmp_path / "study"))
+    before = sources.dataset_id(tiny_config.data)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(f"{root}/masks/001.png")
+    os.utime(f"{root}/masks/001.png", ns=(1, 1))
+    after = sources.dataset_id(tiny_config.data)
+    assert after != before
+    with pytest.raises(WorkdirError, match=rf"differs in: dataset \({before} -> {after}"):
+        train.train_and_evaluate(tiny_config, run)
+    with pytest.raises(WorkdirError, match="differs in: dataset"):
+        baselines.run(tiny_config, base)
+    with pytest.raises(WorkdirError, match=r"variant 'unet' now gives \(differs in: dataset"):
+        study.run_study(tiny_config, {"unet": {}}, [0], str(tmp_path / "study"))
+    train.train_and_evaluate(tiny_config, run, allow_config_changes=True)
+    with open(os.path.join(run, "dataset.json"), encoding="utf-8") as f:
+        assert json.load(f) == {"dataset": after}
+    train.train_and_evaluate(tiny_config, run)  # recorded: the same data again resumes quietly
+    baselines.run(tiny_config, base, overwrite=True)  # the earlier baseline moved aside, not lost
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("baseline.replaced-")]) == 1
 
 
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):

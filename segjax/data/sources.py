@@ -71,6 +71,17 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
     return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
+def dataset_id(cfg: ml_collections.ConfigDict) -> str:
+    """`builder/config/version` of the prepared copy `cfg` reads (nothing is prepared): for folders
+    the config name hashes the files' names, sizes and times, so it changes when they do. A run
+    records it (workdirs.prepare) so that resuming on changed data is not silent."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
+    builder = DATASETS[cfg.name](cfg, data_dir(cfg))
+    config = builder.builder_config.name if builder.builder_config else ""
+    return "/".join(p for p in (builder.name, config, str(builder.version)) if p)
+
+
 def preparation_lock(builder):
     """Held while `builder`'s dataset is prepared, so that processes on one machine (seeds or
     study variants started side by side) take turns: the first writes the files, the others
