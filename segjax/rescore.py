@@ -22,6 +22,7 @@ from segjax import (
     steps,
     surface,
     train,
+    workdirs,
     writers,
 )
 from segjax.data import sources
@@ -29,15 +30,15 @@ from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray):
+def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray, dataset=None):
     """(model, the run's `best` or `latest` state replicated over the mesh, mesh, the config keys
     set apart from the run's own, `check_run_config`) of the run in `workdir`; `sample` is one
-    image batch [1, ...] (its shape builds the state template)."""
+    image batch [1, ...] (its shape builds the state template); `dataset` as in check_run_config."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
-    differences = check_run_config(config, workdir)
+    differences = check_run_config(config, workdir, dataset)
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
@@ -58,12 +59,14 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
 EVAL_TIME_MODEL_KEYS = ("model.inference_head", "model.dtype", "model.dropout")
 
 
-def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-    """The keys in which `config` differs from the run's own `config.json` (none if it has none).
+def check_run_config(config: ml_collections.ConfigDict, workdir: str, dataset: str | None = None) -> list[str]:
+    """The keys in which `config` differs from the run's own `config.json` (none if it has none),
+    and the dataset when `dataset` (`sources.dataset_id`) is not the one the run recorded.
     A different network (any other model.* key, e.g. model.pool, which leaves every parameter's
     shape alone) is refused: the checkpoint would load and score as another network. Other
-    differences (eval.*, data.*) are what rescoring is for; those outside eval.* are logged."""
-    diff = configuration.saved_differences(workdir, config) or []
+    differences (eval.*, data.*, the dataset's files) are what rescoring is for; those outside
+    eval.* are logged."""
+    diff = workdirs.saved_differences(workdir, config, dataset) or []
     model = [k for k in diff if k.startswith("model.") and k not in EVAL_TIME_MODEL_KEYS]
     if model:
         raise ConfigError(
@@ -85,7 +88,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     is kept under a number (`keep_earlier_results`)."""
     preflight.check(config)
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    model, restored, mesh, differences = load_run(config, workdir, which, splits["validation"][0]["image"][None])
+    sample = splits["validation"][0]["image"][None]
+    model, restored, mesh, differences = load_run(config, workdir, which, sample, sources.dataset_id(config.data))
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
@@ -95,7 +99,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
     results["step"] = int(restored.step)
     results["checkpoint"] = which
-    results["config_differences"] = differences  # e.g. ['eval.tta']
+    results["config_differences"] = differences  # e.g. ['eval.tta'], or the dataset when its files changed
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
         results["eval_settings"]["distance_unit"] = surface.unit(config)

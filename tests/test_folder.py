@@ -106,7 +106,7 @@ def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_confi
     """Resuming (or rerunning) a run, a baseline or a study after a mask was edited would mix two
     datasets in one result: refused, naming the dataset; --allow_config_changes / --overwrite
     go on as for a changed config key."""
-    from segjax import baselines, study, train
+    from segjax import baselines, rescore, study, train
     from segjax.errors import WorkdirError
 
     root = write_folder(tmp_path / "data", [(32, 32)] * 6, num_classes=4)
@@ -127,6 +127,8 @@ def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_confi
         baselines.run(tiny_config, base)
     with pytest.raises(WorkdirError, match=r"variant 'unet' now gives \(differs in: dataset"):
         study.run_study(tiny_config, {"unet": {}}, [0], str(tmp_path / "study"))
+    rescored = rescore.evaluate_checkpoint(tiny_config, run, "latest")  # rescoring on other data: recorded
+    assert rescored["config_differences"] == [f"dataset ({before} -> {after}: its files or preparation changed)"]
     train.train_and_evaluate(tiny_config, run, allow_config_changes=True)
     with open(os.path.join(run, "dataset.json"), encoding="utf-8") as f:
         assert json.load(f) == {"dataset": after}
