@@ -262,6 +262,8 @@ def main(argv):
     with exit_on_user_error():
         if not f.study or not f.workdir:
             raise ConfigError("--study and --workdir are required")
+        if f.seeds < 1:
+            raise ConfigError(f"--seeds={f.seeds}: give at least one seed per variant")
         base, variants = load_study(f.study)
         os.makedirs(f.workdir, exist_ok=True)
         seeds = [base.train.seed + k for k in range(f.seeds)]

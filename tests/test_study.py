@@ -130,6 +130,14 @@ def test_study_cli_collects_and_rejects_bad_study(tmp_path):
         timeout=120,
     )
     assert done.returncode == 2 and "has no get_variants" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={tmp_path / 'w'}", "--seeds=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "--seeds=0: give at least one seed" in done.stderr  # was an IndexError
 
 
 def test_tables_hold_the_asked_seeds_and_collect_only_refuses_an_edited_study(tmp_path):
