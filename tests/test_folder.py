@@ -149,6 +149,38 @@ def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     assert len(by_fraction["validation"]) == 2
 
 
+def test_split_rules_are_never_chosen_silently(tmp_path, tfds_dir):
+    """A split file's 'test' rows form a test split (they trained before); a value it does not
+    know, a missing file or column is a DataError; two split rules at once, or a fold without
+    k-fold, a ConfigError."""
+    root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
+
+    def splits_with(csv_text=None, **knobs):
+        if csv_text is not None:
+            (root / "split.csv").write_text(csv_text)
+        return folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs)))
+
+    by_file = splits_with("id,split\n000,train\n001,val\n002,Test\n003,validation\n004,train\n", split_file="split.csv")
+    assert {k: [p[0] for p in v] for k, v in by_file.items()} == {
+        "train": ["000", "004"],
+        "validation": ["001", "003"],
+        "test": ["002"],
+    }
+    with pytest.raises(DataError, match=r"split.csv: 'split' values \['holdout'\] are not one of"):
+        splits_with("id,split\n000,train\n001,val\n002,holdout\n003,val\n004,train\n", split_file="split.csv")
+    with pytest.raises(DataError, match=r"needs columns 'id' and 'fold_name'"):
+        splits_with(split_file="split.csv", split_column="fold_name")
+    with pytest.raises(DataError, match=r"data.folder.split_file: no file .*other.csv"):
+        splits_with(split_file="other.csv")
+    with pytest.raises(ConfigError, match=r"split_file and data.folder.num_folds both choose"):
+        splits_with(split_file="split.csv", num_folds=5)
+    with pytest.raises(ConfigError, match=r"data.folder.fold=2 needs data.folder.num_folds"):
+        splits_with(fold=2)
+    nested = write_folder(tmp_path / "nested", [(8, 8)] * 3, split_dirs=True)
+    with pytest.raises(ConfigError, match="has split subfolders"):
+        folder.assign_splits(folder.FolderConfig.from_config(folder_config(nested, tfds_dir, num_folds=3)))
+
+
 def corrupt_cases():
     def zero_255(root):
         Image.fromarray(np.full((8, 8), 255, np.uint8)).save(f"{root}/masks/001.png")

@@ -6,9 +6,12 @@ Layout (file stems pair an image with its mask; any format PIL reads):
     ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
 Splits, first rule that applies:
     1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
-    2. `split_file` (CSV, relative to ROOT) with an `id` column and a `split_column` of train/val;
+    2. `split_file` (CSV, relative to ROOT) with an `id` column and a `split_column` of train / val
+       (or validation) / test; any other value is an error;
     3. k-fold: `num_folds` > 0 -> the `fold`-th contiguous block of the sorted names is validation;
     4. `val_fraction` of the names, chosen with `split_seed`.
+Subfolders or a split file next to `num_folds` (or a `fold` without it) are an error: no rule is
+chosen silently.
 Every pair is decoded and validated while the dataset is prepared, so a corrupt file, a missing
 mask, a size or channel mismatch or an out-of-range label fails once, naming the file.
 The prepared copy's name hashes the config and every read file's name, size and modification
@@ -133,38 +136,68 @@ def _pairs(base: str, need_masks: bool = True) -> list[tuple[str, str, str | Non
     return out
 
 
+# a split file's values -> split; any other value is an error (a 'test' row must not train)
+SPLIT_VALUES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
 def assign_splits(cfg: FolderConfig) -> dict[str, list]:
-    """{split: [(name, image, mask, instances), ...]} by the rules in the module docstring."""
+    """{split: [(name, image, mask, instances), ...]} by the rules in the module docstring. Two
+    rules configured at once (split subfolders or a split file next to k-fold) are an error, not
+    a silent choice."""
     root = cfg.root
     sub = {
         s: next((os.path.join(root, d) for d in dirs if os.path.isdir(os.path.join(root, d))), None)
         for s, dirs in SPLIT_FOLDERS.items()
     }
+    if cfg.fold and not cfg.num_folds:
+        raise ConfigError(f"data.folder.fold={cfg.fold} needs data.folder.num_folds (k-fold is off)")
     if sub["train"]:
+        if cfg.split_file or cfg.num_folds:
+            raise ConfigError(
+                f"{root} has split subfolders (train/, val/), which define the split; data.folder.split_file "
+                "and num_folds would be ignored: set them to '' and 0"
+            )
         return {s: _pairs(path) for s, path in sub.items() if path}
+    if cfg.split_file and cfg.num_folds:
+        raise ConfigError("data.folder.split_file and data.folder.num_folds both choose the split; set one")
     pairs = _pairs(root)
     names = [p[0] for p in pairs]
     if cfg.split_file:
-        path = os.path.join(root, cfg.split_file)
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = {r["id"]: r[cfg.split_column] for r in csv.DictReader(f)}
-        missing = [n for n in names if n not in rows]
-        if missing:
-            raise DataError(f"{path}: no {cfg.split_column!r} entry for {missing[:3]}")
-        is_val = [rows[n] in ("val", "validation") for n in names]
+        split_of = _split_file(os.path.join(root, cfg.split_file), cfg.split_column, names)
     elif cfg.num_folds:
         if not 0 <= cfg.fold < cfg.num_folds:
             raise ConfigError(f"data.folder.fold={cfg.fold} must be in 0..{cfg.num_folds - 1}")
         blocks = np.array_split(np.arange(len(names)), cfg.num_folds)
-        is_val = np.isin(np.arange(len(names)), blocks[cfg.fold]).tolist()
+        held_out = set(blocks[cfg.fold].tolist())
+        split_of = ["validation" if i in held_out else "train" for i in range(len(names))]
     else:
         rng = np.random.default_rng(cfg.split_seed)
-        chosen = rng.permutation(len(names))[: max(1, round(cfg.val_fraction * len(names)))]
-        is_val = np.isin(np.arange(len(names)), chosen).tolist()
-    return {
-        "train": [p for p, v in zip(pairs, is_val, strict=True) if not v],
-        "validation": [p for p, v in zip(pairs, is_val, strict=True) if v],
-    }
+        chosen = set(rng.permutation(len(names))[: max(1, round(cfg.val_fraction * len(names)))].tolist())
+        split_of = ["validation" if i in chosen else "train" for i in range(len(names))]
+    out = {"train": [], "validation": []}
+    for pair, split in zip(pairs, split_of, strict=True):
+        out.setdefault(split, []).append(pair)
+    return out
+
+
+def _split_file(path: str, column: str, names: list[str]) -> list[str]:
+    """Each name's split from the CSV at `path` (`id` and `column`); errors name the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"data.folder.split_file: no file {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "id" not in (reader.fieldnames or []) or column not in reader.fieldnames:
+            raise DataError(
+                f"{path}: needs columns 'id' and {column!r} (data.folder.split_column); it has {reader.fieldnames}"
+            )
+        rows = {r["id"]: r[column].strip().lower() for r in reader}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise DataError(f"{path}: no {column!r} entry for {missing[:3]}")
+    unknown = sorted({rows[n] for n in names} - set(SPLIT_VALUES))
+    if unknown:
+        raise DataError(f"{path}: {column!r} values {unknown[:5]} are not one of {sorted(SPLIT_VALUES)}")
+    return [SPLIT_VALUES[rows[n]] for n in names]
 
 
 def read_image(path: str, rescale: str, low: float, high: float) -> np.ndarray:
