@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import configuration, inference, instances, preflight, rescore
+from segjax import configuration, inference, instances, preflight, rescore, workdirs
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -148,6 +148,7 @@ def predict_folder(
     with_instances = config.instances.enabled  # the boundary-class network (2D): also instance ids
     targets += [os.path.join(out, f"{n}_instances.png") for n in source.names] if with_instances else []
     targets += [os.path.join(out, f"{n}.npy") for n in source.names] if probabilities else []
+    workdirs.require_folder(out, "--out")
     present = [t for t in targets if os.path.exists(t)]
     if present and not overwrite:
         raise WorkdirError(

@@ -265,6 +265,9 @@ def main(argv):
         if f.seeds < 1:
             raise ConfigError(f"--seeds={f.seeds}: give at least one seed per variant")
         base, variants = load_study(f.study)
+        from segjax import workdirs
+
+        workdirs.require_folder(f.workdir)
         os.makedirs(f.workdir, exist_ok=True)
         seeds = [base.train.seed + k for k in range(f.seeds)]
         if f.collect_only:

@@ -22,10 +22,18 @@ LOCK_FILE = ".lock"  # in the workdir: held by the process training there
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 
 
+def require_folder(path: str, flag: str = "--workdir") -> None:
+    """A path that exists as a file cannot become a run's (or predict's output) folder: one line
+    naming the flag, instead of a FileExistsError from deep inside."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"{flag}={path} is a file, not a folder; give a folder path")
+
+
 def lock(workdir: str):
     """Held by process 0 for as long as it trains in `workdir`: a second run started there (the
     same command twice, or two study processes) stops with BusyError before it reads or writes
     anything, instead of interleaving checkpoints and logs with the first."""
+    require_folder(workdir)
     return locks.held(
         os.path.join(workdir, LOCK_FILE),
         wait=False,
@@ -53,6 +61,7 @@ def prepare(
     (atomically); the others wait for it, so none reads a half-written file or creates folders
     in a workdir that is about to be moved aside. `held` (an ExitStack holding process 0's
     `lock`) takes the new folder's lock when --overwrite moved the old run aside."""
+    require_folder(workdir)
     if jax.process_index() == 0:
         _prepare(config, workdir, overwrite, allow_config_changes, held, resumable, dataset)
     parallel.host_barrier(f"segjax: workdir {os.path.abspath(workdir)} prepared")

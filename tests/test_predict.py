@@ -110,6 +110,9 @@ def test_cli_refuses_to_replace_masks(run, tmp_path):
     )
     assert done.returncode == 2 and "1 outputs already exist" in done.stderr
     assert (tmp_path / "out" / "img00.png").read_bytes() == b"a mask from before"
+    (tmp_path / "a_file").write_bytes(b"notes")
+    with pytest.raises(WorkdirError, match=r"--out=.*a_file is a file, not a folder"):  # was FileExistsError
+        predict.predict_folder(config, workdir, str(images), str(tmp_path / "a_file"))
 
 
 def test_16_bit_files_are_scaled_as_the_folder_builder_scales_them(tmp_path):

@@ -393,6 +393,29 @@ def test_cli_bad_config_flags_are_one_line(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize(
+    "program",
+    [
+        ["segjax.main", "--config=configs/tiny.py"],
+        ["segjax.baselines", "--config=configs/tiny.py"],
+        ["segjax.study", "--study=configs/studies/unet_ablations.py:skips"],
+    ],
+)
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path, program):
+    (tmp_path / "taken").write_text("notes")
+    module, *args = program
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args, f"--workdir={tmp_path / 'taken'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]  # was a FileExistsError traceback
+    assert f"--workdir={tmp_path / 'taken'} is a file, not a folder" in result.stderr
+    assert (tmp_path / "taken").read_text() == "notes"
+
+
 def test_config_files_without_variants_refuse_an_argument():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         if not name.endswith(".py"):
