@@ -181,6 +181,15 @@ def test_split_rules_are_never_chosen_silently(tmp_path, tfds_dir):
         folder.assign_splits(folder.FolderConfig.from_config(folder_config(nested, tfds_dir, num_folds=3)))
 
 
+def test_subfolders_and_hidden_files_are_no_data(tmp_path, tfds_dir):
+    root = write_folder(tmp_path / "extra", [(8, 8)] * 5)
+    for kind in ("images", "masks"):
+        os.makedirs(root / kind / "thumbnails")  # was an IsADirectoryError
+        (root / kind / ".DS_Store").write_bytes(b"\0")
+    splits = sources.open_splits(folder_config(root, tfds_dir))
+    assert len(splits["train"]) + len(splits["validation"]) == 5
+
+
 def corrupt_cases():
     def zero_255(root):
         Image.fromarray(np.full((8, 8), 255, np.uint8)).save(f"{root}/masks/001.png")
@@ -209,6 +218,9 @@ def corrupt_cases():
     def sixteen_bit(root):
         Image.fromarray(np.full((8, 8), 300, np.uint16)).save(f"{root}/images/001.png")  # 300 would wrap to 44
 
+    def two_masks_of_one_name(root):
+        Image.fromarray(np.ones((8, 8), np.uint8)).save(f"{root}/masks/001.tif")  # which one is 001's mask?
+
     return [
         (zero_255, r"masks/001.png: label values \[255\].*0/255 mask"),
         (missing_mask, r"images/002.png: no mask"),
@@ -218,6 +230,7 @@ def corrupt_cases():
         (rgb_mask, r"masks/001.png: masks must be single-channel"),
         (float_mask, r"masks/001.tif: masks must hold integer class ids, got float32"),
         (sixteen_bit, r"images/001.png: uint16 image; segjax stores 8-bit images: set data.folder.rescale"),
+        (two_masks_of_one_name, r"masks/001.tif and .*masks/001.png have one name"),
     ]
 
 

@@ -100,15 +100,13 @@ def stem(filename: str) -> str:
 def listing_digest(root: str, split_file: str = "") -> str:
     """A digest of the name, size and modification time of every file the splits can read (images/,
     masks/, instances/ at `root` and in its split subfolders, and the split file), as make and
-    rsync decide what changed. Hidden files are skipped, as the splits skip them."""
+    rsync decide what changed. The files are those the splits read (`_stems`)."""
     digest = hashlib.sha1()
     folders = ["", *(d for dirs in SPLIT_FOLDERS.values() for d in dirs)]
     paths = [os.path.join(root, split_file)] if split_file else []
     for base in folders:
         for kind in ("images", "masks", "instances"):
-            path = os.path.join(root, base, kind)
-            if os.path.isdir(path):
-                paths += [os.path.join(path, n) for n in sorted(os.listdir(path)) if not n.startswith(".")]
+            paths += _stems(os.path.join(root, base, kind)).values()
     for path in paths:
         if os.path.exists(path):
             info = os.stat(path)
@@ -117,9 +115,19 @@ def listing_digest(root: str, split_file: str = "") -> str:
 
 
 def _stems(folder: str) -> dict[str, str]:
+    """{stem: path} of the files in `folder` (hidden files and subfolders are no data); two files
+    of one stem (a.png and a.tif) are an error, as either could be the pair's half."""
     if not os.path.isdir(folder):
         return {}
-    return {stem(n): os.path.join(folder, n) for n in sorted(os.listdir(folder)) if not n.startswith(".")}
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if stem(name) in out:
+            raise DataError(f"{path} and {out[stem(name)]} have one name; keep one of them")
+        out[stem(name)] = path
+    return out
 
 
 def _pairs(base: str, need_masks: bool = True) -> list[tuple[str, str, str | None, str | None]]:
