@@ -40,6 +40,21 @@ from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 METHODS = ("otsu", "adaptive", "edges", "watershed")
 
 
+def check(cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError for `baseline.*` settings `bright_mask` cannot use."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"baseline.method={cfg.method!r}; choose one of {list(METHODS)}")
+    if cfg.method == "adaptive" and (cfg.block_size % 2 == 0 or cfg.block_size < 3):
+        raise ConfigError(f"baseline.block_size={cfg.block_size} must be odd and >= 3")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The baseline's settings, before any data is prepared."""
+    if config.model.spatial_dims != 2:
+        raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
+    check(config.baseline)
+
+
 def gray(image: np.ndarray) -> np.ndarray:
     """[H, W, C] uint8 or float -> [H, W] float in 0..1 (RGB by luminance weights)."""
     x = image.astype(np.float64)
@@ -60,27 +75,25 @@ def bright_mask(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(mask of bright regions, instance ids or None) of a [H, W] image in 0..1; `smooth`: the
     image already smoothed (`smoothed`), when the caller has it."""
+    check(cfg)
     smooth = smoothed(img, cfg) if smooth is None else smooth
     if cfg.method == "otsu":
         return smooth > filters.threshold_otsu(smooth), None
     if cfg.method == "adaptive":
-        if cfg.block_size % 2 == 0 or cfg.block_size < 3:
-            raise ConfigError(f"baseline.block_size={cfg.block_size} must be odd and >= 3")
         return smooth > filters.threshold_local(smooth, cfg.block_size, offset=cfg.offset), None
     if cfg.method == "edges":
         edges = feature.canny(img, sigma=cfg.edge_sigma)
         if cfg.edge_width > 0:
             return ndimage.binary_dilation(edges, iterations=cfg.edge_width), None
         return ndimage.binary_fill_holes(edges), None
-    if cfg.method == "watershed":
-        fg = smooth > filters.threshold_otsu(smooth)
-        distance = ndimage.distance_transform_edt(fg)
-        peaks = feature.peak_local_max(distance, min_distance=cfg.min_distance, labels=ndimage.label(fg)[0])
-        markers = np.zeros(img.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        instances = segmentation.watershed(-distance, markers, mask=fg, watershed_line=True)
-        return instances > 0, instances
-    raise ConfigError(f"baseline.method={cfg.method!r}; choose one of {list(METHODS)}")
+    # watershed
+    fg = smooth > filters.threshold_otsu(smooth)
+    distance = ndimage.distance_transform_edt(fg)
+    peaks = feature.peak_local_max(distance, min_distance=cfg.min_distance, labels=ndimage.label(fg)[0])
+    markers = np.zeros(img.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    instances = segmentation.watershed(-distance, markers, mask=fg, watershed_line=True)
+    return instances > 0, instances
 
 
 def dark_objects(img: np.ndarray, cfg: ml_collections.ConfigDict, smooth: np.ndarray | None = None) -> bool:
@@ -109,8 +122,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     as a network run writes them."""
     import jax.numpy as jnp
 
-    if config.model.spatial_dims != 2:
-        raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
+    check_config(config)
     spacing = surface.spacing_of(config)
     binary = config.data.num_classes > 2
     names = ("background", "foreground") if binary else tuple(config.data.class_names)
@@ -160,6 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     from segjax.data import sources
 
     configuration.validate(config)
+    check_config(config)
     surface.check_config(config)
     validation.check_ignore_label(config.data.num_classes, config.data.ignore_label)
     path = os.path.join(workdir, "metrics.json")

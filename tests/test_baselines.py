@@ -96,6 +96,18 @@ def test_bad_baseline_config():
         baselines.bright_mask(np.zeros((8, 8)), method("adaptive", block_size=10))
 
 
+def test_a_baseline_it_cannot_run_is_refused_before_data_is_prepared(tmp_path):
+    config = load_config("vnet3d")
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    with pytest.raises(ConfigError, match="classic baselines are 2D"):
+        baselines.run(config, str(tmp_path / "run"))
+    config = load_config("tiny")
+    config.data.tfds_dir, config.baseline.method = str(tmp_path / "tfds"), "kmeans"
+    with pytest.raises(ConfigError, match=r"baseline.method='kmeans'"):
+        baselines.run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "tfds") and not os.path.exists(tmp_path / "run")
+
+
 def test_scores_equal_scikit_learn_on_the_synthetic_split(tiny_config, tmp_path):
     """4-class scenes are scored as foreground vs background; IoU per class == scikit-learn's,
     over the split and (the per-image table) image by image."""
