@@ -46,6 +46,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.data.ignore_label == config.data.num_classes:
         raise ConfigError("data.ignore_label equals the instance-boundary class id; use -1 or a larger value")
+    if BOUNDARY_NAME in config.data.class_names:  # its scores would share the boundary class's keys
+        raise ConfigError(f"data.class_names holds {BOUNDARY_NAME!r}, the name of the instance-boundary class")
 
 
 def hooks(config: ml_collections.ConfigDict) -> tuple:

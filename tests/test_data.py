@@ -121,6 +121,15 @@ def test_ignore_label_inside_the_class_range_is_refused_before_data(tiny_config,
     assert not os.path.exists(tmp_path / "baseline")
 
 
+def test_repeated_class_names_are_refused_before_data(tiny_config, tmp_path):
+    """Two classes named 'thing' wrote one val/iou/thing key for both: one class's scores lost."""
+    tiny_config.data.class_names = ("background", "thing", "thing", "leaf")
+    tiny_config.data.tfds_dir = str(tmp_path / "tfds")
+    with pytest.raises(ConfigError, match=r"data.class_names repeats \['thing'\]"):
+        sources.open_splits(tiny_config.data)
+    assert not os.path.exists(tmp_path / "tfds")
+
+
 def test_png_round_trip_and_corrupt_bytes():
     inst = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
     np.testing.assert_array_equal(png.decode(png.encode(inst), "x"), inst)

@@ -146,6 +146,7 @@ def test_training_reports_panoptic_quality(tiny_config, tmp_path):
     [
         ({"instances.thing_classes": (0, 2)}, "not classes 1..3"),
         ({"instances.boundary_width": 0}, ">= 1 pixel"),
+        ({"data.class_names": ("background", "tool", "instance_boundary", "leaf")}, "name of the instance-boundary"),
         ({"loss.class_weights": (1.0, 1.0, 1.0, 1.0)}, "one per network output"),
         (
             {"train.best_metric": "val/pq/sky"},

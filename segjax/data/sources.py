@@ -246,6 +246,9 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
     also decodes the instance maps (`instances` int32 [H,W]) where the dataset has them."""
     if len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
+    repeated = sorted({n for n in cfg.class_names if list(cfg.class_names).count(n) > 1})
+    if repeated:  # per-class metric keys (val/iou/<name>) would overwrite each other
+        raise ConfigError(f"data.class_names repeats {repeated}; give each class its own name")
     builder = prepare(cfg)
     features = builder.info.features
     keys = ("image", "label", "instances", cfg.tfds.image_key, cfg.tfds.label_key)
