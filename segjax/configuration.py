@@ -205,16 +205,6 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def saved_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str] | None:
-    """`differences` between the run config saved in `<workdir>/config.json` and `config`; None
-    when the folder holds no saved config."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return differences(json.load(f), config.to_dict())
-
-
 def listed(keys: list[str], most: int = 8) -> str:
     """The first `most` keys for a message, '...' when there are more."""
     return ", ".join(keys[:most]) + (" ..." if len(keys) > most else "")

@@ -78,17 +78,14 @@ def _finished(run_dir: str, steps: int) -> bool:
         return json.load(f).get("step") == steps
 
 
-def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str) -> None:
+def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str, dataset: str) -> None:
     """A run folder from an earlier version of the study file (a variant's overrides or the base
-    changed), or of a dataset folder whose files changed since, is refused before anything
-    trains: skipped as finished, its old numbers would stand in the new table under the
-    variant's name."""
+    changed), or of a dataset folder whose files changed since (`dataset`, the variant's
+    `sources.dataset_id`), is refused before anything trains: skipped as finished, its old
+    numbers would stand in the new table under the variant's name."""
     from segjax import workdirs  # jax and tfds only when a study is run, not on import
-    from segjax.data import sources
 
-    if not os.path.exists(os.path.join(run_dir, "config.json")):
-        return
-    diff = workdirs.saved_differences(run_dir, config, sources.dataset_id(config.data))
+    diff = workdirs.saved_differences(run_dir, config, dataset)
     if diff:
         raise WorkdirError(
             f"{run_dir} holds a run of another config than variant {variant!r} now gives "
@@ -124,8 +121,14 @@ def planned_runs(
                 c = copy.deepcopy(config)
                 c.train.seed = s
                 todo.append((name, c, os.path.join(workdir, name, f"seed_{s}")))
+    from segjax.data import sources  # tfds only when a study is planned, not on import
+
+    datasets = {}  # variant -> dataset id: made once per variant (it lists a folder's files), not per seed
     for name, c, run_dir in todo:
-        _check_same_config(run_dir, c, name)
+        if os.path.exists(os.path.join(run_dir, "config.json")):
+            if name not in datasets:
+                datasets[name] = sources.dataset_id(c.data)
+            _check_same_config(run_dir, c, name, datasets[name])
     return todo
 
 

@@ -68,12 +68,16 @@ def prepare(
 
 
 def saved_differences(workdir: str, config, dataset: str | None = None) -> list[str] | None:
-    """`configuration.saved_differences` (None: no run saved there) plus, when `dataset` is given
-    and the run recorded one, the dataset when it differs (a run from before datasets were
-    recorded counts as the same)."""
-    diff = configuration.saved_differences(workdir, config)
+    """`configuration.differences` between the run config saved in `<workdir>/config.json` and
+    `config` (None: no run saved there) plus, when `dataset` is given and the run recorded one,
+    the dataset when it differs (a run from before datasets were recorded counts as the same)."""
+    saved = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved):
+        return None
+    with open(saved, encoding="utf-8") as f:
+        diff = configuration.differences(json.load(f), config.to_dict())
     path = os.path.join(workdir, DATASET_FILE)
-    if diff is None or dataset is None or not os.path.exists(path):
+    if dataset is None or not os.path.exists(path):
         return diff
     with open(path, encoding="utf-8") as f:
         old = json.load(f)["dataset"]

@@ -7,6 +7,7 @@ the split, for error messages and padding). Labels are checked against `num_clas
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -71,13 +72,22 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
     return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
+def _check_name(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
+
+
+def make_builder(cfg: ml_collections.ConfigDict):
+    """The TFDS builder `cfg` names (`DATASETS`), not prepared."""
+    _check_name(cfg)
+    return DATASETS[cfg.name](cfg, data_dir(cfg))
+
+
 def dataset_id(cfg: ml_collections.ConfigDict) -> str:
     """`builder/config/version` of the prepared copy `cfg` reads (nothing is prepared): for folders
     the config name hashes the files' names, sizes and times, so it changes when they do. A run
     records it (workdirs.prepare) so that resuming on changed data is not silent."""
-    if cfg.name not in DATASETS:
-        raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
-    builder = DATASETS[cfg.name](cfg, data_dir(cfg))
+    builder = make_builder(cfg)
     config = builder.builder_config.name if builder.builder_config else ""
     return "/".join(p for p in (builder.name, config, str(builder.version)) if p)
 
@@ -94,16 +104,15 @@ def preparation_lock(builder):
 def _download_and_prepare(cfg: ml_collections.ConfigDict):
     """The prepared builder, made once the lock is held (a builder made earlier would not see
     files another process has just finished)."""
-    with preparation_lock(DATASETS[cfg.name](cfg, data_dir(cfg))):
-        builder = DATASETS[cfg.name](cfg, data_dir(cfg))
+    with preparation_lock(make_builder(cfg)):
+        builder = make_builder(cfg)
         builder.download_and_prepare()
     return builder
 
 
 def prepare(cfg: ml_collections.ConfigDict):
     """Build the dataset's array_record files if they are not there yet; return the builder."""
-    if cfg.name not in DATASETS:
-        raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
+    _check_name(cfg)  # on every process, before any waits for process 0
     try:
         if jax.process_count() > 1:  # one process writes the files, the others wait and read them
             if jax.process_index() == 0:
@@ -246,7 +255,7 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
     also decodes the instance maps (`instances` int32 [H,W]) where the dataset has them."""
     if len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
-    repeated = sorted({n for n in cfg.class_names if list(cfg.class_names).count(n) > 1})
+    repeated = sorted(n for n, count in collections.Counter(cfg.class_names).items() if count > 1)
     if repeated:  # per-class metric keys (val/iou/<name>) would overwrite each other
         raise ConfigError(f"data.class_names repeats {repeated}; give each class its own name")
     builder = prepare(cfg)
