@@ -12,6 +12,7 @@ from segjax import study
 
 def study_bars(rows: list[dict], key: str = "val/miou", title: str = ""):
     """One bar per variant: mean over seeds with a sample-std error bar, and every seed as a dot."""
+    study.require_keys(rows, (key,))
     summary = study.summarize(rows, keys=(key,))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(summary), 3.2))
     names = [e["variant"] for e in summary]
@@ -29,9 +30,14 @@ def study_bars(rows: list[dict], key: str = "val/miou", title: str = ""):
 
 
 def training_curves(workdir: str, keys=("train/loss", "val/miou")):
-    """The logged history of one run (metrics.jsonl), one panel per key, against the step."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        history = [json.loads(line) for line in f]
+    """The logged history of one run (metrics.jsonl), one panel per key, against the step. A key
+    the log never holds is an error naming the logged ones (not an empty panel)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run folder (or logged nothing yet)")
+    with open(path, encoding="utf-8") as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    study.require_keys(history, keys, path)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         points = [(r["step"], r[key]) for r in history if r.get(key) is not None]

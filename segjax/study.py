@@ -186,10 +186,22 @@ def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
 POOLED = "all (pooled)"
 
 
+def require_keys(rows: list[dict], keys, where: str = "the runs' metrics.json") -> None:
+    """A key in none of `rows` (a typo such as `val/mious`) is an error naming the keys there are,
+    not a column of n/a or an empty plot. No rows: nothing to check."""
+    present = {k for r in rows for k in r} - {"variant", "seed"}
+    missing = [k for k in keys if k not in present]
+    if missing and rows:
+        raise KeyError(f"{missing} are in none of {where}; they hold {sorted(present)}")
+
+
 def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list[dict]:
     """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`.
     `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
-    the folds of a cross-validation, the cross-validated mean and its spread over folds."""
+    the folds of a cross-validation, the cross-validated mean and its spread over folds. A
+    standard column (SUMMARY_KEYS, OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`);
+    any other key no run has is an error (`require_keys`)."""
+    require_keys(rows, [k for k in keys if k not in SUMMARY_KEYS + OPTIONAL_KEYS])
     groups = {
         variant: [r for r in rows if r["variant"] == variant] for variant in dict.fromkeys(r["variant"] for r in rows)
     }
@@ -222,10 +234,11 @@ def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
 def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
     """The summary's columns: SUMMARY_KEYS, the OPTIONAL_KEYS some run has, then `extra` (e.g.
     `val/dice/membrane`); an extra key no run has is an error naming the keys there are."""
-    present = {k for r in rows for k in r} - {"variant", "seed"}
-    missing = [k for k in extra if k not in present]
-    if missing and rows:
-        raise ConfigError(f"--summary_keys {missing} are in no run's metrics.json; they hold {sorted(present)}")
+    try:
+        require_keys(rows, extra)
+    except KeyError as err:
+        raise ConfigError(f"--summary_keys: {err.args[0]}") from None
+    present = {k for r in rows for k in r}
     optional = [k for k in OPTIONAL_KEYS if k in present]
     return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
 

@@ -39,3 +39,15 @@ def test_training_curves_follow_the_log(tmp_path):
     np.testing.assert_array_equal(loss_line.get_xdata(), [1, 2, 3])
     np.testing.assert_array_equal(loss_line.get_ydata(), [1.0, 0.5, 0.25])
     np.testing.assert_array_equal(miou_line.get_ydata(), [0.3])
+
+
+def test_keys_nothing_logged_are_errors_not_empty_plots(tmp_path):
+    rows = [{"variant": "a", "seed": 0, "val/miou": 0.5}]
+    with pytest.raises(KeyError, match=r"\['val/mious'\] are in none of .*\['val/miou'\]"):
+        plots.study_bars(rows, "val/mious")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
+    logged = r"\['val/miou'\] are in none of .*metrics.jsonl; they hold \['step', 'train/loss'\]"
+    with pytest.raises(KeyError, match=logged):
+        plots.training_curves(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a run folder"):
+        plots.training_curves(str(tmp_path / "missing"))

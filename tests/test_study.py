@@ -32,6 +32,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert summary[1]["val/miou"] == pytest.approx(0.4) and math.isnan(summary[1]["val/miou_std"])
     table = study.markdown(summary, keys=("val/miou", "val/mdice"))
     assert "| a | 3 | 0.7000 ± 0.2000 |" in table and "| b | 1 | 0.4000 |" in table
+    # a standard column no run computed is n/a; a key no run has (a typo) is an error naming the keys
+    assert math.isnan(study.summarize(rows, keys=("val/mbiou",))[0]["val/mbiou"])
+    with pytest.raises(KeyError, match=r"\['val/mious'\] are in none of .*'val/mdice', 'val/miou'"):
+        study.summarize(rows, keys=("val/miou", "val/mious"))
 
 
 def test_pooled_row_is_over_every_run_of_every_variant(tmp_path):
@@ -60,7 +64,7 @@ def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path)
     assert f"| 0.7000 ± {np.std([0.6, 0.8], ddof=1):.4f} | 0.8000 ± 0.0000 |" in table
     with open(tmp_path / "summary.md", encoding="utf-8") as f:
         assert head in f.read()
-    with pytest.raises(ConfigError, match=r"\['val/dice/nucleus'\] are in no run's metrics.json"):
+    with pytest.raises(ConfigError, match=r"\['val/dice/nucleus'\] are in none of the runs' metrics.json"):
         study.write_results(str(tmp_path), rows, ["val/dice/nucleus"])
 
 
