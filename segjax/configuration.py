@@ -41,7 +41,14 @@ def default_config() -> ml_collections.ConfigDict:
 def check_command_line(argv: list[str], default_file: str | None, flag: str = "config") -> None:
     """Refuse, before absl parses them, what ml_collections' config flag would end in a traceback
     on: a `--config` file that is not there, a `get_config(arg)` that refuses its argument, and a
-    `--config.KEY` override of a key the config does not have (named with the nearest valid key)."""
+    `--config.KEY` override of a key the config does not have (named with the nearest valid key).
+    `--flagfile` contents are checked too, read as absl reads them (nested files, comments)."""
+    from absl import flags
+
+    try:
+        argv = flags.FlagValues().read_flags_from_files(argv, force_gnu=True)
+    except flags.Error as err:
+        raise ConfigError(f"--flagfile: {err}") from None
     value, overrides, args = default_file, [], iter(argv)
     for arg in args:
         if arg == "--":

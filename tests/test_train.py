@@ -390,6 +390,22 @@ def test_cli_bad_config_flags_are_one_line(tmp_path, args, message):
     result = run_cli(*args, f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flagfile_contents_are_checked_as_the_command_line(tmp_path):
+    """A launch script's `--flagfile` (comments, a nested flagfile) is read as absl reads it: a
+    mistyped key inside is the same one-line error, and so is a flagfile that is not there."""
+    (tmp_path / "inner.cfg").write_text("// nested\n--config.train.stpes=3\n")
+    outer = tmp_path / "outer.cfg"
+    outer.write_text(f"# launch flags\n--config=configs/tiny.py\n\n--flagfile={tmp_path / 'inner.cfg'}\n")
+    result = run_cli(f"--flagfile={outer}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: --config.train.stpes: unknown config key train.stpes; did you mean train.steps?" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "w").exists()
+    with pytest.raises(ConfigError, match=r"--flagfile: .*missing.cfg"):
+        configuration.check_command_line([f"--flagfile={tmp_path / 'missing.cfg'}"], None)
+    (tmp_path / "inner.cfg").write_text("--config.train.steps=3\n")
+    configuration.check_command_line([f"--flagfile={outer}"], None)  # valid contents pass
     assert not os.path.exists(tmp_path / "w")
 
 
