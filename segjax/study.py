@@ -132,6 +132,22 @@ def planned_runs(
     return todo
 
 
+def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict], extra) -> None:
+    """A `val/` key of `--summary_keys` that no variant's evaluation gives (`val/dice/membrne`) is
+    refused before anything trains, not hours later when the table is written. Instance and
+    surface scores are named only by the first evaluation: with those on, `val/` keys pass."""
+    from segjax import evaluate, instances  # jax only when a study trains
+
+    given, later = set(), False
+    for name, overrides in variants.items():
+        c = variant_config(base, overrides, name)
+        given |= evaluate.score_keys(c.eval, instances.class_names(c))
+        later = later or c.instances.enabled or c.eval.surface_metrics
+    unknown = [k for k in extra if k.startswith("val/") and k not in given]
+    if unknown and not later:
+        raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
+
+
 def run_study(
     base: ml_collections.ConfigDict,
     variants: dict[str, dict],
@@ -290,6 +306,7 @@ def main(argv):
             planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)  # an edited study's old runs are refused
             rows = collect(f.workdir, list(variants), seeds)
         else:
+            check_summary_keys(base, variants, f.summary_keys)
             rows = run_study(base, variants, seeds, f.workdir, f.vmap_seeds)
         missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
         notes = [f"{missing} not finished: in progress elsewhere or failed"] if missing > 0 else []

@@ -123,6 +123,29 @@ def test_study_processes_share_the_work(tfds_dir, tmp_path):
     assert [(r["variant"], r["seed"]) for r in rows] == [("unet", 0), ("unet", 1)]
 
 
+def test_summary_keys_no_variant_gives_are_refused_before_training(tmp_path):
+    base = load_config("tiny")
+    thing = base.data.class_names[1]
+    variants = {"a": {}, "b": {"model.skips": "none"}}
+    study.check_summary_keys(base, variants, [f"val/dice/{thing}", "val/mbiou", "train/loss", "flops"])
+    with pytest.raises(ConfigError, match=rf"\['val/dice/{thing}x'\]: no variant's validation gives them"):
+        study.check_summary_keys(base, variants, [f"val/dice/{thing}x"])
+    # instance scores are named by the first evaluation: a variant with instances on lets val/ keys pass
+    study.check_summary_keys(base, {**variants, "c": {"instances.enabled": True}}, ["val/pq"])
+    path = tmp_path / "s.py"
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
+        "def get_config(arg=None):\n    return tiny.get_config()\n"
+        "def get_variants(arg=None):\n    return {'a': {}}\n"
+    )
+    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={tmp_path / 'w'}"]
+    done = subprocess.run(
+        [*command, "--summary_keys=val/dice/tol"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "no variant's validation gives them" in done.stderr, done.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "w" / "a")  # nothing trained
+
+
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     path = tmp_path / "s.py"
     path.write_text("def get_config(arg=None):\n    import ml_collections\n    return ml_collections.ConfigDict()\n")
