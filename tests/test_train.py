@@ -318,6 +318,8 @@ def test_unknown_and_mistyped_config_keys(tiny_config):
         ({"data.folder.num_folds": 1}, r"num_folds=1 must be 0 \(off\) or >= 2"),  # everything validation
         ({"data.augment.scale_min": 1.2}, r"scale_min=1.2 is larger than data.augment.scale_max=1.0"),
         ({"baseline.edge_sigma": -1.0}, r"baseline.edge_sigma=-1.0 must be >= 0"),  # a scikit-image traceback
+        ({"data.synthetic.num_train": 0}, r"data.synthetic.num_train=0 must be >= 1"),  # a TFDS traceback
+        ({"data.synthetic3d.num_val": 0}, r"data.synthetic3d.num_val=0 must be >= 1"),
     ],
 )
 def test_numbers_a_run_cannot_use_are_refused(tiny_config, overrides, message):
