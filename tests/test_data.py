@@ -73,6 +73,35 @@ def test_builder_round_trip(tiny_config):
     np.testing.assert_array_equal(ex["label"], ref["label"])
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_copy_prepared_by_an_older_generator_is_refused(tiny_config, tmp_path, monkeypatch, dims):
+    """The prepared name hashes the knobs, not the generator's code: after a change to the
+    generator (VERSION not bumped) the earlier copy would be read silently; it is an error."""
+    from segjax.data import synthetic3d
+
+    cfg = tiny_config.data
+    cfg.tfds_dir = str(tmp_path)
+    module, render = synthetic, "render_scene"
+    if dims == 3:
+        cfg.name, cfg.num_classes, cfg.channels, cfg.class_names = "synthetic_volumes", 3, 1, synthetic3d.CLASS_NAMES
+        cfg.synthetic3d.size, cfg.synthetic3d.num_train, cfg.synthetic3d.num_val = 16, 2, 1
+        module, render = synthetic3d, "render_volume"
+    sources.prepare(cfg)  # prepared and checked
+    sources.prepare(cfg)  # read again by the same generator: fine
+    original = getattr(module, render)
+
+    def changed(seed, split, index, params):  # a generator whose scenes differ in one pixel
+        ex = original(seed, split, index, params)
+        ex["label"] = ex["label"].copy()
+        ex["label"].flat[0] = (ex["label"].flat[0] + 1) % 2
+        return ex
+
+    monkeypatch.setattr(module, render, changed)
+    name = "SyntheticShapes" if dims == 2 else "SyntheticVolumes"
+    with pytest.raises(DataError, match=rf"renders now \(train example 0, 'label'\): .*bump {name}.VERSION"):
+        sources.prepare(cfg)
+
+
 def test_uncached_source_decodes_the_same(tiny_config):
     cached = sources.open_splits(tiny_config.data)["train"]
     tiny_config.data.cache = False

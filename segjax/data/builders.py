@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from segjax.data import png, synthetic, synthetic3d
+from segjax.errors import DataError
 
 
 @dataclasses.dataclass
@@ -34,7 +35,31 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
 
 
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
-    """Generated datasets: `num_train` / `num_val` examples from `_generate_examples(split, count)`."""
+    """Generated datasets: `num_train` / `num_val` examples from `_generate_examples(split, count)`.
+    The prepared name hashes the knobs, not the generator's code: `check_generator` notices a
+    copy prepared by a generator that has changed since (VERSION not bumped)."""
+
+    def _render(self, split: str, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def check_generator(self) -> None:
+        """Example 0 of each split, as prepared, must be what the generator renders now; else a
+        DataError (training would read scenes the code no longer makes). Bump VERSION when the
+        generator's output changes: a new copy is prepared, the old one stays."""
+        keys = ("image", "label", "instances")
+        features = self.info.features
+        skip = {k: tfds.decode.SkipDecoding() for k in keys if isinstance(features[k], tfds.features.Image)}
+        for split in ("train", "validation"):
+            stored = self.as_data_source(split=split, decoders=skip)[0]
+            fresh = self._render(split, 0)
+            for key in keys:
+                where = f"{self.name}/{split}[0]"
+                if not np.array_equal(png.as_array(stored[key], where).ravel(), np.asarray(fresh[key]).ravel()):
+                    raise DataError(
+                        f"the prepared {self.name}/{self.builder_config.name}/{self.version} in {self.data_dir} "
+                        f"differs from what the generator ({type(self).__name__}) renders now ({split} example 0, "
+                        f"{key!r}): it changed since; bump {type(self).__name__}.VERSION in {__name__}"
+                    )
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -66,7 +91,7 @@ class SyntheticShapes(_SyntheticBuilder):
             ),
         )
 
-    def _generate_examples(self, split: str, count: int):
+    def _render(self, split: str, index: int) -> dict[str, np.ndarray]:
         cfg = self.builder_config
         params = synthetic.SceneParams(
             image_size=cfg.image_size,
@@ -75,8 +100,11 @@ class SyntheticShapes(_SyntheticBuilder):
             min_objects=cfg.min_objects,
             max_objects=cfg.max_objects,
         )
+        return synthetic.render_scene(cfg.seed, split, index, params)
+
+    def _generate_examples(self, split: str, count: int):
         for index in range(count):
-            ex = synthetic.render_scene(cfg.seed, split, index, params)
+            ex = self._render(split, index)
             yield (
                 index,
                 {
@@ -131,8 +159,11 @@ class SyntheticVolumes(_SyntheticBuilder):
             ),
         )
 
-    def _generate_examples(self, split: str, count: int):
+    def _render(self, split: str, index: int) -> dict[str, np.ndarray]:
         cfg = self.builder_config
         params = synthetic3d.VolumeParams(cfg.size, cfg.noise, cfg.min_objects, cfg.max_objects)
+        return synthetic3d.render_volume(cfg.seed, split, index, params)
+
+    def _generate_examples(self, split: str, count: int):
         for index in range(count):
-            yield index, synthetic3d.render_volume(cfg.seed, split, index, params)
+            yield index, self._render(split, index)

@@ -36,3 +36,9 @@ def decode(data: bytes, where: str) -> np.ndarray:
     if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
         array = array.astype(np.uint16)
     return array
+
+
+def as_array(value, where: str) -> np.ndarray:
+    """A stored feature as an array: PNG bytes (2D images, read with decoding skipped) are
+    decoded; tensors (3D volumes) are arrays already."""
+    return decode(value, where) if isinstance(value, bytes) else np.asarray(value)

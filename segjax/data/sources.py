@@ -107,6 +107,8 @@ def _download_and_prepare(cfg: ml_collections.ConfigDict):
     with preparation_lock(make_builder(cfg)):
         builder = make_builder(cfg)
         builder.download_and_prepare()
+    if hasattr(builder, "check_generator"):  # synthetic data: a copy made by an older generator
+        builder.check_generator()
     return builder
 
 
@@ -140,11 +142,6 @@ def check_example(image: np.ndarray, label: np.ndarray, cfg: ml_collections.Conf
     validation.check_labels(label, cfg.num_classes, cfg.ignore_label, where)
 
 
-def _as_array(value, where: str) -> np.ndarray:
-    """PNG bytes (2D images) are decoded; tensors (3D volumes) are already arrays."""
-    return png.decode(value, where) if isinstance(value, bytes) else np.asarray(value)
-
-
 class DecodedSource:
     """Random-access view of one split that decodes PNGs and validates each example."""
 
@@ -163,7 +160,7 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         where = f"{self._name}[{index}]"
         record = self._raw[index]
-        image, label = (_as_array(record[k], where) for k in self._keys)
+        image, label = (png.as_array(record[k], where) for k in self._keys)
         if label.ndim == image.ndim and label.shape[-1] == 1:
             label = label[..., 0]
         label = label.astype(np.int32)
@@ -174,7 +171,7 @@ class DecodedSource:
         check_example(image, label, self._cfg, where)
         instances = None
         if self._with_instances and "instances" in record:
-            instances = _as_array(record["instances"], where).reshape(label.shape).astype(np.int32)
+            instances = png.as_array(record["instances"], where).reshape(label.shape).astype(np.int32)
         if self._cfg.resize and label.ndim == 2 and label.shape != (self._cfg.resize,) * 2:
             if instances is not None:
                 instances = nearest(instances, self._cfg.resize)
