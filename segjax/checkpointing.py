@@ -58,6 +58,7 @@ def _save_whole_arrays_in_one_process() -> None:
 
 
 _whole_arrays = False  # the handler is registered once per process
+FOLDERS = {"latest": "checkpoints", "best": "best"}  # the run folder's subfolder of each manager
 
 
 class Checkpointer:
@@ -67,7 +68,7 @@ class Checkpointer:
         # folder; it is never restored from and is removed when the next run opens the manager.
         common = dict(create=True, cleanup_tmp_directories=True)
         self.latest = _manager(
-            os.path.join(workdir, "checkpoints"), ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
+            os.path.join(workdir, FOLDERS["latest"]), ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
         )
         self.best_metric = best_metric
         # a best checkpoint saved under another metric (a run resumed with a new train.best_metric)
@@ -76,7 +77,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m.get(best_metric, worst), best_mode=best_mode, **common
         )
-        self.best = _manager(os.path.join(workdir, "best"), options)
+        self.best = _manager(os.path.join(workdir, FOLDERS["best"]), options)
 
     @staticmethod
     def _args(state, data_state: dict) -> ocp.args.Composite:

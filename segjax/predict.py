@@ -140,6 +140,7 @@ def predict_folder(
     part, parts = shard
     if not (parts >= 1 and 0 <= part < parts):
         raise ConfigError(f"--shard={part}/{parts}: needs 0 <= i < N")
+    rescore.require_run(config, workdir, which)  # before a file is read
     source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data, shard=shard)
     if not source.paths:  # more shards than files
         logging.info("predict: shard %d/%d of %s holds no file", part, parts, images)
@@ -156,7 +157,7 @@ def predict_folder(
         )
     first = source[0]["image"][None]
     sample = first / 255.0 if first.dtype == np.uint8 else first
-    model, state, _, _ = rescore.load_run(config, workdir, which, sample)
+    model, state, _ = rescore.load_run(config, workdir, which, sample)
 
     need_probabilities = probabilities or bool(config.data.resize)  # resized back before the argmax
 

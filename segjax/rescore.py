@@ -30,15 +30,24 @@ from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray, dataset=None):
-    """(model, the run's `best` or `latest` state replicated over the mesh, mesh, the config keys
-    set apart from the run's own, `check_run_config`) of the run in `workdir`; `sample` is one
-    image batch [1, ...] (its shape builds the state template); `dataset` as in check_run_config."""
+def require_run(config: ml_collections.ConfigDict, workdir: str, which: str, dataset: str | None = None) -> list[str]:
+    """Check, before any data is read or prepared, that `workdir` holds a `best` or `latest`
+    checkpoint of this network; returns the config keys set apart from the run's own
+    (`check_run_config`, `dataset` as there)."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
-    differences = check_run_config(config, workdir, dataset)
+    folder = os.path.join(workdir, checkpointing.FOLDERS[which])
+    if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
+        raise WorkdirError(f"{workdir} has no {which} checkpoint yet (nothing saved in {folder})")
+    return check_run_config(config, workdir, dataset)
+
+
+def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray):
+    """(model, the run's `best` or `latest` state replicated over the mesh, mesh) of the run in
+    `workdir`, checked by `require_run` first; `sample` is one image batch [1, ...] (its shape
+    builds the state template)."""
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
@@ -52,7 +61,7 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample
         restored, _ = ckpt.restore(template, best=which == "best")
     finally:
         ckpt.close()
-    return model, restored, mesh, differences
+    return model, restored, mesh
 
 
 # model.* keys that only change how a trained network is run at evaluation, not which network it is
@@ -87,9 +96,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     the run's metrics.json (never overwrites metrics.json); an earlier rescoring's pair of files
     is kept under a number (`keep_earlier_results`)."""
     preflight.check(config)
+    differences = require_run(config, workdir, which, sources.dataset_id(config.data))
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
     sample = splits["validation"][0]["image"][None]
-    model, restored, mesh, differences = load_run(config, workdir, which, sample, sources.dataset_id(config.data))
+    model, restored, mesh = load_run(config, workdir, which, sample)
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)

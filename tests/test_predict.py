@@ -153,6 +153,28 @@ def test_instance_run_writes_instance_maps_that_score_the_evaluation_pq(tfds_dir
     np.testing.assert_allclose(acc.result()["mpq"], scored["val/pq"], rtol=1e-9)
 
 
+def test_a_folder_without_the_checkpoint_is_refused_before_data_is_read(run, tmp_path, monkeypatch):
+    """A mistyped --workdir, or a run with no `best` checkpoint yet, is named before a file is
+    read or a dataset prepared (predict read every image first, then said there was no run)."""
+    config, workdir, _ = run
+    os.makedirs(tmp_path / "images")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")  # would be a DataError if read
+    with pytest.raises(WorkdirError, match="holds no run"):
+        predict.predict_folder(config, str(tmp_path / "nowhere"), str(tmp_path / "images"), str(tmp_path / "o"))
+    partial = tmp_path / "partial"  # trained, killed before its first evaluation: latest but no best
+    os.makedirs(partial / "best")
+    os.symlink(os.path.join(workdir, "checkpoints"), partial / "checkpoints")
+    with pytest.raises(WorkdirError, match=r"has no best checkpoint yet"):
+        predict.predict_folder(config, str(partial), str(tmp_path / "images"), str(tmp_path / "o"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was opened")
+
+    monkeypatch.setattr(sources, "open_splits", no_data)
+    with pytest.raises(WorkdirError, match="has no best checkpoint yet"):
+        rescore.evaluate_checkpoint(config, str(partial), "best")
+
+
 def test_files_that_would_write_the_same_mask_are_refused(tmp_path):
     os.makedirs(tmp_path / "twice")
     for ext in ("png", "tif"):
