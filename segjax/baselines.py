@@ -176,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     surface.check_config(config)
     validation.check_ignore_label(config.data.num_classes, config.data.ignore_label)
     path = os.path.join(workdir, "metrics.json")
-    trained = os.path.isdir(os.path.join(workdir, "checkpoints"))  # also a run still training
+    trained = os.path.isdir(os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS["latest"]))  # also one still training
     if not trained and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             trained = "baseline" not in json.load(f)

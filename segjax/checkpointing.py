@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from segjax import workdirs
 from segjax.errors import CheckpointError
 
 BEST_MODES = ("max", "min")
@@ -58,7 +59,6 @@ def _save_whole_arrays_in_one_process() -> None:
 
 
 _whole_arrays = False  # the handler is registered once per process
-FOLDERS = {"latest": "checkpoints", "best": "best"}  # the run folder's subfolder of each manager
 
 
 class Checkpointer:
@@ -67,9 +67,8 @@ class Checkpointer:
         # cleanup_tmp_directories: a save interrupted by a crash leaves a *.orbax-checkpoint-tmp*
         # folder; it is never restored from and is removed when the next run opens the manager.
         common = dict(create=True, cleanup_tmp_directories=True)
-        self.latest = _manager(
-            os.path.join(workdir, FOLDERS["latest"]), ocp.CheckpointManagerOptions(max_to_keep=keep, **common)
-        )
+        folders = {k: os.path.join(workdir, sub) for k, sub in workdirs.CHECKPOINT_FOLDERS.items()}
+        self.latest = _manager(folders["latest"], ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
         self.best_metric = best_metric
         # a best checkpoint saved under another metric (a run resumed with a new train.best_metric)
         # ranks last, so the first evaluation under the new metric replaces it
@@ -77,7 +76,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m.get(best_metric, worst), best_mode=best_mode, **common
         )
-        self.best = _manager(os.path.join(workdir, FOLDERS["best"]), options)
+        self.best = _manager(folders["best"], options)
 
     @staticmethod
     def _args(state, data_state: dict) -> ocp.args.Composite:

@@ -38,7 +38,7 @@ def require_run(config: ml_collections.ConfigDict, workdir: str, which: str, dat
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
-    folder = os.path.join(workdir, checkpointing.FOLDERS[which])
+    folder = os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS[which])
     if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
         raise WorkdirError(f"{workdir} has no {which} checkpoint yet (nothing saved in {folder})")
     return check_run_config(config, workdir, dataset)

@@ -86,7 +86,7 @@ def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant:
     from segjax import workdirs  # jax and tfds only when a study is run, not on import
 
     diff = workdirs.saved_differences(run_dir, config, dataset)
-    if diff:
+    if diff and not workdirs.saved_nothing(run_dir):  # a start that saved nothing is trained anew
         raise WorkdirError(
             f"{run_dir} holds a run of another config than variant {variant!r} now gives "
             f"(differs in: {configuration.listed(diff)}); "

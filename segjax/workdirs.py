@@ -20,6 +20,8 @@ from segjax.errors import WorkdirError
 
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
+CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
+RESULT_FILES = ("metrics.jsonl", "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
 
 
 def require_folder(path: str, flag: str = "--workdir") -> None:
@@ -55,7 +57,8 @@ def prepare(
     `dataset` (`sources.dataset_id`) counts as part of the config: a folder whose files changed
     since the run started is refused like a changed key (`dataset.json` records it).
     `resumable=False` (runs that cannot resume, e.g. baselines) leaves --allow_config_changes
-    out of the refusal's advice.
+    out of the refusal's advice. A folder holding only the config of a start that saved nothing
+    (`saved_nothing`) is not refused: its config is kept as `config.before-*.json` and replaced.
 
     On several hosts process 0 alone reads, decides (moves or refuses) and writes `config.json`
     (atomically); the others wait for it, so none reads a half-written file or creates folders
@@ -84,16 +87,28 @@ def saved_differences(workdir: str, config, dataset: str | None = None) -> list[
     return diff if old == dataset else [*diff, f"dataset ({old} -> {dataset}: its files or preparation changed)"]
 
 
+def saved_nothing(workdir: str) -> bool:
+    """True when the folder holds no checkpoint step and nothing logged (`RESULT_FILES`): only the
+    config of a start that stopped before its first log line, e.g. at a check of the data."""
+    for sub in CHECKPOINT_FOLDERS.values():
+        folder = os.path.join(workdir, sub)
+        if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+            return False
+    return not any(os.path.exists(os.path.join(workdir, name)) for name in RESULT_FILES)
+
+
 def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable, dataset) -> None:
     path = os.path.join(workdir, "config.json")
     diff = saved_differences(workdir, config, dataset)  # None: a new folder
-    if diff and overwrite:
+    # a start that stopped before saving anything (a bad crop, NaN at step 0): nothing to lose or mix
+    unused = bool(diff) and saved_nothing(workdir)
+    if diff and overwrite and not unused:
         moved = f"{workdir.rstrip('/')}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(workdir, moved)  # its lock file (still held by us) moves with it
         logging.warning("--overwrite: moved the previous run to %s", moved)
         if held is not None:
             held.enter_context(lock(workdir))
-    elif diff and not allow_config_changes:
+    elif diff and not allow_config_changes and not unused:
         shown = configuration.listed(diff)
         resume = "--allow_config_changes to resume with the new values, " if resumable else ""
         raise WorkdirError(
@@ -103,7 +118,8 @@ def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, 
     elif diff:
         backup = os.path.join(workdir, f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.json")
         shutil.copy(path, backup)
-        logging.warning("resuming with changed config keys %s (old config kept in %s)", diff, backup)
+        what = "starting anew (it saved nothing)" if unused else "resuming"
+        logging.warning("%s with changed config keys %s (old config kept in %s)", what, diff, backup)
     os.makedirs(workdir, exist_ok=True)
     with writers.replaced(path) as f:  # a reader sees the old file or the whole new one
         f.write(configuration.to_json(config))

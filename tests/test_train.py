@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, configuration, preflight, rescore, train, workdirs
+from segjax import checkpointing, configuration, preflight, rescore, study, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT, assert_trees_equal, load_config
@@ -219,6 +219,45 @@ def test_different_config_in_same_workdir_is_refused(tiny_config, tmp_path):
     assert len(moved) == 1 and os.path.exists(os.path.join(tmp_path, moved[0], "metrics.json"))
 
 
+def test_a_start_that_saved_nothing_does_not_block_the_corrected_command(tiny_config, tmp_path):
+    """A run stopped by a check after its config was written (here a crop larger than the
+    images, known once the data is read) saved nothing: the corrected command trains there, the
+    first config kept beside it; a folder with a checkpoint step or a log line is still refused,
+    by training and by a study."""
+    workdir = str(tmp_path / "run")
+    tiny_config.data.augment.crop = 64
+    with pytest.raises(ConfigError, match="larger than the image"):
+        train.train_and_evaluate(tiny_config, workdir)
+    assert workdirs.saved_nothing(workdir)
+    tiny_config.data.augment.crop, tiny_config.train.steps = 0, 2
+    train.train_and_evaluate(tiny_config, workdir)  # was: "holds a run with a different config"
+    backups = [n for n in os.listdir(workdir) if n.startswith("config.before-")]
+    with open(os.path.join(workdir, backups[0]), encoding="utf-8") as f:
+        assert len(backups) == 1 and json.load(f)["data"]["augment"]["crop"] == 64
+    assert not workdirs.saved_nothing(workdir)
+    tiny_config.model.depth = 1
+    with pytest.raises(WorkdirError, match=r"differs in: model.depth"):
+        workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)
+    logged, saved = tmp_path / "logged", tmp_path / "saved"
+    os.makedirs(logged)
+    (logged / "metrics.jsonl").touch()
+    os.makedirs(saved / "best" / "7")
+    for other in (logged, saved):
+        (other / "config.json").write_text(configuration.to_json(load_config("tiny")))
+        assert not workdirs.saved_nothing(str(other))
+        with pytest.raises(WorkdirError, match=r"differs in: .*model.depth"):
+            workdirs.prepare(tiny_config, str(other), overwrite=False, allow_config_changes=False)
+    unused = tmp_path / "study" / "a" / "seed_0"  # a study's run folder whose first start failed
+    os.makedirs(unused)
+    (unused / "config.json").write_text(configuration.to_json(load_config("tiny")))
+    base = load_config("tiny")
+    base.data.tfds_dir = tiny_config.data.tfds_dir
+    study.planned_runs(base, {"a": {"model.depth": 1}}, [0], str(tmp_path / "study"))  # not refused
+    (unused / "metrics.jsonl").touch()
+    with pytest.raises(WorkdirError, match="another config than variant 'a'"):
+        study.planned_runs(base, {"a": {"model.depth": 1}}, [0], str(tmp_path / "study"))
+
+
 def test_second_run_in_a_busy_workdir_stops_before_touching_it(tiny_config, tmp_path):
     """Two trainers in one folder would interleave checkpoints and logs: the second one stops
     with BusyError naming the holder, and with --overwrite the busy run is not moved aside."""
@@ -242,6 +281,7 @@ def test_overwrite_locks_the_fresh_workdir(tiny_config, tmp_path):
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(configuration.to_json(tiny_config))
+    open(os.path.join(workdir, "metrics.jsonl"), "w").close()  # a run that logged
     tiny_config.model.depth = 1
     with contextlib.ExitStack() as held:
         held.enter_context(workdirs.lock(workdir))
@@ -260,6 +300,7 @@ def test_run_saved_before_a_field_existed_resumes_unless_the_field_is_set(tiny_c
     del old["instances"], old["pretrain"]  # fields added in a later version of segjax
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(old, f, default=list)
+    os.makedirs(os.path.join(workdir, "checkpoints", "5"))  # a run that saved a step
     workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)  # defaults: fine
     tiny_config.pretrain.steps = 5
     with pytest.raises(WorkdirError, match=r"differs in: pretrain.steps"):
