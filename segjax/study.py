@@ -276,6 +276,21 @@ def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = 
     return table
 
 
+def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=()) -> str:
+    """comparison.md: each variant minus `reference`, paired by seed (`segjax.compare`), over the
+    summary's columns; returns the markdown table."""
+    from segjax import compare  # scipy only when asked
+
+    columns = summary_keys(rows, extra_keys)
+    table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
+    with writers.replaced(os.path.join(workdir, "comparison.md")) as f:
+        f.write(
+            f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI] and "
+            "the paired t-test's p (not adjusted for the number of variants).\n\n" + table + "\n"
+        )
+    return table
+
+
 def define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
     flags.DEFINE_string("study", None, "Study file FILE.py[:arg] with get_config and get_variants.")
@@ -285,6 +300,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("collect_only", False, "Only rebuild runs.csv and summary.md from finished runs.")
     flags.DEFINE_list("summary_keys", [], "More metrics.json keys for summary.md, e.g. val/dice/membrane.")
     flags.DEFINE_bool("pooled", False, "Add a row over every run of every variant (the folds of a cross-validation).")
+    flags.DEFINE_string(
+        "compare_to", "", "A variant: write comparison.md, every other variant minus it, paired by seed."
+    )
 
 
 def main(argv):
@@ -297,6 +315,8 @@ def main(argv):
         if f.seeds < 1:
             raise ConfigError(f"--seeds={f.seeds}: give at least one seed per variant")
         base, variants = load_study(f.study)
+        if f.compare_to and f.compare_to not in variants:
+            raise ConfigError(f"--compare_to={f.compare_to!r} is not a variant of this study: {list(variants)}")
         from segjax import workdirs
 
         workdirs.require_folder(f.workdir)
@@ -316,6 +336,13 @@ def main(argv):
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{notes}\n")
         print(write_results(f.workdir, rows, f.summary_keys, f.pooled))
+        if f.compare_to and rows:
+            try:
+                table = write_comparison(f.workdir, rows, f.compare_to, f.summary_keys)
+            except KeyError as err:  # the reference's runs failed or are still training elsewhere
+                print(f"\nno comparison.md: {err.args[0]}")
+            else:
+                print(f"\neach variant minus {f.compare_to}, paired by seed (comparison.md):\n{table}")
 
 
 if __name__ == "__main__":

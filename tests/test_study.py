@@ -146,6 +146,31 @@ def test_summary_keys_no_variant_gives_are_refused_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "w" / "a")  # nothing trained
 
 
+def test_cli_compares_variants_paired_by_seed(tmp_path):
+    """--compare_to=a writes comparison.md: b minus a, paired by seed (the hand-checked numbers of
+    tests/test_compare.py); a reference that is not a variant is refused before anything runs."""
+    workdir = tmp_path / "w"
+    for variant, values in (("a", (0.5, 0.6, 0.7)), ("b", (0.6, 0.8, 1.0))):
+        for seed, value in enumerate(values):
+            os.makedirs(workdir / variant / f"seed_{seed}")
+            (workdir / variant / f"seed_{seed}" / "metrics.json").write_text(json.dumps({"val/miou": value}))
+    path = tmp_path / "s.py"
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
+        "def get_variants(arg=None):\n    return {'a': {}, 'b': {'model.skips': 'none'}}\n"
+    )
+    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={workdir}", "--collect_only"]
+    done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(workdir / "comparison.md", encoding="utf-8") as f:
+        text = f.read()
+    assert "| variant - a | val/miou |" in text and "| b | +0.2000 [-0.0484, +0.4484] p=0.074 (n=3) |" in text
+    assert "| b | +0.2000 [-0.0484, +0.4484] p=0.074 (n=3) |" in done.stdout
+    done = subprocess.run([*command, "--compare_to=c"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--compare_to='c' is not a variant of this study: ['a', 'b']" in done.stderr
+
+
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     path = tmp_path / "s.py"
     path.write_text("def get_config(arg=None):\n    import ml_collections\n    return ml_collections.ConfigDict()\n")
