@@ -3,11 +3,11 @@
 A study trains every variant with the same seeds (`train.seed` s: the same data order, and the
 same initial weights where the variants' networks have the same parameters), so variant and
 reference runs of one seed form a pair and the seed-to-seed spread they share cancels in their
-difference. Per
-variant and metric: the mean difference (variant - reference) over the seeds both finished, its
-95 % confidence interval (Student t on the paired differences) and the two-sided paired t-test's
-p-value. With one pair there is no spread to test against: n/a. The p-values are not adjusted for
-the number of variants compared (Holm or Bonferroni, by hand, if many are).
+difference. Per variant and metric: the mean difference (variant - reference) over the seeds
+both finished, its 95 % confidence interval (Student t on the paired differences) and the
+two-sided paired t-test's p-value. With one pair there is no spread to test against: n/a. The
+p-values are not adjusted for the number of variants compared (Holm or Bonferroni, by hand, if
+many are).
 
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips \
         --seeds=5 --compare_to=unet

@@ -36,10 +36,11 @@ def require_run(config: ml_collections.ConfigDict, workdir: str, which: str, dat
     (`check_run_config`, `dataset` as there)."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise WorkdirError(f"{workdir} holds no run (no checkpoints/ folder) to load")
-    folder = os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS[which])
-    if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
+    latest = workdirs.CHECKPOINT_FOLDERS["latest"]
+    if not os.path.isdir(os.path.join(workdir, latest)):
+        raise WorkdirError(f"{workdir} holds no run (no {latest}/ folder) to load")
+    if not workdirs.has_checkpoint(workdir, which):
+        folder = os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS[which])
         raise WorkdirError(f"{workdir} has no {which} checkpoint yet (nothing saved in {folder})")
     return check_run_config(config, workdir, dataset)
 

@@ -138,7 +138,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)
         if config.pretrain.steps and ckpt.latest_step() is None:  # the classic recipe's first stage
-            encoder = pretrain.run(config, os.path.join(workdir, "pretrain"), model, splits, mesh)
+            encoder = pretrain.run(config, os.path.join(workdir, workdirs.PRETRAIN_FOLDER), model, splits, mesh)
             train_state = pretrain.load_encoder(train_state, encoder)
         summary = model_summary(model, train_state.variables(), sample)
     else:

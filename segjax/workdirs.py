@@ -22,6 +22,7 @@ LOCK_FILE = ".lock"  # in the workdir: held by the process training there
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
 RESULT_FILES = ("metrics.jsonl", "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
+PRETRAIN_FOLDER = "pretrain"  # in the workdir: the encoder's pretraining stage (its own checkpoints and logs)
 
 
 def require_folder(path: str, flag: str = "--workdir") -> None:
@@ -87,14 +88,21 @@ def saved_differences(workdir: str, config, dataset: str | None = None) -> list[
     return diff if old == dataset else [*diff, f"dataset ({old} -> {dataset}: its files or preparation changed)"]
 
 
+def has_checkpoint(workdir: str, which: str) -> bool:
+    """Whether the `latest` or `best` checkpoint folder holds a saved step (orbax names each
+    step's folder by its number; an interrupted save's temporary folder does not count)."""
+    folder = os.path.join(workdir, CHECKPOINT_FOLDERS[which])
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def saved_nothing(workdir: str) -> bool:
-    """True when the folder holds no checkpoint step and nothing logged (`RESULT_FILES`): only the
-    config of a start that stopped before its first log line, e.g. at a check of the data."""
-    for sub in CHECKPOINT_FOLDERS.values():
-        folder = os.path.join(workdir, sub)
-        if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
-            return False
-    return not any(os.path.exists(os.path.join(workdir, name)) for name in RESULT_FILES)
+    """True when the folder holds no checkpoint step, nothing logged (`RESULT_FILES`) and no
+    pretraining stage: only the config of a start that stopped before its first log line, e.g.
+    at a check of the data."""
+    if any(has_checkpoint(workdir, which) for which in CHECKPOINT_FOLDERS):
+        return False
+    kept = (*RESULT_FILES, PRETRAIN_FOLDER)
+    return not any(os.path.exists(os.path.join(workdir, name)) for name in kept)
 
 
 def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable, dataset) -> None:

@@ -238,11 +238,12 @@ def test_a_start_that_saved_nothing_does_not_block_the_corrected_command(tiny_co
     tiny_config.model.depth = 1
     with pytest.raises(WorkdirError, match=r"differs in: model.depth"):
         workdirs.prepare(tiny_config, workdir, overwrite=False, allow_config_changes=False)
-    logged, saved = tmp_path / "logged", tmp_path / "saved"
+    logged, saved, pretrained = tmp_path / "logged", tmp_path / "saved", tmp_path / "pretrained"
     os.makedirs(logged)
     (logged / "metrics.jsonl").touch()
     os.makedirs(saved / "best" / "7")
-    for other in (logged, saved):
+    os.makedirs(pretrained / "pretrain" / "checkpoints" / "4")  # the encoder's stage saved, the main one not yet
+    for other in (logged, saved, pretrained):
         (other / "config.json").write_text(configuration.to_json(load_config("tiny")))
         assert not workdirs.saved_nothing(str(other))
         with pytest.raises(WorkdirError, match=r"differs in: .*model.depth"):

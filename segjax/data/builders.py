@@ -51,9 +51,8 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
         skip = {k: tfds.decode.SkipDecoding() for k in keys if isinstance(features[k], tfds.features.Image)}
         for split in ("train", "validation"):
             stored = self.as_data_source(split=split, decoders=skip)[0]
-            fresh = self._render(split, 0)
+            fresh, where = self._render(split, 0), f"{self.name}/{split}[0]"
             for key in keys:
-                where = f"{self.name}/{split}[0]"
                 if not np.array_equal(png.as_array(stored[key], where).ravel(), np.asarray(fresh[key]).ravel()):
                     raise DataError(
                         f"the prepared {self.name}/{self.builder_config.name}/{self.version} in {self.data_dir} "
