@@ -17,6 +17,18 @@ from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
 
+def tiny_study(tmp_path, variants: dict) -> list[str]:
+    """A study file of configs/tiny.py (train.seed 0) with `variants`; returns the study command
+    (without --workdir)."""
+    path = tmp_path / "s.py"
+    path.write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
+        f"def get_variants(arg=None):\n    return {variants!r}\n"
+    )
+    return [sys.executable, "-m", "segjax.study", f"--study={path}"]
+
+
 def test_summary_is_mean_and_sample_std_over_seeds():
     rows = [
         {"variant": "a", "seed": 0, "val/miou": 0.5, "val/mdice": 0.6},
@@ -132,13 +144,7 @@ def test_summary_keys_no_variant_gives_are_refused_before_training(tmp_path):
         study.check_summary_keys(base, variants, [f"val/dice/{thing}x"])
     # instance scores are named by the first evaluation: a variant with instances on lets val/ keys pass
     study.check_summary_keys(base, {**variants, "c": {"instances.enabled": True}}, ["val/pq"])
-    path = tmp_path / "s.py"
-    path.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
-        "def get_config(arg=None):\n    return tiny.get_config()\n"
-        "def get_variants(arg=None):\n    return {'a': {}}\n"
-    )
-    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={tmp_path / 'w'}"]
+    command = [*tiny_study(tmp_path, {"a": {}}), f"--workdir={tmp_path / 'w'}"]
     done = subprocess.run(
         [*command, "--summary_keys=val/dice/tol"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -154,13 +160,7 @@ def test_cli_compares_variants_paired_by_seed(tmp_path):
         for seed, value in enumerate(values):
             os.makedirs(workdir / variant / f"seed_{seed}")
             (workdir / variant / f"seed_{seed}" / "metrics.json").write_text(json.dumps({"val/miou": value}))
-    path = tmp_path / "s.py"
-    path.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
-        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
-        "def get_variants(arg=None):\n    return {'a': {}, 'b': {'model.skips': 'none'}}\n"
-    )
-    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={workdir}", "--collect_only"]
+    command = [*tiny_study(tmp_path, {"a": {}, "b": {"model.skips": "none"}}), f"--workdir={workdir}", "--collect_only"]
     done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(workdir / "comparison.md", encoding="utf-8") as f:
@@ -204,13 +204,7 @@ def test_tables_hold_the_asked_seeds_and_collect_only_refuses_an_edited_study(tm
     assert [r["seed"] for r in study.collect(str(workdir))] == [0, 1, 2, 10]  # numeric order
     assert [r["seed"] for r in study.collect(str(workdir), ["a"], [0, 1])] == [0, 1]
     assert study.other_seeds(str(workdir), ["a"], [0, 1]) == 2
-    path = tmp_path / "s.py"
-    path.write_text(
-        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
-        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
-        "def get_variants(arg=None):\n    return {'a': {}}\n"
-    )
-    command = [sys.executable, "-m", "segjax.study", f"--study={path}", f"--workdir={workdir}", "--collect_only"]
+    command = [*tiny_study(tmp_path, {"a": {}}), f"--workdir={workdir}", "--collect_only"]
     done = subprocess.run([*command, "--seeds=2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 finished runs" in done.stdout and "2 of other seeds than 0..1 left out" in done.stdout
