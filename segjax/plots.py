@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import matplotlib.pyplot as plt
 
-from segjax import study
+from segjax import study, writers
 
 
 def study_bars(rows: list[dict], key: str = "val/miou", title: str = ""):
@@ -32,11 +31,10 @@ def study_bars(rows: list[dict], key: str = "val/miou", title: str = ""):
 def training_curves(workdir: str, keys=("train/loss", "val/miou")):
     """The logged history of one run (metrics.jsonl), one panel per key, against the step. A key
     the log never holds is an error naming the logged ones (not an empty panel)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, writers.LOG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run folder (or logged nothing yet)")
-    with open(path, encoding="utf-8") as f:
-        history = [json.loads(line) for line in f if line.strip()]
+    history = writers.read_log(workdir)  # one row per step, also after a resume
     study.require_keys(history, keys, path)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):

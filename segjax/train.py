@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -344,11 +343,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
 
 
 def _last_logged(workdir: str, key: str):
-    path = os.path.join(workdir, "metrics.jsonl")
-    value = None
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                value = row.get(key, value)
-    return value
+    """`key` at the last step that logged it (None if none did)."""
+    if not os.path.exists(os.path.join(workdir, writers.LOG_FILE)):
+        return None
+    return next((row[key] for row in reversed(writers.read_log(workdir)) if key in row), None)

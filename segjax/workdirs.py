@@ -21,7 +21,7 @@ from segjax.errors import WorkdirError
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
-RESULT_FILES = ("metrics.jsonl", "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
+RESULT_FILES = (writers.LOG_FILE, "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
 PRETRAIN_FOLDER = "pretrain"  # in the workdir: the encoder's pretraining stage (its own checkpoints and logs)
 
 

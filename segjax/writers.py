@@ -13,6 +13,7 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 
 
 def _plain(value):
@@ -38,6 +39,12 @@ def replaced(path: str, newline: str | None = None):
     os.replace(partial, path)
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def write_summary(path: str, results: dict) -> None:
     """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null."""
     with open(path, "w", encoding="utf-8") as f:
@@ -53,6 +60,29 @@ def write_table(path: str, rows: list[dict]) -> None:
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
 
 
+LOG_FILE = "metrics.jsonl"
+
+
+def read_log(workdir: str) -> list[dict]:
+    """A run's metrics.jsonl as one dict per logged step, in step order. A resumed run logs the
+    steps after its last checkpoint again: the later row of a step wins (key by key, as train and
+    validation rows of one step are separate lines), so a curve never runs back in steps. A line
+    cut off by a crash mid-write is skipped with a warning naming it (the step was logged again)."""
+    path = os.path.join(workdir, LOG_FILE)
+    steps: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                logging.warning("%s:%d is not a whole JSON row (cut off by a crash?); skipped", path, number)
+                continue
+            steps.setdefault(row["step"], {}).update(row)
+    return [steps[s] for s in sorted(steps)]
+
+
 class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
@@ -60,7 +90,10 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(workdir, LOG_FILE)
+            self._jsonl = open(path, "a+", encoding="utf-8")
+            if self._jsonl.tell() and not _ends_with_newline(path):  # a row cut off by a crash: end it
+                self._jsonl.write("\n")
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict) -> None:

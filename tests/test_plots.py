@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.container import ErrorbarContainer
 
-from segjax import plots
+from segjax import plots, writers
 
 
 def test_study_bars_are_means_with_std_error_bars():
@@ -51,3 +51,27 @@ def test_keys_nothing_logged_are_errors_not_empty_plots(tmp_path):
         plots.training_curves(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a run folder"):
         plots.training_curves(str(tmp_path / "missing"))
+
+
+def test_a_resumed_runs_log_reads_one_row_per_step(tmp_path):
+    """Killed after logging steps 1-4 (checkpoint at 2) in the middle of writing step 5's row,
+    then resumed from step 2: the log holds steps 3-4 twice and a cut-off line. The reader gives
+    one row per step, the later row winning; the writer ends the cut-off line before appending,
+    so the resumed run's first row is whole; the curve runs forward only."""
+    first = writers.MetricWriter(str(tmp_path))
+    for step in (1, 2, 3, 4):
+        first.write(step, {"train/loss": 1.0 / step})
+    first.write(4, {"val/miou": 0.4})  # validation is a row of its own at the same step
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "train/lo')  # the crash
+    resumed = writers.MetricWriter(str(tmp_path))
+    for step in (3, 4, 5):
+        resumed.write(step, {"train/loss": 0.9 / step})
+    resumed.close()
+    log = writers.read_log(str(tmp_path))
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["train/loss"] for r in log] == [1.0, 0.5, 0.3, 0.225, 0.18]  # 0.9 / step after the resume
+    assert log[3]["val/miou"] == 0.4  # the first run's validation row is kept where nothing replaced it
+    fig = plots.training_curves(str(tmp_path), keys=("train/loss",))
+    np.testing.assert_array_equal(fig.axes[0].lines[0].get_xdata(), [1, 2, 3, 4, 5])
