@@ -23,7 +23,6 @@ Scores go through `segjax.evaluate.scores` (same conventions, boundary IoU, tabl
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -178,8 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     path = os.path.join(workdir, "metrics.json")
     trained = os.path.isdir(os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS["latest"]))  # also one still training
     if not trained and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            trained = "baseline" not in json.load(f)
+        trained = "baseline" not in writers.read_json(path)
     if trained:
         raise SegjaxError(f"{workdir} holds a trained run; use another --workdir for the baseline")
     dataset = sources.dataset_id(config.data)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import sys
@@ -74,8 +73,7 @@ def _finished(run_dir: str, steps: int) -> bool:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("step") == steps
+    return writers.read_json(path).get("step") == steps
 
 
 def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str, dataset: str) -> None:
@@ -192,8 +190,7 @@ def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
         for entry in sorted(os.listdir(vdir), key=lambda e: (len(e), e)):  # seed_2 before seed_10
             path = os.path.join(vdir, entry, "metrics.json")
             if entry.startswith("seed_") and os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    metrics = json.load(f)
+                metrics = writers.read_json(path)
                 numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 rows.append({"variant": variant, "seed": int(entry[len("seed_") :]), **numeric})
     return rows

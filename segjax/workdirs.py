@@ -78,13 +78,11 @@ def saved_differences(workdir: str, config, dataset: str | None = None) -> list[
     saved = os.path.join(workdir, "config.json")
     if not os.path.exists(saved):
         return None
-    with open(saved, encoding="utf-8") as f:
-        diff = configuration.differences(json.load(f), config.to_dict())
+    diff = configuration.differences(writers.read_json(saved), config.to_dict())
     path = os.path.join(workdir, DATASET_FILE)
     if dataset is None or not os.path.exists(path):
         return diff
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)["dataset"]
+    old = writers.read_json(path)["dataset"]
     return diff if old == dataset else [*diff, f"dataset ({old} -> {dataset}: its files or preparation changed)"]
 
 

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from segjax.errors import WorkdirError
+
 
 def _plain(value):
     value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
@@ -46,14 +48,26 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def write_summary(path: str, results: dict) -> None:
-    """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null."""
-    with open(path, "w", encoding="utf-8") as f:
+    """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null.
+    Replaced whole (`replaced`): a crash mid-write leaves the previous file, not half of one."""
+    with replaced(path) as f:
         json.dump({k: _plain(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
 
 
+def read_json(path: str) -> dict:
+    """A JSON file segjax wrote (config.json, dataset.json, metrics.json); one edited into
+    invalid JSON is a WorkdirError naming it, not a traceback from the json module."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise WorkdirError(f"{path} is not valid JSON ({err}); restore it or move its folder away") from None
+
+
 def write_table(path: str, rows: list[dict]) -> None:
-    """Rows with the same keys as CSV (per-image results); NaN is written as an empty cell."""
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    """Rows with the same keys as CSV (per-image results); NaN is written as an empty cell.
+    Replaced whole, as `write_summary`."""
+    with replaced(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         for row in rows:
