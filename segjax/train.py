@@ -53,18 +53,38 @@ def model_summary(model, variables, sample) -> dict[str, float]:
 
 
 class _Preemption:
-    """SIGTERM (what schedulers send before killing a job) -> checkpoint at the next step, exit."""
+    """SIGTERM (what schedulers send before killing a job) -> checkpoint at the next step, exit.
+
+    With several processes every one must save the same step (a process that stopped alone
+    would leave the others waiting in a collective): JAX's preemption service, started by
+    `jax.distributed.initialize`, catches the signal on whichever hosts get it, tells the
+    others, and `reached(step)` turns True on all of them at one step. One process: a Python
+    handler sets a flag."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._service = None
 
     def __enter__(self):
+        from jax._src import distributed  # the public API has no "is the service running" query
+
+        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
+            from jax.experimental import multihost_utils
+
+            self._service = multihost_utils.reached_preemption_sync_point  # it handles SIGTERM itself
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
             self._previous = None
         return self
+
+    def reached(self, step: int) -> bool:
+        """Whether to save at `step` and exit; call it at every step (on every process)."""
+        if self._service is not None and self._service(step):
+            self.requested = True
+        return self.requested
 
     def _handle(self, signum, frame):
         del signum, frame
@@ -300,9 +320,10 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                         )
                     if math.isfinite(results[best]):
                         ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
-                if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
+                stop = preempt.reached(step)
+                if step % config.train.checkpoint_every == 0 or step == total or stop:
                     ckpt.save(step, checkpointable(train_state), data_iter.get_state())
-                if preempt.requested:
+                if stop:
                     logging.warning(
                         "SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step
                     )
