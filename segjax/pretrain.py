@@ -110,9 +110,10 @@ def scores(counts: np.ndarray, class_names) -> dict[str, float]:
     return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, mesh) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, mesh, preempt=None) -> dict | None:
     """Pretrain (or resume, or reuse the finished run in `workdir`); return the encoder's variables
-    `{'params': ..., 'batch_stats': ...}` and write `workdir/metrics.json`."""
+    `{'params': ..., 'batch_stats': ...}` and write `workdir/metrics.json`. None when `preempt`
+    (`segjax.preemption.Preemption`) asked to stop: the step reached is saved, to resume from."""
     steps, pidx, pcount = config.pretrain.steps, jax.process_index(), jax.process_count()
     os.makedirs(workdir, exist_ok=True)
     host_batch = parallel.host_batch_size(config.train.batch_size)
@@ -161,9 +162,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
                 window.clear()
                 writer.write(step, {"pretrain/train/loss": loss})
                 bar.set_postfix(loss=f"{loss:.4f}")
-            if step % config.train.checkpoint_every == 0 or step == steps:
+            stop = preempt is not None and preempt.reached()
+            if step % config.train.checkpoint_every == 0 or step == steps or stop:
                 read_losses()  # no checkpoint after a step whose loss was not finite
                 ckpt.save(step, st, data_iter.get_state())
+            if stop:
+                logging.warning("SIGTERM: saved a pretraining checkpoint at step %d; exiting (rerun to resume)", step)
+                return None
         eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, batch_sh), out_shardings=repl)
         batches = pipeline.eval_batches(
             splits["validation"],

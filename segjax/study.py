@@ -162,9 +162,13 @@ def run_study(
             continue
         logging.info("study: training %s", run_dir)
         try:
-            train.train_and_evaluate(c, run_dir)
+            result = train.train_and_evaluate(c, run_dir)
         except BusyError as err:  # another process of this study trains it: take the next one
             logging.info("study: skipping %s (%s)", run_dir, err)
+            continue
+        if result.get("preempted"):  # SIGTERM: that run saved its step; the next must not start
+            logging.warning("study: stopped by SIGTERM during %s; rerun the command to continue the study", run_dir)
+            break
     return collect(workdir, list(variants), seeds)
 
 

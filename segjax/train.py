@@ -6,7 +6,6 @@ import contextlib
 import functools
 import math
 import os
-import signal
 import time
 
 import jax
@@ -23,6 +22,7 @@ from segjax import (
     metrics,
     optim,
     parallel,
+    preemption,
     preflight,
     pretrain,
     report,
@@ -50,49 +50,6 @@ def model_summary(model, variables, sample) -> dict[str, float]:
             variables["params"], model.depth, model.inference_head
         )
     return summary
-
-
-class _Preemption:
-    """SIGTERM (what schedulers send before killing a job) -> checkpoint at the next step, exit.
-
-    With several processes every one must save the same step (a process that stopped alone
-    would leave the others waiting in a collective): JAX's preemption service, started by
-    `jax.distributed.initialize`, catches the signal on whichever hosts get it, tells the
-    others, and `reached(step)` turns True on all of them at one step. One process: a Python
-    handler sets a flag."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._service = None
-
-    def __enter__(self):
-        from jax._src import distributed  # the public API has no "is the service running" query
-
-        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
-            from jax.experimental import multihost_utils
-
-            self._service = multihost_utils.reached_preemption_sync_point  # it handles SIGTERM itself
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
-        return self
-
-    def reached(self, step: int) -> bool:
-        """Whether to save at `step` and exit; call it at every step (on every process)."""
-        if self._service is not None and self._service(step):
-            self.requested = True
-        return self.requested
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_tx(config, model):
@@ -130,10 +87,11 @@ def train_and_evaluate(
     with contextlib.ExitStack() as held:
         if jax.process_index() == 0:
             held.enter_context(workdirs.lock(workdir))
-        return _train_and_evaluate(config, workdir, overwrite, allow_config_changes, held)
+        preempt = held.enter_context(preemption.Preemption())  # both stages: pretraining and training
+        return _train_and_evaluate(config, workdir, overwrite, allow_config_changes, held, preempt)
 
 
-def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_changes: bool, held) -> dict:
+def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, preempt) -> dict:
     use_pmap = config.parallel.mode == "pmap"
     axis = parallel.PMAP_AXIS if use_pmap else None
     model = build_model(config.model, instances.num_outputs(config), norm_axis_name=axis)
@@ -157,7 +115,11 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)
         if config.pretrain.steps and ckpt.latest_step() is None:  # the classic recipe's first stage
-            encoder = pretrain.run(config, os.path.join(workdir, workdirs.PRETRAIN_FOLDER), model, splits, mesh)
+            stage = os.path.join(workdir, workdirs.PRETRAIN_FOLDER)
+            encoder = pretrain.run(config, stage, model, splits, mesh, preempt)
+            if encoder is None:  # SIGTERM: the pretraining stage saved its step; rerun to resume it
+                ckpt.close()
+                return {"step": 0, "preempted": True}
             train_state = pretrain.load_encoder(train_state, encoder)
         summary = model_summary(model, train_state.variables(), sample)
     else:
@@ -273,71 +235,68 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 )
             logging.warning(msg + "; skipping the batch")
 
-    with _Preemption() as preempt:
-        try:
-            while step < total:
-                wait_start = time.perf_counter()
-                host_batch = next(data_iter)
-                data_wait += time.perf_counter() - wait_start
-                train_state, out = train_fn(train_state, put_batch(host_batch))
-                window.append(out)  # read back once per log: no transfer per step
-                if pending is not None:  # read the previous step's outputs while this one runs
-                    check_finite(*pending)
-                pending = (step, out)
-                step += 1
-                window_steps += 1
-                bar.update(1)
-                if step % config.train.log_every == 0 or step == total:
-                    check_finite(*pending)
-                    pending = None
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps / elapsed
-                    means = window_means(jax.device_get(window))
-                    window.clear()
-                    last_train = {f"train/{k}": float(np.mean(v)) for k, v in means.items()}
-                    last_train["train/nonfinite_steps"] = int(means["nonfinite_steps"])
-                    if num_seeds > 1:
-                        for k, s in enumerate(replica_seeds):
-                            last_train[f"seed{s}/train/loss"] = float(means["loss"][k])
-                    last_train["train/steps_per_sec"] = rate
-                    last_train["train/lr"] = float(lr_schedule(step - 1))
-                    # time the loop waited for the input pipeline: an upper bound on device idle time
-                    last_train["train/data_wait_fraction"] = data_wait / elapsed
-                    writer.write(step, last_train)
-                    bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
-                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if step % config.eval.every == 0 or step == total:
-                    results = run_eval()
-                    writer.write(step, results)
-                    bar.write(
-                        f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
-                        f"val/accuracy={results['val/accuracy']:.4f}"
-                    )
-                    if best not in results:  # a key only instance or surface scores could have given
-                        raise ConfigError(
-                            f"train.best_metric={best!r} is not among this run's validation scores; choose "
-                            f"one of {sorted(k for k in results if k.startswith('val/'))}"
-                        )
-                    if math.isfinite(results[best]):
-                        ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
-                stop = preempt.reached(step)
-                if step % config.train.checkpoint_every == 0 or step == total or stop:
-                    ckpt.save(step, checkpointable(train_state), data_iter.get_state())
-                if stop:
-                    logging.warning(
-                        "SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step
-                    )
-                    ckpt.wait()
-                    return {"step": step, "preempted": True}
-            if pending is not None:
+    try:
+        while step < total:
+            wait_start = time.perf_counter()
+            host_batch = next(data_iter)
+            data_wait += time.perf_counter() - wait_start
+            train_state, out = train_fn(train_state, put_batch(host_batch))
+            window.append(out)  # read back once per log: no transfer per step
+            if pending is not None:  # read the previous step's outputs while this one runs
                 check_finite(*pending)
-            if not results:  # resumed a finished run: evaluate the final state once more
+            pending = (step, out)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == total:
+                check_finite(*pending)
+                pending = None
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps / elapsed
+                means = window_means(jax.device_get(window))
+                window.clear()
+                last_train = {f"train/{k}": float(np.mean(v)) for k, v in means.items()}
+                last_train["train/nonfinite_steps"] = int(means["nonfinite_steps"])
+                if num_seeds > 1:
+                    for k, s in enumerate(replica_seeds):
+                        last_train[f"seed{s}/train/loss"] = float(means["loss"][k])
+                last_train["train/steps_per_sec"] = rate
+                last_train["train/lr"] = float(lr_schedule(step - 1))
+                # time the loop waited for the input pipeline: an upper bound on device idle time
+                last_train["train/data_wait_fraction"] = data_wait / elapsed
+                writer.write(step, last_train)
+                bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            if step % config.eval.every == 0 or step == total:
                 results = run_eval()
-        finally:
-            bar.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+                writer.write(step, results)
+                bar.write(
+                    f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
+                    f"val/accuracy={results['val/accuracy']:.4f}"
+                )
+                if best not in results:  # a key only instance or surface scores could have given
+                    raise ConfigError(
+                        f"train.best_metric={best!r} is not among this run's validation scores; choose "
+                        f"one of {sorted(k for k in results if k.startswith('val/'))}"
+                    )
+                if math.isfinite(results[best]):
+                    ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
+            stop = preempt.reached()
+            if step % config.train.checkpoint_every == 0 or step == total or stop:
+                ckpt.save(step, checkpointable(train_state), data_iter.get_state())
+            if stop:
+                logging.warning("SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step)
+                ckpt.wait()
+                return {"step": step, "preempted": True}
+        if pending is not None:
+            check_finite(*pending)
+        if not results:  # resumed a finished run: evaluate the final state once more
+            results = run_eval()
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
     if pcount > 1:  # nobody leaves (and tears down the coordination service) while others still save
         parallel.host_barrier("segjax: training finished")
 

@@ -245,3 +245,43 @@ def test_recipe_config_errors(tiny_config, tmp_path, overrides, message):
         tiny_config[section][field] = value
     with pytest.raises(ConfigError, match=message):
         train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+
+
+class _SignalBefore:
+    """A Preemption whose SIGTERM arrives before training step `n` (its n-th `reached` call)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def reached(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_a_preempted_pretraining_stage_saves_its_step_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """SIGTERM during the encoder's pretraining: the stage saves the step it reached and the run
+    stops (it used to train on to the next checkpoint, or die without one); rerunning resumes
+    the stage and gives the encoder of an uninterrupted run, bit for bit."""
+    tiny_config.pretrain.steps, tiny_config.train.log_every, tiny_config.train.checkpoint_every = 8, 2, 100
+    model, mesh = build_model(tiny_config.model, 4), parallel.make_mesh()
+    splits = sources.open_splits(tiny_config.data)
+    straight = pretrain.run(tiny_config, str(tmp_path / "straight"), model, splits, mesh)
+    stage = str(tmp_path / "stopped")
+    assert pretrain.run(tiny_config, stage, model, splits, mesh, _SignalBefore(3)) is None
+    assert os.listdir(os.path.join(stage, "checkpoints")) == ["3"]
+    resumed = pretrain.run(tiny_config, stage, model, splits, mesh)
+    assert _leaves_equal(resumed, straight)
+    # through the training entry point: stopped in the first stage, then resumed and finished
+    monkeypatch.setattr(train.preemption, "Preemption", lambda: _SignalBefore(5))
+    run = str(tmp_path / "run")
+    assert train.train_and_evaluate(tiny_config, run) == {"step": 0, "preempted": True}
+    assert os.listdir(os.path.join(run, "pretrain", "checkpoints")) == ["5"]
+    assert not os.listdir(os.path.join(run, "checkpoints"))  # the segmentation stage never started
+    monkeypatch.undo()
+    assert train.train_and_evaluate(tiny_config, run)["step"] == tiny_config.train.steps

@@ -135,6 +135,22 @@ def test_study_processes_share_the_work(tfds_dir, tmp_path):
     assert [(r["variant"], r["seed"]) for r in rows] == [("unet", 0), ("unet", 1)]
 
 
+def test_a_preempted_run_stops_the_study(tmp_path, monkeypatch):
+    """SIGTERM during a study's run: that run saves its step and the study stops there. It used
+    to start the next run, which trained until the scheduler killed the job without a checkpoint."""
+    from segjax import train
+
+    started = []
+
+    def preempted(config, run_dir):
+        started.append(os.path.relpath(run_dir, tmp_path))
+        return {"step": 3, "preempted": True}
+
+    monkeypatch.setattr(train, "train_and_evaluate", preempted)
+    rows = study.run_study(load_config("tiny"), {"a": {}, "b": {"model.skips": "none"}}, [0, 1], str(tmp_path))
+    assert started == [os.path.join("a", "seed_0")] and rows == []
+
+
 def test_summary_keys_no_variant_gives_are_refused_before_training(tmp_path):
     base = load_config("tiny")
     thing = base.data.class_names[1]
