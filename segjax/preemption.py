@@ -20,6 +20,8 @@ import jax
 
 
 class Preemption:
+    """Entered once per run (`train.train_and_evaluate`); the SIGTERM handler is restored on exit."""
+
     def __init__(self):
         self.requested = False
         self._previous = None
