@@ -5,9 +5,9 @@ same initial weights where the variants' networks have the same parameters), so 
 reference runs of one seed form a pair and the seed-to-seed spread they share cancels in their
 difference. Per variant and metric: the mean difference (variant - reference) over the seeds
 both finished, its 95 % confidence interval (Student t on the paired differences) and the
-two-sided paired t-test's p-value. With one pair there is no spread to test against: n/a. The
-p-values are not adjusted for the number of variants compared (Holm or Bonferroni, by hand, if
-many are).
+two-sided paired t-test's p-value, and that p-value adjusted for comparing several variants
+(Holm's step-down method over the variants, per metric: it keeps the chance of any false
+"better" or "worse" among them at 5 %). With one pair there is no spread to test against: n/a.
 
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips \
         --seeds=5 --compare_to=unet
@@ -51,6 +51,20 @@ def paired(rows: list[dict], keys, reference: str) -> list[dict]:
             diffs = np.array([a - b for a, b in pairs], np.float64)
             entry.update(_interval(diffs, key))
         out.append(entry)
+    for key in keys:
+        for entry, adjusted in zip(out, holm([e[f"{key}_p"] for e in out]), strict=True):
+            entry[f"{key}_p_holm"] = adjusted
+    return out
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment of m p-values (NaN ones left out of m and left NaN): the i-th
+    smallest p times (m - i + 1), made non-decreasing in that order, at most 1."""
+    ranked = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    out, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * p))
+        out[i] = running
     return out
 
 
@@ -70,7 +84,7 @@ def _interval(diffs: np.ndarray, key: str) -> dict[str, float]:
 
 
 def markdown(comparison: list[dict], keys, reference: str) -> str:
-    """The comparison as a markdown table: per key `+0.0012 [-0.0005, +0.0029] p=0.14 (n=5)`."""
+    """The comparison as a markdown table: per key `+0.0012 [-0.0005, +0.0029] p=0.07 (Holm 0.14, n=5)`."""
     head = f"| variant - {reference} | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 1)]
     for e in comparison:
@@ -83,6 +97,6 @@ def markdown(comparison: list[dict], keys, reference: str) -> str:
                 cells.append(f"{mean:+.4f} (n={n})")
             else:
                 interval = f"[{e[f'{k}_low']:+.4f}, {e[f'{k}_high']:+.4f}]"
-                cells.append(f"{mean:+.4f} {interval} p={e[f'{k}_p']:.2g} (n={n})")
+                cells.append(f"{mean:+.4f} {interval} p={e[f'{k}_p']:.2g} (Holm {e[f'{k}_p_holm']:.2g}, n={n})")
         lines.append(f"| {e['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

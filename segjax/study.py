@@ -286,8 +286,8 @@ def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=
     table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
     with writers.replaced(os.path.join(workdir, "comparison.md")) as f:
         f.write(
-            f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI] and "
-            "the paired t-test's p (not adjusted for the number of variants).\n\n" + table + "\n"
+            f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI], "
+            "the paired t-test's p and p adjusted for the number of variants (Holm).\n\n" + table + "\n"
         )
     return table
 

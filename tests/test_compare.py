@@ -48,6 +48,17 @@ def test_constant_differences_and_missing_keys():
     assert e["val/miou_p"] == 0.0 and e["val/miou_low"] == 0.125 == e["val/miou_high"]
     assert e["val/pq_n"] == 0 and math.isnan(e["val/pq"])  # a key no run computed
     table = compare.markdown([e], ["val/miou", "val/pq"], "ref")
-    assert "| e | +0.1250 [+0.1250, +0.1250] p=0 (n=3) | n/a |" in table
+    assert "| e | +0.1250 [+0.1250, +0.1250] p=0 (Holm 0, n=3) | n/a |" in table
     with pytest.raises(KeyError, match=r"reference variant 'unet' has no finished run; the runs are of \['ref', 'e'\]"):
         compare.paired(rows, ["val/miou"], "unet")
+
+
+def test_holm_adjustment_matches_hand_computed_values():
+    # sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the 0.06 before it; NaN left out of m
+    assert compare.holm([0.01, 0.04, 0.03, math.nan])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(compare.holm([0.01, 0.04, 0.03, math.nan])[3])
+    assert compare.holm([0.5, 0.6]) == [1.0, 1.0]  # at most 1
+    rows = _rows("ref", [0.5, 0.6, 0.7]) + _rows("b", [0.6, 0.8, 1.0]) + _rows("c", [0.5, 0.62, 0.69])
+    b, c = compare.paired(rows, ["val/miou"], "ref")
+    low, high = sorted((b["val/miou_p"], c["val/miou_p"]))
+    assert sorted((b["val/miou_p_holm"], c["val/miou_p_holm"])) == pytest.approx([2 * low, max(2 * low, high)])

@@ -34,7 +34,7 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     assert "| unet | 2 | 0.8500 ± 0.0707 |" in out and "| no_skips | 2 | 0.6100 ± 0.0141 |" in out
     # no_skips - unet by seed: mIoU -0.2, -0.28 (mean -0.24, standard error 0.04), boundary IoU half that;
     # df 1: t(0.975) = 12.706, so -0.12 +- 0.2541; p = 1 - (2 / pi) atan(0.24 / 0.04) = 0.105
-    assert "p=0.11 (n=2) | n/a | n/a | -0.1200 [-0.3741, +0.1341] p=0.11 (n=2) |" in out
+    assert "p=0.11 (Holm 0.11, n=2) | n/a | n/a | -0.1200 [-0.3741, +0.1341] p=0.11 (Holm 0.11, n=2) |" in out
     assert "| no_skips | -0.2400 [" in out
     expected = (("c.png", "0.500"), ("a.png", "0.700"), ("b.png", "0.950"))
     hardest = [out.index(f"{name}  mean Dice {dice}") for name, dice in expected]
