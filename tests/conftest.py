@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -26,6 +27,19 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 SHARED_DATA = os.environ.get("SEGJAX_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+
+def tiny_cli(workdir, tfds_dir, *extra) -> list[str]:
+    """The command line of a `configs/tiny.py` run (segjax.main) in `workdir`."""
+    return [
+        sys.executable,
+        "-m",
+        "segjax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.tfds_dir={tfds_dir}",
+        *extra,
+    ]
 
 
 def load_config(name: str, arg: str | None = None):

@@ -9,14 +9,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, TEST_XLA_FLAGS
+from tests.conftest import ROOT, TEST_XLA_FLAGS, tiny_cli
 
 # XLA:CPU aborts a process (SIGABRT) when its devices' all-reduce rendezvous waits too long; on a
 # loaded 2-core CI machine, 8 fake devices hit that once in 12 sessions (the run itself was fine).
@@ -44,19 +43,39 @@ def run(workdir, tfds_dir, devices, *extra):
 def run_once(workdir, tfds_dir, devices, *extra):
     flags = f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES} {TEST_XLA_FLAGS}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    args = [
-        sys.executable,
-        "-m",
-        "segjax.main",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.data.tfds_dir={tfds_dir}",
+    args = tiny_cli(
+        workdir,
+        tfds_dir,
         "--config.train.batch_size=8",
         "--config.eval.batch_size=8",
         "--config.train.log_every=1",
         *extra,
-    ]
+    )
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def two_processes(workdir, tfds_dir, env, *extra):
+    """Two local CPU processes of one tiny run (one device each, a loopback coordinator)."""
+    port = free_port()
+    common = ("--config.train.batch_size=4", "--config.train.log_every=1", *extra)
+    return [
+        subprocess.Popen(
+            tiny_cli(
+                workdir,
+                tfds_dir,
+                *common,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 def communicate_all(procs, timeout):
@@ -190,33 +209,7 @@ def test_two_processes_train_like_one(tmp_path, tfds_dir, mode, extra):
         JAX_COMPILATION_CACHE_DIR=str(cache),
     )
     multi = tmp_path / f"multi_{mode}"
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "segjax.main",
-                "--config=configs/tiny.py",
-                f"--workdir={multi}",
-                f"--config.data.tfds_dir={tfds_dir}",
-                "--config.train.batch_size=4",
-                "--config.eval.batch_size=8",
-                "--config.train.log_every=1",
-                f"--config.parallel.mode={mode}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = two_processes(multi, tfds_dir, env, "--config.eval.batch_size=8", f"--config.parallel.mode={mode}", *extra)
     outputs = communicate_all(procs, timeout=600)
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -254,35 +247,12 @@ def test_sigterm_to_one_process_saves_one_step_on_every_process(tmp_path, tfds_d
     to act on its own signal only: the signalled one saved and left, the others waited for it in
     their next collective until killed."""
     workdir = tmp_path / "w"
-    port = free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}", JAX_PLATFORMS="cpu")
     never = "100000"  # a run that only ends by the signal
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "segjax.main",
-                "--config=configs/tiny.py",
-                f"--workdir={workdir}",
-                f"--config.data.tfds_dir={tfds_dir}",
-                "--config.train.batch_size=4",
-                "--config.train.log_every=1",
-                f"--config.train.steps={never}",
-                f"--config.train.checkpoint_every={never}",
-                f"--config.eval.every={never}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    ends = ("steps", "checkpoint_every")
+    procs = two_processes(
+        workdir, tfds_dir, env, *(f"--config.train.{k}={never}" for k in ends), f"--config.eval.every={never}"
+    )
     log = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while not (log.exists() and len(log.read_text().splitlines()) >= 5):  # both are training

@@ -18,7 +18,7 @@ from segjax import checkpointing, optim, parallel, state, train
 from segjax.data import pipeline
 from segjax.errors import CheckpointError, ConfigError, NonFiniteLossError
 from segjax.models import build_model
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, tiny_cli
 
 STEPS = 300  # long enough to kill mid-run, short enough for the suite
 OVERRIDES = [
@@ -31,16 +31,7 @@ OVERRIDES = [
 
 
 def cli(workdir, tfds_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "segjax.main",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.data.tfds_dir={tfds_dir}",
-        *OVERRIDES,
-        *extra,
-    ]
+    return tiny_cli(workdir, tfds_dir, *OVERRIDES, *extra)
 
 
 def final_state(workdir, step=None):
