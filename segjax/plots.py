@@ -44,3 +44,26 @@ def training_curves(workdir: str, keys=("train/loss", "val/miou")):
         ax.set_ylabel(key)
     fig.tight_layout()
     return fig
+
+
+def comparison(rows: list[dict], key: str, reference: str, title: str = ""):
+    """Each variant minus `reference`, paired by seed (`segjax.compare.paired`): the mean
+    difference as a dot with its 95 % confidence interval, next to a line at 0 (no difference).
+    A variant with one pair has no interval: its dot stands alone."""
+    from segjax import compare
+
+    study.require_keys(rows, (key,))
+    entries = compare.paired(rows, (key,), reference)
+    fig, ax = plt.subplots(figsize=(5.5, 0.9 + 0.45 * len(entries)))
+    for i, e in enumerate(entries):
+        low, high = e[f"{key}_low"], e[f"{key}_high"]
+        if low == low:  # not NaN: an interval
+            ax.plot([low, high], [i, i], color="#2b5d8a", linewidth=2)
+        ax.plot([e[key]], [i], "o", color="#2b5d8a")
+    ax.axvline(0.0, color="0.5", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(entries)), [e["variant"] for e in entries])
+    ax.invert_yaxis()  # the study's order, top to bottom
+    ax.set_xlabel(f"{key} - {reference} (paired by seed, 95 % CI)")
+    ax.set_title(title or f"{key}: each variant minus {reference}")
+    fig.tight_layout()
+    return fig

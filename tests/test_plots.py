@@ -75,3 +75,17 @@ def test_a_resumed_runs_log_reads_one_row_per_step(tmp_path):
     assert log[3]["val/miou"] == 0.4  # the first run's validation row is kept where nothing replaced it
     fig = plots.training_curves(str(tmp_path), keys=("train/loss",))
     np.testing.assert_array_equal(fig.axes[0].lines[0].get_xdata(), [1, 2, 3, 4, 5])
+
+
+def test_comparison_plot_draws_each_paired_difference_and_its_interval():
+    rows = [{"variant": "ref", "seed": s, "val/miou": v} for s, v in enumerate((0.5, 0.6, 0.7))]
+    rows += [{"variant": "b", "seed": s, "val/miou": v} for s, v in enumerate((0.6, 0.8, 1.0))]  # +0.1, +0.2, +0.3
+    rows += [{"variant": "c", "seed": 0, "val/miou": 0.4}]  # one pair: -0.1, no interval
+    ax = plots.comparison(rows, "val/miou", "ref").axes[0]
+    interval, dot_b, dot_c = (line for line in ax.lines if line.get_linestyle() != "--")
+    half = 4.3027 * 0.1 / np.sqrt(3)  # t(0.975, df 2) x sd 0.1 / sqrt 3 (tests/test_compare.py)
+    np.testing.assert_allclose(interval.get_xdata(), [0.2 - half, 0.2 + half], atol=1e-4)
+    assert dot_b.get_xdata()[0] == pytest.approx(0.2) and dot_c.get_xdata()[0] == pytest.approx(-0.1)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["b", "c"]
+    with pytest.raises(KeyError, match="reference variant 'unet' has no finished run"):
+        plots.comparison(rows, "val/miou", "unet")
