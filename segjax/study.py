@@ -119,11 +119,12 @@ def planned_runs(
                 c = copy.deepcopy(config)
                 c.train.seed = s
                 todo.append((name, c, os.path.join(workdir, name, f"seed_{s}")))
-    from segjax.data import sources  # tfds only when a study is planned, not on import
+    from segjax import workdirs  # jax and tfds only when a study is planned, not on import
+    from segjax.data import sources
 
     datasets = {}  # variant -> dataset id: made once per variant (it lists a folder's files), not per seed
     for name, c, run_dir in todo:
-        if os.path.exists(os.path.join(run_dir, "config.json")):
+        if os.path.exists(os.path.join(run_dir, workdirs.CONFIG_FILE)):
             if name not in datasets:
                 datasets[name] = sources.dataset_id(c.data)
             _check_same_config(run_dir, c, name, datasets[name])

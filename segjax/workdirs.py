@@ -19,6 +19,7 @@ from segjax import configuration, locks, parallel, writers
 from segjax.errors import WorkdirError
 
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
+CONFIG_FILE = "config.json"  # in the workdir: the run's config
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
 RESULT_FILES = (writers.LOG_FILE, "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
@@ -75,7 +76,7 @@ def saved_differences(workdir: str, config, dataset: str | None = None) -> list[
     """`configuration.differences` between the run config saved in `<workdir>/config.json` and
     `config` (None: no run saved there) plus, when `dataset` is given and the run recorded one,
     the dataset when it differs (a run from before datasets were recorded counts as the same)."""
-    saved = os.path.join(workdir, "config.json")
+    saved = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(saved):
         return None
     diff = configuration.differences(writers.read_json(saved), config.to_dict())
@@ -104,7 +105,7 @@ def saved_nothing(workdir: str) -> bool:
 
 
 def _prepare(config, workdir: str, overwrite: bool, allow_config_changes: bool, held, resumable, dataset) -> None:
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, CONFIG_FILE)
     diff = saved_differences(workdir, config, dataset)  # None: a new folder
     # a start that stopped before saving anything (a bad crop, NaN at step 0): nothing to lose or mix
     unused = bool(diff) and saved_nothing(workdir)

@@ -41,12 +41,6 @@ def replaced(path: str, newline: str | None = None):
     os.replace(partial, path)
 
 
-def _ends_with_newline(path: str) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
 def write_summary(path: str, results: dict) -> None:
     """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null.
     Replaced whole (`replaced`): a crash mid-write leaves the previous file, not half of one."""
@@ -97,6 +91,12 @@ def read_log(workdir: str) -> list[dict]:
     return [steps[s] for s in sorted(steps)]
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
@@ -105,7 +105,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             path = os.path.join(workdir, LOG_FILE)
-            self._jsonl = open(path, "a+", encoding="utf-8")
+            self._jsonl = open(path, "a", encoding="utf-8")  # positioned at the end: tell() is its size
             if self._jsonl.tell() and not _ends_with_newline(path):  # a row cut off by a crash: end it
                 self._jsonl.write("\n")
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
