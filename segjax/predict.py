@@ -140,6 +140,7 @@ def predict_folder(
     part, parts = shard
     if not (parts >= 1 and 0 <= part < parts):
         raise ConfigError(f"--shard={part}/{parts}: needs 0 <= i < N")
+    workdirs.require_folder(out, "--out")
     rescore.require_run(config, workdir, which)  # before a file is read
     source = (VolumeFiles if config.model.spatial_dims == 3 else ImageFiles)(images, config.data, shard=shard)
     if not source.paths:  # more shards than files
@@ -149,7 +150,6 @@ def predict_folder(
     with_instances = config.instances.enabled  # the boundary-class network (2D): also instance ids
     targets += [os.path.join(out, f"{n}_instances.png") for n in source.names] if with_instances else []
     targets += [os.path.join(out, f"{n}.npy") for n in source.names] if probabilities else []
-    workdirs.require_folder(out, "--out")
     present = [t for t in targets if os.path.exists(t)]
     if present and not overwrite:
         raise WorkdirError(

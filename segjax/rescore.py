@@ -36,6 +36,7 @@ def require_run(config: ml_collections.ConfigDict, workdir: str, which: str, dat
     (`check_run_config`, `dataset` as there)."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint {which!r}: choose 'best' or 'latest'")
+    workdirs.require_folder(workdir)
     latest = workdirs.CHECKPOINT_FOLDERS["latest"]
     if not os.path.isdir(os.path.join(workdir, latest)):
         raise WorkdirError(f"{workdir} holds no run (no {latest}/ folder) to load")

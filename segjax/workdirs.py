@@ -28,7 +28,14 @@ PRETRAIN_FOLDER = "pretrain"  # in the workdir: the encoder's pretraining stage 
 
 def require_folder(path: str, flag: str = "--workdir") -> None:
     """A path that exists as a file cannot become a run's (or predict's output) folder: one line
-    naming the flag, instead of a FileExistsError from deep inside."""
+    naming the flag, instead of a FileExistsError from deep inside. Nor can a URL: run folders are
+    written through the local filesystem (locks, appended logs, renames), so `gs://b/run` became a
+    local folder `./gs:/b/run` on each host while tensorboardX wrote to the bucket."""
+    if "://" in path:
+        raise WorkdirError(
+            f"{flag}={path} is a URL; segjax writes run folders through the filesystem: mount the bucket "
+            "(gcsfuse, hierarchical namespace) or use shared storage (NFS) and give that path"
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise WorkdirError(f"{flag}={path} is a file, not a folder; give a folder path")
 

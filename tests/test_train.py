@@ -476,6 +476,34 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, program):
     assert (tmp_path / "taken").read_text() == "notes"
 
 
+@pytest.mark.parametrize(
+    "program",
+    [
+        ["segjax.main", f"--config={ROOT}/configs/tiny.py", "--workdir=gs://bucket/run"],
+        ["segjax.main", f"--config={ROOT}/configs/tiny.py", "--workdir=gs://bucket/run", "--eval_only=best"],
+        ["segjax.baselines", f"--config={ROOT}/configs/tiny.py", "--workdir=gs://bucket/run"],
+        ["segjax.study", f"--study={ROOT}/configs/studies/unet_ablations.py:skips", "--workdir=gs://bucket/run"],
+        ["segjax.predict", f"--config={ROOT}/configs/tiny.py", "--workdir=runs/a", "--images=.", "--out=gs://b/m"],
+    ],
+)
+def test_a_url_as_a_folder_is_one_line(tmp_path, program):
+    """Run folders are written through the filesystem: a gs:// workdir made a local `gs:` folder
+    (config.json, checkpoints) while tensorboardX tried the bucket, and failed with a traceback."""
+    module, *args = program
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    flag = "--out=gs://b/m" if module == "segjax.predict" else "--workdir=gs://bucket/run"
+    assert f"{flag} is a URL" in result.stderr
+    assert os.listdir(tmp_path) == []  # nothing written locally
+
+
 def test_config_files_without_variants_refuse_an_argument():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         if not name.endswith(".py"):
