@@ -221,7 +221,15 @@ def corrupt_cases():
     def two_masks_of_one_name(root):
         Image.fromarray(np.ones((8, 8), np.uint8)).save(f"{root}/masks/001.tif")  # which one is 001's mask?
 
+    def jpeg_mask(root):  # at quality 98 every id stays in 0..2, but 6 of the 64 change
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4], mask[4:, 4:] = 1, 2
+        Image.fromarray(mask).save(f"{root}/masks/001.jpg", quality=98)
+        assert np.unique(np.array(Image.open(f"{root}/masks/001.jpg"))).tolist() == [0, 1, 2]
+        os.remove(f"{root}/masks/001.png")
+
     return [
+        (jpeg_mask, r"masks/001.jpg: a JPEG file; ids must be stored losslessly"),
         (zero_255, r"masks/001.png: label values \[255\].*0/255 mask"),
         (missing_mask, r"images/002.png: no mask"),
         (truncated, r"images/001.png: corrupt or truncated"),

@@ -230,7 +230,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
             "(grayscale vs RGB?); convert the images or set data.channels"
         )
     with open(mask_path, "rb") as f:
-        mask = png.decode(f.read(), mask_path)
+        mask = png.decode(f.read(), mask_path, ids=True)
     if mask.ndim == 3:
         raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
@@ -241,7 +241,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     out = {"image": image.astype(np.uint8), "label": mask.astype(np.uint8)[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:
-            inst = png.decode(f.read(), inst_path)
+            inst = png.decode(f.read(), inst_path, ids=True)
         if inst.shape != mask.shape:
             raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
         out["instances"] = inst.astype(np.uint16)[..., None]

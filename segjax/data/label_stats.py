@@ -88,7 +88,7 @@ def folder_rows(path: str, class_id: int) -> list[dict]:
     def read(name: str) -> dict:
         file = os.path.join(path, name)
         with open(file, "rb") as f:
-            return {"label": png.decode(f.read(), file), "name": folder.stem(name)}
+            return {"label": png.decode(f.read(), file, ids=True), "name": folder.stem(name)}
 
     return per_image((read(n) for n in names), class_id)
 

@@ -25,14 +25,25 @@ def encode(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode(data: bytes, where: str) -> np.ndarray:
-    """PNG bytes -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the file or example in errors."""
+LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's names; MPO is a multi-picture JPEG (camera files)
+
+
+def decode(data: bytes, where: str, ids: bool = False) -> np.ndarray:
+    """PNG bytes -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the file or example in errors.
+    `ids=True` (class-id masks, instance maps) refuses lossy formats: JPEG's compression moves ids
+    near edges to other ids that are still in range (a 0/1/2 mask saved at quality 95 comes back
+    with 45 of 1024 pixels changed), so no later label check could notice."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            array = np.array(image)
+            array, kind = np.array(image), image.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{where}: corrupt or truncated image ({err})") from err
+    if ids and kind in LOSSY_FORMATS:
+        raise DataError(
+            f"{where}: a {kind} file; ids must be stored losslessly (PNG, TIFF), as JPEG compression changes "
+            "them near edges: export the masks as PNG"
+        )
     if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
         array = array.astype(np.uint16)
     return array
