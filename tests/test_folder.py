@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax.data import augment, folder, pipeline, sources
+from segjax.data import augment, folder, pipeline, png, sources
 from segjax.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATA, load_config
 
@@ -248,6 +249,30 @@ def test_bad_files_fail_naming_the_file(tmp_path, tfds_dir, damage, pattern):
     damage(root)
     with pytest.raises(DataError, match=pattern):
         sources.open_splits(folder_config(root, tfds_dir))
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"format": "PNG"}, ""),
+        ({"format": "TIFF", "compression": "tiff_lzw"}, ""),
+        ({"format": "JPEG", "quality": 98}, "a JPEG file"),
+        ({"format": "TIFF", "compression": "jpeg"}, "a JPEG-compressed TIFF file"),
+    ],
+)
+def test_ids_are_read_only_from_lossless_files(options, refused):
+    """Lossless files give the ids back exactly; lossy ones are refused as masks, not as images."""
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4], mask[4:, 4:] = 1, 2
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, **options)
+    data = buffer.getvalue()
+    png.decode(data, "image.x")  # any image file is fine as an image
+    if refused:
+        with pytest.raises(DataError, match=f"mask.x: {refused}; ids must be stored losslessly"):
+            png.decode(data, "mask.x", ids=True)
+    else:
+        np.testing.assert_array_equal(png.decode(data, "mask.x", ids=True), mask)
 
 
 @pytest.mark.parametrize("mode", ["percentile", "minmax"])

@@ -25,23 +25,30 @@ def encode(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-LOSSY_FORMATS = ("JPEG", "MPO")  # PIL's names; MPO is a multi-picture JPEG (camera files)
+def lossy(image: Image.Image) -> str:
+    """What made a decoded file lossy ('' if nothing): JPEG (and MPO, a camera's multi-picture
+    JPEG) or a TIFF with JPEG compression. (WebP decodes as RGB, which masks may not be.)"""
+    if image.format in ("JPEG", "MPO"):
+        return image.format
+    if image.format == "TIFF" and "jpeg" in str(image.info.get("compression", "")):
+        return "JPEG-compressed TIFF"
+    return ""
 
 
 def decode(data: bytes, where: str, ids: bool = False) -> np.ndarray:
     """PNG bytes -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the file or example in errors.
-    `ids=True` (class-id masks, instance maps) refuses lossy formats: JPEG's compression moves ids
-    near edges to other ids that are still in range (a 0/1/2 mask saved at quality 95 comes back
-    with 45 of 1024 pixels changed), so no later label check could notice."""
+    `ids=True` (class-id masks, instance maps) refuses lossy files (`lossy`): their compression
+    moves ids near edges to other ids that are still in range (a 32x32 0/1/2 mask saved as JPEG at
+    quality 95 comes back with 45 pixels changed), so no later label check could notice."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            array, kind = np.array(image), image.format
+            array, kind = np.array(image), ids and lossy(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{where}: corrupt or truncated image ({err})") from err
-    if ids and kind in LOSSY_FORMATS:
+    if kind:
         raise DataError(
-            f"{where}: a {kind} file; ids must be stored losslessly (PNG, TIFF), as JPEG compression changes "
+            f"{where}: a {kind} file; ids must be stored losslessly (PNG, TIFF), as lossy compression changes "
             "them near edges: export the masks as PNG"
         )
     if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
