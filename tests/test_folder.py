@@ -275,6 +275,22 @@ def test_ids_are_read_only_from_lossless_files(options, refused):
         np.testing.assert_array_equal(png.decode(data, "mask.x", ids=True), mask)
 
 
+def test_one_bit_files_are_binary_masks_and_black_and_white_images(tmp_path, tfds_dir):
+    """PIL reads 1-bit files as bool: a binary mask was refused ("got bool") and an image was
+    called deeper than 8 bits; now the mask holds ids 0/1 and the image 0/255."""
+    root = write_folder(tmp_path / "bits", [(8, 8)] * 4, channels=1, num_classes=2)
+    bits = np.zeros((8, 8), bool)
+    bits[:, 3:] = True
+    Image.fromarray(bits).save(f"{root}/masks/001.png")  # mode '1'
+    Image.fromarray(~bits).save(f"{root}/images/001.png")
+    assert Image.open(f"{root}/masks/001.png").mode == "1"
+    train = sources.open_splits(folder_config(root, tfds_dir, 1, 2, num_folds=2, fold=1))["train"]  # 000, 001
+    example = train[1]
+    assert example["name"] == "001"
+    np.testing.assert_array_equal(example["label"], bits)
+    np.testing.assert_array_equal(example["image"][..., 0], np.where(bits, 0, 255))
+
+
 @pytest.mark.parametrize("mode", ["percentile", "minmax"])
 def test_16_bit_images_rescaled_per_image_when_asked(tmp_path, tfds_dir, mode):
     """16-bit microscopy (values far above 255) scaled to 0..255 per image, as numpy computes it."""

@@ -36,7 +36,8 @@ def lossy(image: Image.Image) -> str:
 
 
 def decode(data: bytes, where: str, ids: bool = False) -> np.ndarray:
-    """PNG bytes -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the file or example in errors.
+    """PNG bytes (or another image file's) -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the
+    file or example in errors.
     `ids=True` (class-id masks, instance maps) refuses lossy files (`lossy`): their compression
     moves ids near edges to other ids that are still in range (a 32x32 0/1/2 mask saved as JPEG at
     quality 95 comes back with 45 pixels changed), so no later label check could notice."""
@@ -53,6 +54,8 @@ def decode(data: bytes, where: str, ids: bool = False) -> np.ndarray:
         )
     if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
         array = array.astype(np.uint16)
+    if array.dtype == bool:  # PIL mode '1' (1-bit files, e.g. ImageJ's binary masks): ids 0/1, images 0/255
+        array = array.astype(np.uint8) * np.uint8(1 if ids else 255)
     return array
 
 
