@@ -7,8 +7,10 @@ A study file is a Python config file with two functions (see configs/studies/):
 configs/studies/ do)
 Each (variant, seed) trains in `<workdir>/<variant>/seed_<s>` with the base config, the variant's
 overrides and `train.seed = s`. Finished runs are skipped and interrupted ones resume, so rerunning
-the command continues a study; a run folder of another config than the study file now gives
-(an edited variant) is refused before anything trains. The same command started several times
+the command continues a study; a run that diverges (NaN loss) records `failed.json`, is listed
+under the table and is not retried, and the study goes on; a run folder of another config than
+the study file now gives (an edited variant) is refused before anything trains. The same command
+started several times
 (one process per GPU, `CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage)
 shares the work: a run another process is training is skipped (its workdir lock), and the last
 process to finish writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import sys
@@ -33,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration, writers
-from segjax.errors import BusyError, ConfigError, WorkdirError, exit_on_user_error
+from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError, exit_on_user_error
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 # host-side scores, summarised when the runs computed them (instances.enabled, eval.surface_metrics)
@@ -74,6 +77,26 @@ def _finished(run_dir: str, steps: int) -> bool:
     if not os.path.exists(path):
         return False
     return writers.read_json(path).get("step") == steps
+
+
+def _diverged(run_dir: str) -> str:
+    """The error a run that diverged recorded in its `workdirs.FAILED_FILE` ('' if none)."""
+    from segjax import workdirs  # jax only when a study is run or reported
+
+    path = os.path.join(run_dir, workdirs.FAILED_FILE)
+    return writers.read_json(path)["error"] if os.path.exists(path) else ""
+
+
+def diverged(workdir: str, order: list[str], seeds: list[int]) -> list[tuple[str, str]]:
+    """(run folder relative to `workdir`, error) of every asked-for run that diverged: a seed's
+    folder, or a variant's folder for runs of vmapped seeds."""
+    out = []
+    for variant in order:
+        for sub in ["", *(f"seed_{s}" for s in seeds)]:
+            error = _diverged(os.path.join(workdir, variant, sub))
+            if error:
+                out.append((os.path.join(variant, sub).rstrip("/"), error))
+    return out
 
 
 def _check_same_config(run_dir: str, config: ml_collections.ConfigDict, variant: str, dataset: str) -> None:
@@ -155,17 +178,28 @@ def run_study(
     vmap_seeds: bool = False,
 ) -> list[dict]:
     """Train every variant x seed (skipping finished runs); return `collect(workdir, variants, seeds)`."""
-    from segjax import train  # heavy imports only when training
+    import jax  # heavy imports only when training
+
+    from segjax import train, workdirs
 
     for _, c, run_dir in planned_runs(base, variants, seeds, workdir, vmap_seeds):  # checked before any trains
         if _finished(run_dir, c.train.steps):
             logging.info("study: %s is finished, skipping", run_dir)
+            continue
+        if _diverged(run_dir):  # it would diverge again: same seed, same data order, exact resume
+            logging.info("study: %s diverged earlier, skipping (delete its %s to retry)", run_dir, workdirs.FAILED_FILE)
             continue
         logging.info("study: training %s", run_dir)
         try:
             result = train.train_and_evaluate(c, run_dir)
         except BusyError as err:  # another process of this study trains it: take the next one
             logging.info("study: skipping %s (%s)", run_dir, err)
+            continue
+        except NonFiniteLossError as err:  # a result of the ablation (this lr diverges), not the study's end
+            logging.warning("study: %s diverged, going on with the next run: %s", run_dir, err)
+            if jax.process_index() == 0:
+                with writers.replaced(os.path.join(run_dir, workdirs.FAILED_FILE)) as f:
+                    json.dump({"error": str(err)}, f)
             continue
         if result.get("preempted"):  # SIGTERM: that run saved its step; the next must not start
             logging.warning("study: stopped by SIGTERM during %s; rerun the command to continue the study", run_dir)
@@ -261,10 +295,11 @@ def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
 
 
-def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False) -> str:
+def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False, failed=()) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
     may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`; with
-    `pooled` a last row over every run)."""
+    `pooled` a last row over every run) and, when some runs diverged (`failed`: `diverged`), a
+    line per such run under it."""
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
     with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
@@ -273,6 +308,9 @@ def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = 
     columns = summary_keys(rows, extra_keys)
     table = markdown(summarize(rows, columns, pooled), columns)
     note = f"; '{POOLED}': over every run of every variant" if pooled else ""
+    if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"
+        lines = "".join(f"\n- `{run}`: {error.split('; ')[0]}" for run, error in failed)
+        table += f"\n\nDiverged (not in the table; a rerun skips them until their failed.json is deleted):{lines}"
     with writers.replaced(os.path.join(workdir, "summary.md")) as f:
         f.write(f"Mean ± sample std over seeds (validation split; n = finished runs{note}).\n\n{table}\n")
     return table
@@ -330,14 +368,17 @@ def main(argv):
         else:
             check_summary_keys(base, variants, f.summary_keys)
             rows = run_study(base, variants, seeds, f.workdir, f.vmap_seeds)
-        missing = len(variants) * f.seeds - len(rows)  # one row per variant and seed (vmapped seeds too)
+        failed = diverged(f.workdir, list(variants), seeds)
+        lost = sum(1 if os.path.dirname(run) else f.seeds for run, _ in failed)  # a vmapped run: all its seeds
+        missing = len(variants) * f.seeds - len(rows) - lost  # one row per variant and seed (vmapped seeds too)
         notes = [f"{missing} not finished: in progress elsewhere or failed"] if missing > 0 else []
+        notes += [f"{lost} diverged (see summary.md)"] if lost else []
         extra = other_seeds(f.workdir, list(variants), seeds)
         if extra:
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        print(write_results(f.workdir, rows, f.summary_keys, f.pooled))
+        print(write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
         if f.compare_to and rows:
             try:
                 table = write_comparison(f.workdir, rows, f.compare_to, f.summary_keys)

@@ -23,6 +23,7 @@ CONFIG_FILE = "config.json"  # in the workdir: the run's config
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
 RESULT_FILES = (writers.LOG_FILE, "metrics.json", "val_per_image.csv")  # what a run (or baseline) logs
+FAILED_FILE = "failed.json"  # in the workdir: a study's record of a run that diverged (not retried)
 PRETRAIN_FOLDER = "pretrain"  # in the workdir: the encoder's pretraining stage (its own checkpoints and logs)
 
 
@@ -102,12 +103,12 @@ def has_checkpoint(workdir: str, which: str) -> bool:
 
 
 def saved_nothing(workdir: str) -> bool:
-    """True when the folder holds no checkpoint step, nothing logged (`RESULT_FILES`) and no
-    pretraining stage: only the config of a start that stopped before its first log line, e.g.
-    at a check of the data."""
+    """True when the folder holds no checkpoint step, nothing logged (`RESULT_FILES`), no
+    pretraining stage and no record of a divergence: only the config of a start that stopped
+    before its first log line, e.g. at a check of the data."""
     if any(has_checkpoint(workdir, which) for which in CHECKPOINT_FOLDERS):
         return False
-    kept = (*RESULT_FILES, PRETRAIN_FOLDER)
+    kept = (*RESULT_FILES, PRETRAIN_FOLDER, FAILED_FILE)
     return not any(os.path.exists(os.path.join(workdir, name)) for name in kept)
 
 

@@ -17,13 +17,14 @@ from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
 
-def tiny_study(tmp_path, variants: dict) -> list[str]:
-    """A study file of configs/tiny.py (train.seed 0) with `variants`; returns the study command
-    (without --workdir)."""
+def tiny_study(tmp_path, variants: dict, tfds_dir: str = "") -> list[str]:
+    """A study file of configs/tiny.py (train.seed 0, `data.tfds_dir`) with `variants`; returns
+    the study command (without --workdir)."""
     path = tmp_path / "s.py"
     path.write_text(
         f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport tiny\n"
-        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n    return c\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n    c.train.seed = 0\n"
+        f"    c.data.tfds_dir = {tfds_dir!r}\n    return c\n"
         f"def get_variants(arg=None):\n    return {variants!r}\n"
     )
     return [sys.executable, "-m", "segjax.study", f"--study={path}"]
@@ -149,6 +150,32 @@ def test_a_preempted_run_stops_the_study(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_and_evaluate", preempted)
     rows = study.run_study(load_config("tiny"), {"a": {}, "b": {"model.skips": "none"}}, [0, 1], str(tmp_path))
     assert started == [os.path.join("a", "seed_0")] and rows == []
+
+
+def test_a_run_that_diverges_is_recorded_and_the_study_goes_on(tfds_dir, tmp_path):
+    """A variant whose loss turns NaN (lr 1e30) used to end the whole study with its error, and a
+    rerun diverged again at the same step, so later runs never trained. Now the run records
+    failed.json, the next run trains, summary.md lists it, and a rerun does not retry it."""
+    command = [
+        *tiny_study(tmp_path, {"diverges": {"optim.lr": 1e30}, "ok": {}}, tfds_dir),
+        f"--workdir={tmp_path / 'w'}",
+        "--seeds=1",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # was 2: "error: non-finite loss/gradient at step 2"
+    failed = tmp_path / "w" / "diverges" / "seed_0" / "failed.json"
+    error = json.loads(failed.read_text())["error"]
+    assert error.startswith("non-finite loss/gradient at step ") and "loss=nan" in error
+    assert (tmp_path / "w" / "ok" / "seed_0" / "metrics.json").exists()  # trained after the divergence
+    summary = (tmp_path / "w" / "summary.md").read_text()
+    assert "| ok | 1 |" in summary and "| diverges |" not in summary
+    assert f"- `{os.path.join('diverges', 'seed_0')}`: {error.split('; ')[0]}" in summary
+    assert "1 finished runs" in done.stdout and "1 diverged" in done.stdout
+    stamp = failed.stat().st_mtime_ns
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "diverged earlier, skipping" in again.stderr, again.stderr[-3000:]
+    assert failed.stat().st_mtime_ns == stamp
+    assert not workdirs.saved_nothing(str(failed.parent))  # an edited variant's config is refused there
 
 
 def test_summary_keys_no_variant_gives_are_refused_before_training(tmp_path):
