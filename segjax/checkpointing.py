@@ -7,20 +7,32 @@ TrainState (params, batch stats, optimizer state incl. schedule position, RNG, s
 iterator's position as JSON. orbax writes to a temporary folder and renames it when complete, so a
 crash mid-save leaves the previous checkpoint intact; unfinished folders are ignored on restore.
 Nothing is unpickled: arrays are read by tensorstore, the iterator state is JSON.
+
+Once a save has finished, its step folder gets `DIGEST_FILE` (each file's size and SHA-256), and a
+restore checks the files against it first: a step damaged later (a run folder copied in part, a
+full disk, flipped bytes) is a CheckpointError naming the file, not 200 lines of tensorstore
+tracebacks or, for flipped bytes, silently wrong weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from segjax import workdirs
+from segjax import workdirs, writers
 from segjax.errors import CheckpointError
+
+DIGEST_FILE = "segjax_digest.json"  # in each sealed step folder: {relative path: [size, sha256]}
+# tensorstore's status codes for a file that is missing, short or not what its index says
+_UNREADABLE = re.compile(r"\b(OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION)\b")
 
 BEST_MODES = ("max", "min")
 
@@ -77,6 +89,7 @@ class Checkpointer:
             max_to_keep=1, best_fn=lambda m: m.get(best_metric, worst), best_mode=best_mode, **common
         )
         self.best = _manager(folders["best"], options)
+        self._unsealed: list[tuple[ocp.CheckpointManager, int]] = []  # saved, digest not written yet
 
     @staticmethod
     def _args(state, data_state: dict) -> ocp.args.Composite:
@@ -85,13 +98,30 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict) -> None:
         if step not in self.latest.all_steps():
             self._one_writer_at_a_time(self.best)
+            self._seal()
             self.latest.save(step, args=self._args(state, data_state))
+            self._unsealed.append((self.latest, step))
 
     def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
         if step not in self.best.all_steps():
             self._one_writer_at_a_time(self.latest)
+            self._seal()
             score = {self.best_metric: float(metrics[self.best_metric])}
             self.best.save(step, args=self._args(state, data_state), metrics=score)
+            self._unsealed.append((self.best, step))
+
+    def _seal(self) -> None:
+        """Write `DIGEST_FILE` into each step folder saved since the last call, once its save has
+        finished (orbax waits for the previous save before the next one anyway). Process 0
+        hashes; the step folders are on storage every process sees."""
+        for manager, step in self._unsealed:
+            manager.wait_until_finished()
+            folder = _step_folder(manager, step)
+            if jax.process_index() == 0 and os.path.isdir(folder):  # not removed by max_to_keep meanwhile
+                digests = _file_digests(folder)  # before the digest's own partial file appears there
+                with writers.replaced(os.path.join(folder, DIGEST_FILE)) as f:
+                    json.dump(digests, f)
+        self._unsealed = []
 
     @staticmethod
     def _one_writer_at_a_time(other: ocp.CheckpointManager) -> None:
@@ -114,6 +144,7 @@ class Checkpointer:
             step = manager.best_step()
         if step is None:
             raise CheckpointError(f"no checkpoint found in {manager.directory}")
+        _verify(manager, step)
         saved = _param_shapes(_saved_state(manager, step))
         if saved is not None and saved != _paths(state_template.params):
             # refused from the metadata, before orbax reads an array: a restore that fails midway
@@ -124,17 +155,84 @@ class Checkpointer:
             restored = manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
             )
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(mismatch_message(manager, step, state_template, err)) from err
+        except Exception as err:  # orbax wraps tensorstore's read errors in a bare Exception
+            cause = _unreadable(err)
+            if cause:  # a step saved before digests were written, damaged since
+                raise CheckpointError(_damaged(manager, step, cause)) from err
+            if isinstance(err, (ValueError, KeyError, TypeError)):
+                raise CheckpointError(mismatch_message(manager, step, state_template, err)) from err
+            raise
         return restored["state"], restored["data"]
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _step_folder(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))  # orbax's default step names: the number
+
+
+def _file_digests(folder: str) -> dict[str, list]:
+    """{path relative to `folder`: [size, sha256 hex]} of every file under it but `DIGEST_FILE`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != DIGEST_FILE:
+                with open(path, "rb") as f:
+                    out[rel] = [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+    return out
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, what: str) -> str:
+    others = [s for s in manager.all_steps() if s != step]
+    folder = _step_folder(manager, step)
+    earlier = f"move {folder} aside to use step {max(others)} (saved steps: {others})" if others else "no other step"
+    return (
+        f"checkpoint step {step} in {manager.directory} is damaged ({what}); its files are not as saved (a run "
+        f"folder copied in part, a full disk?) and nothing was changed: copy it again, or {earlier}"
+    )
+
+
+def _verify(manager: ocp.CheckpointManager, step: int) -> None:
+    """Check a sealed step's files against its `DIGEST_FILE` before orbax reads any (a step
+    saved before digests were written, or killed before its digest, is not checked)."""
+    folder = _step_folder(manager, step)
+    path = os.path.join(folder, DIGEST_FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            sealed = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(_damaged(manager, step, f"{DIGEST_FILE} unreadable: {err}")) from None
+    for rel, (size, digest) in sealed.items():
+        file = os.path.join(folder, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(_damaged(manager, step, f"{rel} is missing"))
+        if os.path.getsize(file) != size:
+            raise CheckpointError(_damaged(manager, step, f"{rel} has {os.path.getsize(file)} bytes, not {size}"))
+        with open(file, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                raise CheckpointError(_damaged(manager, step, f"{rel} has other contents (SHA-256)"))
+
+
+def _unreadable(err: BaseException) -> str:
+    """The first line of a tensorstore read error (or a metadata file's JSON error) in `err`'s
+    chain of causes: what a damaged step raises; '' for anything else."""
+    while err is not None:
+        text = str(err).splitlines()[0] if str(err) else ""
+        if _UNREADABLE.search(text) or isinstance(err, json.JSONDecodeError):
+            return text
+        err = err.__cause__ or err.__context__
+    return ""
 
 
 def _paths(tree) -> dict[str, tuple]:

@@ -217,6 +217,60 @@ def test_checkpoint_of_another_model_names_the_differing_parameters(tiny_config,
     ckpt.close()
 
 
+def _truncate(path):
+    os.truncate(path, 100)
+
+
+def _flip(path):  # the same size, other bytes: orbax would restore them as weights
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (_truncate, r"has 100 bytes, not \d+"),
+        (_flip, r"has other contents \(SHA-256\)"),
+        (os.remove, "is missing"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_before_orbax_reads_it(tiny_config, tmp_path, monkeypatch, damage, what):
+    """A step folder copied in part (or damaged on disk) ended in ~200 lines of tensorstore
+    tracebacks; flipped bytes were restored as weights (the run went on to a NaN loss). Each
+    finished save now holds its files' digests, checked before orbax reads anything; nothing
+    in the folder is changed, and the error names the file and the step to fall back to."""
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, str(workdir))
+    for which, sub in checkpointing.workdirs.CHECKPOINT_FOLDERS.items():
+        steps = [d for d in os.listdir(workdir / sub) if d.isdigit()]
+        assert steps and all((workdir / sub / d / checkpointing.DIGEST_FILE).exists() for d in steps), which
+    step = workdir / "checkpoints" / "6"
+    arrays = [os.path.join(r, f) for r, _, fs in os.walk(step / "state") for f in fs if os.path.basename(r) == "d"]
+    largest = max(arrays, key=os.path.getsize)  # a file of array data (tensorstore's OCDBT)
+    template = state.create(
+        build_model(tiny_config.model, 4), optim.build(tiny_config.optim, 6), np.zeros((1, 32, 32, 3)), 0
+    )
+    ckpt = checkpointing.Checkpointer(str(workdir), 2)
+    intact, _ = ckpt.restore(template)
+    damage(largest)
+    listing = sorted(os.walk(workdir))
+    monkeypatch.setattr(ckpt.latest, "restore", lambda *a, **k: pytest.fail("orbax restore attempted"))
+    name = os.path.relpath(largest, step)
+    with pytest.raises(CheckpointError, match=rf"step 6 in .*checkpoints is damaged \({name} {what}\)") as err:
+        ckpt.restore(template)
+    assert f"move {step} aside to use step 3 (saved steps: [3])" in str(err.value)
+    assert sorted(os.walk(workdir)) == listing  # nothing moved or removed
+    monkeypatch.undo()
+    if damage is _truncate:  # a step saved without digests (before they were written): tensorstore's error
+        os.remove(step / checkpointing.DIGEST_FILE)
+        with pytest.raises(CheckpointError, match=r"step 6 in .*checkpoints is damaged \(.*OUT_OF_RANGE"):
+            ckpt.restore(template)
+    earlier, _ = ckpt.restore(template, step=3)  # the step the message names still restores
+    assert int(earlier.step) == 3 and int(intact.step) == 6
+    ckpt.close()
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path / "empty"), 2)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
