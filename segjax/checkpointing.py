@@ -194,10 +194,14 @@ def _file_digests(folder: str) -> dict[str, list]:
 def _damaged(manager: ocp.CheckpointManager, step: int, what: str) -> str:
     others = [s for s in manager.all_steps() if s != step]
     folder = _step_folder(manager, step)
-    earlier = f"move {folder} aside to use step {max(others)} (saved steps: {others})" if others else "no other step"
+    advice = (
+        f"copy it again, or move {folder} aside to use step {max(others)} (saved steps: {others})"
+        if others
+        else "copy it again (no other step is saved here)"
+    )
     return (
         f"checkpoint step {step} in {manager.directory} is damaged ({what}); its files are not as saved (a run "
-        f"folder copied in part, a full disk?) and nothing was changed: copy it again, or {earlier}"
+        f"folder copied in part, a full disk?) and nothing was changed: {advice}"
     )
 
 

@@ -25,8 +25,8 @@ def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
 
     `wait=True` blocks until the holder lets go (logging once that it waits); `wait=False` raises
     BusyError at once, naming `what`, the holder and `hint`. Where the file cannot be made (a
-    read-only folder), on object storage (a `gs://...` dataset folder) and on filesystems without locks nothing is
-    locked: the caller goes on unguarded, as it would without this module."""
+    read-only folder), on object storage (a `gs://...` dataset folder) and on filesystems without
+    locks nothing is locked: the caller goes on unguarded, as it would without this module."""
     if "://" in path:
         yield
         return

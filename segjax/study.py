@@ -10,11 +10,11 @@ overrides and `train.seed = s`. Finished runs are skipped and interrupted ones r
 the command continues a study; a run that diverges (NaN loss) records `failed.json`, is listed
 under the table and is not retried, and the study goes on; a run folder of another config than
 the study file now gives (an edited variant) is refused before anything trains. The same command
-started several times
-(one process per GPU, `CUDA_VISIBLE_DEVICES=i`, or per task of an array job on shared storage)
-shares the work: a run another process is training is skipped (its workdir lock), and the last
-process to finish writes the complete table. With `vmap_seeds` each variant trains all its seeds as replicas of
-one vmapped step (`train.num_seeds`; for accelerators) in `<workdir>/<variant>/`.
+started several times (one process per GPU, `CUDA_VISIBLE_DEVICES=i`, or per task of an array job
+on shared storage) shares the work: a run another process is training is skipped (its workdir
+lock), and the last process to finish writes the complete table. With `vmap_seeds` each variant
+trains all its seeds as replicas of one vmapped step (`train.num_seeds`; for accelerators) in
+`<workdir>/<variant>/`.
 
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips --seeds=3
 
@@ -309,8 +309,11 @@ def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = 
     table = markdown(summarize(rows, columns, pooled), columns)
     note = f"; '{POOLED}': over every run of every variant" if pooled else ""
     if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"
+        from segjax import workdirs
+
         lines = "".join(f"\n- `{run}`: {error.split('; ')[0]}" for run, error in failed)
-        table += f"\n\nDiverged (not in the table; a rerun skips them until their failed.json is deleted):{lines}"
+        skip = f"a rerun skips them until their {workdirs.FAILED_FILE} is deleted"
+        table += f"\n\nDiverged (not in the table; {skip}):{lines}"
     with writers.replaced(os.path.join(workdir, "summary.md")) as f:
         f.write(f"Mean ± sample std over seeds (validation split; n = finished runs{note}).\n\n{table}\n")
     return table
