@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.folder.rescale = "none"  # images deeper than 8 bits (16-bit microscopy): 'none' (an error) |
     #   'percentile' | 'minmax': scaled to 0..255 per image and channel when prepared (segjax/data/intensity.py)
     c.data.folder.percentiles = (0.5, 99.5)  # 'percentile': clip range, in percent
+    c.data.folder.exif = "error"  # files with an EXIF orientation (phone photos): 'error' | 'apply' (turned as
+    #   viewers and annotation tools show them) | 'ignore' (the stored pixels); see segjax/data/png.py
     c.data.nifti = ml_collections.ConfigDict()  # data.name='nifti': data.dir holds NIfTI volumes (segjax/data/nifti.py)
     c.data.nifti.normalize = "percentile"  # per volume: 'percentile' (clip, scale to 0..1) | 'zscore' | 'minmax'
     c.data.nifti.percentiles = (0.5, 99.5)  # 'percentile': clip range, in percent

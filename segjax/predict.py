@@ -70,13 +70,14 @@ class _Files:
 
 
 class ImageFiles(_Files):
-    """2D image files (PNG, TIFF, JPEG, ...): masks as PNG at the file's own size."""
+    """2D image files (PNG, TIFF, JPEG, ...): masks as PNG at the file's own size (turned as
+    viewers show it where `data.folder.exif='apply'` turned the image)."""
 
     extension = ".png"
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
-        image = folder.read_image(path, self.cfg.folder.rescale, *self.cfg.folder.percentiles)
+        image = folder.read_image(path, self.cfg.folder.rescale, *self.cfg.folder.percentiles, self.cfg.folder.exif)
         label = np.zeros(image.shape[:2], np.int32)
         sources.check_example(image, label, self.cfg, path)
         size = image.shape[:2]

@@ -275,6 +275,33 @@ def test_ids_are_read_only_from_lossless_files(options, refused):
         np.testing.assert_array_equal(png.decode(data, "mask.x", ids=True), mask)
 
 
+def test_exif_orientation_is_applied_ignored_or_refused_as_configured(tmp_path, tfds_dir):
+    """A phone photo stored sideways (EXIF orientation 6: viewers turn it 90° clockwise) whose
+    mask was drawn on what viewers show. PIL's pixels ignore the tag, so the pair was refused as a
+    size mismatch, and a turn that keeps the size (180°, or a square image) misaligned every label
+    silently. Now a tagged file is an error until data.folder.exif says what the masks follow."""
+    root = write_folder(tmp_path / "photos", [(6, 6)] * 3, num_classes=2)
+    stored = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)  # as the camera stored it
+    shown = np.rot90(stored, k=-1)  # 10 x 6: turned 90° clockwise, as viewers show it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(f"{root}/images/001.png", exif=exif)
+    mask = (shown[..., 0] > 127).astype(np.uint8)  # drawn on the shown image
+    Image.fromarray(mask).save(f"{root}/masks/001.png")
+    with pytest.raises(DataError, match=r"images/001.png: EXIF orientation 6 \(viewers show it rotated 90°\)"):
+        sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=3, fold=2))
+    with pytest.raises(DataError, match=r"masks/001.png: mask size \(10, 6\) differs from image size \(6, 10\)"):
+        sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=3, fold=2, exif="ignore"))
+    train = sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=3, fold=2, exif="apply"))[
+        "train"
+    ]
+    assert train[1]["name"] == "001"
+    np.testing.assert_array_equal(train[1]["image"], shown)
+    np.testing.assert_array_equal(train[1]["label"], mask)
+    with pytest.raises(ConfigError, match=r"data.folder.exif='turn'; choose one of"):
+        folder.FolderConfig.from_config(folder_config(root, tfds_dir, exif="turn"))
+
+
 def test_one_bit_files_are_binary_masks_and_black_and_white_images(tmp_path, tfds_dir):
     """PIL reads 1-bit files as bool: a binary mask was refused ("got bool") and an image was
     called deeper than 8 bits; now the mask holds ids 0/1 and the image 0/255."""

@@ -50,6 +50,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     rescale: str = "none"
     rescale_low: float = 0.5
     rescale_high: float = 99.5
+    exif: str = "error"
     listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
@@ -64,6 +65,8 @@ class FolderConfig(tfds.core.BuilderConfig):
         f = cfg.folder
         if f.rescale not in intensity.RESCALES:
             raise ConfigError(f"data.folder.rescale={f.rescale!r}; choose one of {list(intensity.RESCALES)}")
+        if f.exif not in png.EXIF_POLICIES:
+            raise ConfigError(f"data.folder.exif={f.exif!r}; choose one of {list(png.EXIF_POLICIES)}")
         low, high = f.percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError(f"data.folder.percentiles={tuple(f.percentiles)} must satisfy 0 <= low < high <= 100")
@@ -81,6 +84,7 @@ class FolderConfig(tfds.core.BuilderConfig):
             rescale=f.rescale,
             rescale_low=float(low),
             rescale_high=float(high),
+            exif=f.exif,
             listing=listing_digest(root, f.split_file),
             **extra,
         )
@@ -208,12 +212,13 @@ def _split_file(path: str, column: str, names: list[str]) -> list[str]:
     return [SPLIT_VALUES[rows[n]] for n in names]
 
 
-def read_image(path: str, rescale: str, low: float, high: float) -> np.ndarray:
+def read_image(path: str, rescale: str, low: float, high: float, exif: str = "error") -> np.ndarray:
     """One image file as uint8 [H, W, C]: deeper than 8 bits scaled per `data.folder.rescale`
     (a cast would wrap 16-bit values around silently), RGBA's unused alpha dropped, gray given
-    its channel axis. Used for the training data and for `segjax.predict`'s new images alike."""
+    its channel axis, an EXIF orientation handled per `data.folder.exif` (`png.turned`). Used for
+    the training data and for `segjax.predict`'s new images alike."""
     with open(path, "rb") as f:
-        image = png.decode(f.read(), path)
+        image = png.decode(f.read(), path, exif=exif)
     if image.dtype != np.uint8:
         image = intensity.to_uint8(image, rescale, low, high, path)
     if image.ndim == 3 and image.shape[-1] == 4:
@@ -223,14 +228,14 @@ def read_image(path: str, rescale: str, low: float, high: float) -> np.ndarray:
 
 def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str | None) -> dict[str, np.ndarray]:
     """Decode and validate one image/mask(/instances) triple; errors name the file."""
-    image = read_image(image_path, cfg.rescale, cfg.rescale_low, cfg.rescale_high)
+    image = read_image(image_path, cfg.rescale, cfg.rescale_low, cfg.rescale_high, cfg.exif)
     if image.shape[-1] != cfg.channels:
         raise DataError(
             f"{image_path}: image has {image.shape[-1]} channels but data.channels={cfg.channels} "
             "(grayscale vs RGB?); convert the images or set data.channels"
         )
     with open(mask_path, "rb") as f:
-        mask = png.decode(f.read(), mask_path, ids=True)
+        mask = png.decode(f.read(), mask_path, ids=True, exif=cfg.exif)
     if mask.ndim == 3:
         raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
@@ -241,7 +246,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     out = {"image": image.astype(np.uint8), "label": mask.astype(np.uint8)[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:
-            inst = png.decode(f.read(), inst_path, ids=True)
+            inst = png.decode(f.read(), inst_path, ids=True, exif=cfg.exif)
         if inst.shape != mask.shape:
             raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
         out["instances"] = inst.astype(np.uint16)[..., None]

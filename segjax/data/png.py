@@ -5,9 +5,21 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from segjax.errors import DataError
+from segjax.errors import ConfigError, DataError
+
+EXIF_POLICIES = ("error", "apply", "ignore")  # data.folder.exif
+# EXIF orientation tag values other than 1 (as stored) -> how viewers turn the stored pixels
+_TURNS = {
+    2: "mirrored",
+    3: "rotated 180°",
+    4: "flipped",
+    5: "transposed",
+    6: "rotated 90°",
+    7: "transversed",
+    8: "rotated 270°",
+}
 
 
 def encode(array: np.ndarray) -> bytes:
@@ -35,17 +47,39 @@ def lossy(image: Image.Image) -> str:
     return ""
 
 
-def decode(data: bytes, where: str, ids: bool = False) -> np.ndarray:
+def turned(image: Image.Image, where: str, exif: str) -> Image.Image:
+    """`image` with its EXIF orientation (phone photos: the pixels are stored sideways and a tag
+    says how to turn them) handled per `exif`: 'apply' turns it as viewers and annotation tools
+    show it, 'ignore' keeps the stored pixels, 'error' refuses to guess. Which one is right depends
+    on what the masks were drawn on, and the wrong one misaligns every label: silently where the
+    turn keeps the size (180°, mirrored) or the image is square."""
+    if exif not in EXIF_POLICIES:
+        raise ConfigError(f"data.folder.exif={exif!r}; choose one of {list(EXIF_POLICIES)}")
+    tag = image.getexif().get(0x0112, 1)  # Orientation
+    if tag not in _TURNS or exif == "ignore":
+        return image
+    if exif == "error":
+        raise DataError(
+            f"{where}: EXIF orientation {tag} (viewers show it {_TURNS[tag]}); set data.folder.exif='apply' if the "
+            "masks were drawn on the image as viewers and annotation tools show it, 'ignore' if on its stored pixels"
+        )
+    return ImageOps.exif_transpose(image)
+
+
+def decode(data: bytes, where: str, ids: bool = False, exif: str = "ignore") -> np.ndarray:
     """PNG bytes (or another image file's) -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the
-    file or example in errors.
+    file or example in errors; `exif`: an EXIF orientation's policy (`turned`).
     `ids=True` (class-id masks, instance maps) refuses lossy files (`lossy`): their compression
     moves ids near edges to other ids that are still in range (a 32x32 0/1/2 mask saved as JPEG at
     quality 95 comes back with 45 pixels changed), so no later label check could notice."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            array, kind = np.array(image), ids and lossy(image)
+            kind = ids and lossy(image)
+            array = np.array(turned(image, where, exif))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError | ConfigError):
+            raise
         raise DataError(f"{where}: corrupt or truncated image ({err})") from err
     if kind:
         raise DataError(
