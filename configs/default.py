@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.ignore_label = -1  # label value excluded from loss and metrics; -1 = none
     c.data.channels = 3  # image channels the model expects; a mismatch is an error
     c.data.cache = True  # decode the whole split once into memory (small datasets)
+    c.data.cache_memory_fraction = 0.5  # cache=True: refused (before decoding) when the splits would fill more
+    #   than this share of the host's available memory; a large folder streams with data.cache=False
     c.data.num_threads = 2  # grain reader threads
     c.data.prefetch = 4  # batches prepared ahead of the training step
     c.data.dir = ""  # data.name='folder': a folder with images/ and masks/ (see segjax/data/folder.py)

@@ -128,6 +128,7 @@ RANGES = {
     "data.num_classes": _at_least(2),
     "data.channels": _at_least(1),
     "data.resize": _at_least(0),
+    "data.cache_memory_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.folder.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "data.folder.num_folds": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
     "data.synthetic.image_size": _at_least(1),

@@ -102,6 +102,33 @@ def test_a_copy_prepared_by_an_older_generator_is_refused(tiny_config, tmp_path,
         sources.prepare(cfg)
 
 
+def test_a_cache_larger_than_memory_is_refused_before_decoding(tiny_config, monkeypatch):
+    """data.cache=True on a folder too large for memory decoded for minutes and was then killed by
+    the OOM killer without a word; the splits' decoded size is now estimated from a few examples
+    and refused up front when it exceeds data.cache_memory_fraction of the available memory."""
+    tiny_config.data.cache = False
+    splits = sources.open_splits(tiny_config.data)
+    exact = sum(np.asarray(v).nbytes for s in splits.values() for i in range(len(s)) for v in s[i].values())
+    assert sources.check_cache_fits(splits, 1.0) == exact  # one image size: the estimate is exact
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < sources.available_memory() <= total
+    read, decode = [], sources.DecodedSource.__getitem__
+
+    def counted(self, index):
+        read.append(index)
+        return decode(self, index)
+
+    monkeypatch.setattr(sources.DecodedSource, "__getitem__", counted)
+    monkeypatch.setattr(sources, "available_memory", lambda: exact)  # a host with just that much free
+    tiny_config.data.cache = True
+    with pytest.raises(ConfigError, match=r"would hold about 0\.0 GiB .* more than data.cache_memory_fraction=0.5"):
+        sources.open_splits(tiny_config.data)
+    sampled = sum(min(len(s), sources.CACHE_SAMPLE) for s in splits.values())
+    assert len(read) == sampled < sum(map(len, splits.values()))  # refused after a sample, not after all
+    tiny_config.data.cache_memory_fraction = 1.0  # just fits
+    assert len(sources.open_splits(tiny_config.data)["train"]) == len(splits["train"])
+
+
 def test_uncached_source_decodes_the_same(tiny_config):
     cached = sources.open_splits(tiny_config.data)["train"]
     tiny_config.data.cache = False

@@ -226,6 +226,42 @@ class InMemorySource:
         return self._examples[index]
 
 
+CACHE_SAMPLE = 16  # examples decoded per split to estimate its size in memory (`check_cache_fits`)
+
+
+def available_memory() -> int:
+    """Bytes the host can still give without swapping (Linux MemAvailable; elsewhere free pages)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(sources: dict, fraction: float) -> int:
+    """Bytes the decoded `sources` would hold in memory (`data.cache`), estimated from up to
+    CACHE_SAMPLE evenly spaced examples per split; more than `fraction` of the available memory is
+    a ConfigError before any decoding. A large folder cached by default decoded for minutes and
+    was then killed by the kernel's OOM killer, with no message."""
+    need = 0
+    for source in sources.values():
+        n = len(source)
+        picks = np.unique(np.linspace(0, n - 1, min(n, CACHE_SAMPLE)).round().astype(int)) if n else []
+        sizes = [sum(np.asarray(v).nbytes for v in source[int(i)].values()) for i in picks]
+        need += int(np.mean(sizes) * n) if sizes else 0
+    have = available_memory()
+    if need > fraction * have:
+        raise ConfigError(
+            f"data.cache=True would hold about {need / 2**30:.1f} GiB of decoded examples in memory, more than "
+            f"data.cache_memory_fraction={fraction} of the {have / 2**30:.1f} GiB available: set data.cache=False "
+            "(examples are then decoded as they are read)"
+        )
+    return need
+
+
 HISTOGRAM_IMAGES = 256  # a split larger than this (and not cached) is sampled for the histogram
 
 
@@ -269,8 +305,10 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
             raise DataError(
                 f"{builder.name} has no split {stored!r} ({err}); set data.tfds.train_split/val_split"
             ) from err
-        source = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
-        splits[split] = InMemorySource(source) if cfg.cache else source
+        splits[split] = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
+    if cfg.cache:
+        check_cache_fits(splits, cfg.cache_memory_fraction)
+        splits = {split: InMemorySource(source) for split, source in splits.items()}
     hist, counted = class_histogram(splits["train"], cfg.num_classes)
     shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
     logging.info("train class histogram (pixel share, %d of %d images): %s", counted, len(splits["train"]), shares)
