@@ -6,6 +6,8 @@ statistics, losses and confusion matrices are already global; no hand-written re
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -30,6 +32,27 @@ def host_barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(name, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+
+
+_decisions = itertools.count()  # one key per call: every process makes the same calls in the same order
+
+
+def decided_by_process_0(name: str, value: bool) -> bool:
+    """Process 0's `value` on every process, through the coordination service's key-value store
+    (host-side, as `host_barrier`): a check whose inputs differ between hosts (free memory) must
+    not stop one process alone, leaving the others waiting in their next collective."""
+    if jax.process_count() == 1:
+        return value
+    from jax._src import distributed  # the coordination client; public API has no key-value store
+
+    client = distributed.global_state.client
+    if client is None or not hasattr(client, "blocking_key_value_get"):
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    key = f"segjax/{name}/{next(_decisions)}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, str(int(value)))
+        return value
+    return client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000) == "1"
 
 
 def make_mesh() -> Mesh:

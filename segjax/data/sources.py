@@ -244,8 +244,9 @@ def available_memory() -> int:
 def check_cache_fits(sources: dict, fraction: float) -> int:
     """Bytes the decoded `sources` would hold in memory (`data.cache`), estimated from up to
     CACHE_SAMPLE evenly spaced examples per split; more than `fraction` of the available memory is
-    a ConfigError before any decoding. A large folder cached by default decoded for minutes and
-    was then killed by the kernel's OOM killer, with no message."""
+    a ConfigError before any decoding (process 0's estimate decides for every process). A large
+    folder cached by default decoded for minutes and was then killed by the kernel's OOM killer,
+    with no message."""
     need = 0
     for source in sources.values():
         n = len(source)
@@ -253,7 +254,7 @@ def check_cache_fits(sources: dict, fraction: float) -> int:
         sizes = [sum(np.asarray(v).nbytes for v in source[int(i)].values()) for i in picks]
         need += int(np.mean(sizes) * n) if sizes else 0
     have = available_memory()
-    if need > fraction * have:
+    if parallel.decided_by_process_0("cache_refused", need > fraction * have):
         raise ConfigError(
             f"data.cache=True would hold about {need / 2**30:.1f} GiB of decoded examples in memory, more than "
             f"data.cache_memory_fraction={fraction} of the {have / 2**30:.1f} GiB available: set data.cache=False "
