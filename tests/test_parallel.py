@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -89,6 +90,36 @@ def communicate_all(procs, timeout):
             p.kill()
         tails = [p.communicate()[1][-1500:] for p in procs]
         pytest.fail(f"processes still running after {timeout} s; stderr tails: {tails}")
+
+
+def test_process_0_decides_for_every_process():
+    """Two processes propose different values (free memory differs between hosts); both get
+    process 0's, call by call, so neither stops alone while the other waits in a collective."""
+    port = free_port()
+    script = (
+        "import sys, jax\n"
+        "from segjax import parallel\n"
+        "i = int(sys.argv[1])\n"
+        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=i)\n"
+        "print([parallel.decided_by_process_0('t', i == 1), parallel.decided_by_process_0('t', i == 0)])\n"
+        "jax.distributed.shutdown()\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = communicate_all(procs, timeout=120)
+    for (out, err), proc in zip(outputs, procs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == "[False, True]"
 
 
 def losses(workdir):
