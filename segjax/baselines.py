@@ -187,9 +187,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     results = evaluate_split(splits["validation"], config, os.path.join(workdir, "val_per_image.csv"))
     results["baseline"] = config.baseline.method
     results["seconds"] = time.perf_counter() - start
+    results["metrics_convention"] = evaluate.convention(config)
     writers.write_summary(path, results)
     names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
-    print(f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s):")
+    print(
+        f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s; "
+        f"{results['metrics_convention']}):"
+    )
     print(report.results_table(results, names, distance_unit=surface.unit(config)))
     return results
 

@@ -14,6 +14,17 @@ from segjax.data import pipeline
 from segjax.errors import ConfigError
 
 
+def convention(config: ml_collections.ConfigDict) -> str:
+    """How a run's (or baseline's) scores were computed, in one line stored with them as
+    `metrics_convention` and printed above their table: the averaging and empty-class rules and,
+    where `data.resize` changed the images, the grid the scores are counted on."""
+    text = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
+    size = config.data.resize
+    if size and config.model.spatial_dims == 2:
+        text += f", on images resized to {size}x{size} (data.resize), not the files' own sizes"
+    return text
+
+
 def evaluate_split(
     config: ml_collections.ConfigDict, eval_fn: Callable, state, split, mesh, per_image_csv: str = "", **kwargs
 ):

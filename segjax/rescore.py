@@ -115,9 +115,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
         results["eval_settings"]["distance_unit"] = surface.unit(config)
+    results["metrics_convention"] = evaluate.convention(config)
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
-        print(f"\n{which} checkpoint (step {results['step']}), eval {results['eval_settings']}:")
+        settings, rules = results["eval_settings"], results["metrics_convention"]
+        print(f"\n{which} checkpoint (step {results['step']}), eval {settings} ({rules}):")
         print(report.results_table(results, instances.class_names(config), distance_unit=surface.unit(config)))
     return results
 

@@ -19,7 +19,6 @@ from segjax import (
     checkpointing,
     evaluate,
     instances,
-    metrics,
     optim,
     parallel,
     preemption,
@@ -213,7 +212,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     total = config.train.steps
     lr_schedule = optim.schedule(config.optim, total)
     seed_results: list[dict] = []
-    convention = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
+    convention = evaluate.convention(config)
     logging.info("metrics convention: %s", convention)
     last_train, results, pending, window = {}, {}, None, []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0

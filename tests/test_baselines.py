@@ -13,7 +13,7 @@ import pytest
 from skimage import filters
 from sklearn.metrics import jaccard_score
 
-from segjax import baselines
+from segjax import baselines, evaluate
 from segjax.configuration import default_config
 from segjax.data import sources
 from segjax.errors import ConfigError, SegjaxError, WorkdirError
@@ -180,7 +180,9 @@ def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told
     with open(os.path.join(tmp_path, aside, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f)["baseline"] == "otsu"
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
-        assert json.load(f)["baseline"] == "watershed" == second["baseline"]
+        saved = json.load(f)
+    assert saved["baseline"] == "watershed" == second["baseline"]
+    assert saved["metrics_convention"] == evaluate.convention(tiny_config)  # as a trained run states it
     os.makedirs(os.path.join(workdir, "checkpoints"))  # a network training there (no metrics.json yet)
     os.remove(os.path.join(workdir, "metrics.json"))
     with pytest.raises(SegjaxError, match="holds a trained run"):

@@ -238,3 +238,15 @@ def test_per_image_scores_by_group_join_on_names(tmp_path):
     groups.write_text("id,modality\na,fluo\n")
     with pytest.raises(KeyError, match="image 'b' has no 'id' row"):
         report.by_group(str(per_image), str(groups), "modality", ("dice/fg",))
+
+
+def test_the_convention_line_names_the_grid_a_resized_run_is_scored_on():
+    """Scores of a run with data.resize are counted on the resized images, not the files' own
+    sizes (e.g. DSB nuclei at 256x256); the line stored with every result says so."""
+    config = load_config("nuclei")
+    rules = metrics.convention(config.eval.average, config.eval.empty, config.eval.include_background)
+    assert (
+        evaluate.convention(config) == f"{rules}, on images resized to 256x256 (data.resize), not the files' own sizes"
+    )
+    config.data.resize = 0
+    assert evaluate.convention(config) == rules

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, configuration, preflight, rescore, study, train, workdirs
+from segjax import checkpointing, configuration, evaluate, preflight, rescore, study, train, workdirs
 from segjax.data import pipeline
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError
 from tests.conftest import ROOT, assert_trees_equal, load_config
@@ -83,6 +83,8 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
     with open(os.path.join(workdir, "eval_latest.json"), encoding="utf-8") as f:
         written = json.load(f)
     assert written["eval_settings"]["tta"] == "flip" and written["config_differences"] == ["eval.tta"]
+    # every result file states how its scores were computed (it was metrics.json alone)
+    assert written["metrics_convention"] == saved["metrics_convention"] == evaluate.convention(tiny_config)
     assert rescored["config_differences"] == []
     # the first rescoring's pair of files is kept under a number, not overwritten
     with open(os.path.join(workdir, "eval_latest.1.json"), encoding="utf-8") as f:
