@@ -9,7 +9,11 @@ leave the others waiting in a collective): JAX's preemption service, started by
 `jax.distributed.initialize`, catches the signal on whichever hosts get it, tells the others,
 and `multihost_utils.reached_preemption_sync_point` turns True on all of them at one step. Its
 step ids must increase over the run, so they count the steps of both stages (`reached` numbers
-its calls). One process: a Python handler sets a flag.
+its calls). One process: a Python handler sets a flag, installed at the first training step:
+before it there is nothing to save (a resumed run's checkpoint is on disk already), so a SIGTERM
+during data preparation or compilation ends the process at once, as it would without segjax,
+instead of after preparing, compiling, one step and a checkpoint, which could outlast a
+scheduler's grace period.
 """
 
 from __future__ import annotations
@@ -36,10 +40,6 @@ class Preemption:
 
             self._service = multihost_utils.reached_preemption_sync_point  # it handles SIGTERM itself
             return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
         return self
 
     def reached(self) -> bool:
@@ -47,6 +47,11 @@ class Preemption:
         self._calls += 1
         if self._service is not None and self._service(self._calls):
             self.requested = True
+        elif self._service is None and self._calls == 1:  # from now on there is a step to save
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                self._previous = None
         return self.requested
 
     def _handle(self, signum, frame):

@@ -143,6 +143,29 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(reference_run, tmp_
     assert_same_state(final_state(workdir)[0], reference_run[0])
 
 
+@pytest.mark.parametrize("first_step", [False, True])
+def test_sigterm_before_the_first_step_ends_the_process_at_once(first_step):
+    """Before the first training step there is nothing to save: a SIGTERM during data preparation
+    or compilation ends the process as it would without segjax (it used to prepare, compile, train
+    a step and save it first). From the first step on it is a request to save and stop."""
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        from segjax import preemption
+        with preemption.Preemption() as p:
+            if {first_step}:
+                p.reached()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+            print("requested", p.reached())
+        print("restored", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if first_step:
+        assert done.returncode == 0 and done.stdout.split() == ["requested", "True", "restored", "True"], done.stderr
+    else:
+        assert done.returncode == -signal.SIGTERM and done.stdout == "", done.stderr
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
     original = pipeline.to_model_batch
     calls = {"n": 0}
