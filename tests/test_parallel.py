@@ -59,22 +59,14 @@ def two_processes(workdir, tfds_dir, env, *extra):
     """Two local CPU processes of one tiny run (one device each, a loopback coordinator)."""
     port = free_port()
     common = ("--config.train.batch_size=4", "--config.train.log_every=1", *extra)
+    coordinator = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
+    return start_two(lambda i: tiny_cli(workdir, tfds_dir, *common, *coordinator, f"--process_id={i}"), env)
+
+
+def start_two(command, env):
+    """Processes 0 and 1 of `command(i)`, their output piped (read with `communicate_all`)."""
     return [
-        subprocess.Popen(
-            tiny_cli(
-                workdir,
-                tfds_dir,
-                *common,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        subprocess.Popen(command(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
 
@@ -104,18 +96,7 @@ def test_process_0_decides_for_every_process():
         "print([parallel.decided_by_process_0('t', i == 1), parallel.decided_by_process_0('t', i == 0)])\n"
         "jax.distributed.shutdown()\n"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(i)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = start_two(lambda i: [sys.executable, "-c", script, str(i)], dict(os.environ, JAX_PLATFORMS="cpu"))
     outputs = communicate_all(procs, timeout=120)
     for (out, err), proc in zip(outputs, procs, strict=True):
         assert proc.returncode == 0, err[-2000:]
