@@ -44,17 +44,25 @@ class _Files:
     read example's prepared and original size, to which its prediction is brought back."""
 
     extension = ""
+    what = ""  # the kind of file read, for messages
 
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...] = (), shard=(0, 1)):
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...], shard=(0, 1)):
         if not os.path.isdir(directory):
             raise DataError(f"--images={directory} is not a folder")
-        self.paths = [
-            os.path.join(directory, n)
+        files = [
+            n
             for n in sorted(os.listdir(directory))
-            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)) and n.endswith(suffixes or "")
+            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n))
         ]
+        kept = [n for n in files if n.lower().endswith(suffixes)]
+        if len(kept) < len(files):  # notes, CSVs: named, not read (a corrupt file of an image type is an error)
+            other = [n for n in files if n not in kept]
+            logging.warning(
+                "predict: %d files in %s are not %s files, skipped: %s", len(other), directory, self.what, other[:5]
+            )
+        self.paths = [os.path.join(directory, n) for n in kept]
         if not self.paths:
-            raise DataError(f"no {' or '.join(suffixes) or 'image'} files in {directory}")
+            raise DataError(f"no {self.what} files in {directory}")
         self.names = [folder.stem(os.path.basename(p)) for p in self.paths]
         twice = sorted(n for n, k in collections.Counter(self.names).items() if k > 1)
         if twice:
@@ -74,6 +82,10 @@ class ImageFiles(_Files):
     viewers show it where `data.folder.exif='apply'` turned the image)."""
 
     extension = ".png"
+    what = "image"
+
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, shard=(0, 1)):
+        super().__init__(directory, cfg, tuple(Image.registered_extensions()), shard)  # any format PIL reads
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
@@ -97,6 +109,7 @@ class VolumeFiles(_Files):
     as NIfTI on the image's grid (its affine, its axis order)."""
 
     extension = ".nii.gz"
+    what = "NIfTI (.nii, .nii.gz)"
 
     def __init__(self, directory: str, cfg: ml_collections.ConfigDict, shard=(0, 1)):
         super().__init__(directory, cfg, (".nii", ".nii.gz"), shard)

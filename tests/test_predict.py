@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,8 +65,14 @@ def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tm
     config, workdir, examples = run
     rng = np.random.default_rng(0)
     images = write_images(tmp_path / "images", [rng.integers(0, 256, (40, 24, 3), np.uint8), examples[0]["image"]])
+    (tmp_path / "images" / "notes.txt").write_text("scanned on Tuesday")  # not an image type: skipped, named
+    Image.fromarray(examples[1]["image"]).save(tmp_path / "images" / "IMG02.JPG")  # an image type in capitals
     out = str(tmp_path / "out")
     config = config.copy_and_resolve_references()
+    paths = predict.predict_folder(config, workdir, images, out, "best")  # the text file was a DataError
+    assert [os.path.basename(p) for p in paths] == ["IMG02.png", "img00.png", "img01.png"]
+    os.remove(tmp_path / "images" / "IMG02.JPG")
+    shutil.rmtree(out)
     paths = predict.predict_folder(config, workdir, images, out, "best")
     assert [np.asarray(Image.open(p)).shape for p in paths] == [(40, 24), (32, 32)]
     with pytest.raises(WorkdirError, match="2 outputs already exist"):
