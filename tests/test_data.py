@@ -109,7 +109,7 @@ def test_a_cache_larger_than_memory_is_refused_before_decoding(tiny_config, monk
     tiny_config.data.cache = False
     splits = sources.open_splits(tiny_config.data)
     exact = sum(np.asarray(v).nbytes for s in splits.values() for i in range(len(s)) for v in s[i].values())
-    assert sources.check_cache_fits(splits, 1.0) == exact  # one image size: the estimate is exact
+    assert sources.check_cache_fits(splits, 1.0)[0] == exact  # one image size: the estimate is exact
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < sources.available_memory() <= total
     read, decode = [], sources.DecodedSource.__getitem__
@@ -126,7 +126,11 @@ def test_a_cache_larger_than_memory_is_refused_before_decoding(tiny_config, monk
     sampled = sum(min(len(s), sources.CACHE_SAMPLE) for s in splits.values())
     assert len(read) == sampled < sum(map(len, splits.values()))  # refused after a sample, not after all
     tiny_config.data.cache_memory_fraction = 1.0  # just fits
-    assert len(sources.open_splits(tiny_config.data)["train"]) == len(splits["train"])
+    read.clear()
+    cached = sources.open_splits(tiny_config.data)
+    assert sorted(read) == sorted(i for s in splits.values() for i in range(len(s)))  # each decoded once
+    for split, source in splits.items():
+        np.testing.assert_array_equal(cached[split][len(source) - 1]["label"], source[len(source) - 1]["label"])
 
 
 def test_uncached_source_decodes_the_same(tiny_config):

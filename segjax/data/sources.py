@@ -212,10 +212,12 @@ def nearest(label: np.ndarray, size: int) -> np.ndarray:
 
 
 class InMemorySource:
-    """A split decoded once and kept in memory (`data.cache=True`, for small datasets)."""
+    """A split decoded once and kept in memory (`data.cache=True`, for small datasets); `decoded`
+    holds examples decoded already ({index: example}, the sample of `check_cache_fits`)."""
 
-    def __init__(self, source):
-        self._examples = [source[i] for i in range(len(source))]
+    def __init__(self, source, decoded: dict | None = None):
+        decoded = decoded or {}
+        self._examples = [decoded[i] if i in decoded else source[i] for i in range(len(source))]
         if not self._examples:
             raise DataError("the split is empty")
 
@@ -241,17 +243,19 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_cache_fits(sources: dict, fraction: float) -> int:
-    """Bytes the decoded `sources` would hold in memory (`data.cache`), estimated from up to
-    CACHE_SAMPLE evenly spaced examples per split; more than `fraction` of the available memory is
-    a ConfigError before any decoding (process 0's estimate decides for every process). A large
-    folder cached by default decoded for minutes and was then killed by the kernel's OOM killer,
-    with no message."""
-    need = 0
-    for source in sources.values():
+def check_cache_fits(sources: dict, fraction: float) -> tuple[int, dict]:
+    """(bytes the decoded `sources` would hold in memory (`data.cache`), the sample decoded for
+    the estimate: {split: {index: example}}, for the cache to keep), from up to CACHE_SAMPLE evenly
+    spaced examples per split; more than `fraction` of the available memory is a ConfigError
+    before the rest is decoded (process 0's estimate decides for every process). A large folder
+    cached by default decoded for minutes and was then killed by the kernel's OOM killer, with no
+    message."""
+    need, decoded = 0, {}
+    for split, source in sources.items():
         n = len(source)
         picks = np.unique(np.linspace(0, n - 1, min(n, CACHE_SAMPLE)).round().astype(int)) if n else []
-        sizes = [sum(np.asarray(v).nbytes for v in source[int(i)].values()) for i in picks]
+        decoded[split] = {int(i): source[int(i)] for i in picks}
+        sizes = [sum(np.asarray(v).nbytes for v in example.values()) for example in decoded[split].values()]
         need += int(np.mean(sizes) * n) if sizes else 0
     have = available_memory()
     if parallel.decided_by_process_0("cache_refused", need > fraction * have):
@@ -260,7 +264,7 @@ def check_cache_fits(sources: dict, fraction: float) -> int:
             f"data.cache_memory_fraction={fraction} of the {have / 2**30:.1f} GiB available: set data.cache=False "
             "(examples are then decoded as they are read)"
         )
-    return need
+    return need, decoded
 
 
 HISTOGRAM_IMAGES = 256  # a split larger than this (and not cached) is sampled for the histogram
@@ -308,8 +312,8 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
             ) from err
         splits[split] = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
     if cfg.cache:
-        check_cache_fits(splits, cfg.cache_memory_fraction)
-        splits = {split: InMemorySource(source) for split, source in splits.items()}
+        _, decoded = check_cache_fits(splits, cfg.cache_memory_fraction)  # its sample is not decoded twice
+        splits = {split: InMemorySource(source, decoded[split]) for split, source in splits.items()}
     hist, counted = class_histogram(splits["train"], cfg.num_classes)
     shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
     logging.info("train class histogram (pixel share, %d of %d images): %s", counted, len(splits["train"]), shares)
