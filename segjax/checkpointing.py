@@ -98,30 +98,35 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict) -> None:
         if step not in self.latest.all_steps():
             self._one_writer_at_a_time(self.best)
-            self._seal()
+            self._seal(self.latest)
             self.latest.save(step, args=self._args(state, data_state))
             self._unsealed.append((self.latest, step))
 
     def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
         if step not in self.best.all_steps():
             self._one_writer_at_a_time(self.latest)
-            self._seal()
+            self._seal(self.best)
             score = {self.best_metric: float(metrics[self.best_metric])}
             self.best.save(step, args=self._args(state, data_state), metrics=score)
             self._unsealed.append((self.best, step))
 
-    def _seal(self) -> None:
-        """Write `DIGEST_FILE` into each step folder saved since the last call, once its save has
-        finished (orbax waits for the previous save before the next one anyway). Process 0
-        hashes; the step folders are on storage every process sees."""
+    def _seal(self, only: ocp.CheckpointManager | None = None) -> None:
+        """Write `DIGEST_FILE` into each step folder saved and not sealed yet, once its save has
+        finished: `only` that manager's steps (its next save waits for them anyway; the other
+        manager's save may go on meanwhile), or all. Process 0 hashes; the step folders are on
+        storage every process sees."""
+        pending = []
         for manager, step in self._unsealed:
+            if only is not None and manager is not only:
+                pending.append((manager, step))
+                continue
             manager.wait_until_finished()
             folder = _step_folder(manager, step)
             if jax.process_index() == 0 and os.path.isdir(folder):  # not removed by max_to_keep meanwhile
                 digests = _file_digests(folder)  # before the digest's own partial file appears there
                 with writers.replaced(os.path.join(folder, DIGEST_FILE)) as f:
                     json.dump(digests, f)
-        self._unsealed = []
+        self._unsealed = pending
 
     @staticmethod
     def _one_writer_at_a_time(other: ocp.CheckpointManager) -> None:

@@ -285,8 +285,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 ckpt.save(step, checkpointable(train_state), data_iter.get_state())
             if stop:
                 logging.warning("SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step)
-                ckpt.wait()
-                return {"step": step, "preempted": True}
+                return {"step": step, "preempted": True}  # `finally` waits for the save
         if pending is not None:
             check_finite(*pending)
         if not results:  # resumed a finished run: evaluate the final state once more
