@@ -30,7 +30,7 @@ def evaluate_split(
 ):
     """`evaluate` over a whole `split` (e.g. the validation source) with the run's eval batching:
     `eval.batch_size` split over processes, images padded to a multiple of 2**model.depth, the
-    instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put).
+    instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put, stop).
     `per_image_csv`: also write each image's scores there (`per_image_rows`; process 0, one seed)."""
     targets, extra_scores = instances.hooks(config)
     host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
@@ -126,6 +126,7 @@ def evaluate(
     put: Callable | None = None,
     extra_scores: Callable[[list[dict]], dict] | None = None,
     reduce_batch: Callable[[dict], dict] | None = None,
+    stop: Callable[[], bool] | None = None,
 ):
     """Flat dict: `val/miou`, `val/mdice`, `val/accuracy`, `val/loss`, `val/<score>/<class>`,
     `val/mbiou`, `val/biou/<class>`, `val/pixels`, `val/images` (a list of such dicts, one per
@@ -141,6 +142,9 @@ def evaluate(
     quality, surface metrics); `reduce_batch(output) -> output` shrinks each batch's outputs as
     they arrive (e.g. class maps to per-image scores), so a split's maps are never all held on
     the host. With replicas, both see one replica's outputs at a time.
+    `stop()`, asked after each batch (on every process: a collective check such as
+    `Preemption.reached`), abandons the pass: None, nothing scored (a SIGTERM during a long
+    evaluation must not outlast the scheduler's grace period).
     """
     put = put or (lambda batch: parallel.to_global(batch, mesh, batch_sharding))
 
@@ -158,6 +162,8 @@ def evaluate(
         out = {**jax.device_get(on_device), **parallel.gather_host_rows(host)}
         for r, outputs in enumerate(per_replica):
             outputs.append(reduce_batch(replica(out, r)) if reduce_batch else replica(out, r))
+        if stop is not None and stop():
+            return None
     results = []
     for outputs in per_replica:
         results.append(scores(outputs, eval_cfg, class_names))

@@ -2,7 +2,9 @@
 
 One `Preemption` covers a whole run, the encoder's pretraining stage and the segmentation
 training after it: each stage asks `reached()` once per training step and, when it turns True,
-saves a checkpoint and stops; rerunning the command resumes the stage where it stopped.
+saves a checkpoint and stops; rerunning the command resumes the stage where it stopped. The
+training's evaluations ask it once per batch too: a long evaluation is abandoned (its step is
+saved first) and redone on resume, instead of outlasting the scheduler's grace period.
 
 With several processes every one must save the same step (a process that stopped alone would
 leave the others waiting in a collective): JAX's preemption service, started by
@@ -43,7 +45,8 @@ class Preemption:
         return self
 
     def reached(self) -> bool:
-        """Whether to save now and stop; asked once per training step, on every process."""
+        """Whether to save now and stop; asked once per training step (and evaluation batch), on
+        every process."""
         self._calls += 1
         if self._service is not None and self._service(self._calls):
             self.requested = True

@@ -195,12 +195,21 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
 
     table = os.path.join(workdir, "val_per_image.csv") if num_seeds == 1 else ""  # the latest evaluation's
 
-    def run_eval() -> dict:
+    def run_eval(stop=None) -> dict | None:
+        """The validation scores (None if `stop()` turned True during the pass: nothing scored)."""
         put = (lambda b: b) if use_pmap else None
         per_seed = evaluate.evaluate_split(
-            config, eval_fn, train_state, splits["validation"], mesh, num_seeds=num_seeds, put=put, per_image_csv=table
+            config,
+            eval_fn,
+            train_state,
+            splits["validation"],
+            mesh,
+            num_seeds=num_seeds,
+            put=put,
+            per_image_csv=table,
+            stop=stop,
         )
-        if num_seeds == 1:
+        if per_seed is None or num_seeds == 1:
             return per_seed
         seed_results.clear()
         seed_results.extend(per_seed)
@@ -234,7 +243,34 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 )
             logging.warning(msg + "; skipping the batch")
 
+    def is_eval_step(n: int) -> bool:
+        return n % config.eval.every == 0 or n == total
+
+    def evaluate_at(n: int) -> dict | None:
+        """Evaluate at step `n`: log, print, keep as best if it is. None if a SIGTERM interrupted."""
+        scores = run_eval(stop=preempt.reached)
+        if scores is None:
+            logging.warning("SIGTERM during the evaluation at step %d: abandoned it (resuming redoes it)", n)
+            return None
+        writer.write(n, scores)
+        bar.write(
+            f"step {n}: val/miou={scores['val/miou']:.4f} val/mdice={scores['val/mdice']:.4f} "
+            f"val/accuracy={scores['val/accuracy']:.4f}"
+        )
+        if best not in scores:  # a key only instance or surface scores could have given
+            raise ConfigError(
+                f"train.best_metric={best!r} is not among this run's validation scores; choose "
+                f"one of {sorted(k for k in scores if k.startswith('val/'))}"
+            )
+        if math.isfinite(scores[best]):
+            ckpt.save_if_best(n, checkpointable(train_state), data_iter.get_state(), scores)
+        return scores
+
     try:
+        if step and is_eval_step(step) and not _evaluated(workdir, step):  # its evaluation was cut short
+            results = evaluate_at(step)
+            if results is None:
+                return {"step": step, "preempted": True}
         while step < total:
             wait_start = time.perf_counter()
             host_batch = next(data_iter)
@@ -266,23 +302,20 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 writer.write(step, last_train)
                 bar.set_postfix(loss=f"{last_train['train/loss']:.4f}", steps_s=f"{rate:.2f}")
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            if step % config.eval.every == 0 or step == total:
-                results = run_eval()
-                writer.write(step, results)
-                bar.write(
-                    f"step {step}: val/miou={results['val/miou']:.4f} val/mdice={results['val/mdice']:.4f} "
-                    f"val/accuracy={results['val/accuracy']:.4f}"
-                )
-                if best not in results:  # a key only instance or surface scores could have given
-                    raise ConfigError(
-                        f"train.best_metric={best!r} is not among this run's validation scores; choose "
-                        f"one of {sorted(k for k in results if k.startswith('val/'))}"
-                    )
-                if math.isfinite(results[best]):
-                    ckpt.save_if_best(step, checkpointable(train_state), data_iter.get_state(), results)
+            # the checkpoint first: it is written while the evaluation runs, and a SIGTERM during
+            # the evaluation finds this step saved (the evaluation is then redone on resume)
             stop = preempt.reached()
-            if step % config.train.checkpoint_every == 0 or step == total or stop:
+            saved = step % config.train.checkpoint_every == 0 or step == total or stop
+            if saved:
                 ckpt.save(step, checkpointable(train_state), data_iter.get_state())
+            if not stop and is_eval_step(step):
+                evaluated = evaluate_at(step)
+                if evaluated is not None:
+                    results = evaluated
+                else:  # a SIGTERM during the evaluation
+                    stop = True
+                    if not saved:
+                        ckpt.save(step, checkpointable(train_state), data_iter.get_state())
             if stop:
                 logging.warning("SIGTERM: saved a checkpoint at step %d; exiting (rerun the command to resume)", step)
                 return {"step": step, "preempted": True}  # `finally` waits for the save
@@ -318,6 +351,14 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
                 + f"; std {final.get('val/miou_std', float('nan')):.4f})"
             )
     return final
+
+
+def _evaluated(workdir: str, step: int) -> bool:
+    """Whether the log holds validation scores at `step` (process 0's reading, for every process)."""
+    logged = False
+    if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, writers.LOG_FILE)):
+        logged = any(row["step"] == step and "val/miou" in row for row in writers.read_log(workdir))
+    return parallel.decided_by_process_0("evaluated", logged)
 
 
 def _last_logged(workdir: str, key: str):

@@ -166,6 +166,45 @@ def test_sigterm_before_the_first_step_ends_the_process_at_once(first_step):
         assert done.returncode == -signal.SIGTERM and done.stdout == "", done.stderr
 
 
+def _val_rows(workdir) -> dict:
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        return {r["step"]: r for r in map(json.loads, f) if "val/miou" in r}
+
+
+@pytest.mark.parametrize("at_step", [3, 6])  # 3: not a checkpoint step; 6: the last step, saved before its evaluation
+def test_sigterm_during_an_evaluation_abandons_it_and_resuming_redoes_it(tiny_config, tmp_path, monkeypatch, at_step):
+    """A long evaluation must not outlast a scheduler's grace period: a SIGTERM between its batches
+    ends the pass (nothing of it logged), the step is saved, and the rerun evaluates that step
+    first, then goes on exactly as a run never interrupted."""
+    tiny_config.train.checkpoint_every = 6
+    tiny_config.eval.every = 3
+    reference = train.train_and_evaluate(tiny_config, str(tmp_path / "reference"))
+    original, passes, batches = pipeline.eval_batches, {"n": 0}, {"n": 0}
+
+    def signalled_after_one_batch(*args, **kwargs):
+        passes["n"] += 1
+        for k, batch in enumerate(original(*args, **kwargs)):
+            batches["n"] += 1
+            if passes["n"] == at_step // 3 and k == 1:  # the scheduler's SIGTERM, mid-pass
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(pipeline, "eval_batches", signalled_after_one_batch)
+    workdir = tmp_path / "term"
+    stopped = train.train_and_evaluate(tiny_config, str(workdir))
+    assert stopped == {"step": at_step, "preempted": True}
+    assert batches["n"] == (at_step // 3 - 1) * 2 + 2  # the earlier passes' 2 batches each; 2 of this one's
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(at_step)]
+    assert sorted(_val_rows(workdir)) == list(range(3, at_step, 3))  # nothing of the abandoned pass
+    assert not os.path.exists(workdir / "metrics.json")
+    monkeypatch.setattr(pipeline, "eval_batches", original)
+    final = train.train_and_evaluate(tiny_config, str(workdir))
+    assert final["val/miou"] == reference["val/miou"]
+    assert _val_rows(workdir) == _val_rows(tmp_path / "reference")  # the abandoned step's scores included
+    assert os.listdir(workdir / "best") == os.listdir(tmp_path / "reference" / "best")
+    assert_same_state(final_state(workdir)[0], final_state(tmp_path / "reference")[0])
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
     original = pipeline.to_model_batch
     calls = {"n": 0}
