@@ -169,9 +169,7 @@ def predict_folder(
         raise WorkdirError(
             f"{len(present)} outputs already exist (e.g. {present[0]}); use another --out or --overwrite"
         )
-    first = source[0]["image"][None]
-    sample = first / 255.0 if first.dtype == np.uint8 else first
-    model, state, _ = rescore.load_run(config, workdir, which, sample)
+    model, state, _ = rescore.load_run(config, workdir, which, source[0]["image"])
 
     need_probabilities = probabilities or bool(config.data.resize)  # resized back before the argmax
 

@@ -46,15 +46,20 @@ def require_run(config: ml_collections.ConfigDict, workdir: str, which: str, dat
     return check_run_config(config, workdir, dataset)
 
 
-def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, sample: np.ndarray):
+def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, image: np.ndarray):
     """(model, the run's `best` or `latest` state replicated over the mesh, mesh) of the run in
-    `workdir`, checked by `require_run` first; `sample` is one image batch [1, ...] (its shape
-    builds the state template)."""
+    `workdir`, checked by `require_run` first; `image` is one input image [..., C]: its shape,
+    padded to a multiple of 2**model.depth as evaluation pads it, builds the state template (a
+    size that does not fit the depth must not be refused here: the run evaluated it)."""
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
+    multiple = 2**config.model.depth
+    sample = jax.ShapeDtypeStruct(
+        (1, *(-(-n // multiple) * multiple for n in image.shape[:-1]), image.shape[-1]), jnp.float32
+    )
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
     tx, repl = train.make_tx(config, model), parallel.replicated(mesh)
-    shapes = jax.eval_shape(lambda: state.create(model, tx, jnp.asarray(sample, jnp.float32), config.train.seed))
+    shapes = jax.eval_shape(lambda x: state.create(model, tx, x, config.train.seed), sample)
     template = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
     ckpt = checkpointing.Checkpointer(
         workdir, config.train.keep_checkpoints, config.train.best_metric, config.train.best_mode
@@ -100,8 +105,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     preflight.check(config)
     differences = require_run(config, workdir, which, sources.dataset_id(config.data))
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    sample = splits["validation"][0]["image"][None]
-    model, restored, mesh = load_run(config, workdir, which, sample)
+    model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"])
     eval_step = steps.make_eval_step(config, model)
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)

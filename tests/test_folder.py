@@ -138,6 +138,26 @@ def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_confi
     assert len([d for d in os.listdir(tmp_path) if d.startswith("baseline.replaced-")]) == 1
 
 
+def test_mixed_sizes_that_do_not_fit_the_depth_train_on_crops_and_rescore_as_evaluated(tiny_config, tmp_path, tfds_dir):
+    """Without crops, a batch of two sizes was grain's "same structure" traceback; with crops the
+    run trains and evaluates the full images padded, and `--eval_only` (whose state template was
+    built from the first validation image unpadded: refused as 'does not fit model.depth') now
+    gives the run's own final scores."""
+    from segjax import rescore, train
+
+    root = write_folder(tmp_path / "odd", [(30, 22), (26, 34)] * 4, num_classes=4)
+    tiny_config.data = folder_config(root, tfds_dir, num_classes=4, num_folds=4, fold=3)
+    tiny_config.data.augment.crop = 0
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    with pytest.raises(DataError, match=r"different sizes in one batch \(26x34, 30x22\): .*data\.augment\.crop=N"):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "nocrop"))
+    tiny_config.data.augment.crop = 16
+    final = train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    assert final["val/pixels"] == 30 * 22 + 26 * 34  # every real pixel of both sizes, none of the padding
+    rescored = rescore.evaluate_checkpoint(tiny_config, str(tmp_path / "run"), "latest")
+    assert rescored["val/miou"] == final["val/miou"] and rescored["val/accuracy"] == final["val/accuracy"]
+
+
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
     with open(root / "index.csv", "w", encoding="utf-8") as f:

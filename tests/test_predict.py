@@ -95,6 +95,25 @@ def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tm
         predict.predict_folder(config, str(tmp_path / "nothing"), images, str(tmp_path / "o2"))
 
 
+def test_sizes_that_do_not_fit_the_depth_are_padded_even_in_the_first_file(run, tmp_path):
+    """The state template was built from the first file's unpadded size: a folder whose first
+    image is 30 x 22 (depth 2: multiples of 4) was refused as a size error. Its mask is the
+    mask of the same image zero-padded to 32 x 24 by hand, cut back to 30 x 22."""
+    config, workdir, _ = run
+    odd = np.random.default_rng(1).integers(0, 256, (30, 22, 3), np.uint8)
+    padded = np.zeros((32, 24, 3), np.uint8)
+    padded[:30, :22] = odd
+    masks = []
+    for name, image in (("odd", odd), ("padded", padded)):
+        images = write_images(tmp_path / name, [image])
+        [path] = predict.predict_folder(
+            config.copy_and_resolve_references(), workdir, images, str(tmp_path / f"{name}_out")
+        )
+        masks.append(np.asarray(Image.open(path)))
+    assert masks[0].shape == (30, 22)
+    np.testing.assert_array_equal(masks[0], masks[1][:30, :22])
+
+
 def test_cli_refuses_to_replace_masks(run, tmp_path):
     config, workdir, examples = run
     images = write_images(tmp_path / "images", [examples[0]["image"]])

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from segjax.data import augment
+from segjax.errors import DataError
 
 HOST_ONLY = "gt_"  # batch keys with this prefix stay on the host (truth for host-side metrics such as PQ)
 
@@ -68,8 +69,21 @@ def train_dataset(
         return elements[(j // host_batch_size) * global_batch + offset + j % host_batch_size]
 
     ds = grain.MapDataset.range(0, len(elements) // process_count).map(pick)
-    ds = ds.batch(host_batch_size, drop_remainder=True)
+    ds = ds.batch(host_batch_size, drop_remainder=True, batch_fn=_stack)
     return ds.map(lambda b: to_model_batch(b, cfg.ignore_label))
+
+
+def _stack(examples) -> dict[str, np.ndarray]:
+    """One training batch. Examples of different sizes (a folder of mixed sizes trained without
+    crops) are a DataError that says what to set, not grain's "same structure" traceback."""
+    sizes = sorted({e["label"].shape for e in examples})
+    if len(sizes) > 1:
+        shown = ", ".join("x".join(map(str, s)) for s in sizes)
+        raise DataError(
+            f"training examples of different sizes in one batch ({shown}): train on random crops "
+            "(data.augment.crop=N) or resize every image (data.resize=N)"
+        )
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 def _image_and_label(example: dict) -> dict:
