@@ -17,7 +17,9 @@ import ml_collections
 
 from segjax.errors import ConfigError, exit_on_user_error
 
-_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_DEFAULT = os.path.join(_CONFIGS, "default.py")
+SAVED = os.path.join(_CONFIGS, "saved.py")  # `--config=RUN/config.json` stands for `--config=SAVED:RUN/config.json`
 
 
 def load_module(path: str):
@@ -32,6 +34,40 @@ def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of the config file at `path` (what `--config=path[:arg]` loads)."""
     module = load_module(path)
     return module.get_config() if arg is None else module.get_config(arg)
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+    """A run's saved `config.json` as a config: configs/default.py's fields with the saved values
+    (JSON lists back to tuples), so that `--config=runs/x/config.json` relaunches run x's exact
+    settings, e.g. with another seed in another workdir. A key this segjax does not have is an
+    error; one the file lacks (saved before the field existed) keeps its default, as resuming
+    treats it (`differences`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable config.json ({err})") from err
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a run's config.json (a JSON object of config groups)")
+    config = default_config()
+    reference, given = flatten(config.to_dict()), flatten(saved)
+    unknown = sorted(set(given) - set(reference))
+    if unknown:
+        raise ConfigError(f"{path} holds keys this segjax does not have (saved by another version?): {listed(unknown)}")
+    for key, value in given.items():
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        try:
+            node[leaf] = _tuples(value)
+        except TypeError as err:
+            raise ConfigError(f"{path}: {key}={value!r} does not fit configs/default.py's field ({err})") from err
+    return config
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,6 +97,8 @@ def check_command_line(argv: list[str], default_file: str | None, flag: str = "c
     if value is None:
         return  # a required flag absl reports itself
     path, _, argument = value.partition(":")
+    if path.endswith(".json"):  # a saved config given in a --flagfile (the command line's is rewritten)
+        raise ConfigError(f"--{flag}={value}: a saved config.json is read as --{flag}={SAVED}:{path}")
     if not os.path.isfile(path):
         raise ConfigError(f"--{flag}={value}: no such config file {path!r} (relative to {os.getcwd()})")
     try:
@@ -81,9 +119,25 @@ def run_program(main, default_file: str | None = None) -> None:
     (its errors as one line, exit status 2)."""
     from absl import app
 
+    sys.argv[1:] = saved_config_argv(sys.argv[1:])
     with exit_on_user_error():
         check_command_line(sys.argv[1:], default_file)
     app.run(main)
+
+
+def saved_config_argv(argv: list[str], flag: str = "config") -> list[str]:
+    """`argv` with a run's saved config (`--config=runs/x/config.json`, or `--config runs/x/config.json`)
+    given to configs/saved.py, the config file that reads it (`from_json`)."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg == "--":  # absl's end of flags
+            return [*out, arg, *args]
+        name, has_value, value = arg.partition("=")
+        if name in (f"--{flag}", f"-{flag}"):
+            value = value if has_value else next(args, "")
+            arg = f"--{flag}={SAVED}:{value}" if value.endswith(".json") else f"--{flag}={value}"
+        out.append(arg)
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -61,6 +61,8 @@ def test_documented_config_and_study_files_load_with_their_arguments(monkeypatch
         ("study", "configs/studies/isbi_folds.py", "proxy"),
     } <= mentioned
     for flag, path, arg in sorted(mentioned, key=str):
+        if path == "configs/saved.py":  # its argument is a run's config.json (tests/test_saved_config.py)
+            continue
         if flag == "config":
             configuration.check_command_line([f"--config={path}" + (f":{arg}" if arg else "")], None)
         else:
