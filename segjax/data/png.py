@@ -47,6 +47,19 @@ def lossy(image: Image.Image) -> str:
     return ""
 
 
+def stacked(image: Image.Image, where: str) -> None:
+    """A DataError for a file of several pages (a multi-page TIFF stack such as ISBI 2012's
+    train-volume.tif, an animated PNG or GIF): PIL reads its first page only, so a stack of 30
+    images and its 30 masks would silently train as one example. A camera's MPO keeps its main
+    picture first (the others are previews), so it reads as that picture."""
+    pages = getattr(image, "n_frames", 1)
+    if pages > 1 and image.format != "MPO":
+        raise DataError(
+            f"{where}: a {image.format} file of {pages} pages; segjax reads one image per file: write each page "
+            "as its own file (`python -m segjax.data.pages --stack=FILE --out=FOLDER`), a 3D volume as NIfTI"
+        )
+
+
 def turned(image: Image.Image, where: str, exif: str) -> Image.Image:
     """`image` with its EXIF orientation (phone photos: the pixels are stored sideways and a tag
     says how to turn them) handled per `exif`: 'apply' turns it as viewers and annotation tools
@@ -75,6 +88,7 @@ def decode(data: bytes, where: str, ids: bool = False, exif: str = "ignore") -> 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            stacked(image, where)
             kind = ids and lossy(image)
             array = np.array(turned(image, where, exif))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
