@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import configuration, inference, instances, preflight, rescore, workdirs
+from segjax import configuration, inference, instances, preflight, rescore, seeds, workdirs
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -145,10 +145,13 @@ def predict_folder(
     probabilities: bool = False,
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
+    seed: int | None = None,
 ) -> list[str]:
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
-    returns the mask paths in file order. `shard=(i, N)`: only files i, i+N, ... (sorted)."""
+    returns the mask paths in file order. `shard=(i, N)`: only files i, i+N, ... (sorted).
+    `seed`: which replica of a `train.num_seeds` > 1 run predicts (its `train.seed + k`)."""
     preflight.check(config)
+    replica = _replica_index(config, seed)
     if config.model.spatial_dims == 3 and config.data.name != "nifti":
         raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
     part, parts = shard
@@ -170,6 +173,7 @@ def predict_folder(
             f"{len(present)} outputs already exist (e.g. {present[0]}); use another --out or --overwrite"
         )
     model, state, _ = rescore.load_run(config, workdir, which, source[0]["image"])
+    state = state if replica is None else seeds.replica(state, replica)
 
     need_probabilities = probabilities or bool(config.data.resize)  # resized back before the argmax
 
@@ -216,6 +220,21 @@ def predict_folder(
     return written
 
 
+def _replica_index(config: ml_collections.ConfigDict, seed: int | None) -> int | None:
+    """The replica of a run of `train.num_seeds` > 1 replicas that `seed` names (None: one seed)."""
+    choices = seeds.replica_seeds(config.train.seed, config.train.num_seeds)
+    if config.train.num_seeds == 1:
+        if seed not in (None, config.train.seed):
+            raise ConfigError(f"--seed={seed}: this run trained one seed, train.seed={config.train.seed}")
+        return None
+    if seed not in choices:
+        raise ConfigError(
+            f"the run trained {len(choices)} seeds as replicas of one step (train.num_seeds): choose the one "
+            f"that predicts with --seed, one of {choices}"
+        )
+    return choices.index(seed)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -225,7 +244,15 @@ def main(argv):
         raise app.UsageError(f"--shard={f.shard}: write i/N, e.g. 0/4")
     with exit_on_user_error():
         written = predict_folder(
-            f.config, f.workdir, f.images, f.out, f.checkpoint, f.probabilities, f.overwrite, (int(index), int(count))
+            f.config,
+            f.workdir,
+            f.images,
+            f.out,
+            f.checkpoint,
+            f.probabilities,
+            f.overwrite,
+            (int(index), int(count)),
+            f.seed,
         )
         print(f"{len(written)} masks written to {f.out}")
 
@@ -241,5 +268,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
     flags.DEFINE_bool("probabilities", False, "Also write <name>.npy: float16 softmax [H, W, C].")
     flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
+    flags.DEFINE_integer("seed", None, "A train.num_seeds > 1 run: the replica (its seed) that predicts.")
     flags.DEFINE_string("shard", "0/1", "i/N: segment files i, i+N, ... of the sorted folder (N processes).")
     configuration.run_program(main, default_config)

@@ -18,6 +18,7 @@ from segjax import (
     parallel,
     preflight,
     report,
+    seeds,
     state,
     steps,
     surface,
@@ -50,7 +51,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, image:
     """(model, the run's `best` or `latest` state replicated over the mesh, mesh) of the run in
     `workdir`, checked by `require_run` first; `image` is one input image [..., C]: its shape,
     padded to a multiple of 2**model.depth as evaluation pads it, builds the state template (a
-    size that does not fit the depth must not be refused here: the run evaluated it)."""
+    size that does not fit the depth must not be refused here: the run evaluated it). A run of
+    `train.num_seeds` = K > 1 replicas gives every replica's state, stacked along a leading axis."""
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
     multiple = 2**config.model.depth
@@ -60,7 +62,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, image:
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
     tx, repl = train.make_tx(config, model), parallel.replicated(mesh)
     shapes = jax.eval_shape(lambda x: state.create(model, tx, x, config.train.seed), sample)
-    template = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    lead = (config.train.num_seeds,) if config.train.num_seeds > 1 else ()
+    template = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(lead + s.shape, s.dtype, sharding=repl), shapes)
     ckpt = checkpointing.Checkpointer(
         workdir, config.train.keep_checkpoints, config.train.best_metric, config.train.best_mode
     )
@@ -107,13 +110,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
     model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"])
     eval_step = steps.make_eval_step(config, model)
+    num_seeds = config.train.num_seeds
+    if num_seeds > 1:  # every replica scored on the same batches, as training evaluates them
+        eval_step = jax.vmap(eval_step, in_axes=(0, None))
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
-    table = os.path.join(workdir, f"eval_{which}_per_image.csv")
+    table = os.path.join(workdir, f"eval_{which}_per_image.csv")  # one seed only
     if jax.process_index() == 0:
         keep_earlier_results(workdir, which)
-    results = evaluate.evaluate_split(config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table)
-    results["step"] = int(restored.step)
+    results = evaluate.evaluate_split(
+        config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table, num_seeds=num_seeds
+    )
+    replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
+    per_seed = results if replica_seeds else []
+    if per_seed:  # the means and <key>_std over replicas; each replica's own file in seed_<s>/, as training
+        results = seeds.mean_and_spread(per_seed)
+        results.update({f"seed{s}/val/miou": r["val/miou"] for s, r in zip(replica_seeds, per_seed, strict=True)})
+    results["step"] = int(np.max(restored.step))
     results["checkpoint"] = which
     results["config_differences"] = differences  # e.g. ['eval.tta'], or the dataset when its files changed
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
@@ -122,6 +135,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
     results["metrics_convention"] = evaluate.convention(config)
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
+        for s, r in zip(replica_seeds, per_seed, strict=True):
+            os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
+            keep_earlier_results(os.path.join(workdir, f"seed_{s}"), which)
+            mine = {**r, **{k: results[k] for k in ("step", "checkpoint", "config_differences", "eval_settings")}}
+            mine["seed"], mine["metrics_convention"] = s, results["metrics_convention"]
+            writers.write_summary(os.path.join(workdir, f"seed_{s}", f"eval_{which}.json"), mine)
         settings, rules = results["eval_settings"], results["metrics_convention"]
         print(f"\n{which} checkpoint (step {results['step']}), eval {settings} ({rules}):")
         print(report.results_table(results, instances.class_names(config), distance_unit=surface.unit(config)))

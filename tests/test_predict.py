@@ -112,6 +112,8 @@ def test_sizes_that_do_not_fit_the_depth_are_padded_even_in_the_first_file(run, 
         masks.append(np.asarray(Image.open(path)))
     assert masks[0].shape == (30, 22)
     np.testing.assert_array_equal(masks[0], masks[1][:30, :22])
+    with pytest.raises(ConfigError, match=r"--seed=5: this run trained one seed, train\.seed=0"):
+        predict.predict_folder(config, workdir, str(tmp_path / "odd"), str(tmp_path / "o"), seed=5)
 
 
 def test_cli_refuses_to_replace_masks(run, tmp_path):

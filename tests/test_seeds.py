@@ -6,8 +6,13 @@ import json
 import os
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from segjax import train
+from segjax import predict, rescore, train
+from segjax.data import sources
+from segjax.errors import ConfigError
+from tests.test_predict import write_images
 
 
 def logged(workdir, key):
@@ -43,3 +48,30 @@ def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
     # resuming a finished K-seed run trains nothing and reproduces the numbers
     again = train.train_and_evaluate(tiny_config, str(tmp_path / "vmapped"))
     np.testing.assert_allclose(again["val/miou"], both["val/miou"], rtol=1e-6)
+    rescore_and_predict_each_replica(tiny_config, tmp_path / "vmapped", tmp_path)
+
+
+def rescore_and_predict_each_replica(config, workdir, tmp_path):
+    """`--eval_only` and `segjax.predict` of a replicas run: its template was one replica's, so
+    both stopped with 'saved from a different model'. Rescoring gives each replica's own training
+    scores; predicting asks which replica, and its masks score that replica's accuracy."""
+    rescored = rescore.evaluate_checkpoint(config, str(workdir), "latest")
+    for seed in (3, 4):
+        with open(workdir / f"seed_{seed}" / "metrics.json", encoding="utf-8") as f:
+            own = json.load(f)
+        with open(workdir / f"seed_{seed}" / "eval_latest.json", encoding="utf-8") as f:
+            again = json.load(f)
+        assert again["seed"] == seed and rescored[f"seed{seed}/val/miou"] == again["val/miou"]
+        for key in ("val/miou", "val/accuracy", "val/mnsd"):
+            np.testing.assert_allclose(again[key], own[key], rtol=1e-6, err_msg=key)
+    val = sources.open_splits(config.data)["validation"]
+    examples = [val[i] for i in range(len(val))]
+    images = write_images(tmp_path / "images", [e["image"] for e in examples])
+    with pytest.raises(ConfigError, match=r"choose the one that predicts with --seed, one of \[3, 4\]"):
+        predict.predict_folder(config, str(workdir), images, str(tmp_path / "masks"), "latest")
+    paths = predict.predict_folder(config, str(workdir), images, str(tmp_path / "masks"), "latest", seed=4)
+    correct = sum(int((np.asarray(Image.open(p)) == e["label"]).sum()) for p, e in zip(paths, examples, strict=True))
+    accuracy = correct / sum(e["label"].size for e in examples)
+    with open(workdir / "seed_4" / "eval_latest.json", encoding="utf-8") as f:
+        # a pixel is 1/12288 of the split: 1e-6 is float32 rounding of the stored score, not a pixel
+        np.testing.assert_allclose(accuracy, json.load(f)["val/accuracy"], rtol=1e-6)
