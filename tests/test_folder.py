@@ -158,6 +158,24 @@ def test_mixed_sizes_that_do_not_fit_the_depth_train_on_crops_and_rescore_as_eva
     assert rescored["val/miou"] == final["val/miou"] and rescored["val/accuracy"] == final["val/accuracy"]
 
 
+def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, tfds_dir):
+    """ISIC's masks are NAME_segmentation.png, Carvana's NAME_mask.gif: data.folder.mask_suffix
+    pairs them without renaming; without it the error says what to set."""
+    root = write_folder(tmp_path / "isic", [(8, 12)] * 4, num_classes=2)
+    for name in os.listdir(root / "masks"):
+        os.rename(root / "masks" / name, root / "masks" / name.replace(".png", "_segmentation.png"))
+    with pytest.raises(DataError, match=r"images/000\.png: no mask .*masks/000\.\* .*set data\.folder\.mask_suffix"):
+        sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1))
+    cfg = folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1, mask_suffix="_segmentation")
+    val = sources.open_splits(cfg)["validation"]
+    assert [val[i]["name"] for i in range(len(val))] == ["002", "003"]
+    np.testing.assert_array_equal(val[1]["label"], np.asarray(Image.open(root / "masks" / "003_segmentation.png")))
+    np.testing.assert_array_equal(val[1]["image"], np.asarray(Image.open(root / "images" / "003.png")))
+    os.remove(root / "masks" / "001_segmentation.png")
+    with pytest.raises(DataError, match=r"images/001\.png: no mask .*masks/001_segmentation\.\* for this image$"):
+        sources.open_splits(cfg)
+
+
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
     with open(root / "index.csv", "w", encoding="utf-8") as f:

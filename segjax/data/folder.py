@@ -2,7 +2,8 @@
 
 Layout (file stems pair an image with its mask; any format PIL reads):
     ROOT/images/NAME.png     the images (gray or RGB)
-    ROOT/masks/NAME.png      class ids 0..C-1 per pixel (not 0/255: that is an error)
+    ROOT/masks/NAME.png      class ids 0..C-1 per pixel (not 0/255: that is an error); with
+                             `mask_suffix` (e.g. '_mask', ISIC's '_segmentation') NAME<suffix>.png
     ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
 Splits, first rule that applies:
     1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
@@ -51,6 +52,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     rescale_low: float = 0.5
     rescale_high: float = 99.5
     exif: str = "error"
+    mask_suffix: str = ""
     listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
@@ -88,6 +90,8 @@ class FolderConfig(tfds.core.BuilderConfig):
             listing=listing_digest(root, f.split_file),
             **extra,
         )
+        if f.mask_suffix:  # hashed only when set: folders prepared before the knob keep their names
+            knobs["mask_suffix"] = f.mask_suffix
         digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
@@ -134,16 +138,24 @@ def _stems(folder: str) -> dict[str, str]:
     return out
 
 
-def _pairs(base: str, need_masks: bool = True) -> list[tuple[str, str, str | None, str | None]]:
-    """(name, image, mask, instances) for every image under `base`; a missing mask is an error."""
+def _pairs(base: str, mask_suffix: str = "") -> list[tuple[str, str, str | None, str | None]]:
+    """(name, image, mask, instances) for every image under `base`; a missing mask is an error.
+    The mask of images/NAME.* is masks/NAME<mask_suffix>.*."""
     images = _stems(os.path.join(base, "images"))
     if not images:
         raise DataError(f"no images found in {os.path.join(base, 'images')}")
-    masks, inst = _stems(os.path.join(base, "masks")), _stems(os.path.join(base, "instances"))
+    masks = {
+        name[: len(name) - len(mask_suffix)]: path
+        for name, path in _stems(os.path.join(base, "masks")).items()
+        if name.endswith(mask_suffix)
+    }
+    inst = _stems(os.path.join(base, "instances"))
     out = []
     for name, path in images.items():
-        if name not in masks and need_masks:
-            raise DataError(f"{path}: no mask {os.path.join(base, 'masks', name)}.* for this image")
+        if name not in masks:
+            expected = os.path.join(base, "masks", name + mask_suffix)
+            hint = "" if mask_suffix else " (masks named NAME_mask.*? set data.folder.mask_suffix)"
+            raise DataError(f"{path}: no mask {expected}.* for this image{hint}")
         out.append((name, path, masks.get(name), inst.get(name)))
     return out
 
@@ -169,10 +181,10 @@ def assign_splits(cfg: FolderConfig) -> dict[str, list]:
                 f"{root} has split subfolders (train/, val/), which define the split; data.folder.split_file "
                 "and num_folds would be ignored: set them to '' and 0"
             )
-        return {s: _pairs(path) for s, path in sub.items() if path}
+        return {s: _pairs(path, cfg.mask_suffix) for s, path in sub.items() if path}
     if cfg.split_file and cfg.num_folds:
         raise ConfigError("data.folder.split_file and data.folder.num_folds both choose the split; set one")
-    pairs = _pairs(root)
+    pairs = _pairs(root, cfg.mask_suffix)
     names = [p[0] for p in pairs]
     if cfg.split_file:
         split_of = _split_file(os.path.join(root, cfg.split_file), cfg.split_column, names)
