@@ -176,6 +176,38 @@ def test_masks_named_with_a_suffix_pair_with_their_images(tmp_path, tfds_dir):
         sources.open_splits(cfg)
 
 
+@pytest.mark.parametrize("stored", ["png_0_255", "jpeg_rgb"])
+def test_binary_masks_stored_0_255_or_as_jpeg_read_as_0_1_with_a_threshold(tmp_path, tfds_dir, stored):
+    """Kvasir-SEG's masks are RGB JPEGs of 0/255 objects (values in between along the edges),
+    many others 0/255 PNGs: data.folder.mask_threshold reads them as value > threshold, the ids
+    numpy gives; without it the first is refused as lossy and the second as 0/255 ids."""
+    root = write_folder(tmp_path / stored, [(16, 16)] * 4, num_classes=2)
+    truth = {}
+    for k in range(4):
+        ids = np.zeros((16, 16), np.uint8)
+        ids[2 + k : 10 + k, 3:12] = 1
+        truth[f"{k:03d}"] = ids
+        os.remove(root / "masks" / f"{k:03d}.png")
+        if stored == "png_0_255":
+            Image.fromarray(ids * 255).save(root / "masks" / f"{k:03d}.png")
+        else:
+            Image.fromarray(np.repeat(ids[..., None] * 255, 3, -1)).save(root / "masks" / f"{k:03d}.jpg", quality=90)
+    refused = "a JPEG file; ids must be stored losslessly" if stored == "jpeg_rgb" else "0/255 mask"
+    with pytest.raises(DataError, match=refused):
+        sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1))
+    cfg = folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1, mask_threshold=127)
+    splits = sources.open_splits(cfg)
+    for split in splits.values():
+        for i in range(len(split)):
+            stored_mask = np.asarray(Image.open(next((root / "masks").glob(split[i]["name"] + ".*"))))
+            expected = (stored_mask.mean(-1) if stored_mask.ndim == 3 else stored_mask) > 127
+            np.testing.assert_array_equal(split[i]["label"], expected.astype(np.uint8))
+            assert (split[i]["label"] != truth[split[i]["name"]]).sum() <= 2  # JPEG: at most a stray edge pixel
+    cfg.num_classes, cfg.class_names = 3, ("a", "b", "c")
+    with pytest.raises(ConfigError, match=r"mask_threshold=127: .*data\.num_classes=2; here 'folder', 3"):
+        sources.open_splits(cfg)
+
+
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
     with open(root / "index.csv", "w", encoding="utf-8") as f:
@@ -269,7 +301,7 @@ def corrupt_cases():
 
     return [
         (jpeg_mask, r"masks/001.jpg: a JPEG file; ids must be stored losslessly"),
-        (zero_255, r"masks/001.png: label values \[255\].*0/255 mask"),
+        (zero_255, r"masks/001.png: label values \[255\].*0/255 mask.*data\.folder\.mask_threshold=127"),
         (missing_mask, r"images/002.png: no mask"),
         (truncated, r"images/001.png: corrupt or truncated"),
         (size_mismatch, r"masks/001.png: mask size \(8, 9\) differs"),

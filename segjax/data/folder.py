@@ -3,7 +3,9 @@
 Layout (file stems pair an image with its mask; any format PIL reads):
     ROOT/images/NAME.png     the images (gray or RGB)
     ROOT/masks/NAME.png      class ids 0..C-1 per pixel (not 0/255: that is an error); with
-                             `mask_suffix` (e.g. '_mask', ISIC's '_segmentation') NAME<suffix>.png
+                             `mask_suffix` (e.g. '_mask', ISIC's '_segmentation') NAME<suffix>.png;
+                             binary masks stored 0/255 (or as JPEG, Kvasir-SEG) read as ids 0/1
+                             with `mask_threshold` (value > threshold -> 1)
     ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
 Splits, first rule that applies:
     1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
@@ -53,6 +55,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     rescale_high: float = 99.5
     exif: str = "error"
     mask_suffix: str = ""
+    mask_threshold: int = -1
     listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
@@ -92,6 +95,13 @@ class FolderConfig(tfds.core.BuilderConfig):
         )
         if f.mask_suffix:  # hashed only when set: folders prepared before the knob keep their names
             knobs["mask_suffix"] = f.mask_suffix
+        if f.mask_threshold != -1:
+            if cls is not FolderConfig or not 0 <= f.mask_threshold < 65535 or cfg.num_classes != 2:
+                raise ConfigError(
+                    f"data.folder.mask_threshold={f.mask_threshold}: -1 (off), or 0..65534 for binary masks of image "
+                    f"folders (data.name='folder', data.num_classes=2; here {cfg.name!r}, {cfg.num_classes})"
+                )
+            knobs["mask_threshold"] = f.mask_threshold
         digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
@@ -246,8 +256,10 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
             f"{image_path}: image has {image.shape[-1]} channels but data.channels={cfg.channels} "
             "(grayscale vs RGB?); convert the images or set data.channels"
         )
-    with open(mask_path, "rb") as f:
-        mask = png.decode(f.read(), mask_path, ids=True, exif=cfg.exif)
+    with open(mask_path, "rb") as f:  # thresholded masks may be lossy: the threshold absorbs the artefacts
+        mask = png.decode(f.read(), mask_path, ids=cfg.mask_threshold < 0, exif=cfg.exif)
+    if cfg.mask_threshold >= 0:
+        mask = binarized(mask, cfg.mask_threshold)
     if mask.ndim == 3:
         raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
@@ -263,6 +275,16 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
             raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
         out["instances"] = inst.astype(np.uint16)[..., None]
     return out
+
+
+def binarized(mask: np.ndarray, threshold: int) -> np.ndarray:
+    """`data.folder.mask_threshold`: a binary mask stored as 0/255 (or as a JPEG, whose edges hold
+    values in between) -> ids 0/1, value > `threshold`; a colour or gray+alpha mask by its mean
+    colour channel."""
+    if mask.ndim == 3:
+        colour = mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]
+        mask = colour.mean(axis=-1)
+    return (mask > threshold).astype(np.uint8)
 
 
 class SegFolder(tfds.core.GeneratorBasedBuilder):

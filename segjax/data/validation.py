@@ -15,7 +15,12 @@ def check_labels(label: np.ndarray, num_classes: int, ignore_label: int, where: 
         bad &= label != ignore_label
     if bad.any():
         values = np.unique(label[bad])[:5].tolist()
-        hint = " (a 0/255 mask? store class ids 0..C-1, or set data.ignore_label=255)" if 255 in values else ""
+        hint = (
+            " (a 0/255 mask of two classes? in an image folder data.folder.mask_threshold=127 reads it as 0/1; "
+            "if 255 marks unlabelled pixels, as in VOC, set data.ignore_label=255)"
+            if 255 in values
+            else ""
+        )
         raise DataError(
             f"{where}: label values {values} are outside 0..{num_classes - 1} "
             f"(data.num_classes={num_classes}, data.ignore_label={ignore_label}){hint}"
