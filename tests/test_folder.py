@@ -388,6 +388,39 @@ def test_one_bit_files_are_binary_masks_and_black_and_white_images(tmp_path, tfd
     np.testing.assert_array_equal(example["image"][..., 0], np.where(bits, 0, 255))
 
 
+def test_palette_cmyk_and_gray_alpha_images_read_as_their_intensities(tmp_path, tfds_dir):
+    """A palette photo (pngquant, GIF) was read as its index map: refused as 1 channel with
+    data.channels=3, or trained on as if the indices were gray levels with channels=1; a CMYK
+    JPEG's 4 channels were taken for RGBA. The references are numpy lookups of the palette and
+    the RGB the CMYK file was made from; a palette mask still gives its indices (VOC's masks)."""
+    rng = np.random.default_rng(3)
+    colours = np.array([[200, 30, 10], [5, 100, 250], [0, 0, 0], [90, 200, 40]], np.uint8)
+    index = rng.integers(0, 4, (8, 8)).astype(np.uint8)
+    photo = Image.fromarray(index, mode="P")
+    photo.putpalette(colours.ravel().tolist())
+    root = write_folder(tmp_path / "palette", [(8, 8)] * 4, num_classes=4)
+    photo.save(f"{root}/images/001.png")
+    photo.save(f"{root}/masks/001.png")  # the same file as a mask: its indices are the ids
+    train = sources.open_splits(folder_config(root, tfds_dir, 3, 4, num_folds=2, fold=1))["train"]
+    np.testing.assert_array_equal(train[1]["image"], colours[index])
+    np.testing.assert_array_equal(train[1]["label"], index)
+    gray = Image.fromarray(index, mode="P")
+    gray.putpalette(np.repeat(np.array([10, 60, 120, 250], np.uint8), 3).tolist())
+    buffer = io.BytesIO()
+    gray.save(buffer, format="PNG")
+    np.testing.assert_array_equal(png.decode(buffer.getvalue(), "gray.png"), np.array([10, 60, 120, 250])[index])
+    rgb = np.repeat(np.repeat(colours[[0, 1, 3, 2]].reshape(2, 2, 3), 8, 0), 8, 1)  # flat patches: JPEG keeps them
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "CMYK"
+    decoded = png.decode(buffer.getvalue(), "print.jpg")
+    assert decoded.shape == rgb.shape and np.abs(decoded.astype(int) - rgb).max() <= 8
+    alpha = np.stack([index * 60, np.full((8, 8), 128)], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(alpha, mode="LA").save(buffer, format="PNG")
+    np.testing.assert_array_equal(png.decode(buffer.getvalue(), "la.png"), index * 60)
+
+
 @pytest.mark.parametrize("mode", ["percentile", "minmax"])
 def test_16_bit_images_rescaled_per_image_when_asked(tmp_path, tfds_dir, mode):
     """16-bit microscopy (values far above 255) scaled to 0..255 per image, as numpy computes it."""

@@ -47,6 +47,22 @@ def lossy(image: Image.Image) -> str:
     return ""
 
 
+def intensities(image: Image.Image) -> Image.Image:
+    """An image file's pixels as intensities, not codes: a palette image (GIF, pngquant's PNGs) as
+    the colours its indices stand for (gray when every palette entry is: one channel), CMYK (print
+    JPEGs) as RGB, gray with alpha as gray (RGBA's alpha is dropped later, `folder.read_image`).
+    Read as arrays directly, a palette photo was its index map and a CMYK one four channels taken
+    for RGBA. Masks keep a palette's indices: those are the ids (VOC's masks are palette PNGs)."""
+    if image.mode in ("P", "PA"):
+        palette = np.asarray(image.getpalette("RGB") or [0, 0, 0], np.uint8).reshape(-1, 3)
+        return image.convert("L" if (palette == palette[:, :1]).all() else "RGB")
+    if image.mode == "CMYK":
+        return image.convert("RGB")
+    if image.mode == "LA":
+        return image.convert("L")
+    return image
+
+
 def stacked(image: Image.Image, where: str) -> None:
     """A DataError for a file of several pages (a multi-page TIFF stack such as ISBI 2012's
     train-volume.tif, an animated PNG or GIF): PIL reads its first page only, so a stack of 30
@@ -90,7 +106,8 @@ def decode(data: bytes, where: str, ids: bool = False, exif: str = "ignore") -> 
             image.load()
             stacked(image, where)
             kind = ids and lossy(image)
-            array = np.array(turned(image, where, exif))
+            image = turned(image, where, exif)
+            array = np.array(image if ids else intensities(image))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError | ConfigError):
             raise
