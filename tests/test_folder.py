@@ -208,6 +208,32 @@ def test_binary_masks_stored_0_255_or_as_jpeg_read_as_0_1_with_a_threshold(tmp_p
         sources.open_splits(cfg)
 
 
+def test_class_ids_above_255_are_kept_in_folders_and_volumes(tmp_path, tfds_dir):
+    """The labels were stored as 8 bits whatever the class count: class 300 of a 301-class
+    uint16 mask (and of a NIfTI label volume) came back as class 44, with no error."""
+    import nibabel
+
+    from tests.test_nifti import nifti_config, write_volumes
+
+    root = write_folder(tmp_path / "wide", [(8, 8)] * 4, num_classes=2)
+    stored = {}
+    for k in range(4):
+        ids = np.full((8, 8), 7 * k, np.uint16)
+        ids[:4] = 300
+        stored[f"{k:03d}"] = ids
+        Image.fromarray(ids).save(root / "masks" / f"{k:03d}.png")
+    splits = sources.open_splits(folder_config(root, tfds_dir, num_classes=301, num_folds=2, fold=1))
+    for split in splits.values():
+        for i in range(len(split)):
+            np.testing.assert_array_equal(split[i]["label"], stored[split[i]["name"]])
+    volumes = write_volumes(tmp_path / "vols", [(6, 5, 4)] * 2, num_classes=301, label_dtype=np.uint16)
+    cfg = nifti_config(volumes, tfds_dir, num_classes=301, num_folds=2, fold=1)
+    train = sources.open_splits(cfg)["train"]
+    label = np.asarray(nibabel.load(os.path.join(volumes, "masks", "case0.nii.gz")).dataobj)
+    np.testing.assert_array_equal(train[0]["label"], np.transpose(label, (2, 1, 0)))
+    assert label.max() > 255
+
+
 def test_split_file_and_val_fraction(tmp_path, tfds_dir):
     root = write_folder(tmp_path / "csv", [(8, 8)] * 5)
     with open(root / "index.csv", "w", encoding="utf-8") as f:

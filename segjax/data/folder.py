@@ -102,7 +102,9 @@ class FolderConfig(tfds.core.BuilderConfig):
                     f"folders (data.name='folder', data.num_classes=2; here {cfg.name!r}, {cfg.num_classes})"
                 )
             knobs["mask_threshold"] = f.mask_threshold
-        digest = hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:10]
+        wide = max(cfg.num_classes - 1, cfg.ignore_label) > 255  # 16-bit labels (`label_dtype`): never an
+        hashed = {**knobs, "labels": "uint16"} if wide else knobs  # 8-bit copy prepared before, whose ids wrapped
+        digest = hashlib.sha1(repr(sorted(hashed.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
 
@@ -267,7 +269,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     if mask.shape != image.shape[:2]:
         raise DataError(f"{mask_path}: mask size {mask.shape} differs from image size {image.shape[:2]}")
     validation.check_labels(mask, cfg.num_classes, cfg.ignore_label, mask_path)
-    out = {"image": image.astype(np.uint8), "label": mask.astype(np.uint8)[..., None]}
+    out = {"image": image.astype(np.uint8), "label": mask.astype(label_dtype(cfg))[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:
             inst = png.decode(f.read(), inst_path, ids=True, exif=cfg.exif)
@@ -275,6 +277,12 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
             raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
         out["instances"] = inst.astype(np.uint16)[..., None]
     return out
+
+
+def label_dtype(cfg: FolderConfig) -> type:
+    """The stored labels' dtype: 8-bit, or 16-bit where an id (a class above 255, the ignore
+    label) would not fit; 8 bits for all of them wrapped class 300 round to class 44."""
+    return np.uint16 if max(cfg.num_classes - 1, cfg.ignore_label) > 255 else np.uint8
 
 
 def binarized(mask: np.ndarray, threshold: int) -> np.ndarray:
@@ -300,7 +308,7 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
         features = {
             "name": tfds.features.Text(),
             "image": tfds.features.Image(shape=(None, None, self.builder_config.channels)),
-            "label": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.Image(shape=(None, None, 1), dtype=label_dtype(self.builder_config)),
         }
         if self.builder_config.root and self._has_instances():
             features["instances"] = tfds.features.Image(shape=(None, None, 1), dtype=np.uint16)

@@ -110,7 +110,7 @@ def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np
             raise DataError(f"{mask_path}: label volume holds non-integer values; store class ids")
     validation.check_labels(label, cfg.num_classes, cfg.ignore_label, mask_path)
     image = normalize(image, cfg.normalize, cfg.low, cfg.high)
-    return {"image": image, "label": label.astype(np.uint8), "spacing": spacing}
+    return {"image": image, "label": label.astype(folder.label_dtype(cfg)), "spacing": spacing}
 
 
 class SegNifti(tfds.core.GeneratorBasedBuilder):
@@ -133,7 +133,9 @@ class SegNifti(tfds.core.GeneratorBasedBuilder):
                 {
                     "name": tfds.features.Text(),
                     "image": tfds.features.Tensor(shape=(None, None, None, c), dtype=np.float32, encoding="zlib"),
-                    "label": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding="zlib"),
+                    "label": tfds.features.Tensor(
+                        shape=(None, None, None), dtype=folder.label_dtype(self.builder_config), encoding="zlib"
+                    ),
                     "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
                 }
             ),
