@@ -441,6 +441,16 @@ def test_palette_cmyk_and_gray_alpha_images_read_as_their_intensities(tmp_path, 
     assert Image.open(io.BytesIO(buffer.getvalue())).mode == "CMYK"
     decoded = png.decode(buffer.getvalue(), "print.jpg")
     assert decoded.shape == rgb.shape and np.abs(decoded.astype(int) - rgb).max() <= 8
+    # a stored label feature kept as the palette PNG it was (a catalogue dataset storing its files
+    # as they are) is read as its indices by the decoded source too, the image as its colours
+    record = {
+        key: (root / folder_name / "001.png").read_bytes()
+        for key, folder_name in [("image", "images"), ("label", "masks")]
+    }
+    cfg = folder_config(root, tfds_dir, 3, 4)
+    example = sources.DecodedSource([record], cfg, "stored")[0]
+    np.testing.assert_array_equal(example["label"], index)
+    np.testing.assert_array_equal(example["image"], colours[index])
     alpha = np.stack([index * 60, np.full((8, 8), 128)], -1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(alpha, mode="LA").save(buffer, format="PNG")

@@ -124,7 +124,8 @@ def decode(data: bytes, where: str, ids: bool = False, exif: str = "ignore") -> 
     return array
 
 
-def as_array(value, where: str) -> np.ndarray:
+def as_array(value, where: str, ids: bool = False) -> np.ndarray:
     """A stored feature as an array: PNG bytes (2D images, read with decoding skipped) are
-    decoded; tensors (3D volumes) are arrays already."""
-    return decode(value, where) if isinstance(value, bytes) else np.asarray(value)
+    decoded (`ids`: labels and instance maps, whose palette indices are the ids); tensors (3D
+    volumes) are arrays already."""
+    return decode(value, where, ids=ids) if isinstance(value, bytes) else np.asarray(value)

@@ -160,7 +160,7 @@ class DecodedSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         where = f"{self._name}[{index}]"
         record = self._raw[index]
-        image, label = (png.as_array(record[k], where) for k in self._keys)
+        image, label = (png.as_array(record[k], where, ids=k == self._keys[1]) for k in self._keys)
         if label.ndim == image.ndim and label.shape[-1] == 1:
             label = label[..., 0]
         label = label.astype(np.int32)
@@ -171,7 +171,7 @@ class DecodedSource:
         check_example(image, label, self._cfg, where)
         instances = None
         if self._with_instances and "instances" in record:
-            instances = png.as_array(record["instances"], where).reshape(label.shape).astype(np.int32)
+            instances = png.as_array(record["instances"], where, ids=True).reshape(label.shape).astype(np.int32)
         if self._cfg.resize and label.ndim == 2 and label.shape != (self._cfg.resize,) * 2:
             if instances is not None:
                 instances = nearest(instances, self._cfg.resize)
