@@ -122,7 +122,30 @@ def run_program(main, default_file: str | None = None) -> None:
     sys.argv[1:] = saved_config_argv(sys.argv[1:])
     with exit_on_user_error():
         check_command_line(sys.argv[1:], default_file)
+    quiet_libraries()
     app.run(main)
+
+
+class _QuietLibraries:
+    """Drop INFO chatter from orbax/tfds/grain/jax (their warnings and errors still show) and
+    TFDS's warning that a builder is made with a config of ours, repeated at every builder made
+    (every segjax dataset is one)."""
+
+    NOISY = ("orbax", "tensorflow_datasets", "grain", "jax/_src", "etils", "absl/")
+
+    def filter(self, record) -> bool:
+        if "tensorflow_datasets" in record.pathname and str(record.msg).startswith("Using custom data configuration"):
+            return False
+        return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_libraries() -> None:
+    """Every segjax program's log (`run_program`, segjax.study): the libraries' INFO left out."""
+    from absl import logging
+
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+        handler.addFilter(_QuietLibraries())
 
 
 def saved_config_argv(argv: list[str], flag: str = "config") -> list[str]:

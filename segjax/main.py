@@ -69,17 +69,7 @@ def shutdown_distributed() -> None:
         jax.distributed.shutdown()
 
 
-class _QuietLibraries:
-    """Drop INFO chatter from orbax/tfds/grain/jax (their warnings and errors still show)."""
-
-    NOISY = ("orbax", "tensorflow_datasets", "grain", "jax/_src", "etils", "absl/")
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     init_distributed()

@@ -393,4 +393,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
+    configuration.quiet_libraries()
     app.run(main)

@@ -514,3 +514,38 @@ def test_config_files_without_variants_refuse_an_argument():
         with pytest.raises(ValueError, match=f"configs/{name} takes no argument"):
             load_config(name[:-3], "smal")
     assert load_config("nuclei", "instances").instances.enabled
+
+
+def test_programs_leave_out_the_libraries_info_and_tfds_builder_warnings(tmp_path, tfds_dir):
+    """segjax.main filtered the libraries' INFO; baselines, predict, label_stats and study printed
+    all of it (TPU probing, orbax, TFDS), and every program TFDS's "Using custom data
+    configuration" warning once per builder made (three per start). Own INFO and library
+    warnings stay."""
+    import logging as std_logging
+
+    def record(path, level, msg):
+        return std_logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+    quiet = configuration._QuietLibraries()
+    tfds_file = "/x/tensorflow_datasets/core/dataset_builder.py"
+    assert not quiet.filter(record(tfds_file, std_logging.WARNING, "Using custom data configuration: X"))
+    assert quiet.filter(record(tfds_file, std_logging.WARNING, "Something else"))
+    assert not quiet.filter(record("/x/jax/_src/xla_bridge.py", std_logging.INFO, "Unable to initialize backend"))
+    assert quiet.filter(record("/x/segjax/data/sources.py", std_logging.INFO, "train class histogram"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segjax.baselines",
+            "--config=configs/tiny.py",
+            f"--workdir={tmp_path / 'b'}",
+            f"--config.data.tfds_dir={tfds_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "train class histogram" in done.stderr
+    assert "Using custom data configuration" not in done.stderr and "xla_bridge.py" not in done.stderr
