@@ -14,7 +14,8 @@ volumes `<out>/<name>.nii.gz` (on the image's grid: its affine and axis order), 
 slice axis). Instance runs (`instances.enabled`) also write `<out>/<name>_instances.png` (uint16
 ids, 0 = none), post-processed as evaluation does; their masks are the semantic classes and
 their probabilities include the boundary class. Files already in `--out` are never replaced
-unless `--overwrite`. `--shard=i/N`: this process segments files i, i+N, i+2N, ... of the sorted
+unless `--overwrite`; `--resume` keeps them and predicts the files whose outputs are missing
+(outputs are written whole or not at all: partial file, then rename). `--shard=i/N`: this process segments files i, i+N, i+2N, ... of the sorted
 folder, so N independent processes (one per host or accelerator) split a large folder between
 them, writing into the same `--out`.
 """
@@ -22,6 +23,7 @@ them, writing into the same `--out`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 
 import jax
@@ -69,12 +71,16 @@ class _Files:
             raise DataError(
                 f"{directory}: several files share the names {twice[:3]} (masks would overwrite each other)"
             )
-        self.paths, self.names = self.paths[shard[0] :: shard[1]], self.names[shard[0] :: shard[1]]
+        self.keep(range(shard[0], len(self.paths), shard[1]))
         self.cfg = cfg
         self.shapes: dict[int, tuple] = {}  # index -> (prepared spatial shape, the file's), once read
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keep(self, indices) -> None:
+        """Only these files (by index), in this order: a shard's, or those --resume has not done."""
+        self.paths, self.names = [self.paths[i] for i in indices], [self.names[i] for i in indices]
 
 
 class ImageFiles(_Files):
@@ -146,11 +152,16 @@ def predict_folder(
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
     seed: int | None = None,
+    resume: bool = False,
 ) -> list[str]:
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
-    returns the mask paths in file order. `shard=(i, N)`: only files i, i+N, ... (sorted).
-    `seed`: which replica of a `train.num_seeds` > 1 run predicts (its `train.seed + k`)."""
+    returns the mask paths written, in file order. `shard=(i, N)`: only files i, i+N, ... (sorted).
+    `seed`: which replica of a `train.num_seeds` > 1 run predicts (its `train.seed + k`).
+    `resume`: files whose outputs are all in `out` already are skipped (every output is written
+    to a hidden partial file and renamed into place, so one that exists is whole)."""
     preflight.check(config)
+    if resume and overwrite:
+        raise ConfigError("--resume keeps the outputs already written and --overwrite replaces them: choose one")
     replica = _replica_index(config, seed)
     if config.model.spatial_dims == 3 and config.data.name != "nifti":
         raise ConfigError("segjax.predict reads 3D volumes as NIfTI files (data.name='nifti' runs)")
@@ -163,15 +174,31 @@ def predict_folder(
     if not source.paths:  # more shards than files
         logging.info("predict: shard %d/%d of %s holds no file", part, parts, images)
         return []
-    targets = [os.path.join(out, n + source.extension) for n in source.names]
     with_instances = config.instances.enabled  # the boundary-class network (2D): also instance ids
-    targets += [os.path.join(out, f"{n}_instances.png") for n in source.names] if with_instances else []
-    targets += [os.path.join(out, f"{n}.npy") for n in source.names] if probabilities else []
-    present = [t for t in targets if os.path.exists(t)]
-    if present and not overwrite:
+
+    def outputs(name: str) -> list[str]:  # the mask first
+        extra = ([f"{name}_instances.png"] if with_instances else []) + ([f"{name}.npy"] if probabilities else [])
+        return [os.path.join(out, n) for n in [name + source.extension, *extra]]
+
+    if resume:
+        todo = [i for i, name in enumerate(source.names) if not all(map(os.path.exists, outputs(name)))]
+        if len(todo) < len(source.names):
+            logging.info(
+                "predict: %d of %d files have their outputs in %s: kept",
+                len(source.names) - len(todo),
+                len(source.names),
+                out,
+            )
+        source.keep(todo)
+        if not source.paths:
+            return []
+    present = [p for name in source.names for p in outputs(name) if os.path.exists(p)]
+    if present and not overwrite and not resume:
         raise WorkdirError(
-            f"{len(present)} outputs already exist (e.g. {present[0]}); use another --out or --overwrite"
+            f"{len(present)} outputs already exist (e.g. {present[0]}); use another --out, --resume (keep them and "
+            "predict the other files) or --overwrite"
         )
+    targets = [outputs(n)[0] for n in source.names]
     model, state, _ = rescore.load_run(config, workdir, which, source[0]["image"])
     state = state if replica is None else seeds.replica(state, replica)
 
@@ -208,16 +235,35 @@ def predict_folder(
                 mask, ids = instances.to_instances(mask, config)
                 if ids.max() > np.iinfo(np.uint16).max:
                     raise DataError(f"{source.paths[index]}: {ids.max()} instances do not fit a uint16 PNG")
-                source.save(index, ids.astype(np.uint16), os.path.join(out, f"{source.names[index]}_instances.png"))
-            source.save(index, mask.astype(dtype), targets[index])
+                with _whole(os.path.join(out, f"{source.names[index]}_instances.png")) as partial:
+                    source.save(index, ids.astype(np.uint16), partial)
             if probabilities:
-                np.save(os.path.join(out, f"{source.names[index]}.npy"), p.astype(np.float16))
+                with _whole(os.path.join(out, f"{source.names[index]}.npy")) as partial:
+                    np.save(partial, p.astype(np.float16))
+            with _whole(targets[index]) as partial:  # the mask last: then every output of the file is there
+                source.save(index, mask.astype(dtype), partial)
             written.append(targets[index])
             index += 1
             bar.update(1)
     bar.close()
     logging.info("predict: %d masks from the %s checkpoint of %s in %s", len(written), which, workdir, out)
     return written
+
+
+@contextlib.contextmanager
+def _whole(path: str):
+    """A partial file's path to write `path`'s contents to, renamed onto `path` when the block
+    ends: a run killed mid-write leaves a hidden `.partial-<pid>-<name>` file, never a
+    half-written output that --resume would keep."""
+    folder, name = os.path.split(path)
+    partial = os.path.join(folder, f".partial-{os.getpid()}-{name}")  # the extension kept: it sets the format
+    try:
+        yield partial
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    os.replace(partial, path)
 
 
 def _replica_index(config: ml_collections.ConfigDict, seed: int | None) -> int | None:
@@ -253,6 +299,7 @@ def main(argv):
             f.overwrite,
             (int(index), int(count)),
             f.seed,
+            f.resume,
         )
         print(f"{len(written)} masks written to {f.out}")
 
@@ -268,6 +315,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.")
     flags.DEFINE_bool("probabilities", False, "Also write <name>.npy: float16 softmax [H, W, C].")
     flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
+    flags.DEFINE_bool("resume", False, "Keep the outputs already in --out and predict the other files only.")
     flags.DEFINE_integer("seed", None, "A train.num_seeds > 1 run: the replica (its seed) that predicts.")
     flags.DEFINE_string("shard", "0/1", "i/N: segment files i, i+N, ... of the sorted folder (N processes).")
     configuration.run_program(main, default_config)

@@ -116,6 +116,45 @@ def test_sizes_that_do_not_fit_the_depth_are_padded_even_in_the_first_file(run, 
         predict.predict_folder(config, workdir, str(tmp_path / "odd"), str(tmp_path / "o"), seed=5)
 
 
+def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeypatch):
+    """A predict run that dies on its third file leaves two whole masks and no partial file;
+    --resume keeps outputs already there (a marked one stays as it is) and writes the others,
+    equal to an uninterrupted run's."""
+    config, workdir, examples = run
+    config = config.copy_and_resolve_references()
+    images = write_images(tmp_path / "images", [e["image"] for e in examples[:4]])
+    reference = predict.predict_folder(config, workdir, images, str(tmp_path / "reference"), probabilities=True)
+    out, original, calls = tmp_path / "out", predict.ImageFiles.save, {"n": 0}
+
+    def dies_mid_write(self, index, mask, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the write has begun when the run is stopped (not an Exception)
+            (tmp_path / "out" / os.path.basename(path)).write_bytes(b"\x89PNG half a mask")
+            raise KeyboardInterrupt
+        original(self, index, mask, path)
+
+    monkeypatch.setattr(predict.ImageFiles, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict_folder(config, workdir, images, str(out), probabilities=True)
+    monkeypatch.setattr(predict.ImageFiles, "save", original)
+    assert sorted(os.listdir(out)) == ["img00.npy", "img00.png", "img01.npy", "img01.png", "img02.npy"]
+    with pytest.raises(WorkdirError, match=r"5 outputs already exist .*--resume"):
+        predict.predict_folder(config, workdir, images, str(out), probabilities=True)
+    with pytest.raises(ConfigError, match="choose one"):
+        predict.predict_folder(config, workdir, images, str(out), overwrite=True, resume=True)
+    Image.fromarray(np.full((32, 32), 3, np.uint8)).save(out / "img00.png")  # kept as it is, not redone
+    written = predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True)
+    assert [os.path.basename(p) for p in written] == ["img02.png", "img03.png"]  # img02 had no mask yet
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
+    assert (np.asarray(Image.open(out / "img00.png")) == 3).all()
+    for name in ("img01", "img02", "img03"):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / f"{name}.png")), np.asarray(Image.open(reference[int(name[-1])]))
+        )
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(tmp_path / "reference" / f"{name}.npy"))
+    assert predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True) == []
+
+
 def test_cli_refuses_to_replace_masks(run, tmp_path):
     config, workdir, examples = run
     images = write_images(tmp_path / "images", [examples[0]["image"]])
