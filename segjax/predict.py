@@ -15,9 +15,10 @@ slice axis). Instance runs (`instances.enabled`) also write `<out>/<name>_instan
 ids, 0 = none), post-processed as evaluation does; their masks are the semantic classes and
 their probabilities include the boundary class. Files already in `--out` are never replaced
 unless `--overwrite`; `--resume` keeps them and predicts the files whose outputs are missing
-(outputs are written whole or not at all: partial file, then rename). `--shard=i/N`: this process segments files i, i+N, i+2N, ... of the sorted
-folder, so N independent processes (one per host or accelerator) split a large folder between
-them, writing into the same `--out`.
+(outputs are written whole or not at all: partial file, then rename). `--shard=i/N`: this
+process segments files i, i+N, i+2N, ... of the sorted folder, so N independent processes (one
+per host or accelerator) split a large folder between them, writing into the same `--out`.
+Subfolders of `--images` are not read (a warning names them).
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class _Files:
     def __init__(self, directory: str, cfg: ml_collections.ConfigDict, suffixes: tuple[str, ...], shard=(0, 1)):
         if not os.path.isdir(directory):
             raise DataError(f"--images={directory} is not a folder")
-        files = [
-            n
-            for n in sorted(os.listdir(directory))
-            if not n.startswith(".") and os.path.isfile(os.path.join(directory, n))
-        ]
+        entries = [n for n in sorted(os.listdir(directory)) if not n.startswith(".")]
+        files = [n for n in entries if os.path.isfile(os.path.join(directory, n))]
+        folders = [n for n in entries if os.path.isdir(os.path.join(directory, n))]
+        if folders:  # a nested layout (one folder per case) is not walked: named, so none goes missing unseen
+            logging.warning(
+                "predict: %d subfolders of %s are not read (only its own files are): %s; run once per folder",
+                len(folders),
+                directory,
+                folders[:5],
+            )
         kept = [n for n in files if n.lower().endswith(suffixes)]
         if len(kept) < len(files):  # notes, CSVs: named, not read (a corrupt file of an image type is an error)
             other = [n for n in files if n not in kept]

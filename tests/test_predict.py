@@ -61,16 +61,20 @@ def test_masks_of_the_validation_images_score_what_evaluation_scores(run, tmp_pa
     assert not os.path.exists(tmp_path / "avg")
 
 
-def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tmp_path):
+def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tmp_path, caplog):
     config, workdir, examples = run
     rng = np.random.default_rng(0)
     images = write_images(tmp_path / "images", [rng.integers(0, 256, (40, 24, 3), np.uint8), examples[0]["image"]])
     (tmp_path / "images" / "notes.txt").write_text("scanned on Tuesday")  # not an image type: skipped, named
     Image.fromarray(examples[1]["image"]).save(tmp_path / "images" / "IMG02.JPG")  # an image type in capitals
+    write_images(tmp_path / "images" / "case7", [examples[2]["image"]])  # a subfolder: not read, named
     out = str(tmp_path / "out")
     config = config.copy_and_resolve_references()
-    paths = predict.predict_folder(config, workdir, images, out, "best")  # the text file was a DataError
+    with caplog.at_level("WARNING"):
+        paths = predict.predict_folder(config, workdir, images, out, "best")  # the text file was a DataError
     assert [os.path.basename(p) for p in paths] == ["IMG02.png", "img00.png", "img01.png"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "['notes.txt']" in warned and "1 subfolders" in warned and "['case7']" in warned
     os.remove(tmp_path / "images" / "IMG02.JPG")
     shutil.rmtree(out)
     paths = predict.predict_folder(config, workdir, images, out, "best")
