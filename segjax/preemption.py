@@ -3,8 +3,8 @@
 One `Preemption` covers a whole run, the encoder's pretraining stage and the segmentation
 training after it: each stage asks `reached()` once per training step and, when it turns True,
 saves a checkpoint and stops; rerunning the command resumes the stage where it stopped. The
-training's evaluations ask it once per batch too: a long evaluation is abandoned (its step is
-saved first) and redone on resume, instead of outlasting the scheduler's grace period.
+evaluations of both stages ask it once per batch too: a long evaluation is abandoned (its step
+is saved first) and redone on resume, instead of outlasting the scheduler's grace period.
 
 With several processes every one must save the same step (a process that stopped alone would
 leave the others waiting in a collective): JAX's preemption service, started by

@@ -179,7 +179,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
             pad_multiple=2**config.model.depth,
             agree=parallel.largest_over_hosts,
         )
-        counts = sum(np.asarray(eval_fn(st, parallel.to_global(b, mesh, batch_sh)), np.int64) for b in batches)
+        counts = 0
+        for b in batches:
+            counts = counts + np.asarray(eval_fn(st, parallel.to_global(b, mesh, batch_sh)), np.int64)
+            if preempt is not None and preempt.reached():  # the last step is saved: resuming evaluates again
+                logging.warning("SIGTERM during the pretrained encoder's evaluation: abandoned it (rerun to resume)")
+                return None
         results = {"step": step, **scores(counts, instances.class_names(config))}
         writer.write(step, results)
     finally:

@@ -277,6 +277,16 @@ def test_a_preempted_pretraining_stage_saves_its_step_and_resumes_exactly(tiny_c
     assert os.listdir(os.path.join(stage, "checkpoints")) == ["3"]
     resumed = pretrain.run(tiny_config, stage, model, splits, mesh)
     assert _leaves_equal(resumed, straight)
+    # a SIGTERM during the finished stage's evaluation (ask 9: after the 8 steps, at its first
+    # batch) abandons it: the last step is saved, no metrics.json; rerunning evaluates it
+    evaluating = str(tmp_path / "evaluating")
+    assert pretrain.run(tiny_config, evaluating, model, splits, mesh, _SignalBefore(9)) is None
+    assert os.listdir(os.path.join(evaluating, "checkpoints")) == ["8"]
+    assert not os.path.exists(os.path.join(evaluating, "metrics.json"))
+    assert _leaves_equal(pretrain.run(tiny_config, evaluating, model, splits, mesh), straight)
+    with open(os.path.join(evaluating, "metrics.json"), encoding="utf-8") as f:
+        with open(os.path.join(tmp_path / "straight", "metrics.json"), encoding="utf-8") as g:
+            assert json.load(f) == json.load(g)
     # through the training entry point: stopped in the first stage, then resumed and finished
     monkeypatch.setattr(train.preemption, "Preemption", lambda: _SignalBefore(5))
     run = str(tmp_path / "run")
