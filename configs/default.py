@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.folder.exif = "error"  # files with an EXIF orientation (phone photos): 'error' | 'apply' (turned as
     #   viewers and annotation tools show them) | 'ignore' (the stored pixels); see segjax/data/png.py
     c.data.folder.mask_threshold = -1  # binary masks stored 0/255 or as JPEG: value > threshold -> id 1; -1 = off
+    # masks storing other values than the ids: class k stored as gray level or (r, g, b) colour
+    # mask_values[k] (e.g. (0, 128, 255), or CamVid's colours); one more entry: the ignore label's
+    c.data.folder.mask_values = ()
     c.data.folder.mask_suffix = ""  # masks/NAME<suffix>.* is the mask of images/NAME.* (e.g. '_mask', '_segmentation')
     c.data.nifti = ml_collections.ConfigDict()  # data.name='nifti': data.dir holds NIfTI volumes (segjax/data/nifti.py)
     c.data.nifti.normalize = "percentile"  # per volume: 'percentile' (clip, scale to 0..1) | 'zscore' | 'minmax'

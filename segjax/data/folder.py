@@ -5,7 +5,8 @@ Layout (file stems pair an image with its mask; any format PIL reads):
     ROOT/masks/NAME.png      class ids 0..C-1 per pixel (not 0/255: that is an error); with
                              `mask_suffix` (e.g. '_mask', ISIC's '_segmentation') NAME<suffix>.png;
                              binary masks stored 0/255 (or as JPEG, Kvasir-SEG) read as ids 0/1
-                             with `mask_threshold` (value > threshold -> 1)
+                             with `mask_threshold`, other values or RGB colours with `mask_values`
+                             (segjax/data/mask_codes.py)
     ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
 Splits, first rule that applies:
     1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
@@ -32,7 +33,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from segjax.data import intensity, png, validation
+from segjax.data import intensity, mask_codes, png, validation
 from segjax.errors import ConfigError, DataError
 
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -56,6 +57,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     exif: str = "error"
     mask_suffix: str = ""
     mask_threshold: int = -1
+    mask_values: tuple = ()
     listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
@@ -95,6 +97,8 @@ class FolderConfig(tfds.core.BuilderConfig):
         )
         if f.mask_suffix:  # hashed only when set: folders prepared before the knob keep their names
             knobs["mask_suffix"] = f.mask_suffix
+        if f.mask_values and f.mask_threshold != -1:
+            raise ConfigError("data.folder.mask_threshold and data.folder.mask_values both decode masks; set one")
         if f.mask_threshold != -1:
             if cls is not FolderConfig or not 0 <= f.mask_threshold < 65535 or cfg.num_classes != 2:
                 raise ConfigError(
@@ -102,6 +106,16 @@ class FolderConfig(tfds.core.BuilderConfig):
                     f"folders (data.name='folder', data.num_classes=2; here {cfg.name!r}, {cfg.num_classes})"
                 )
             knobs["mask_threshold"] = f.mask_threshold
+        if f.mask_values:
+            if cls is not FolderConfig:
+                raise ConfigError("data.folder.mask_values decodes image folders' masks (data.name='folder')")
+            mask_codes.check_values(f.mask_values, cfg.num_classes, cfg.ignore_label)
+            knobs["mask_values"] = tuple(tuple(v) if isinstance(v, tuple | list) else v for v in f.mask_values)
+        if cfg.label_map:  # it maps at load, after the preparation's range check refused the stored values
+            raise ConfigError(
+                "data.label_map maps TFDS catalogue labels; a folder's stored mask values are mapped by "
+                "data.folder.mask_values (class k stored as value or colour k), e.g. (0, 128, 255)"
+            )
         wide = max(cfg.num_classes - 1, cfg.ignore_label) > 255  # 16-bit labels (`label_dtype`): never an
         hashed = {**knobs, "labels": "uint16"} if wide else knobs  # 8-bit copy prepared before, whose ids wrapped
         digest = hashlib.sha1(repr(sorted(hashed.items())).encode()).hexdigest()[:10]
@@ -258,10 +272,14 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
             f"{image_path}: image has {image.shape[-1]} channels but data.channels={cfg.channels} "
             "(grayscale vs RGB?); convert the images or set data.channels"
         )
+    coded = cfg.mask_threshold >= 0 or bool(cfg.mask_values)  # values or colours that stand for ids
     with open(mask_path, "rb") as f:  # thresholded masks may be lossy: the threshold absorbs the artefacts
-        mask = png.decode(f.read(), mask_path, ids=cfg.mask_threshold < 0, exif=cfg.exif)
+        data = f.read()
+    mask = png.decode(data, mask_path, ids=not coded, exif=cfg.exif, lossless=cfg.mask_threshold < 0)
     if cfg.mask_threshold >= 0:
-        mask = binarized(mask, cfg.mask_threshold)
+        mask = mask_codes.binarized(mask, cfg.mask_threshold)
+    elif cfg.mask_values:
+        mask = mask_codes.classes(mask, cfg.mask_values, cfg.num_classes, cfg.ignore_label, mask_path)
     if mask.ndim == 3:
         raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
@@ -283,16 +301,6 @@ def label_dtype(cfg: FolderConfig) -> type:
     """The stored labels' dtype: 8-bit, or 16-bit where an id (a class above 255, the ignore
     label) would not fit; 8 bits for all of them wrapped class 300 round to class 44."""
     return np.uint16 if max(cfg.num_classes - 1, cfg.ignore_label) > 255 else np.uint8
-
-
-def binarized(mask: np.ndarray, threshold: int) -> np.ndarray:
-    """`data.folder.mask_threshold`: a binary mask stored as 0/255 (or as a JPEG, whose edges hold
-    values in between) -> ids 0/1, value > `threshold`; a colour or gray+alpha mask by its mean
-    colour channel."""
-    if mask.ndim == 3:
-        colour = mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]
-        mask = colour.mean(axis=-1)
-    return (mask > threshold).astype(np.uint8)
 
 
 class SegFolder(tfds.core.GeneratorBasedBuilder):

@@ -95,17 +95,21 @@ def turned(image: Image.Image, where: str, exif: str) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def decode(data: bytes, where: str, ids: bool = False, exif: str = "ignore") -> np.ndarray:
+def decode(
+    data: bytes, where: str, ids: bool = False, exif: str = "ignore", lossless: bool | None = None
+) -> np.ndarray:
     """PNG bytes (or another image file's) -> uint8 [H,W(,C)] or uint16 [H,W]; `where` names the
     file or example in errors; `exif`: an EXIF orientation's policy (`turned`).
-    `ids=True` (class-id masks, instance maps) refuses lossy files (`lossy`): their compression
-    moves ids near edges to other ids that are still in range (a 32x32 0/1/2 mask saved as JPEG at
-    quality 95 comes back with 45 pixels changed), so no later label check could notice."""
+    `ids=True` (class-id masks, instance maps) keeps a palette's indices and refuses lossy files
+    (`lossy`): their compression moves ids near edges to other ids that are still in range (a
+    32x32 0/1/2 mask saved as JPEG at quality 95 comes back with 45 pixels changed), so no later
+    label check could notice. `lossless` (default: `ids`) refuses them for values decoded as
+    intensities (masks whose gray levels or colours stand for ids)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             stacked(image, where)
-            kind = ids and lossy(image)
+            kind = (ids if lossless is None else lossless) and lossy(image)
             image = turned(image, where, exif)
             array = np.array(image if ids else intensities(image))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

@@ -1,0 +1,107 @@
+"""Masks whose stored values or colours stand for class ids (data.folder.mask_values, mask_threshold)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segjax.data import mask_codes, sources
+from segjax.errors import ConfigError, DataError
+from tests.test_folder import folder_config, write_folder
+
+CAMVID = ((128, 128, 128), (128, 0, 0), (192, 192, 128))  # sky, building, pole
+VOID = (0, 0, 0)
+
+
+def test_classes_equal_a_lookup_of_every_pixel():
+    rng = np.random.default_rng(0)
+    table = ((10, 20, 30), (0, 0, 0), (255, 255, 255), (10, 20, 31))
+    picks = rng.integers(0, 4, (9, 7))
+    mask = np.asarray(table, np.uint8)[picks]
+    expected = np.vectorize(lambda k: {0: 0, 1: 1, 2: 2, 3: 255}[k])(picks)  # the 4th entry: the ignore label
+    np.testing.assert_array_equal(mask_codes.classes(mask, table, 3, 255, "m.png"), expected)
+    gray = np.asarray([0, 128, 255], np.uint8)[picks % 3]
+    np.testing.assert_array_equal(mask_codes.classes(gray, (0, 128, 255), 3, -1, "g.png"), picks % 3)
+    gray[2, 3] = 127
+    with pytest.raises(
+        DataError, match=r"g\.png: 1 pixels hold values not in data\.folder\.mask_values, e\.g\. \[127\]"
+    ):
+        mask_codes.classes(gray, (0, 128, 255), 3, -1, "g.png")
+    with pytest.raises(DataError, match=r"single-channel mask, but .* colours"):
+        mask_codes.classes(gray, table[:3], 3, -1, "g.png")
+    with pytest.raises(DataError, match=r"3-channel mask, but .* gray levels"):
+        mask_codes.classes(mask, (0, 128, 255), 3, -1, "m.png")
+
+
+def test_colour_masks_with_a_void_colour_read_as_ids_and_the_ignore_label(tmp_path, tfds_dir):
+    """CamVid-style colour masks: each class one colour, void pixels the ignore label; a colour
+    not in the table (an anti-aliased edge) names the file and the colour."""
+    root = write_folder(tmp_path / "camvid", [(8, 8)] * 4, num_classes=3)
+    rng = np.random.default_rng(1)
+    picks = {}
+    for k in range(4):
+        picks[f"{k:03d}"] = rng.integers(0, 4, (8, 8))
+        Image.fromarray(np.asarray((*CAMVID, VOID), np.uint8)[picks[f"{k:03d}"]]).save(root / "masks" / f"{k:03d}.png")
+    cfg = folder_config(root, tfds_dir, num_classes=3, num_folds=2, fold=1, mask_values=(*CAMVID, VOID))
+    cfg.ignore_label = 255
+    for split in sources.open_splits(cfg).values():
+        for i in range(len(split)):
+            chosen = picks[split[i]["name"]]
+            np.testing.assert_array_equal(split[i]["label"], np.where(chosen == 3, 255, chosen))
+    stray = np.asarray(Image.open(root / "masks" / "002.png")).copy()
+    stray[0, :2] = (128, 64, 64)
+    Image.fromarray(stray).save(root / "masks" / "002.png")
+    with pytest.raises(DataError, match=r"masks/002\.png: 2 pixels hold values not in .*\[\(128, 64, 64\)\]"):
+        sources.open_splits(cfg)
+    Image.fromarray(stray).save(root / "masks" / "002.jpg")  # colours must be exact: a JPEG is refused
+    (root / "masks" / "002.png").unlink()
+    with pytest.raises(DataError, match=r"002\.jpg: a JPEG file; ids must be stored losslessly"):
+        sources.open_splits(cfg)
+
+
+def test_gray_levels_read_as_ids_where_label_map_was_refused(tmp_path, tfds_dir):
+    """REFUGE-style 0/128/255 masks: data.label_map could not be used on a folder (the values
+    were refused as out of range before it applied); mask_values gives the ids, label_map an error
+    that names it."""
+    root = write_folder(tmp_path / "refuge", [(8, 8)] * 4, num_classes=3)
+    for k in range(4):
+        ids = np.zeros((8, 8), np.uint8)
+        ids[2:6], ids[3:5, 3:5] = 1, 2
+        Image.fromarray(np.asarray([0, 128, 255], np.uint8)[ids]).save(root / "masks" / f"{k:03d}.png")
+    cfg = folder_config(root, tfds_dir, num_classes=3, num_folds=2, fold=1, mask_values=(0, 128, 255))
+    label = sources.open_splits(cfg)["validation"][0]["label"]
+    assert np.bincount(label.ravel(), minlength=3).tolist() == [32, 28, 4]
+    cfg.folder.mask_values = ()
+    cfg.label_map = tuple([0] * 128 + [1] + [0] * 126 + [2])
+    with pytest.raises(ConfigError, match=r"data\.label_map maps TFDS catalogue labels; .*mask_values"):
+        sources.open_splits(cfg)
+
+
+@pytest.mark.parametrize(
+    ("values", "ignore", "message"),
+    [
+        ((0, 255), -1, r"one gray level or \(r, g, b\) colour per class, 3"),
+        ((0, 128, 255, 64), -1, "one more for data.ignore_label"),
+        ((0, (1, 2, 3), 255), -1, "per class"),
+        ((0, 128, 128), -1, "repeats a value"),
+        ((0, -1, 255), -1, "per class"),
+    ],
+)
+def test_mask_values_that_cannot_encode_the_classes_are_refused(tmp_path, tfds_dir, values, ignore, message):
+    root = write_folder(tmp_path / "v", [(8, 8)] * 2, num_classes=3)
+    cfg = folder_config(root, tfds_dir, num_classes=3, mask_values=values)
+    cfg.ignore_label = ignore
+    with pytest.raises(ConfigError, match=message):
+        sources.open_splits(cfg)
+    cfg.folder.mask_values, cfg.folder.mask_threshold = (0, 128, 255), 127
+    with pytest.raises(ConfigError, match="both decode masks"):
+        sources.open_splits(cfg)
+
+
+def test_volumes_refuse_mask_values_rather_than_ignore_them(tmp_path, tfds_dir):
+    from tests.test_nifti import nifti_config, write_volumes
+
+    volumes = write_volumes(tmp_path / "vols", [(6, 5, 4)] * 2)
+    with pytest.raises(ConfigError, match=r"mask_values decodes image folders' masks \(data\.name='folder'\)"):
+        sources.open_splits(nifti_config(volumes, tfds_dir, mask_values=(0, 1, 2)))
