@@ -105,3 +105,25 @@ def test_volumes_refuse_mask_values_rather_than_ignore_them(tmp_path, tfds_dir):
     volumes = write_volumes(tmp_path / "vols", [(6, 5, 4)] * 2)
     with pytest.raises(ConfigError, match=r"mask_values decodes image folders' masks \(data\.name='folder'\)"):
         sources.open_splits(nifti_config(volumes, tfds_dir, mask_values=(0, 1, 2)))
+
+
+def test_colour_coded_instance_maps_are_numbered_and_wide_ids_refused(tmp_path, tfds_dir):
+    """Annotation tools often export instances as colours (black = none): such a map was refused
+    with a misleading size message. Each colour becomes one id, black 0; a 32-bit TIFF id above
+    65535 was cast to uint16, onto another instance, without a word."""
+    root = write_folder(tmp_path / "inst", [(8, 8)] * 2, num_classes=2, instances=True)
+    colours = np.asarray([(0, 0, 0), (200, 10, 10), (10, 200, 10), (10, 10, 200)], np.uint8)
+    picks = np.random.default_rng(2).integers(0, 4, (8, 8))
+    Image.fromarray(colours[picks]).save(root / "instances" / "001.png")
+    Image.fromarray((picks > 0).astype(np.uint8)).save(root / "masks" / "001.png")
+    inst = sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1), with_instances=True)
+    ids = inst["validation"][0]["instances"]
+    assert ((ids == 0) == (picks == 0)).all()  # black: no instance
+    pairs = set(zip(picks.ravel().tolist(), ids.ravel().tolist(), strict=True))
+    assert len(pairs) == 4 and len({i for _, i in pairs}) == 4  # one id per colour, one colour per id
+    wide = np.zeros((8, 8), np.int32)
+    wide[:4] = 70000
+    Image.fromarray(wide, mode="I").save(root / "instances" / "001.tif")
+    (root / "instances" / "001.png").unlink()
+    with pytest.raises(DataError, match=r"instances/001\.tif: instance ids 0\.\.70000 do not fit 0\.\.65535"):
+        sources.open_splits(folder_config(root, tfds_dir, num_classes=2, num_folds=2, fold=1), with_instances=True)

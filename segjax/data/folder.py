@@ -290,10 +290,10 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
     out = {"image": image.astype(np.uint8), "label": mask.astype(label_dtype(cfg))[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:
-            inst = png.decode(f.read(), inst_path, ids=True, exif=cfg.exif)
+            inst = mask_codes.instance_ids(png.decode(f.read(), inst_path, ids=True, exif=cfg.exif), inst_path)
         if inst.shape != mask.shape:
             raise DataError(f"{inst_path}: instance map size {inst.shape} differs from mask size {mask.shape}")
-        out["instances"] = inst.astype(np.uint16)[..., None]
+        out["instances"] = inst[..., None]
     return out
 
 

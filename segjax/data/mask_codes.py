@@ -5,6 +5,7 @@ in between (Kvasir-SEG) -> ids 0/1 by value > threshold. `data.folder.mask_value
 stored as the value or colour `mask_values[k]` (gray levels such as REFUGE's 0/128/255, or RGB
 colours such as CamVid's); one more entry than classes is the ignore label's (VOC's void colour).
 A stored value that is not in the table is an error naming the file, never a class by accident.
+Instance maps are ids, or colour-coded (one colour per instance), numbered here.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def classes(mask: np.ndarray, values, num_classes: int, ignore_label: int, where
         )
     ids = order[position]
     return np.where(ids == num_classes, ignore_label, ids) if len(keys) > num_classes else ids
+
+
+def instance_ids(inst: np.ndarray, where: str) -> np.ndarray:
+    """An instance map as uint16 ids (0 = none): single-channel ids as stored; a colour-coded map
+    (each instance its own colour, black none, as many annotation tools export them) numbered by
+    colour. More ids than 16 bits hold is a DataError (a cast would wrap them onto other ids)."""
+    if inst.ndim == 3 and inst.shape[-1] < 3:  # gray ids with alpha: the ids
+        inst = inst[..., 0]
+    if inst.ndim == 3:
+        codes = _rgb_codes(inst[..., :3].astype(np.int64))
+        colours, inst = np.unique(codes, return_inverse=True)
+        inst = inst.reshape(codes.shape) + (0 if colours[0] == 0 else 1)  # black -> 0; others 1, 2, ...
+    if inst.min() < 0 or inst.max() > np.iinfo(np.uint16).max:
+        raise DataError(f"{where}: instance ids {int(inst.min())}..{int(inst.max())} do not fit 0..65535")
+    return inst.astype(np.uint16)
 
 
 def _rgb_codes(rgb: np.ndarray) -> np.ndarray:

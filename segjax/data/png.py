@@ -121,8 +121,8 @@ def decode(
             f"{where}: a {kind} file; ids must be stored losslessly (PNG, TIFF), as lossy compression changes "
             "them near edges: export the masks as PNG"
         )
-    if array.dtype == np.int32:  # PIL mode 'I' (16-bit PNGs on some PIL versions)
-        array = array.astype(np.uint16)
+    if array.dtype == np.int32 and array.size and 0 <= array.min() and array.max() <= 65535:
+        array = array.astype(np.uint16)  # PIL mode 'I' (16-bit PNGs on some PIL versions); wider stays int32
     if array.dtype == bool:  # PIL mode '1' (1-bit files, e.g. ImageJ's binary masks): ids 0/1, images 0/255
         array = array.astype(np.uint8) * np.uint8(1 if ids else 255)
     return array
