@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import nibabel
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +12,7 @@ from PIL import Image
 from segjax.data import mask_codes, sources
 from segjax.errors import ConfigError, DataError
 from tests.test_folder import folder_config, write_folder
+from tests.test_nifti import nifti_config, write_volumes
 
 CAMVID = ((128, 128, 128), (128, 0, 0), (192, 192, 128))  # sky, building, pole
 VOID = (0, 0, 0)
@@ -60,10 +64,8 @@ def test_colour_masks_with_a_void_colour_read_as_ids_and_the_ignore_label(tmp_pa
         sources.open_splits(cfg)
 
 
-def test_gray_levels_read_as_ids_where_label_map_was_refused(tmp_path, tfds_dir):
-    """REFUGE-style 0/128/255 masks: data.label_map could not be used on a folder (the values
-    were refused as out of range before it applied); mask_values gives the ids, label_map an error
-    that names it."""
+def test_gray_levels_read_as_ids(tmp_path, tfds_dir):
+    """REFUGE-style 0/128/255 masks: class k stored as gray level k."""
     root = write_folder(tmp_path / "refuge", [(8, 8)] * 4, num_classes=3)
     for k in range(4):
         ids = np.zeros((8, 8), np.uint8)
@@ -72,9 +74,31 @@ def test_gray_levels_read_as_ids_where_label_map_was_refused(tmp_path, tfds_dir)
     cfg = folder_config(root, tfds_dir, num_classes=3, num_folds=2, fold=1, mask_values=(0, 128, 255))
     label = sources.open_splits(cfg)["validation"][0]["label"]
     assert np.bincount(label.ravel(), minlength=3).tolist() == [32, 28, 4]
-    cfg.folder.mask_values = ()
-    cfg.label_map = tuple([0] * 128 + [1] + [0] * 126 + [2])
-    with pytest.raises(ConfigError, match=r"data\.label_map maps TFDS catalogue labels; .*mask_values"):
+
+
+def test_label_map_maps_a_folders_stored_ids_many_to_one(tmp_path, tfds_dir):
+    """Cityscapes-style label ids -> train ids (several ids to one class, some to the ignore
+    label): data.label_map could not be used on a folder, as its preparation refused the stored
+    ids as out of range before the map applied. Now they are checked through the map, stored as
+    they are and mapped at load; an id without an entry names the file."""
+    table = (255, 0, 0, 1, 2, 255)  # stored 0..5 -> classes (void, road, road, car, sky, void)
+    root = write_folder(tmp_path / "city", [(8, 8)] * 4, num_classes=3)
+    rng = np.random.default_rng(4)
+    stored = {f"{k:03d}": rng.integers(0, 6, (8, 8)).astype(np.uint8) for k in range(4)}
+    for name, ids in stored.items():
+        Image.fromarray(ids).save(root / "masks" / f"{name}.png")
+    cfg = folder_config(root, tfds_dir, num_classes=3, num_folds=2, fold=1)
+    cfg.label_map, cfg.ignore_label = table, 255
+    for split in sources.open_splits(cfg).values():
+        for i in range(len(split)):
+            np.testing.assert_array_equal(split[i]["label"], np.asarray(table)[stored[split[i]["name"]]])
+    bad = stored["001"].copy()
+    bad[0, 0] = 7
+    Image.fromarray(bad).save(root / "masks" / "001.png")
+    with pytest.raises(DataError, match=r"masks/001\.png: stored label value 7 has no entry in data\.label_map"):
+        sources.open_splits(cfg)
+    cfg.folder.mask_values = (0, 1, 2)
+    with pytest.raises(ConfigError, match="all decode masks; set one"):
         sources.open_splits(cfg)
 
 
@@ -95,16 +119,21 @@ def test_mask_values_that_cannot_encode_the_classes_are_refused(tmp_path, tfds_d
     with pytest.raises(ConfigError, match=message):
         sources.open_splits(cfg)
     cfg.folder.mask_values, cfg.folder.mask_threshold = (0, 128, 255), 127
-    with pytest.raises(ConfigError, match="both decode masks"):
+    with pytest.raises(ConfigError, match="all decode masks; set one"):
         sources.open_splits(cfg)
 
 
-def test_volumes_refuse_mask_values_rather_than_ignore_them(tmp_path, tfds_dir):
-    from tests.test_nifti import nifti_config, write_volumes
+def test_volumes_refuse_mask_values_rather_than_ignore_them_and_take_a_label_map(tmp_path, tfds_dir):
 
-    volumes = write_volumes(tmp_path / "vols", [(6, 5, 4)] * 2)
+    volumes = write_volumes(tmp_path / "vols", [(6, 5, 4)] * 2, num_classes=5)
     with pytest.raises(ConfigError, match=r"mask_values decodes image folders' masks \(data\.name='folder'\)"):
         sources.open_splits(nifti_config(volumes, tfds_dir, mask_values=(0, 1, 2)))
+    cfg = nifti_config(volumes, tfds_dir, num_classes=3, num_folds=2, fold=1)  # stored 0..4 -> 3 classes
+    cfg.label_map = (0, 1, 1, 2, 2)
+    stored = np.asarray(nibabel.load(os.path.join(volumes, "masks", "case0.nii.gz")).dataobj)
+    np.testing.assert_array_equal(
+        sources.open_splits(cfg)["train"][0]["label"], np.asarray(cfg.label_map)[np.transpose(stored, (2, 1, 0))]
+    )
 
 
 def test_colour_coded_instance_maps_are_numbered_and_wide_ids_refused(tmp_path, tfds_dir):

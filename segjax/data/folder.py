@@ -58,6 +58,7 @@ class FolderConfig(tfds.core.BuilderConfig):
     mask_suffix: str = ""
     mask_threshold: int = -1
     mask_values: tuple = ()
+    label_map: tuple = ()
     listing: str = ""  # `listing_digest` of the files read
 
     @classmethod
@@ -95,32 +96,41 @@ class FolderConfig(tfds.core.BuilderConfig):
             listing=listing_digest(root, f.split_file),
             **extra,
         )
-        if f.mask_suffix:  # hashed only when set: folders prepared before the knob keep their names
-            knobs["mask_suffix"] = f.mask_suffix
-        if f.mask_values and f.mask_threshold != -1:
-            raise ConfigError("data.folder.mask_threshold and data.folder.mask_values both decode masks; set one")
-        if f.mask_threshold != -1:
-            if cls is not FolderConfig or not 0 <= f.mask_threshold < 65535 or cfg.num_classes != 2:
-                raise ConfigError(
-                    f"data.folder.mask_threshold={f.mask_threshold}: -1 (off), or 0..65534 for binary masks of image "
-                    f"folders (data.name='folder', data.num_classes=2; here {cfg.name!r}, {cfg.num_classes})"
-                )
-            knobs["mask_threshold"] = f.mask_threshold
-        if f.mask_values:
-            if cls is not FolderConfig:
-                raise ConfigError("data.folder.mask_values decodes image folders' masks (data.name='folder')")
-            mask_codes.check_values(f.mask_values, cfg.num_classes, cfg.ignore_label)
-            knobs["mask_values"] = tuple(tuple(v) if isinstance(v, tuple | list) else v for v in f.mask_values)
-        if cfg.label_map:  # it maps at load, after the preparation's range check refused the stored values
-            raise ConfigError(
-                "data.label_map maps TFDS catalogue labels; a folder's stored mask values are mapped by "
-                "data.folder.mask_values (class k stored as value or colour k), e.g. (0, 128, 255)"
-            )
-        wide = max(cfg.num_classes - 1, cfg.ignore_label) > 255  # 16-bit labels (`label_dtype`): never an
-        hashed = {**knobs, "labels": "uint16"} if wide else knobs  # 8-bit copy prepared before, whose ids wrapped
+        knobs.update(_mask_knobs(cls, cfg))  # hashed only when set: folders prepared before them keep their names
+        # 16-bit labels (`label_dtype`) get their own copy: never an 8-bit one prepared before, whose ids wrapped
+        wide = max(cfg.num_classes - 1, cfg.ignore_label, len(cfg.label_map or ()) - 1) > 255
+        hashed = {**knobs, "labels": "uint16"} if wide else knobs
         digest = hashlib.sha1(repr(sorted(hashed.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
+
+
+def _mask_knobs(cls, cfg) -> dict:
+    """The set knobs that say how masks are named or encode their ids (at most one encoding):
+    `mask_suffix`, `mask_threshold` / `mask_values` (image folders; segjax/data/mask_codes.py),
+    `data.label_map` (stored value -> class id, many to one: mapped at load, checked here)."""
+    f, knobs = cfg.folder, {}
+    if f.mask_suffix:
+        knobs["mask_suffix"] = f.mask_suffix
+    if sum((f.mask_threshold != -1, bool(f.mask_values), bool(cfg.label_map))) > 1:
+        raise ConfigError(
+            "data.folder.mask_threshold, data.folder.mask_values and data.label_map all decode masks; set one"
+        )
+    if f.mask_threshold != -1:
+        if cls is not FolderConfig or not 0 <= f.mask_threshold < 65535 or cfg.num_classes != 2:
+            raise ConfigError(
+                f"data.folder.mask_threshold={f.mask_threshold}: -1 (off), or 0..65534 for binary masks of image "
+                f"folders (data.name='folder', data.num_classes=2; here {cfg.name!r}, {cfg.num_classes})"
+            )
+        knobs["mask_threshold"] = f.mask_threshold
+    if f.mask_values:
+        if cls is not FolderConfig:
+            raise ConfigError("data.folder.mask_values decodes image folders' masks (data.name='folder')")
+        mask_codes.check_values(f.mask_values, cfg.num_classes, cfg.ignore_label)
+        knobs["mask_values"] = tuple(tuple(v) if isinstance(v, tuple | list) else v for v in f.mask_values)
+    if cfg.label_map:
+        knobs["label_map"] = tuple(int(v) for v in cfg.label_map)
+    return knobs
 
 
 def stem(filename: str) -> str:
@@ -286,7 +296,8 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
         raise DataError(f"{mask_path}: masks must hold integer class ids, got {mask.dtype}")
     if mask.shape != image.shape[:2]:
         raise DataError(f"{mask_path}: mask size {mask.shape} differs from image size {image.shape[:2]}")
-    validation.check_labels(mask, cfg.num_classes, cfg.ignore_label, mask_path)
+    mapped = validation.map_labels(mask, np.asarray(cfg.label_map), mask_path) if cfg.label_map else mask
+    validation.check_labels(mapped, cfg.num_classes, cfg.ignore_label, mask_path)  # stored as they are: mapped at load
     out = {"image": image.astype(np.uint8), "label": mask.astype(label_dtype(cfg))[..., None]}
     if inst_path is not None:
         with open(inst_path, "rb") as f:
@@ -300,7 +311,7 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
 def label_dtype(cfg: FolderConfig) -> type:
     """The stored labels' dtype: 8-bit, or 16-bit where an id (a class above 255, the ignore
     label) would not fit; 8 bits for all of them wrapped class 300 round to class 44."""
-    return np.uint16 if max(cfg.num_classes - 1, cfg.ignore_label) > 255 else np.uint8
+    return np.uint16 if max(cfg.num_classes - 1, cfg.ignore_label, len(cfg.label_map) - 1) > 255 else np.uint8
 
 
 class SegFolder(tfds.core.GeneratorBasedBuilder):

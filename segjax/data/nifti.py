@@ -108,7 +108,10 @@ def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np
     if not np.issubdtype(label.dtype, np.integer):
         if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
             raise DataError(f"{mask_path}: label volume holds non-integer values; store class ids")
-    validation.check_labels(label, cfg.num_classes, cfg.ignore_label, mask_path)
+    mapped = (
+        validation.map_labels(label.astype(np.int64), np.asarray(cfg.label_map), mask_path) if cfg.label_map else label
+    )
+    validation.check_labels(mapped, cfg.num_classes, cfg.ignore_label, mask_path)  # stored as they are: mapped at load
     image = normalize(image, cfg.normalize, cfg.low, cfg.high)
     return {"image": image, "label": label.astype(folder.label_dtype(cfg)), "spacing": spacing}
 

@@ -165,7 +165,7 @@ class DecodedSource:
             label = label[..., 0]
         label = label.astype(np.int32)
         if self._label_map is not None:
-            label = map_labels(label, self._label_map, where)
+            label = validation.map_labels(label, self._label_map, where)
         if image.ndim == label.ndim:
             image = image[..., None]
         check_example(image, label, self._cfg, where)
@@ -187,15 +187,6 @@ class DecodedSource:
         if instances is not None:
             example["instances"] = instances
         return example
-
-
-def map_labels(label: np.ndarray, table: np.ndarray, where: str) -> np.ndarray:
-    """`data.label_map`: stored value v -> table[v] (e.g. a trimap's 1/2/3 -> class ids)."""
-    if label.min() < 0 or label.max() >= len(table):
-        raise DataError(
-            f"{where}: stored label value {int(label.max())} has no entry in data.label_map={table.tolist()}"
-        )
-    return table[label].astype(np.int32)
 
 
 def resize(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

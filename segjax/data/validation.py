@@ -1,5 +1,5 @@
-"""The one label-range check shared by every data path (folder builder, decoded sources), and the
-config check that keeps `ignore_label` out of the class range."""
+"""The one label-range check shared by every data path (folder builder, decoded sources), the
+`data.label_map` lookup, and the config check that keeps `ignore_label` out of the class range."""
 
 from __future__ import annotations
 
@@ -36,3 +36,13 @@ def check_ignore_label(num_classes: int, ignore_label: int) -> None:
             f"data.ignore_label={ignore_label} is one of the classes 0..{num_classes - 1}; use a value outside "
             "them (e.g. 255, or -1 for none), and store the other classes as 0..num_classes-1"
         )
+
+
+def map_labels(label: np.ndarray, table: np.ndarray, where: str) -> np.ndarray:
+    """`data.label_map`: stored value v -> table[v] (a trimap's 1/2/3, Cityscapes' label ids ->
+    class ids); a stored value without an entry is a DataError naming `where`."""
+    if label.min() < 0 or label.max() >= len(table):
+        bad = int(label.min()) if label.min() < 0 else int(label.max())
+        shown = table.tolist() if len(table) <= 40 else f"{len(table)} entries"
+        raise DataError(f"{where}: stored label value {bad} has no entry in data.label_map={shown}")
+    return table[label].astype(np.int32)
