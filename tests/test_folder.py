@@ -332,7 +332,7 @@ def corrupt_cases():
         (truncated, r"images/001.png: corrupt or truncated"),
         (size_mismatch, r"masks/001.png: mask size \(8, 9\) differs"),
         (gray_in_rgb, r"images/001.png: image has 1 channels but data.channels=3"),
-        (rgb_mask, r"masks/001.png: masks must be single-channel"),
+        (rgb_mask, r"masks/001.png: masks must be single-channel.*data\.folder\.mask_values"),
         (float_mask, r"masks/001.tif: masks must hold integer class ids, got float32"),
         (sixteen_bit, r"images/001.png: uint16 image; segjax stores 8-bit images: set data.folder.rescale"),
         (two_masks_of_one_name, r"masks/001.tif and .*masks/001.png have one name"),

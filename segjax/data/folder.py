@@ -284,14 +284,16 @@ def read_pair(cfg: FolderConfig, image_path: str, mask_path: str, inst_path: str
         )
     coded = cfg.mask_threshold >= 0 or bool(cfg.mask_values)  # values or colours that stand for ids
     with open(mask_path, "rb") as f:  # thresholded masks may be lossy: the threshold absorbs the artefacts
-        data = f.read()
-    mask = png.decode(data, mask_path, ids=not coded, exif=cfg.exif, lossless=cfg.mask_threshold < 0)
+        mask = png.decode(f.read(), mask_path, ids=not coded, exif=cfg.exif, lossless=cfg.mask_threshold < 0)
     if cfg.mask_threshold >= 0:
         mask = mask_codes.binarized(mask, cfg.mask_threshold)
     elif cfg.mask_values:
         mask = mask_codes.classes(mask, cfg.mask_values, cfg.num_classes, cfg.ignore_label, mask_path)
     if mask.ndim == 3:
-        raise DataError(f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape}")
+        raise DataError(
+            f"{mask_path}: masks must be single-channel class-id images, got shape {mask.shape} (colour-coded "
+            "masks: give each class's colour in data.folder.mask_values)"
+        )
     if not np.issubdtype(mask.dtype, np.integer):
         raise DataError(f"{mask_path}: masks must hold integer class ids, got {mask.dtype}")
     if mask.shape != image.shape[:2]:
