@@ -336,7 +336,14 @@ def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=
 
 def define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
-    flags.DEFINE_string("study", None, "Study file FILE.py[:arg] with get_config and get_variants.")
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "study",
+        None,
+        "Study file FILE.py[:arg] with get_config and get_variants; --study.KEY=VALUE sets KEY of the base "
+        "config, for every variant (e.g. --study.train.steps=20: a smoke run of the whole study).",
+    )
     flags.DEFINE_string("workdir", None, "Study folder: one run folder per variant and seed.")
     flags.DEFINE_integer("seeds", 3, "Seeds per variant: train.seed .. train.seed + seeds - 1.")
     flags.DEFINE_bool("vmap_seeds", False, "Train each variant's seeds as one vmapped run (train.num_seeds).")
@@ -353,11 +360,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     with exit_on_user_error():
-        if not f.study or not f.workdir:
+        if f.study is None or not f.workdir:
             raise ConfigError("--study and --workdir are required")
         if f.seeds < 1:
             raise ConfigError(f"--seeds={f.seeds}: give at least one seed per variant")
-        base, variants = load_study(f.study)
+        from ml_collections import config_flags
+
+        path = config_flags.get_config_filename(f["study"])
+        _, variants = load_study(path)
+        base = f.study  # get_config(arg) with the --study.KEY overrides
+        configuration.validate(base)
         if f.compare_to and f.compare_to not in variants:
             raise ConfigError(f"--compare_to={f.compare_to!r} is not a variant of this study: {list(variants)}")
         from segjax import workdirs
@@ -380,7 +392,7 @@ def main(argv):
         if extra:
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
-        print(f"\nstudy {f.study}: {len(rows)} finished runs in {f.workdir}{notes}\n")
+        print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
         print(write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
         if f.compare_to and rows:
             try:
@@ -392,6 +404,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():  # a missing study file, a bad argument or an unknown --study.KEY: one line
+        configuration.check_command_line(sys.argv[1:], None, flag="study")
     define_flags()
     configuration.quiet_libraries()
     app.run(main)

@@ -235,6 +235,40 @@ def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     assert done.returncode == 2 and "--seeds=0: give at least one seed" in done.stderr  # was an IndexError
 
 
+def test_study_key_overrides_set_the_base_of_every_variant(tmp_path, tfds_dir):
+    """`--study.train.steps=2`: a smoke run of a whole study, every variant's run at 2 steps (the
+    flag did not exist: the study file had to be edited); an unknown key is one line naming the
+    nearest one, before anything is written."""
+    command = tiny_study(tmp_path, {"a": {}, "b": {"model.pool": "avg"}}, tfds_dir)
+    workdir = tmp_path / "w"
+    done = subprocess.run(
+        [*command, f"--workdir={workdir}", "--seeds=1", "--study.train.steps=2", "--study.eval.every=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for variant in ("a", "b"):
+        with open(workdir / variant / "seed_0" / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+        assert config["train"]["steps"] == 2 and config["model"]["pool"] == ("avg" if variant == "b" else "max")
+        with open(workdir / variant / "seed_0" / "metrics.json", encoding="utf-8") as f:
+            assert json.load(f)["step"] == 2
+    typo = subprocess.run(
+        [*command, f"--workdir={tmp_path / 'typo'}", "--study.train.stpes=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        typo.returncode == 2
+        and "--study.train.stpes: unknown config key train.stpes; did you mean train.steps?" in typo.stderr
+    )
+    assert "Traceback" not in typo.stderr and not (tmp_path / "typo").exists()
+
+
 def test_tables_hold_the_asked_seeds_and_collect_only_refuses_an_edited_study(tmp_path):
     """Runs of seeds 0, 1, 2 and 10 on disk (an earlier, larger --seeds): --seeds=2 averages
     seeds 0 and 1 only and says how many it left out; a run folder whose config.json differs from
