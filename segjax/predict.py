@@ -24,7 +24,6 @@ Subfolders of `--images` are not read (a warning names them).
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 
 import jax
@@ -36,7 +35,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import configuration, inference, instances, preflight, rescore, seeds, workdirs
+from segjax import configuration, inference, instances, preflight, rescore, seeds, workdirs, writers
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -241,12 +240,12 @@ def predict_folder(
                 mask, ids = instances.to_instances(mask, config)
                 if ids.max() > np.iinfo(np.uint16).max:
                     raise DataError(f"{source.paths[index]}: {ids.max()} instances do not fit a uint16 PNG")
-                with _whole(os.path.join(out, f"{source.names[index]}_instances.png")) as partial:
+                with writers.whole(os.path.join(out, f"{source.names[index]}_instances.png")) as partial:
                     source.save(index, ids.astype(np.uint16), partial)
             if probabilities:
-                with _whole(os.path.join(out, f"{source.names[index]}.npy")) as partial:
+                with writers.whole(os.path.join(out, f"{source.names[index]}.npy")) as partial:
                     np.save(partial, p.astype(np.float16))
-            with _whole(targets[index]) as partial:  # the mask last: then every output of the file is there
+            with writers.whole(targets[index]) as partial:  # the mask last: then every output of the file is there
                 source.save(index, mask.astype(dtype), partial)
             written.append(targets[index])
             index += 1
@@ -254,22 +253,6 @@ def predict_folder(
     bar.close()
     logging.info("predict: %d masks from the %s checkpoint of %s in %s", len(written), which, workdir, out)
     return written
-
-
-@contextlib.contextmanager
-def _whole(path: str):
-    """A partial file's path to write `path`'s contents to, renamed onto `path` when the block
-    ends: a run killed mid-write leaves a hidden `.partial-<pid>-<name>` file, never a
-    half-written output that --resume would keep."""
-    folder, name = os.path.split(path)
-    partial = os.path.join(folder, f".partial-{os.getpid()}-{name}")  # the extension kept: it sets the format
-    try:
-        yield partial
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
-    os.replace(partial, path)
 
 
 def _replica_index(config: ml_collections.ConfigDict, seed: int | None) -> int | None:

@@ -26,19 +26,28 @@ def _plain(value):
 
 
 @contextlib.contextmanager
-def replaced(path: str, newline: str | None = None):
-    """A text file opened for writing as `<path>.<pid>.partial` and renamed over `path` when the
-    block ends: readers, and other processes replacing the same file, see the old file or the
-    whole new one, never half of it. On an error the partial file is removed, `path` untouched."""
-    partial = f"{path}.{os.getpid()}.partial"
+def whole(path: str):
+    """A path to write `path`'s new contents to, renamed over `path` when the block ends: readers,
+    and other processes replacing the same file, see the old file or the whole new one, never half
+    of it, and a process killed mid-write leaves only a hidden `.partial-<pid>-<name>` beside it
+    (the name's extension kept: libraries that choose a format by it still do). On an error the
+    partial file is removed and `path` is untouched."""
+    folder, name = os.path.split(path)
+    partial = os.path.join(folder, f".partial-{os.getpid()}-{name}")
     try:
-        with open(partial, "w", encoding="utf-8", newline=newline) as f:
-            yield f
+        yield partial
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise
     os.replace(partial, path)
+
+
+@contextlib.contextmanager
+def replaced(path: str, newline: str | None = None):
+    """A text file opened for writing, replaced `whole`."""
+    with whole(path) as partial, open(partial, "w", encoding="utf-8", newline=newline) as f:
+        yield f
 
 
 def write_summary(path: str, results: dict) -> None:
