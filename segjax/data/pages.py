@@ -6,8 +6,10 @@ the layout image/mask folders are read in (one image per file; a stack is refuse
 
 Page k becomes `<name>_<k:03d>.png` (`name`: the stack's file stem unless --name; give a label
 stack its image stack's name so that the pairs match), its pixels as stored: nothing is scaled or
-mapped (a 0/255 label stack is still refused as masks until its values are class ids). Files
-already in --out are never replaced unless --overwrite.
+mapped. A label stack storing other values than the ids says which in the config: ISBI's
+train-labels.tif stores cells as 255 and membranes as 0, so `--config.data.folder.mask_values="(255,0)"`
+gives cell 0 and membrane 1, as configs/isbi.py names them. Files already in --out are never
+replaced unless --overwrite.
 """
 
 from __future__ import annotations
