@@ -92,3 +92,15 @@ def test_cli_writes_the_pages_and_a_missing_stack_is_one_line(tmp_path, slices):
     missing = subprocess.run([*run, "--stack=nope.tif"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "error: nope.tif: not a readable image file" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_an_isbi_style_label_stack_reads_with_mask_values(tmp_path, tfds_dir, slices):
+    """ISBI's original train-labels.tif stores cells as 255 and membranes as 0: split into pages and
+    read with mask_values=(255, 0), the membranes are class 1, as configs/isbi.py names them."""
+    images, masks = slices
+    stored = [np.where(m == 1, 0, 255).astype(np.uint8) for m in masks]  # membrane (1) stored as 0
+    root = tmp_path / "isbi"
+    pages.split(_stack(tmp_path / "train-volume.tif", images), str(root / "images"))
+    pages.split(_stack(tmp_path / "train-labels.tif", stored), str(root / "masks"), name="train-volume")
+    cfg = folder_config(root, tfds_dir, channels=1, num_classes=2, num_folds=3, fold=0, mask_values=(255, 0))
+    np.testing.assert_array_equal(sources.open_splits(cfg)["validation"][0]["label"], masks[0])
