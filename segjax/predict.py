@@ -24,6 +24,7 @@ Subfolders of `--images` are not read (a warning names them).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import jax
@@ -160,10 +161,11 @@ def predict_folder(
     resume: bool = False,
 ) -> list[str]:
     """Write a mask (and optionally probabilities) per image file of `images` into `out`;
-    returns the mask paths written, in file order. `shard=(i, N)`: only files i, i+N, ... (sorted).
+    returns the mask paths of the files predicted, in file order. `shard=(i, N)`: only files i, i+N, ... (sorted).
     `seed`: which replica of a `train.num_seeds` > 1 run predicts (its `train.seed + k`).
-    `resume`: files whose outputs are all in `out` already are skipped (every output is written
-    to a hidden partial file and renamed into place, so one that exists is whole)."""
+    `resume`: files whose outputs are all in `out` already are skipped, and no existing file is
+    replaced (every output is written to a hidden partial file and renamed into place, so one that
+    exists is whole)."""
     preflight.check(config)
     if resume and overwrite:
         raise ConfigError("--resume keeps the outputs already written and --overwrite replaces them: choose one")
@@ -236,17 +238,26 @@ def predict_folder(
             p = _back_to_size(row_probs[crop], size) if need_probabilities else None
             # the logits' argmax, as evaluation scores it; after data.resize, of the resized probabilities
             mask = row_classes[crop] if prepared == tuple(size) else np.argmax(p, -1)
+            saves = []  # (path, write(partial path)); the mask last: then every output of the file is there
             if with_instances:  # C+1 classes -> semantic classes and instance ids, as evaluation does
                 mask, ids = instances.to_instances(mask, config)
                 if ids.max() > np.iinfo(np.uint16).max:
                     raise DataError(f"{source.paths[index]}: {ids.max()} instances do not fit a uint16 PNG")
-                with writers.whole(os.path.join(out, f"{source.names[index]}_instances.png")) as partial:
-                    source.save(index, ids.astype(np.uint16), partial)
+                saves.append(
+                    (
+                        f"{source.names[index]}_instances.png",
+                        functools.partial(source.save, index, ids.astype(np.uint16)),
+                    )
+                )
             if probabilities:
-                with writers.whole(os.path.join(out, f"{source.names[index]}.npy")) as partial:
-                    np.save(partial, p.astype(np.float16))
-            with writers.whole(targets[index]) as partial:  # the mask last: then every output of the file is there
-                source.save(index, mask.astype(dtype), partial)
+                values = p.astype(np.float16)
+                saves.append((f"{source.names[index]}.npy", lambda path, values=values: np.save(path, values)))
+            saves.append((os.path.basename(targets[index]), functools.partial(source.save, index, mask.astype(dtype))))
+            for name, save in saves:
+                if resume and os.path.exists(os.path.join(out, name)):
+                    continue  # --resume never replaces a file: a stopped run's outputs of this file are kept
+                with writers.whole(os.path.join(out, name)) as partial:
+                    save(partial)
             written.append(targets[index])
             index += 1
             bar.update(1)

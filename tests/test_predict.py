@@ -122,8 +122,8 @@ def test_sizes_that_do_not_fit_the_depth_are_padded_even_in_the_first_file(run, 
 
 def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeypatch):
     """A predict run that dies on its third file leaves two whole masks and no partial file;
-    --resume keeps outputs already there (a marked one stays as it is) and writes the others,
-    equal to an uninterrupted run's."""
+    --resume never replaces a file (a marked mask, and the third file's probabilities written
+    before the run died, stay as they are) and writes the others, equal to an uninterrupted run's."""
     config, workdir, examples = run
     config = config.copy_and_resolve_references()
     images = write_images(tmp_path / "images", [e["image"] for e in examples[:4]])
@@ -147,15 +147,17 @@ def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeyp
     with pytest.raises(ConfigError, match="choose one"):
         predict.predict_folder(config, workdir, images, str(out), overwrite=True, resume=True)
     Image.fromarray(np.full((32, 32), 3, np.uint8)).save(out / "img00.png")  # kept as it is, not redone
+    np.save(out / "img02.npy", np.zeros((1,), np.float16))  # img02's outputs are redone but this file is kept
     written = predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True)
     assert [os.path.basename(p) for p in written] == ["img02.png", "img03.png"]  # img02 had no mask yet
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
-    assert (np.asarray(Image.open(out / "img00.png")) == 3).all()
+    assert (np.asarray(Image.open(out / "img00.png")) == 3).all() and np.load(out / "img02.npy").shape == (1,)
     for name in ("img01", "img02", "img03"):
         np.testing.assert_array_equal(
             np.asarray(Image.open(out / f"{name}.png")), np.asarray(Image.open(reference[int(name[-1])]))
         )
-        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(tmp_path / "reference" / f"{name}.npy"))
+        if name != "img02":
+            np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(tmp_path / "reference" / f"{name}.npy"))
     assert predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True) == []
 
 
