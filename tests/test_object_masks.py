@@ -25,6 +25,8 @@ def _case(root, name, objects, size=(12, 10)):
     for k, (r0, r1, c0, c1) in enumerate(objects):
         mask = np.zeros(size, np.uint8)
         mask[r0:r1, c0:c1] = 255
+        if k == 1:  # a colour mask (green): an object wherever a colour channel is set
+            mask = np.stack([np.zeros_like(mask), mask, np.zeros_like(mask)], -1)
         Image.fromarray(mask).save(root / name / "masks" / f"m{k}.png")
     return image
 
@@ -59,6 +61,9 @@ def test_overlapping_objects_and_odd_cases_are_named(tmp_path):
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad / "y" / "masks" / "m9.png")
     with pytest.raises(DataError, match=r"m9\.png: mask size \(5, 5\) differs from its image's \(12, 10\)"):
         object_masks.convert(str(bad), str(tmp_path / "o"))
+    os.makedirs(tmp_path / "noimages" / "w" / "masks")
+    with pytest.raises(DataError, match=r"w/images holds 0 files; a case has one image"):
+        object_masks.convert(str(tmp_path / "noimages"), str(tmp_path / "o"))
     empty = tmp_path / "empty"
     _case(empty, "z", [])
     done = subprocess.run(

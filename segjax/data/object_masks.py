@@ -29,7 +29,8 @@ from segjax.errors import DataError, WorkdirError, exit_on_user_error
 
 def convert_case(case_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
     """(the case's image path, class ids uint8, instance ids uint16) of one case folder."""
-    images = sorted(n for n in os.listdir(os.path.join(case_dir, "images")) if not n.startswith("."))
+    image_dir = os.path.join(case_dir, "images")
+    images = sorted(n for n in os.listdir(image_dir) if not n.startswith(".")) if os.path.isdir(image_dir) else []
     if len(images) != 1:
         raise DataError(f"{case_dir}/images holds {len(images)} files; a case has one image")
     image_path = os.path.join(case_dir, "images", images[0])
@@ -44,8 +45,8 @@ def convert_case(case_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
         path = os.path.join(mask_dir, name)
         with open(path, "rb") as f:
             mask = png.decode(f.read(), path, ids=True)
-        if mask.ndim == 3:
-            mask = mask[..., 0]
+        if mask.ndim == 3:  # a colour mask: an object wherever a colour channel is (alpha left out)
+            mask = (mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]).max(axis=-1)
         if mask.shape != size:
             raise DataError(f"{path}: mask size {mask.shape} differs from its image's {size}")
         taken = (mask > 0) & (ids > 0)
