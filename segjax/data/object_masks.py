@@ -88,20 +88,19 @@ def convert(root: str, out: str, overwrite: bool = False) -> list[str]:
     return cases
 
 
-_ROOT = flags.DEFINE_string("root", None, "Folder of case folders, each with images/ and masks/ (one per object).")
-_OUT = flags.DEFINE_string("out", None, "Folder to write images/, masks/ and instances/ to.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
-
-
 def main(argv):
+    f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _ROOT.value or not _OUT.value:
+    if not f.root or not f.out:
         raise app.UsageError("--root and --out are required")
     with exit_on_user_error():
-        cases = convert(_ROOT.value, _OUT.value, _OVERWRITE.value)
-        print(f"{len(cases)} cases -> {_OUT.value} (images/, masks/, instances/)")
+        cases = convert(f.root, f.out, f.overwrite)
+        print(f"{len(cases)} cases -> {f.out} (images/, masks/, instances/)")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: importing the module defines none
+    flags.DEFINE_string("root", None, "Folder of case folders, each with images/ and masks/ (one per object).")
+    flags.DEFINE_string("out", None, "Folder to write images/, masks/ and instances/ to.")
+    flags.DEFINE_bool("overwrite", False, "Replace files already in --out.")
     app.run(main)

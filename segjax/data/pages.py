@@ -57,19 +57,18 @@ def _storable(page: Image.Image, stack: str, k: int) -> Image.Image:
     raise DataError(f"{stack}: page {k} has PIL mode {page.mode!r}, which a PNG cannot hold without changing values")
 
 
-_STACK = flags.DEFINE_string("stack", None, "The multi-page image file (e.g. a TIFF stack).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Folder for the pages (PNG).", required=True)
-_NAME = flags.DEFINE_string("name", "", "Page files are <name>_<k>.png; default: the stack's file stem.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace page files already in --out.")
-
-
 def main(argv):
+    f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with exit_on_user_error():
-        paths = split(_STACK.value, _OUT.value, _NAME.value, _OVERWRITE.value)
-        print(f"{len(paths)} pages -> {_OUT.value} ({os.path.basename(paths[0])} ... {os.path.basename(paths[-1])})")
+        paths = split(f.stack, f.out, f.name, f.overwrite)
+        print(f"{len(paths)} pages -> {f.out} ({os.path.basename(paths[0])} ... {os.path.basename(paths[-1])})")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: importing the module defines none
+    flags.DEFINE_string("stack", None, "The multi-page image file (e.g. a TIFF stack).", required=True)
+    flags.DEFINE_string("out", None, "Folder for the pages (PNG).", required=True)
+    flags.DEFINE_string("name", "", "Page files are <name>_<k>.png; default: the stack's file stem.")
+    flags.DEFINE_bool("overwrite", False, "Replace page files already in --out.")
     app.run(main)
