@@ -6,13 +6,13 @@ import os
 
 import matplotlib.pyplot as plt
 
-from segjax import study, writers
+from segjax import study_tables, writers
 
 
 def study_bars(rows: list[dict], key: str = "val/miou", title: str = ""):
     """One bar per variant: mean over seeds with a sample-std error bar, and every seed as a dot."""
-    study.require_keys(rows, (key,))
-    summary = study.summarize(rows, keys=(key,))
+    study_tables.require_keys(rows, (key,))
+    summary = study_tables.summarize(rows, keys=(key,))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(summary), 3.2))
     names = [e["variant"] for e in summary]
     means = [e[key] for e in summary]
@@ -35,7 +35,7 @@ def training_curves(workdir: str, keys=("train/loss", "val/miou")):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: {workdir} is not a run folder (or logged nothing yet)")
     history = writers.read_log(workdir)  # one row per step, also after a resume
-    study.require_keys(history, keys, path)
+    study_tables.require_keys(history, keys, path)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         points = [(r["step"], r[key]) for r in history if r.get(key) is not None]
@@ -52,7 +52,7 @@ def comparison(rows: list[dict], key: str, reference: str, title: str = ""):
     A variant with one pair has no interval: its dot stands alone."""
     from segjax import compare
 
-    study.require_keys(rows, (key,))
+    study_tables.require_keys(rows, (key,))
     entries = compare.paired(rows, (key,), reference)
     fig, ax = plt.subplots(figsize=(5.5, 0.9 + 0.45 * len(entries)))
     for i, e in enumerate(entries):

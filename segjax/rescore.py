@@ -26,7 +26,7 @@ from segjax import (
     workdirs,
     writers,
 )
-from segjax.data import sources
+from segjax.data import pipeline, sources
 from segjax.errors import ConfigError, WorkdirError
 from segjax.models import build_model
 
@@ -55,10 +55,8 @@ def load_run(config: ml_collections.ConfigDict, workdir: str, which: str, image:
     `train.num_seeds` = K > 1 replicas gives every replica's state, stacked along a leading axis."""
     model = build_model(config.model, instances.num_outputs(config))
     mesh = parallel.make_mesh()
-    multiple = 2**config.model.depth
-    sample = jax.ShapeDtypeStruct(
-        (1, *(-(-n // multiple) * multiple for n in image.shape[:-1]), image.shape[-1]), jnp.float32
-    )
+    padded = pipeline.padded_size(image.shape[:-1], 2**config.model.depth)
+    sample = jax.ShapeDtypeStruct((1, *padded, image.shape[-1]), jnp.float32)
     # shapes, dtypes and shardings only: nothing is initialised or compiled just to be overwritten
     tx, repl = train.make_tx(config, model), parallel.replicated(mesh)
     shapes = jax.eval_shape(lambda x: state.create(model, tx, x, config.train.seed), sample)

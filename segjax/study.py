@@ -25,22 +25,15 @@ std over seeds of each metric, n), and prints the summary.
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import math
 import os
 import sys
 
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from segjax import configuration, writers
+from segjax import configuration, study_tables, writers
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError, exit_on_user_error
-
-SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
-# host-side scores, summarised when the runs computed them (instances.enabled, eval.surface_metrics)
-OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
 
 
 def load_study(path: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
@@ -235,105 +228,6 @@ def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
     return rows
 
 
-POOLED = "all (pooled)"
-
-
-def require_keys(rows: list[dict], keys, where: str = "the runs' metrics.json") -> None:
-    """A key in none of `rows` (a typo such as `val/mious`) is an error naming the keys there are,
-    not a column of n/a or an empty plot. No rows: nothing to check."""
-    present = {k for r in rows for k in r} - {"variant", "seed"}
-    missing = [k for k in keys if k not in present]
-    if missing and rows:
-        raise KeyError(f"{missing} are in none of {where}; they hold {sorted(present)}")
-
-
-def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list[dict]:
-    """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`.
-    `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
-    the folds of a cross-validation, the cross-validated mean and its spread over folds. A
-    standard column (SUMMARY_KEYS, OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`);
-    any other key no run has is an error (`require_keys`)."""
-    require_keys(rows, [k for k in keys if k not in SUMMARY_KEYS + OPTIONAL_KEYS])
-    groups = {
-        variant: [r for r in rows if r["variant"] == variant] for variant in dict.fromkeys(r["variant"] for r in rows)
-    }
-    if pooled and rows:
-        groups[POOLED] = rows
-    out = []
-    for variant, mine in groups.items():
-        entry = {"variant": variant, "n": len(mine)}
-        for key in keys:
-            values = np.array([r[key] for r in mine if r.get(key) is not None], np.float64)
-            entry[key] = float(values.mean()) if len(values) else math.nan
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-        out.append(entry)
-    return out
-
-
-def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
-    """The summary as a markdown table: `mean ± std` (std over seeds, ddof=1)."""
-    head = "| variant | n | " + " | ".join(keys) + " |"
-    lines = [head, "|" + "---|" * (len(keys) + 2)]
-    for e in summary:
-        cells = []
-        for k in keys:
-            m, s = e[k], e[f"{k}_std"]
-            cells.append("n/a" if math.isnan(m) else f"{m:.4f}" + ("" if math.isnan(s) else f" ± {s:.4f}"))
-        lines.append(f"| {e['variant']} | {e['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
-    """The summary's columns: SUMMARY_KEYS, the OPTIONAL_KEYS some run has, then `extra` (e.g.
-    `val/dice/membrane`); an extra key no run has is an error naming the keys there are."""
-    try:
-        require_keys(rows, extra)
-    except KeyError as err:
-        raise ConfigError(f"--summary_keys: {err.args[0]}") from None
-    present = {k for r in rows for k in r}
-    optional = [k for k in OPTIONAL_KEYS if k in present]
-    return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
-
-
-def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False, failed=()) -> str:
-    """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
-    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`; with
-    `pooled` a last row over every run) and, when some runs diverged (`failed`: `diverged`), a
-    line per such run under it."""
-    keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
-    with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
-        writer.writeheader()
-        writer.writerows(rows)
-    columns = summary_keys(rows, extra_keys)
-    table = markdown(summarize(rows, columns, pooled), columns)
-    note = f"; '{POOLED}': over every run of every variant" if pooled else ""
-    if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"
-        from segjax import workdirs
-
-        lines = "".join(f"\n- `{run}`: {error.split('; ')[0]}" for run, error in failed)
-        skip = f"a rerun skips them until their {workdirs.FAILED_FILE} is deleted"
-        table += f"\n\nDiverged (not in the table; {skip}):{lines}"
-    with writers.replaced(os.path.join(workdir, "summary.md")) as f:
-        f.write(f"Mean ± sample std over seeds (validation split; n = finished runs{note}).\n\n{table}\n")
-    return table
-
-
-def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=()) -> str:
-    """comparison.md: each variant minus `reference`, paired by seed (`segjax.compare`), over the
-    summary's columns; returns the markdown table."""
-    from segjax import compare  # scipy only when asked
-
-    columns = summary_keys(rows, extra_keys)
-    table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
-    with writers.replaced(os.path.join(workdir, "comparison.md")) as f:
-        f.write(
-            f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI], "
-            "the paired t-test's p and p adjusted for the number of variants (Holm).\n\n" + table + "\n"
-        )
-    return table
-
-
 def define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
     from ml_collections import config_flags
@@ -393,10 +287,10 @@ def main(argv):
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        print(write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
+        print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
         if f.compare_to and rows:
             try:
-                table = write_comparison(f.workdir, rows, f.compare_to, f.summary_keys)
+                table = study_tables.write_comparison(f.workdir, rows, f.compare_to, f.summary_keys)
             except KeyError as err:  # the reference's runs failed or are still training elsewhere
                 print(f"\nno comparison.md: {err.args[0]}")
             else:

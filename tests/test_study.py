@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from segjax import configuration, study, workdirs
+from segjax import configuration, study, study_tables, workdirs
 from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
@@ -37,30 +37,31 @@ def test_summary_is_mean_and_sample_std_over_seeds():
         {"variant": "a", "seed": 2, "val/miou": 0.9, "val/mdice": 0.7},
         {"variant": "b", "seed": 0, "val/miou": 0.4, "val/mdice": 0.5},
     ]
-    summary = study.summarize(rows, keys=("val/miou", "val/mdice"))
+    summary = study_tables.summarize(rows, keys=("val/miou", "val/mdice"))
     assert [e["variant"] for e in summary] == ["a", "b"] and [e["n"] for e in summary] == [3, 1]
     assert summary[0]["val/miou"] == pytest.approx(0.7)
     assert summary[0]["val/miou_std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9 (hand computed)
     assert summary[0]["val/mdice_std"] == pytest.approx(np.std([0.6, 0.8, 0.7], ddof=1))
     assert summary[1]["val/miou"] == pytest.approx(0.4) and math.isnan(summary[1]["val/miou_std"])
-    table = study.markdown(summary, keys=("val/miou", "val/mdice"))
+    table = study_tables.markdown(summary, keys=("val/miou", "val/mdice"))
     assert "| a | 3 | 0.7000 ± 0.2000 |" in table and "| b | 1 | 0.4000 |" in table
     # a standard column no run computed is n/a; a key no run has (a typo) is an error naming the keys
-    assert math.isnan(study.summarize(rows, keys=("val/mbiou",))[0]["val/mbiou"])
+    assert math.isnan(study_tables.summarize(rows, keys=("val/mbiou",))[0]["val/mbiou"])
     with pytest.raises(KeyError, match=r"\['val/mious'\] are in none of .*'val/mdice', 'val/miou'"):
-        study.summarize(rows, keys=("val/miou", "val/mious"))
+        study_tables.summarize(rows, keys=("val/miou", "val/mious"))
 
 
 def test_pooled_row_is_over_every_run_of_every_variant(tmp_path):
     rows = [{"variant": f"fold{k}", "seed": 0, "val/miou": v} for k, v in enumerate((0.80, 0.84, 0.83, 0.79))]
-    summary = study.summarize(rows, keys=("val/miou",), pooled=True)
-    assert [e["variant"] for e in summary] == ["fold0", "fold1", "fold2", "fold3", study.POOLED]
+    summary = study_tables.summarize(rows, keys=("val/miou",), pooled=True)
+    assert [e["variant"] for e in summary] == ["fold0", "fold1", "fold2", "fold3", study_tables.POOLED]
     assert summary[-1]["n"] == 4 and summary[-1]["val/miou"] == pytest.approx(0.815)  # (0.80+0.84+0.83+0.79)/4
     assert summary[-1]["val/miou_std"] == pytest.approx(np.std([0.80, 0.84, 0.83, 0.79], ddof=1))
     assert all(math.isnan(e["val/miou_std"]) for e in summary[:-1])  # one run per fold
-    assert [e["variant"] for e in study.summarize(rows, keys=("val/miou",))] == ["fold0", "fold1", "fold2", "fold3"]
-    table = study.write_results(str(tmp_path), rows, pooled=True)
-    assert table.splitlines()[-1].startswith(f"| {study.POOLED} | 4 | 0.8150 ± ")
+    folds = ["fold0", "fold1", "fold2", "fold3"]
+    assert [e["variant"] for e in study_tables.summarize(rows, keys=("val/miou",))] == folds
+    table = study_tables.write_results(str(tmp_path), rows, pooled=True)
+    assert table.splitlines()[-1].startswith(f"| {study_tables.POOLED} | 4 | 0.8150 ± ")
     with open(tmp_path / "summary.md", encoding="utf-8") as f:
         assert "over every run of every variant" in f.read()
 
@@ -70,15 +71,16 @@ def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path)
         {"variant": "a", "seed": s, "val/miou": 0.5, "val/mnsd": 0.6 + 0.2 * s, "val/dice/membrane": 0.8}
         for s in (0, 1)
     ]
-    assert study.summary_keys(rows) == (*study.SUMMARY_KEYS, "val/mnsd")  # no val/pq, val/mhd95 in these runs
-    table = study.write_results(str(tmp_path), rows, ["val/dice/membrane"])
+    # no val/pq, val/mhd95 in these runs
+    assert study_tables.summary_keys(rows) == (*study_tables.SUMMARY_KEYS, "val/mnsd")
+    table = study_tables.write_results(str(tmp_path), rows, ["val/dice/membrane"])
     head = table.splitlines()[0]
     assert head.endswith("| val/mnsd | val/dice/membrane |")
     assert f"| 0.7000 ± {np.std([0.6, 0.8], ddof=1):.4f} | 0.8000 ± 0.0000 |" in table
     with open(tmp_path / "summary.md", encoding="utf-8") as f:
         assert head in f.read()
     with pytest.raises(ConfigError, match=r"\['val/dice/nucleus'\] are in none of the runs' metrics.json"):
-        study.write_results(str(tmp_path), rows, ["val/dice/nucleus"])
+        study_tables.write_results(str(tmp_path), rows, ["val/dice/nucleus"])
 
 
 def test_variant_overrides_are_checked():
@@ -103,7 +105,7 @@ def test_study_runs_variants_and_seeds_then_skips_finished_runs(tfds_dir, tmp_pa
         saved = json.load(f)
     assert saved["model"]["skips"] == "none" and saved["train"]["seed"] == 1
     assert rows[0]["val/miou"] != rows[1]["val/miou"]  # different seeds, different runs
-    table = study.write_results(workdir, rows)
+    table = study_tables.write_results(workdir, rows)
     mean = np.mean([rows[0]["val/miou"], rows[1]["val/miou"]])
     assert f"| unet | 2 | {mean:.4f} ±" in table
     with open(os.path.join(workdir, "runs.csv"), newline="", encoding="utf-8") as f:

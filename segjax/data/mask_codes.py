@@ -18,9 +18,13 @@ from segjax.errors import ConfigError, DataError
 def binarized(mask: np.ndarray, threshold: int) -> np.ndarray:
     """Ids 0/1, value > `threshold`; a colour or gray+alpha mask by its mean colour channel."""
     if mask.ndim == 3:
-        colour = mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]
-        mask = colour.mean(axis=-1)
+        mask = colour_channels(mask).mean(axis=-1)
     return (mask > threshold).astype(np.uint8)
+
+
+def colour_channels(mask: np.ndarray) -> np.ndarray:
+    """A multi-channel mask's colour channels: RGB(A)'s first three, gray+alpha's gray."""
+    return mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]
 
 
 def check_values(values, num_classes: int, ignore_label: int) -> None:

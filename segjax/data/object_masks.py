@@ -23,7 +23,7 @@ from absl import app, flags
 from PIL import Image
 
 from segjax import writers
-from segjax.data import png
+from segjax.data import mask_codes, png
 from segjax.errors import DataError, WorkdirError, exit_on_user_error
 
 
@@ -46,7 +46,7 @@ def convert_case(case_dir: str) -> tuple[str, np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             mask = png.decode(f.read(), path, ids=True)
         if mask.ndim == 3:  # a colour mask: an object wherever a colour channel is (alpha left out)
-            mask = (mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]).max(axis=-1)
+            mask = mask_codes.colour_channels(mask).max(axis=-1)
         if mask.shape != size:
             raise DataError(f"{path}: mask size {mask.shape} differs from its image's {size}")
         taken = (mask > 0) & (ids > 0)

@@ -96,6 +96,11 @@ def train_iterator(ds: grain.MapDataset, cfg: ml_collections.ConfigDict) -> grai
     return iter(ds.to_iter_dataset(options))
 
 
+def padded_size(spatial, multiple: int) -> tuple[int, ...]:
+    """Each spatial size rounded up to a multiple of `multiple` (2**depth): what evaluation pads to."""
+    return tuple(-(-int(s) // multiple) * multiple for s in spatial)
+
+
 def _pad_to(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     widths = [(0, t - s) for s, t in zip(array.shape, shape, strict=False)]
     widths += [(0, 0)] * (array.ndim - len(widths))
@@ -131,7 +136,7 @@ def eval_batches(
         real = len(examples)
         examples += [examples[-1] if examples else source[0]] * (batch_size - real)
         spatial = tuple(np.max([e["label"].shape for e in examples], axis=0))
-        target = tuple(-(-s // pad_multiple) * pad_multiple for s in spatial)
+        target = padded_size(spatial, pad_multiple)
         target = agree(target) if agree else target
         batch = {
             "image": np.stack([_pad_to(e["image"], target) for e in examples]),
