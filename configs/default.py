@@ -63,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds.label_key = "segmentation_mask"  # feature holding the per-pixel labels
     c.data.tfds.train_split = "train"  # stored split names used for training / validation
     c.data.tfds.val_split = "test"
+    c.data.tfds.test_split = ""  # stored split held out for `--eval_only=... --eval_split=test`; '' = none
     c.data.label_map = config_dict.placeholder(tuple)  # stored label value v -> class id label_map[v]; None = as stored
     c.data.resize = 0  # resize every image to resize x resize on load (labels: nearest); 0 = native size
     # 2D: move every image (both splits, before augmentation; labels untouched) by this many
@@ -79,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.image_size = 64  # square scene size in pixels
     c.data.synthetic.num_train = 2000  # scenes in the train split
     c.data.synthetic.num_val = 200  # scenes in the validation split
+    c.data.synthetic.num_test = 0  # scenes in a held-out test split (scored by --eval_split=test); 0 = none
     c.data.synthetic.noise = 0.05  # std of Gaussian pixel noise (0..1 intensity scale)
     c.data.synthetic.contrast = 1.0  # object/background contrast, 0..1
     c.data.synthetic.min_objects = 2  # objects (tools, berry clusters, leaves) per scene
@@ -88,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic3d.size = 32  # cube edge in voxels
     c.data.synthetic3d.num_train = 200
     c.data.synthetic3d.num_val = 40
+    c.data.synthetic3d.num_test = 0
     c.data.synthetic3d.noise = 0.08
     c.data.synthetic3d.min_objects = 2
     c.data.synthetic3d.max_objects = 5

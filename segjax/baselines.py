@@ -18,7 +18,9 @@ question a classic baseline can answer.
     python -m segjax.baselines --config=configs/isbi.py --workdir=runs/isbi_otsu --config.baseline.invert=True
 
 Scores go through `segjax.evaluate.scores` (same conventions, boundary IoU, table), into
-`<workdir>/metrics.json`; a study folder of baselines and networks is collected alike.
+`<workdir>/metrics.json`; a study folder of baselines and networks is collected alike. `--split=test`
+scores the dataset's held-out test split into `metrics_test.json` (keys `test/...`), next to a
+network's `--eval_only=best --eval_split=test`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
@@ -164,11 +166,15 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     return results
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
-    """Score the baseline on the validation split; write `<workdir>/metrics.json` and
-    `config.json`. A network run's folder is refused; so is a baseline run of another config
-    unless `overwrite` (which moves it aside, as training's --overwrite does)."""
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, split: str = "validation") -> dict:
+    """Score the baseline on the validation split (`<workdir>/metrics.json`, `val_per_image.csv`)
+    or the held-out test split (`metrics_test.json`, `test_per_image.csv`, keys `test/...`, as a
+    network's `--eval_split=test`), and write `config.json`. A network run's folder is refused; so
+    is a baseline run of another config unless `overwrite` (which moves it aside, as training's
+    --overwrite does)."""
     from segjax.data import sources
+
+    prefix, suffix = evaluate.split_naming(split)
 
     configuration.validate(config)
     check_config(config)
@@ -183,18 +189,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     dataset = sources.dataset_id(config.data)
     workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False, dataset=dataset)
     start = time.perf_counter()
-    splits = sources.open_splits(config.data)
-    results = evaluate_split(splits["validation"], config, os.path.join(workdir, "val_per_image.csv"))
+    source = sources.open_splits(config.data, splits=(split,))[split]
+    logging.info(
+        "scoring baseline %s on %d images of %s/%s", config.baseline.method, len(source), config.data.name, split
+    )
+    results = evaluate_split(source, config, os.path.join(workdir, f"{prefix}_per_image.csv"))
+    results = evaluate.split_keys(results, prefix)
     results["baseline"] = config.baseline.method
+    results["split"] = split
     results["seconds"] = time.perf_counter() - start
     results["metrics_convention"] = evaluate.convention(config)
-    writers.write_summary(path, results)
+    writers.write_summary(os.path.join(workdir, f"metrics{suffix}.json"), results)
     names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
     print(
-        f"\nbaseline {config.baseline.method} on {config.data.name}/validation ({results['seconds']:.1f} s; "
+        f"\nbaseline {config.baseline.method} on {config.data.name}/{split} ({results['seconds']:.1f} s; "
         f"{results['metrics_convention']}):"
     )
-    print(report.results_table(results, names, distance_unit=surface.unit(config)))
+    print(report.results_table(results, names, prefix=prefix, distance_unit=surface.unit(config)))
     return results
 
 
@@ -202,7 +213,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     with exit_on_user_error():
-        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
+        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite, flags.FLAGS.split)
 
 
 if __name__ == "__main__":
@@ -212,4 +223,5 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", default_config, "Config file (data and baseline).")
     flags.DEFINE_string("workdir", None, "Where metrics.json goes.", required=True)
     flags.DEFINE_bool("overwrite", False, "Move a baseline run of another config in --workdir aside and score anew.")
+    flags.DEFINE_enum("split", "validation", ["validation", "test"], "Split scored; test writes metrics_test.json.")
     configuration.run_program(main, default_config)

@@ -2,7 +2,8 @@
 
 Any config field can be overridden: `--config.model.depth=4`. Rerunning on the same workdir
 resumes from its latest checkpoint; `--eval_only=best|latest` scores a saved checkpoint with the
-config's eval settings (sliding windows, TTA) without training. Bad input (config, data,
+config's eval settings (sliding windows, TTA) without training, on the validation split or, with
+`--eval_split=test`, on the dataset's held-out test split. Bad input (config, data,
 checkpoint, workdir) ends with a one-line `error: ...` and exit status 2, not a traceback.
 """
 
@@ -14,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from segjax import configuration
-from segjax.errors import exit_on_user_error
+from segjax.errors import ConfigError, exit_on_user_error
 
 _DEFAULT_CONFIG = "configs/default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (Python, trusted code).")
@@ -28,6 +29,12 @@ _EVAL_ONLY = flags.DEFINE_enum(
     None,
     ["best", "latest"],
     "Do not train: score this checkpoint of --workdir with the config's eval settings (writes eval_<which>.json).",
+)
+_EVAL_SPLIT = flags.DEFINE_enum(
+    "eval_split",
+    "validation",
+    ["validation", "test"],
+    "With --eval_only: the split scored; test (held out, never evaluated in training) writes eval_<which>_test.json.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection (SLURM, TPU pods, ...)."
@@ -77,7 +84,12 @@ def main(argv):
 
     with exit_on_user_error():
         if _EVAL_ONLY.value:
-            rescore.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value)
+            rescore.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _EVAL_ONLY.value, _EVAL_SPLIT.value)
+        elif _EVAL_SPLIT.value != "validation":
+            raise ConfigError(
+                f"--eval_split={_EVAL_SPLIT.value} scores a saved checkpoint: add --eval_only=best|latest "
+                "(training evaluates the validation split only)"
+            )
         else:
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value, _ALLOW_CHANGES.value)
         shutdown_distributed()

@@ -97,33 +97,42 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: str, dataset: s
     return diff
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: str = "best") -> dict:
-    """Score a saved run's `best` or `latest` checkpoint on the validation split with the eval
-    settings of `config` (e.g. sliding windows or TTA the run did not use), without training.
-    Writes `eval_<which>.json` (and each image's scores to `eval_<which>_per_image.csv`) next to
-    the run's metrics.json (never overwrites metrics.json); an earlier rescoring's pair of files
-    is kept under a number (`keep_earlier_results`)."""
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, which: str = "best", split: str = "validation"
+) -> dict:
+    """Score a saved run's `best` or `latest` checkpoint on the validation split, or on the held-out
+    `test` split (`evaluate.SPLIT_NAMING`; training never evaluates it), with the eval settings of `config`
+    (e.g. sliding windows or TTA the run did not use), without training. Writes
+    `eval_<which>.json` (test: `eval_<which>_test.json`, keys `test/...`), and each image's scores
+    to `eval_<which>[_test]_per_image.csv`, next to the run's metrics.json (never overwrites
+    metrics.json); an earlier rescoring's pair of files is kept under a number
+    (`keep_earlier_results`)."""
+    prefix, suffix = evaluate.split_naming(split)
     preflight.check(config)
     differences = require_run(config, workdir, which, sources.dataset_id(config.data))
-    splits = sources.open_splits(config.data, with_instances=config.instances.enabled)
-    model, restored, mesh = load_run(config, workdir, which, splits["validation"][0]["image"])
+    source = sources.open_splits(config.data, with_instances=config.instances.enabled, splits=(split,))[split]
+    model, restored, mesh = load_run(config, workdir, which, source[0]["image"])
     eval_step = steps.make_eval_step(config, model)
     num_seeds = config.train.num_seeds
     if num_seeds > 1:  # every replica scored on the same batches, as training evaluates them
         eval_step = jax.vmap(eval_step, in_axes=(0, None))
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
-    table = os.path.join(workdir, f"eval_{which}_per_image.csv")  # one seed only
+    name = f"{which}{suffix}"
+    table = os.path.join(workdir, f"eval_{name}_per_image.csv")  # one seed only
     if jax.process_index() == 0:
-        keep_earlier_results(workdir, which)
-    results = evaluate.evaluate_split(
-        config, eval_fn, restored, splits["validation"], mesh, per_image_csv=table, num_seeds=num_seeds
-    )
+        keep_earlier_results(workdir, name)
+    results = evaluate.evaluate_split(config, eval_fn, restored, source, mesh, per_image_csv=table, num_seeds=num_seeds)
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
-    per_seed = results if replica_seeds else []
+    per_seed = [evaluate.split_keys(r, prefix) for r in results] if replica_seeds else []
     if per_seed:  # the means and <key>_std over replicas; each replica's own file in seed_<s>/, as training
         results = seeds.mean_and_spread(per_seed)
-        results.update({f"seed{s}/val/miou": r["val/miou"] for s, r in zip(replica_seeds, per_seed, strict=True)})
+        results.update(
+            {f"seed{s}/{prefix}/miou": r[f"{prefix}/miou"] for s, r in zip(replica_seeds, per_seed, strict=True)}
+        )
+    else:
+        results = evaluate.split_keys(results, prefix)
+    results["split"] = split
     results["step"] = int(np.max(restored.step))
     results["checkpoint"] = which
     results["config_differences"] = differences  # e.g. ['eval.tta'], or the dataset when its files changed
@@ -132,16 +141,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, which: 
         results["eval_settings"]["distance_unit"] = surface.unit(config)
     results["metrics_convention"] = evaluate.convention(config)
     if jax.process_index() == 0:
-        writers.write_summary(os.path.join(workdir, f"eval_{which}.json"), results)
+        writers.write_summary(os.path.join(workdir, f"eval_{name}.json"), results)
+        shared = ("split", "step", "checkpoint", "config_differences", "eval_settings")
         for s, r in zip(replica_seeds, per_seed, strict=True):
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
-            keep_earlier_results(os.path.join(workdir, f"seed_{s}"), which)
-            mine = {**r, **{k: results[k] for k in ("step", "checkpoint", "config_differences", "eval_settings")}}
+            keep_earlier_results(os.path.join(workdir, f"seed_{s}"), name)
+            mine = {**r, **{k: results[k] for k in shared}}
             mine["seed"], mine["metrics_convention"] = s, results["metrics_convention"]
-            writers.write_summary(os.path.join(workdir, f"seed_{s}", f"eval_{which}.json"), mine)
+            writers.write_summary(os.path.join(workdir, f"seed_{s}", f"eval_{name}.json"), mine)
         settings, rules = results["eval_settings"], results["metrics_convention"]
-        print(f"\n{which} checkpoint (step {results['step']}), eval {settings} ({rules}):")
-        print(report.results_table(results, instances.class_names(config), distance_unit=surface.unit(config)))
+        print(f"\n{which} checkpoint (step {results['step']}) on the {split} split, eval {settings} ({rules}):")
+        unit = surface.unit(config)
+        print(report.results_table(results, instances.class_names(config), prefix=prefix, distance_unit=unit))
     return results
 
 

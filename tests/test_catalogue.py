@@ -92,5 +92,21 @@ def test_trimap_value_outside_the_label_map_is_an_error(tmp_path):
 def test_missing_split_is_an_error(tmp_path):
     config = pets_config(tmp_path)
     config.data.tfds.val_split = "validation"
-    with mocked_pets(), pytest.raises(DataError, match=r"no split 'validation'"):
+    with mocked_pets(), pytest.raises(DataError, match=r"no validation split 'validation' \(Unknown split"):
         sources.open_splits(config.data)
+
+
+def test_a_catalogue_test_split_is_opened_only_when_named(tmp_path):
+    config = pets_config(tmp_path)
+    with (
+        mocked_pets(),
+        pytest.raises(DataError, match=r"no test split ''.*a test split comes from data.tfds.test_split"),
+    ):
+        sources.open_splits(config.data, splits=("test",))
+    config.data.tfds.test_split = "test"
+    with mocked_pets():
+        test = sources.open_splits(config.data, splits=("test",))["test"]
+    trimap = np.asarray(Image.open(io.BytesIO(fake_pet_records(3, seed=4)[2]["segmentation_mask"])))
+    expected = np.vectorize({1: 1, 2: 0, 3: 2}.get)(np.asarray(Image.fromarray(trimap).resize((32, 32), Image.NEAREST)))
+    assert len(test) == 3
+    np.testing.assert_array_equal(test[2]["label"], expected)

@@ -64,6 +64,17 @@ def rescore_and_predict_each_replica(config, workdir, tmp_path):
         assert again["seed"] == seed and rescored[f"seed{seed}/val/miou"] == again["val/miou"]
         for key in ("val/miou", "val/accuracy", "val/mnsd"):
             np.testing.assert_allclose(again[key], own[key], rtol=1e-6, err_msg=key)
+    config.data.synthetic.num_test = 4  # the held-out split: each replica scored, its own file in seed_<s>/
+    tested = rescore.evaluate_checkpoint(config, str(workdir), "latest", "test")
+    mine = {}
+    for seed in (3, 4):
+        with open(workdir / f"seed_{seed}" / "eval_latest_test.json", encoding="utf-8") as f:
+            mine[seed] = json.load(f)
+        assert mine[seed]["split"] == "test" and mine[seed]["test/images"] == 4
+        assert tested[f"seed{seed}/test/miou"] == mine[seed]["test/miou"]
+        assert not [k for k in mine[seed] if k.startswith("val/")]
+    np.testing.assert_allclose(tested["test/miou"], np.mean([mine[s]["test/miou"] for s in (3, 4)]), rtol=1e-6)
+    config.data.synthetic.num_test = 0
     val = sources.open_splits(config.data)["validation"]
     examples = [val[i] for i in range(len(val))]
     images = write_images(tmp_path / "images", [e["image"] for e in examples])

@@ -428,6 +428,7 @@ def test_cli_bad_input_is_one_line(tmp_path, tfds_dir, override, message):
         (["--config", "configs/tiny.py", "--noconfig.data.cachex"], "unknown config key data.cachex; did you mean"),
         (["--config=configs/tiny.py:small"], "--config=configs/tiny.py:small: configs/tiny.py takes no argument"),
         (["--config=configs/tiny2.py"], "no such config file 'configs/tiny2.py'"),
+        (["--config=configs/tiny.py", "--eval_split=test"], "error: --eval_split=test scores a saved checkpoint: add"),
     ],
 )
 def test_cli_bad_config_flags_are_one_line(tmp_path, args, message):
@@ -547,5 +548,5 @@ def test_programs_leave_out_the_libraries_info_and_tfds_builder_warnings(tmp_pat
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "train class histogram" in done.stderr
+    assert "scoring baseline otsu on 12 images of synthetic_shapes/validation" in done.stderr
     assert "Using custom data configuration" not in done.stderr and "xla_bridge.py" not in done.stderr

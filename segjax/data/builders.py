@@ -19,6 +19,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 64
     num_train: int = 2000
     num_val: int = 200
+    num_test: int = 0
     noise: float = 0.05
     contrast: float = 1.0
     min_objects: int = 2
@@ -28,14 +29,21 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     def from_knobs(cls, **knobs) -> SyntheticShapesConfig:
         k = dict(knobs)
         name = (
-            f"s{k['image_size']}_tr{k['num_train']}_va{k['num_val']}_noise{k['noise']:g}_con{k['contrast']:g}"
-            f"_obj{k['min_objects']}to{k['max_objects']}_seed{k['seed']}"
+            f"s{k['image_size']}_tr{k['num_train']}_va{k['num_val']}{_test_part(k)}_noise{k['noise']:g}"
+            f"_con{k['contrast']:g}_obj{k['min_objects']}to{k['max_objects']}_seed{k['seed']}"
         ).replace(".", "p")
         return cls(name=name, **k)
 
 
+def _test_part(knobs: dict) -> str:
+    """`_te<n>` in a synthetic dataset's name when it has a test split; without one the name is
+    the one prepared before test splits existed."""
+    return f"_te{knobs['num_test']}" if knobs.get("num_test") else ""
+
+
 class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
-    """Generated datasets: `num_train` / `num_val` examples from `_generate_examples(split, count)`.
+    """Generated datasets: `num_train` / `num_val` (/ `num_test`) examples from
+    `_generate_examples(split, count)`.
     The prepared name hashes the knobs, not the generator's code: `check_generator` notices a
     copy prepared by a generator that has changed since (VERSION not bumped)."""
 
@@ -64,10 +72,8 @@ class _SyntheticBuilder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         cfg = self.builder_config
-        return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "validation": self._generate_examples("validation", cfg.num_val),
-        }
+        counts = {"train": cfg.num_train, "validation": cfg.num_val, "test": cfg.num_test}
+        return {split: self._generate_examples(split, n) for split, n in counts.items() if n or split != "test"}
 
 
 class SyntheticShapes(_SyntheticBuilder):
@@ -124,6 +130,7 @@ class SyntheticVolumesConfig(tfds.core.BuilderConfig):
     size: int = 32
     num_train: int = 200
     num_val: int = 40
+    num_test: int = 0
     noise: float = 0.08
     min_objects: int = 2
     max_objects: int = 5
@@ -131,7 +138,7 @@ class SyntheticVolumesConfig(tfds.core.BuilderConfig):
     @classmethod
     def from_knobs(cls, **k) -> SyntheticVolumesConfig:
         name = (
-            f"s{k['size']}_tr{k['num_train']}_va{k['num_val']}_noise{k['noise']:g}"
+            f"s{k['size']}_tr{k['num_train']}_va{k['num_val']}{_test_part(k)}_noise{k['noise']:g}"
             f"_obj{k['min_objects']}to{k['max_objects']}_seed{k['seed']}"
         ).replace(".", "p")
         return cls(name=name, **k)

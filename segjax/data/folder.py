@@ -9,7 +9,8 @@ Layout (file stems pair an image with its mask; any format PIL reads):
                              (segjax/data/mask_codes.py)
     ROOT/instances/NAME.png  optional uint16 instance ids (0 = none)
 Splits, first rule that applies:
-    1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above;
+    1. ROOT/train/, ROOT/val/ (or validation/), ROOT/test/ subfolders, each laid out as above
+       (a test/ without masks/ holds unlabelled images, as a challenge's do: it is not prepared);
     2. `split_file` (CSV, relative to ROOT) with an `id` column and a `split_column` of train / val
        (or validation) / test; any other value is an error;
     3. k-fold: `num_folds` > 0 -> the `fold`-th contiguous block of the sorted names is validation;
@@ -32,6 +33,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from segjax.data import intensity, mask_codes, png, validation
 from segjax.errors import ConfigError, DataError
@@ -217,6 +219,15 @@ def assign_splits(cfg: FolderConfig) -> dict[str, list]:
                 f"{root} has split subfolders (train/, val/), which define the split; data.folder.split_file "
                 "and num_folds would be ignored: set them to '' and 0"
             )
+        if sub["test"] and not os.path.isdir(os.path.join(sub["test"], "masks")):
+            logging.log_first_n(
+                logging.WARNING,
+                "%s has no masks/: its images are no split here (segment them with segjax.predict --images=%s)",
+                1,
+                sub["test"],
+                os.path.join(sub["test"], "images"),
+            )
+            sub["test"] = None
         return {s: _pairs(path, cfg.mask_suffix) for s, path in sub.items() if path}
     if cfg.split_file and cfg.num_folds:
         raise ConfigError("data.folder.split_file and data.folder.num_folds both choose the split; set one")

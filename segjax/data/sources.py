@@ -66,6 +66,14 @@ DATASETS = {
     "tfds": _catalogue_builder,
 }
 SPLITS = ("train", "validation")
+# where a dataset's held-out test split comes from, per data.name (said when it has none)
+TEST_SPLIT_SOURCES = {
+    "synthetic_shapes": "data.synthetic.num_test > 0",
+    "synthetic_volumes": "data.synthetic3d.num_test > 0",
+    "folder": "a test/ subfolder with images/ and masks/, or split-file rows 'test'",
+    "nifti": "a test/ subfolder with images/ and masks/, or split-file rows 'test'",
+    "tfds": "data.tfds.test_split (a stored split name)",
+}
 
 
 def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
@@ -279,9 +287,11 @@ def _is_image(features, key: str) -> bool:
     return key in features and isinstance(features[key], tfds.features.Image)
 
 
-def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) -> dict[str, object]:
-    """Prepare the dataset and return {split: random-access decoded source}; `with_instances`
-    also decodes the instance maps (`instances` int32 [H,W]) where the dataset has them."""
+def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False, splits=SPLITS) -> dict[str, object]:
+    """Prepare the dataset and return {split: random-access decoded source} for `splits` (train and
+    validation; `test` where the dataset has one: `TEST_SPLIT_SOURCES`); `with_instances` also decodes
+    the instance maps (`instances` int32 [H,W]) where the dataset has them. Opening the train
+    split logs its class histogram."""
     if len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"data.class_names has {len(cfg.class_names)} names but data.num_classes={cfg.num_classes}")
     repeated = sorted(n for n, count in collections.Counter(cfg.class_names).items() if count > 1)
@@ -291,21 +301,24 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False) ->
     features = builder.info.features
     keys = ("image", "label", "instances", cfg.tfds.image_key, cfg.tfds.label_key)
     skip = {k: tfds.decode.SkipDecoding() for k in keys if _is_image(features, k)}
-    names = {"train": cfg.tfds.train_split, "validation": cfg.tfds.val_split} if cfg.name == "tfds" else {}
-    splits = {}
-    for split in SPLITS:
-        stored = names.get(split, split)
+    opened = {}
+    for split in splits:
+        stored = split if cfg.name != "tfds" else cfg.tfds[{"validation": "val_split"}.get(split, f"{split}_split")]
         try:
+            if not stored:
+                raise KeyError("data.tfds.test_split is ''")
             raw = builder.as_data_source(split=stored, decoders=skip)
         except (KeyError, ValueError) as err:
-            raise DataError(
-                f"{builder.name} has no split {stored!r} ({err}); set data.tfds.train_split/val_split"
-            ) from err
-        splits[split] = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
+            hint = f"a test split comes from {TEST_SPLIT_SOURCES[cfg.name]}" if split == "test" else ""
+            hint = hint or "set data.tfds.train_split / val_split"
+            have, named = sorted(builder.info.splits), f" {stored!r} ({err})" if cfg.name == "tfds" else ""
+            raise DataError(f"{builder.name} has no {split} split{named}; it has {have}: {hint}") from err
+        opened[split] = DecodedSource(raw, cfg, f"{builder.name}/{stored}", with_instances and cfg.name != "tfds")
     if cfg.cache:
-        _, decoded = check_cache_fits(splits, cfg.cache_memory_fraction)  # its sample is not decoded twice
-        splits = {split: InMemorySource(source, decoded[split]) for split, source in splits.items()}
-    hist, counted = class_histogram(splits["train"], cfg.num_classes)
-    shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
-    logging.info("train class histogram (pixel share, %d of %d images): %s", counted, len(splits["train"]), shares)
-    return splits
+        _, decoded = check_cache_fits(opened, cfg.cache_memory_fraction)  # its sample is not decoded twice
+        opened = {split: InMemorySource(source, decoded[split]) for split, source in opened.items()}
+    if "train" in opened:
+        hist, counted = class_histogram(opened["train"], cfg.num_classes)
+        shares = ", ".join(f"{n}={h / max(hist.sum(), 1):.3f}" for n, h in zip(cfg.class_names, hist, strict=True))
+        logging.info("train class histogram (pixel share, %d of %d images): %s", counted, len(opened["train"]), shares)
+    return opened
