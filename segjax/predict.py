@@ -188,6 +188,15 @@ def predict_folder(
         return [os.path.join(out, n) for n in [name + source.extension, *extra]]
 
     if resume:
+        partial = writers.leftovers(out)
+        if partial:  # not removed here: another process (of --shard, on another host) may be writing one
+            logging.warning(
+                "predict: %s holds %d hidden partial file(s) of writes that did not finish (e.g. %s): no outputs; "
+                "delete them once no predict job writes there",
+                out,
+                len(partial),
+                partial[0],
+            )
         todo = [i for i, name in enumerate(source.names) if not all(map(os.path.exists, outputs(name)))]
         if len(todo) < len(source.names):
             logging.info(

@@ -25,6 +25,15 @@ def _plain(value):
     return value
 
 
+PARTIAL = ".partial-"  # `whole`'s hidden files: `.partial-<pid>-<name>`
+
+
+def leftovers(folder: str) -> list[str]:
+    """The hidden partial files in `folder` (sorted names): writes by `whole` that a killed process
+    never finished, or that a live one is finishing now."""
+    return sorted(n for n in os.listdir(folder) if n.startswith(PARTIAL)) if os.path.isdir(folder) else []
+
+
 @contextlib.contextmanager
 def whole(path: str):
     """A path to write `path`'s new contents to, renamed over `path` when the block ends: readers,
@@ -33,7 +42,7 @@ def whole(path: str):
     (the name's extension kept: libraries that choose a format by it still do). On an error the
     partial file is removed and `path` is untouched."""
     folder, name = os.path.split(path)
-    partial = os.path.join(folder, f".partial-{os.getpid()}-{name}")
+    partial = os.path.join(folder, f"{PARTIAL}{os.getpid()}-{name}")
     try:
         yield partial
     except BaseException:

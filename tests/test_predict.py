@@ -120,7 +120,7 @@ def test_sizes_that_do_not_fit_the_depth_are_padded_even_in_the_first_file(run, 
         predict.predict_folder(config, workdir, str(tmp_path / "odd"), str(tmp_path / "o"), seed=5)
 
 
-def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeypatch):
+def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeypatch, caplog):
     """A predict run that dies on its third file leaves two whole masks and no partial file;
     --resume never replaces a file (a marked mask, and the third file's probabilities written
     before the run died, stay as they are) and writes the others, equal to an uninterrupted run's."""
@@ -148,7 +148,11 @@ def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeyp
         predict.predict_folder(config, workdir, images, str(out), overwrite=True, resume=True)
     Image.fromarray(np.full((32, 32), 3, np.uint8)).save(out / "img00.png")  # kept as it is, not redone
     np.save(out / "img02.npy", np.zeros((1,), np.float16))  # img02's outputs are redone but this file is kept
-    written = predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True)
+    (out / ".partial-99999-img03.png").write_bytes(b"\x89PNG a write killed by SIGKILL")  # no cleanup ran
+    with caplog.at_level("WARNING"):
+        written = predict.predict_folder(config, workdir, images, str(out), probabilities=True, resume=True)
+    assert "holds 1 hidden partial file(s) of writes that did not finish (e.g. .partial-99999-img03.png)" in caplog.text
+    os.remove(out / ".partial-99999-img03.png")
     assert [os.path.basename(p) for p in written] == ["img02.png", "img03.png"]  # img02 had no mask yet
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "reference"))
     assert (np.asarray(Image.open(out / "img00.png")) == 3).all() and np.load(out / "img02.npy").shape == (1,)
