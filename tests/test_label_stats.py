@@ -84,8 +84,18 @@ def test_split_rows_read_a_folder_dataset(tmp_path, tfds_dir):
     rows = label_stats.split_rows(cfg, "validation", class_id=1)
     assert [r["name"] for r in rows] == ["002", "003"]
     np.testing.assert_allclose([r["width"] for r in rows], widths[2:], rtol=0.04)
-    with pytest.raises(ConfigError, match="--split=test: this dataset has the splits"):
+    with pytest.raises(ConfigError, match="--split=val: choose train, validation or test"):
+        label_stats.split_rows(cfg, "val", class_id=1)
+    with pytest.raises(DataError, match="has no test split; it has"):
         label_stats.split_rows(cfg, "test", class_id=1)
+    # split-file rows 'test' are a test split, measured as the others (it was refused as absent)
+    with open(root / "split.csv", "w", encoding="utf-8") as f:
+        f.write("id,split\n000,train\n001,val\n002,test\n003,test\n")
+    rows = label_stats.split_rows(
+        folder_config(root, tfds_dir, channels=1, num_classes=2, split_file="split.csv"), "test", 1
+    )
+    assert [r["name"] for r in rows] == ["002", "003"]
+    np.testing.assert_allclose([r["width"] for r in rows], widths[2:], rtol=0.04)
 
 
 def write_frames(folder, widths):
