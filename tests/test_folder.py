@@ -269,13 +269,56 @@ def test_split_rules_are_never_chosen_silently(tmp_path, tfds_dir):
         splits_with(split_file="split.csv", split_column="fold_name")
     with pytest.raises(DataError, match=r"data.folder.split_file: no file .*other.csv"):
         splits_with(split_file="other.csv")
-    with pytest.raises(ConfigError, match=r"split_file and data.folder.num_folds both choose"):
-        splits_with(split_file="split.csv", num_folds=5)
+    with pytest.raises(ConfigError, match=r"split_file \(its 'val' rows\) and data.folder.num_folds both choose"):
+        splits_with(
+            "id,split\n000,train\n001,val\n002,train\n003,train\n004,train\n", split_file="split.csv", num_folds=5
+        )
     with pytest.raises(ConfigError, match=r"data.folder.fold=2 needs data.folder.num_folds"):
         splits_with(fold=2)
     nested = write_folder(tmp_path / "nested", [(8, 8)] * 3, split_dirs=True)
     with pytest.raises(ConfigError, match="has split subfolders"):
         folder.assign_splits(folder.FolderConfig.from_config(folder_config(nested, tfds_dir, num_folds=3)))
+
+
+def test_k_fold_next_to_a_fixed_test_set(tmp_path, tfds_dir):
+    """train/ and test/ without val/ (or a split file of train and test rows only): validation is
+    held out of the training images by k-fold or val_fraction, and the test images stay the test
+    split. Both were unusable: no validation split (subfolders), or an empty one (split file), and
+    k-fold next to either an error."""
+
+    def names(splits):
+        return {k: [p[0] for p in v] for k, v in splits.items()}
+
+    def splits_of(root, **knobs):
+        return names(folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs))))
+
+    root = write_folder(tmp_path / "tt", [(8, 8)] * 6, split_dirs=True)  # train/train000..004, val/val000
+    os.replace(root / "val", root / "test")
+    test_names = ["val000"]  # the images of test/, named as write_folder named them
+    assert splits_of(root, num_folds=2, fold=1) == {
+        "train": ["train000", "train001", "train002"],
+        "validation": ["train003", "train004"],  # np.array_split: blocks of 3 and 2
+        "test": test_names,
+    }
+    by_fraction = splits_of(root, val_fraction=0.4, split_seed=3)
+    chosen = np.random.default_rng(3).permutation(5)[:2]
+    assert by_fraction["validation"] == [f"train{i:03d}" for i in sorted(chosen)]
+    assert sorted(by_fraction["train"] + by_fraction["validation"]) == [f"train{i:03d}" for i in range(5)]
+    assert by_fraction["test"] == test_names
+    flat = write_folder(tmp_path / "flat", [(8, 8)] * 5)
+    (flat / "split.csv").write_text("id,split\n000,train\n001,test\n002,train\n003,train\n004,train\n")
+    assert splits_of(flat, split_file="split.csv", num_folds=2, fold=0) == {
+        "train": ["003", "004"],
+        "validation": ["000", "002"],
+        "test": ["001"],
+    }
+    with_val = write_folder(tmp_path / "with_val", [(8, 8)] * 3, split_dirs=True)
+    with pytest.raises(ConfigError, match="has split subfolders"):
+        splits_of(with_val, num_folds=2)
+    cfg = folder_config(root, tfds_dir, num_folds=2, fold=1)  # prepared and opened as training opens it
+    opened = sources.open_splits(cfg, splits=("train", "validation", "test"))
+    assert [opened["validation"][i]["name"] for i in range(2)] == ["train003", "train004"]
+    assert opened["test"][0]["name"] == "val000"
 
 
 def test_subfolders_and_hidden_files_are_no_data(tmp_path, tfds_dir):

@@ -15,8 +15,10 @@ Splits, first rule that applies:
        (or validation) / test; any other value is an error;
     3. k-fold: `num_folds` > 0 -> the `fold`-th contiguous block of the sorted names is validation;
     4. `val_fraction` of the names, chosen with `split_seed`.
-Subfolders or a split file next to `num_folds` (or a `fold` without it) are an error: no rule is
-chosen silently.
+Without a val/ subfolder or split-file rows `val`, rules 3-4 hold validation out of train/ (or the
+rows `train`), and test/ (the rows `test`) stays the held-out test split: k-fold cross-validation
+next to a fixed test set. A val/ subfolder, or rows `val`, next to `num_folds`, a split file next
+to subfolders, or a `fold` without `num_folds` are errors: no rule is chosen silently.
 Every pair is decoded and validated while the dataset is prepared, so a corrupt file, a missing
 mask, a size or channel mismatch or an out-of-range label fails once, naming the file.
 The prepared copy's name hashes the config and every read file's name, size and modification
@@ -204,8 +206,8 @@ SPLIT_VALUES = {"train": "train", "val": "validation", "validation": "validation
 
 def assign_splits(cfg: FolderConfig) -> dict[str, list]:
     """{split: [(name, image, mask, instances), ...]} by the rules in the module docstring. Two
-    rules configured at once (split subfolders or a split file next to k-fold) are an error, not
-    a silent choice."""
+    rules configured at once (a val/ subfolder or split-file rows `val` next to k-fold) are an
+    error, not a silent choice."""
     root = cfg.root
     sub = {
         s: next((os.path.join(root, d) for d in dirs if os.path.isdir(os.path.join(root, d))), None)
@@ -214,7 +216,7 @@ def assign_splits(cfg: FolderConfig) -> dict[str, list]:
     if cfg.fold and not cfg.num_folds:
         raise ConfigError(f"data.folder.fold={cfg.fold} needs data.folder.num_folds (k-fold is off)")
     if sub["train"]:
-        if cfg.split_file or cfg.num_folds:
+        if cfg.split_file or (cfg.num_folds and sub["validation"]):
             raise ConfigError(
                 f"{root} has split subfolders (train/, val/), which define the split; data.folder.split_file "
                 "and num_folds would be ignored: set them to '' and 0"
@@ -228,27 +230,38 @@ def assign_splits(cfg: FolderConfig) -> dict[str, list]:
                 os.path.join(sub["test"], "images"),
             )
             sub["test"] = None
-        return {s: _pairs(path, cfg.mask_suffix) for s, path in sub.items() if path}
-    if cfg.split_file and cfg.num_folds:
-        raise ConfigError("data.folder.split_file and data.folder.num_folds both choose the split; set one")
+        out = {s: _pairs(path, cfg.mask_suffix) for s, path in sub.items() if path}
+        return out if sub["validation"] else {**out, **_hold_out(out["train"], cfg)}  # train/ (+ test/) only
     pairs = _pairs(root, cfg.mask_suffix)
-    names = [p[0] for p in pairs]
-    if cfg.split_file:
-        split_of = _split_file(os.path.join(root, cfg.split_file), cfg.split_column, names)
-    elif cfg.num_folds:
+    if not cfg.split_file:
+        return _hold_out(pairs, cfg)
+    out = {"train": [], "validation": []}
+    for pair, split in zip(
+        pairs, _split_file(os.path.join(root, cfg.split_file), cfg.split_column, [p[0] for p in pairs]), strict=True
+    ):
+        out.setdefault(split, []).append(pair)
+    if out["validation"] and cfg.num_folds:
+        raise ConfigError(
+            "data.folder.split_file (its 'val' rows) and data.folder.num_folds both choose the split; set one"
+        )
+    return out if out["validation"] else {**out, **_hold_out(out["train"], cfg)}  # rows train (+ test) only
+
+
+def _hold_out(pairs: list, cfg: FolderConfig) -> dict[str, list]:
+    """{'train', 'validation'} of `pairs` (sorted by name): k-fold, the `fold`-th contiguous block
+    held out (`num_folds` > 0), else `val_fraction` of them chosen with `split_seed`."""
+    n = len(pairs)
+    if cfg.num_folds:
         if not 0 <= cfg.fold < cfg.num_folds:
             raise ConfigError(f"data.folder.fold={cfg.fold} must be in 0..{cfg.num_folds - 1}")
-        blocks = np.array_split(np.arange(len(names)), cfg.num_folds)
-        held_out = set(blocks[cfg.fold].tolist())
-        split_of = ["validation" if i in held_out else "train" for i in range(len(names))]
+        held_out = set(np.array_split(np.arange(n), cfg.num_folds)[cfg.fold].tolist())
     else:
         rng = np.random.default_rng(cfg.split_seed)
-        chosen = set(rng.permutation(len(names))[: max(1, round(cfg.val_fraction * len(names)))].tolist())
-        split_of = ["validation" if i in chosen else "train" for i in range(len(names))]
-    out = {"train": [], "validation": []}
-    for pair, split in zip(pairs, split_of, strict=True):
-        out.setdefault(split, []).append(pair)
-    return out
+        held_out = set(rng.permutation(n)[: max(1, round(cfg.val_fraction * n))].tolist())
+    return {
+        "train": [p for i, p in enumerate(pairs) if i not in held_out],
+        "validation": [p for i, p in enumerate(pairs) if i in held_out],
+    }
 
 
 def _split_file(path: str, column: str, names: list[str]) -> list[str]:
