@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, metrics, report, surface, workdirs, writers
+from segjax import configuration, evaluate, metrics, report, scored_splits, surface, workdirs, writers
 from segjax.data import pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     --overwrite does)."""
     from segjax.data import sources
 
-    prefix, suffix = evaluate.split_naming(split)
+    prefix, suffix = scored_splits.split_naming(split)
 
     configuration.validate(config)
     check_config(config)
@@ -194,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         "scoring baseline %s on %d images of %s/%s", config.baseline.method, len(source), config.data.name, split
     )
     results = evaluate_split(source, config, os.path.join(workdir, f"{prefix}_per_image.csv"))
-    results = evaluate.split_keys(results, prefix)
+    results = scored_splits.split_keys(results, prefix)
     results["baseline"] = config.baseline.method
     results["split"] = split
     results["seconds"] = time.perf_counter() - start

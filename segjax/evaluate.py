@@ -13,26 +13,6 @@ from segjax import instances, metrics, parallel, surface, writers
 from segjax.data import pipeline
 from segjax.errors import ConfigError
 
-# a scored split -> (its keys' prefix, its result files' suffix): training and `--eval_only` score
-# validation (`val/...`, metrics.json, eval_best.json); the held-out test split is scored only when
-# asked (`--eval_split=test`: `test/...`, eval_best_test.json; segjax.baselines: metrics_test.json)
-SPLIT_NAMING = {"validation": ("val", ""), "test": ("test", "_test")}
-
-
-def split_naming(split: str) -> tuple[str, str]:
-    """(key prefix, file suffix) of `split` (`SPLIT_NAMING`); another split is a ConfigError."""
-    if split not in SPLIT_NAMING:
-        raise ConfigError(f"split {split!r}: choose one of {list(SPLIT_NAMING)}")
-    return SPLIT_NAMING[split]
-
-
-def split_keys(results: dict, prefix: str) -> dict:
-    """`results` with its `val/...` keys named `<prefix>/...` (evaluation names every split's
-    scores `val/`); `val` leaves them as they are."""
-    if prefix == "val":
-        return dict(results)
-    return {(f"{prefix}/{k[4:]}" if k.startswith("val/") else k): v for k, v in results.items()}
-
 
 def convention(config: ml_collections.ConfigDict) -> str:
     """How a run's (or baseline's) scores were computed, in one line stored with them as

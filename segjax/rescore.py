@@ -18,6 +18,7 @@ from segjax import (
     parallel,
     preflight,
     report,
+    scored_splits,
     seeds,
     state,
     steps,
@@ -101,13 +102,13 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, which: str = "best", split: str = "validation"
 ) -> dict:
     """Score a saved run's `best` or `latest` checkpoint on the validation split, or on the held-out
-    `test` split (`evaluate.SPLIT_NAMING`; training never evaluates it), with the eval settings of `config`
+    `test` split (`scored_splits.SPLIT_NAMING`; training never evaluates it), with the eval settings of `config`
     (e.g. sliding windows or TTA the run did not use), without training. Writes
     `eval_<which>.json` (test: `eval_<which>_test.json`, keys `test/...`), and each image's scores
     to `eval_<which>[_test]_per_image.csv`, next to the run's metrics.json (never overwrites
     metrics.json); an earlier rescoring's pair of files is kept under a number
     (`keep_earlier_results`)."""
-    prefix, suffix = evaluate.split_naming(split)
+    prefix, suffix = scored_splits.split_naming(split)
     preflight.check(config)
     differences = require_run(config, workdir, which, sources.dataset_id(config.data))
     source = sources.open_splits(config.data, with_instances=config.instances.enabled, splits=(split,))[split]
@@ -124,14 +125,14 @@ def evaluate_checkpoint(
         keep_earlier_results(workdir, name)
     results = evaluate.evaluate_split(config, eval_fn, restored, source, mesh, per_image_csv=table, num_seeds=num_seeds)
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
-    per_seed = [evaluate.split_keys(r, prefix) for r in results] if replica_seeds else []
+    per_seed = [scored_splits.split_keys(r, prefix) for r in results] if replica_seeds else []
     if per_seed:  # the means and <key>_std over replicas; each replica's own file in seed_<s>/, as training
         results = seeds.mean_and_spread(per_seed)
         results.update(
             {f"seed{s}/{prefix}/miou": r[f"{prefix}/miou"] for s, r in zip(replica_seeds, per_seed, strict=True)}
         )
     else:
-        results = evaluate.split_keys(results, prefix)
+        results = scored_splits.split_keys(results, prefix)
     results["split"] = split
     results["step"] = int(np.max(restored.step))
     results["checkpoint"] = which

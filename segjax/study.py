@@ -19,7 +19,10 @@ trains all its seeds as replicas of one vmapped step (`train.num_seeds`; for acc
     python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/skips --seeds=3
 
 Writes `<workdir>/runs.csv` (one row per run) and `<workdir>/summary.md` (per variant: mean +- sample
-std over seeds of each metric, n), and prints the summary.
+std over seeds of each metric, n), and prints the summary. `--eval_split=test` then scores each
+finished run's best checkpoint (chosen by validation) on the dataset's held-out test split, once
+per run (`eval_best_test.json`; with `--collect_only` too, as nothing trains), and writes the same
+tables of the test scores: runs_test.csv, summary_test.md (comparison_test.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from segjax import configuration, study_tables, writers
+from segjax import configuration, scored_splits, study_tables, writers
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError, exit_on_user_error
 
 
@@ -200,11 +203,39 @@ def run_study(
     return collect(workdir, list(variants), seeds)
 
 
-def collect(workdir: str, order: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
+def collect(
+    workdir: str, order: list[str] | None = None, seeds: list[int] | None = None, split: str = "validation"
+) -> list[dict]:
     """One row per finished run under `workdir`: variant, seed and every numeric metric.
     With `seeds`, only those seeds' runs: a study asked for 3 seeds reports 3, also where an
-    earlier command of it trained 5 (`other_seeds` counts the runs left out)."""
-    return [r for r in _all_runs(workdir, order) if seeds is None or r["seed"] in seeds]
+    earlier command of it trained 5 (`other_seeds` counts the runs left out). `split='test'`:
+    the runs' test-split scores (`score_test_split`), one row per run scored."""
+    return [r for r in _all_runs(workdir, order, split) if seeds is None or r["seed"] in seeds]
+
+
+TEST_SCORES = "eval_best_test.json"  # a run's best checkpoint on the test split (rescore, split='test')
+
+
+def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> int:
+    """Score every finished run of `todo` (`planned_runs`) on the held-out test split, once: its
+    best checkpoint (chosen by validation), into the run's TEST_SCORES (for vmapped seeds, each
+    replica's in seed_<s>/ too). A run another process trains or scores is skipped (its lock).
+    Returns how many runs were scored now."""
+    from segjax import rescore, workdirs
+
+    scored = 0
+    for _, c, run_dir in todo:
+        if not _finished(run_dir, c.train.steps) or os.path.exists(os.path.join(run_dir, TEST_SCORES)):
+            continue
+        try:
+            with workdirs.lock(run_dir):
+                if not os.path.exists(os.path.join(run_dir, TEST_SCORES)):  # not scored meanwhile
+                    logging.info("study: scoring %s on the test split", run_dir)
+                    rescore.evaluate_checkpoint(c, run_dir, "best", "test")
+                    scored += 1
+        except BusyError as err:
+            logging.info("study: skipping %s (%s)", run_dir, err)
+    return scored
 
 
 def other_seeds(workdir: str, order: list[str], seeds: list[int]) -> int:
@@ -212,7 +243,8 @@ def other_seeds(workdir: str, order: list[str], seeds: list[int]) -> int:
     return sum(r["seed"] not in seeds for r in _all_runs(workdir, order))
 
 
-def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
+def _all_runs(workdir: str, order: list[str] | None, split: str = "validation") -> list[dict]:
+    name = "metrics.json" if split == "validation" else TEST_SCORES
     rows = []
     variants = order or sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
     for variant in variants:
@@ -220,7 +252,7 @@ def _all_runs(workdir: str, order: list[str] | None) -> list[dict]:
         if not os.path.isdir(vdir):
             continue
         for entry in sorted(os.listdir(vdir), key=lambda e: (len(e), e)):  # seed_2 before seed_10
-            path = os.path.join(vdir, entry, "metrics.json")
+            path = os.path.join(vdir, entry, name)
             if entry.startswith("seed_") and os.path.exists(path):
                 metrics = writers.read_json(path)
                 numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -246,6 +278,13 @@ def define_flags() -> None:
     flags.DEFINE_bool("pooled", False, "Add a row over every run of every variant (the folds of a cross-validation).")
     flags.DEFINE_string(
         "compare_to", "", "A variant: write comparison.md, every other variant minus it, paired by seed."
+    )
+    flags.DEFINE_enum(
+        "eval_split",
+        "validation",
+        ["validation", "test"],
+        "test: also score each finished run's best checkpoint on the held-out test split (once; "
+        "eval_best_test.json) and write runs_test.csv, summary_test.md (and comparison_test.md).",
     )
 
 
@@ -288,13 +327,31 @@ def main(argv):
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
         print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
-        if f.compare_to and rows:
-            try:
-                table = study_tables.write_comparison(f.workdir, rows, f.compare_to, f.summary_keys)
-            except KeyError as err:  # the reference's runs failed or are still training elsewhere
-                print(f"\nno comparison.md: {err.args[0]}")
-            else:
-                print(f"\neach variant minus {f.compare_to}, paired by seed (comparison.md):\n{table}")
+        _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, "validation")
+        if f.eval_split == "test":
+            todo = planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)
+            score_test_split(todo)
+            tested = collect(f.workdir, list(variants), seeds, "test")
+            untested = (
+                f" ({len(rows) - len(tested)} finished runs not scored yet: rerun)" if len(tested) < len(rows) else ""
+            )
+            print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
+            print(study_tables.write_results(f.workdir, tested, f.summary_keys, f.pooled, split="test"))
+            _write_comparison(f.workdir, tested, f.compare_to, f.summary_keys, "test")
+
+
+def _write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str) -> None:
+    """comparison.md (or comparison_test.md) of `rows` against `reference`, printed; none without
+    a reference or rows, a note when the reference has no finished run."""
+    if not reference or not rows:
+        return
+    name = f"comparison{scored_splits.split_naming(split)[1]}.md"
+    try:
+        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split)
+    except KeyError as err:  # the reference's runs failed or are still training elsewhere
+        print(f"\nno {name}: {err.args[0]}")
+    else:
+        print(f"\neach variant minus {reference}, paired by seed ({name}):\n{table}")
 
 
 if __name__ == "__main__":

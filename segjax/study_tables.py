@@ -1,6 +1,7 @@
 """A study's tables: mean +- sample std over seeds per variant (`summarize`, `markdown`),
 written as runs.csv and summary.md (`write_results`), and each variant against a reference,
-paired by seed (`write_comparison`, comparison.md). Rows are `segjax.study.collect`'s: one per
+paired by seed (`write_comparison`, comparison.md); the test split's as runs_test.csv,
+summary_test.md and comparison_test.md. Rows are `segjax.study.collect`'s: one per
 finished run, `variant`, `seed` and its numeric metrics.json values; notebooks and
 `segjax.plots` read them the same way.
 """
@@ -13,7 +14,7 @@ import os
 
 import numpy as np
 
-from segjax import writers
+from segjax import scored_splits, writers
 from segjax.errors import ConfigError
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
@@ -39,7 +40,8 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list
     the folds of a cross-validation, the cross-validated mean and its spread over folds. A
     standard column (SUMMARY_KEYS, OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`);
     any other key no run has is an error (`require_keys`)."""
-    require_keys(rows, [k for k in keys if k not in SUMMARY_KEYS + OPTIONAL_KEYS])
+    standard = [k for prefix in ("val", "test") for k in _named(SUMMARY_KEYS + OPTIONAL_KEYS, prefix)]
+    require_keys(rows, [k for k in keys if k not in standard])
     groups = {
         variant: [r for r in rows if r["variant"] == variant] for variant in dict.fromkeys(r["variant"] for r in rows)
     }
@@ -69,29 +71,38 @@ def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
     return "\n".join(lines)
 
 
-def summary_keys(rows: list[dict], extra=()) -> tuple[str, ...]:
+def summary_keys(rows: list[dict], extra=(), split: str = "validation") -> tuple[str, ...]:
     """The summary's columns: SUMMARY_KEYS, the OPTIONAL_KEYS some run has, then `extra` (e.g.
-    `val/dice/membrane`); an extra key no run has is an error naming the keys there are."""
+    `val/dice/membrane`); an extra key no run has is an error naming the keys there are. Rows of
+    the test split (`test/...` keys) take the same columns named `test/...`, `extra` too."""
+    prefix, _ = scored_splits.split_naming(split)
+    standard, optional, extra = (_named(keys, prefix) for keys in (SUMMARY_KEYS, OPTIONAL_KEYS, extra))
     try:
         require_keys(rows, extra)
     except KeyError as err:
         raise ConfigError(f"--summary_keys: {err.args[0]}") from None
     present = {k for r in rows for k in r}
-    optional = [k for k in OPTIONAL_KEYS if k in present]
-    return tuple(dict.fromkeys([*SUMMARY_KEYS, *optional, *extra]))
+    return tuple(dict.fromkeys([*standard, *(k for k in optional if k in present), *extra]))
 
 
-def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False, failed=()) -> str:
+def _named(keys, prefix: str) -> list[str]:
+    return list(scored_splits.split_keys(dict.fromkeys(keys), prefix))
+
+
+def write_results(
+    workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False, failed=(), split: str = "validation"
+) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
-    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys)`; with
-    `pooled` a last row over every run) and, when some runs diverged (`failed`: `diverged`), a
-    line per such run under it."""
+    may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys, split)`;
+    with `pooled` a last row over every run) and, when some runs diverged (`failed`: `diverged`),
+    a line per such run under it. Rows of the test split go to runs_test.csv and summary_test.md."""
+    suffix = scored_splits.split_naming(split)[1]
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
-    with writers.replaced(os.path.join(workdir, "runs.csv"), newline="") as f:
+    with writers.replaced(os.path.join(workdir, f"runs{suffix}.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "seed", *keys])
         writer.writeheader()
         writer.writerows(rows)
-    columns = summary_keys(rows, extra_keys)
+    columns = summary_keys(rows, extra_keys, split)
     table = markdown(summarize(rows, columns, pooled), columns)
     note = f"; '{POOLED}': over every run of every variant" if pooled else ""
     if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"
@@ -100,19 +111,19 @@ def write_results(workdir: str, rows: list[dict], extra_keys=(), pooled: bool = 
         lines = "".join(f"\n- `{run}`: {error.split('; ')[0]}" for run, error in failed)
         skip = f"a rerun skips them until their {workdirs.FAILED_FILE} is deleted"
         table += f"\n\nDiverged (not in the table; {skip}):{lines}"
-    with writers.replaced(os.path.join(workdir, "summary.md")) as f:
-        f.write(f"Mean ± sample std over seeds (validation split; n = finished runs{note}).\n\n{table}\n")
+    with writers.replaced(os.path.join(workdir, f"summary{suffix}.md")) as f:
+        f.write(f"Mean ± sample std over seeds ({split} split; n = finished runs{note}).\n\n{table}\n")
     return table
 
 
-def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=()) -> str:
-    """comparison.md: each variant minus `reference`, paired by seed (`segjax.compare`), over the
-    summary's columns; returns the markdown table."""
+def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=(), split: str = "validation") -> str:
+    """comparison.md (test split: comparison_test.md): each variant minus `reference`, paired by
+    seed (`segjax.compare`), over the summary's columns; returns the markdown table."""
     from segjax import compare  # scipy only when asked
 
-    columns = summary_keys(rows, extra_keys)
+    columns = summary_keys(rows, extra_keys, split)
     table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
-    with writers.replaced(os.path.join(workdir, "comparison.md")) as f:
+    with writers.replaced(os.path.join(workdir, f"comparison{scored_splits.split_naming(split)[1]}.md")) as f:
         f.write(
             f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI], "
             "the paired t-test's p and p adjusted for the number of variants (Holm).\n\n" + table + "\n"

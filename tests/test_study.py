@@ -329,3 +329,48 @@ def test_isbi_variants_study_changes_only_its_keys_of_the_protocol_proxy():
     assert list(study.load_study(path + ":ce_only, pool_avg")[1]) == ["ce_only", "pool_avg"]
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['ce'\]"):
         study.load_study(path + ":ce,pool_avg")
+
+
+def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfds_dir):
+    """--eval_split=test: every finished run's best checkpoint scored on the held-out split once
+    (each equal to that run rescored on its own), tabulated as summary.md is (summary_test.md,
+    runs_test.csv, comparison_test.md); a rerun scores nothing again."""
+    from segjax import rescore
+
+    command = tiny_study(tmp_path, {"a": {}, "b": {"model.pool": "avg"}}, tfds_dir)
+    workdir = tmp_path / "w"
+    args = [*command, f"--workdir={workdir}", "--seeds=2", "--study.train.steps=2", "--study.eval.every=2"]
+    args += ["--study.data.synthetic.num_test=6", "--eval_split=test", "--compare_to=a"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = {}
+    for variant in ("a", "b"):
+        for seed in (0, 1):
+            with open(workdir / variant / f"seed_{seed}" / "eval_best_test.json", encoding="utf-8") as f:
+                scores[variant, seed] = json.load(f)
+            assert scores[variant, seed]["split"] == "test" and scores[variant, seed]["test/images"] == 6
+    with open(workdir / "summary_test.md", encoding="utf-8") as f:
+        summary = f.read()
+    assert "(test split;" in summary and "| variant | n | test/miou | test/mdice |" in summary
+    for variant in ("a", "b"):
+        values = [scores[variant, s]["test/miou"] for s in (0, 1)]
+        assert f"| {variant} | 2 | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} |" in summary
+    with open(workdir / "runs_test.csv", newline="", encoding="utf-8") as f:
+        assert [(r["variant"], r["seed"]) for r in csv.DictReader(f)] == [
+            ("a", "0"),
+            ("a", "1"),
+            ("b", "0"),
+            ("b", "1"),
+        ]
+    with open(workdir / "comparison_test.md", encoding="utf-8") as f:
+        assert "| variant - a | test/miou |" in f.read()
+    with open(workdir / "summary.md", encoding="utf-8") as f:
+        assert "(validation split;" in f.read()  # the validation tables as before
+    stamp = os.path.getmtime(workdir / "a" / "seed_1" / "eval_best_test.json")
+    again = subprocess.run([*args, "--collect_only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "test split: 4 runs scored" in again.stdout
+    assert os.path.getmtime(workdir / "a" / "seed_1" / "eval_best_test.json") == stamp  # not scored twice
+    config = configuration.from_json(str(workdir / "a" / "seed_1" / "config.json"))
+    own = rescore.evaluate_checkpoint(config, str(workdir / "a" / "seed_1"), "best", "test")
+    assert own["test/miou"] == scores["a", 1]["test/miou"]
