@@ -79,13 +79,23 @@ def evaluate_split(
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, reduce_batch=reduce, **kwargs)
 
 
+def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class `tp`, `fp`, `fn`, `tn` of a [..., C, C] confusion matrix as int64 (exact at any
+    split size; `metrics.counts` is float32 for jit)."""
+    cm = np.asarray(confusion, np.int64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    fp, fn = cm.sum(axis=-2) - tp, cm.sum(axis=-1) - tp
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": cm.sum(axis=(-2, -1))[..., None] - tp - fp - fn}
+
+
 def per_image_rows(
     outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None, extra=None
 ) -> list[dict]:
     """One row per evaluated image, in split order: `index` (position in the split), `name` (the
     stored file name, when `row_names` gives one per output row, e.g. the outputs' `gt_name`),
     `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
-    `recall/<c>` (empty classes follow `empty`), and the columns of `extra[row]` when given (e.g.
+    `recall/<c>` (empty classes follow `empty`) and the pixel counts `tp/<c>`, `fp/<c>`, `fn/<c>`,
+    `tn/<c>` (nnU-Net's per-case summary), and the columns of `extra[row]` when given (e.g.
     `surface.per_image`'s). `order` maps each output row to its split index (None =
     padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
@@ -96,6 +106,7 @@ def per_image_rows(
     keep = [r for r, index in enumerate(order) if index is not None]
     cms = confusion[keep]
     per_class = {k: np.asarray(v) for k, v in metrics.class_scores(cms, empty).items()}
+    per_class.update(pixel_counts(cms))
     pixels = cms.sum(axis=(1, 2))
     correct = np.trace(cms, axis1=1, axis2=2)
     rows = []
@@ -108,6 +119,9 @@ def per_image_rows(
         for key in ("dice", "iou", "precision", "recall"):
             for c, name in enumerate(class_names):
                 row[f"{key}/{name}"] = float(per_class[key][i, c])
+        for key in ("tp", "fp", "fn", "tn"):
+            for c, name in enumerate(class_names):
+                row[f"{key}/{name}"] = int(per_class[key][i, c])
         if extra is not None and extra[r]:
             row.update(extra[r])
         rows.append(row)
@@ -216,6 +230,11 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
         results["val/mbiou"] = float(b["mbiou"])
         for name, v in zip(class_names, np.asarray(b["biou"]), strict=True):
             results[f"val/biou/{name}"] = float(v)
+    # the counts every score above is made of (summed over the split, whatever eval.average), so any
+    # other score, or one pooled over runs or folds, can be computed from a run's metrics.json
+    for key, counts in pixel_counts(dataset).items():
+        for name, v in zip(class_names, counts, strict=True):
+            results[f"val/{key}/{name}"] = int(v)
     results["val/pixels"] = int(dataset.sum())
     results["val/images"] = len(stack)
     return results

@@ -50,6 +50,10 @@ def test_evaluate_matches_sklearn_over_the_whole_split(average):
         ref = np.mean([np.mean(skm.jaccard_score(labels[i].ravel(), preds[i].ravel(), average=None)) for i in range(7)])
     np.testing.assert_allclose(results["val/miou"], ref, rtol=1e-6)
     np.testing.assert_allclose(results["val/accuracy"], skm.accuracy_score(labels.ravel(), preds.ravel()), rtol=1e-6)
+    # each class's pixel counts over the split (the padding's left out): scikit-learn's one-vs-rest matrices
+    for c, ((tn, fp), (fn, tp)) in enumerate(skm.multilabel_confusion_matrix(labels.ravel(), preds.ravel())):
+        counts = [results[f"val/{k}/{NAMES[c]}"] for k in ("tp", "fp", "fn", "tn")]
+        assert counts == [tp, fp, fn, tn] and all(isinstance(n, int) for n in counts)
     ref_b = metrics.boundary_iou(labels, preds, 3, dilation=1)
     np.testing.assert_allclose(results["val/mbiou"], float(ref_b["mbiou"]), rtol=1e-6)
 
@@ -115,6 +119,10 @@ def test_per_image_rows_match_sklearn_per_image():
                 np.testing.assert_allclose(row[f"iou/{name}"], iou[present.index(c)], rtol=1e-6)
             else:
                 assert np.isnan(row[f"dice/{name}"]) and np.isnan(row[f"iou/{name}"])
+        matrices = skm.multilabel_confusion_matrix(y, p, labels=[0, 1, 2])  # per class [[tn, fp], [fn, tp]]
+        for c, name in enumerate(NAMES):
+            (tn, fp), (fn, tp) = matrices[c]
+            assert [row[f"{k}/{name}"] for k in ("tp", "fp", "fn", "tn")] == [tp, fp, fn, tn]
     assert np.isnan(rows[2]["dice/b"]) and not np.isnan(rows[2]["dice/a"])
 
 
