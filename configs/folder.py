@@ -8,6 +8,9 @@ COMMAND:
 
 The folder holds images/ and masks/ (class ids 0..C-1; optional instances/), with optional
 train/ val/ test/ subfolders of the same layout; see segjax/data/folder.py for the split rules.
+A labelled test/ is held out: score the trained run on it once, at the end, with
+  python -m segjax.main --config=configs/folder.py --workdir=runs/mydata --config.data.dir=... \
+      --eval_only=best --eval_split=test        (writes runs/mydata/eval_best_test.json)
 """
 
 import os
