@@ -66,6 +66,7 @@ DATASETS = {
     "tfds": _catalogue_builder,
 }
 SPLITS = ("train", "validation")
+TFDS_SPLIT_KEYS = {"train": "train_split", "validation": "val_split", "test": "test_split"}  # data.tfds.<key>
 # where a dataset's held-out test split comes from, per data.name (said when it has none)
 TEST_SPLIT_SOURCES = {
     "synthetic_shapes": "data.synthetic.num_test > 0",
@@ -303,10 +304,10 @@ def open_splits(cfg: ml_collections.ConfigDict, with_instances: bool = False, sp
     skip = {k: tfds.decode.SkipDecoding() for k in keys if _is_image(features, k)}
     opened = {}
     for split in splits:
-        stored = split if cfg.name != "tfds" else cfg.tfds[{"validation": "val_split"}.get(split, f"{split}_split")]
+        stored = cfg.tfds[TFDS_SPLIT_KEYS[split]] if cfg.name == "tfds" else split
         try:
-            if not stored:
-                raise KeyError("data.tfds.test_split is ''")
+            if not stored:  # data.tfds.test_split = '' (its default): no test split named
+                raise KeyError(f"data.tfds.{TFDS_SPLIT_KEYS[split]} is ''")
             raw = builder.as_data_source(split=stored, decoders=skip)
         except (KeyError, ValueError) as err:
             hint = f"a test split comes from {TEST_SPLIT_SOURCES[cfg.name]}" if split == "test" else ""
