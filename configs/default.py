@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches prepared ahead of the training step
     c.data.dir = ""  # data.name='folder': a folder with images/ and masks/ (see segjax/data/folder.py)
     c.data.folder = ml_collections.ConfigDict()
+    c.data.folder.classes_file = ""  # names in id order (JSON list / id->name object, or a line each), in data.dir;
+    # set: it defines data.num_classes and data.class_names (segjax/data/class_file.py); '' = the config's
     c.data.folder.split_file = ""  # CSV (relative to data.dir) with `id` and a split column; '' = not used
     c.data.folder.split_column = "split"  # that column's name; values train / val
     c.data.folder.num_folds = 0  # k-fold validation: 0 = off, else fold `fold` of `num_folds` is validation

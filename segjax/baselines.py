@@ -35,7 +35,7 @@ from scipy import ndimage
 from skimage import feature, filters, segmentation
 
 from segjax import configuration, evaluate, metrics, report, scored_splits, surface, workdirs, writers
-from segjax.data import pipeline, validation
+from segjax.data import class_file, pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
 METHODS = ("otsu", "adaptive", "edges", "watershed")
@@ -176,6 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
 
     prefix, suffix = scored_splits.split_naming(split)
 
+    class_file.apply(config)
     configuration.validate(config)
     check_config(config)
     surface.check_config(config)

@@ -19,14 +19,16 @@ from segjax import (
     pretrain,
     surface,
 )
-from segjax.data import augment, validation
+from segjax.data import augment, class_file, validation
 from segjax.errors import ConfigError
 
 NONFINITE_POLICIES = ("stop", "skip")
 
 
 def check(config) -> None:
-    """Every config error that can be found before data or compilation."""
+    """Every config error that can be found before data or compilation; a folder's classes file
+    (`data.folder.classes_file`) sets the classes first."""
+    class_file.apply(config)
     configuration.validate(config)
     optim.check(config.optim)
     augment.check(config.data.augment)

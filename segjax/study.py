@@ -36,6 +36,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from segjax import configuration, scored_splits, study_tables, writers
+from segjax.data import class_file
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError, exit_on_user_error
 
 
@@ -64,6 +65,7 @@ def variant_config(base: ml_collections.ConfigDict, overrides: dict, name: str) 
             node = node[p]
         with node.ignore_type():
             node[leaf] = tuple(value) if isinstance(value, list) else value
+    class_file.apply(config)
     configuration.validate(config)
     return config
 
