@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from segjax import preflight, study, train
 from segjax.data import class_file
 from segjax.errors import ConfigError, DataError
+from tests.conftest import ROOT
 from tests.test_folder import folder_config, write_folder
 
 
@@ -71,3 +74,21 @@ def test_a_classes_file_outside_a_folder_dataset_or_missing_is_refused(tiny_conf
     tiny_config.data.name, tiny_config.data.dir = "folder", str(tmp_path)
     with pytest.raises(DataError, match=r"data.folder.classes_file: cannot read .*classes.json"):
         preflight.check(tiny_config)
+
+
+def test_the_data_tools_read_the_classes_file_too(tmp_path, tfds_dir):
+    """label_stats and alignment open the dataset themselves: without the file's 3 classes the
+    folder's id-2 pixels were 'outside 0..1' (configs/folder.py says 2 classes)."""
+    root = write_folder(tmp_path / "data", [(32, 32)] * 4, channels=1, num_classes=3)
+    (root / "classes.txt").write_text("background\nnucleus\nborder\n")
+    common = [f"--config={ROOT}/configs/folder.py", f"--config.data.dir={root}", f"--config.data.tfds_dir={tfds_dir}"]
+    common += ["--config.data.folder.classes_file=classes.txt", "--config.data.channels=1"]
+    for tool, extra in (("label_stats", ["--split=train", "--class_id=2"]), ("alignment", ["--class_id=2"])):
+        done = subprocess.run(
+            [sys.executable, "-m", f"segjax.data.{tool}", *common, *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{tool}: {done.stderr[-2000:]}"

@@ -76,11 +76,12 @@ def shift_image(image: np.ndarray, shift, where: str = "image") -> np.ndarray:
 def main(argv) -> None:
     from absl import flags
 
-    from segjax.data import sources
+    from segjax.data import class_file, sources
 
     config = flags.FLAGS.config
     config.data.image_shift = (0.0, 0.0)
     config.data.cache = False
+    class_file.apply(config)  # a folder's classes file: the ids its masks may hold
     train = sources.open_splits(config.data)["train"]
     pairs = ((train[i]["image"], train[i]["label"]) for i in range(len(train)))
     rows, cols = label_offset(pairs, flags.FLAGS.class_id, dark=flags.FLAGS.dark)

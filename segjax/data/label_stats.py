@@ -28,6 +28,7 @@ import os
 import numpy as np
 from skimage.morphology import skeletonize
 
+from segjax.data import class_file
 from segjax.errors import ConfigError, DataError, exit_on_user_error
 
 
@@ -103,6 +104,7 @@ def main(argv) -> None:
             rows = folder_rows(masks, flags.FLAGS.class_id)
         else:
             config.data.cache = False
+            class_file.apply(config)  # a folder's classes file: the ids its masks may hold
             rows = split_rows(config.data, flags.FLAGS.split, flags.FLAGS.class_id)
     with_images = masks is None  # a mask folder has no images to describe
     keys = ("fraction", "width", "image_mean", "image_std") if with_images else ("fraction", "width")
