@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, metrics, report, scored_splits, surface, workdirs, writers
+from segjax import configuration, evaluate, report, scored_splits, surface, workdirs, writers
 from segjax.data import class_file, pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -121,49 +121,24 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     """Named scores of `config.baseline` on every example of `source` (foreground vs background
     when the dataset has more than two classes); `per_image_csv`: each image's scores there too,
     as a network run writes them."""
-    import jax.numpy as jnp
-
     check_config(config)
-    spacing = surface.spacing_of(config)
     binary = config.data.num_classes > 2
     names = ("background", "foreground") if binary else tuple(config.data.class_names)
-    outputs = []
-    for i in range(len(source)):
-        ex = source[i]
-        label = ex["label"].astype(np.int32)
-        valid = np.ones(label.shape, np.float32)
-        if config.data.ignore_label >= 0:
-            valid = (label != config.data.ignore_label).astype(np.float32)
-            label = np.where(valid > 0, label, 0)
-        if binary:
-            label = (label > 0).astype(np.int32)
-        pred = predict(ex["image"], config.baseline)
-        out = {
-            "confusion": np.asarray(metrics.per_image_confusion(label[None], pred[None], 2, valid[None])),
-            "loss": float("nan"),
-            "gt_name": np.array([pipeline.example_name(ex, i)]),
-        }
-        if config.eval.boundary_dilation > 0:
-            inter, union = metrics.boundary_counts(
-                jnp.asarray(label[None]), jnp.asarray(pred[None]), 2, config.eval.boundary_dilation, valid[None]
-            )
-            out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
-        if config.eval.surface_metrics:
-            maps = {"pred": pred[None], "label": label[None], "valid": valid[None]}
-            out["surface"] = surface.per_image([maps], names, config.eval.nsd_tolerance, spacing)
-        outputs.append(out)
-    results = evaluate.scores(outputs, config.eval, names)
-    del results["val/loss"]
-    extra = None
-    if config.eval.surface_metrics:
-        extra = [row for out in outputs for row in out["surface"]]
-        results.update(surface.split_scores(extra, names))
-    if per_image_csv:
-        row_names = [str(o["gt_name"][0]) for o in outputs]
-        order = list(range(len(source)))
-        rows = evaluate.per_image_rows(outputs, order, names, config.eval.empty, row_names, extra)
-        writers.write_table(per_image_csv, rows)
-    return results
+
+    def maps():
+        for i in range(len(source)):
+            ex = source[i]
+            label = ex["label"].astype(np.int32)
+            valid = np.ones(label.shape, np.float32)
+            if config.data.ignore_label >= 0:
+                valid = (label != config.data.ignore_label).astype(np.float32)
+                label = np.where(valid > 0, label, 0)
+            if binary:
+                label = (label > 0).astype(np.int32)
+            pred = predict(ex["image"], config.baseline)
+            yield {"name": pipeline.example_name(ex, i), "label": label, "pred": pred, "valid": valid}
+
+    return evaluate.score_maps(maps(), config, names, per_image_csv)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, split: str = "validation") -> dict:

@@ -79,6 +79,46 @@ def evaluate_split(
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, reduce_batch=reduce, **kwargs)
 
 
+def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, per_image_csv: str = "") -> dict:
+    """Named scores of predictions made on the host (a classic baseline's, or mask files another
+    tool wrote): `maps` yields one dict per image, `name`, `label` and `pred` (int class ids
+    0..len(names)-1, one shape) and `valid` (1 where the pixel counts), scored as a network's
+    evaluation scores its split: the same counts, conventions, boundary IoU and, with
+    `eval.surface_metrics`, HD95 / surface Dice; `per_image_csv`: each image's scores there too.
+    `val/...` keys, no `val/loss`."""
+    import jax.numpy as jnp
+
+    num_classes, spacing = len(names), surface.spacing_of(config)
+    outputs = []
+    for m in maps:
+        label, pred, valid = m["label"][None], m["pred"][None], m["valid"][None]
+        out = {
+            "confusion": np.asarray(metrics.per_image_confusion(label, pred, num_classes, valid)),
+            "loss": float("nan"),
+            "gt_name": np.array([m["name"]]),
+        }
+        if config.eval.boundary_dilation > 0:
+            inter, union = metrics.boundary_counts(
+                jnp.asarray(label), jnp.asarray(pred), num_classes, config.eval.boundary_dilation, valid
+            )
+            out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
+        if config.eval.surface_metrics:
+            batch = {"pred": pred, "label": label, "valid": valid}
+            out["surface"] = surface.per_image([batch], names, config.eval.nsd_tolerance, spacing)
+        outputs.append(out)
+    results = scores(outputs, config.eval, names)
+    del results["val/loss"]
+    extra = None
+    if config.eval.surface_metrics:
+        extra = [row for out in outputs for row in out["surface"]]
+        results.update(surface.split_scores(extra, names))
+    if per_image_csv:
+        row_names = [str(o["gt_name"][0]) for o in outputs]
+        rows = per_image_rows(outputs, list(range(len(outputs))), names, config.eval.empty, row_names, extra)
+        writers.write_table(per_image_csv, rows)
+    return results
+
+
 def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
     """Per-class `tp`, `fp`, `fn`, `tn` of a [..., C, C] confusion matrix as int64 (exact at any
     split size; `metrics.counts` is float32 for jit)."""

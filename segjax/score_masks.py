@@ -1,0 +1,128 @@
+"""Score mask files written by any tool (another framework's predictions, a second annotator, a
+`segjax.predict` run) against a dataset split, with exactly the metrics and conventions a segjax
+run reports: so nnU-Net's or MONAI's masks and a segjax network compare number for number.
+
+    python -m segjax.score_masks --config=configs/isbi.py --masks=runs/other/masks \
+        --out=runs/other/scores.json [--split=validation|test] [--overwrite]
+
+Each image of the split (named by its file, as `segjax.predict` names its masks) pairs with the
+mask file of the same stem in `--masks` (class ids 0..C-1 at the label's own size, lossless: PNG,
+TIFF; `*_instances.*` and `.npy` files are skipped). A missing, lossy, colour, mis-sized or
+out-of-range mask is an error naming the file. Writes `--out` (`val/...` keys, `test/...` for the
+test split, the conventions, the masks folder) and `<out>_per_image.csv`; an existing `--out` is
+kept unless `--overwrite`. 2D datasets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from segjax import configuration, evaluate, report, scored_splits, surface, writers
+from segjax.data import class_file, png, sources
+from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
+
+SKIPPED_SUFFIXES = ("_instances",)  # segjax.predict's instance maps beside its masks
+SKIPPED_EXTENSIONS = (".npy",)  # and its probabilities
+
+
+def mask_files(folder: str) -> dict[str, str]:
+    """{stem: path} of the mask files in `folder` (hidden files, subfolders, instance maps and
+    .npy probabilities left out); two files of one stem are an error."""
+    if not os.path.isdir(folder):
+        raise DataError(f"--masks={folder} is not a folder")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path, (stem, ext) = os.path.join(folder, name), os.path.splitext(name)
+        if name.startswith(".") or not os.path.isfile(path) or ext.lower() in SKIPPED_EXTENSIONS:
+            continue
+        if stem.endswith(SKIPPED_SUFFIXES):
+            continue
+        if stem in out:
+            raise DataError(f"{path} and {out[stem]} are masks of one image; keep one of them")
+        out[stem] = path
+    return out
+
+
+def read_mask(path: str, shape: tuple[int, ...], num_classes: int, resize: int) -> np.ndarray:
+    """The class ids of the mask file at `path` (int32), checked against the label's `shape` and
+    the classes; DataError naming the file otherwise."""
+    with open(path, "rb") as f:
+        mask = png.decode(f.read(), path, ids=True)
+    if mask.ndim != 2:
+        raise DataError(f"{path}: a {mask.shape[-1]}-channel mask; write one class id per pixel")
+    if mask.shape != shape:
+        hint = f" (data.resize={resize} resized the labels: score with --config.data.resize=0)" if resize else ""
+        raise DataError(f"{path}: {mask.shape[0]}x{mask.shape[1]}, but its label is {shape[0]}x{shape[1]}{hint}")
+    if mask.size and int(mask.max()) >= num_classes:
+        values = np.unique(mask[mask >= num_classes])[:5].tolist()
+        raise DataError(f"{path}: holds {values}, outside the class ids 0..{num_classes - 1}")
+    return mask.astype(np.int32)
+
+
+def score(config: ml_collections.ConfigDict, masks: str, out: str, split: str = "validation", overwrite=False) -> dict:
+    """Score the mask files in `masks` against `split` of `config`'s dataset; write `out` and its
+    per-image CSV; return the results."""
+    class_file.apply(config)
+    configuration.validate(config)
+    prefix, _ = scored_splits.split_naming(split)
+    if config.model.spatial_dims != 2:
+        raise ConfigError("segjax.score_masks reads 2D mask files (model.spatial_dims=2)")
+    if os.path.isdir(out) or not out.endswith(".json"):
+        raise ConfigError(f"--out={out}: give the path of a .json file to write")
+    if os.path.exists(out) and not overwrite:
+        raise WorkdirError(f"{out} exists; use another --out or --overwrite to replace it")
+    files = mask_files(masks)
+    source = sources.open_splits(config.data, splits=(split,))[split]
+    names = [str(source[i].get("name", i)) for i in range(len(source))]
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise DataError(
+            f"{masks} has no mask for {len(missing)} of the {len(names)} {split} images, e.g. {missing[:3]}"
+        )
+    others = sorted(set(files) - set(names))
+    if others:
+        logging.warning(
+            "score_masks: %d files in %s are no %s image's (e.g. %s): not scored", len(others), masks, split, others[0]
+        )
+    num_classes, ignore = config.data.num_classes, config.data.ignore_label
+
+    def maps():
+        for i, name in enumerate(names):
+            label = source[i]["label"].astype(np.int32)
+            valid = (label != ignore).astype(np.float32) if ignore >= 0 else np.ones(label.shape, np.float32)
+            pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
+            yield {"name": name, "label": np.where(valid > 0, label, 0), "pred": pred, "valid": valid}
+
+    class_names = tuple(config.data.class_names)
+    table = os.path.splitext(out)[0] + "_per_image.csv"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    results = scored_splits.split_keys(evaluate.score_maps(maps(), config, class_names, table), prefix)
+    results.update(split=split, masks=os.path.abspath(masks), metrics_convention=evaluate.convention(config))
+    writers.write_summary(out, results)
+    print(f"\n{masks} on {config.data.name}/{split} ({results['metrics_convention']}):")
+    print(report.results_table(results, class_names, prefix=prefix, distance_unit=surface.unit(config)))
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    with exit_on_user_error():
+        score(f.config, f.masks, f.out, f.split, f.overwrite)
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+
+    default_config = "configs/default.py"
+    config_flags.DEFINE_config_file("config", default_config, "The dataset's config (data.*, eval.* conventions).")
+    flags.DEFINE_string("masks", None, "Folder of mask files, one per image of the split (<name>.png).", required=True)
+    flags.DEFINE_string("out", None, "The .json file the scores go to (and <out>_per_image.csv).", required=True)
+    flags.DEFINE_enum("split", "validation", ["validation", "test"], "The split the masks are of.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    configuration.run_program(main, default_config)
