@@ -7,8 +7,11 @@ run reports: so nnU-Net's or MONAI's masks and a segjax network compare number f
 
 Each image of the split (named by its file, as `segjax.predict` names its masks) pairs with the
 mask file of the same stem in `--masks` (class ids 0..C-1 at the label's own size, lossless: PNG,
-TIFF; `*_instances.*` and `.npy` files are skipped). A missing, lossy, colour, mis-sized or
-out-of-range mask is an error naming the file. Writes `--out` (`val/...` keys, `test/...` for the
+TIFF; `.npy` files are skipped). With `--instances`, `<name>_instances.png` (uint16 instance ids,
+0 = none, as `segjax.predict` writes them) is scored too, with panoptic quality against the
+dataset's instance maps (`val/pq`, `val/sq`, `val/rq`, `val/pq/<class>`; thing classes:
+`instances.thing_classes`). A missing, lossy, colour, mis-sized or out-of-range mask is an error
+naming the file. Writes `--out` (`val/...` keys, `test/...` for the
 test split, the conventions, the masks folder) and `<out>_per_image.csv`; an existing `--out` is
 kept unless `--overwrite`. 2D datasets.
 """
@@ -21,17 +24,18 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from segjax import configuration, evaluate, report, scored_splits, surface, writers
-from segjax.data import class_file, png, sources
+from segjax import configuration, evaluate, instances, metrics, report, scored_splits, surface, writers
+from segjax.data import class_file, mask_codes, png, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
-SKIPPED_SUFFIXES = ("_instances",)  # segjax.predict's instance maps beside its masks
-SKIPPED_EXTENSIONS = (".npy",)  # and its probabilities
+SKIPPED_EXTENSIONS = (".npy",)  # segjax.predict's probabilities beside its masks
+INSTANCES = "_instances"  # <name>_instances.png: an image's instance map
 
 
-def mask_files(folder: str) -> dict[str, str]:
-    """{stem: path} of the mask files in `folder` (hidden files, subfolders, instance maps and
-    .npy probabilities left out); two files of one stem are an error."""
+def mask_files(folder: str, kind: str = "masks") -> dict[str, str]:
+    """{image name: path} of the class-id masks (`kind='masks'`) or of the `<name>_instances.*`
+    maps (`kind='instances'`) in `folder` (hidden files, subfolders and .npy files left out); two
+    files of one image are an error."""
     if not os.path.isdir(folder):
         raise DataError(f"--masks={folder} is not a folder")
     out = {}
@@ -39,33 +43,44 @@ def mask_files(folder: str) -> dict[str, str]:
         path, (stem, ext) = os.path.join(folder, name), os.path.splitext(name)
         if name.startswith(".") or not os.path.isfile(path) or ext.lower() in SKIPPED_EXTENSIONS:
             continue
-        if stem.endswith(SKIPPED_SUFFIXES):
+        if stem.endswith(INSTANCES) != (kind == "instances"):
             continue
+        stem = stem[: -len(INSTANCES)] if kind == "instances" else stem
         if stem in out:
-            raise DataError(f"{path} and {out[stem]} are masks of one image; keep one of them")
+            raise DataError(f"{path} and {out[stem]} are files of one image; keep one of them")
         out[stem] = path
     return out
 
 
-def read_mask(path: str, shape: tuple[int, ...], num_classes: int, resize: int) -> np.ndarray:
+def read_mask(path: str, shape: tuple[int, ...], num_classes: int | None, resize: int) -> np.ndarray:
     """The class ids of the mask file at `path` (int32), checked against the label's `shape` and
-    the classes; DataError naming the file otherwise."""
+    the classes (`num_classes` None: an instance map, uint16 ids or colour-coded); DataError naming
+    the file otherwise."""
     with open(path, "rb") as f:
         mask = png.decode(f.read(), path, ids=True)
+    if num_classes is None:
+        mask = mask_codes.instance_ids(mask, path)
     if mask.ndim != 2:
         raise DataError(f"{path}: a {mask.shape[-1]}-channel mask; write one class id per pixel")
     if mask.shape != shape:
         hint = f" (data.resize={resize} resized the labels: score with --config.data.resize=0)" if resize else ""
         raise DataError(f"{path}: {mask.shape[0]}x{mask.shape[1]}, but its label is {shape[0]}x{shape[1]}{hint}")
-    if mask.size and int(mask.max()) >= num_classes:
+    if num_classes is not None and mask.size and int(mask.max()) >= num_classes:
         values = np.unique(mask[mask >= num_classes])[:5].tolist()
         raise DataError(f"{path}: holds {values}, outside the class ids 0..{num_classes - 1}")
     return mask.astype(np.int32)
 
 
-def score(config: ml_collections.ConfigDict, masks: str, out: str, split: str = "validation", overwrite=False) -> dict:
-    """Score the mask files in `masks` against `split` of `config`'s dataset; write `out` and its
-    per-image CSV; return the results."""
+def score(
+    config: ml_collections.ConfigDict,
+    masks: str,
+    out: str,
+    split: str = "validation",
+    overwrite: bool = False,
+    with_instances: bool = False,
+) -> dict:
+    """Score the mask files in `masks` against `split` of `config`'s dataset (`with_instances`:
+    their instance maps too, with PQ); write `out` and its per-image CSV; return the results."""
     class_file.apply(config)
     configuration.validate(config)
     prefix, _ = scored_splits.split_naming(split)
@@ -76,13 +91,17 @@ def score(config: ml_collections.ConfigDict, masks: str, out: str, split: str = 
     if os.path.exists(out) and not overwrite:
         raise WorkdirError(f"{out} exists; use another --out or --overwrite to replace it")
     files = mask_files(masks)
-    source = sources.open_splits(config.data, splits=(split,))[split]
+    instance_files = mask_files(masks, "instances") if with_instances else None
+    source = sources.open_splits(config.data, with_instances=with_instances, splits=(split,))[split]
+    if with_instances and len(source) and "instances" not in source[0]:
+        raise DataError(f"{config.data.name} has no instance maps to score --instances against (an instances/ folder)")
     names = [str(source[i].get("name", i)) for i in range(len(source))]
-    missing = [n for n in names if n not in files]
-    if missing:
-        raise DataError(
-            f"{masks} has no mask for {len(missing)} of the {len(names)} {split} images, e.g. {missing[:3]}"
-        )
+    for what, found in (("mask", files), ("instance map", instance_files)):
+        missing = [n for n in names if found is not None and n not in found]
+        if missing:
+            raise DataError(
+                f"{masks} has no {what} for {len(missing)} of the {len(names)} {split} images, e.g. {missing[:3]}"
+            )
     others = sorted(set(files) - set(names))
     if others:
         logging.warning(
@@ -100,7 +119,10 @@ def score(config: ml_collections.ConfigDict, masks: str, out: str, split: str = 
     class_names = tuple(config.data.class_names)
     table = os.path.splitext(out)[0] + "_per_image.csv"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    results = scored_splits.split_keys(evaluate.score_maps(maps(), config, class_names, table), prefix)
+    results = evaluate.score_maps(maps(), config, class_names, table)
+    if with_instances:
+        results.update(panoptic(source, names, files, instance_files, config))
+    results = scored_splits.split_keys(results, prefix)
     results.update(split=split, masks=os.path.abspath(masks), metrics_convention=evaluate.convention(config))
     writers.write_summary(out, results)
     print(f"\n{masks} on {config.data.name}/{split} ({results['metrics_convention']}):")
@@ -108,12 +130,34 @@ def score(config: ml_collections.ConfigDict, masks: str, out: str, split: str = 
     return results
 
 
+def panoptic(source, names: list[str], files: dict, instance_files: dict, config) -> dict[str, float]:
+    """`val/pq`, `val/sq`, `val/rq`, `val/pq/<class>` of the masks and instance maps against the
+    split's labels and instance maps, as evaluation scores a boundary-class run's: thing classes
+    by instance, stuff classes one segment each, ignore-label pixels void."""
+    num_classes, ignore = config.data.num_classes, config.data.ignore_label
+    things = list(instances.thing_classes(config))
+    acc = metrics.PanopticAccumulator(num_classes)
+    for i, name in enumerate(names):
+        ex = source[i]
+        label = ex["label"].astype(np.int32)
+        void = label == ignore if ignore >= 0 else np.zeros(label.shape, bool)
+        label = np.where(void, 0, label)
+        pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
+        ids = read_mask(instance_files[name], label.shape, None, config.data.resize)
+        truth = np.where(np.isin(label, things), ex["instances"], 0)
+        acc.update(label, truth, pred, np.where(np.isin(pred, things), ids, 0), void=void)
+    res = acc.result()
+    out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
+    out.update({f"val/pq/{config.data.class_names[c]}": float(res["pq"][c]) for c in range(1, num_classes)})
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     with exit_on_user_error():
-        score(f.config, f.masks, f.out, f.split, f.overwrite)
+        score(f.config, f.masks, f.out, f.split, f.overwrite, f.instances)
 
 
 if __name__ == "__main__":
@@ -125,4 +169,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "The .json file the scores go to (and <out>_per_image.csv).", required=True)
     flags.DEFINE_enum("split", "validation", ["validation", "test"], "The split the masks are of.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+    flags.DEFINE_bool("instances", False, "Also score <name>_instances.png with panoptic quality.")
     configuration.run_program(main, default_config)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import instances, metrics, predict, rescore, train
+from segjax import instances, metrics, predict, rescore, score_masks, train
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError, WorkdirError
 from tests.conftest import ROOT, load_config
@@ -228,6 +228,19 @@ def test_instance_run_writes_instance_maps_that_score_the_evaluation_pq(tfds_dir
     scored = rescore.evaluate_checkpoint(config, workdir, "latest")
     assert scored["val/pq"] > 0.05  # objects found: the comparison is not 0 == 0
     np.testing.assert_allclose(acc.result()["mpq"], scored["val/pq"], rtol=1e-9)
+    # the same files scored by segjax.score_masks --instances (named as the split names its scenes)
+    os.makedirs(tmp_path / "named")
+    for i, path in enumerate(paths):
+        shutil.copyfile(path, tmp_path / "named" / f"{i}.png")
+        shutil.copyfile(path.replace(".png", "_instances.png"), tmp_path / "named" / f"{i}_instances.png")
+    files = score_masks.score(config, str(tmp_path / "named"), str(tmp_path / "s.json"), with_instances=True)
+    for key in ("val/pq", "val/sq", "val/rq"):  # (the run's mIoU counts its boundary class: the files have none)
+        np.testing.assert_allclose(files[key], scored[key], rtol=1e-6, err_msg=key)
+    os.remove(tmp_path / "named" / "3_instances.png")
+    with pytest.raises(DataError, match=r"has no instance map for 1 of the 12 validation images, e.g. \['3'\]"):
+        score_masks.score(
+            config, str(tmp_path / "named"), str(tmp_path / "s.json"), overwrite=True, with_instances=True
+        )
 
 
 def test_a_folder_without_the_checkpoint_is_refused_before_data_is_read(run, tmp_path, monkeypatch):
