@@ -72,8 +72,7 @@ def evaluate_split(
             if table:
                 row_names = np.concatenate([o["gt_name"] for o in outputs])  # every host's (gathered)
                 if jax.process_index() == 0:
-                    rows = per_image_rows(outputs, order, names, config.eval.empty, row_names, extra)
-                    writers.write_table(per_image_csv, rows)
+                    write_per_image(per_image_csv, outputs, order, names, config.eval.empty, row_names, extra)
             return results
 
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, reduce_batch=reduce, **kwargs)
@@ -114,9 +113,30 @@ def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, p
         results.update(surface.split_scores(extra, names))
     if per_image_csv:
         row_names = [str(o["gt_name"][0]) for o in outputs]
-        rows = per_image_rows(outputs, list(range(len(outputs))), names, config.eval.empty, row_names, extra)
-        writers.write_table(per_image_csv, rows)
+        write_per_image(per_image_csv, outputs, list(range(len(outputs))), names, config.eval.empty, row_names, extra)
     return results
+
+
+def confusion_csv(per_image_csv: str) -> str:
+    """Where the split's confusion matrix goes beside a per-image table: `val_per_image.csv` ->
+    `val_confusion.csv`, `eval_best_per_image.csv` -> `eval_best_confusion.csv`."""
+    stem = per_image_csv[: -len(".csv")] if per_image_csv.endswith(".csv") else per_image_csv
+    stem = stem[: -len("_per_image")] if stem.endswith("_per_image") else stem
+    return f"{stem}_confusion.csv"
+
+
+def write_per_image(path: str, outputs: list[dict], order, names, empty: str, row_names, extra) -> None:
+    """The per-image table (`per_image_rows`) at `path` and, beside it (`confusion_csv`), the
+    split's confusion matrix: pixel counts, a row per true class (`truth`), a column per predicted
+    class (which classes are taken for which: what per-class scores cannot show)."""
+    writers.write_table(path, per_image_rows(outputs, order, names, empty, row_names, extra))
+    confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
+    matrix = confusion[[r for r, index in enumerate(order) if index is not None]].sum(axis=0)
+    rows = [
+        {"truth": t, **{p: int(v) for p, v in zip(names, row, strict=True)}}
+        for t, row in zip(names, matrix, strict=True)
+    ]
+    writers.write_table(confusion_csv(path), rows)
 
 
 def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:

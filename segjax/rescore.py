@@ -158,10 +158,11 @@ def evaluate_checkpoint(
 
 
 def keep_earlier_results(workdir: str, which: str) -> list[str]:
-    """Rename an earlier rescoring's `eval_<which>.json` and `eval_<which>_per_image.csv` to
-    `eval_<which>.<k>.json` / `eval_<which>_per_image.<k>.csv`, k the first number free for both,
-    so rescoring with other eval settings never overwrites a result. Returns the new paths."""
-    names = [f"eval_{which}.json", f"eval_{which}_per_image.csv"]
+    """Rename an earlier rescoring's `eval_<which>.json`, `eval_<which>_per_image.csv` and
+    `eval_<which>_confusion.csv` to `eval_<which>.<k>.json`, `eval_<which>_per_image.<k>.csv`, ...,
+    k the first number free for all, so rescoring with other eval settings never overwrites a
+    result. Returns the new paths."""
+    names = [f"eval_{which}.json", f"eval_{which}_per_image.csv", f"eval_{which}_confusion.csv"]
     present = [n for n in names if os.path.exists(os.path.join(workdir, n))]
     if not present:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn import metrics as skm
 
 from segjax import predict, rescore, score_masks
 from segjax.data import sources
@@ -37,6 +39,21 @@ def test_masks_written_by_predict_score_what_evaluation_scores(run, tmp_path):  
         assert json.load(f)["masks"] == str(tmp_path / "masks")
     with open(tmp_path / "scores_per_image.csv", encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 1 + len(examples)
+    # the split's confusion matrix beside it: scikit-learn's from the files, and the run's own
+    truth = np.concatenate([e["label"].ravel() for e in examples])
+    files = np.concatenate(
+        [np.asarray(Image.open(tmp_path / "masks" / f"{i}.png")).ravel() for i in range(len(examples))]
+    )
+    reference = skm.confusion_matrix(truth, files, labels=range(config.data.num_classes))
+    np.testing.assert_array_equal(confusion(tmp_path / "scores_confusion.csv"), reference)
+    np.testing.assert_array_equal(confusion(os.path.join(workdir, "eval_latest_confusion.csv")), reference)
+
+
+def confusion(path) -> np.ndarray:
+    """A `*_confusion.csv` as a [C, C] array (rows: truth)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return np.array([[int(v) for k, v in row.items() if k != "truth"] for row in rows])
 
 
 def test_hand_made_masks_and_every_bad_file(tiny_config, tmp_path, tfds_dir):
@@ -58,6 +75,13 @@ def test_hand_made_masks_and_every_bad_file(tiny_config, tmp_path, tfds_dir):
     np.testing.assert_allclose(result["val/accuracy"], 1 - 1 / 512)
     assert result[f"val/fn/c{was}"] == 1 and result[f"val/fp/c{(was + 1) % 3}"] == 1
     assert sum(result[f"val/fp/c{c}"] for c in range(3)) == 1 and result["val/pixels"] == 512
+    expected = skm.confusion_matrix(
+        np.concatenate([labels["002"].ravel(), labels["003"].ravel()]),
+        np.concatenate([labels["002"].ravel(), wrong.ravel()]),
+        labels=range(3),
+    )
+    assert expected[was, (was + 1) % 3] == 1 and expected.sum() == 512
+    np.testing.assert_array_equal(confusion(tmp_path / "s_confusion.csv"), expected)
     with pytest.raises(WorkdirError, match="exists; use another --out or --overwrite"):
         score_masks.score(tiny_config, str(masks), out)
 

@@ -89,6 +89,7 @@ def test_the_test_split_is_scored_apart_from_validation_and_the_same_images_scor
     rescore.evaluate_checkpoint(tiny_config, run, "latest", "test")  # a second scoring: the first is kept
     assert os.path.exists(os.path.join(run, "eval_latest_test.1.json"))
     assert os.path.exists(os.path.join(run, "eval_latest_test_per_image.1.csv"))
+    assert os.path.exists(os.path.join(run, "eval_latest_test_confusion.1.csv"))
     # a classic baseline scores the same split alike, into metrics_test.json beside its metrics.json
     otsu = str(tmp_path / "otsu")
     val = baselines.run(tiny_config, otsu)
