@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import os
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from segjax import study_tables, writers
 
@@ -65,5 +67,30 @@ def comparison(rows: list[dict], key: str, reference: str, title: str = ""):
     ax.invert_yaxis()  # the study's order, top to bottom
     ax.set_xlabel(f"{key} - {reference} (paired by seed, 95 % CI)")
     ax.set_title(title or f"{key}: each variant minus {reference}")
+    fig.tight_layout()
+    return fig
+
+
+def confusion(path: str, title: str = ""):
+    """A `*_confusion.csv` (`segjax.evaluate.write_per_image`) as a heatmap: each true class's row
+    as fractions of its pixels (recall on the diagonal, where its misses go off it), the counts
+    written in the cells. A row of a class absent from the truth stays empty."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "truth" not in rows[0]:
+        raise ValueError(f"{path} is not a confusion table (a 'truth' column, a column per class)")
+    names = [r["truth"] for r in rows]
+    counts = np.array([[int(r[n]) for n in names] for r in rows], np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(names), 1.2 + 0.7 * len(names)))
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (t, p), n in np.ndenumerate(counts):
+        ax.text(p, t, f"{shares[t, p]:.2f}\n{n}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("truth")
+    ax.set_title(title or "pixels of each true class (row fractions)")
     fig.tight_layout()
     return fig

@@ -89,3 +89,17 @@ def test_comparison_plot_draws_each_paired_difference_and_its_interval():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["b", "c"]
     with pytest.raises(KeyError, match="reference variant 'unet' has no finished run"):
         plots.comparison(rows, "val/miou", "unet")
+
+
+def test_confusion_heatmap_shows_each_true_class_as_row_fractions(tmp_path):
+    """A hand-made table: the image holds each row divided by its sum; the cells name the counts;
+    a class absent from the truth leaves its row at 0 (not a division by zero)."""
+    path = tmp_path / "val_confusion.csv"
+    path.write_text("truth,bg,cell,edge\nbg,90,10,0\ncell,5,15,0\nedge,0,0,0\n")
+    ax = plots.confusion(str(path)).axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.9, 0.1, 0.0], [0.25, 0.75, 0.0], [0.0, 0.0, 0.0]])
+    assert "0.75\n15" in [t.get_text() for t in ax.texts]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bg", "cell", "edge"]
+    (tmp_path / "other.csv").write_text("index,name\n0,a\n")
+    with pytest.raises(ValueError, match="is not a confusion table"):
+        plots.confusion(str(tmp_path / "other.csv"))

@@ -97,6 +97,9 @@ def test_tiny_run_writes_outputs_and_resumes_finished_run(tiny_config, tmp_path)
         "eval_latest.1.json",
         "eval_latest.2.json",
         "eval_latest.json",
+        "eval_latest_confusion.1.csv",  # the split's confusion matrix is kept with its rescoring
+        "eval_latest_confusion.2.csv",
+        "eval_latest_confusion.csv",
         "eval_latest_per_image.1.csv",
         "eval_latest_per_image.2.csv",
         "eval_latest_per_image.csv",
