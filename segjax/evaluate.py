@@ -81,7 +81,8 @@ def evaluate_split(
 def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, per_image_csv: str = "") -> dict:
     """Named scores of predictions made on the host (a classic baseline's, or mask files another
     tool wrote): `maps` yields one dict per image, `name`, `label` and `pred` (int class ids
-    0..len(names)-1, one shape) and `valid` (1 where the pixel counts), scored as a network's
+    0..len(names)-1, one shape), `valid` (1 where the pixel counts) and, for volumes that carry
+    one, `spacing` (voxel sizes, for surface distances in mm), scored as a network's
     evaluation scores its split: the same counts, conventions, boundary IoU and, with
     `eval.surface_metrics`, HD95 / surface Dice; `per_image_csv`: each image's scores there too.
     `val/...` keys, no `val/loss`."""
@@ -103,6 +104,8 @@ def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, p
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
         if config.eval.surface_metrics:
             batch = {"pred": pred, "label": label, "valid": valid}
+            if "spacing" in m:
+                batch["gt_spacing"] = np.asarray(m["spacing"])[None]
             out["surface"] = surface.per_image([batch], names, config.eval.nsd_tolerance, spacing)
         outputs.append(out)
     results = scores(outputs, config.eval, names)

@@ -6,14 +6,15 @@ run reports: so nnU-Net's or MONAI's masks and a segjax network compare number f
         --out=runs/other/scores.json [--split=validation|test] [--overwrite]
 
 Each image of the split (named by its file, as `segjax.predict` names its masks) pairs with the
-mask file of the same stem in `--masks` (class ids 0..C-1 at the label's own size, lossless: PNG,
-TIFF; `.npy` files are skipped). With `--instances`, `<name>_instances.png` (uint16 instance ids,
-0 = none, as `segjax.predict` writes them) is scored too, with panoptic quality against the
-dataset's instance maps (`val/pq`, `val/sq`, `val/rq`, `val/pq/<class>`; thing classes:
-`instances.thing_classes`). A missing, lossy, colour, mis-sized or out-of-range mask is an error
-naming the file. Writes `--out` (`val/...` keys, `test/...` for the
+mask file of the same stem in `--masks`: class ids 0..C-1 at the label's own size, stored
+losslessly (PNG, TIFF; `.npy` files are skipped), or for NIfTI datasets `.nii` / `.nii.gz` volumes
+on the image's grid, as nnU-Net and `segjax.predict` write them. With `--instances`,
+`<name>_instances.png` (uint16 instance ids, 0 = none, as `segjax.predict` writes them) is scored
+too, with panoptic quality against the dataset's instance maps (`val/pq`, `val/sq`, `val/rq`,
+`val/pq/<class>`; thing classes: `instances.thing_classes`). A missing, lossy, colour, mis-sized
+or out-of-range mask is an error naming the file. Writes `--out` (`val/...` keys, `test/...` for the
 test split, the conventions, the masks folder) and `<out>_per_image.csv`; an existing `--out` is
-kept unless `--overwrite`. 2D datasets.
+kept unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -25,23 +26,23 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration, evaluate, instances, metrics, report, scored_splits, surface, writers
-from segjax.data import class_file, mask_codes, png, sources
+from segjax.data import class_file, folder, mask_codes, nifti, png, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
 SKIPPED_EXTENSIONS = (".npy",)  # segjax.predict's probabilities beside its masks
 INSTANCES = "_instances"  # <name>_instances.png: an image's instance map
 
 
-def mask_files(folder: str, kind: str = "masks") -> dict[str, str]:
+def mask_files(directory: str, kind: str = "masks") -> dict[str, str]:
     """{image name: path} of the class-id masks (`kind='masks'`) or of the `<name>_instances.*`
-    maps (`kind='instances'`) in `folder` (hidden files, subfolders and .npy files left out); two
-    files of one image are an error."""
-    if not os.path.isdir(folder):
-        raise DataError(f"--masks={folder} is not a folder")
+    maps (`kind='instances'`) in `directory` (hidden files, subfolders and .npy files left out);
+    two files of one image are an error."""
+    if not os.path.isdir(directory):
+        raise DataError(f"--masks={directory} is not a folder")
     out = {}
-    for name in sorted(os.listdir(folder)):
-        path, (stem, ext) = os.path.join(folder, name), os.path.splitext(name)
-        if name.startswith(".") or not os.path.isfile(path) or ext.lower() in SKIPPED_EXTENSIONS:
+    for name in sorted(os.listdir(directory)):
+        path, stem = os.path.join(directory, name), folder.stem(name)
+        if name.startswith(".") or not os.path.isfile(path) or name.lower().endswith(SKIPPED_EXTENSIONS):
             continue
         if stem.endswith(INSTANCES) != (kind == "instances"):
             continue
@@ -56,17 +57,29 @@ def read_mask(path: str, shape: tuple[int, ...], num_classes: int | None, resize
     """The class ids of the mask file at `path` (int32), checked against the label's `shape` and
     the classes (`num_classes` None: an instance map, uint16 ids or colour-coded); DataError naming
     the file otherwise."""
-    with open(path, "rb") as f:
-        mask = png.decode(f.read(), path, ids=True)
+    if path.endswith((".nii", ".nii.gz")):  # (x, y, z) -> [D, H, W], as the dataset stores labels
+        mask, _ = nifti.load(path)
+        mask = mask[..., 0] if mask.ndim == 4 and mask.shape[-1] == 1 else mask
+        mask = np.transpose(mask, (2, 1, 0)) if mask.ndim == 3 else mask
+        if not np.issubdtype(mask.dtype, np.integer) and not np.array_equal(mask, np.round(mask)):
+            raise DataError(f"{path}: holds non-integer values; write class ids")
+        mask = mask.astype(np.int64)
+    else:
+        with open(path, "rb") as f:
+            mask = png.decode(f.read(), path, ids=True)
     if num_classes is None:
         mask = mask_codes.instance_ids(mask, path)
-    if mask.ndim != 2:
-        raise DataError(f"{path}: a {mask.shape[-1]}-channel mask; write one class id per pixel")
+    if mask.ndim != len(shape):
+        raise DataError(
+            f"{path}: a mask of shape {mask.shape} for a label of shape {shape}; write one class id per pixel"
+        )
     if mask.shape != shape:
         hint = f" (data.resize={resize} resized the labels: score with --config.data.resize=0)" if resize else ""
-        raise DataError(f"{path}: {mask.shape[0]}x{mask.shape[1]}, but its label is {shape[0]}x{shape[1]}{hint}")
-    if num_classes is not None and mask.size and int(mask.max()) >= num_classes:
-        values = np.unique(mask[mask >= num_classes])[:5].tolist()
+        size = "x".join(map(str, mask.shape))
+        raise DataError(f"{path}: {size}, but its label is {'x'.join(map(str, shape))}{hint}")
+    outside = (mask < 0) | (mask >= num_classes) if num_classes is not None else np.zeros(mask.shape, bool)
+    if outside.any():
+        values = np.unique(mask[outside])[:5].tolist()
         raise DataError(f"{path}: holds {values}, outside the class ids 0..{num_classes - 1}")
     return mask.astype(np.int32)
 
@@ -84,8 +97,10 @@ def score(
     class_file.apply(config)
     configuration.validate(config)
     prefix, _ = scored_splits.split_naming(split)
-    if config.model.spatial_dims != 2:
-        raise ConfigError("segjax.score_masks reads 2D mask files (model.spatial_dims=2)")
+    if config.model.spatial_dims == 3 and config.data.name != "nifti":
+        raise ConfigError("segjax.score_masks reads 3D masks as NIfTI files (data.name='nifti')")
+    if with_instances and config.model.spatial_dims != 2:
+        raise ConfigError("--instances scores 2D instance maps")
     if os.path.isdir(out) or not out.endswith(".json"):
         raise ConfigError(f"--out={out}: give the path of a .json file to write")
     if os.path.exists(out) and not overwrite:
@@ -114,7 +129,8 @@ def score(
             label = source[i]["label"].astype(np.int32)
             valid = (label != ignore).astype(np.float32) if ignore >= 0 else np.ones(label.shape, np.float32)
             pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
-            yield {"name": name, "label": np.where(valid > 0, label, 0), "pred": pred, "valid": valid}
+            found = {"name": name, "label": np.where(valid > 0, label, 0), "pred": pred, "valid": valid}
+            yield {**found, "spacing": source[i]["spacing"]} if "spacing" in source[i] else found
 
     class_names = tuple(config.data.class_names)
     table = os.path.splitext(out)[0] + "_per_image.csv"

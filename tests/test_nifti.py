@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segjax import metrics, predict, rescore, train
+from segjax import metrics, predict, rescore, score_masks, train
 from segjax.data import nifti, sources
 from segjax.errors import DataError
 from tests.conftest import load_config
@@ -183,3 +183,11 @@ def test_3d_unet_trains_on_a_nifti_folder_with_random_patches(tmp_path, tfds_dir
     odd_mask = nib.load(paths[1])
     assert odd_mask.shape == (20, 16, 12) and np.allclose(odd_mask.affine, AFFINE)
     assert set(np.unique(np.asarray(odd_mask.dataobj))) <= {0, 1}
+    # the written volumes scored by segjax.score_masks (odd.nii.gz is no validation volume: left
+    # out): the run's own scores, HD95 and surface Dice in mm included
+    files = score_masks.score(config, out, str(tmp_path / "scores.json"))
+    for key in ("val/accuracy", "val/miou", "val/tp/c1", "val/fn/c1", "val/mhd95", "val/mnsd"):
+        np.testing.assert_allclose(files[key], scored[key], rtol=1e-6, err_msg=key)
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), -1, np.int16), AFFINE), os.path.join(out, "case3.nii.gz"))
+    with pytest.raises(DataError, match=r"case3.nii.gz: holds \[-1\], outside the class ids 0..1"):
+        score_masks.score(config, out, str(tmp_path / "scores.json"), overwrite=True)

@@ -97,7 +97,10 @@ def test_hand_made_masks_and_every_bad_file(tiny_config, tmp_path, tfds_dir):
     refused(lambda: Image.fromarray(wrong[:8]).save(masks / "003.png"), r"003.png: 8x16, but its label is 16x16")
     refused(lambda: Image.fromarray(np.full((16, 16), 7, np.uint8)).save(masks / "003.png"), r"holds \[7\], outside")
     refused(lambda: Image.fromarray(wrong).save(masks / "003.jpg"), r"003.jpg: a JPEG file; ids must be stored")
-    refused(lambda: Image.fromarray(np.stack([wrong] * 3, -1)).save(masks / "003.png"), "3-channel mask")
+    refused(
+        lambda: Image.fromarray(np.stack([wrong] * 3, -1)).save(masks / "003.png"),
+        r"a mask of shape \(16, 16, 3\) for a label of shape \(16, 16\)",
+    )
 
 
 def test_command_line_refuses_an_existing_out_in_one_line(tmp_path):
