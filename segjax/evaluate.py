@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -86,8 +87,6 @@ def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, p
     evaluation scores its split: the same counts, conventions, boundary IoU and, with
     `eval.surface_metrics`, HD95 / surface Dice; `per_image_csv`: each image's scores there too.
     `val/...` keys, no `val/loss`."""
-    import jax.numpy as jnp
-
     num_classes, spacing = len(names), surface.spacing_of(config)
     outputs = []
     for m in maps:

@@ -57,13 +57,8 @@ def read_mask(path: str, shape: tuple[int, ...], num_classes: int | None, resize
     """The class ids of the mask file at `path` (int32), checked against the label's `shape` and
     the classes (`num_classes` None: an instance map, uint16 ids or colour-coded); DataError naming
     the file otherwise."""
-    if path.endswith((".nii", ".nii.gz")):  # (x, y, z) -> [D, H, W], as the dataset stores labels
-        mask, _ = nifti.load(path)
-        mask = mask[..., 0] if mask.ndim == 4 and mask.shape[-1] == 1 else mask
-        mask = np.transpose(mask, (2, 1, 0)) if mask.ndim == 3 else mask
-        if not np.issubdtype(mask.dtype, np.integer) and not np.array_equal(mask, np.round(mask)):
-            raise DataError(f"{path}: holds non-integer values; write class ids")
-        mask = mask.astype(np.int64)
+    if path.endswith((".nii", ".nii.gz")):  # [D, H, W], as the dataset stores labels
+        mask = nifti.read_label(path)[0].astype(np.int64)
     else:
         with open(path, "rb") as f:
             mask = png.decode(f.read(), path, ids=True)
@@ -123,49 +118,35 @@ def score(
             "score_masks: %d files in %s are no %s image's (e.g. %s): not scored", len(others), masks, split, others[0]
         )
     num_classes, ignore = config.data.num_classes, config.data.ignore_label
+    things = list(instances.thing_classes(config))
+    panoptic = metrics.PanopticAccumulator(num_classes) if with_instances else None
 
-    def maps():
+    def maps():  # each file read once; with --instances its panoptic counts are added on the way
         for i, name in enumerate(names):
-            label = source[i]["label"].astype(np.int32)
+            ex = source[i]
+            label = ex["label"].astype(np.int32)
             valid = (label != ignore).astype(np.float32) if ignore >= 0 else np.ones(label.shape, np.float32)
+            label = np.where(valid > 0, label, 0)
             pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
-            found = {"name": name, "label": np.where(valid > 0, label, 0), "pred": pred, "valid": valid}
-            yield {**found, "spacing": source[i]["spacing"]} if "spacing" in source[i] else found
+            if panoptic is not None:  # thing classes by instance, stuff one segment each, ignored pixels void
+                ids = read_mask(instance_files[name], label.shape, None, config.data.resize)
+                truth = np.where(np.isin(label, things), ex["instances"], 0)
+                panoptic.update(label, truth, pred, np.where(np.isin(pred, things), ids, 0), void=valid == 0)
+            found = {"name": name, "label": label, "pred": pred, "valid": valid}
+            yield {**found, "spacing": ex["spacing"]} if "spacing" in ex else found
 
     class_names = tuple(config.data.class_names)
     table = os.path.splitext(out)[0] + "_per_image.csv"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results = evaluate.score_maps(maps(), config, class_names, table)
-    if with_instances:
-        results.update(panoptic(source, names, files, instance_files, config))
+    if panoptic is not None:  # val/pq, sq, rq, pq/<class>: as evaluation names them
+        results.update(instances.panoptic_scores([{"panoptic": panoptic}], config))
     results = scored_splits.split_keys(results, prefix)
     results.update(split=split, masks=os.path.abspath(masks), metrics_convention=evaluate.convention(config))
     writers.write_summary(out, results)
     print(f"\n{masks} on {config.data.name}/{split} ({results['metrics_convention']}):")
     print(report.results_table(results, class_names, prefix=prefix, distance_unit=surface.unit(config)))
     return results
-
-
-def panoptic(source, names: list[str], files: dict, instance_files: dict, config) -> dict[str, float]:
-    """`val/pq`, `val/sq`, `val/rq`, `val/pq/<class>` of the masks and instance maps against the
-    split's labels and instance maps, as evaluation scores a boundary-class run's: thing classes
-    by instance, stuff classes one segment each, ignore-label pixels void."""
-    num_classes, ignore = config.data.num_classes, config.data.ignore_label
-    things = list(instances.thing_classes(config))
-    acc = metrics.PanopticAccumulator(num_classes)
-    for i, name in enumerate(names):
-        ex = source[i]
-        label = ex["label"].astype(np.int32)
-        void = label == ignore if ignore >= 0 else np.zeros(label.shape, bool)
-        label = np.where(void, 0, label)
-        pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
-        ids = read_mask(instance_files[name], label.shape, None, config.data.resize)
-        truth = np.where(np.isin(label, things), ex["instances"], 0)
-        acc.update(label, truth, pred, np.where(np.isin(pred, things), ids, 0), void=void)
-    res = acc.result()
-    out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
-    out.update({f"val/pq/{config.data.class_names[c]}": float(res["pq"][c]) for c in range(1, num_classes)})
-    return out
 
 
 def main(argv):

@@ -90,24 +90,31 @@ def _as_dhwc(image: np.ndarray, image_path: str, channels: int) -> np.ndarray:
     return image
 
 
+def read_label(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(class ids [D,H,W] in their stored dtype, affine) of a label volume (a dataset's mask, or a
+    predicted one scored by segjax.score_masks): 3D, or 4D with one channel; non-integer values
+    are a DataError naming the file."""
+    label, affine = load(path)
+    if label.ndim == 4 and label.shape[-1] == 1:
+        label = label[..., 0]
+    if label.ndim != 3:
+        raise DataError(f"{path}: label volumes must be 3D class-id volumes, got shape {label.shape}")
+    if not np.issubdtype(label.dtype, np.integer):
+        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
+            raise DataError(f"{path}: label volume holds non-integer values; store class ids")
+    return np.transpose(label, (2, 1, 0)), affine
+
+
 def read_pair(cfg: NiftiConfig, image_path: str, mask_path: str) -> dict[str, np.ndarray]:
     """Decode, check and normalise one volume pair: image [D,H,W,C] float32, label [D,H,W] uint8,
     spacing (D, H, W) in mm."""
     raw, image_affine, spacing = load_with_spacing(image_path)
     image = _as_dhwc(raw, image_path, cfg.channels)
-    label, label_affine = load(mask_path)
-    if label.ndim == 4 and label.shape[-1] == 1:
-        label = label[..., 0]
-    if label.ndim != 3:
-        raise DataError(f"{mask_path}: label volumes must be 3D class-id volumes, got shape {label.shape}")
-    label = np.transpose(label, (2, 1, 0))
+    label, label_affine = read_label(mask_path)
     if label.shape != image.shape[:3]:
         raise DataError(f"{mask_path}: label shape {label.shape} differs from image shape {image.shape[:3]} (D,H,W)")
     if not np.allclose(image_affine, label_affine, atol=1e-3):
         raise DataError(f"{mask_path}: affine differs from the image's; resample the label onto the image grid")
-    if not np.issubdtype(label.dtype, np.integer):
-        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
-            raise DataError(f"{mask_path}: label volume holds non-integer values; store class ids")
     mapped = (
         validation.map_labels(label.astype(np.int64), np.asarray(cfg.label_map), mask_path) if cfg.label_map else label
     )
