@@ -138,6 +138,59 @@ def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_confi
     assert len([d for d in os.listdir(tmp_path) if d.startswith("baseline.replaced-")]) == 1
 
 
+def test_the_dataset_id_follows_the_files_contents_not_their_times_or_place(
+    tiny_config, tmp_path, tfds_dir, monkeypatch
+):
+    """The same bytes re-written (a re-sync, an unpacked archive) or the folder copied elsewhere keep
+    the id, so a run resumes on them; one byte changed with its size and modification time
+    restored changes it (git's check: the change time). Unchanged files are not hashed again."""
+    import shutil
+
+    from segjax import train
+    from segjax.data import file_digests
+
+    root = write_folder(tmp_path / "a" / "data", [(32, 32)] * 6, num_classes=4)
+    tiny_config.data = folder_config(root, tfds_dir, num_classes=4, num_folds=3, fold=2)
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config, run)
+    first = sources.dataset_id(tiny_config.data)
+    files = [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+    for path in files:  # the same bytes, written anew, with other times
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, ns=(5 * 10**9, 5 * 10**9))
+    hashed = []
+    monkeypatch.setattr(file_digests, "sha256", lambda p, real=file_digests.sha256: hashed.append(p) or real(p))
+    assert sources.dataset_id(tiny_config.data) == first and len(hashed) == 12
+    train.train_and_evaluate(tiny_config, run)  # resumes (finished: nothing to do), no "differs in: dataset"
+    with open(os.path.join(run, "dataset.json"), encoding="utf-8") as f:
+        assert json.load(f) == {"dataset": first}
+    hashed.clear()
+    assert sources.dataset_id(tiny_config.data) == first and hashed == []  # stat unchanged: not read again
+    copy = shutil.copytree(root, tmp_path / "b" / "data", copy_function=shutil.copyfile)
+    assert sources.dataset_id(folder_config(copy, tfds_dir, num_classes=4, num_folds=3, fold=2)) == first
+    mask = f"{root}/masks/001.png"
+    info = os.stat(mask)
+    with open(mask, "r+b") as f:  # one byte of the file's data, same size, same modification time
+        f.seek(info.st_size // 2)
+        byte = f.read(1)
+        f.seek(info.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(mask, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert os.stat(mask).st_size == info.st_size and os.stat(mask).st_mtime_ns == info.st_mtime_ns
+    hashed.clear()
+    assert sources.dataset_id(tiny_config.data) != first and hashed == [mask]
+    cache = file_digests.cache_path(tfds_dir, root)
+    with open(cache, "w", encoding="utf-8") as f:
+        f.write("{not json")
+    again = sources.dataset_id(tiny_config.data)  # an unreadable cache costs a rehash, not a wrong id
+    shutil.copyfile(copy / "masks" / "001.png", mask)
+    assert sources.dataset_id(tiny_config.data) == first != again
+
+
 def test_mixed_sizes_that_do_not_fit_the_depth_train_on_crops_and_rescore_as_evaluated(tiny_config, tmp_path, tfds_dir):
     """Without crops, a batch of two sizes was grain's "same structure" traceback; with crops the
     run trains and evaluates the full images padded, and `--eval_only` (whose state template was
@@ -240,8 +293,12 @@ def test_split_file_and_val_fraction(tmp_path, tfds_dir):
         f.write("id,suggested_split\n000,train\n001,val\n002,train\n003,val\n004,train\n")
     cfg = folder_config(root, tfds_dir, split_file="index.csv", split_column="suggested_split")
     assert len(sources.open_splits(cfg)["validation"]) == 2
-    by_fraction = folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4)))
-    again = folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4)))
+    by_fraction = folder.assign_splits(
+        folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4), tfds_dir)
+    )
+    again = folder.assign_splits(
+        folder.FolderConfig.from_config(folder_config(root, tfds_dir, val_fraction=0.4), tfds_dir)
+    )
     assert [p[0] for p in by_fraction["validation"]] == [p[0] for p in again["validation"]]
     assert len(by_fraction["validation"]) == 2
 
@@ -255,7 +312,7 @@ def test_split_rules_are_never_chosen_silently(tmp_path, tfds_dir):
     def splits_with(csv_text=None, **knobs):
         if csv_text is not None:
             (root / "split.csv").write_text(csv_text)
-        return folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs)))
+        return folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs), tfds_dir))
 
     by_file = splits_with("id,split\n000,train\n001,val\n002,Test\n003,validation\n004,train\n", split_file="split.csv")
     assert {k: [p[0] for p in v] for k, v in by_file.items()} == {
@@ -277,7 +334,7 @@ def test_split_rules_are_never_chosen_silently(tmp_path, tfds_dir):
         splits_with(fold=2)
     nested = write_folder(tmp_path / "nested", [(8, 8)] * 3, split_dirs=True)
     with pytest.raises(ConfigError, match="has split subfolders"):
-        folder.assign_splits(folder.FolderConfig.from_config(folder_config(nested, tfds_dir, num_folds=3)))
+        folder.assign_splits(folder.FolderConfig.from_config(folder_config(nested, tfds_dir, num_folds=3), tfds_dir))
 
 
 def test_k_fold_next_to_a_fixed_test_set(tmp_path, tfds_dir):
@@ -290,7 +347,9 @@ def test_k_fold_next_to_a_fixed_test_set(tmp_path, tfds_dir):
         return {k: [p[0] for p in v] for k, v in splits.items()}
 
     def splits_of(root, **knobs):
-        return names(folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs))))
+        return names(
+            folder.assign_splits(folder.FolderConfig.from_config(folder_config(root, tfds_dir, **knobs), tfds_dir))
+        )
 
     root = write_folder(tmp_path / "tt", [(8, 8)] * 6, split_dirs=True)  # train/train000..004, val/val000
     os.replace(root / "val", root / "test")
@@ -438,7 +497,7 @@ def test_exif_orientation_is_applied_ignored_or_refused_as_configured(tmp_path, 
     np.testing.assert_array_equal(train[1]["image"], shown)
     np.testing.assert_array_equal(train[1]["label"], mask)
     with pytest.raises(ConfigError, match=r"data.folder.exif='turn'; choose one of"):
-        folder.FolderConfig.from_config(folder_config(root, tfds_dir, exif="turn"))
+        folder.FolderConfig.from_config(folder_config(root, tfds_dir, exif="turn"), tfds_dir)
 
 
 def test_one_bit_files_are_binary_masks_and_black_and_white_images(tmp_path, tfds_dir):

@@ -21,9 +21,10 @@ next to a fixed test set. A val/ subfolder, or rows `val`, next to `num_folds`, 
 to subfolders, or a `fold` without `num_folds` are errors: no rule is chosen silently.
 Every pair is decoded and validated while the dataset is prepared, so a corrupt file, a missing
 mask, a size or channel mismatch or an out-of-range label fails once, naming the file.
-The prepared copy's name hashes the config and every read file's name, size and modification
-time, so a folder changed since (an edited mask, an added image) is prepared anew, never trained
-on as it was; the earlier copy stays where it is.
+The prepared copy's name hashes the config and every read file's name and contents (SHA-256,
+`file_digests`), so a folder changed since (an edited mask, an added image) is prepared anew,
+never trained on as it was, and the earlier copy stays where it is; the same files copied, moved
+or re-synced keep the name, the prepared copy and the runs that recorded it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from segjax.data import intensity, mask_codes, png, validation
+from segjax.data import file_digests, intensity, mask_codes, png, validation
 from segjax.errors import ConfigError, DataError
 
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"), "test": ("test",)}
@@ -63,12 +64,13 @@ class FolderConfig(tfds.core.BuilderConfig):
     mask_threshold: int = -1
     mask_values: tuple = ()
     label_map: tuple = ()
-    listing: str = ""  # `listing_digest` of the files read
+    contents: str = ""  # `contents_digest` of the files read
 
     @classmethod
-    def from_config(cls, cfg, **extra) -> FolderConfig:
+    def from_config(cls, cfg, cache_dir: str, **extra) -> FolderConfig:
         """From `config.data` (data.dir, data.folder.*) and a subclass's `extra` fields; the name
-        hashes everything that matters, so each variant is prepared once."""
+        hashes everything that matters (not where the folder is), so each variant is prepared
+        once. `cache_dir` keeps the files' digests (`file_digests`)."""
         if not cfg.dir:
             raise ConfigError("data.dir is empty: point it at a folder with images/ and masks/ (see configs/folder.py)")
         root = os.path.abspath(os.path.expanduser(cfg.dir))
@@ -97,13 +99,15 @@ class FolderConfig(tfds.core.BuilderConfig):
             rescale_low=float(low),
             rescale_high=float(high),
             exif=f.exif,
-            listing=listing_digest(root, f.split_file),
+            contents=contents_digest(root, f.split_file, cache_dir),
             **extra,
         )
         knobs.update(_mask_knobs(cls, cfg))  # hashed only when set: folders prepared before them keep their names
         # 16-bit labels (`label_dtype`) get their own copy: never an 8-bit one prepared before, whose ids wrapped
         wide = max(cfg.num_classes - 1, cfg.ignore_label, len(cfg.label_map or ()) - 1) > 255
-        hashed = {**knobs, "labels": "uint16"} if wide else knobs
+        hashed = {k: v for k, v in knobs.items() if k != "root"}  # the contents say which files
+        if wide:
+            hashed["labels"] = "uint16"
         digest = hashlib.sha1(repr(sorted(hashed.items())).encode()).hexdigest()[:10]
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))[:40]
         return cls(name=f"{base}_{digest}", **knobs)
@@ -145,21 +149,19 @@ def stem(filename: str) -> str:
     return os.path.splitext(filename)[0]
 
 
-def listing_digest(root: str, split_file: str = "") -> str:
-    """A digest of the name, size and modification time of every file the splits can read (images/,
-    masks/, instances/ at `root` and in its split subfolders, and the split file), as make and
-    rsync decide what changed. The files are those the splits read (`_stems`)."""
-    digest = hashlib.sha1()
+def contents_digest(root: str, split_file: str, cache_dir: str) -> str:
+    """A digest of the name (relative to `root`) and contents of every file the splits can read
+    (images/, masks/, instances/ at `root` and in its split subfolders, and the split file; the
+    files `_stems` lists), each file hashed once until its stat changes (`file_digests`)."""
     folders = ["", *(d for dirs in SPLIT_FOLDERS.values() for d in dirs)]
     paths = [os.path.join(root, split_file)] if split_file else []
     for base in folders:
         for kind in ("images", "masks", "instances"):
             paths += _stems(os.path.join(root, base, kind)).values()
-    for path in paths:
-        if os.path.exists(path):
-            info = os.stat(path)
-            digest.update(f"{os.path.relpath(path, root)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    paths = [p for p in paths if os.path.exists(p)]
+    digests = file_digests.digests(root, paths, file_digests.cache_path(cache_dir, root))
+    listing = "".join(f"{rel}\0{sha}\n" for rel, sha in digests.items())
+    return hashlib.sha1(listing.encode()).hexdigest()[:16]
 
 
 def _stems(folder: str) -> dict[str, str]:

@@ -41,14 +41,14 @@ class NiftiConfig(folder.FolderConfig):
     high: float = 99.5
 
     @classmethod
-    def from_data_config(cls, cfg) -> NiftiConfig:
+    def from_data_config(cls, cfg, cache_dir: str) -> NiftiConfig:
         n = cfg.nifti
         if n.normalize not in NORMALIZATIONS:
             raise ConfigError(f"data.nifti.normalize={n.normalize!r}; choose one of {list(NORMALIZATIONS)}")
         low, high = n.percentiles
         if not 0 <= low < high <= 100:
             raise ConfigError(f"data.nifti.percentiles={tuple(n.percentiles)} must satisfy 0 <= low < high <= 100")
-        return cls.from_config(cfg, normalize=n.normalize, low=float(low), high=float(high))
+        return cls.from_config(cfg, cache_dir, normalize=n.normalize, low=float(low), high=float(high))
 
 
 MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}  # NIfTI xyz units

@@ -40,11 +40,15 @@ def _synthetic3d_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
 
 
 def _folder_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
-    return folder.SegFolder(data_dir=data_dir, file_format="array_record", config=folder.FolderConfig.from_config(cfg))
+    return folder.SegFolder(
+        data_dir=data_dir, file_format="array_record", config=folder.FolderConfig.from_config(cfg, digest_dir(cfg))
+    )
 
 
 def _nifti_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
-    return nifti.SegNifti(data_dir=data_dir, file_format="array_record", config=nifti.NiftiConfig.from_data_config(cfg))
+    return nifti.SegNifti(
+        data_dir=data_dir, file_format="array_record", config=nifti.NiftiConfig.from_data_config(cfg, digest_dir(cfg))
+    )
 
 
 def _catalogue_builder(cfg: ml_collections.ConfigDict, data_dir: str | None):
@@ -81,6 +85,11 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str | None:
     return cfg.tfds_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
+def digest_dir(cfg: ml_collections.ConfigDict) -> str:
+    """Where folder datasets' file digests are cached: the prepared datasets' folder."""
+    return data_dir(cfg) or tfds.core.constants.DATA_DIR
+
+
 def _check_name(cfg: ml_collections.ConfigDict) -> None:
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown data.name={cfg.name!r}; valid datasets: {sorted(DATASETS)}")
@@ -94,7 +103,7 @@ def make_builder(cfg: ml_collections.ConfigDict):
 
 def dataset_id(cfg: ml_collections.ConfigDict) -> str:
     """`builder/config/version` of the prepared copy `cfg` reads (nothing is prepared): for folders
-    the config name hashes the files' names, sizes and times, so it changes when they do. A run
+    the config name hashes the files' names and contents, so it changes when they do. A run
     records it (workdirs.prepare) so that resuming on changed data is not silent."""
     builder = make_builder(cfg)
     config = builder.builder_config.name if builder.builder_config else ""
