@@ -281,12 +281,7 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
     # each batch's loss weighted by its valid pixels: a padded last batch counts for what it holds,
     # so a per-pixel loss (CE, focal) is the split's pixel mean at any eval.batch_size
     results = {"val/loss": float(np.average(losses, weights=weights)) if sum(weights) else float("nan")}
-    for key in metrics.SCORES:
-        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
-            results[f"val/{key}/{name}"] = float(v)
-    for key, value in means.items():
-        if np.ndim(value) == 0:
-            results[f"val/{key}"] = float(value)
+    results.update(_named_scores(per_class, means, class_names))
     if eval_cfg.boundary_dilation > 0:
         b = metrics.boundary_iou_from_counts(b_inter, b_union, empty, bg)
         results["val/mbiou"] = float(b["mbiou"])
@@ -300,3 +295,27 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
     results["val/pixels"] = int(dataset.sum())
     results["val/images"] = len(stack)
     return results
+
+
+def _named_scores(per_class: dict, means: dict, class_names) -> dict[str, float]:
+    """`val/<score>/<class>` of `metrics.summarize`'s per-class arrays and `val/<mean>` of its scalars."""
+    results = {}
+    for key in metrics.SCORES:
+        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
+            results[f"val/{key}/{name}"] = float(v)
+    for key, value in means.items():
+        if np.ndim(value) == 0:
+            results[f"val/{key}"] = float(value)
+    return results
+
+
+def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
+    """The scores `scores` derives from pixel counts (`val/<score>/<class>`, the class means,
+    `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn` summed over one split or several (the
+    folds of a cross-validation: each image counted once), under `eval.average` 'dataset' or
+    'micro' ('per_image' needs each image's counts)."""
+    avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
+    if avg not in ("dataset", "micro"):
+        raise ConfigError(f"eval.average={avg!r}: scores of summed counts need 'dataset' or 'micro'")
+    per_class = metrics.summarize_counts(counts, "dataset", empty, bg)
+    return _named_scores(per_class, metrics.summarize_counts(counts, avg, empty, bg), class_names)

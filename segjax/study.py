@@ -168,6 +168,24 @@ def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict
         raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
 
 
+def summed_counts(base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], split: str):
+    """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
+    the class names and eval conventions every variant shares; a string says why there is none."""
+    from segjax import instances  # jax only when a study reports
+
+    configs = [variant_config(base, overrides, name) for name, overrides in variants.items()]
+    shared = {(instances.class_names(c), c.eval.average, c.eval.empty, c.eval.include_background) for c in configs}
+    if len(shared) > 1:
+        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background"
+    names, ev = instances.class_names(configs[0]), configs[0].eval
+    if ev.average == "per_image":
+        return "eval.average='per_image' averages each image's scores; the runs report only summed counts"
+    try:
+        return study_tables.summed_counts(rows, ev, names, split)
+    except KeyError as err:
+        return err.args[0]
+
+
 def run_study(
     base: ml_collections.ConfigDict,
     variants: dict[str, dict],
@@ -277,7 +295,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("vmap_seeds", False, "Train each variant's seeds as one vmapped run (train.num_seeds).")
     flags.DEFINE_bool("collect_only", False, "Only rebuild runs.csv and summary.md from finished runs.")
     flags.DEFINE_list("summary_keys", [], "More metrics.json keys for summary.md, e.g. val/dice/membrane.")
-    flags.DEFINE_bool("pooled", False, "Add a row over every run of every variant (the folds of a cross-validation).")
+    flags.DEFINE_bool(
+        "pooled",
+        False,
+        "Add a row over every run of every variant (the folds of a cross-validation: mean ± std over folds) "
+        "and a row of the scores of their pixel counts summed (each fold's images once).",
+    )
     flags.DEFINE_string(
         "compare_to", "", "A variant: write comparison.md, every other variant minus it, paired by seed."
     )
@@ -328,7 +351,8 @@ def main(argv):
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed))
+        summed = summed_counts(base, variants, rows, "validation") if f.pooled and rows else None
+        print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, summed=summed))
         _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, "validation")
         if f.eval_split == "test":
             todo = planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)
@@ -338,7 +362,8 @@ def main(argv):
                 f" ({len(rows) - len(tested)} finished runs not scored yet: rerun)" if len(tested) < len(rows) else ""
             )
             print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
-            print(study_tables.write_results(f.workdir, tested, f.summary_keys, f.pooled, split="test"))
+            summed = summed_counts(base, variants, tested, "test") if f.pooled and tested else None
+            print(study_tables.write_results(f.workdir, tested, f.summary_keys, f.pooled, split="test", summed=summed))
             _write_comparison(f.workdir, tested, f.compare_to, f.summary_keys, "test")
 
 

@@ -23,6 +23,8 @@ OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
 
 
 POOLED = "all (pooled)"
+SUMMED = "all (summed counts)"
+COUNTS = ("tp", "fp", "fn", "tn")
 
 
 def require_keys(rows: list[dict], keys, where: str = "the runs' metrics.json") -> None:
@@ -34,12 +36,14 @@ def require_keys(rows: list[dict], keys, where: str = "the runs' metrics.json") 
         raise KeyError(f"{missing} are in none of {where}; they hold {sorted(present)}")
 
 
-def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list[dict]:
+def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed: dict | None = None) -> list[dict]:
     """Per variant (in first-seen order): n and mean / sample std (ddof=1) over seeds of `keys`.
     `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
-    the folds of a cross-validation, the cross-validated mean and its spread over folds. A
-    standard column (SUMMARY_KEYS, OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`);
-    any other key no run has is an error (`require_keys`)."""
+    the folds of a cross-validation, the cross-validated mean and its spread over folds.
+    `summed` (`summed_counts`) adds one more (`SUMMED`): its keys' values, NaN where a key is not
+    made of pixel counts (boundary IoU, PQ, HD95). A standard column (SUMMARY_KEYS,
+    OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`); any other key no run has is an
+    error (`require_keys`)."""
     standard = [k for prefix in ("val", "test") for k in _named(SUMMARY_KEYS + OPTIONAL_KEYS, prefix)]
     require_keys(rows, [k for k in keys if k not in standard])
     groups = {
@@ -55,7 +59,31 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False) -> list
             entry[key] = float(values.mean()) if len(values) else math.nan
             entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
         out.append(entry)
+    if summed is not None and rows:
+        entry = {"variant": SUMMED, "n": len(rows)}
+        for key in keys:
+            entry[key], entry[f"{key}_std"] = float(summed.get(key, math.nan)), math.nan
+        out.append(entry)
     return out
+
+
+def summed_counts(rows: list[dict], eval_cfg, class_names, split: str = "validation") -> dict[str, float]:
+    """The scores of the pixel counts (`<prefix>/tp/<class>`, ...) summed over every run in `rows`
+    (`evaluate.count_scores`, under the runs' `eval` conventions): for the folds of a
+    cross-validation each image is counted once, so this is the whole dataset's score, where
+    `POOLED` is the mean of the folds' scores. A run without counts (scored before they were
+    reported) is a KeyError naming how many."""
+    from segjax import evaluate
+
+    prefix = scored_splits.split_naming(split)[0]
+    counts = {}
+    for kind in COUNTS:
+        keys = [f"{prefix}/{kind}/{name}" for name in class_names]
+        lacking = sum(any(k not in r for k in keys) for r in rows)
+        if lacking:
+            raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
+        counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
+    return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
 
 
 def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
@@ -90,12 +118,19 @@ def _named(keys, prefix: str) -> list[str]:
 
 
 def write_results(
-    workdir: str, rows: list[dict], extra_keys=(), pooled: bool = False, failed=(), split: str = "validation"
+    workdir: str,
+    rows: list[dict],
+    extra_keys=(),
+    pooled: bool = False,
+    failed=(),
+    split: str = "validation",
+    summed: dict | str | None = None,
 ) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
     may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys, split)`;
-    with `pooled` a last row over every run) and, when some runs diverged (`failed`: `diverged`),
-    a line per such run under it. Rows of the test split go to runs_test.csv and summary_test.md."""
+    with `pooled` a last row over every run, and a row of `summed` (`summed_counts`; a string
+    says why there is none)) and, when some runs diverged (`failed`: `diverged`), a line per such
+    run under it. Rows of the test split go to runs_test.csv and summary_test.md."""
     suffix = scored_splits.split_naming(split)[1]
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
     with writers.replaced(os.path.join(workdir, f"runs{suffix}.csv"), newline="") as f:
@@ -103,8 +138,12 @@ def write_results(
         writer.writeheader()
         writer.writerows(rows)
     columns = summary_keys(rows, extra_keys, split)
-    table = markdown(summarize(rows, columns, pooled), columns)
+    table = markdown(summarize(rows, columns, pooled, summed if isinstance(summed, dict) else None), columns)
     note = f"; '{POOLED}': over every run of every variant" if pooled else ""
+    if isinstance(summed, dict):
+        note += f"; '{SUMMED}': the scores of every run's pixel counts summed, each fold's images once"
+    elif summed:
+        table += f"\n\nNo '{SUMMED}' row: {summed}."
     if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"
         from segjax import workdirs
 

@@ -176,6 +176,26 @@ def test_bad_summarize_options():
         metrics.summarize(cm, average="per_image")
 
 
+@pytest.mark.parametrize("average", metrics.AVERAGES)
+def test_scores_from_counts_alone_equal_the_confusion_matrix_s(average):
+    """Every score depends on a confusion matrix only through each class's tp, fp, fn, tn (what a
+    run's metrics.json reports), per image too: the two routes agree; wrong shapes are refused."""
+    rng = np.random.default_rng(1)
+    cms = rng.integers(0, 50, (5, 4, 4)) * (rng.random((5, 4, 4)) < 0.7)
+    cms[:, 3, :] = cms[:, :, 3] = 0  # class 3 absent from every image: empty scores
+    cm = cms if average == "per_image" else cms.sum(0)
+    counts = {k: np.asarray(v).astype(np.int64) for k, v in metrics.counts(cm).items()}
+    for empty in metrics.EMPTY_POLICIES:
+        for background in (True, False):
+            want = metrics.summarize(cm, average, empty, background)
+            got = metrics.summarize_counts(counts, average, empty, background)
+            assert sorted(got) == sorted(want)
+            for key in want:
+                np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6, equal_nan=True)
+    with pytest.raises(ValueError, match=r"needs .* counts, got shape"):
+        metrics.summarize_counts(metrics.counts(cms.sum(0) if average == "per_image" else cms), average)
+
+
 def test_module_example_runs():
     failures, tried = doctest.testmod(confusion)
     assert tried > 0 and failures == 0

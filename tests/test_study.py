@@ -66,6 +66,83 @@ def test_pooled_row_is_over_every_run_of_every_variant(tmp_path):
         assert "over every run of every variant" in f.read()
 
 
+@pytest.mark.parametrize("average,include_background", [("dataset", True), ("dataset", False), ("micro", True)])
+def test_summed_counts_score_every_fold_s_pixels_once(average, include_background):
+    """The summed-counts row of a cross-validation equals scikit-learn's scores of all folds'
+    pixels put together (each fold's validation images once), not the mean of the folds' scores;
+    the runs report their counts as metrics.json does (`val/tp/<class>`, ...)."""
+    from sklearn.metrics import accuracy_score, f1_score, jaccard_score, precision_score, recall_score
+
+    names = ("background", "tool", "berry")
+    rng = np.random.default_rng(3)
+    truths, preds, rows = [], [], []
+    for fold in range(4):
+        truth = rng.integers(0, 3, 200 + 50 * fold)
+        pred = np.where(rng.random(truth.size) < 0.3 + 0.1 * fold, rng.integers(0, 3, truth.size), truth)
+        truths.append(truth), preds.append(pred)
+        row = {"variant": f"fold{fold}", "seed": 0}
+        for c, name in enumerate(names):
+            t, p = truth == c, pred == c
+            row.update({f"val/tp/{name}": int(np.sum(t & p)), f"val/fp/{name}": int(np.sum(~t & p))})
+            row.update({f"val/fn/{name}": int(np.sum(t & ~p)), f"val/tn/{name}": int(np.sum(~t & ~p))})
+        rows.append(row)
+    truth, pred = np.concatenate(truths), np.concatenate(preds)
+    eval_cfg = load_config("default").eval
+    eval_cfg.average, eval_cfg.include_background = average, include_background
+    summed = study_tables.summed_counts(rows, eval_cfg, names)
+    labels = [0, 1, 2] if include_background else [1, 2]
+    assert summed["val/accuracy"] == pytest.approx(accuracy_score(truth, pred), rel=1e-6)
+    for key, score in (("iou", jaccard_score), ("dice", f1_score), ("precision", precision_score)):
+        per_class = score(truth, pred, average=None, labels=[0, 1, 2])
+        for c, name in enumerate(names):
+            assert summed[f"val/{key}/{name}"] == pytest.approx(per_class[c], rel=1e-6)
+        mean = score(truth, pred, average="micro" if average == "micro" else "macro", labels=labels)
+        assert summed[f"val/m{key}"] == pytest.approx(mean, rel=1e-6)
+    assert summed["val/recall/tool"] == pytest.approx(recall_score(truth, pred, average=None)[1], rel=1e-6)
+    folds_mean = np.mean(
+        [jaccard_score(t, p, average="macro", labels=labels) for t, p in zip(truths, preds, strict=True)]
+    )
+    assert abs(summed["val/miou"] - folds_mean) > 1e-4  # another number than the pooled row's mean
+    test_rows = [{k.replace("val/", "test/"): v for k, v in r.items()} for r in rows]
+    on_test = study_tables.summed_counts(test_rows, eval_cfg, names, split="test")
+    assert on_test["test/miou"] == summed["val/miou"] and "val/miou" not in on_test
+    with pytest.raises(KeyError, match="1 of 4 runs report no val/tp/background"):
+        study_tables.summed_counts([*rows[:3], {"variant": "old", "seed": 0, "val/miou": 0.5}], eval_cfg, names)
+
+
+def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
+    """`--pooled` adds the summed-counts row under the mean-of-folds row (boundary IoU, not made
+    of counts: n/a); runs without counts get a note saying why there is no such row."""
+    workdir = tmp_path / "w"
+    names = ("background", "tool", "berry", "leaf")
+    folds = {"f0": (5, 1, 2), "f1": (3, 3, 0)}  # tp, fp (= fn of another class), fn of class 'tool'
+    for variant, (tp, fp, fn) in folds.items():
+        counts = {f"val/{k}/{n}": 0 for k in ("tp", "fp", "fn", "tn") for n in names}
+        counts.update({"val/tp/tool": tp, "val/fp/tool": fp, "val/fn/tool": fn, "val/tn/tool": 10})
+        counts.update({"val/tp/background": 10, "val/fp/background": fn, "val/fn/background": fp})
+        counts["val/tn/background"] = tp
+        metrics = {"val/miou": 0.5, "val/mdice": 0.5, "val/accuracy": 0.5, "val/mbiou": 0.5, **counts}
+        os.makedirs(workdir / variant / "seed_0")
+        (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps(metrics))
+    command = [*tiny_study(tmp_path, {v: {} for v in folds}), f"--workdir={workdir}", "--collect_only", "--seeds=1"]
+    done = subprocess.run([*command, "--pooled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # summed: tool tp 8, fp 4, fn 2 -> IoU 8/14, Dice 16/22; background tp 20, fp 2, fn 4 -> 20/26, 40/46
+    # berry and leaf are absent from both (empty='nan'): left out of the means; accuracy (8+20)/34
+    miou, mdice = (8 / 14 + 20 / 26) / 2, (16 / 22 + 40 / 46) / 2
+    row = f"| {study_tables.SUMMED} | 2 | {miou:.4f} | {mdice:.4f} | {28 / 34:.4f} | n/a |"
+    with open(workdir / "summary.md", encoding="utf-8") as f:
+        text = f.read()
+    assert row in text and row in done.stdout and text.index(study_tables.POOLED) < text.index(row)
+    assert "pixel counts summed, each fold's images once" in text
+    for variant in folds:
+        metrics = json.loads((workdir / variant / "seed_0" / "metrics.json").read_text())
+        (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": metrics["val/miou"]}))
+    done = subprocess.run([*command, "--pooled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No 'all (summed counts)' row: 2 of 2 runs report no val/tp/background" in done.stdout
+
+
 def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path):
     rows = [
         {"variant": "a", "seed": s, "val/miou": 0.5, "val/mnsd": 0.6 + 0.2 * s, "val/dice/membrane": 0.8}

@@ -1,7 +1,8 @@
 """Cross-validation on ISBI 2012: configs/isbi.py on each of its 6 folds (images 5K..5K+4 held out).
 
 One variant per held-out fold; fold5 (images 025-029) is the issue's protocol. `--pooled` adds a
-row over all folds: the cross-validated mean +- std over folds.
+row over all folds (the cross-validated mean +- std over folds) and one of the folds' pixel counts
+summed (all 30 images scored once).
 
 COMMAND (the README's proxy: 1000 steps on one core per process; two processes share the study,
 ~75 min on a 2-core machine; ../shared/data or $SEGJAX_SHARED_DATA):

@@ -26,6 +26,7 @@ from segjax.metrics.confusion import (
     counts,
     per_image_confusion,
     summarize,
+    summarize_counts,
 )
 from segjax.metrics.panoptic import PanopticAccumulator, panoptic_quality
 
@@ -45,6 +46,7 @@ __all__ = [
     "panoptic_quality",
     "per_image_confusion",
     "summarize",
+    "summarize_counts",
     "surface_dice",
     "surface_scores",
 ]

@@ -127,16 +127,24 @@ def summarize(confusion, average: str = "dataset", empty: str = "nan", include_b
     and per_image), their class means `miou`, `mdice`, `mprecision`, `mrecall`, `mspecificity`
     (NaN classes left out), and pixel `accuracy`. With 'micro' the means are the pooled scores.
     """
-    if average not in AVERAGES:
-        raise ValueError(f"average={average!r} is not valid; choose one of {list(AVERAGES)}")
-    if empty not in EMPTY_POLICIES:
-        raise ValueError(f"empty={empty!r} is not valid; choose one of {list(EMPTY_POLICIES)}")
+    _check_options(average, empty)
     cm = jnp.asarray(confusion)
     if cm.ndim != (3 if average == "per_image" else 2) or cm.shape[-1] != cm.shape[-2]:
         want = "[N, C, C]" if average == "per_image" else "[C, C]"
         raise ValueError(f"average={average!r} needs a {want} confusion matrix, got shape {cm.shape}")
-    c = counts(cm)
-    total = jnp.sum(cm.astype(jnp.float32), axis=(-2, -1))
+    return summarize_counts(counts(cm), average, empty, include_background)
+
+
+def summarize_counts(c: dict, average: str = "dataset", empty: str = "nan", include_background: bool = True) -> dict:
+    """`summarize` from per-class pixel counts `tp`, `fp`, `fn`, `tn` ([C]; [N, C] for
+    'per_image'), e.g. counts summed over the folds of a cross-validation, as a run's metrics.json
+    reports them: every score depends on the confusion matrix only through these four."""
+    _check_options(average, empty)
+    c = {k: jnp.asarray(c[k]).astype(jnp.float32) for k in ("tp", "fp", "fn", "tn")}
+    if c["tp"].ndim != (2 if average == "per_image" else 1):
+        want = "[N, C]" if average == "per_image" else "[C]"
+        raise ValueError(f"average={average!r} needs {want} counts, got shape {c['tp'].shape}")
+    total = c["tp"][..., 0] + c["fp"][..., 0] + c["fn"][..., 0] + c["tn"][..., 0]  # every class sees every pixel
     accuracy = _divide(jnp.sum(c["tp"], -1), total, empty)
     first = 0 if include_background else 1
     if average == "micro":
@@ -155,6 +163,13 @@ def summarize(confusion, average: str = "dataset", empty: str = "nan", include_b
         out[f"m{k}"] = jnp.nanmean(per_class[k][first:])
     out["accuracy"] = accuracy
     return out
+
+
+def _check_options(average: str, empty: str) -> None:
+    if average not in AVERAGES:
+        raise ValueError(f"average={average!r} is not valid; choose one of {list(AVERAGES)}")
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"empty={empty!r} is not valid; choose one of {list(EMPTY_POLICIES)}")
 
 
 def convention(average: str, empty: str, include_background: bool) -> str:
