@@ -19,15 +19,24 @@ from segjax.errors import ConfigError
 BARRIER_TIMEOUT_S = 6 * 3600
 
 
+def coordination_client():
+    """The multi-process coordination service's client (host barriers, a key-value store), or
+    None: not started, or a JAX whose private module moved (the public API has neither; callers
+    then fall back to device collectives)."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    return getattr(getattr(distributed, "global_state", None), "client", None)
+
+
 def host_barrier(name: str) -> None:
     """Block until every process arrives. Uses the coordination service's barrier, not a device
     collective: on the CPU backend the first collective builds a Gloo context, which fails when
     the processes arrive more than 30 s apart (seen with two loopback processes under load)."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the coordination client; public API has no host barrier
-
-    client = distributed.global_state.client
+    client = coordination_client()
     if client is None or not hasattr(client, "wait_at_barrier"):
         multihost_utils.sync_global_devices(name)
         return
@@ -43,9 +52,7 @@ def decided_by_process_0(name: str, value: bool) -> bool:
     not stop one process alone, leaving the others waiting in their next collective."""
     if jax.process_count() == 1:
         return value
-    from jax._src import distributed  # the coordination client; public API has no key-value store
-
-    client = distributed.global_state.client
+    client = coordination_client()
     if client is None or not hasattr(client, "blocking_key_value_get"):
         return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
     key = f"segjax/{name}/{next(_decisions)}"

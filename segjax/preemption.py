@@ -35,9 +35,12 @@ class Preemption:
         self._calls = 0
 
     def __enter__(self) -> Preemption:
-        from jax._src import distributed  # the public API has no "is the service running" query
-
-        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
+        try:
+            from jax._src import distributed  # the public API has no "is the service running" query
+        except ImportError:  # a JAX whose private module moved: SIGTERM is handled here
+            distributed = None
+        state = getattr(distributed, "global_state", None)
+        if jax.process_count() > 1 and getattr(state, "preemption_sync_manager", None) is not None:
             from jax.experimental import multihost_utils
 
             self._service = multihost_utils.reached_preemption_sync_point  # it handles SIGTERM itself

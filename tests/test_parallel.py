@@ -84,15 +84,26 @@ def communicate_all(procs, timeout):
         pytest.fail(f"processes still running after {timeout} s; stderr tails: {tails}")
 
 
-def test_process_0_decides_for_every_process():
+@pytest.mark.parametrize("private_module", [True, False])
+def test_process_0_decides_for_every_process(private_module):
     """Two processes propose different values (free memory differs between hosts); both get
-    process 0's, call by call, so neither stops alone while the other waits in a collective."""
+    process 0's, call by call, so neither stops alone while the other waits in a collective.
+    Without JAX's private coordination module (a JAX that moved it) the same, through a device
+    broadcast, and a host barrier too."""
     port = free_port()
+    hide = (
+        ""
+        if private_module
+        else "import jax._src; del jax._src.distributed; sys.modules['jax._src.distributed'] = None\n"
+    )
     script = (
         "import sys, jax\n"
         "from segjax import parallel\n"
         "i = int(sys.argv[1])\n"
         f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=i)\n"
+        f"{hide}"
+        f"assert (parallel.coordination_client() is None) is {not private_module}\n"
+        "parallel.host_barrier('b')\n"
         "print([parallel.decided_by_process_0('t', i == 1), parallel.decided_by_process_0('t', i == 0)])\n"
         "jax.distributed.shutdown()\n"
     )

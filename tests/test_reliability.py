@@ -143,13 +143,17 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(reference_run, tmp_
     assert_same_state(final_state(workdir)[0], reference_run[0])
 
 
-@pytest.mark.parametrize("first_step", [False, True])
-def test_sigterm_before_the_first_step_ends_the_process_at_once(first_step):
+@pytest.mark.parametrize("first_step,private_module", [(False, True), (True, True), (True, False)])
+def test_sigterm_before_the_first_step_ends_the_process_at_once(first_step, private_module):
     """Before the first training step there is nothing to save: a SIGTERM during data preparation
     or compilation ends the process as it would without segjax (it used to prepare, compile, train
-    a step and save it first). From the first step on it is a request to save and stop."""
+    a step and save it first). From the first step on it is a request to save and stop, also with
+    a JAX whose private coordination module moved."""
+    hide = "" if private_module else "del jax._src.distributed; sys.modules['jax._src.distributed'] = None"
     script = textwrap.dedent(f"""
-        import os, signal, time
+        import os, signal, sys, time
+        import jax._src
+        {hide}
         from segjax import preemption
         with preemption.Preemption() as p:
             if {first_step}:
