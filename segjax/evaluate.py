@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 from collections.abc import Callable, Iterable
 
@@ -134,11 +135,32 @@ def write_per_image(path: str, outputs: list[dict], order, names, empty: str, ro
     writers.write_table(path, per_image_rows(outputs, order, names, empty, row_names, extra))
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     matrix = confusion[[r for r, index in enumerate(order) if index is not None]].sum(axis=0)
-    rows = [
-        {"truth": t, **{p: int(v) for p, v in zip(names, row, strict=True)}}
-        for t, row in zip(names, matrix, strict=True)
-    ]
-    writers.write_table(confusion_csv(path), rows)
+    write_confusion(confusion_csv(path), matrix, names)
+
+
+CONFUSION_CORNER = "truth"  # the confusion table's first header cell: its rows are true classes
+
+
+def write_confusion(path: str, matrix: np.ndarray, names) -> None:
+    """A [C, C] confusion matrix as CSV: header `truth,<class>...`, then a row per true class, its
+    name first (cells by position: a class may be named `truth` too). Replaced whole."""
+    with writers.replaced(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([CONFUSION_CORNER, *names])
+        writer.writerows([name, *(int(v) for v in row)] for name, row in zip(names, matrix, strict=True))
+
+
+def read_confusion(path: str) -> tuple[list[str], np.ndarray]:
+    """(class names, [C, C] int64 counts) of a `write_confusion` table; another CSV is a
+    ValueError naming the file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f)) or [[]]
+    names = header[1:]
+    if header[:1] != [CONFUSION_CORNER] or [r[:1] for r in rows] != [[n] for n in names]:
+        raise ValueError(f"{path} is not a confusion table (a 'truth' column, a row and a column per class)")
+    if any(len(r) != len(header) for r in rows):
+        raise ValueError(f"{path}: every row of a confusion table has {len(header)} cells")
+    return names, np.array([[int(v) for v in r[1:]] for r in rows], np.int64).reshape(len(names), len(names))
 
 
 def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 
 import matplotlib.pyplot as plt
@@ -75,12 +74,9 @@ def confusion(path: str, title: str = ""):
     """A `*_confusion.csv` (`segjax.evaluate.write_per_image`) as a heatmap: each true class's row
     as fractions of its pixels (recall on the diagonal, where its misses go off it), the counts
     written in the cells. A row of a class absent from the truth stays empty."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "truth" not in rows[0]:
-        raise ValueError(f"{path} is not a confusion table (a 'truth' column, a column per class)")
-    names = [r["truth"] for r in rows]
-    counts = np.array([[int(r[n]) for n in names] for r in rows], np.int64)
+    from segjax import evaluate
+
+    names, counts = evaluate.read_confusion(path)
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(names), 1.2 + 0.7 * len(names)))

@@ -100,6 +100,27 @@ def test_confusion_heatmap_shows_each_true_class_as_row_fractions(tmp_path):
     np.testing.assert_allclose(ax.images[0].get_array(), [[0.9, 0.1, 0.0], [0.25, 0.75, 0.0], [0.0, 0.0, 0.0]])
     assert "0.75\n15" in [t.get_text() for t in ax.texts]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bg", "cell", "edge"]
-    (tmp_path / "other.csv").write_text("index,name\n0,a\n")
-    with pytest.raises(ValueError, match="is not a confusion table"):
+    for text in ("index,name\n0,a\n", "", "truth,a,b\nb,1,2\na,3,4\n"):  # another table, none, rows out of order
+        (tmp_path / "other.csv").write_text(text)
+        with pytest.raises(ValueError, match="is not a confusion table"):
+            plots.confusion(str(tmp_path / "other.csv"))
+    (tmp_path / "other.csv").write_text("truth,a,b\na,1\nb,3,4\n")
+    with pytest.raises(ValueError, match="every row of a confusion table has 3 cells"):
         plots.confusion(str(tmp_path / "other.csv"))
+
+
+def test_a_class_named_truth_keeps_its_row_and_column(tmp_path):
+    """The confusion table's cells are written and read by position: a class named like the
+    header's first cell ('truth') neither overwrites its row's name nor loses its counts."""
+    from segjax import evaluate
+
+    matrix = np.array([[7, 1, 0], [2, 9, 3], [0, 4, 5]])
+    path = str(tmp_path / "val_confusion.csv")
+    evaluate.write_confusion(path, matrix, ("background", "truth", "edge"))
+    with open(path, encoding="utf-8") as f:
+        assert f.read().splitlines() == ["truth,background,truth,edge", "background,7,1,0", "truth,2,9,3", "edge,0,4,5"]
+    names, counts = evaluate.read_confusion(path)
+    assert names == ["background", "truth", "edge"] and counts.tolist() == matrix.tolist()
+    ax = plots.confusion(path).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["background", "truth", "edge"]
+    np.testing.assert_allclose(ax.images[0].get_array()[1], [2 / 14, 9 / 14, 3 / 14])
