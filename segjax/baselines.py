@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     check_config(config)
     surface.check_config(config)
     validation.check_ignore_label(config.data.num_classes, config.data.ignore_label)
-    path = os.path.join(workdir, "metrics.json")
+    path = os.path.join(workdir, writers.SUMMARY_FILE)
     trained = os.path.isdir(os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS["latest"]))  # also one still training
     if not trained and os.path.exists(path):
         trained = "baseline" not in writers.read_json(path)

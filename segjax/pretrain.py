@@ -194,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, model, splits: dict, me
         writer.close()
     logging.info("pretrained encoder: %s", json.dumps(results))
     if pidx == 0:
-        writers.write_summary(os.path.join(workdir, "metrics.json"), results)
+        writers.write_summary(os.path.join(workdir, writers.SUMMARY_FILE), results)
     params, stats = jax.device_get(st.params), jax.device_get(st.batch_stats)
     scopes = [k for k in params if k != CLASSIFIER]
     return {

@@ -71,7 +71,7 @@ def variant_config(base: ml_collections.ConfigDict, overrides: dict, name: str) 
 
 
 def _finished(run_dir: str, steps: int) -> bool:
-    path = os.path.join(run_dir, "metrics.json")
+    path = os.path.join(run_dir, writers.SUMMARY_FILE)
     if not os.path.exists(path):
         return False
     return writers.read_json(path).get("step") == steps
@@ -264,7 +264,7 @@ def other_seeds(workdir: str, order: list[str], seeds: list[int]) -> int:
 
 
 def _all_runs(workdir: str, order: list[str] | None, split: str = "validation") -> list[dict]:
-    name = "metrics.json" if split == "validation" else TEST_SCORES
+    name = writers.SUMMARY_FILE if split == "validation" else TEST_SCORES
     rows = []
     variants = order or sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
     for variant in variants:

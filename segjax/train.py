@@ -339,9 +339,9 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
         for s, r in zip(replica_seeds, seed_results, strict=True):
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
             mine = {"step": step, "seed": s, **r, **summary, "metrics_convention": convention}
-            writers.write_summary(os.path.join(workdir, f"seed_{s}", "metrics.json"), mine)
+            writers.write_summary(os.path.join(workdir, f"seed_{s}", writers.SUMMARY_FILE), mine)
     if pidx == 0:
-        writers.write_summary(os.path.join(workdir, "metrics.json"), final)
+        writers.write_summary(os.path.join(workdir, writers.SUMMARY_FILE), final)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
         print(report.results_table(final, names, distance_unit=surface.unit(config)))
         if num_seeds > 1:

@@ -87,6 +87,7 @@ def write_table(path: str, rows: list[dict]) -> None:
 
 
 LOG_FILE = "metrics.jsonl"
+SUMMARY_FILE = "metrics.json"  # a run's (or baseline's) final scores, `write_summary`
 
 
 def read_log(workdir: str) -> list[dict]:
