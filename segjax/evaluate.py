@@ -333,11 +333,14 @@ def _named_scores(per_class: dict, means: dict, class_names) -> dict[str, float]
 
 def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
     """The scores `scores` derives from pixel counts (`val/<score>/<class>`, the class means,
-    `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn` summed over one split or several (the
-    folds of a cross-validation: each image counted once), under `eval.average` 'dataset' or
-    'micro' ('per_image' needs each image's counts)."""
+    `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn`: [C] summed over a split or several (the
+    folds of a cross-validation: each image counted once), or [N, C], one row per image, which
+    `eval.average='per_image'` needs (the other averages sum them)."""
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
-    if avg not in ("dataset", "micro"):
-        raise ConfigError(f"eval.average={avg!r}: scores of summed counts need 'dataset' or 'micro'")
-    per_class = metrics.summarize_counts(counts, "dataset", empty, bg)
+    counts = {k: np.asarray(counts[k], np.int64) for k in ("tp", "fp", "fn", "tn")}
+    if avg == "per_image" and counts["tp"].ndim != 2:
+        raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
+    if avg != "per_image":
+        counts = {k: v.reshape(-1, v.shape[-1]).sum(axis=0) for k, v in counts.items()}
+    per_class = metrics.summarize_counts(counts, "dataset" if avg == "micro" else avg, empty, bg)
     return _named_scores(per_class, metrics.summarize_counts(counts, avg, empty, bg), class_names)

@@ -168,7 +168,9 @@ def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict
         raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
 
 
-def summed_counts(base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], split: str):
+def summed_counts(
+    base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], workdir: str, split: str
+):
     """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
     the class names and eval conventions every variant shares; a string says why there is none."""
     from segjax import instances  # jax only when a study reports
@@ -178,10 +180,10 @@ def summed_counts(base: ml_collections.ConfigDict, variants: dict[str, dict], ro
     if len(shared) > 1:
         return "the variants differ in their classes or eval.average / eval.empty / eval.include_background"
     names, ev = instances.class_names(configs[0]), configs[0].eval
-    if ev.average == "per_image":
-        return "eval.average='per_image' averages each image's scores; the runs report only summed counts"
+    table = PER_IMAGE_TABLES[split]
+    tables = [os.path.join(workdir, r["variant"], f"seed_{r['seed']}", table) for r in rows]
     try:
-        return study_tables.summed_counts(rows, ev, names, split)
+        return study_tables.summed_counts(rows, ev, names, split, tables)
     except KeyError as err:
         return err.args[0]
 
@@ -234,6 +236,8 @@ def collect(
 
 
 TEST_SCORES = "eval_best_test.json"  # a run's best checkpoint on the test split (rescore, split='test')
+# each image's scores and counts beside a run's metrics.json (train) and TEST_SCORES (rescore)
+PER_IMAGE_TABLES = {"validation": "val_per_image.csv", "test": "eval_best_test_per_image.csv"}
 
 
 def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> int:
@@ -351,7 +355,7 @@ def main(argv):
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        summed = summed_counts(base, variants, rows, "validation") if f.pooled and rows else None
+        summed = summed_counts(base, variants, rows, f.workdir, "validation") if f.pooled and rows else None
         print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, summed=summed))
         _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, "validation")
         if f.eval_split == "test":
@@ -362,7 +366,7 @@ def main(argv):
                 f" ({len(rows) - len(tested)} finished runs not scored yet: rerun)" if len(tested) < len(rows) else ""
             )
             print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
-            summed = summed_counts(base, variants, tested, "test") if f.pooled and tested else None
+            summed = summed_counts(base, variants, tested, f.workdir, "test") if f.pooled and tested else None
             print(study_tables.write_results(f.workdir, tested, f.summary_keys, f.pooled, split="test", summed=summed))
             _write_comparison(f.workdir, tested, f.compare_to, f.summary_keys, "test")
 

@@ -67,23 +67,45 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed:
     return out
 
 
-def summed_counts(rows: list[dict], eval_cfg, class_names, split: str = "validation") -> dict[str, float]:
-    """The scores of the pixel counts (`<prefix>/tp/<class>`, ...) summed over every run in `rows`
-    (`evaluate.count_scores`, under the runs' `eval` conventions): for the folds of a
-    cross-validation each image is counted once, so this is the whole dataset's score, where
-    `POOLED` is the mean of the folds' scores. A run without counts (scored before they were
-    reported) is a KeyError naming how many."""
+def summed_counts(
+    rows: list[dict], eval_cfg, class_names, split: str = "validation", per_image_tables=None
+) -> dict[str, float]:
+    """The scores of the pixel counts of every run in `rows` taken together (`evaluate.count_scores`,
+    under the runs' `eval` conventions): for the folds of a cross-validation each image counted
+    once, so the whole dataset's score, where `POOLED` is the mean of the folds' scores. The runs'
+    summed counts (`<prefix>/tp/<class>`, ...) serve 'dataset' and 'micro' averages; 'per_image'
+    (nnU-Net's mean over cases) reads each image's counts from `per_image_tables` (a per-image CSV
+    per row). A run without counts (scored before they were reported) or without its table is a
+    KeyError saying so."""
     from segjax import evaluate
 
     prefix = scored_splits.split_naming(split)[0]
-    counts = {}
-    for kind in COUNTS:
-        keys = [f"{prefix}/{kind}/{name}" for name in class_names]
-        lacking = sum(any(k not in r for k in keys) for r in rows)
-        if lacking:
-            raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
-        counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
+    if eval_cfg.average == "per_image":
+        counts = _image_counts(per_image_tables or [], class_names)
+    else:
+        counts = {}
+        for kind in COUNTS:
+            keys = [f"{prefix}/{kind}/{name}" for name in class_names]
+            lacking = sum(any(k not in r for k in keys) for r in rows)
+            if lacking:
+                raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
+            counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
     return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
+
+
+def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
+    """Per-class counts [images, C] of every row of the per-image CSVs `tables` (`tp/<class>`, ...)."""
+    missing = [t for t in tables if not os.path.exists(t)]
+    if missing or not tables:
+        raise KeyError(f"{len(missing)} runs have no per-image table ({', '.join(missing[:2]) or 'none given'})")
+    rows = []
+    for table in tables:
+        with open(table, newline="", encoding="utf-8") as f:
+            rows += list(csv.DictReader(f))
+    columns = [f"{kind}/{name}" for kind in COUNTS for name in class_names]
+    if any(c not in rows[0] for c in columns):
+        raise KeyError(f"per-image tables without the column {columns[0]} (scored before pixel counts were)")
+    return {kind: np.array([[int(r[f"{kind}/{n}"]) for n in class_names] for r in rows], np.int64) for kind in COUNTS}
 
 
 def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
@@ -141,7 +163,7 @@ def write_results(
     table = markdown(summarize(rows, columns, pooled, summed if isinstance(summed, dict) else None), columns)
     note = f"; '{POOLED}': over every run of every variant" if pooled else ""
     if isinstance(summed, dict):
-        note += f"; '{SUMMED}': the scores of every run's pixel counts summed, each fold's images once"
+        note += f"; '{SUMMED}': every run's pixel counts together (each fold's images once), scored as one run"
     elif summed:
         table += f"\n\nNo '{SUMMED}' row: {summed}."
     if failed:  # the loss's first clause: "non-finite loss/gradient at step 37 (loss=nan)"

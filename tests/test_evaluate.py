@@ -9,6 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from segjax import evaluate, metrics, parallel
+from segjax.errors import ConfigError
 from tests.conftest import load_config
 
 NAMES = ("bg", "a", "b")
@@ -56,6 +57,28 @@ def test_evaluate_matches_sklearn_over_the_whole_split(average):
         assert counts == [tp, fp, fn, tn] and all(isinstance(n, int) for n in counts)
     ref_b = metrics.boundary_iou(labels, preds, 3, dilation=1)
     np.testing.assert_allclose(results["val/mbiou"], float(ref_b["mbiou"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("average", ["dataset", "per_image", "micro"])
+def test_scores_of_counts_alone_are_the_evaluation_s(average):
+    """`count_scores` of each image's tp/fp/fn/tn (what the per-image tables hold; for 'dataset'
+    and 'micro' their sums, what metrics.json holds) gives every score the evaluation of the same
+    images' confusion matrices gives, class absent from some images included."""
+    names = ("background", "tool", "berry")
+    rng = np.random.default_rng(5)
+    cms = rng.integers(0, 30, (6, 3, 3))
+    cms[:2, 2, :] = cms[:2, :, 2] = 0  # berry absent from the first two images
+    eval_cfg = load_config("default").eval
+    eval_cfg.average, eval_cfg.boundary_dilation = average, 0
+    want = evaluate.scores([{"confusion": cms, "loss": 0.0}], eval_cfg, names)
+    got = evaluate.count_scores(evaluate.pixel_counts(cms), eval_cfg, names)
+    made_of_counts = {k for k in want if k.split("/")[1] not in ("loss", "pixels", "images", "tp", "fp", "fn", "tn")}
+    assert set(got) == made_of_counts
+    for key in got:
+        assert got[key] == pytest.approx(want[key], rel=1e-6, nan_ok=True), key
+    if average == "per_image":
+        with pytest.raises(ConfigError, match="one row of counts per image"):
+            evaluate.count_scores(evaluate.pixel_counts(cms.sum(0)), eval_cfg, names)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 7])

@@ -134,13 +134,47 @@ def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
     with open(workdir / "summary.md", encoding="utf-8") as f:
         text = f.read()
     assert row in text and row in done.stdout and text.index(study_tables.POOLED) < text.index(row)
-    assert "pixel counts summed, each fold's images once" in text
+    assert "every run's pixel counts together (each fold's images once), scored as one run" in text
     for variant in folds:
         metrics = json.loads((workdir / variant / "seed_0" / "metrics.json").read_text())
         (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": metrics["val/miou"]}))
     done = subprocess.run([*command, "--pooled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "No 'all (summed counts)' row: 2 of 2 runs report no val/tp/background" in done.stdout
+
+
+def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
+    """With `eval.average='per_image'` (nnU-Net's mean over cases) the summed-counts row averages
+    over the images of every run (read from their per-image tables), not over the runs' means."""
+    workdir = tmp_path / "w"
+    names = ("background", "tool", "berry", "leaf")
+    images = {"f0": [(4, 1, 0, 5), (2, 0, 2, 6)], "f1": [(0, 0, 0, 9), (3, 3, 1, 1)]}  # tool tp, fp, fn; bg tp
+    for variant, rows in images.items():
+        table = []
+        for k, (tp, fp, fn, bg) in enumerate(rows):
+            row = {"index": k, **{f"{kind}/{n}": 0 for kind in study_tables.COUNTS for n in names}}
+            row.update({"tp/tool": tp, "fp/tool": fp, "fn/tool": fn, "tn/tool": bg})
+            row.update({"tp/background": bg, "fp/background": fn, "fn/background": fp, "tn/background": tp})
+            table.append(row)
+        os.makedirs(workdir / variant / "seed_0")
+        (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": 0.5, "val/accuracy": 0.5}))
+        with open(workdir / variant / "seed_0" / "val_per_image.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    variants = {v: {"eval.average": "per_image"} for v in images}
+    command = [*tiny_study(tmp_path, variants), f"--workdir={workdir}", "--collect_only", "--seeds=1", "--pooled"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # tool IoU per image 4/5, 2/4, absent (left out), 3/7; background 5/6, 6/8, 9/9, 1/5
+    tool, background = np.mean([4 / 5, 2 / 4, 3 / 7]), np.mean([5 / 6, 6 / 8, 1.0, 1 / 5])
+    accuracy = np.mean([9 / 10, 8 / 10, 9 / 9, 4 / 8])
+    dice = (np.mean([8 / 9, 4 / 6, 6 / 10]) + np.mean([10 / 11, 12 / 14, 1.0, 2 / 6])) / 2
+    row = f"| {study_tables.SUMMED} | 2 | {(tool + background) / 2:.4f} | {dice:.4f} | {accuracy:.4f} | n/a |"
+    assert row in done.stdout
+    os.remove(workdir / "f1" / "seed_0" / "val_per_image.csv")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "No 'all (summed counts)' row: 1 runs have no per-image table" in done.stdout
 
 
 def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path):
@@ -417,7 +451,7 @@ def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfd
     command = tiny_study(tmp_path, {"a": {}, "b": {"model.pool": "avg"}}, tfds_dir)
     workdir = tmp_path / "w"
     args = [*command, f"--workdir={workdir}", "--seeds=2", "--study.train.steps=2", "--study.eval.every=2"]
-    args += ["--study.data.synthetic.num_test=6", "--eval_split=test", "--compare_to=a"]
+    args += ["--study.data.synthetic.num_test=6", "--eval_split=test", "--compare_to=a", "--pooled"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     scores = {}
@@ -441,6 +475,16 @@ def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfd
         ]
     with open(workdir / "comparison_test.md", encoding="utf-8") as f:
         assert "| variant - a | test/miou |" in f.read()
+    # the summed-counts row: the IoUs of the four runs' confusion matrices added up
+    from segjax import evaluate
+
+    total = sum(
+        evaluate.read_confusion(workdir / v / f"seed_{s}" / "eval_best_test_confusion.csv")[1] for v, s in scores
+    )
+    tp = np.diag(total)
+    union = total.sum(0) + total.sum(1) - tp
+    miou = np.mean(tp[union > 0] / union[union > 0])  # a class absent from truth and prediction is left out
+    assert f"| {study_tables.SUMMED} | 4 | {miou:.4f} | " in summary
     with open(workdir / "summary.md", encoding="utf-8") as f:
         assert "(validation split;" in f.read()  # the validation tables as before
     stamp = os.path.getmtime(workdir / "a" / "seed_1" / "eval_best_test.json")
