@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, report, scored_splits, surface, workdirs, writers
+from segjax import configuration, evaluate, provenance, report, scored_splits, surface, workdirs, writers
 from segjax.data import class_file, pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -164,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         raise SegjaxError(f"{workdir} holds a trained run; use another --workdir for the baseline")
     dataset = sources.dataset_id(config.data)
     workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False, dataset=dataset)
+    provenance.record(workdir, f"baseline {config.baseline.method}", split=split)
     start = time.perf_counter()
     source = sources.open_splits(config.data, splits=(split,))[split]
     logging.info(

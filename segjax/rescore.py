@@ -17,6 +17,7 @@ from segjax import (
     instances,
     parallel,
     preflight,
+    provenance,
     report,
     scored_splits,
     seeds,
@@ -123,6 +124,7 @@ def evaluate_checkpoint(
     table = os.path.join(workdir, f"eval_{name}_per_image.csv")  # one seed only
     if jax.process_index() == 0:
         keep_earlier_results(workdir, name)
+    provenance.record(workdir, f"eval_only={which}", split=split)
     results = evaluate.evaluate_split(config, eval_fn, restored, source, mesh, per_image_csv=table, num_seeds=num_seeds)
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
     per_seed = [scored_splits.split_keys(r, prefix) for r in results] if replica_seeds else []

@@ -24,6 +24,7 @@ from segjax import (
     preemption,
     preflight,
     pretrain,
+    provenance,
     report,
     seeds,
     state,
@@ -111,6 +112,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     tx = make_tx(config, model)
     best = config.train.best_metric
     ckpt = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints, best, config.train.best_mode)
+    provenance.record(workdir, "train", start_step=ckpt.latest_step() or 0)
     if num_seeds == 1:
         train_state = state.create(model, tx, sample, config.train.seed)
         if config.pretrain.steps and ckpt.latest_step() is None:  # the classic recipe's first stage

@@ -1,0 +1,115 @@
+"""What ran a result: each start of a run (training, a resume, a rescoring, a baseline) appends
+one JSON line to `<workdir>/environment.jsonl`: the time, the command line, the host, the
+segjax checkout's git commit (and whether it had uncommitted changes), Python and the versions of
+the packages that decide the numbers, the devices and processes, and the environment variables
+that change XLA's code. A number in a table can then be traced to the code and machine that made
+it, also across resumes on other machines; earlier lines are never rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+from absl import logging
+
+FILE = "environment.jsonl"
+# distributions whose versions decide the numbers (absent ones are left out)
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda13-plugin",
+    "libtpu",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "grain",
+    "array-record",
+    "numpy",
+    "scipy",
+    "scikit-image",
+    "ml-collections",
+)
+ENV_VARS = ("XLA_FLAGS", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "JAX_ENABLE_X64", "SEGJAX_KERNEL_DIR")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout segjax runs from
+GIT_TIMEOUT_S = 10
+
+
+def git_state(repo: str = "") -> dict | None:
+    """{'commit': HEAD, 'dirty': tracked files changed} of the checkout at `repo` (default: segjax's
+    own); None when it is no git checkout (an installed package) or git is missing."""
+    repo = repo or REPO
+
+    def git(*args) -> str:
+        done = subprocess.run(
+            ["git", "-C", repo, *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def describe(what: str, **extra) -> dict:
+    """The record of one start: `what` started (e.g. 'train', 'eval_only=best') and `extra` (e.g.
+    the step it starts from)."""
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    devices = jax.devices()
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "what": what,
+        **extra,
+        "command": list(sys.argv),
+        "host": platform.node(),
+        "git": git_state(),
+        "python": platform.python_version(),
+        "packages": packages,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "processes": jax.process_count(),
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+    }
+
+
+def record(workdir: str, what: str, **extra) -> dict | None:
+    """Append this start's `describe` line to `<workdir>/environment.jsonl` (process 0; the others
+    return None) and log its gist."""
+    if jax.process_index() != 0:
+        return None
+    entry = describe(what, **extra)
+    with open(os.path.join(workdir, FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    git = entry["git"]
+    code = "no git checkout"
+    if git is not None:
+        code = f"commit {git['commit'][:12]}" + (" with uncommitted changes" if git["dirty"] else "")
+    logging.info(
+        "%s: %s, jax %s, %d %s device(s) x %d process(es) (%s)",
+        what,
+        code,
+        entry["packages"].get("jax", "?"),
+        entry["devices"],
+        entry["device_kind"],
+        entry["processes"],
+        FILE,
+    )
+    return entry

@@ -1,0 +1,87 @@
+"""environment.jsonl: each start of a run records the code, packages and devices that ran it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import flax
+import jax
+import numpy as np
+import pytest
+
+from segjax import provenance
+from tests.conftest import ROOT
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def git(repo, *args) -> str:
+    command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def lines(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@needs_git
+def test_each_start_of_a_run_appends_what_ran_it(tiny_config, tmp_path):
+    """Training, a start of the finished run and a rescoring each append a line; the first one is
+    left as it was. The versions are the imported modules' own, the commit and its uncommitted
+    changes git's answer for this checkout."""
+    from segjax import baselines, rescore, train
+
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    run = tmp_path / "run"
+    train.train_and_evaluate(tiny_config, str(run))
+    path = run / provenance.FILE
+    first = path.read_text(encoding="utf-8")
+    [entry] = lines(path)
+    assert entry["what"] == "train" and entry["start_step"] == 0
+    packages = entry["packages"]
+    assert (packages["jax"], packages["flax"], packages["numpy"]) == (jax.__version__, flax.__version__, np.__version__)
+    assert (entry["backend"], entry["devices"], entry["processes"]) == (jax.default_backend(), jax.device_count(), 1)
+    try:
+        head = git(ROOT, "rev-parse", "HEAD")
+    except subprocess.CalledProcessError:  # a copy of the code without .git
+        assert entry["git"] is None
+    else:
+        assert entry["git"] == {
+            "commit": head,
+            "dirty": bool(git(ROOT, "status", "--porcelain", "--untracked-files=no")),
+        }
+    train.train_and_evaluate(tiny_config, str(run))  # the finished run started again
+    rescore.evaluate_checkpoint(tiny_config, str(run), "latest")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(first)
+    assert [(e["what"], e.get("start_step"), e.get("split")) for e in lines(path)] == [
+        ("train", 0, None),
+        ("train", 2, None),
+        ("eval_only=latest", None, "validation"),
+    ]
+    tiny_config.baseline.method = "otsu"
+    baselines.run(tiny_config, str(tmp_path / "otsu"))
+    assert [e["what"] for e in lines(tmp_path / "otsu" / provenance.FILE)] == ["baseline otsu"]
+
+
+@needs_git
+def test_git_state_of_a_checkout_and_of_no_checkout(tmp_path):
+    """A checkout's HEAD, dirty only for changes to tracked files (an untracked output is not a
+    change of the code); a folder outside any checkout: None."""
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    assert provenance.git_state(str(outside)) is None
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "a.py")
+    git(repo, "commit", "-q", "-m", "a")
+    head = git(repo, "rev-parse", "HEAD")
+    (repo / "out.txt").write_text("a result\n")
+    assert provenance.git_state(str(repo)) == {"commit": head, "dirty": False}
+    (repo / "a.py").write_text("x = 2\n")
+    assert provenance.git_state(str(repo)) == {"commit": head, "dirty": True}
