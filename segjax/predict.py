@@ -18,7 +18,9 @@ unless `--overwrite`; `--resume` keeps them and predicts the files whose outputs
 (outputs are written whole or not at all: partial file, then rename). `--shard=i/N`: this
 process segments files i, i+N, i+2N, ... of the sorted folder, so N independent processes (one
 per host or accelerator) split a large folder between them, writing into the same `--out`.
-Subfolders of `--images` are not read (a warning names them).
+Subfolders of `--images` are not read (a warning names them). Each start appends what made the
+masks to `<out>/environment.jsonl` (`segjax.provenance`: the run, checkpoint and step, the code's
+commit, versions, devices).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import configuration, inference, instances, preflight, rescore, seeds, workdirs, writers
+from segjax import configuration, inference, instances, preflight, provenance, rescore, seeds, workdirs, writers
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -227,6 +229,10 @@ def predict_folder(
         return classes, jax.nn.softmax(logits.astype(jnp.float32), -1) if need_probabilities else classes
 
     os.makedirs(out, exist_ok=True)
+    step = int(np.max(jax.device_get(state.step)))
+    provenance.record(
+        out, "predict", run=os.path.abspath(workdir), checkpoint=which, step=step, shard=f"{part}/{parts}"
+    )
     dtype = np.uint8 if config.data.num_classes <= 256 else np.uint16
     batch_size = min(config.eval.batch_size, len(source))  # no copies computed for a few images
     batches = pipeline.eval_batches(source, config.data, batch_size, pad_multiple=2**config.model.depth)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -141,7 +142,8 @@ def test_resume_keeps_whole_outputs_and_predicts_the_rest(run, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         predict.predict_folder(config, workdir, images, str(out), probabilities=True)
     monkeypatch.setattr(predict.ImageFiles, "save", original)
-    assert sorted(os.listdir(out)) == ["img00.npy", "img00.png", "img01.npy", "img01.png", "img02.npy"]
+    made = ["environment.jsonl", "img00.npy", "img00.png", "img01.npy", "img01.png", "img02.npy"]
+    assert sorted(os.listdir(out)) == made
     with pytest.raises(WorkdirError, match=r"5 outputs already exist .*--resume"):
         predict.predict_folder(config, workdir, images, str(out), probabilities=True)
     with pytest.raises(ConfigError, match="choose one"):
@@ -284,7 +286,15 @@ def test_shards_split_a_folder_between_processes(run, tmp_path):
     out = str(tmp_path / "sharded")
     parts = [predict.predict_folder(config, workdir, images, out, "latest", shard=(i, 2)) for i in range(2)]
     assert [os.path.basename(p) for p in parts[0]] == ["img00.png", "img02.png", "img04.png"]
-    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in whole)
+    assert sorted(os.listdir(out)) == sorted(["environment.jsonl", *(os.path.basename(p) for p in whole)])
+    with open(os.path.join(out, "environment.jsonl"), encoding="utf-8") as f:  # what made them: a line per shard
+        starts = [json.loads(line) for line in f]
+    step = json.loads((tmp_path / "whole" / "environment.jsonl").read_text())["step"]
+    assert [(e["what"], e["run"], e["checkpoint"], e["step"], e["shard"]) for e in starts] == [
+        ("predict", os.path.abspath(workdir), "latest", step, f"{i}/2") for i in range(2)
+    ]
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+        assert step == json.load(f)["step"]  # the latest checkpoint is the run's last step
     for path in whole:
         a, b = np.asarray(Image.open(path)), np.asarray(Image.open(os.path.join(out, os.path.basename(path))))
         assert (a == b).mean() > 0.999  # batches of another size may round a tied pixel differently
