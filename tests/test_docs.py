@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import os
 import re
+import subprocess
+import sys
 
 from segjax import configuration, study
 from tests.conftest import ROOT
@@ -69,3 +71,38 @@ def test_documented_config_and_study_files_load_with_their_arguments(monkeypatch
             base, variants = study.load_study(os.path.join(ROOT, path) + (f":{arg}" if arg else ""))
             for name, overrides in variants.items():
                 study.variant_config(base, overrides, name)
+
+
+def _documented_commands() -> dict[str, set[tuple[str, str]]]:
+    """{module: {(flag, file)}} of every `python -m segjax.<module> --flag ...` command in the docs
+    (continued lines joined; flags up to the end of the command)."""
+    commands: dict[str, set[tuple[str, str]]] = {}
+    for name, text in _texts().items():
+        for m in re.finditer(r"-m (segjax(?:\.\w+)+)([^\n;&|`]*)", re.sub(r"\\\n\s*", " ", text)):
+            flags = re.findall(r"(?<![\w-])--([A-Za-z_]\w*)", m.group(2))
+            commands.setdefault(m.group(1), set()).update((flag, name) for flag in flags)
+    return commands
+
+
+def test_documented_commands_use_flags_their_module_defines():
+    """Every flag of a documented `python -m segjax.<module>` command (README, configs, launch
+    scripts, docstrings) is one that module defines (its --helpfull), so a renamed or removed flag
+    cannot leave a command in the docs that stops at 'Unknown command line flag'."""
+    commands = _documented_commands()
+    assert {"segjax.main", "segjax.study", "segjax.predict", "segjax.baselines"} <= set(commands)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    helps = {
+        module: subprocess.Popen(
+            [sys.executable, "-m", module, "--helpfull"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for module in commands
+    }
+    bad = []
+    for module, proc in helps.items():
+        out, _ = proc.communicate(timeout=120)
+        defined = set(re.findall(r"^\s+--(?:\[no\])?([\w.]+):", out, re.MULTILINE))
+        assert "helpfull" in defined, f"{module} --helpfull listed no flags"
+        for flag, name in commands[module]:
+            if flag not in defined and not (flag.startswith("no") and flag[2:] in defined):
+                bad.append((name, module, flag))
+    assert not bad, f"documented commands with flags their module does not define: {sorted(bad)}"
