@@ -19,6 +19,8 @@ import sys
 import jax
 from absl import logging
 
+from segjax import writers
+
 FILE = "environment.jsonl"
 # distributions whose versions decide the numbers (absent ones are left out)
 PACKAGES = (
@@ -90,22 +92,68 @@ def describe(what: str, **extra) -> dict:
     }
 
 
+def _code(git: dict | None) -> str:
+    if not git:
+        return "no git checkout"
+    return f"commit {str(git.get('commit'))[:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
+
+
+def changes(before: dict, now: dict) -> list[str]:
+    """What differs between two starts' records in what decides the numbers: the code's commit (or
+    its uncommitted changes), package versions, backend and device kind, e.g. 'jax 0.10.2 -> 0.11.2'."""
+    out = []
+    if before.get("git") != now.get("git"):
+        out.append(f"{_code(before.get('git'))} -> {_code(now.get('git'))}")
+    old_packages, new_packages = before.get("packages", {}), now.get("packages", {})
+    for name in sorted(set(old_packages) | set(new_packages)):
+        if old_packages.get(name) != new_packages.get(name):
+            out.append(f"{name} {old_packages.get(name, 'absent')} -> {new_packages.get(name, 'absent')}")
+    for key in ("backend", "device_kind"):
+        if before.get(key) != now.get(key):
+            out.append(f"{key} {before.get(key)} -> {now.get(key)}")
+    return out
+
+
+def _last(path: str) -> dict | None:
+    """The last whole record of `path` (None: no file, or no line that parses)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut off by a crash mid-write
+            continue
+        if isinstance(entry, dict):
+            return entry
+    return None
+
+
 def record(workdir: str, what: str, **extra) -> dict | None:
     """Append this start's `describe` line to `<workdir>/environment.jsonl` (process 0; the others
-    return None) and log its gist."""
+    return None) and log its gist; a warning names what changed since the previous start (a
+    resume with another JAX or commit: its numbers are not one code's any more)."""
     if jax.process_index() != 0:
         return None
     entry = describe(what, **extra)
-    with open(os.path.join(workdir, FILE), "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-    git = entry["git"]
-    code = "no git checkout"
-    if git is not None:
-        code = f"commit {git['commit'][:12]}" + (" with uncommitted changes" if git["dirty"] else "")
+    path = os.path.join(workdir, FILE)
+    previous = _last(path)
+    differences = changes(previous, entry) if previous else []
+    if differences:
+        logging.warning(
+            "%s: %s was started before with other code or software (%s): %s",
+            what,
+            workdir,
+            previous.get("time"),
+            "; ".join(differences),
+        )
+    writers.append_jsonl(path, entry)
     logging.info(
         "%s: %s, jax %s, %d %s device(s) x %d process(es) (%s)",
         what,
-        code,
+        _code(entry["git"]),
         entry["packages"].get("jax", "?"),
         entry["devices"],
         entry["device_kind"],

@@ -116,6 +116,15 @@ def _ends_with_newline(path: str) -> bool:
         return f.read(1) == b"\n"
 
 
+def append_jsonl(path: str, row: dict) -> None:
+    """Append `row` as one JSON line to `path`; a last line cut off by a crash is ended first, so
+    the new row stays whole."""
+    with open(path, "a", encoding="utf-8") as f:
+        if f.tell() and not _ends_with_newline(path):
+            f.write("\n")
+        f.write(json.dumps(row) + "\n")
+
+
 class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0

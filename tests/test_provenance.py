@@ -85,3 +85,24 @@ def test_git_state_of_a_checkout_and_of_no_checkout(tmp_path):
     assert provenance.git_state(str(repo)) == {"commit": head, "dirty": False}
     (repo / "a.py").write_text("x = 2\n")
     assert provenance.git_state(str(repo)) == {"commit": head, "dirty": True}
+
+
+def test_a_start_with_other_software_than_the_previous_one_is_named(tmp_path, caplog):
+    """Resuming with another JAX, commit or device kind is allowed (a run moves between machines)
+    but said: its numbers are no longer one code's. A line cut off by a crash is passed over."""
+    before = provenance.describe("train", start_step=0)
+    before["packages"]["jax"] = "0.0.1"
+    before["git"] = {"commit": "a" * 40, "dirty": False}
+    before["device_kind"] = "NVIDIA H100 80GB HBM3"
+    (tmp_path / provenance.FILE).write_text(json.dumps(before) + '\n{"time": "half a li')
+    with caplog.at_level("WARNING"):
+        provenance.record(str(tmp_path), "train", start_step=5)
+    now = provenance.describe("train")
+    assert f"jax 0.0.1 -> {jax.__version__}" in caplog.text
+    assert f"commit aaaaaaaaaaaa -> {provenance._code(now['git'])}" in caplog.text
+    assert f"device_kind NVIDIA H100 80GB HBM3 -> {now['device_kind']}" in caplog.text
+    assert "flax" not in caplog.text  # what did not change is not listed
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        provenance.record(str(tmp_path), "eval_only=best")
+    assert "other code or software" not in caplog.text  # the same as the start before
