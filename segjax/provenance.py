@@ -92,7 +92,8 @@ def describe(what: str, **extra) -> dict:
     }
 
 
-def _code(git: dict | None) -> str:
+def code_summary(git: dict | None) -> str:
+    """A record's `git` in words: 'commit 1a2b3c4d5e6f', '... with uncommitted changes', 'no git checkout'."""
     if not git:
         return "no git checkout"
     return f"commit {str(git.get('commit'))[:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
@@ -103,7 +104,7 @@ def changes(before: dict, now: dict) -> list[str]:
     its uncommitted changes), package versions, backend and device kind, e.g. 'jax 0.10.2 -> 0.11.2'."""
     out = []
     if before.get("git") != now.get("git"):
-        out.append(f"{_code(before.get('git'))} -> {_code(now.get('git'))}")
+        out.append(f"{code_summary(before.get('git'))} -> {code_summary(now.get('git'))}")
     old_packages, new_packages = before.get("packages", {}), now.get("packages", {})
     for name in sorted(set(old_packages) | set(new_packages)):
         if old_packages.get(name) != new_packages.get(name):
@@ -153,7 +154,7 @@ def record(workdir: str, what: str, **extra) -> dict | None:
     logging.info(
         "%s: %s, jax %s, %d %s device(s) x %d process(es) (%s)",
         what,
-        _code(entry["git"]),
+        code_summary(entry["git"]),
         entry["packages"].get("jax", "?"),
         entry["devices"],
         entry["device_kind"],

@@ -22,6 +22,12 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
                 "index,name,pixels,accuracy,dice/bg,dice/fg\n0,a.png,16,0.9,0.9,0.5\n"
                 "1,b.png,16,1.0,0.95,\n2,c.png,16,0.7,0.8,0.2\n"
             )
+            (run / "val_confusion.csv").write_text("truth,bg,fg,edge\nbg,30,2,1\nfg,7,9,0\nedge,0,3,4\n")
+            starts = [
+                {"git": {"commit": "0123456789abcdef", "dirty": False}, "packages": {"jax": jax}}
+                for jax in ("0.10.2", "0.11.2")
+            ]
+            (run / "environment.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts[: 1 + seed]))
     monkeypatch.chdir(tmp_path)
     with open(os.path.join(ROOT, "experiments", "analysis.ipynb"), encoding="utf-8") as f:
         notebook = json.load(f)
@@ -39,5 +45,8 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     expected = (("c.png", "0.500"), ("a.png", "0.700"), ("b.png", "0.950"))
     hardest = [out.index(f"{name}  mean Dice {dice}") for name, dice in expected]
     assert hardest == sorted(hardest)  # the per-image table, hardest image first
+    assert "most pixels mistaken: fg taken for bg (7 of 16)" in out  # the largest off-diagonal count
+    assert "unet/seed_0: 1 start(s): commit 0123456789ab, jax 0.10.2" in out
+    assert "unet/seed_1: 2 start(s): commit 0123456789ab, jax 0.10.2; commit 0123456789ab, jax 0.11.2" in out
     assert plt.get_fignums()  # the plots were drawn
     plt.close("all")

@@ -99,7 +99,7 @@ def test_a_start_with_other_software_than_the_previous_one_is_named(tmp_path, ca
         provenance.record(str(tmp_path), "train", start_step=5)
     now = provenance.describe("train")
     assert f"jax 0.0.1 -> {jax.__version__}" in caplog.text
-    assert f"commit aaaaaaaaaaaa -> {provenance._code(now['git'])}" in caplog.text
+    assert f"commit aaaaaaaaaaaa -> {provenance.code_summary(now['git'])}" in caplog.text
     assert f"device_kind NVIDIA H100 80GB HBM3 -> {now['device_kind']}" in caplog.text
     assert "flax" not in caplog.text  # what did not change is not listed
     caplog.clear()
