@@ -115,23 +115,6 @@ def changes(before: dict, now: dict) -> list[str]:
     return out
 
 
-def _last(path: str) -> dict | None:
-    """The last whole record of `path` (None: no file, or no line that parses)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut off by a crash mid-write
-            continue
-        if isinstance(entry, dict):
-            return entry
-    return None
-
-
 def record(workdir: str, what: str, **extra) -> dict | None:
     """Append this start's `describe` line to `<workdir>/environment.jsonl` (process 0; the others
     return None) and log its gist; a warning names what changed since the previous start (a
@@ -140,7 +123,7 @@ def record(workdir: str, what: str, **extra) -> dict | None:
         return None
     entry = describe(what, **extra)
     path = os.path.join(workdir, FILE)
-    previous = _last(path)
+    previous = (starts(workdir) or [None])[-1]
     differences = changes(previous, entry) if previous else []
     if differences:
         logging.warning(
@@ -162,3 +145,36 @@ def record(workdir: str, what: str, **extra) -> dict | None:
         FILE,
     )
     return entry
+
+
+def starts(workdir: str) -> list[dict]:
+    """Every whole record of `<workdir>/environment.jsonl`, oldest first (none: no file)."""
+    path = os.path.join(workdir, FILE)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut off by a crash mid-write
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+    return out
+
+
+def mixed_code(run_dirs: list[str]) -> str:
+    """'' when every run in `run_dirs` was made (every start) by one commit and JAX version;
+    otherwise a line that counts the runs per code, for a results table whose rows would
+    otherwise compare code versions as if they were variants. A run resumed under other code
+    counts once under each; runs without a record (from before records) count as 'no record'."""
+    counts: dict[str, int] = {}
+    for run in run_dirs:
+        made = {f"{code_summary(s.get('git'))}, jax {s.get('packages', {}).get('jax', '?')}" for s in starts(run)}
+        for code in made or {"no record"}:
+            counts[code] = counts.get(code, 0) + 1
+    if len(counts) < 2:
+        return ""
+    listed = "; ".join(f"{code}: {n} run{'s' * (n != 1)}" for code, n in sorted(counts.items()))
+    return f"The runs were made by different code or software ({listed})."

@@ -356,7 +356,10 @@ def main(argv):
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
         summed = summed_counts(base, variants, rows, f.workdir, "validation") if f.pooled and rows else None
-        print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, summed=summed))
+        note = study_tables.code_note(f.workdir, rows)
+        print(
+            study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, summed=summed, footnote=note)
+        )
         _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, "validation")
         if f.eval_split == "test":
             todo = planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)
@@ -367,7 +370,12 @@ def main(argv):
             )
             print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
             summed = summed_counts(base, variants, tested, f.workdir, "test") if f.pooled and tested else None
-            print(study_tables.write_results(f.workdir, tested, f.summary_keys, f.pooled, split="test", summed=summed))
+            note = study_tables.code_note(f.workdir, tested)
+            print(
+                study_tables.write_results(
+                    f.workdir, tested, f.summary_keys, f.pooled, split="test", summed=summed, footnote=note
+                )
+            )
             _write_comparison(f.workdir, tested, f.compare_to, f.summary_keys, "test")
 
 

@@ -108,6 +108,19 @@ def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
     return {kind: np.array([[int(r[f"{kind}/{n}"]) for n in class_names] for r in rows], np.int64) for kind in COUNTS}
 
 
+def code_note(workdir: str, rows: list[dict]) -> str:
+    """`provenance.mixed_code` of the runs behind `rows` under the study folder `workdir` ('' when
+    one code made them all); a vmapped run's record is in its variant's folder."""
+    from segjax import provenance
+
+    dirs = []
+    for r in rows:
+        run, vmapped = os.path.join(workdir, r["variant"], f"seed_{r['seed']}"), os.path.join(workdir, r["variant"])
+        missing = not os.path.exists(os.path.join(run, provenance.FILE))
+        dirs.append(vmapped if missing and os.path.exists(os.path.join(vmapped, provenance.FILE)) else run)
+    return provenance.mixed_code(dirs)
+
+
 def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
     """The summary as a markdown table: `mean ± std` (std over seeds, ddof=1)."""
     head = "| variant | n | " + " | ".join(keys) + " |"
@@ -147,12 +160,14 @@ def write_results(
     failed=(),
     split: str = "validation",
     summed: dict | str | None = None,
+    footnote: str = "",
 ) -> str:
     """runs.csv (every run) and summary.md, each replaced whole (several processes of one study
     may write them); returns the markdown table (columns: `summary_keys(rows, extra_keys, split)`;
     with `pooled` a last row over every run, and a row of `summed` (`summed_counts`; a string
     says why there is none)) and, when some runs diverged (`failed`: `diverged`), a line per such
-    run under it. Rows of the test split go to runs_test.csv and summary_test.md."""
+    run under it, and `footnote` (e.g. `code_note`'s) under those. Rows of the test split go
+    to runs_test.csv and summary_test.md."""
     suffix = scored_splits.split_naming(split)[1]
     keys = sorted({k for r in rows for k in r} - {"variant", "seed"})
     with writers.replaced(os.path.join(workdir, f"runs{suffix}.csv"), newline="") as f:
@@ -172,6 +187,8 @@ def write_results(
         lines = "".join(f"\n- `{run}`: {error.split('; ')[0]}" for run, error in failed)
         skip = f"a rerun skips them until their {workdirs.FAILED_FILE} is deleted"
         table += f"\n\nDiverged (not in the table; {skip}):{lines}"
+    if footnote:
+        table += f"\n\n{footnote}"
     with writers.replaced(os.path.join(workdir, f"summary{suffix}.md")) as f:
         f.write(f"Mean ± sample std over seeds ({split} split; n = finished runs{note}).\n\n{table}\n")
     return table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -106,3 +107,32 @@ def test_a_start_with_other_software_than_the_previous_one_is_named(tmp_path, ca
     with caplog.at_level("WARNING"):
         provenance.record(str(tmp_path), "eval_only=best")
     assert "other code or software" not in caplog.text  # the same as the start before
+
+
+def test_runs_made_by_different_code_are_counted_per_code(tmp_path):
+    """A table's runs made by one commit and JAX: no note; otherwise the runs per code, a run
+    resumed under other code under each, a run without a record as such. A vmapped run's record
+    sits in its variant's folder (`study_tables.code_note`)."""
+    from segjax import study_tables
+
+    def made(commit, jax_version="0.10.2", dirty=False):
+        return {"git": {"commit": commit * 40, "dirty": dirty}, "packages": {"jax": jax_version}}
+
+    runs = {"x/seed_0": [made("a")], "x/seed_1": [made("a")], "y/seed_0": [made("a"), made("a", "0.11.2")]}
+    for run, records in runs.items():
+        os.makedirs(tmp_path / run)
+        (tmp_path / run / provenance.FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert provenance.mixed_code([str(tmp_path / r) for r in ("x/seed_0", "x/seed_1")]) == ""
+    rows = [{"variant": v, "seed": s} for v, s in (("x", 0), ("x", 1), ("y", 0))]
+    note = study_tables.code_note(str(tmp_path), rows)
+    assert note == (
+        "The runs were made by different code or software "
+        "(commit aaaaaaaaaaaa, jax 0.10.2: 3 runs; commit aaaaaaaaaaaa, jax 0.11.2: 1 run)."
+    )
+    os.makedirs(tmp_path / "v" / "seed_0")  # a vmapped run: its record in v/, its replicas' scores in v/seed_<s>/
+    (tmp_path / "v" / provenance.FILE).write_text(json.dumps(made("b", dirty=True)) + "\n")
+    os.makedirs(tmp_path / "old" / "seed_0")  # from before records
+    rows += [{"variant": "v", "seed": 0}, {"variant": "old", "seed": 0}]
+    assert "commit bbbbbbbbbbbb with uncommitted changes, jax 0.10.2: 1 run; no record: 1 run)" in (
+        study_tables.code_note(str(tmp_path), rows)
+    )

@@ -316,6 +316,9 @@ def test_cli_compares_variants_paired_by_seed(tmp_path):
         for seed, value in enumerate(values):
             os.makedirs(workdir / variant / f"seed_{seed}")
             (workdir / variant / f"seed_{seed}" / "metrics.json").write_text(json.dumps({"val/miou": value}))
+            made = {"git": {"commit": ("a" if variant == "a" or seed == 0 else "b") * 40, "dirty": False}}
+            made["packages"] = {"jax": "0.10.2"}
+            (workdir / variant / f"seed_{seed}" / "environment.jsonl").write_text(json.dumps(made) + "\n")
     command = [*tiny_study(tmp_path, {"a": {}, "b": {"model.skips": "none"}}), f"--workdir={workdir}", "--collect_only"]
     done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -323,6 +326,11 @@ def test_cli_compares_variants_paired_by_seed(tmp_path):
         text = f.read()
     row = "| b | +0.2000 [-0.0484, +0.4484] p=0.074 (Holm 0.074, n=3) |"  # one variant: Holm's p is p
     assert "| variant - a | val/miou |" in text and row in text and row in done.stdout
+    # b's seeds 1 and 2 were made by another commit: the summary says so, counting the runs per code
+    mixed = (
+        "different code or software (commit aaaaaaaaaaaa, jax 0.10.2: 4 runs; commit bbbbbbbbbbbb, jax 0.10.2: 2 runs)"
+    )
+    assert mixed in done.stdout and mixed in (workdir / "summary.md").read_text(encoding="utf-8")
     done = subprocess.run([*command, "--compare_to=c"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--compare_to='c' is not a variant of this study: ['a', 'b']" in done.stderr
 
