@@ -1,0 +1,137 @@
+"""Which runs under a folder finished, which stopped where, what they scored and what made them.
+
+    python -m segjax.runs runs/ [more folders] [--keys=val/miou,val/dice/membrane] [--csv=runs.csv]
+
+Every folder holding a `config.json` is a run (training or a classic baseline; a study's runs are
+found inside the study's folder). One row per run: its status (`finished`, `stopped at step k of
+n`: interrupted, or still training, see how long ago it last logged; `diverged`; `baseline`;
+`nothing saved`), the final scores `--keys` from its metrics.json, the dataset it read, the code
+of its last start (environment.jsonl) and the age of its last log line. Only reads: nothing is
+locked, moved or written (except --csv).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+from segjax import configuration, provenance, workdirs, writers
+from segjax.errors import ConfigError, exit_on_user_error
+
+DEFAULT_KEYS = ("val/miou", "val/mdice")
+
+
+def find(roots: list[str]) -> list[str]:
+    """The run folders under `roots` (each root itself may be one), sorted; a run's own subfolders
+    (checkpoints, pretraining stage, replicas) are not searched."""
+    found = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ConfigError(f"{root} is not a folder")
+        for folder, subfolders, files in os.walk(root):
+            if workdirs.CONFIG_FILE in files:
+                found.append(folder)
+                subfolders.clear()
+            else:
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    return sorted(found)
+
+
+def latest_step(run: str) -> int | None:
+    """The step of the run's latest checkpoint (orbax names each step's folder by its number)."""
+    folder = os.path.join(run, workdirs.CHECKPOINT_FOLDERS["latest"])
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps) if steps else None
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
+
+
+def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
+    """One run's row: `status`, `step`, `keys` from metrics.json (None where absent), `dataset`,
+    `code` (its last start's `provenance.code_summary`, jax version) and `last_log` (age)."""
+    config = writers.read_json(os.path.join(run, workdirs.CONFIG_FILE))
+    path = os.path.join(run, writers.SUMMARY_FILE)
+    metrics = writers.read_json(path) if os.path.exists(path) else {}
+    steps = config.get("train", {}).get("steps")
+    step = latest_step(run)
+    if os.path.exists(os.path.join(run, workdirs.FAILED_FILE)):
+        status = "diverged: " + writers.read_json(os.path.join(run, workdirs.FAILED_FILE))["error"].split("; ")[0]
+    elif "baseline" in metrics:
+        status = f"baseline {metrics['baseline']}"
+    elif metrics.get("step") is not None and metrics.get("step") == steps:
+        status = "finished"
+    elif step is not None:
+        status = f"stopped at step {step} of {steps}"
+    else:
+        status = "nothing saved"
+    dataset = os.path.join(run, workdirs.DATASET_FILE)
+    starts = provenance.starts(run)
+    code = ""
+    if starts:
+        last = starts[-1]
+        code = f"{provenance.code_summary(last.get('git'))}, jax {last.get('packages', {}).get('jax', '?')}"
+    log = os.path.join(run, writers.LOG_FILE)
+    now = time.time() if now is None else now
+    return {
+        "run": run,
+        "status": status,
+        "step": metrics.get("step") if step is None else step,
+        **{k: metrics.get(k) for k in keys},
+        "dataset": writers.read_json(dataset).get("dataset", "") if os.path.exists(dataset) else "",
+        "code": code,
+        "last_log": _age(now - os.path.getmtime(log)) if os.path.exists(log) else "",
+    }
+
+
+def table(roots: list[str], keys=DEFAULT_KEYS) -> list[dict]:
+    """`describe` of every run under `roots`, with `run` relative to its root."""
+    rows = []
+    for root in roots:
+        for run in find([root]):
+            row = describe(run, keys)
+            row["run"] = os.path.relpath(run, os.path.dirname(os.path.abspath(root).rstrip(os.sep)))
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], keys=DEFAULT_KEYS) -> str:
+    columns = ["run", "status", "step", *keys, "dataset", "code", "last_log"]
+
+    def cell(v) -> str:
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("keys", list(DEFAULT_KEYS), "metrics.json keys to show, e.g. val/dice/membrane.")
+    flags.DEFINE_string("csv", "", "Also write the table as CSV to this file (replaced whole).")
+
+
+def main(argv):
+    with exit_on_user_error():
+        roots = argv[1:]
+        if not roots:
+            raise ConfigError("give one or more folders: python -m segjax.runs runs/")
+        keys = tuple(flags.FLAGS.keys)
+        rows = table(roots, keys)
+        print(
+            markdown(rows, keys) if rows else f"no runs (folders with {workdirs.CONFIG_FILE}) under {', '.join(roots)}"
+        )
+        if flags.FLAGS.csv:
+            writers.write_table(flags.FLAGS.csv, rows)
+
+
+if __name__ == "__main__":
+    define_flags()
+    configuration.quiet_libraries()
+    app.run(main)

@@ -1,0 +1,78 @@
+"""segjax.runs: the runs under a folder, their status, scores, dataset and code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+
+from segjax import provenance, runs
+from tests.conftest import ROOT
+
+
+def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
+    """A finished run, the same run with more steps asked (stopped at its checkpoint), one that
+    diverged, a baseline and a start that saved nothing, each found once under nested folders
+    (a run's own subfolders are not runs); scores, dataset and code are the run's own files'."""
+    from segjax import baselines, train
+
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    root = tmp_path / "runs"
+    done = root / "study" / "unet" / "seed_0"
+    result = train.train_and_evaluate(tiny_config, str(done))
+    stopped = shutil.copytree(done, root / "longer")
+    config = json.loads((stopped / "config.json").read_text())
+    config["train"]["steps"] = 10
+    (stopped / "config.json").write_text(json.dumps(config))
+    diverged = shutil.copytree(done, root / "study" / "unet" / "seed_1")
+    (diverged / "failed.json").write_text(json.dumps({"error": "non-finite loss at step 1 (loss=nan); lower lr"}))
+    baselines.run(tiny_config, str(root / "otsu"))
+    empty = root / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"train": {"steps": 2}}))
+    (root / "notes").mkdir()  # no config.json: not a run
+
+    rows = runs.table([str(root)], keys=("val/miou", "val/nothing"))
+    by_run = {r["run"]: r for r in rows}
+    assert sorted(by_run) == [
+        "runs/empty",
+        "runs/longer",
+        "runs/otsu",
+        "runs/study/unet/seed_0",
+        "runs/study/unet/seed_1",
+    ]
+    assert by_run["runs/study/unet/seed_0"]["status"] == "finished"
+    assert by_run["runs/longer"]["status"] == "stopped at step 2 of 10"
+    assert by_run["runs/study/unet/seed_1"]["status"] == "diverged: non-finite loss at step 1 (loss=nan)"
+    assert by_run["runs/otsu"]["status"] == "baseline otsu"
+    assert by_run["runs/empty"]["status"] == "nothing saved" and by_run["runs/empty"]["code"] == ""
+    finished = by_run["runs/study/unet/seed_0"]
+    assert finished["val/miou"] == result["val/miou"] and finished["val/nothing"] is None and finished["step"] == 2
+    assert finished["dataset"] == json.loads((done / "dataset.json").read_text())["dataset"]
+    assert finished["code"] == f"{provenance.code_summary(provenance.git_state())}, jax {jax.__version__}"
+    assert finished["last_log"] in ("just now", "1 min ago")
+
+
+def test_cli_prints_the_table_writes_csv_and_refuses_no_folder(tmp_path):
+    run = tmp_path / "r" / "a"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
+    (run / "metrics.json").write_text(json.dumps({"step": 4, "val/miou": 0.25, "val/dice/membrane": 0.5}))
+    out = tmp_path / "table.csv"
+    args = [sys.executable, "-m", "segjax.runs", str(tmp_path / "r"), "--keys=val/dice/membrane", f"--csv={out}"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| r/a | finished | 4 | 0.5000 |  |  |  |" in done.stdout
+    with open(out, newline="", encoding="utf-8") as f:
+        assert [(r["run"], r["status"], r["val/dice/membrane"]) for r in csv.DictReader(f)] == [
+            ("r/a", "finished", "0.5")
+        ]
+    for bad, message in (([], "give one or more folders"), ([str(tmp_path / "none")], "is not a folder")):
+        done = subprocess.run([*args[:3], *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert os.path.exists(out)
