@@ -13,7 +13,9 @@ boundary pixels join the nearest seed within `boundary_width + 1` pixels (`expan
 take its class, others become background. Stuff classes (not in `instances.thing_classes`) form
 one segment per class. Scored with panoptic quality (`segjax.metrics.PanopticAccumulator`) against
 the dataset's instance maps: `val/pq`, `val/sq`, `val/rq` and `val/pq/<class>` per thing and
-stuff class (background is not scored).
+stuff class (background is not scored), and the matching scores of the DSB 2018 / Cellpose /
+StarDist at IoU thresholds 0.50:0.05:0.95 (`val/ap50`, `val/ap75`, `val/ap50_95`,
+`val/ap50_95/<class>`; per image first when `eval.average='per_image'`, as the DSB scored them).
 """
 
 from __future__ import annotations
@@ -161,8 +163,10 @@ def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> d
             acc.merge(out["panoptic"])
         else:
             _accumulate(acc, out, config)
-    res = acc.result()
+    res = acc.result(config.eval.average)
     out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
+    out.update({f"val/{k}": res[k] for k in ("ap50", "ap75", "ap50_95")})
     for c in range(1, num_classes):
         out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])
+        out[f"val/ap50_95/{config.data.class_names[c]}"] = float(res["ap50_95_class"][c])
     return out

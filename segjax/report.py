@@ -30,6 +30,9 @@ def results_table(results: dict, class_names, prefix: str = "val", distance_unit
     if f"{prefix}/pq" in results:
         pq, sq, rq = (_fmt(results.get(f"{prefix}/{k}")) for k in ("pq", "sq", "rq"))
         lines.append(f"panoptic quality {pq} (SQ {sq}, RQ {rq})")
+    if f"{prefix}/ap50_95" in results:
+        ap50, ap75, ap = (_fmt(results.get(f"{prefix}/{k}")) for k in ("ap50", "ap75", "ap50_95"))
+        lines.append(f"instance AP     {ap} over IoU 0.50:0.95 (AP50 {ap50}, AP75 {ap75})")
     return "\n".join(lines)
 
 

@@ -101,6 +101,15 @@ def test_eval_batches_carry_aligned_truth_and_a_perfect_prediction_scores_the_en
     scores = panoptic(outputs)
     assert 0.7 < scores["val/pq"] < 1  # tiny 32^2 scenes: some instances are thinner than 2 px
     assert scores["val/pq"] == pytest.approx(scores["val/sq"] * scores["val/rq"], rel=0.1)
+    assert 0 < scores["val/ap75"] <= scores["val/ap50"] < 1 and scores["val/ap50_95"] <= scores["val/ap50"]
+    # at IoU 0.5 the matching score is RQ written otherwise: TP / (TP + FP + FN) = RQ / (2 - RQ), per class
+    res = instances.reduce_outputs(dict(outputs[0]), tiny_config)["panoptic"]
+    for out in outputs[1:]:
+        res.merge(instances.reduce_outputs(dict(out), tiny_config)["panoptic"])
+    res = res.result()
+    scored = ~np.isnan(res["rq"])
+    np.testing.assert_allclose(res["ap"][scored, 0], res["rq"][scored] / (2 - res["rq"][scored]), rtol=1e-12)
+    assert scores["val/ap50"] == pytest.approx(np.mean(res["ap"][scored, 0]))
 
 
 def test_in_memory_split_rewrites_each_label_once_and_streams_the_same_batches(tiny_config):

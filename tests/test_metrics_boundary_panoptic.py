@@ -143,3 +143,69 @@ def test_panoptic_accumulators_merge_into_the_split_total():
     np.testing.assert_allclose(got["mpq"], want["mpq"])
     with pytest.raises(ValueError, match="different classes"):
         a.merge(metrics.PanopticAccumulator(3))
+
+
+def test_matching_scores_by_hand():
+    """One true 10x10 square, predicted 10x12: IoU 100/120 = 0.833 clears the thresholds 0.50-0.80
+    (7 of 10), not 0.85-0.95, where it is a false positive and a false negative (0 / 2)."""
+    truth = np.zeros((20, 20), int)
+    truth[2:12, 2:12] = 1
+    pred = np.zeros((20, 20), int)
+    pred[2:12, 2:14] = 1
+    res = metrics.panoptic_quality(truth, truth, pred, pred, num_classes=2)
+    np.testing.assert_array_equal(res["ap"][1], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    assert (res["ap50"], res["ap75"], res["ap50_95"]) == (1.0, 1.0, pytest.approx(0.7))
+    assert np.isnan(res["ap"][0]).all()  # background is not scored
+
+
+def _hungarian_counts(truth: np.ndarray, pred: np.ndarray, t: float) -> tuple[int, int, int]:
+    """(TP, FP, FN) at IoU > t from the IoU-maximising one-to-one assignment (scipy), the
+    reference StarDist's `matching` uses."""
+    from scipy.optimize import linear_sum_assignment
+
+    t_ids, p_ids = np.unique(truth[truth > 0]), np.unique(pred[pred > 0])
+    iou = np.zeros((len(t_ids), len(p_ids)))
+    for i, a in enumerate(t_ids):
+        for j, b in enumerate(p_ids):
+            inter = np.sum((truth == a) & (pred == b))
+            iou[i, j] = inter / np.sum((truth == a) | (pred == b))
+    rows, cols = linear_sum_assignment(-iou)
+    tp = int(np.sum(iou[rows, cols] > t))
+    return tp, len(p_ids) - tp, len(t_ids) - tp
+
+
+@pytest.mark.parametrize("average", ["dataset", "per_image"])
+def test_matching_scores_equal_a_hungarian_reference(average):
+    """Random boxes, predicted with jittered edges, some missed, one invented per image:
+    TP/(TP+FP+FN) at each threshold equals scipy's optimal assignment's, pooled over the images or
+    averaged per image (the DSB score: an image's mean over thresholds, then over images)."""
+    rng = np.random.default_rng(0)
+    accumulator = metrics.PanopticAccumulator(2)
+    images = []
+    for _ in range(6):
+        truth, pred = np.zeros((64, 64), int), np.zeros((64, 64), int)
+        k = 0
+        for r in range(0, 64, 16):
+            for c in range(0, 64, 16):
+                if rng.random() < 0.3:
+                    continue
+                k += 1
+                h, w = rng.integers(6, 14, 2)
+                truth[r : r + h, c : c + w] = k
+                if rng.random() < 0.85:  # found, with jittered edges
+                    dr, dc, dh, dw = rng.integers(-2, 3, 4)
+                    pred[max(r + dr, 0) : r + dr + h + dh, max(c + dc, 0) : c + dc + w + dw] = k
+        pred[rng.integers(0, 60) :, 62:] = 99  # an invented object along the right edge
+        images.append((truth, pred))
+        accumulator.update(truth > 0, truth, pred > 0, pred)
+    res = accumulator.result(average)
+    for i, t in enumerate(metrics.panoptic.THRESHOLDS):
+        counts = np.array([_hungarian_counts(truth, pred, t) for truth, pred in images])
+        if average == "dataset":
+            tp, fp, fn = counts.sum(axis=0)
+            want = tp / (tp + fp + fn)
+        else:
+            want = np.mean(counts[:, 0] / counts.sum(axis=1))
+        assert res["ap"][1, i] == pytest.approx(want, rel=1e-12), t
+    assert 0.1 < res["ap50_95"] < res["ap50"] < 1  # a test of something: neither trivial end
+    assert res["ap50_95"] == pytest.approx(np.mean(res["ap"][1]))

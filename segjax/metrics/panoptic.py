@@ -8,6 +8,14 @@ unmatched prediction that is more than half void is ignored instead of counted a
 Per class: PQ = sum(IoU of matches) / (TP + FP/2 + FN/2) = SQ x RQ. Means run over the classes
 that have at least one segment in truth or prediction. Background (class 0) is not scored unless
 `classes` says so (instance practice: nuclei, cells).
+
+The same matching at stricter IoU thresholds t (0.50, 0.55, ..., 0.95: a match counts when its
+IoU > t) gives the instance score of the 2018 Data Science Bowl, Cellpose and StarDist,
+TP_t / (TP_t + FP_t + FN_t), which those papers call "average precision" (AP; not COCO's area under a
+precision-recall curve): `ap` [C, T] per class and threshold, `ap50`, `ap75` and `ap50_95` (the
+mean over the ten thresholds, the DSB score) averaged over the scored classes. Pooled over the
+split's segments (StarDist's default), or with `average='per_image'` per image first (the DSB's and
+Cellpose's: an image with no segment of a class in truth or prediction leaves that class out).
 """
 
 from __future__ import annotations
@@ -16,9 +24,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)  # IoU thresholds of the matching scores (DSB 2018)
+
 
 class PanopticAccumulator:
-    """Feed images with `update`, read per-class and mean PQ/SQ/RQ with `result`."""
+    """Feed images with `update`, read per-class and mean PQ/SQ/RQ and matching scores with `result`."""
 
     def __init__(self, num_classes: int, classes: Sequence[int] | None = None):
         self.num_classes = num_classes
@@ -27,6 +37,7 @@ class PanopticAccumulator:
         self.fp = np.zeros(num_classes, np.int64)
         self.fn = np.zeros(num_classes, np.int64)
         self.iou_sum = np.zeros(num_classes, np.float64)
+        self.images: list[np.ndarray] = []  # per image [C, 3 + T]: tp, fp, fn, matches with IoU > each threshold
 
     def update(self, true_class, true_instance, pred_class, pred_instance, void=None) -> None:
         tc, ti = np.asarray(true_class).ravel(), np.asarray(true_instance).ravel()
@@ -43,6 +54,7 @@ class PanopticAccumulator:
         pairs, inter = np.unique(np.stack([t_key[~void], p_key[~void]]), axis=1, return_counts=True)
         t_areas, p_areas = dict(zip(t_ids, t_area, strict=True)), dict(zip(p_ids, p_area, strict=True))
         matched_t, matched_p = set(), set()
+        image = np.zeros((self.num_classes, 3 + len(THRESHOLDS)), np.int64)  # this image's tp, fp, fn, tp_t
         for (t, p), n in zip(pairs.T, inter, strict=True):
             if t // big != p // big:
                 continue
@@ -50,16 +62,21 @@ class PanopticAccumulator:
             iou = n / union
             if iou > 0.5:
                 c = int(t // big)
-                self.tp[c] += 1
+                image[c, 0] += 1
+                image[c, 3:] += iou > THRESHOLDS
                 self.iou_sum[c] += iou
                 matched_t.add(t)
                 matched_p.add(p)
         for t in t_ids:
             if t not in matched_t:
-                self.fn[int(t // big)] += 1
+                image[int(t // big), 2] += 1
         for p, area in zip(p_ids, p_area, strict=True):
             if p not in matched_p and p_void.get(p, 0) / area <= 0.5:
-                self.fp[int(p // big)] += 1
+                image[int(p // big), 1] += 1
+        self.tp += image[:, 0]
+        self.fp += image[:, 1]
+        self.fn += image[:, 2]
+        self.images.append(image)
 
     def merge(self, other: PanopticAccumulator) -> None:
         """Add another accumulator's counts (e.g. one batch's) to this one."""
@@ -69,10 +86,13 @@ class PanopticAccumulator:
         self.fp += other.fp
         self.fn += other.fn
         self.iou_sum += other.iou_sum
+        self.images += other.images
 
-    def result(self) -> dict[str, np.ndarray | float]:
+    def result(self, average: str = "dataset") -> dict[str, np.ndarray | float]:
         """`pq`, `sq`, `rq` [C] (NaN for unscored classes or classes without segments), their
-        means `mpq`, `msq`, `mrq`, and the `tp`/`fp`/`fn` segment counts."""
+        means `mpq`, `msq`, `mrq`, the `tp`/`fp`/`fn` segment counts, and the matching scores
+        `ap` [C, T] (`THRESHOLDS`), `ap50`, `ap75`, `ap50_95` (class means) and `ap50_95_class` [C],
+        pooled over the split (`average` 'dataset' or 'micro') or per image first ('per_image')."""
         den = self.tp + 0.5 * self.fp + 0.5 * self.fn
         scored = np.zeros(self.num_classes, bool)
         scored[list(self.classes)] = True
@@ -84,7 +104,34 @@ class PanopticAccumulator:
         mean = (lambda v: float(np.mean(v[scored]))) if scored.any() else (lambda v: float("nan"))
         out = {"pq": pq, "sq": sq, "rq": rq, "mpq": mean(pq), "msq": mean(sq), "mrq": mean(rq)}
         out.update(tp=self.tp.copy(), fp=self.fp.copy(), fn=self.fn.copy())
+        out.update(self._matching(scored, average))
         return out
+
+    def _matching(self, scored: np.ndarray, average: str) -> dict:
+        """TP_t / (TP_t + FP_t + FN_t) per class and threshold: a match at IoU > 0.5 but not > t is
+        both a false positive and a false negative at t."""
+        shape = (1, self.num_classes, 3 + len(THRESHOLDS))
+        counts = np.stack(self.images) if self.images else np.zeros(shape, np.int64)
+        if average != "per_image":
+            counts = counts.sum(axis=0, keepdims=True)
+        tp, fp, fn, tp_t = counts[..., 0:1], counts[..., 1:2], counts[..., 2:3], counts[..., 3:]
+        den = tp_t + fp + fn + 2 * (tp - tp_t)  # [N, C, T]; 0 only where a class has no segment at all
+        present = (den > 0).sum(axis=0)  # images in which each class has a segment
+        total = np.where(den > 0, tp_t / np.maximum(den, 1), 0.0).sum(axis=0)
+        ap = np.where(scored[:, None] & (present > 0), total / np.maximum(present, 1), np.nan)  # [C, T]
+        by_class = ap.mean(axis=1)
+
+        def mean(v):
+            return float(np.mean(v[scored])) if scored.any() else float("nan")
+
+        at = {t: int(np.argmin(np.abs(THRESHOLDS - t))) for t in (0.5, 0.75)}
+        return {
+            "ap": ap,
+            "ap50_95_class": by_class,
+            "ap50": mean(ap[:, at[0.5]]),
+            "ap75": mean(ap[:, at[0.75]]),
+            "ap50_95": mean(by_class),
+        }
 
 
 def panoptic_quality(
