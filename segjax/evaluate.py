@@ -270,6 +270,14 @@ def evaluate(
     return results[0] if num_seeds == 1 else results
 
 
+def run_score_keys(config: ml_collections.ConfigDict) -> set[str]:
+    """Every validation key a run of `config` reports: `score_keys` of its classes, and the
+    instance (`instances.score_keys`) and surface scores (`surface.score_keys`) it computes."""
+    names = instances.class_names(config)
+    keys = score_keys(config.eval, names) | instances.score_keys(config)
+    return keys | (surface.score_keys(names) if config.eval.surface_metrics else set())
+
+
 def score_keys(eval_cfg: ml_collections.ConfigDict, class_names) -> set[str]:
     """The keys `scores` gives for these settings and classes (instance and surface scores come
     on top), computed by scoring an empty split: e.g. to check `train.best_metric` before training."""

@@ -153,6 +153,16 @@ def reduce_outputs(out: dict, config: ml_collections.ConfigDict) -> dict:
     return {**kept, "panoptic": acc}
 
 
+def score_keys(config: ml_collections.ConfigDict) -> set[str]:
+    """The keys `panoptic_scores` gives (none without `instances.enabled`): known before training,
+    so `train.best_metric` and a study's `--summary_keys` are checked before anything runs."""
+    if not config.instances.enabled:
+        return set()
+    names = config.data.class_names[1 : config.data.num_classes]
+    keys = {"val/pq", "val/sq", "val/rq", "val/ap50", "val/ap75", "val/ap50_95"}
+    return keys | {f"val/{score}/{n}" for n in names for score in ("pq", "ap50_95")}
+
+
 def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
     """PQ over a split from eval outputs: batches reduced by `reduce_outputs`, or holding `pred`
     (C+1 classes) and the host-side truth `gt_label` (semantic), `gt_instances` and `gt_valid`."""

@@ -51,9 +51,8 @@ def check(config) -> None:
     inference.check(config.eval, config.model.spatial_dims, 2**config.model.depth)
     if config.train.best_mode not in checkpointing.BEST_MODES:
         raise ConfigError(f"train.best_mode={config.train.best_mode!r}; choose one of {list(checkpointing.BEST_MODES)}")
-    keys = evaluate.score_keys(config.eval, instances.class_names(config))
-    later = config.instances.enabled or config.eval.surface_metrics  # their keys are checked at the first evaluation
-    if config.train.best_metric not in keys and not (later and config.train.best_metric.startswith("val/")):
+    keys = evaluate.run_score_keys(config)
+    if config.train.best_metric not in keys:
         raise ConfigError(
             f"train.best_metric={config.train.best_metric!r} is not a validation score; choose one of {sorted(keys)}"
         )

@@ -154,17 +154,15 @@ def planned_runs(
 
 def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict], extra) -> None:
     """A `val/` key of `--summary_keys` that no variant's evaluation gives (`val/dice/membrne`) is
-    refused before anything trains, not hours later when the table is written. Instance and
-    surface scores are named only by the first evaluation: with those on, `val/` keys pass."""
-    from segjax import evaluate, instances  # jax only when a study trains
+    refused before anything trains, not hours later when the table is written (instance and
+    surface scores included: `evaluate.run_score_keys`)."""
+    from segjax import evaluate  # jax only when a study trains
 
-    given, later = set(), False
+    given = set()
     for name, overrides in variants.items():
-        c = variant_config(base, overrides, name)
-        given |= evaluate.score_keys(c.eval, instances.class_names(c))
-        later = later or c.instances.enabled or c.eval.surface_metrics
+        given |= evaluate.run_score_keys(variant_config(base, overrides, name))
     unknown = [k for k in extra if k.startswith("val/") and k not in given]
-    if unknown and not later:
+    if unknown:
         raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
 
 

@@ -106,6 +106,11 @@ def per_image(outputs: list[dict], class_names, tolerance: float, spacing=None) 
     return rows
 
 
+def score_keys(class_names) -> set[str]:
+    """The keys `split_scores` gives for these classes (known before any evaluation)."""
+    return {"val/mnsd", "val/mhd95"} | {f"val/{k}/{n}" for n in class_names[1:] for k in ("nsd", "hd95")}
+
+
 def split_scores(rows: list[dict | None], class_names) -> dict[str, float]:
     """`val/hd95/<c>`, `val/nsd/<c>`, `val/mhd95`, `val/mnsd` over the images of a split (see the
     module docstring for which images count)."""

@@ -259,7 +259,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
             f"step {n}: val/miou={scores['val/miou']:.4f} val/mdice={scores['val/mdice']:.4f} "
             f"val/accuracy={scores['val/accuracy']:.4f}"
         )
-        if best not in scores:  # a key only instance or surface scores could have given
+        if best not in scores:  # a backstop: preflight checked it against evaluate.run_score_keys
             raise ConfigError(
                 f"train.best_metric={best!r} is not among this run's validation scores; choose "
                 f"one of {sorted(k for k in scores if k.startswith('val/'))}"

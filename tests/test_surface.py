@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import baselines, metrics, parallel, predict, preflight, report, rescore, surface, train
+from segjax import baselines, evaluate, metrics, parallel, predict, preflight, report, rescore, surface, train
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError
 from tests.conftest import load_config
@@ -168,6 +168,7 @@ def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path, capsys):
     final = train.train_and_evaluate(config, workdir)
     names = config.data.class_names
     assert {f"val/nsd/{n}" for n in names[1:]} <= set(final) and "val/mhd95" in final
+    assert {k for k in final if k.startswith("val/")} == evaluate.run_score_keys(config)  # known before training
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f)["val/mnsd"] == pytest.approx(final["val/mnsd"])
     assert f"surface Dice   {final['val/mnsd']:6.4f} (HD95 {final['val/mhd95']:6.4f} px)" in report.results_table(
