@@ -18,7 +18,7 @@ import time
 from absl import app, flags
 
 from segjax import configuration, provenance, workdirs, writers
-from segjax.errors import ConfigError, exit_on_user_error
+from segjax.errors import ConfigError, WorkdirError, exit_on_user_error
 
 DEFAULT_KEYS = ("val/miou", "val/mdice")
 
@@ -95,7 +95,10 @@ def table(roots: list[str], keys=DEFAULT_KEYS) -> list[dict]:
     rows = []
     for root in roots:
         for run in find([root]):
-            row = describe(run, keys)
+            try:
+                row = describe(run, keys)
+            except WorkdirError as err:  # a file edited into invalid JSON: named, the others still listed
+                row = {"run": run, "status": f"unreadable: {err}"}
             row["run"] = os.path.relpath(run, os.path.dirname(os.path.abspath(root).rstrip(os.sep)))
             rows.append(row)
     return rows
@@ -128,7 +131,8 @@ def main(argv):
             markdown(rows, keys) if rows else f"no runs (folders with {workdirs.CONFIG_FILE}) under {', '.join(roots)}"
         )
         if flags.FLAGS.csv:
-            writers.write_table(flags.FLAGS.csv, rows)
+            columns = ["run", "status", "step", *keys, "dataset", "code", "last_log"]
+            writers.write_table(flags.FLAGS.csv, [{c: r.get(c) for c in columns} for r in rows])
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"train": {"steps": 2}}))
     (root / "notes").mkdir()  # no config.json: not a run
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{half a config")  # named as unreadable; the others still listed
 
     rows = runs.table([str(root)], keys=("val/miou", "val/nothing"))
     by_run = {r["run"]: r for r in rows}
     assert sorted(by_run) == [
+        "runs/broken",
         "runs/empty",
         "runs/longer",
         "runs/otsu",
@@ -47,6 +51,10 @@ def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
         "runs/study/unet/seed_1",
     ]
     assert by_run["runs/study/unet/seed_0"]["status"] == "finished"
+    assert (
+        by_run["runs/broken"]["status"].startswith("unreadable: ")
+        and "is not valid JSON" in by_run["runs/broken"]["status"]
+    )
     assert by_run["runs/longer"]["status"] == "stopped at step 2 of 10"
     assert by_run["runs/study/unet/seed_1"]["status"] == "diverged: non-finite loss at step 1 (loss=nan)"
     assert by_run["runs/otsu"]["status"] == "baseline otsu"
