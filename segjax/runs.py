@@ -62,7 +62,8 @@ def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
     steps = config.get("train", {}).get("steps")
     step = latest_step(run)
     if os.path.exists(os.path.join(run, workdirs.FAILED_FILE)):
-        status = "diverged: " + writers.read_json(os.path.join(run, workdirs.FAILED_FILE))["error"].split("; ")[0]
+        error = writers.read_json(os.path.join(run, workdirs.FAILED_FILE)).get("error", "")
+        status = "diverged: " + str(error).split("; ")[0]
     elif "baseline" in metrics:
         status = f"baseline {metrics['baseline']}"
     elif metrics.get("step") is not None and metrics.get("step") == steps:
