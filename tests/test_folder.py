@@ -688,6 +688,7 @@ def test_isbi_config_builds_on_the_real_data(tfds_dir):
     assert 0.2 < membrane < 0.24  # README: 21.96 % membrane over all 30
 
 
+@pytest.mark.slow  # ~22 s: prepares the 100 real DSB images
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "dsb2018_nuclei_subset")), reason="shared data absent")
 def test_nuclei_config_builds_on_the_real_data(tfds_dir):
     cfg = load_config("nuclei")

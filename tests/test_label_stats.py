@@ -132,6 +132,7 @@ def test_command_line_on_a_mask_folder(tmp_path):
     assert both.returncode == 2 and "error: give either --config" in both.stderr
 
 
+@pytest.mark.slow  # ~14 s: measures all 30 real ISBI labels
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="shared data absent")
 def test_isbi_protocol_validation_membranes_are_drawn_thinner_than_training(tfds_dir):
     cfg = load_config("isbi").data
