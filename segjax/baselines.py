@@ -128,11 +128,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
     def maps():
         for i in range(len(source)):
             ex = source[i]
-            label = ex["label"].astype(np.int32)
-            valid = np.ones(label.shape, np.float32)
-            if config.data.ignore_label >= 0:
-                valid = (label != config.data.ignore_label).astype(np.float32)
-                label = np.where(valid > 0, label, 0)
+            label, valid = pipeline.label_and_valid(ex["label"], config.data.ignore_label)
             if binary:
                 label = (label > 0).astype(np.int32)
             pred = predict(ex["image"], config.baseline)

@@ -301,17 +301,11 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
             b_union += np.asarray(out["boundary_union"], np.int64)
     stack = np.concatenate(per_image) if per_image else np.zeros((0, num_classes, num_classes), np.int64)
     dataset = stack.sum(axis=0)
-    avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
-    if avg not in metrics.AVERAGES:
-        raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
-    per_class = metrics.summarize(
-        stack if avg == "per_image" else dataset, avg if avg != "micro" else "dataset", empty, bg
-    )
-    means = metrics.summarize(stack if avg == "per_image" else dataset, avg, empty, bg)
+    empty, bg = eval_cfg.empty, eval_cfg.include_background
     # each batch's loss weighted by its valid pixels: a padded last batch counts for what it holds,
     # so a per-pixel loss (CE, focal) is the split's pixel mean at any eval.batch_size
     results = {"val/loss": float(np.average(losses, weights=weights)) if sum(weights) else float("nan")}
-    results.update(_named_scores(per_class, means, class_names))
+    results.update(count_scores(pixel_counts(stack), eval_cfg, class_names))  # every score is made of counts
     if eval_cfg.boundary_dilation > 0:
         b = metrics.boundary_iou_from_counts(b_inter, b_union, empty, bg)
         results["val/mbiou"] = float(b["mbiou"])
@@ -327,28 +321,25 @@ def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names
     return results
 
 
-def _named_scores(per_class: dict, means: dict, class_names) -> dict[str, float]:
-    """`val/<score>/<class>` of `metrics.summarize`'s per-class arrays and `val/<mean>` of its scalars."""
-    results = {}
-    for key in metrics.SCORES:
-        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
-            results[f"val/{key}/{name}"] = float(v)
-    for key, value in means.items():
-        if np.ndim(value) == 0:
-            results[f"val/{key}"] = float(value)
-    return results
-
-
 def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
     """The scores `scores` derives from pixel counts (`val/<score>/<class>`, the class means,
     `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn`: [C] summed over a split or several (the
     folds of a cross-validation: each image counted once), or [N, C], one row per image, which
     `eval.average='per_image'` needs (the other averages sum them)."""
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
+    if avg not in metrics.AVERAGES:
+        raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
     counts = {k: np.asarray(counts[k], np.int64) for k in ("tp", "fp", "fn", "tn")}
     if avg == "per_image" and counts["tp"].ndim != 2:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
     if avg != "per_image":
         counts = {k: v.reshape(-1, v.shape[-1]).sum(axis=0) for k, v in counts.items()}
     per_class = metrics.summarize_counts(counts, "dataset" if avg == "micro" else avg, empty, bg)
-    return _named_scores(per_class, metrics.summarize_counts(counts, avg, empty, bg), class_names)
+    results = {}
+    for key in metrics.SCORES:  # val/<score>/<class>
+        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
+            results[f"val/{key}/{name}"] = float(v)
+    for key, value in metrics.summarize_counts(counts, avg, empty, bg).items():  # the class means, accuracy
+        if np.ndim(value) == 0:
+            results[f"val/{key}"] = float(value)
+    return results

@@ -130,9 +130,16 @@ def to_instances(pred: np.ndarray, config: ml_collections.ConfigDict) -> tuple[n
     return semantic.astype(np.int32), instances.astype(np.int32)
 
 
+def add_image(acc: metrics.PanopticAccumulator, config, label, true_ids, pred_class, pred_ids, void) -> None:
+    """Add one image to `acc` under the thing / stuff convention: thing classes segment by instance
+    id, stuff classes (and ids on stuff pixels) form one segment per class."""
+    things = list(thing_classes(config))
+    truth = np.where(np.isin(label, things), true_ids, 0)
+    acc.update(label, truth, pred_class, np.where(np.isin(pred_class, things), pred_ids, 0), void=void)
+
+
 def _accumulate(acc: metrics.PanopticAccumulator, out: dict, config: ml_collections.ConfigDict) -> None:
     """Add the images of one batch of eval outputs (`pred`, `gt_label`, `gt_instances`, `gt_valid`)."""
-    things = set(thing_classes(config))
     images = zip(out["pred"], out["gt_label"], out["gt_instances"], out["gt_valid"], strict=True)
     for pred, label, inst, valid in images:
         if not valid.any():
@@ -140,8 +147,7 @@ def _accumulate(acc: metrics.PanopticAccumulator, out: dict, config: ml_collecti
         rows, cols = np.nonzero(valid)  # crop the zero padding
         box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
         p_sem, p_inst = to_instances(np.asarray(pred)[box], config)
-        t_inst = np.where(np.isin(label[box], list(things)), inst[box], 0)  # stuff: one segment per class
-        acc.update(label[box], t_inst, p_sem, p_inst, void=~valid[box])
+        add_image(acc, config, label[box], inst[box], p_sem, p_inst, void=~valid[box])
 
 
 def reduce_outputs(out: dict, config: ml_collections.ConfigDict) -> dict:

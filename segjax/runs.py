@@ -39,13 +39,6 @@ def find(roots: list[str]) -> list[str]:
     return sorted(found)
 
 
-def latest_step(run: str) -> int | None:
-    """The step of the run's latest checkpoint (orbax names each step's folder by its number)."""
-    folder = os.path.join(run, workdirs.CHECKPOINT_FOLDERS["latest"])
-    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-    return max(steps) if steps else None
-
-
 def _age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -60,7 +53,7 @@ def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
     path = os.path.join(run, writers.SUMMARY_FILE)
     metrics = writers.read_json(path) if os.path.exists(path) else {}
     steps = config.get("train", {}).get("steps")
-    step = latest_step(run)
+    step = (workdirs.checkpoint_steps(run, "latest") or [None])[-1]
     if os.path.exists(os.path.join(run, workdirs.FAILED_FILE)):
         error = writers.read_json(os.path.join(run, workdirs.FAILED_FILE)).get("error", "")
         status = "diverged: " + str(error).split("; ")[0]

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from segjax import configuration, evaluate, instances, metrics, report, scored_splits, surface, writers
-from segjax.data import class_file, folder, mask_codes, nifti, png, sources
+from segjax.data import class_file, folder, mask_codes, nifti, pipeline, png, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
 SKIPPED_EXTENSIONS = (".npy",)  # segjax.predict's probabilities beside its masks
@@ -117,21 +117,17 @@ def score(
         logging.warning(
             "score_masks: %d files in %s are no %s image's (e.g. %s): not scored", len(others), masks, split, others[0]
         )
-    num_classes, ignore = config.data.num_classes, config.data.ignore_label
-    things = list(instances.thing_classes(config))
+    num_classes = config.data.num_classes
     panoptic = metrics.PanopticAccumulator(num_classes) if with_instances else None
 
     def maps():  # each file read once; with --instances its panoptic counts are added on the way
         for i, name in enumerate(names):
             ex = source[i]
-            label = ex["label"].astype(np.int32)
-            valid = (label != ignore).astype(np.float32) if ignore >= 0 else np.ones(label.shape, np.float32)
-            label = np.where(valid > 0, label, 0)
+            label, valid = pipeline.label_and_valid(ex["label"], config.data.ignore_label)
             pred = read_mask(files[name], label.shape, num_classes, config.data.resize)
-            if panoptic is not None:  # thing classes by instance, stuff one segment each, ignored pixels void
+            if panoptic is not None:  # ignored pixels void
                 ids = read_mask(instance_files[name], label.shape, None, config.data.resize)
-                truth = np.where(np.isin(label, things), ex["instances"], 0)
-                panoptic.update(label, truth, pred, np.where(np.isin(pred, things), ids, 0), void=valid == 0)
+                instances.add_image(panoptic, config, label, ex["instances"], pred, ids, void=valid == 0)
             found = {"name": name, "label": label, "pred": pred, "valid": valid}
             yield {**found, "spacing": ex["spacing"]} if "spacing" in ex else found
 

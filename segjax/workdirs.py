@@ -95,11 +95,16 @@ def saved_differences(workdir: str, config, dataset: str | None = None) -> list[
     return diff if old == dataset else [*diff, f"dataset ({old} -> {dataset}: its files or preparation changed)"]
 
 
-def has_checkpoint(workdir: str, which: str) -> bool:
-    """Whether the `latest` or `best` checkpoint folder holds a saved step (orbax names each
-    step's folder by its number; an interrupted save's temporary folder does not count)."""
+def checkpoint_steps(workdir: str, which: str) -> list[int]:
+    """The saved steps in the `latest` or `best` checkpoint folder, sorted (orbax names each step's
+    folder by its number; an interrupted save's temporary folder does not count)."""
     folder = os.path.join(workdir, CHECKPOINT_FOLDERS[which])
-    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if os.path.isdir(folder) else []
+
+
+def has_checkpoint(workdir: str, which: str) -> bool:
+    """Whether the `latest` or `best` checkpoint folder holds a saved step."""
+    return bool(checkpoint_steps(workdir, which))
 
 
 def saved_nothing(workdir: str) -> bool:

@@ -20,11 +20,17 @@ from segjax.errors import DataError
 HOST_ONLY = "gt_"  # batch keys with this prefix stay on the host (truth for host-side metrics such as PQ)
 
 
+def label_and_valid(label: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 label with the ignored pixels set to 0, float32 valid mask: 0 where `ignore_label`)."""
+    label = np.asarray(label).astype(np.int32)
+    valid = np.ones(label.shape, np.float32) if ignore_label < 0 else (label != ignore_label).astype(np.float32)
+    return np.where(valid > 0, label, 0).astype(np.int32), valid
+
+
 def to_model_batch(batch: dict[str, np.ndarray], ignore_label: int) -> dict[str, np.ndarray]:
     """Images (uint8, or float in 0..1 after augmentation) and raw labels -> float images,
     in-range labels and a valid mask (ignore label, padding pixels, padding examples -> 0)."""
-    label = batch["label"].astype(np.int32)
-    valid = np.ones(label.shape, np.float32) if ignore_label < 0 else (label != ignore_label).astype(np.float32)
+    label, valid = label_and_valid(batch["label"], ignore_label)
     if "example_valid" in batch:
         valid *= batch["example_valid"].reshape((-1,) + (1,) * (label.ndim - 1)).astype(np.float32)
     if "pixel_valid" in batch:
