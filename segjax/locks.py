@@ -4,7 +4,8 @@ Two places need them: a dataset being prepared (TFDS fails in the second of two 
 write it at once) and a run's workdir (two trainers in one folder would interleave their
 checkpoints and logs). `fcntl.flock` locks belong to an open file and vanish with the process,
 so a crashed run never leaves a stale lock behind. The lock file holds the holder's pid and
-start time, for the message the next process shows.
+start time, for the message the next process shows, and `holder` tells (on Linux) whether a
+process holds a lock without taking it.
 """
 
 from __future__ import annotations
@@ -58,3 +59,29 @@ def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def holder(path: str) -> str | None:
+    """Who holds the lock on `path` now, by a process on this machine: the lock file's text ("pid N
+    since T"), or None when no process here holds it. Read from Linux's /proc/locks, so nothing is
+    locked, not even for a moment (a probe with `flock` could make a starting trainer's
+    non-blocking lock fail). None too where it cannot be told: no /proc/locks (another OS), a
+    missing file, or a holder on another host of a shared filesystem."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii") as f:
+            table = f.read()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1645 fe:00:2146621 0 EOF": major and minor in hex, the inode in
+    # decimal; "1: -> FLOCK ..." lines are processes waiting for the lock, not holding it.
+    this_file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == this_file:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return f.read().strip() or f"pid {fields[4]}"
+            except OSError:
+                return f"pid {fields[4]}"
+    return None

@@ -3,11 +3,14 @@
     python -m segjax.runs runs/ [more folders] [--keys=val/miou,val/dice/membrane] [--csv=runs.csv]
 
 Every folder holding a `config.json` is a run (training or a classic baseline; a study's runs are
-found inside the study's folder). One row per run: its status (`finished`, `stopped at step k of
-n`: interrupted, or still training, see how long ago it last logged; `diverged`; `baseline`;
-`nothing saved`), the final scores `--keys` from its metrics.json, the dataset it read, the code
-of its last start (environment.jsonl) and the age of its last log line. Only reads: nothing is
-locked, moved or written (except --csv).
+found inside the study's folder). One row per run:
+- its status: `finished`; `training: last saved step k of n (pid P since T)` while a process on
+  this machine holds its lock (read from /proc/locks on Linux); `stopped at step k of n` otherwise
+  (interrupted, or training on another host: see how long ago it last logged); `diverged`;
+  `baseline`; `nothing saved`;
+- the final scores `--keys` from its metrics.json, the dataset it read, the code of its last start
+  (environment.jsonl) and the age of its last log line.
+Only reads: nothing is locked, moved or written (except --csv).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 from absl import app, flags
 
-from segjax import configuration, provenance, workdirs, writers
+from segjax import configuration, locks, provenance, workdirs, writers
 from segjax.errors import ConfigError, WorkdirError, exit_on_user_error
 
 DEFAULT_KEYS = ("val/miou", "val/mdice")
@@ -61,6 +64,9 @@ def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
         status = f"baseline {metrics['baseline']}"
     elif metrics.get("step") is not None and metrics.get("step") == steps:
         status = "finished"
+    elif holder := locks.holder(os.path.join(run, workdirs.LOCK_FILE)):
+        saved = f"last saved step {step} of {steps}" if step is not None else f"nothing saved yet of {steps} steps"
+        status = f"training: {saved} ({holder})"
     elif step is not None:
         status = f"stopped at step {step} of {steps}"
     else:

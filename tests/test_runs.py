@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import jax
+import pytest
 
 from segjax import provenance, runs
 from tests.conftest import ROOT
@@ -84,3 +86,42 @@ def test_cli_prints_the_table_writes_csv_and_refuses_no_folder(tmp_path):
         done = subprocess.run([*args[:3], *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert os.path.exists(out)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="the holder of a lock is read from Linux's /proc/locks")
+def test_a_run_whose_workdir_lock_a_process_holds_is_training(tmp_path):
+    """While another process holds a run's workdir lock (as a trainer does) the run is `training`,
+    named with that process's pid; once the process is gone (killed, as a crash or a preemption
+    leaves it) the same folders are `stopped` / `nothing saved` again. Looking locks nothing: the
+    holder keeps its lock throughout, and the lock is free to take as soon as it is gone."""
+    from segjax import locks, workdirs
+    from segjax.errors import BusyError
+
+    stopped, fresh = tmp_path / "stopped", tmp_path / "fresh"
+    (stopped / "checkpoints" / "4").mkdir(parents=True)
+    fresh.mkdir()
+    for run in (stopped, fresh):
+        (run / "config.json").write_text(json.dumps({"train": {"steps": 10}}))
+    code = (
+        "import sys, time\nfrom segjax import workdirs\n"
+        "with workdirs.lock(sys.argv[1]), workdirs.lock(sys.argv[2]):\n"
+        "    print('held', flush=True)\n    time.sleep(300)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(stopped), str(fresh)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        since = rf"\(pid {holder.pid} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)"
+        assert re.fullmatch(r"training: last saved step 4 of 10 " + since, runs.describe(str(stopped))["status"])
+        assert re.fullmatch(r"training: nothing saved yet of 10 steps " + since, runs.describe(str(fresh))["status"])
+        with pytest.raises(BusyError, match=f"pid {holder.pid}"), workdirs.lock(str(stopped)):
+            pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert runs.describe(str(stopped))["status"] == "stopped at step 4 of 10"
+    assert runs.describe(str(fresh))["status"] == "nothing saved"
+    assert locks.holder(str(stopped / workdirs.LOCK_FILE)) is None
+    with workdirs.lock(str(stopped)):
+        assert re.fullmatch(rf"pid {os.getpid()} since .+", locks.holder(str(stopped / workdirs.LOCK_FILE)))
