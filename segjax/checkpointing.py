@@ -196,6 +196,22 @@ def _file_digests(folder: str) -> dict[str, list]:
     return out
 
 
+def fingerprint(workdir: str, which: str, step: int) -> str | None:
+    """A name for the contents of a saved step of `workdir`'s `latest` or `best` checkpoints: the
+    first 16 hex digits of the SHA-256 of its sealed file digests (`DIGEST_FILE`, keys sorted).
+    A copy of the step has the same; other weights saved at the same step (a run replaced by
+    `--overwrite` and trained again) another. Recorded with masks and rescorings, so they name
+    the exact checkpoint that made them. None for a step without a digest (saved before digests
+    were written, or killed before its digest)."""
+    path = os.path.join(workdir, workdirs.CHECKPOINT_FOLDERS[which], str(step), DIGEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            digests = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _damaged(manager: ocp.CheckpointManager, step: int, what: str) -> str:
     others = [s for s in manager.all_steps() if s != step]
     folder = _step_folder(manager, step)

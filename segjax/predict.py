@@ -38,7 +38,18 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from segjax import configuration, inference, instances, preflight, provenance, rescore, seeds, workdirs, writers
+from segjax import (
+    checkpointing,
+    configuration,
+    inference,
+    instances,
+    preflight,
+    provenance,
+    rescore,
+    seeds,
+    workdirs,
+    writers,
+)
 from segjax.data import alignment, folder, nifti, pipeline, sources
 from segjax.errors import ConfigError, DataError, WorkdirError, exit_on_user_error
 
@@ -231,7 +242,13 @@ def predict_folder(
     os.makedirs(out, exist_ok=True)
     step = int(np.max(jax.device_get(state.step)))
     provenance.record(
-        out, "predict", run=os.path.abspath(workdir), checkpoint=which, step=step, shard=f"{part}/{parts}"
+        out,
+        "predict",
+        run=os.path.abspath(workdir),
+        checkpoint=which,
+        step=step,
+        checkpoint_id=checkpointing.fingerprint(workdir, which, step),
+        shard=f"{part}/{parts}",
     )
     dtype = np.uint8 if config.data.num_classes <= 256 else np.uint16
     batch_size = min(config.eval.batch_size, len(source))  # no copies computed for a few images

@@ -124,7 +124,9 @@ def evaluate_checkpoint(
     table = os.path.join(workdir, f"eval_{name}_per_image.csv")  # one seed only
     if jax.process_index() == 0:
         keep_earlier_results(workdir, name)
-    provenance.record(workdir, f"eval_only={which}", split=split)
+    step = int(np.max(restored.step))
+    checkpoint_id = checkpointing.fingerprint(workdir, which, step)
+    provenance.record(workdir, f"eval_only={which}", split=split, step=step, checkpoint_id=checkpoint_id)
     results = evaluate.evaluate_split(config, eval_fn, restored, source, mesh, per_image_csv=table, num_seeds=num_seeds)
     replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
     per_seed = [scored_splits.split_keys(r, prefix) for r in results] if replica_seeds else []
@@ -136,8 +138,9 @@ def evaluate_checkpoint(
     else:
         results = scored_splits.split_keys(results, prefix)
     results["split"] = split
-    results["step"] = int(np.max(restored.step))
+    results["step"] = step
     results["checkpoint"] = which
+    results["checkpoint_id"] = checkpoint_id
     results["config_differences"] = differences  # e.g. ['eval.tta'], or the dataset when its files changed
     results["eval_settings"] = {k: config.eval[k] for k in ("window", "window_overlap", "window_blend", "tta")}
     if config.eval.surface_metrics:  # HD95 and the NSD tolerance are in this unit
@@ -145,7 +148,7 @@ def evaluate_checkpoint(
     results["metrics_convention"] = evaluate.convention(config)
     if jax.process_index() == 0:
         writers.write_summary(os.path.join(workdir, f"eval_{name}.json"), results)
-        shared = ("split", "step", "checkpoint", "config_differences", "eval_settings")
+        shared = ("split", "step", "checkpoint", "checkpoint_id", "config_differences", "eval_settings")
         for s, r in zip(replica_seeds, per_seed, strict=True):
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
             keep_earlier_results(os.path.join(workdir, f"seed_{s}"), name)

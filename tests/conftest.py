@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -85,3 +87,17 @@ def tiny_config(tfds_dir):
     config = load_config("tiny")
     config.data.tfds_dir = tfds_dir
     return config
+
+
+def checkpoint_step_id(folder) -> str:
+    """A saved step's name recomputed from its files: SHA-256 of {path: [size, sha256]} of every
+    file but the digest file (`checkpointing.DIGEST_FILE`), keys sorted, first 16 hex digits."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if name != "segjax_digest.json":
+                with open(path, "rb") as f:
+                    data = f.read()
+                files[os.path.relpath(path, folder)] = [len(data), hashlib.sha256(data).hexdigest()]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ from PIL import Image
 from segjax import instances, metrics, predict, rescore, score_masks, train
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError, WorkdirError
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, checkpoint_step_id, load_config
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +290,9 @@ def test_shards_split_a_folder_between_processes(run, tmp_path):
     with open(os.path.join(out, "environment.jsonl"), encoding="utf-8") as f:  # what made them: a line per shard
         starts = [json.loads(line) for line in f]
     step = json.loads((tmp_path / "whole" / "environment.jsonl").read_text())["step"]
-    assert [(e["what"], e["run"], e["checkpoint"], e["step"], e["shard"]) for e in starts] == [
-        ("predict", os.path.abspath(workdir), "latest", step, f"{i}/2") for i in range(2)
+    named = checkpoint_step_id(os.path.join(workdir, "checkpoints", str(step)))  # its files' contents
+    assert [(e["what"], e["run"], e["checkpoint"], e["step"], e["checkpoint_id"], e["shard"]) for e in starts] == [
+        ("predict", os.path.abspath(workdir), "latest", step, named, f"{i}/2") for i in range(2)
     ]
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         assert step == json.load(f)["step"]  # the latest checkpoint is the run's last step

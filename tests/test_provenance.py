@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import provenance
-from tests.conftest import ROOT
+from segjax import checkpointing, provenance
+from tests.conftest import ROOT, checkpoint_step_id
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -63,6 +63,19 @@ def test_each_start_of_a_run_appends_what_ran_it(tiny_config, tmp_path):
         ("train", 2, None),
         ("eval_only=latest", None, "validation"),
     ]
+    # the rescoring names the exact checkpoint it scored: its files' contents, not only the step
+    named = checkpoint_step_id(run / "checkpoints" / "2")
+    assert lines(path)[-1]["checkpoint_id"] == named and lines(path)[-1]["step"] == 2
+    assert json.loads((run / "eval_latest.json").read_text())["checkpoint_id"] == named
+    copy = shutil.copytree(run, tmp_path / "copy")
+    assert checkpointing.fingerprint(str(copy), "latest", 2) == named  # a copy is the same checkpoint
+    best_step = int(os.listdir(run / "best")[0])
+    assert checkpointing.fingerprint(str(run), "best", best_step) == checkpoint_step_id(run / "best" / str(best_step))
+    sealed = copy / "checkpoints" / "2" / checkpointing.DIGEST_FILE
+    sealed.write_text(json.dumps({**json.loads(sealed.read_text()), "x": [1, "0"]}))  # other files, same step
+    assert checkpointing.fingerprint(str(copy), "latest", 2) not in (None, named)
+    os.remove(copy / "checkpoints" / "2" / checkpointing.DIGEST_FILE)  # saved before digests: unknown
+    assert checkpointing.fingerprint(str(copy), "latest", 2) is None
     tiny_config.baseline.method = "otsu"
     baselines.run(tiny_config, str(tmp_path / "otsu"))
     assert [e["what"] for e in lines(tmp_path / "otsu" / provenance.FILE)] == ["baseline otsu"]
