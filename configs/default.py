@@ -107,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.augment.flip = True  # random mirror along W (left-right)
     c.data.augment.vflip = True  # also random mirrors along H (and D for volumes); off for upright content
     c.data.augment.rot90 = True  # random multiples of 90 degrees in the (H, W) plane (square only)
+    # image only: Gaussian blur of a random sigma in blur_sigma (pixels, each spatial axis) with
+    # probability blur_prob (nnU-Net: 0.2, (0.5, 1.0)); 0 = off
+    c.data.augment.blur_prob = 0.0
+    c.data.augment.blur_sigma = (0.5, 1.0)
     c.data.augment.brightness = 0.0  # image only: +- uniform shift (0..1 scale); 0 = off
     c.data.augment.contrast = 0.0  # image only: x uniform(1 - c, 1 + c) around the mean; 0 = off
     c.data.augment.gamma = 0.0  # image only: ** exp(uniform(-g, g)); 0 = off

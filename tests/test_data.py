@@ -242,6 +242,47 @@ def test_cubic_warp_keeps_fine_detail_that_linear_blurs(tiny_config):
         augment.check(cfg)
 
 
+@pytest.mark.parametrize("spatial", [2, 3])
+def test_blur_is_a_gaussian_of_the_image_alone_with_its_probability(tiny_config, spatial):
+    """With blur_prob=1 and a fixed sigma the image is scipy's Gaussian of the unblurred result
+    (same seed: the blur draws after every geometric op), over the spatial axes only (channels are
+    not mixed); the label is untouched. A probability p blurs about p of the examples; p=0 and
+    bad settings as documented."""
+    rng = np.random.default_rng(0)
+    shape = (12, 10, 2) if spatial == 2 else (6, 8, 8, 2)
+    image = rng.integers(0, 255, shape, dtype=np.uint8)
+    ex = {"image": image, "label": (image[..., 0] > 128).astype(np.int32)}
+    cfg = tiny_config.data.augment
+    cfg.blur_prob, cfg.blur_sigma = 1.0, (0.8, 0.8)
+    for seed in range(4):
+        blurred = augment.augment(ex, np.random.default_rng(seed), cfg)
+        cfg.blur_prob = 0.0
+        plain = augment.augment(ex, np.random.default_rng(seed), cfg)
+        cfg.blur_prob = 1.0
+        np.testing.assert_array_equal(blurred["label"], plain["label"])
+        for k in range(2):  # each channel on its own: a 1-channel Gaussian of that channel
+            np.testing.assert_allclose(
+                blurred["image"][..., k], ndimage.gaussian_filter(plain["image"][..., k], 0.8), atol=1e-6
+            )
+        assert blurred["image"].std() < 0.8 * plain["image"].std()  # noise-like content loses contrast
+    cfg.blur_prob, cfg.blur_sigma = 0.3, (0.5, 1.0)
+    cfg.flip, cfg.rot90 = False, False  # only the blur changes the image
+    changed = [
+        not np.array_equal(augment.augment(ex, np.random.default_rng(s), cfg)["image"], image / np.float32(255))
+        for s in range(400)
+    ]
+    assert 0.22 < np.mean(changed) < 0.38  # binomial(400, 0.3): std 0.023
+    for key, value, message in (
+        ("blur_sigma", (1.0, 0.5), r"blur_sigma=\(1\.0, 0\.5\); give \(min, max\)"),
+        ("blur_sigma", (1.0,), r"blur_sigma=\(1\.0,\); give two numbers"),
+        ("blur_prob", 1.5, r"blur_prob=1\.5; a probability"),
+    ):
+        bad = tiny_config.data.augment.copy_and_resolve_references()
+        bad[key] = value
+        with pytest.raises(ConfigError, match=message):
+            augment.check(bad)
+
+
 def test_left_right_flips_only_when_vflip_is_off(tiny_config):
     """vflip=False, rot90=False: every result is the image or its left-right mirror (upright
     content stays upright); with vflip on, up-down mirrors appear as well."""

@@ -2,7 +2,7 @@
 
 Order: random crop window warped by rotation + scale + elastic deformation (one resampling,
 2D only), flips (left-right; up-down and front-back too with `vflip`), 90-degree rotations,
-then image-only brightness / contrast / gamma / noise.
+then image-only blur / brightness / contrast / gamma / noise.
 Images come in as uint8 and leave as float32 in 0..1. Labels are never interpolated: they are
 resampled with nearest neighbour (order 0), flipped, rotated or cropped. Volumes [D,H,W,C] get the
 random crop^3 patch, flips, rotations and intensity ops.
@@ -23,6 +23,19 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     """ConfigError for `data.augment` settings the ops cannot take."""
     if cfg.image_order not in IMAGE_ORDERS:
         raise ConfigError(f"data.augment.image_order={cfg.image_order}; choose 1 (linear) or 3 (cubic spline)")
+    low, high = _pair(cfg.blur_sigma, "data.augment.blur_sigma")
+    if not 0 <= low <= high:
+        raise ConfigError(
+            f"data.augment.blur_sigma={tuple(cfg.blur_sigma)}; give (min, max) with 0 <= min <= max pixels"
+        )
+    if not 0 <= cfg.blur_prob <= 1:
+        raise ConfigError(f"data.augment.blur_prob={cfg.blur_prob}; a probability in [0, 1]")
+
+
+def _pair(value, key: str) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ConfigError(f"{key}={tuple(value)}; give two numbers (min, max)")
+    return float(value[0]), float(value[1])
 
 
 def _warp_crop(image, label, rng, cfg):
@@ -120,6 +133,9 @@ def augment(example: dict[str, np.ndarray], rng: np.random.Generator, cfg: ml_co
     if cfg.rot90 and label.shape[h] == label.shape[w]:
         k = int(rng.integers(4))
         image, label = np.rot90(image, k, axes=(h, w)), np.rot90(label, k, axes=(h, w))
+    if cfg.blur_prob and rng.random() < cfg.blur_prob:  # nnU-Net's Gaussian blur: a softer focus
+        sigma = rng.uniform(*_pair(cfg.blur_sigma, "data.augment.blur_sigma"))
+        image = ndimage.gaussian_filter(image, (sigma,) * spatial + (0,))  # not across channels
     if cfg.brightness:
         image = image + rng.uniform(-cfg.brightness, cfg.brightness)
     if cfg.contrast:
