@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -194,6 +195,35 @@ def test_scores_from_counts_alone_equal_the_confusion_matrix_s(average):
                 np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6, equal_nan=True)
     with pytest.raises(ValueError, match=r"needs .* counts, got shape"):
         metrics.summarize_counts(metrics.counts(cms.sum(0) if average == "per_image" else cms), average)
+
+
+@pytest.mark.parametrize("average", metrics.AVERAGES)
+def test_counts_of_billions_of_pixels_score_as_in_float64(average):
+    """A split of 3D volumes (or folds summed) counts 2**31 pixels and more: int64 counts scored
+    through the confusion matrix, the counts alone and `evaluate.count_scores` give numpy float64's
+    scores (they wrapped to negative int32 before: NaN IoU, negative accuracy)."""
+    from segjax import evaluate
+
+    cm = np.array([[3_000_000_000, 1_000_000_000], [100_000_000, 2_500_000_000]], np.int64)
+    other = np.array([[500_000_000, 200_000_000], [300_000_000, 1_000_000_000]], np.int64)  # other ratios
+    cms = np.stack([cm, other]) if average == "per_image" else cm
+    per_image = cms if average == "per_image" else cms[None]
+    tp = np.diagonal(per_image, axis1=1, axis2=2).astype(np.float64)
+    fp, fn = per_image.sum(1) - tp, per_image.sum(2) - tp
+    if average == "micro":
+        tp, fp, fn = tp.sum(-1), fp.sum(-1), fn.sum(-1)
+    iou = (tp / (tp + fp + fn)).mean(0)
+    accuracy = (np.trace(per_image, axis1=1, axis2=2) / per_image.sum((1, 2))).mean()
+    counts = {k: np.asarray(v).astype(np.int64) for k, v in evaluate.pixel_counts(cms).items()}
+    for got in (metrics.summarize(cms, average), metrics.summarize_counts(counts, average)):
+        np.testing.assert_allclose(float(got["accuracy"]), accuracy, rtol=1e-6)
+        np.testing.assert_allclose(float(got["miou"]), np.mean(iou), rtol=1e-6)
+        if average != "micro":
+            np.testing.assert_allclose(np.asarray(got["iou"]), iou, rtol=1e-6)
+
+    eval_cfg = ml_collections.ConfigDict({"average": average, "empty": "nan", "include_background": True})
+    named = evaluate.count_scores(counts, eval_cfg, ["a", "b"])
+    np.testing.assert_allclose([named["val/accuracy"], named["val/miou"]], [accuracy, np.mean(iou)], rtol=1e-6)
 
 
 def test_module_example_runs():

@@ -88,7 +88,7 @@ def per_image_confusion(labels, preds, num_classes: int, valid=None) -> jax.Arra
 
 def counts(confusion) -> dict[str, jax.Array]:
     """Per-class tp, fp, fn, tn (float32) from a [..., C, C] confusion matrix."""
-    cm = jnp.asarray(confusion).astype(jnp.float32)
+    cm = jnp.asarray(confusion, jnp.float32)  # straight to float: see `summarize_counts`
     tp = jnp.diagonal(cm, axis1=-2, axis2=-1)
     fp = jnp.sum(cm, axis=-2) - tp
     fn = jnp.sum(cm, axis=-1) - tp
@@ -128,11 +128,11 @@ def summarize(confusion, average: str = "dataset", empty: str = "nan", include_b
     (NaN classes left out), and pixel `accuracy`. With 'micro' the means are the pooled scores.
     """
     _check_options(average, empty)
-    cm = jnp.asarray(confusion)
-    if cm.ndim != (3 if average == "per_image" else 2) or cm.shape[-1] != cm.shape[-2]:
+    shape = jnp.shape(confusion)
+    if len(shape) != (3 if average == "per_image" else 2) or shape[-1] != shape[-2]:
         want = "[N, C, C]" if average == "per_image" else "[C, C]"
-        raise ValueError(f"average={average!r} needs a {want} confusion matrix, got shape {cm.shape}")
-    return summarize_counts(counts(cm), average, empty, include_background)
+        raise ValueError(f"average={average!r} needs a {want} confusion matrix, got shape {shape}")
+    return summarize_counts(counts(confusion), average, empty, include_background)
 
 
 def summarize_counts(c: dict, average: str = "dataset", empty: str = "nan", include_background: bool = True) -> dict:
@@ -140,7 +140,9 @@ def summarize_counts(c: dict, average: str = "dataset", empty: str = "nan", incl
     'per_image'), e.g. counts summed over the folds of a cross-validation, as a run's metrics.json
     reports them: every score depends on the confusion matrix only through these four."""
     _check_options(average, empty)
-    c = {k: jnp.asarray(c[k]).astype(jnp.float32) for k in ("tp", "fp", "fn", "tn")}
+    # straight to float32: JAX without x64 takes a numpy int64 array as int32 first, so a count of
+    # 2**31 pixels or more (a large 3D split, folds summed) wrapped to a negative number
+    c = {k: jnp.asarray(c[k], jnp.float32) for k in ("tp", "fp", "fn", "tn")}
     if c["tp"].ndim != (2 if average == "per_image" else 1):
         want = "[N, C]" if average == "per_image" else "[C]"
         raise ValueError(f"average={average!r} needs {want} counts, got shape {c['tp'].shape}")
