@@ -172,6 +172,26 @@ def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"tp": tp, "fp": fp, "fn": fn, "tn": cm.sum(axis=(-2, -1))[..., None] - tp - fp - fn}
 
 
+COUNT_KINDS = ("tp", "fp", "fn", "tn")  # a per-image table's count columns: `<kind>/<class>`
+
+
+def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """(image names, class names, {tp, fp, fn, tn: [N, C] int64}) of a per-image table
+    (`per_image_rows`): the classes are its `tp/<class>` columns in order, an image without a
+    `name` is named by its `index`. A table without counts (written before they were) is a
+    ValueError naming the file."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+        header = rows[0].keys() if rows else []
+    classes = [c[len("tp/") :] for c in header if c.startswith("tp/")]
+    columns = [f"{kind}/{name}" for kind in COUNT_KINDS for name in classes]
+    if not rows or not classes or any(c not in header for c in columns):
+        raise ValueError(f"{path} holds no per-image pixel counts (tp/<class>, ...; scored before they were?)")
+    names = [r.get("name") or r["index"] for r in rows]
+    counts = {k: np.array([[int(r[f"{k}/{c}"]) for c in classes] for r in rows], np.int64) for k in COUNT_KINDS}
+    return names, classes, counts
+
+
 def per_image_rows(
     outputs: list[dict], order: list[int | None], class_names, empty: str = "nan", row_names=None, extra=None
 ) -> list[dict]:
@@ -326,20 +346,32 @@ def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigD
     `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn`: [C] summed over a split or several (the
     folds of a cross-validation: each image counted once), or [N, C], one row per image, which
     `eval.average='per_image'` needs (the other averages sum them)."""
+    return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
+
+
+def count_score_arrays(
+    counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names, sets: bool = False
+) -> dict[str, np.ndarray]:
+    """`count_scores` as float32 arrays. With `sets`, the counts carry a leading axis of R sets of
+    images (e.g. bootstrap resamples, `segjax.intervals`): every score is then [R], computed in
+    one vectorised pass."""
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
     if avg not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
-    counts = {k: np.asarray(counts[k], np.int64) for k in ("tp", "fp", "fn", "tn")}
-    if avg == "per_image" and counts["tp"].ndim != 2:
+    counts = {k: np.asarray(counts[k]) for k in COUNT_KINDS}
+    lead = 1 if sets else 0
+    if avg == "per_image" and counts["tp"].ndim != 2 + lead:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
     if avg != "per_image":
-        counts = {k: v.reshape(-1, v.shape[-1]).sum(axis=0) for k, v in counts.items()}
-    per_class = metrics.summarize_counts(counts, "dataset" if avg == "micro" else avg, empty, bg)
-    results = {}
-    for key in metrics.SCORES:  # val/<score>/<class>
-        for name, v in zip(class_names, np.asarray(per_class[key]), strict=True):
-            results[f"val/{key}/{name}"] = float(v)
-    for key, value in metrics.summarize_counts(counts, avg, empty, bg).items():  # the class means, accuracy
-        if np.ndim(value) == 0:
-            results[f"val/{key}"] = float(value)
-    return results
+        counts = {k: v.reshape(*v.shape[:lead], -1, v.shape[-1]).sum(axis=lead) for k, v in counts.items()}
+    # float32 on the host (float64 sums first): JAX without x64 would take int64 counts as int32
+    counts = {k: np.asarray(v, np.float64).astype(np.float32) for k, v in counts.items()}
+
+    def named(c: dict) -> dict:
+        per_class = metrics.summarize_counts(c, "dataset" if avg == "micro" else avg, empty, bg)
+        out = {f"val/{key}/{name}": per_class[key][i] for key in metrics.SCORES for i, name in enumerate(class_names)}
+        means = metrics.summarize_counts(c, avg, empty, bg)  # the class means, accuracy
+        out.update({f"val/{key}": v for key, v in means.items() if jnp.ndim(v) == 0})
+        return out
+
+    return {k: np.asarray(v) for k, v in (jax.vmap(named) if sets else named)(counts).items()}

@@ -95,17 +95,22 @@ def summed_counts(
 
 def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
     """Per-class counts [images, C] of every row of the per-image CSVs `tables` (`tp/<class>`, ...)."""
+    from segjax import evaluate
+
     missing = [t for t in tables if not os.path.exists(t)]
     if missing or not tables:
         raise KeyError(f"{len(missing)} runs have no per-image table ({', '.join(missing[:2]) or 'none given'})")
-    rows = []
+    parts = []
     for table in tables:
-        with open(table, newline="", encoding="utf-8") as f:
-            rows += list(csv.DictReader(f))
-    columns = [f"{kind}/{name}" for kind in COUNTS for name in class_names]
-    if any(c not in rows[0] for c in columns):
-        raise KeyError(f"per-image tables without the column {columns[0]} (scored before pixel counts were)")
-    return {kind: np.array([[int(r[f"{kind}/{n}"]) for n in class_names] for r in rows], np.int64) for kind in COUNTS}
+        try:
+            _, classes, counts = evaluate.read_per_image_counts(table)
+        except ValueError:
+            classes = []
+        if classes != list(class_names):
+            column = f"{COUNTS[0]}/{class_names[0]}"
+            raise KeyError(f"per-image tables without the column {column} (scored before pixel counts were)")
+        parts.append(counts)
+    return {kind: np.concatenate([p[kind] for p in parts]) for kind in COUNTS}
 
 
 def code_note(workdir: str, rows: list[dict]) -> str:

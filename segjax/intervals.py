@@ -1,0 +1,158 @@
+"""Confidence intervals over images: how far a run's split-wide score could move on other images
+like the ones it was scored on (the percentile bootstrap over its per-image table).
+
+    python -m segjax.intervals runs/isbi --keys=val/dice/membrane,val/accuracy [--versus=runs/other]
+        [--table=val_per_image.csv] [--resamples=10000] [--level=0.95] [--seed=0] [--out=ci.json]
+
+A validation split of five images gives one number, and five other images would have given
+another. Each resample draws as many images with replacement, sums their pixel counts (the
+`tp/<class>`, ... columns of the per-image table) or, with `eval.average='per_image'`, averages
+their scores, and scores them under the run's own eval conventions (`evaluate.count_score_arrays`),
+so the interval is around the very number the run reports. `--versus` gives the interval of the
+paired difference, this run minus the other, with the same images drawn for both (their tables
+matched by image name): whether two models differ on these images (`segjax.compare` asks the
+same over seeds). A bootstrap over few images is too narrow (five images have at most 126
+distinct resamples): the table states the number of images beside each interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from segjax import configuration, workdirs, writers
+from segjax.errors import ConfigError, exit_on_user_error
+
+DEFAULT_TABLE = "val_per_image.csv"
+CHUNK_VALUES = 20_000_000  # drawn counts held at once (resamples x images x classes), ~160 MB of int64
+
+
+def bootstrap(
+    counts: dict[str, np.ndarray],
+    eval_cfg: ml_collections.ConfigDict,
+    class_names,
+    keys,
+    resamples: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+    versus: dict[str, np.ndarray] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per key: `estimate` (the score of all images; with `versus`, minus the other run's score
+    of the same images) and the percentile interval `low`, `high` at `level` over `resamples`
+    resamples of the images (rows of the [N, C] `counts`; `versus`'s rows are the same images).
+    Resamples where a score is undefined (a class absent from every drawn image, under
+    `eval.empty='nan'`) are left out of its interval; `undefined` counts them."""
+    from segjax import evaluate  # jax only when scoring
+
+    if not 0 < level < 1:
+        raise ConfigError(f"--level={level}: a confidence level in (0, 1), e.g. 0.95")
+    if resamples < 1:
+        raise ConfigError(f"--resamples={resamples}: at least 1")
+    n = len(counts["tp"])
+    runs = [counts] if versus is None else [counts, versus]
+    full = [evaluate.count_scores(c, eval_cfg, class_names) for c in runs]
+    missing = sorted(set(keys) - set(full[0]))
+    if missing:
+        raise ConfigError(f"{missing}: not a score of pixel counts; choose from {sorted(full[0])}")
+    draws = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    chunk = max(1, CHUNK_VALUES // max(1, n * len(class_names)))
+    samples = {k: [] for k in keys}
+    for start in range(0, resamples, chunk):
+        take = draws[start : start + chunk]
+        scored = [
+            evaluate.count_score_arrays({k: v[take] for k, v in c.items()}, eval_cfg, class_names, True) for c in runs
+        ]
+        for key in keys:
+            samples[key].append(scored[0][key] - scored[1][key] if versus is not None else scored[0][key])
+    out = {}
+    for key in keys:
+        values = np.concatenate(samples[key]).astype(np.float64)
+        finite = values[~np.isnan(values)]
+        low, high = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)]) if finite.size else (np.nan, np.nan)
+        estimate = full[0][key] - full[1][key] if versus is not None else full[0][key]
+        out[key] = {
+            "estimate": estimate,
+            "low": float(low),
+            "high": float(high),
+            "undefined": int(values.size - finite.size),
+        }
+    return out
+
+
+def load(run: str, table: str) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
+    """(image names, class names, per-image counts, the run's `eval` config) of a run folder's
+    per-image `table`; a missing folder, config or table is a ConfigError naming it."""
+    from segjax import evaluate
+
+    config_path = os.path.join(run, workdirs.CONFIG_FILE)
+    path = os.path.join(run, table)
+    for needed, what in ((config_path, "no run (config.json)"), (path, f"no per-image table {table}")):
+        if not os.path.exists(needed):
+            raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
+    try:
+        names, classes, counts = evaluate.read_per_image_counts(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    eval_cfg = configuration.default_config().eval
+    eval_cfg.update(writers.read_json(config_path).get("eval", {}))
+    return names, classes, counts, eval_cfg
+
+
+def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.ndarray], run: str, versus: str):
+    """`other`'s rows in the order of `names`: the same images, or a ConfigError saying which differ."""
+    if sorted(names) != sorted(other_names) or len(set(names)) != len(names):
+        only = sorted(set(names) ^ set(other_names))[:3]
+        raise ConfigError(f"{run} and {versus} were scored on other images (e.g. {only}); compare runs of one split")
+    order = [other_names.index(n) for n in names]
+    return {k: v[order] for k, v in other.items()}
+
+
+def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
+    what = f"difference (this run - {versus})" if versus else "score"
+    lines = [f"| key | {what} | {level:.0%} interval | images | undefined resamples |", "|---|---|---|---|---|"]
+    for key, r in results.items():
+        lines.append(f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] | {n} | {r['undefined']} |")
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("keys", ["val/miou", "val/accuracy"], "Scores to bound, e.g. val/dice/membrane.")
+    flags.DEFINE_string("table", DEFAULT_TABLE, "The per-image table in the run folder (e.g. eval_best_per_image.csv).")
+    flags.DEFINE_string("versus", "", "Another run scored on the same images: the interval of the difference.")
+    flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples.")
+    flags.DEFINE_float("level", 0.95, "Confidence level of the percentile interval.")
+    flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
+    flags.DEFINE_string("out", "", "Also write the intervals as JSON to this file (not replaced: choose a new name).")
+
+
+def main(argv):
+    with exit_on_user_error():
+        if len(argv) != 2:
+            raise ConfigError("give one run folder: python -m segjax.intervals runs/isbi [--versus=runs/other]")
+        run, f = argv[1], flags.FLAGS
+        if f.out and os.path.exists(f.out):
+            raise ConfigError(f"--out={f.out} exists; choose another file")
+        names, classes, counts, eval_cfg = load(run, f.table)
+        other = None
+        if f.versus:
+            other_names, other_classes, other_counts, other_eval = load(f.versus, f.table)
+            if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
+                raise ConfigError(f"{run} and {f.versus} differ in their classes or eval settings")
+            other = paired_counts(names, other_names, other_counts, run, f.versus)
+        results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
+        print(markdown(results, len(names), f.level, f.versus))
+        if f.out:
+            record = {"run": run, "versus": f.versus, "table": f.table, "images": len(names), "level": f.level}
+            record.update(resamples=f.resamples, seed=f.seed, intervals=results)
+            with writers.replaced(f.out) as out:
+                json.dump(record, out, indent=2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    configuration.quiet_libraries()
+    app.run(main)

@@ -1,0 +1,162 @@
+"""segjax.intervals: bootstrap confidence intervals over images, against scipy.stats.bootstrap."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+from segjax import intervals
+from segjax.errors import ConfigError
+from tests.conftest import ROOT
+
+CLASSES = ["background", "a", "b"]
+
+
+def eval_cfg(average: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"average": average, "empty": "nan", "include_background": True})
+
+
+def random_counts(seed: int, n: int = 30) -> dict[str, np.ndarray]:
+    """Per-image counts of a 3-class prediction on n images of 1000 pixels, every class present."""
+    rng = np.random.default_rng(seed)
+    tp = rng.integers(20, 300, (n, 3))
+    fp, fn = rng.integers(1, 80, (n, 3)), rng.integers(1, 80, (n, 3))
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": 1000 - tp - fp - fn}
+
+
+def dice(tp, fp, fn, axis=-1):
+    return 2 * tp.sum(axis) / (2 * tp.sum(axis) + fp.sum(axis) + fn.sum(axis))
+
+
+def close(ours: dict, reference, width_fraction: float = 0.05) -> None:
+    """Two percentile intervals from independent resamples agree within a small part of their width."""
+    low, high = reference.confidence_interval
+    tolerance = width_fraction * (high - low)
+    assert abs(ours["low"] - low) < tolerance and abs(ours["high"] - high) < tolerance, (ours, low, high)
+
+
+def test_the_interval_of_summed_counts_is_scipy_s_percentile_bootstrap():
+    """eval.average='dataset': the Dice of class `a` over the drawn images' summed counts, as
+    scipy's paired percentile bootstrap of the same statistic; the estimate is the Dice of all images."""
+    c = random_counts(0)
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000)["val/dice/a"]
+    reference = stats.bootstrap(
+        (c["tp"][:, 1], c["fp"][:, 1], c["fn"][:, 1]),
+        dice,
+        paired=True,
+        vectorized=True,
+        n_resamples=20_000,
+        method="percentile",
+        random_state=1,
+    )
+    np.testing.assert_allclose(got["estimate"], dice(c["tp"][:, 1], c["fp"][:, 1], c["fn"][:, 1]), rtol=1e-6)
+    close(got, reference)
+    assert got["undefined"] == 0
+
+
+def test_the_interval_of_per_image_scores_is_that_of_their_mean():
+    """eval.average='per_image' (nnU-Net's mean over cases): the bootstrap of the mean of the
+    images' Dice; the class mean `val/mdice` as the bootstrap of the mean over classes and images."""
+    c = random_counts(1)
+    got = intervals.bootstrap(c, eval_cfg("per_image"), CLASSES, ["val/dice/b", "val/mdice"], resamples=20_000)
+    per_image = 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"])
+    for key, values in (("val/dice/b", per_image[:, 2]), ("val/mdice", per_image.mean(1))):
+        reference = stats.bootstrap(
+            (values,), np.mean, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+        )
+        np.testing.assert_allclose(got[key]["estimate"], values.mean(), rtol=1e-6)
+        close(got[key], reference)
+
+
+def test_the_paired_difference_draws_the_same_images_for_both_runs():
+    """`versus`: the interval of (this run's Dice - the other's) with images drawn together, as
+    scipy's paired bootstrap of that difference; much narrower than the runs' own intervals when
+    the runs agree on which images are hard. A run against itself differs by exactly 0."""
+    a = random_counts(2)
+    b = {k: v.copy() for k, v in a.items()}
+    b["tp"][:, 1] += 5  # the other run finds 5 more pixels of `a` per image
+    b["fn"][:, 1] -= 5
+    cfg = eval_cfg("dataset")
+    got = intervals.bootstrap(a, cfg, CLASSES, ["val/dice/a"], resamples=20_000, versus=b)["val/dice/a"]
+
+    def difference(tp, fp, fn, tp2, fp2, fn2, axis=-1):
+        return dice(tp, fp, fn, axis) - dice(tp2, fp2, fn2, axis)
+
+    arrays = [x[:, 1] for x in (a["tp"], a["fp"], a["fn"], b["tp"], b["fp"], b["fn"])]
+    reference = stats.bootstrap(
+        arrays, difference, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+    )
+    np.testing.assert_allclose(got["estimate"], difference(*arrays), rtol=1e-5)
+    close(got, reference, 0.1)
+    assert got["high"] < 0  # the other run is better on every resample
+    alone = intervals.bootstrap(a, cfg, CLASSES, ["val/dice/a"], resamples=2000)["val/dice/a"]
+    assert got["high"] - got["low"] < 0.2 * (alone["high"] - alone["low"])
+    same = intervals.bootstrap(a, cfg, CLASSES, ["val/dice/a"], resamples=500, versus=a)["val/dice/a"]
+    assert (same["estimate"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+
+
+def test_one_image_an_absent_class_and_bad_arguments():
+    """One image: every resample is that image, so the interval is the score itself. A class
+    absent from some images is undefined (NaN) in resamples drawing only those, and counted."""
+    c = {k: v[:1] for k, v in random_counts(3).items()}
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/miou"], resamples=100)["val/miou"]
+    assert got["low"] == got["high"] == pytest.approx(got["estimate"], rel=1e-6)
+    c = random_counts(4, n=3)
+    c["fn"][1:, 2] = c["tp"][1:, 2] = c["fp"][1:, 2] = 0  # class b only in image 0
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/dice/b"], resamples=3000)["val/dice/b"]
+    assert 3000 * (2 / 3) ** 3 * 0.8 < got["undefined"] < 3000 * (2 / 3) ** 3 * 1.2  # drew images 1, 2 only
+    for kwargs, message in (
+        (dict(keys=["val/pq"]), r"\['val/pq'\]: not a score of pixel counts"),
+        (dict(keys=["val/miou"], level=95), r"--level=95: a confidence level in \(0, 1\)"),
+        (dict(keys=["val/miou"], resamples=0), "--resamples=0: at least 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, **kwargs)
+
+
+def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_config, tmp_path):
+    """On a trained run the estimates are the run's metrics.json scores; against itself the
+    difference is 0; a run scored on other images, an existing --out and a missing table are
+    one-line errors."""
+    from segjax import train
+
+    tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    run = tmp_path / "run"
+    result = train.train_and_evaluate(tiny_config, str(run))
+    out = tmp_path / "ci.json"
+    command = [sys.executable, "-m", "segjax.intervals", str(run), "--keys=val/miou,val/accuracy", "--resamples=500"]
+    done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["images"] == tiny_config.data.synthetic.num_val and record["resamples"] == 500
+    for key in ("val/miou", "val/accuracy"):
+        r = record["intervals"][key]
+        assert r["estimate"] == pytest.approx(result[key], rel=1e-6) and r["low"] <= r["high"]
+        assert f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |" in done.stdout
+    names, classes, counts, cfg = intervals.load(str(run), intervals.DEFAULT_TABLE)
+    assert len(names) == len(set(names)) == record["images"]
+    same = intervals.bootstrap(counts, cfg, classes, ["val/miou"], resamples=50, versus=counts)["val/miou"]
+    assert same["estimate"] == same["low"] == same["high"] == 0.0
+    other = shutil.copytree(run, tmp_path / "other")
+    with open(other / intervals.DEFAULT_TABLE, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["name"] = "not_in_the_split"
+    with open(other / intervals.DEFAULT_TABLE, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "exists; choose another file" in done.stderr and "Traceback" not in done.stderr
+    other_names, _, other_counts, _ = intervals.load(str(other), intervals.DEFAULT_TABLE)
+    with pytest.raises(ConfigError, match=r"were scored on other images \(e\.g\. \['0', 'not_in_the_split'\]\)"):
+        intervals.paired_counts(names, other_names, other_counts, str(run), str(other))
+    with pytest.raises(ConfigError, match=r"has no per-image table eval_best_per_image\.csv"):
+        intervals.load(str(run), "eval_best_per_image.csv")
