@@ -2,17 +2,19 @@
 like the ones it was scored on (the percentile bootstrap over its per-image table).
 
     python -m segjax.intervals runs/isbi --keys=val/dice/membrane,val/accuracy [--versus=runs/other]
-        [--table=val_per_image.csv] [--resamples=10000] [--level=0.95] [--seed=0] [--out=ci.json]
+        [--table=val_per_image.csv] [--average=per_image] [--resamples=10000] [--level=0.95] [--seed=0]
+        [--out=ci.json]
 
 A validation split of five images gives one number, and five other images would have given
 another. Each resample draws as many images with replacement, sums their pixel counts (the
 `tp/<class>`, ... columns of the per-image table) or, with `eval.average='per_image'`, averages
-their scores, and scores them under the run's own eval conventions (`evaluate.count_score_arrays`),
-so the interval is around the very number the run reports. `--versus` gives the interval of the
-paired difference, this run minus the other, with the same images drawn for both (their tables
-matched by image name): whether two models differ on these images (`segjax.compare` asks the
-same over seeds). A bootstrap over few images is too narrow (five images have at most 126
-distinct resamples): the table states the number of images beside each interval.
+their scores, and scores them under the run's own conventions (config.json's `eval.average`,
+`eval.empty`, `eval.include_background`; `--average` for a table rescored under another) with
+`evaluate.count_score_arrays`, so the interval is around the very number the run reports.
+`--versus` gives the interval of the paired difference, this run minus the other, with the same
+images drawn for both (their tables matched by image name): whether two models differ on these
+images (`segjax.compare` asks the same over seeds). A bootstrap over few images is too narrow
+(five images have at most 126 distinct resamples): the table states the number of images.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from segjax import configuration, workdirs, writers
 from segjax.errors import ConfigError, exit_on_user_error
 
 DEFAULT_TABLE = "val_per_image.csv"
+CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
 CHUNK_VALUES = 20_000_000  # drawn counts held at once (resamples x images x classes), ~160 MB of int64
 
 
@@ -97,8 +100,8 @@ def load(run: str, table: str) -> tuple[list[str], list[str], dict[str, np.ndarr
         names, classes, counts = evaluate.read_per_image_counts(path)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    eval_cfg = configuration.default_config().eval
-    eval_cfg.update(writers.read_json(config_path).get("eval", {}))
+    saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
+    eval_cfg = ml_collections.ConfigDict({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
     return names, classes, counts, eval_cfg
 
 
@@ -123,6 +126,12 @@ def define_flags() -> None:
     flags.DEFINE_list("keys", ["val/miou", "val/accuracy"], "Scores to bound, e.g. val/dice/membrane.")
     flags.DEFINE_string("table", DEFAULT_TABLE, "The per-image table in the run folder (e.g. eval_best_per_image.csv).")
     flags.DEFINE_string("versus", "", "Another run scored on the same images: the interval of the difference.")
+    flags.DEFINE_enum(
+        "average",
+        None,
+        ["dataset", "per_image", "micro"],
+        "eval.average, if not the run's (a table rescored under another).",
+    )
     flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples.")
     flags.DEFINE_float("level", 0.95, "Confidence level of the percentile interval.")
     flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
@@ -137,9 +146,11 @@ def main(argv):
         if f.out and os.path.exists(f.out):
             raise ConfigError(f"--out={f.out} exists; choose another file")
         names, classes, counts, eval_cfg = load(run, f.table)
+        eval_cfg.average = f.average or eval_cfg.average
         other = None
         if f.versus:
             other_names, other_classes, other_counts, other_eval = load(f.versus, f.table)
+            other_eval.average = f.average or other_eval.average
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
                 raise ConfigError(f"{run} and {f.versus} differ in their classes or eval settings")
             other = paired_counts(names, other_names, other_counts, run, f.versus)

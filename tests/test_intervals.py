@@ -133,6 +133,7 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     result = train.train_and_evaluate(tiny_config, str(run))
     out = tmp_path / "ci.json"
     command = [sys.executable, "-m", "segjax.intervals", str(run), "--keys=val/miou,val/accuracy", "--resamples=500"]
+    command.append("--average=dataset")  # the run's own
     done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
@@ -145,6 +146,11 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     assert len(names) == len(set(names)) == record["images"]
     same = intervals.bootstrap(counts, cfg, classes, ["val/miou"], resamples=50, versus=counts)["val/miou"]
     assert same["estimate"] == same["low"] == same["high"] == 0.0
+    with open(run / intervals.DEFAULT_TABLE, newline="", encoding="utf-8") as f:  # the table's own IoU cells
+        iou = np.array([[float(r[f"iou/{c}"] or "nan") for c in classes] for r in csv.DictReader(f)])
+    cfg.average = "per_image"  # as --average=per_image: each image's IoU, then the means
+    per_image = intervals.bootstrap(counts, cfg, classes, ["val/miou"], resamples=50)["val/miou"]
+    assert per_image["estimate"] == pytest.approx(np.nanmean(np.nanmean(iou, axis=0)), rel=1e-5)
     other = shutil.copytree(run, tmp_path / "other")
     with open(other / intervals.DEFAULT_TABLE, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
