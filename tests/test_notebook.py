@@ -19,9 +19,12 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
             log = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/miou": miou}]
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
             (run / "val_per_image.csv").write_text(  # mean Dice: a 0.7, b 0.95 (fg absent), c 0.5
-                "index,name,pixels,accuracy,dice/bg,dice/fg\n0,a.png,16,0.9,0.9,0.5\n"
-                "1,b.png,16,1.0,0.95,\n2,c.png,16,0.7,0.8,0.2\n"
+                "index,name,pixels,accuracy,dice/bg,dice/fg,tp/bg,tp/fg,fp/bg,fp/fg,fn/bg,fn/fg,tn/bg,tn/fg\n"
+                "0,a.png,16,0.9,0.9,0.5,8,5,2,1,1,2,5,8\n"  # confusion [[8, 1], [2, 5]]
+                "1,b.png,16,1.0,0.95,,16,0,0,0,0,0,0,16\n"  # [[16, 0], [0, 0]]
+                "2,c.png,16,0.7,0.8,0.2,6,3,3,4,4,3,3,6\n"  # [[6, 4], [3, 3]]
             )
+            (run / "config.json").write_text(json.dumps({"eval": {"average": "dataset", "empty": "nan"}}))
             (run / "val_confusion.csv").write_text("truth,bg,fg,edge\nbg,30,2,1\nfg,7,9,0\nedge,0,3,4\n")
             starts = [
                 {"git": {"commit": "0123456789abcdef", "dirty": False}, "packages": {"jax": jax}}
@@ -45,6 +48,8 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     expected = (("c.png", "0.500"), ("a.png", "0.700"), ("b.png", "0.950"))
     hardest = [out.index(f"{name}  mean Dice {dice}") for name, dice in expected]
     assert hardest == sorted(hardest)  # the per-image table, hardest image first
+    # the images' summed confusion [[30, 5], [5, 8]]: IoU 30/40 and 8/18, mean 0.5972; accuracy 38/48
+    assert "| val/miou | 0.5972 | [" in out and "| val/accuracy | 0.7917 | [" in out and "| 3 | 0 |" in out
     assert "most pixels mistaken: fg taken for bg (7 of 16)" in out  # the largest off-diagonal count
     assert "unet/seed_0: 1 start(s): commit 0123456789ab, jax 0.10.2" in out
     assert "unet/seed_1: 2 start(s): commit 0123456789ab, jax 0.10.2; commit 0123456789ab, jax 0.11.2" in out
