@@ -1,7 +1,7 @@
 """Confidence intervals over images: how far a run's split-wide score could move on other images
 like the ones it was scored on (the percentile bootstrap over its per-image table).
 
-    python -m segjax.intervals runs/isbi --keys=val/dice/membrane,val/accuracy [--versus=runs/other]
+    python -m segjax.intervals runs/isbi [more runs] --keys=val/dice/membrane,val/accuracy [--versus=runs/other]
         [--table=val_per_image.csv] [--average=per_image] [--resamples=10000] [--level=0.95] [--seed=0]
         [--out=ci.json]
 
@@ -11,6 +11,8 @@ another. Each resample draws as many images with replacement, sums their pixel c
 their scores, and scores them under the run's own conventions (config.json's `eval.average`,
 `eval.empty`, `eval.include_background`; `--average` for a table rescored under another) with
 `evaluate.count_score_arrays`, so the interval is around the very number the run reports.
+Several runs of disjoint images (the folds of a cross-validation) are taken together: the
+interval of the score of all their images.
 `--versus` gives the interval of the paired difference, this run minus the other, with the same
 images drawn for both (their tables matched by image name): whether two models differ on these
 images (`segjax.compare` asks the same over seeds). A bootstrap over few images is too narrow
@@ -86,23 +88,35 @@ def bootstrap(
     return out
 
 
-def load(run: str, table: str) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
-    """(image names, class names, per-image counts, the run's `eval` config) of a run folder's
-    per-image `table`; a missing folder, config or table is a ConfigError naming it."""
+def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
+    """(image names, class names, per-image counts, the runs' `eval` conventions) of the per-image
+    `table` of one run folder, or of several taken together: the folds of a cross-validation,
+    each image scored once, so the interval is of the score of all of them (`study --pooled`'s
+    summed-counts row). A missing folder, config or table, runs with other classes or conventions
+    and an image in two runs are ConfigErrors naming them."""
     from segjax import evaluate
 
-    config_path = os.path.join(run, workdirs.CONFIG_FILE)
-    path = os.path.join(run, table)
-    for needed, what in ((config_path, "no run (config.json)"), (path, f"no per-image table {table}")):
-        if not os.path.exists(needed):
-            raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
-    try:
-        names, classes, counts = evaluate.read_per_image_counts(path)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
-    eval_cfg = ml_collections.ConfigDict({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
-    return names, classes, counts, eval_cfg
+    parts = []
+    for run in runs:
+        config_path, path = os.path.join(run, workdirs.CONFIG_FILE), os.path.join(run, table)
+        for needed, what in ((config_path, "no run (config.json)"), (path, f"no per-image table {table}")):
+            if not os.path.exists(needed):
+                raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
+        try:
+            names, classes, counts = evaluate.read_per_image_counts(path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
+        conventions = {k: saved.get(k, default[k]) for k in CONVENTION_KEYS}
+        if parts and (classes, conventions) != (parts[0][1], parts[0][3]):
+            raise ConfigError(f"{run} and {runs[0]} differ in their classes or eval.{'/'.join(CONVENTION_KEYS)}")
+        parts.append((names, classes, counts, conventions))
+    names = [n for part in parts for n in part[0]]
+    twice = sorted(n for n in set(names) if names.count(n) > 1)
+    if twice:
+        raise ConfigError(f"images {twice[:3]} are in more than one run's table: give runs of disjoint images (folds)")
+    counts = {k: np.concatenate([part[2][k] for part in parts]) for k in evaluate.COUNT_KINDS}
+    return names, parts[0][1], counts, ml_collections.ConfigDict(parts[0][3])
 
 
 def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.ndarray], run: str, versus: str):
@@ -125,7 +139,7 @@ def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
 def define_flags() -> None:
     flags.DEFINE_list("keys", ["val/miou", "val/accuracy"], "Scores to bound, e.g. val/dice/membrane.")
     flags.DEFINE_string("table", DEFAULT_TABLE, "The per-image table in the run folder (e.g. eval_best_per_image.csv).")
-    flags.DEFINE_string("versus", "", "Another run scored on the same images: the interval of the difference.")
+    flags.DEFINE_list("versus", [], "Other run(s) scored on the same images: the interval of the difference.")
     flags.DEFINE_enum(
         "average",
         None,
@@ -140,24 +154,24 @@ def define_flags() -> None:
 
 def main(argv):
     with exit_on_user_error():
-        if len(argv) != 2:
-            raise ConfigError("give one run folder: python -m segjax.intervals runs/isbi [--versus=runs/other]")
-        run, f = argv[1], flags.FLAGS
+        runs, f = argv[1:], flags.FLAGS
+        if not runs:
+            raise ConfigError("give a run folder (or the folds of one split): python -m segjax.intervals runs/isbi")
         if f.out and os.path.exists(f.out):
             raise ConfigError(f"--out={f.out} exists; choose another file")
-        names, classes, counts, eval_cfg = load(run, f.table)
+        names, classes, counts, eval_cfg = load(runs, f.table)
         eval_cfg.average = f.average or eval_cfg.average
         other = None
         if f.versus:
             other_names, other_classes, other_counts, other_eval = load(f.versus, f.table)
             other_eval.average = f.average or other_eval.average
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
-                raise ConfigError(f"{run} and {f.versus} differ in their classes or eval settings")
-            other = paired_counts(names, other_names, other_counts, run, f.versus)
+                raise ConfigError(f"{runs} and {f.versus} differ in their classes or eval settings")
+            other = paired_counts(names, other_names, other_counts, ", ".join(runs), ", ".join(f.versus))
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
-        print(markdown(results, len(names), f.level, f.versus))
+        print(markdown(results, len(names), f.level, ", ".join(f.versus)))
         if f.out:
-            record = {"run": run, "versus": f.versus, "table": f.table, "images": len(names), "level": f.level}
+            record = {"runs": runs, "versus": f.versus, "table": f.table, "images": len(names), "level": f.level}
             record.update(resamples=f.resamples, seed=f.seed, intervals=results)
             with writers.replaced(f.out) as out:
                 json.dump(record, out, indent=2)

@@ -142,7 +142,7 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
         r = record["intervals"][key]
         assert r["estimate"] == pytest.approx(result[key], rel=1e-6) and r["low"] <= r["high"]
         assert f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |" in done.stdout
-    names, classes, counts, cfg = intervals.load(str(run), intervals.DEFAULT_TABLE)
+    names, classes, counts, cfg = intervals.load([str(run)], intervals.DEFAULT_TABLE)
     assert len(names) == len(set(names)) == record["images"]
     same = intervals.bootstrap(counts, cfg, classes, ["val/miou"], resamples=50, versus=counts)["val/miou"]
     assert same["estimate"] == same["low"] == same["high"] == 0.0
@@ -155,14 +155,33 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     with open(other / intervals.DEFAULT_TABLE, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     rows[0]["name"] = "not_in_the_split"
-    with open(other / intervals.DEFAULT_TABLE, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(other / intervals.DEFAULT_TABLE, rows)
     done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "exists; choose another file" in done.stderr and "Traceback" not in done.stderr
-    other_names, _, other_counts, _ = intervals.load(str(other), intervals.DEFAULT_TABLE)
+    other_names, _, other_counts, _ = intervals.load([str(other)], intervals.DEFAULT_TABLE)
     with pytest.raises(ConfigError, match=r"were scored on other images \(e\.g\. \['0', 'not_in_the_split'\]\)"):
         intervals.paired_counts(names, other_names, other_counts, str(run), str(other))
     with pytest.raises(ConfigError, match=r"has no per-image table eval_best_per_image\.csv"):
-        intervals.load(str(run), "eval_best_per_image.csv")
+        intervals.load([str(run)], "eval_best_per_image.csv")
+    # the folds of a cross-validation: each run scored other images; together they are the split
+    folds = [shutil.copytree(run, tmp_path / f"fold{k}") for k in range(2)]
+    rows[0]["name"] = names[0]
+    half = len(rows) // 2
+    for fold, part in zip(folds, (rows[:half], rows[half:]), strict=True):
+        write_rows(fold / intervals.DEFAULT_TABLE, part)
+    fold_names, _, fold_counts, _ = intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
+    assert fold_names == names and all((fold_counts[k] == counts[k]).all() for k in counts)
+    with pytest.raises(ConfigError, match=r"images \['0', '1', '2'\] are in more than one run's table"):
+        intervals.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)
+    saved = json.loads((folds[1] / "config.json").read_text())
+    saved["eval"]["average"] = "micro"
+    (folds[1] / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"differ in their classes or eval\.average/empty/include_background"):
+        intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
+
+
+def write_rows(path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
