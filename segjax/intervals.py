@@ -31,7 +31,7 @@ from absl import app, flags
 from segjax import configuration, workdirs, writers
 from segjax.errors import ConfigError, exit_on_user_error
 
-DEFAULT_TABLE = "val_per_image.csv"
+DEFAULT_TABLE = writers.PER_IMAGE_FILE
 CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
 CHUNK_VALUES = 20_000_000  # drawn counts held at once (resamples x images x classes), ~160 MB of int64
 

@@ -235,7 +235,7 @@ def collect(
 
 TEST_SCORES = "eval_best_test.json"  # a run's best checkpoint on the test split (rescore, split='test')
 # each image's scores and counts beside a run's metrics.json (train) and TEST_SCORES (rescore)
-PER_IMAGE_TABLES = {"validation": "val_per_image.csv", "test": "eval_best_test_per_image.csv"}
+PER_IMAGE_TABLES = {"validation": writers.PER_IMAGE_FILE, "test": "eval_best_test_per_image.csv"}
 
 
 def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> int:

@@ -195,7 +195,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     writer = writers.MetricWriter(workdir)
     names = instances.class_names(config)
 
-    table = os.path.join(workdir, "val_per_image.csv") if num_seeds == 1 else ""  # the latest evaluation's
+    table = os.path.join(workdir, writers.PER_IMAGE_FILE) if num_seeds == 1 else ""  # the latest evaluation's
 
     def run_eval(stop=None) -> dict | None:
         """The validation scores (None if `stop()` turned True during the pass: nothing scored)."""

@@ -22,7 +22,7 @@ LOCK_FILE = ".lock"  # in the workdir: held by the process training there
 CONFIG_FILE = "config.json"  # in the workdir: the run's config
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
-RESULT_FILES = (writers.LOG_FILE, writers.SUMMARY_FILE, "val_per_image.csv")  # what a run (or baseline) logs
+RESULT_FILES = (writers.LOG_FILE, writers.SUMMARY_FILE, writers.PER_IMAGE_FILE)  # what a run (or baseline) logs
 FAILED_FILE = "failed.json"  # in the workdir: a study's record of a run that diverged (not retried)
 PRETRAIN_FOLDER = "pretrain"  # in the workdir: the encoder's pretraining stage (its own checkpoints and logs)
 
