@@ -8,6 +8,7 @@ run only configs you would run as a script.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -71,6 +72,15 @@ def _tuples(value):
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """configs/default.py's config as this process first read it (a copy each call). A process
+    checks its configs against the fields it started with: config files import `default` once
+    (Python's module cache), so re-reading the file after an edit, e.g. a `git pull` adding a
+    field while a study trains, made every later run of the study fail its check ("missing keys")."""
+    return _first_default().copy_and_resolve_references()
+
+
+@functools.cache
+def _first_default() -> ml_collections.ConfigDict:
     return from_file(_DEFAULT)
 
 

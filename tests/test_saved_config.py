@@ -105,3 +105,25 @@ def test_a_bad_saved_config_on_the_command_line_is_one_line(tmp_path):
     (tmp_path / "flags.cfg").write_text(f"--config={tmp_path / 'config.json'}\n")
     with pytest.raises(ConfigError, match=r"a saved config.json is read as --config=.*saved.py:"):
         configuration.check_command_line([f"--flagfile={tmp_path / 'flags.cfg'}"], None)
+
+
+def test_a_process_checks_configs_against_the_defaults_it_started_with(tmp_path, monkeypatch):
+    """configs/default.py edited while a process runs (a `git pull` adding a field during a
+    study): the configs the process built before still pass its checks, as its config files
+    (which import `default` once) still build them; each call gives an independent copy."""
+    path = tmp_path / "default.py"
+    path.write_text(open(os.path.join(ROOT, "configs", "default.py"), encoding="utf-8").read())
+    monkeypatch.setattr(configuration, "_DEFAULT", str(path))
+    configuration._first_default.cache_clear()
+    try:
+        config = configuration.default_config()
+        configuration.validate(config)
+        text = path.read_text()
+        path.write_text(text[: text.rindex("    return c")] + "    c.data.new_field = 1\n    return c\n")
+        assert configuration.from_file(str(path)).data.new_field == 1  # the file on disk has it now
+        configuration.validate(config)  # re-reading the file refused it: "config is missing keys"
+        assert "new_field" not in configuration.default_config().data
+        configuration.default_config().data.num_classes = 99
+        assert configuration.default_config().data.num_classes == config.data.num_classes
+    finally:
+        configuration._first_default.cache_clear()
