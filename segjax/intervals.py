@@ -33,7 +33,7 @@ from segjax.errors import ConfigError, exit_on_user_error
 
 DEFAULT_TABLE = writers.PER_IMAGE_FILE
 CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
-CHUNK_VALUES = 20_000_000  # drawn counts held at once (resamples x images x classes), ~160 MB of int64
+CHUNK_VALUES = 4_000_000  # drawn counts held at once per kind (resamples x images x classes): 32 MB of int64
 
 
 def bootstrap(
@@ -63,11 +63,11 @@ def bootstrap(
     missing = sorted(set(keys) - set(full[0]))
     if missing:
         raise ConfigError(f"{missing}: not a score of pixel counts; choose from {sorted(full[0])}")
-    draws = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    rng = np.random.default_rng(seed)
     chunk = max(1, CHUNK_VALUES // max(1, n * len(class_names)))
     samples = {k: [] for k in keys}
-    for start in range(0, resamples, chunk):
-        take = draws[start : start + chunk]
+    for start in range(0, resamples, chunk):  # drawn chunk by chunk: memory bounded for any split
+        take = rng.integers(0, n, (min(chunk, resamples - start), n))
         scored = [
             evaluate.count_score_arrays({k: v[take] for k, v in c.items()}, eval_cfg, class_names, True) for c in runs
         ]

@@ -43,7 +43,7 @@ def close(ours: dict, reference, width_fraction: float = 0.05) -> None:
     assert abs(ours["low"] - low) < tolerance and abs(ours["high"] - high) < tolerance, (ours, low, high)
 
 
-def test_the_interval_of_summed_counts_is_scipy_s_percentile_bootstrap():
+def test_the_interval_of_summed_counts_is_scipy_s_percentile_bootstrap(monkeypatch):
     """eval.average='dataset': the Dice of class `a` over the drawn images' summed counts, as
     scipy's paired percentile bootstrap of the same statistic; the estimate is the Dice of all images."""
     c = random_counts(0)
@@ -60,6 +60,9 @@ def test_the_interval_of_summed_counts_is_scipy_s_percentile_bootstrap():
     np.testing.assert_allclose(got["estimate"], dice(c["tp"][:, 1], c["fp"][:, 1], c["fn"][:, 1]), rtol=1e-6)
     close(got, reference)
     assert got["undefined"] == 0
+    monkeypatch.setattr(intervals, "CHUNK_VALUES", 30 * 3 * 1500)  # 1500 resamples at a time, the last chunk short
+    chunked = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000)["val/dice/a"]
+    close(chunked, reference)
 
 
 def test_the_interval_of_per_image_scores_is_that_of_their_mean():
