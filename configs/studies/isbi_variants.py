@@ -33,7 +33,7 @@ VARIANTS = {
     "lr_4e-3": {"optim.lr": 4e-3},
     "crop384_batch2": {"data.augment.crop": 384, "train.batch_size": 2},  # more context, ~ as many pixels per step
     # session 35: images 015-029 carry ~1.5x the pixel noise of 000-014 (the validation images among
-    # them); noise on every training crop, or nnU-Net's occasional blur
+    # them); noise on every training crop, or nnU-Net's occasional blur (0.8194, 0.8196: no change)
     "noise": {"data.augment.noise": 0.04},
     "blur": {"data.augment.blur_prob": 0.2},
 }
