@@ -119,6 +119,7 @@ def losses(workdir):
         return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
 
 
+@pytest.mark.slow  # three trainings, two of them on 8 CPU devices (~37 s in a fresh clone); CI runs it
 def test_one_device_eight_devices_jit_and_pmap_give_the_same_training(tmp_path, tfds_dir):
     """1 device, 8 devices under jit, 8 devices under pmap (pmean gradients, cross-replica batch
     norm, global-batch Dice): the same loss at every step and the same validation metrics."""

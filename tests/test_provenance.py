@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from segjax import checkpointing, provenance
+from segjax import checkpointing, provenance, workdirs
 from tests.conftest import ROOT, checkpoint_step_id
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -69,7 +69,7 @@ def test_each_start_of_a_run_appends_what_ran_it(tiny_config, tmp_path):
     assert json.loads((run / "eval_latest.json").read_text())["checkpoint_id"] == named
     copy = shutil.copytree(run, tmp_path / "copy")
     assert checkpointing.fingerprint(str(copy), "latest", 2) == named  # a copy is the same checkpoint
-    best_step = int(os.listdir(run / "best")[0])
+    best_step = workdirs.checkpoint_steps(str(run), "best")[-1]
     assert checkpointing.fingerprint(str(run), "best", best_step) == checkpoint_step_id(run / "best" / str(best_step))
     sealed = copy / "checkpoints" / "2" / checkpointing.DIGEST_FILE
     sealed.write_text(json.dumps({**json.loads(sealed.read_text()), "x": [1, "0"]}))  # other files, same step

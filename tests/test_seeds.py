@@ -20,6 +20,7 @@ def logged(workdir, key):
         return [r[key] for r in map(json.loads, f) if key in r]
 
 
+@pytest.mark.slow  # three trainings (~22 s in a fresh clone); CI runs it
 def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
     tiny_config.train.log_every = 1
     tiny_config.model.dropout = 0.1  # per-replica RNG streams matter

@@ -450,6 +450,7 @@ def test_isbi_variants_study_changes_only_its_keys_of_the_protocol_proxy():
         study.load_study(path + ":ce,pool_avg")
 
 
+@pytest.mark.slow  # a study of 4 runs through the CLI (~22 s in a fresh clone); CI runs it
 def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfds_dir):
     """--eval_split=test: every finished run's best checkpoint scored on the held-out split once
     (each equal to that run rescored on its own), tabulated as summary.md is (summary_test.md,
