@@ -21,6 +21,7 @@ images (`segjax.compare` asks the same over seeds). A bootstrap over few images 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -112,7 +113,7 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
             raise ConfigError(f"{run} and {runs[0]} differ in their classes or eval.{'/'.join(CONVENTION_KEYS)}")
         parts.append((names, classes, counts, conventions))
     names = [n for part in parts for n in part[0]]
-    twice = sorted(n for n in set(names) if names.count(n) > 1)
+    twice = sorted(n for n, k in collections.Counter(names).items() if k > 1)
     if twice:
         raise ConfigError(f"images {twice[:3]} are in more than one run's table: give runs of disjoint images (folds)")
     counts = {k: np.concatenate([part[2][k] for part in parts]) for k in evaluate.COUNT_KINDS}
@@ -124,7 +125,8 @@ def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.
     if sorted(names) != sorted(other_names) or len(set(names)) != len(names):
         only = sorted(set(names) ^ set(other_names))[:3]
         raise ConfigError(f"{run} and {versus} were scored on other images (e.g. {only}); compare runs of one split")
-    order = [other_names.index(n) for n in names]
+    position = {n: i for i, n in enumerate(other_names)}
+    order = [position[n] for n in names]
     return {k: v[order] for k, v in other.items()}
 
 

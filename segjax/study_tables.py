@@ -24,7 +24,6 @@ OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
 
 POOLED = "all (pooled)"
 SUMMED = "all (summed counts)"
-COUNTS = ("tp", "fp", "fn", "tn")
 
 
 def require_keys(rows: list[dict], keys, where: str = "the runs' metrics.json") -> None:
@@ -84,7 +83,7 @@ def summed_counts(
         counts = _image_counts(per_image_tables or [], class_names)
     else:
         counts = {}
-        for kind in COUNTS:
+        for kind in evaluate.COUNT_KINDS:
             keys = [f"{prefix}/{kind}/{name}" for name in class_names]
             lacking = sum(any(k not in r for k in keys) for r in rows)
             if lacking:
@@ -107,10 +106,10 @@ def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
         except ValueError:
             classes = []
         if classes != list(class_names):
-            column = f"{COUNTS[0]}/{class_names[0]}"
+            column = f"tp/{class_names[0]}"
             raise KeyError(f"per-image tables without the column {column} (scored before pixel counts were)")
         parts.append(counts)
-    return {kind: np.concatenate([p[kind] for p in parts]) for kind in COUNTS}
+    return {kind: np.concatenate([p[kind] for p in parts]) for kind in evaluate.COUNT_KINDS}
 
 
 def code_note(workdir: str, rows: list[dict]) -> str:

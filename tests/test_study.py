@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from segjax import configuration, study, study_tables, workdirs
+from segjax import configuration, evaluate, study, study_tables, workdirs
 from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
@@ -152,7 +152,7 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     for variant, rows in images.items():
         table = []
         for k, (tp, fp, fn, bg) in enumerate(rows):
-            row = {"index": k, **{f"{kind}/{n}": 0 for kind in study_tables.COUNTS for n in names}}
+            row = {"index": k, **{f"{kind}/{n}": 0 for kind in evaluate.COUNT_KINDS for n in names}}
             row.update({"tp/tool": tp, "fp/tool": fp, "fn/tool": fn, "tn/tool": bg})
             row.update({"tp/background": bg, "fp/background": fn, "fn/background": fp, "tn/background": tp})
             table.append(row)
