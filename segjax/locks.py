@@ -21,13 +21,15 @@ from segjax.errors import BusyError
 
 
 @contextlib.contextmanager
-def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
+def held(path: str, wait: bool = True, what: str = "", hint: str = "", note: str = ""):
     """Hold an exclusive lock on the file `path` (created, with its folder, if needed).
 
     `wait=True` blocks until the holder lets go (logging once that it waits); `wait=False` raises
     BusyError at once, naming `what`, the holder and `hint`. Where the file cannot be made (a
     read-only folder), on object storage (a `gs://...` dataset folder) and on filesystems without
-    locks nothing is locked: the caller goes on unguarded, as it would without this module."""
+    locks nothing is locked: the caller goes on unguarded, as it would without this module.
+    `note` (what the holder does) follows the holder's pid and start time in the lock file, for
+    `holder` and the messages of the processes kept waiting."""
     if "://" in path:
         yield
         return
@@ -53,7 +55,8 @@ def held(path: str, wait: bool = True, what: str = "", hint: str = ""):
             return
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        doing = f", {note}" if note else ""
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}{doing}\n")
         handle.flush()
         try:
             yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -108,10 +109,17 @@ def evaluate_checkpoint(
     `eval_<which>.json` (test: `eval_<which>_test.json`, keys `test/...`), and each image's scores
     to `eval_<which>[_test]_per_image.csv`, next to the run's metrics.json (never overwrites
     metrics.json); an earlier rescoring's pair of files is kept under a number
-    (`keep_earlier_results`)."""
-    prefix, suffix = scored_splits.split_naming(split)
+    (`keep_earlier_results`). Two rescorings of one run take turns (`workdirs.rescore_lock`)."""
     preflight.check(config)
     differences = require_run(config, workdir, which, sources.dataset_id(config.data))
+    with contextlib.ExitStack() as held:
+        if jax.process_index() == 0:  # after require_run: a lock file must not make a folder
+            held.enter_context(workdirs.rescore_lock(workdir, f"scoring {which} on the {split} split"))
+        return _evaluate_checkpoint(config, workdir, which, split, differences)
+
+
+def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differences: list[str]) -> dict:
+    prefix, suffix = scored_splits.split_naming(split)
     source = sources.open_splits(config.data, with_instances=config.instances.enabled, splits=(split,))[split]
     model, restored, mesh = load_run(config, workdir, which, source[0]["image"])
     eval_step = steps.make_eval_step(config, model)

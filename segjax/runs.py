@@ -7,7 +7,8 @@ found inside the study's folder). One row per run:
 - its status: `finished`; `training: last saved step k of n (pid P since T)` while a process on
   this machine holds its lock (read from /proc/locks on Linux); `stopped at step k of n` otherwise
   (interrupted, or training on another host: see how long ago it last logged); `diverged`;
-  `baseline`; `nothing saved`;
+  `baseline`; `nothing saved`; any of these followed by `; being rescored (pid P since T, scoring
+  best on the validation split)` while a process here rescores it (`--eval_only`);
 - the final scores `--keys` from its metrics.json, the dataset it read, the code of its last start
   (environment.jsonl) and the age of its last log line.
 Only reads: nothing is locked, moved or written (except --csv).
@@ -71,6 +72,8 @@ def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
         status = f"stopped at step {step} of {steps}"
     else:
         status = "nothing saved"
+    if rescoring := locks.holder(os.path.join(run, workdirs.RESCORE_LOCK_FILE)):
+        status += f"; being rescored ({rescoring})"
     dataset = os.path.join(run, workdirs.DATASET_FILE)
     starts = provenance.starts(run)
     code = ""

@@ -19,6 +19,7 @@ from segjax import configuration, locks, parallel, writers
 from segjax.errors import WorkdirError
 
 LOCK_FILE = ".lock"  # in the workdir: held by the process training there
+RESCORE_LOCK_FILE = ".rescore.lock"  # in the workdir: held by the process rescoring it (--eval_only)
 CONFIG_FILE = "config.json"  # in the workdir: the run's config
 DATASET_FILE = "dataset.json"  # in the workdir: the prepared dataset the run reads
 CHECKPOINT_FOLDERS = {"latest": "checkpoints", "best": "best"}  # in the workdir: one per orbax manager
@@ -52,6 +53,14 @@ def lock(workdir: str):
         what=f"workdir {workdir}",
         hint="; wait for that run to finish or use another --workdir",
     )
+
+
+def rescore_lock(workdir: str, what: str):
+    """Held while `what` (e.g. 'scoring best on the validation split') rescores the run in
+    `workdir`: a second rescoring waits for it, as both would number and write the same
+    `eval_<which>.json` files. A separate lock from `lock`'s, so a run still training can be
+    rescored (its `latest`), and a study holding `lock` can rescore its runs."""
+    return locks.held(os.path.join(workdir, RESCORE_LOCK_FILE), what=f"rescoring of {workdir}", note=what)
 
 
 def prepare(

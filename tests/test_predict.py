@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import instances, metrics, predict, rescore, score_masks, train
+from segjax import instances, metrics, predict, rescore, runs, score_masks, train, workdirs
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError, WorkdirError
 from tests.conftest import ROOT, checkpoint_step_id, load_config
@@ -60,6 +63,53 @@ def test_masks_of_the_validation_images_score_what_evaluation_scores(run, tmp_pa
     with pytest.raises(ConfigError, match=r"model\.pool"):
         predict.predict_folder(config, workdir, images, str(tmp_path / "avg"), "latest")
     assert not os.path.exists(tmp_path / "avg")
+
+
+def lock_waiters(path) -> int:
+    """How many processes or threads wait for the flock on `path` (Linux's /proc/locks '->' lines)."""
+    st = os.stat(path)
+    this_file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks", encoding="ascii") as f:
+        return sum(line.split()[1] == "->" and line.split()[6] == this_file for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="waiting for a lock is read from Linux's /proc/locks")
+def test_two_rescorings_of_one_run_take_turns(run):
+    """A rescoring started while another holds the run's rescoring lock waits for it (seen in
+    /proc/locks), `segjax.runs` names the holder, and the waiting one scores once it is let go:
+    two rescorings at once would number and write the same eval_latest*.json files."""
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    path = os.path.join(workdir, workdirs.RESCORE_LOCK_FILE)
+    held, release, result = threading.Event(), threading.Event(), {}
+
+    def hold():
+        with workdirs.rescore_lock(workdir, "another rescoring"):
+            held.set()
+            release.wait(300)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(60)
+    worker = threading.Thread(target=lambda: result.update(rescore.evaluate_checkpoint(config, workdir, "latest")))
+    try:
+        worker.start()
+        deadline = time.time() + 300
+        while not lock_waiters(path):
+            assert worker.is_alive(), "the rescoring ran without waiting for the lock"
+            assert time.time() < deadline, "the rescoring never reached the lock"
+            time.sleep(0.05)
+        status = runs.describe(workdir)["status"]
+        assert re.fullmatch(rf"finished; being rescored \(pid {os.getpid()} since .+, another rescoring\)", status)
+        assert not result
+    finally:
+        released = time.time()
+        release.set()
+        holder.join(60)
+        worker.join(300)
+    assert result["checkpoint"] == "latest" and not lock_waiters(path)
+    assert os.path.getmtime(os.path.join(workdir, "eval_latest.json")) >= released - 1e-3
+    assert runs.describe(workdir)["status"] == "finished"
 
 
 def test_other_sizes_come_back_at_their_own_size_and_bad_files_are_named(run, tmp_path, caplog):
