@@ -175,11 +175,12 @@ def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
 COUNT_KINDS = ("tp", "fp", "fn", "tn")  # a per-image table's count columns: `<kind>/<class>`
 
 
-def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
-    """(image names, class names, {tp, fp, fn, tn: [N, C] int64}) of a per-image table
+def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray], bool]:
+    """(image names, class names, {tp, fp, fn, tn: [N, C] int64}, named) of a per-image table
     (`per_image_rows`): the classes are its `tp/<class>` columns in order, an image without a
-    `name` is named by its `index`. A table without counts (written before they were) is a
-    ValueError naming the file."""
+    `name` is named by its `index`, and `named` is False when every image's name is its index (a
+    dataset that stores no file names, e.g. the synthetic one, names its images so). A table
+    without counts (written before they were) is a ValueError naming the file."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
         header = rows[0].keys() if rows else []
@@ -189,7 +190,7 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
         raise ValueError(f"{path} holds no per-image pixel counts (tp/<class>, ...; scored before they were?)")
     names = [r.get("name") or r["index"] for r in rows]
     counts = {k: np.array([[int(r[f"{k}/{c}"]) for c in classes] for r in rows], np.int64) for k in COUNT_KINDS}
-    return names, classes, counts
+    return names, classes, counts, any(n != r["index"] for n, r in zip(names, rows, strict=True))
 
 
 def per_image_rows(

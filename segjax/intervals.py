@@ -12,7 +12,8 @@ their scores, and scores them under the run's own conventions (config.json's `ev
 `eval.empty`, `eval.include_background`; `--average` for a table rescored under another) with
 `evaluate.count_score_arrays`, so the interval is around the very number the run reports.
 Several runs of disjoint images (the folds of a cross-validation) are taken together: the
-interval of the score of all their images.
+interval of the score of all their images; runs of the same images (seeds) are drawn together,
+an image with all its seeds' rows (seeds are not further images).
 `--versus` gives the interval of the paired difference, this run minus the other, with the same
 images drawn for both (their tables matched by image name): whether two models differ on these
 images (`segjax.compare` asks the same over seeds). A bootstrap over few images is too narrow
@@ -34,6 +35,7 @@ from segjax.errors import ConfigError, exit_on_user_error
 
 DEFAULT_TABLE = writers.PER_IMAGE_FILE
 CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
+RESAMPLES, LEVEL = 10_000, 0.95  # the CLI's defaults, and `study --pooled`'s
 CHUNK_VALUES = 4_000_000  # drawn counts held at once per kind (resamples x images x classes): 32 MB of int64
 
 
@@ -42,14 +44,15 @@ def bootstrap(
     eval_cfg: ml_collections.ConfigDict,
     class_names,
     keys,
-    resamples: int = 10_000,
-    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
     seed: int = 0,
     versus: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per key: `estimate` (the score of all images; with `versus`, minus the other run's score
     of the same images) and the percentile interval `low`, `high` at `level` over `resamples`
-    resamples of the images (rows of the [N, C] `counts`; `versus`'s rows are the same images).
+    resamples of the images (rows of the [N, C] `counts`, or [N, K, C]: K rows of each image,
+    e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images).
     Resamples where a score is undefined (a class absent from every drawn image, under
     `eval.empty='nan'`) are left out of its interval; `undefined` counts them."""
     from segjax import evaluate  # jax only when scoring
@@ -59,19 +62,22 @@ def bootstrap(
     if resamples < 1:
         raise ConfigError(f"--resamples={resamples}: at least 1")
     n = len(counts["tp"])
-    runs = [counts] if versus is None else [counts, versus]
-    full = [evaluate.count_scores(c, eval_cfg, class_names) for c in runs]
+    # [N, K, C]: an image's K rows (`grouped`: its seeds) are drawn together
+    runs = [{k: v.reshape(n, -1, v.shape[-1]) for k, v in c.items()} for c in [counts, versus] if c is not None]
+    full = [
+        evaluate.count_scores({k: v.reshape(-1, v.shape[-1]) for k, v in c.items()}, eval_cfg, class_names)
+        for c in runs
+    ]
     missing = sorted(set(keys) - set(full[0]))
     if missing:
         raise ConfigError(f"{missing}: not a score of pixel counts; choose from {sorted(full[0])}")
     rng = np.random.default_rng(seed)
-    chunk = max(1, CHUNK_VALUES // max(1, n * len(class_names)))
+    chunk = max(1, CHUNK_VALUES // max(1, max(c["tp"].size for c in runs)))
     samples = {k: [] for k in keys}
     for start in range(0, resamples, chunk):  # drawn chunk by chunk: memory bounded for any split
         take = rng.integers(0, n, (min(chunk, resamples - start), n))
-        scored = [
-            evaluate.count_score_arrays({k: v[take] for k, v in c.items()}, eval_cfg, class_names, True) for c in runs
-        ]
+        drawn = [{k: v[take].reshape(len(take), -1, v.shape[-1]) for k, v in c.items()} for c in runs]
+        scored = [evaluate.count_score_arrays(d, eval_cfg, class_names, True) for d in drawn]
         for key in keys:
             samples[key].append(scored[0][key] - scored[1][key] if versus is not None else scored[0][key])
     out = {}
@@ -93,31 +99,86 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
     """(image names, class names, per-image counts, the runs' `eval` conventions) of the per-image
     `table` of one run folder, or of several taken together: the folds of a cross-validation,
     each image scored once, so the interval is of the score of all of them (`study --pooled`'s
-    summed-counts row). A missing folder, config or table, runs with other classes or conventions
-    and an image in two runs are ConfigErrors naming them."""
-    from segjax import evaluate
-
-    parts = []
+    summed-counts row), and seeds of the same images (`grouped`). A missing folder, config or
+    table, a run given twice and runs with other classes or conventions are ConfigErrors naming them."""
+    twice = sorted(r for r, k in collections.Counter(os.path.realpath(r) for r in runs).items() if k > 1)
+    if twice:
+        raise ConfigError(f"{twice[0]} is given more than once")
+    conventions = []
     for run in runs:
         config_path, path = os.path.join(run, workdirs.CONFIG_FILE), os.path.join(run, table)
         for needed, what in ((config_path, "no run (config.json)"), (path, f"no per-image table {table}")):
             if not os.path.exists(needed):
                 raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
+        saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
+        conventions.append({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
+        if conventions[-1] != conventions[0]:
+            raise ConfigError(f"{run} and {runs[0]} differ in their eval.{'/'.join(CONVENTION_KEYS)}")
+    names, classes, counts, unnamed = read_tables([os.path.join(run, table) for run in runs])
+    require_matched(runs, unnamed)
+    names, counts = grouped(names, counts)
+    return names, classes, counts, ml_collections.ConfigDict(conventions[0])
+
+
+def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.ndarray], list[str]]:
+    """(image names, class names, {tp, fp, fn, tn: [rows, C]}, the tables that name images by
+    their index only) of per-image tables taken together, in order. A missing table, one without
+    counts and one with other classes than the first are ConfigErrors naming it."""
+    from segjax import evaluate
+
+    names, classes, parts, unnamed = [], None, [], []
+    for path in paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"no per-image table {path} (train or score its run first)")
         try:
-            names, classes, counts = evaluate.read_per_image_counts(path)
+            mine, their_classes, counts, named = evaluate.read_per_image_counts(path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
-        conventions = {k: saved.get(k, default[k]) for k in CONVENTION_KEYS}
-        if parts and (classes, conventions) != (parts[0][1], parts[0][3]):
-            raise ConfigError(f"{run} and {runs[0]} differ in their classes or eval.{'/'.join(CONVENTION_KEYS)}")
-        parts.append((names, classes, counts, conventions))
-    names = [n for part in parts for n in part[0]]
-    twice = sorted(n for n, k in collections.Counter(names).items() if k > 1)
-    if twice:
-        raise ConfigError(f"images {twice[:3]} are in more than one run's table: give runs of disjoint images (folds)")
-    counts = {k: np.concatenate([part[2][k] for part in parts]) for k in evaluate.COUNT_KINDS}
-    return names, parts[0][1], counts, ml_collections.ConfigDict(parts[0][3])
+        if classes is not None and their_classes != classes:
+            raise ConfigError(f"{path} and {paths[0]} score other classes ({their_classes} / {classes})")
+        names, classes = names + mine, their_classes
+        parts.append(counts)
+        unnamed += [] if named else [path]
+    return names, classes, {k: np.concatenate([p[k] for p in parts]) for k in evaluate.COUNT_KINDS}, unnamed
+
+
+def require_matched(runs: list[str], unnamed: list[str]) -> None:
+    """Tables that name images only by their index (a dataset that stores no file names) name the
+    same images in several runs only if those runs read the same dataset (each run's recorded
+    `workdirs.DATASET_FILE`); otherwise index 0 of one run and of another need not be one image,
+    and matching them (`grouped`) would be wrong: a ConfigError."""
+    if not unnamed or len(runs) < 2:
+        return
+    paths = [os.path.join(run, workdirs.DATASET_FILE) for run in runs]
+    datasets = {writers.read_json(p).get("dataset") if os.path.exists(p) else None for p in paths}
+    if None in datasets or len(datasets) > 1:
+        raise ConfigError(
+            f"{unnamed[0]} names its images by index only, and the runs did not all read one recorded "
+            "dataset: images of several runs cannot be matched (give one run)"
+        )
+
+
+def grouped(names: list[str], counts: dict[str, np.ndarray]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Rows of the same image (its seeds, each scored by another run) brought together: (the
+    names once, in first-seen order, and counts [N, C], or [N, K, C] when every image has K > 1
+    rows), so a resample draws images with all their rows (a cluster bootstrap: seeds are not
+    further images). Images with different numbers of rows (a seed of one fold missing) are a
+    ConfigError naming one."""
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    sizes = collections.Counter(len(r) for r in rows.values())
+    if len(sizes) > 1:
+        few = min(sizes)
+        example = next(n for n, r in rows.items() if len(r) == few)
+        raise ConfigError(
+            f"images are in different numbers of runs (e.g. {example!r}: {few}, others {max(sizes)}): give every "
+            "seed of every fold (or one seed of each)"
+        )
+    index = np.array(list(rows.values()))  # [N, K]
+    if index.shape[1] == 1:
+        index = index[:, 0]
+    return list(rows), {k: v[index] for k, v in counts.items()}
 
 
 def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.ndarray], run: str, versus: str):
@@ -148,8 +209,8 @@ def define_flags() -> None:
         ["dataset", "per_image", "micro"],
         "eval.average, if not the run's (a table rescored under another).",
     )
-    flags.DEFINE_integer("resamples", 10_000, "Bootstrap resamples.")
-    flags.DEFINE_float("level", 0.95, "Confidence level of the percentile interval.")
+    flags.DEFINE_integer("resamples", RESAMPLES, "Bootstrap resamples.")
+    flags.DEFINE_float("level", LEVEL, "Confidence level of the percentile interval.")
     flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
     flags.DEFINE_string("out", "", "Also write the intervals as JSON to this file (not replaced: choose a new name).")
 

@@ -168,22 +168,25 @@ def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict
 
 def summed_counts(
     base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], workdir: str, split: str
-):
+) -> tuple[dict | str, str]:
     """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
-    the class names and eval conventions every variant shares; a string says why there is none."""
+    the class names and eval conventions every variant shares (a string says why there is none),
+    with each score's percentile-bootstrap interval over the runs' images and a note on it for
+    under the table (`study_tables.summed_interval`)."""
     from segjax import instances  # jax only when a study reports
 
     configs = [variant_config(base, overrides, name) for name, overrides in variants.items()]
     shared = {(instances.class_names(c), c.eval.average, c.eval.empty, c.eval.include_background) for c in configs}
     if len(shared) > 1:
-        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background"
+        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background", ""
     names, ev = instances.class_names(configs[0]), configs[0].eval
     table = PER_IMAGE_TABLES[split]
     tables = [os.path.join(workdir, r["variant"], f"seed_{r['seed']}", table) for r in rows]
     try:
-        return study_tables.summed_counts(rows, ev, names, split, tables)
+        summed = study_tables.summed_counts(rows, ev, names, split, tables)
     except KeyError as err:
-        return err.args[0]
+        return err.args[0], ""
+    return study_tables.summed_interval(summed, tables, ev, names)
 
 
 def run_study(
@@ -301,7 +304,8 @@ def define_flags() -> None:
         "pooled",
         False,
         "Add a row over every run of every variant (the folds of a cross-validation: mean ± std over folds) "
-        "and a row of the scores of their pixel counts summed (each fold's images once).",
+        "and a row of the scores of their pixel counts summed (each fold's images once), each with its 95% "
+        "bootstrap interval over the images.",
     )
     flags.DEFINE_string(
         "compare_to", "", "A variant: write comparison.md, every other variant minus it, paired by seed."
@@ -353,12 +357,7 @@ def main(argv):
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        summed = summed_counts(base, variants, rows, f.workdir, "validation") if f.pooled and rows else None
-        note = study_tables.code_note(f.workdir, rows)
-        print(
-            study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, summed=summed, footnote=note)
-        )
-        _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, "validation")
+        _report(f, base, variants, rows, "validation", failed)
         if f.eval_split == "test":
             todo = planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)
             score_test_split(todo)
@@ -367,14 +366,17 @@ def main(argv):
                 f" ({len(rows) - len(tested)} finished runs not scored yet: rerun)" if len(tested) < len(rows) else ""
             )
             print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
-            summed = summed_counts(base, variants, tested, f.workdir, "test") if f.pooled and tested else None
-            note = study_tables.code_note(f.workdir, tested)
-            print(
-                study_tables.write_results(
-                    f.workdir, tested, f.summary_keys, f.pooled, split="test", summed=summed, footnote=note
-                )
-            )
-            _write_comparison(f.workdir, tested, f.compare_to, f.summary_keys, "test")
+            _report(f, base, variants, tested, "test")
+
+
+def _report(f, base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], split: str, failed=()):
+    """The tables of `split`'s `rows`, printed: summary(_test).md (with --pooled, its rows and the
+    interval's note) and, with --compare_to, comparison(_test).md."""
+    summed, interval = summed_counts(base, variants, rows, f.workdir, split) if f.pooled and rows else (None, "")
+    note = "\n\n".join(filter(None, [interval, study_tables.code_note(f.workdir, rows)]))
+    kwargs = dict(split=split, summed=summed, footnote=note)
+    print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, **kwargs))
+    _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, split)
 
 
 def _write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str) -> None:

@@ -40,7 +40,8 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed:
     `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
     the folds of a cross-validation, the cross-validated mean and its spread over folds.
     `summed` (`summed_counts`) adds one more (`SUMMED`): its keys' values, NaN where a key is not
-    made of pixel counts (boundary IoU, PQ, HD95). A standard column (SUMMARY_KEYS,
+    made of pixel counts (boundary IoU, PQ, HD95), and `<key>_low` / `<key>_high` where `summed`
+    has an interval (`summed_interval`). A standard column (SUMMARY_KEYS,
     OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`); any other key no run has is an
     error (`require_keys`)."""
     standard = [k for prefix in ("val", "test") for k in _named(SUMMARY_KEYS + OPTIONAL_KEYS, prefix)]
@@ -62,6 +63,8 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed:
         entry = {"variant": SUMMED, "n": len(rows)}
         for key in keys:
             entry[key], entry[f"{key}_std"] = float(summed.get(key, math.nan)), math.nan
+            for end in ("low", "high"):
+                entry[f"{key}_{end}"] = float(summed.get(f"{key}_{end}", math.nan))
         out.append(entry)
     return out
 
@@ -92,24 +95,47 @@ def summed_counts(
     return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
 
 
+def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> tuple[dict, str]:
+    """`summed` with `<key>_low` / `<key>_high`: the interval of each of its scores over the images
+    of the per-image `tables` (`segjax.intervals`: an image drawn with all its seeds' rows), and
+    the note that says so; without readable tables, `summed` alone and a note saying why."""
+    from segjax import intervals
+
+    try:
+        images, classes, counts, unnamed = intervals.read_tables(tables)
+        intervals.require_matched([os.path.dirname(t) for t in tables], unnamed)
+        images, counts = intervals.grouped(images, counts)
+    except ConfigError as err:
+        return summed, f"No interval for '{SUMMED}': {err}."
+    if classes != list(class_names):
+        return summed, f"No interval for '{SUMMED}': the per-image tables score {classes}."
+    val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
+    bounds = intervals.bootstrap(counts, eval_cfg, class_names, list(val.values()))
+    out = dict(summed)
+    for key, name in val.items():
+        out[f"{key}_low"], out[f"{key}_high"] = bounds[name]["low"], bounds[name]["high"]
+    rows = f", each image drawn with its {counts['tp'].shape[1]} runs' rows" if counts["tp"].ndim == 3 else ""
+    note = (
+        f"'{SUMMED}' [low, high]: {intervals.LEVEL:.0%} percentile-bootstrap interval over its "
+        f"{len(images)} images ({intervals.RESAMPLES} resamples{rows}; segjax.intervals)."
+    )
+    return out, note
+
+
 def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
     """Per-class counts [images, C] of every row of the per-image CSVs `tables` (`tp/<class>`, ...)."""
-    from segjax import evaluate
+    from segjax import intervals
 
     missing = [t for t in tables if not os.path.exists(t)]
     if missing or not tables:
         raise KeyError(f"{len(missing)} runs have no per-image table ({', '.join(missing[:2]) or 'none given'})")
-    parts = []
-    for table in tables:
-        try:
-            _, classes, counts = evaluate.read_per_image_counts(table)
-        except ValueError:
-            classes = []
-        if classes != list(class_names):
-            column = f"tp/{class_names[0]}"
-            raise KeyError(f"per-image tables without the column {column} (scored before pixel counts were)")
-        parts.append(counts)
-    return {kind: np.concatenate([p[kind] for p in parts]) for kind in evaluate.COUNT_KINDS}
+    try:
+        _, classes, counts, _ = intervals.read_tables(tables)
+    except ConfigError as err:  # a table without counts (scored before they were)
+        raise KeyError(str(err)) from None
+    if classes != list(class_names):
+        raise KeyError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
+    return counts
 
 
 def code_note(workdir: str, rows: list[dict]) -> str:
@@ -126,14 +152,17 @@ def code_note(workdir: str, rows: list[dict]) -> str:
 
 
 def markdown(summary: list[dict], keys=SUMMARY_KEYS) -> str:
-    """The summary as a markdown table: `mean ± std` (std over seeds, ddof=1)."""
+    """The summary as a markdown table: `mean ± std` (std over seeds, ddof=1), or `value [low,
+    high]` where an entry has an interval (the summed-counts row)."""
     head = "| variant | n | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (len(keys) + 2)]
     for e in summary:
         cells = []
         for k in keys:
-            m, s = e[k], e[f"{k}_std"]
-            cells.append("n/a" if math.isnan(m) else f"{m:.4f}" + ("" if math.isnan(s) else f" ± {s:.4f}"))
+            m, s, low, high = e[k], e[f"{k}_std"], e.get(f"{k}_low", math.nan), e.get(f"{k}_high", math.nan)
+            spread = "" if math.isnan(s) else f" ± {s:.4f}"
+            spread += "" if math.isnan(low) else f" [{low:.4f}, {high:.4f}]"
+            cells.append("n/a" if math.isnan(m) else f"{m:.4f}{spread}")
         lines.append(f"| {e['variant']} | {e['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -79,6 +79,38 @@ def test_the_interval_of_per_image_scores_is_that_of_their_mean():
         close(got[key], reference)
 
 
+def test_seeds_of_the_same_images_are_drawn_together():
+    """Counts [N, K, C] (K seeds scored on each image, `intervals.grouped`) resample images, each
+    with all its seeds: under 'dataset' the bootstrap of the per-image counts summed over the seeds,
+    under 'per_image' of the per-image mean over the seeds, as scipy's (a bootstrap over the
+    N * K rows instead would be too narrow: seeds are not further images)."""
+    a, b = random_counts(5), random_counts(6)
+    b["tp"][:, 1] = a["tp"][:, 1] + 3  # the second seed: as hard on the same images
+    stacked = {k: np.stack([a[k], b[k]], 1) for k in a}
+    got = intervals.bootstrap(stacked, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000)["val/dice/a"]
+    summed = [(a[k] + b[k])[:, 1] for k in ("tp", "fp", "fn")]
+    reference = stats.bootstrap(
+        summed, dice, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+    )
+    np.testing.assert_allclose(got["estimate"], dice(*summed), rtol=1e-6)
+    close(got, reference)
+    rows = {k: np.concatenate([a[k], b[k]]) for k in a}  # the same 2N rows as 2N independent images
+    flat = intervals.bootstrap(rows, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000)["val/dice/a"]
+    assert flat["high"] - flat["low"] < 0.85 * (got["high"] - got["low"])
+    got = intervals.bootstrap(stacked, eval_cfg("per_image"), CLASSES, ["val/dice/a"], resamples=20_000)["val/dice/a"]
+    per_image = [2 * c["tp"][:, 1] / (2 * c["tp"][:, 1] + c["fp"][:, 1] + c["fn"][:, 1]) for c in (a, b)]
+    values = (per_image[0] + per_image[1]) / 2
+    reference = stats.bootstrap(
+        (values,), np.mean, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+    )
+    np.testing.assert_allclose(got["estimate"], values.mean(), rtol=1e-6)
+    close(got, reference)
+    names, grouped = intervals.grouped(["x", "y", "x", "y"], {"tp": np.arange(8).reshape(4, 2)})
+    assert names == ["x", "y"] and grouped["tp"].tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    with pytest.raises(ConfigError, match=r"different numbers of runs \(e\.g\. 'y': 1, others 2\)"):
+        intervals.grouped(["x", "y", "x"], {"tp": np.zeros((3, 2))})
+
+
 def test_the_paired_difference_draws_the_same_images_for_both_runs():
     """`versus`: the interval of (this run's Dice - the other's) with images drawn together, as
     scipy's paired bootstrap of that difference; much narrower than the runs' own intervals when
@@ -174,12 +206,23 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
         write_rows(fold / intervals.DEFAULT_TABLE, part)
     fold_names, _, fold_counts, _ = intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
     assert fold_names == names and all((fold_counts[k] == counts[k]).all() for k in counts)
-    with pytest.raises(ConfigError, match=r"images \['0', '1', '2'\] are in more than one run's table"):
-        intervals.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)
+    # two seeds of the split (copies here): each image's two rows drawn together; the same scores
+    seed_names, _, seeds, _ = intervals.load([str(run), str(folds[0]), str(folds[1])], intervals.DEFAULT_TABLE)
+    assert seed_names == names and seeds["tp"].shape == (len(names), 2, len(classes))
+    assert all((seeds[k] == np.stack([counts[k], counts[k]], 1)).all() for k in counts)
+    both = intervals.bootstrap(seeds, cfg, classes, ["val/miou"], resamples=50)["val/miou"]
+    assert both["estimate"] == pytest.approx(per_image["estimate"], rel=1e-6)
+    with pytest.raises(ConfigError, match=rf"images are in different numbers of runs \(e\.g\. '{names[half]}': 1, "):
+        intervals.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)  # fold 1's half missing
+    (folds[1] / "dataset.json").unlink()  # images named by index only: the same images only in one dataset
+    with pytest.raises(ConfigError, match="names its images by index only, and the runs did not all read one"):
+        intervals.load([str(run), str(folds[1])], intervals.DEFAULT_TABLE)
+    with pytest.raises(ConfigError, match="is given more than once"):
+        intervals.load([str(run), str(tmp_path / "." / "run")], intervals.DEFAULT_TABLE)
     saved = json.loads((folds[1] / "config.json").read_text())
     saved["eval"]["average"] = "micro"
     (folds[1] / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match=r"differ in their classes or eval\.average/empty/include_background"):
+    with pytest.raises(ConfigError, match=r"differ in their eval\.average/empty/include_background"):
         intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -135,6 +136,7 @@ def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
         text = f.read()
     assert row in text and row in done.stdout and text.index(study_tables.POOLED) < text.index(row)
     assert "every run's pixel counts together (each fold's images once), scored as one run" in text
+    assert f"No interval for '{study_tables.SUMMED}': no per-image table {workdir / 'f0' / 'seed_0'}" in text
     for variant in folds:
         metrics = json.loads((workdir / variant / "seed_0" / "metrics.json").read_text())
         (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": metrics["val/miou"]}))
@@ -145,14 +147,18 @@ def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
 
 def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     """With `eval.average='per_image'` (nnU-Net's mean over cases) the summed-counts row averages
-    over the images of every run (read from their per-image tables), not over the runs' means."""
+    over the images of every run (read from their per-image tables), not over the runs' means,
+    with each score's bootstrap interval over those images (`segjax.intervals`' on the same counts)."""
+    from segjax import intervals
+
     workdir = tmp_path / "w"
     names = ("background", "tool", "berry", "leaf")
     images = {"f0": [(4, 1, 0, 5), (2, 0, 2, 6)], "f1": [(0, 0, 0, 9), (3, 3, 1, 1)]}  # tool tp, fp, fn; bg tp
     for variant, rows in images.items():
         table = []
         for k, (tp, fp, fn, bg) in enumerate(rows):
-            row = {"index": k, **{f"{kind}/{n}": 0 for kind in evaluate.COUNT_KINDS for n in names}}
+            row = {"index": k, "name": f"{variant}_{k}"}
+            row.update({f"{kind}/{n}": 0 for kind in evaluate.COUNT_KINDS for n in names})
             row.update({"tp/tool": tp, "fp/tool": fp, "fn/tool": fn, "tn/tool": bg})
             row.update({"tp/background": bg, "fp/background": fn, "fn/background": fp, "tn/background": tp})
             table.append(row)
@@ -170,8 +176,21 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     tool, background = np.mean([4 / 5, 2 / 4, 3 / 7]), np.mean([5 / 6, 6 / 8, 1.0, 1 / 5])
     accuracy = np.mean([9 / 10, 8 / 10, 9 / 9, 4 / 8])
     dice = (np.mean([8 / 9, 4 / 6, 6 / 10]) + np.mean([10 / 11, 12 / 14, 1.0, 2 / 6])) / 2
-    row = f"| {study_tables.SUMMED} | 2 | {(tool + background) / 2:.4f} | {dice:.4f} | {accuracy:.4f} | n/a |"
-    assert row in done.stdout
+    counts = {k: [] for k in evaluate.COUNT_KINDS}
+    for tp, fp, fn, bg in images["f0"] + images["f1"]:  # classes background, tool, berry, leaf
+        for kind, values in zip(
+            evaluate.COUNT_KINDS, ([bg, tp, 0, 0], [fn, fp, 0, 0], [fp, fn, 0, 0], [tp, bg, 0, 0]), strict=True
+        ):
+            counts[kind].append(values)
+    cfg = ml_collections.ConfigDict({"average": "per_image", "empty": "nan", "include_background": True})
+    keys = ["val/miou", "val/mdice", "val/accuracy"]
+    bounds = intervals.bootstrap({k: np.array(v) for k, v in counts.items()}, cfg, names, keys)
+    cells = [
+        f"{m:.4f} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]"
+        for k, m in zip(keys, ((tool + background) / 2, dice, accuracy), strict=True)
+    ]
+    row = f"| {study_tables.SUMMED} | 2 | " + " | ".join(cells) + " | n/a |"
+    assert row in done.stdout and "95% percentile-bootstrap interval over its 4 images (10000 resamples;" in done.stdout
     os.remove(workdir / "f1" / "seed_0" / "val_per_image.csv")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "No 'all (summed counts)' row: 1 runs have no per-image table" in done.stdout
@@ -493,7 +512,8 @@ def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfd
     tp = np.diag(total)
     union = total.sum(0) + total.sum(1) - tp
     miou = np.mean(tp[union > 0] / union[union > 0])  # a class absent from truth and prediction is left out
-    assert f"| {study_tables.SUMMED} | 4 | {miou:.4f} | " in summary
+    assert f"| {study_tables.SUMMED} | 4 | {miou:.4f} [" in summary
+    assert "interval over its 6 images (10000 resamples, each image drawn with its 4 runs' rows;" in summary
     with open(workdir / "summary.md", encoding="utf-8") as f:
         assert "(validation split;" in f.read()  # the validation tables as before
     stamp = os.path.getmtime(workdir / "a" / "seed_1" / "eval_best_test.json")
