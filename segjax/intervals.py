@@ -191,6 +191,46 @@ def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.
     return {k: v[order] for k, v in other.items()}
 
 
+def image_counts(paths: list[str], class_names) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(image names, counts [N, C] or [N, K, C]) of the per-image tables `paths` (one per run,
+    `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`); tables of
+    other classes than `class_names` are a ConfigError."""
+    names, classes, counts, unnamed = read_tables(paths)
+    require_matched([os.path.dirname(p) for p in paths], unnamed)
+    if classes != list(class_names):
+        raise ConfigError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
+    return grouped(names, counts)
+
+
+def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:
+    """(markdown, number of images): each variant of `tables` (variant -> its runs' per-image
+    tables) minus `reference` on the same images, per key: the difference of the scores of
+    every seed's counts together, `+0.0012 [-0.0005, +0.0029]`, the paired percentile-bootstrap
+    interval over the images (`bootstrap` with `versus`; an image drawn for both with all its
+    seeds' rows). Keys not made of pixel counts (boundary IoU, PQ) are n/a; `keys` may name
+    another split's scores (`test/...`). Tables that cannot be read or matched: a ConfigError."""
+    from segjax import evaluate
+
+    ref_names, ref_counts = image_counts(tables[reference], class_names)
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in ref_counts.items()}
+    scored = set(evaluate.count_scores(flat, eval_cfg, class_names))
+    as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
+    usable = [as_val[k] for k in keys if as_val[k] in scored]
+    lines = [f"| variant - {reference} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for variant, paths in tables.items():
+        if variant == reference:
+            continue
+        names, counts = image_counts(paths, class_names)
+        other = paired_counts(names, ref_names, ref_counts, variant, reference)
+        result = bootstrap(counts, eval_cfg, class_names, usable, versus=other)
+        cells = []
+        for key in keys:
+            r = result.get(as_val[key])
+            cells.append(f"{r['estimate']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]" if r else "n/a")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), len(ref_names)
+
+
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
     what = f"difference (this run - {versus})" if versus else "score"
     lines = [f"| key | {what} | {level:.0%} interval | images | undefined resamples |", "|---|---|---|---|---|"]

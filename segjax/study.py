@@ -166,22 +166,30 @@ def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict
         raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
 
 
-def summed_counts(
-    base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], workdir: str, split: str
-) -> tuple[dict | str, str]:
-    """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
-    the class names and eval conventions every variant shares (a string says why there is none),
-    with each score's percentile-bootstrap interval over the runs' images and a note on it for
-    under the table (`study_tables.summed_interval`)."""
+def shared_eval(base: ml_collections.ConfigDict, variants: dict[str, dict]):
+    """(class names, eval config) every variant shares, for scores of the runs' counts taken
+    together, or a string saying why there are none."""
     from segjax import instances  # jax only when a study reports
 
     configs = [variant_config(base, overrides, name) for name, overrides in variants.items()]
     shared = {(instances.class_names(c), c.eval.average, c.eval.empty, c.eval.include_background) for c in configs}
     if len(shared) > 1:
-        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background", ""
-    names, ev = instances.class_names(configs[0]), configs[0].eval
-    table = PER_IMAGE_TABLES[split]
-    tables = [os.path.join(workdir, r["variant"], f"seed_{r['seed']}", table) for r in rows]
+        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background"
+    return instances.class_names(configs[0]), configs[0].eval
+
+
+def summed_counts(
+    base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], workdir: str, split: str
+) -> tuple[dict | str, str]:
+    """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
+    `shared_eval` (a string says why there is none), with each score's percentile-bootstrap
+    interval over the runs' images and a note on it for under the table
+    (`study_tables.summed_interval`)."""
+    shared = shared_eval(base, variants)
+    if isinstance(shared, str):
+        return shared, ""
+    names, ev = shared
+    tables = study_tables.run_tables(workdir, rows, split)
     try:
         summed = study_tables.summed_counts(rows, ev, names, split, tables)
     except KeyError as err:
@@ -237,8 +245,6 @@ def collect(
 
 
 TEST_SCORES = "eval_best_test.json"  # a run's best checkpoint on the test split (rescore, split='test')
-# each image's scores and counts beside a run's metrics.json (train) and TEST_SCORES (rescore)
-PER_IMAGE_TABLES = {"validation": writers.PER_IMAGE_FILE, "test": "eval_best_test_per_image.csv"}
 
 
 def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> int:
@@ -376,21 +382,21 @@ def _report(f, base: ml_collections.ConfigDict, variants: dict[str, dict], rows:
     note = "\n\n".join(filter(None, [interval, study_tables.code_note(f.workdir, rows)]))
     kwargs = dict(split=split, summed=summed, footnote=note)
     print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, **kwargs))
-    _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, split)
+    if f.compare_to and rows:
+        _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, split, shared_eval(base, variants))
 
 
-def _write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str) -> None:
-    """comparison.md (or comparison_test.md) of `rows` against `reference`, printed; none without
-    a reference or rows, a note when the reference has no finished run."""
-    if not reference or not rows:
-        return
+def _write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str, images) -> None:
+    """comparison.md (or comparison_test.md) of `rows` against `reference`, printed (`images`:
+    `shared_eval`'s, for the comparison on the same images); a note when the reference has no
+    finished run."""
     name = f"comparison{scored_splits.split_naming(split)[1]}.md"
     try:
-        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split)
+        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split, images)
     except KeyError as err:  # the reference's runs failed or are still training elsewhere
         print(f"\nno {name}: {err.args[0]}")
     else:
-        print(f"\neach variant minus {reference}, paired by seed ({name}):\n{table}")
+        print(f"\n{name}:\n{table}")
 
 
 if __name__ == "__main__":

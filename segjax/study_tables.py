@@ -22,6 +22,10 @@ SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
 
 
+# each image's scores and counts beside a run's metrics.json (train) and eval_best_test.json
+# (`study.TEST_SCORES`: its best checkpoint rescored on the test split)
+PER_IMAGE_TABLES = {"validation": writers.PER_IMAGE_FILE, "test": "eval_best_test_per_image.csv"}
+
 POOLED = "all (pooled)"
 SUMMED = "all (summed counts)"
 
@@ -93,6 +97,12 @@ def summed_counts(
                 raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
     return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
+
+
+def run_tables(workdir: str, rows: list[dict], split: str) -> list[str]:
+    """The per-image table of each run of `rows` in the study folder `workdir` (`PER_IMAGE_TABLES`)."""
+    name = PER_IMAGE_TABLES[split]
+    return [os.path.join(workdir, r["variant"], f"seed_{r['seed']}", name) for r in rows]
 
 
 def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> tuple[dict, str]:
@@ -227,16 +237,42 @@ def write_results(
     return table
 
 
-def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys=(), split: str = "validation") -> str:
+def write_comparison(
+    workdir: str, rows: list[dict], reference: str, extra_keys=(), split: str = "validation", images=None
+) -> str:
     """comparison.md (test split: comparison_test.md): each variant minus `reference`, paired by
-    seed (`segjax.compare`), over the summary's columns; returns the markdown table."""
-    from segjax import compare  # scipy only when asked
+    seed (`segjax.compare`), over the summary's columns, and, with `images` = (class names, eval
+    config) the variants share (`study.shared_eval`; a string: why there are none), on the same
+    images too (`intervals.versus_table` over the runs' per-image tables: an interval also for
+    one seed); returns the markdown."""
+    from segjax import compare, intervals  # scipy only when asked
 
     columns = summary_keys(rows, extra_keys, split)
     table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
+    text = (
+        f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI], "
+        "the paired t-test's p and p adjusted for the number of variants (Holm).\n\n" + table
+    )
+    if isinstance(images, str):
+        text += f"\n\nNo comparison on the same images: {images}."
+    elif images is not None:
+        tables = {}
+        for r, path in zip(rows, run_tables(workdir, rows, split), strict=True):
+            tables.setdefault(r["variant"], []).append(path)
+        try:
+            if reference not in tables:
+                raise ConfigError(f"{reference!r} has no finished run")
+            class_names, eval_cfg = images
+            over, n = intervals.versus_table(tables, reference, columns, eval_cfg, class_names)
+        except ConfigError as err:
+            text += f"\n\nNo comparison on the same images: {err}."
+        else:
+            text += (
+                f"\n\nEach variant minus {reference!r} on the same {n} images: the difference of the scores of "
+                f"every seed's pixel counts together [{intervals.LEVEL:.0%} paired percentile-bootstrap interval "
+                f"over the images, {intervals.RESAMPLES} resamples; not adjusted for the number of variants; "
+                "segjax.intervals --versus].\n\n" + over
+            )
     with writers.replaced(os.path.join(workdir, f"comparison{scored_splits.split_naming(split)[1]}.md")) as f:
-        f.write(
-            f"Each variant minus {reference!r}, paired by seed: mean difference [{compare.CONFIDENCE:.0%} CI], "
-            "the paired t-test's p and p adjusted for the number of variants (Holm).\n\n" + table + "\n"
-        )
-    return table
+        f.write(text + "\n")
+    return text

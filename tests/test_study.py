@@ -6,12 +6,14 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import ml_collections
 import numpy as np
 import pytest
+from scipy import stats
 
 from segjax import configuration, evaluate, study, study_tables, workdirs
 from segjax.errors import ConfigError, WorkdirError
@@ -350,8 +352,73 @@ def test_cli_compares_variants_paired_by_seed(tmp_path):
         "different code or software (commit aaaaaaaaaaaa, jax 0.10.2: 4 runs; commit bbbbbbbbbbbb, jax 0.10.2: 2 runs)"
     )
     assert mixed in done.stdout and mixed in (workdir / "summary.md").read_text(encoding="utf-8")
+    assert f"No comparison on the same images: no per-image table {workdir / 'a' / 'seed_0'}" in text
     done = subprocess.run([*command, "--compare_to=c"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--compare_to='c' is not a variant of this study: ['a', 'b']" in done.stderr
+
+
+def test_cli_compares_variants_on_the_same_images(tmp_path):
+    """With per-image tables, comparison.md also gives each variant minus the reference on the
+    same images: the Dice of every seed's counts together, with the interval of scipy's paired
+    percentile bootstrap over the images (each image's counts summed over its two seeds) - an
+    interval even where one seed per variant gives none over seeds."""
+    workdir, names = tmp_path / "w", ("background", "tool", "berry", "leaf")
+    rng = np.random.default_rng(7)
+    images = [f"img{i:02d}" for i in range(40)]
+    hard = rng.integers(0, 60, len(images))  # missed pixels both variants share: hard images
+    tool = {}
+    for variant, better in (("a", 0), ("b", 6)):
+        for seed in (0, 1):
+            tp = rng.integers(100, 200, len(images)) + better
+            fp, fn = rng.integers(0, 30, len(images)), hard + rng.integers(0, 10, len(images))
+            tool[variant, seed] = (tp, fp, fn)
+            run = workdir / variant / f"seed_{seed}"
+            os.makedirs(run)
+            (run / "metrics.json").write_text(json.dumps({"val/miou": 0.5, "val/dice/tool": 0.5}))
+            with open(run / "val_per_image.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["index", "name", *(f"{k}/{n}" for k in evaluate.COUNT_KINDS for n in names)])
+                for i, name in enumerate(images):
+                    counts = {(k, n): 5 for k in evaluate.COUNT_KINDS for n in names}
+                    counts.update({("tp", "tool"): tp[i], ("fp", "tool"): fp[i], ("fn", "tool"): fn[i]})
+                    writer.writerow([i, name, *(counts[k, n] for k in evaluate.COUNT_KINDS for n in names)])
+    command = [*tiny_study(tmp_path, {"a": {}, "b": {}}), f"--workdir={workdir}", "--collect_only", "--seeds=2"]
+    done = subprocess.run(
+        [*command, "--compare_to=a", "--summary_keys=val/dice/tool"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (workdir / "comparison.md").read_text(encoding="utf-8")
+    summed = {v: [tool[v, 0][j] + tool[v, 1][j] for j in range(3)] for v in ("a", "b")}
+
+    def dice(tp, fp, fn, axis=-1):
+        return 2 * tp.sum(axis) / (2 * tp.sum(axis) + fp.sum(axis) + fn.sum(axis))
+
+    def difference(*arrays, axis=-1):
+        return dice(*arrays[:3], axis=axis) - dice(*arrays[3:], axis=axis)
+
+    reference = stats.bootstrap(
+        [*summed["b"], *summed["a"]],
+        difference,
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method="percentile",
+        random_state=1,
+    )
+    line = next(x for x in text.splitlines() if x.startswith("| b |") and "[" in x and " p=" not in x)
+    estimate, low, high = (float(v) for v in re.findall(r"[+-]\d\.\d{4}", line.split(" | ")[-1]))
+    assert estimate == pytest.approx(difference(*summed["b"], *summed["a"]), abs=1e-4)
+    width = reference.confidence_interval.high - reference.confidence_interval.low
+    assert (
+        abs(low - reference.confidence_interval.low) < 0.1 * width
+        and abs(high - reference.confidence_interval.high) < 0.1 * width
+    )
+    assert low > 0  # b finds 6 more pixels of every image in each seed
+    assert "Each variant minus 'a' on the same 40 images" in text and line in done.stdout
 
 
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):
