@@ -112,13 +112,9 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
     from segjax import intervals
 
     try:
-        images, classes, counts, unnamed = intervals.read_tables(tables)
-        intervals.require_matched([os.path.dirname(t) for t in tables], unnamed)
-        images, counts = intervals.grouped(images, counts)
+        images, counts = intervals.image_counts(tables, class_names)
     except ConfigError as err:
         return summed, f"No interval for '{SUMMED}': {err}."
-    if classes != list(class_names):
-        return summed, f"No interval for '{SUMMED}': the per-image tables score {classes}."
     val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
     bounds = intervals.bootstrap(counts, eval_cfg, class_names, list(val.values()))
     out = dict(summed)
@@ -259,9 +255,7 @@ def write_comparison(
         tables = {}
         for r, path in zip(rows, run_tables(workdir, rows, split), strict=True):
             tables.setdefault(r["variant"], []).append(path)
-        try:
-            if reference not in tables:
-                raise ConfigError(f"{reference!r} has no finished run")
+        try:  # compare.paired made sure the reference has runs
             class_names, eval_cfg = images
             over, n = intervals.versus_table(tables, reference, columns, eval_cfg, class_names)
         except ConfigError as err:
