@@ -103,6 +103,7 @@ def test_a_changed_folder_is_prepared_anew_and_the_earlier_copy_kept(tmp_path, t
     assert sources.open_splits(by_file)["validation"][0]["name"] == "001"
 
 
+@pytest.mark.slow  # three runs on a folder dataset (~12 s warm); CI runs it
 def test_runs_on_a_folder_whose_files_changed_are_refused_unless_told(tiny_config, tmp_path, tfds_dir):
     """Resuming (or rerunning) a run, a baseline or a study after a mask was edited would mix two
     datasets in one result: refused, naming the dataset; --allow_config_changes / --overwrite

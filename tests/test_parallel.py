@@ -192,7 +192,7 @@ INSTANCES = (  # long enough to find objects (PQ > 0)
 @pytest.mark.parametrize(
     "mode, extra",
     [
-        ("jit", SURFACE),
+        pytest.param("jit", SURFACE, marks=pytest.mark.slow),  # two processes, ~35 s cold: CI runs it
         pytest.param("pmap", SURFACE, marks=pytest.mark.slow),
         pytest.param("jit", INSTANCES, marks=pytest.mark.slow, id="jit-instances"),
         pytest.param("jit", MIXED_SIZES, marks=pytest.mark.slow, id="jit-mixed-sizes"),

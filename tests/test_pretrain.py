@@ -175,7 +175,7 @@ def test_non_finite_pretraining_loss_names_its_step(tiny_config, tmp_path, monke
     assert os.listdir(tmp_path / "run" / "pretrain" / "checkpoints") == []
 
 
-@pytest.mark.parametrize("arch", ["unet", "vnet"])
+@pytest.mark.parametrize("arch", ["unet", pytest.param("vnet", marks=pytest.mark.slow)])  # vnet: ~11 s warm; CI
 def test_classic_recipe_keeps_the_pretrained_encoder_and_trains_the_decoder(tiny_config, tmp_path, arch):
     tiny_config.model.arch = arch
     _set(tiny_config, ARCH_OVERRIDES[arch])
@@ -264,6 +264,7 @@ class _SignalBefore:
         return self.calls >= self.n
 
 
+@pytest.mark.slow  # three pretraining runs (~15 s warm, more in a fresh clone); CI runs it
 def test_a_preempted_pretraining_stage_saves_its_step_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     """SIGTERM during the encoder's pretraining: the stage saves the step it reached and the run
     stops (it used to train on to the next checkpoint, or die without one); rerunning resumes

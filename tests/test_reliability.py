@@ -175,7 +175,8 @@ def _val_rows(workdir) -> dict:
         return {r["step"]: r for r in map(json.loads, f) if "val/miou" in r}
 
 
-@pytest.mark.parametrize("at_step", [3, 6])  # 3: not a checkpoint step; 6: the last step, saved before its evaluation
+# 3: not a checkpoint step; 6: the last step, saved before its evaluation (slow: CI runs it)
+@pytest.mark.parametrize("at_step", [3, pytest.param(6, marks=pytest.mark.slow)])
 def test_sigterm_during_an_evaluation_abandons_it_and_resuming_redoes_it(tiny_config, tmp_path, monkeypatch, at_step):
     """A long evaluation must not outlast a scheduler's grace period: a SIGTERM between its batches
     ends the pass (nothing of it logged), the step is saved, and the rerun evaluates that step

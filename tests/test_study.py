@@ -286,6 +286,7 @@ def test_a_preempted_run_stops_the_study(tmp_path, monkeypatch):
     assert started == [os.path.join("a", "seed_0")] and rows == []
 
 
+@pytest.mark.slow  # a study through the CLI, run twice (~19 s warm); CI runs it
 def test_a_run_that_diverges_is_recorded_and_the_study_goes_on(tfds_dir, tmp_path):
     """A variant whose loss turns NaN (lr 1e30) used to end the whole study with its error, and a
     rerun diverged again at the same step, so later runs never trained. Now the run records
@@ -442,6 +443,7 @@ def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     assert done.returncode == 2 and "--seeds=0: give at least one seed" in done.stderr  # was an IndexError
 
 
+@pytest.mark.slow  # a study through the CLI (~14 s warm); CI runs it
 def test_study_key_overrides_set_the_base_of_every_variant(tmp_path, tfds_dir):
     """`--study.train.steps=2`: a smoke run of a whole study, every variant's run at 2 steps (the
     flag did not exist: the study file had to be edited); an unknown key is one line naming the

@@ -190,6 +190,7 @@ def test_logged_training_metrics_are_means_over_the_logging_window(tiny_config, 
         assert per_step[3][end]["train/nonfinite_steps"] == 0
 
 
+@pytest.mark.slow  # two runs and a resume (~15 s warm); CI runs it
 def test_resume_in_the_middle_is_exact(tiny_config, tmp_path):
     """3 steps, stop, resume to 6 == 6 uninterrupted steps: params, optimizer (with the weight
     average), RNG, data position."""
