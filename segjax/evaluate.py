@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import functools
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,23 @@ def convention(config: ml_collections.ConfigDict) -> str:
 
 
 def evaluate_split(
-    config: ml_collections.ConfigDict, eval_fn: Callable, state, split, mesh, per_image_csv: str = "", **kwargs
+    config: ml_collections.ConfigDict,
+    eval_fn: Callable,
+    state,
+    split,
+    mesh,
+    per_image_csv: str | Sequence[str] = "",
+    **kwargs,
 ):
     """`evaluate` over a whole `split` (e.g. the validation source) with the run's eval batching:
     `eval.batch_size` split over processes, images padded to a multiple of 2**model.depth, the
     instance-target hook and scores of `config`. `kwargs` go to `evaluate` (num_seeds, put, stop).
-    `per_image_csv`: also write each image's scores there (`per_image_rows`; process 0, one seed)."""
+    `per_image_csv`: also write each image's scores there (`per_image_rows`; process 0); with
+    replicas (`num_seeds` > 1), one path per replica, e.g. each seed's `seed_<s>/` folder."""
+    paths = [per_image_csv] if isinstance(per_image_csv, str) else list(per_image_csv)
+    table = any(paths)
+    if table and len(paths) != kwargs.get("num_seeds", 1):
+        raise ValueError(f"{len(paths)} per-image tables for {kwargs.get('num_seeds', 1)} replicas")
     targets, extra_scores = instances.hooks(config)
     host_batch = parallel.host_batch_size(config.eval.batch_size, "eval.batch_size")
     batches = pipeline.eval_batches(
@@ -44,12 +56,10 @@ def evaluate_split(
         jax.process_count(),
         2**config.model.depth,
         targets,
-        with_names=bool(per_image_csv),
+        with_names=table,
         agree=parallel.largest_over_hosts,
     )
     names = instances.class_names(config)
-    one_seed = kwargs.get("num_seeds", 1) == 1
-    table = bool(per_image_csv) and one_seed
     surfaces = bool(config.eval.surface_metrics)
     hook, reduce = extra_scores, None
     spacing = surface.spacing_of(config)
@@ -64,6 +74,7 @@ def evaluate_split(
 
     if table or surfaces:
         order = pipeline.eval_order(len(split), host_batch, jax.process_count())
+        replicas = iter(paths)  # `evaluate` calls the hook once per replica, in replica order
 
         def hook(outputs: list[dict]) -> dict:  # surface metrics, the per-image table, the config's own scores
             results = dict(extra_scores(outputs)) if extra_scores else {}
@@ -72,9 +83,10 @@ def evaluate_split(
                 extra = [row for out in outputs for row in out["surface"]]  # per output row
                 results.update(surface.split_scores(extra, names))
             if table:
+                path = next(replicas)
                 row_names = np.concatenate([o["gt_name"] for o in outputs])  # every host's (gathered)
                 if jax.process_index() == 0:
-                    write_per_image(per_image_csv, outputs, order, names, config.eval.empty, row_names, extra)
+                    write_per_image(path, outputs, order, names, config.eval.empty, row_names, extra)
             return results
 
     return evaluate(eval_fn, state, batches, mesh, config.eval, names, extra_scores=hook, reduce_batch=reduce, **kwargs)
@@ -132,6 +144,7 @@ def write_per_image(path: str, outputs: list[dict], order, names, empty: str, ro
     """The per-image table (`per_image_rows`) at `path` and, beside it (`confusion_csv`), the
     split's confusion matrix: pixel counts, a row per true class (`truth`), a column per predicted
     class (which classes are taken for which: what per-class scores cannot show)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a replica's seed_<s>/
     writers.write_table(path, per_image_rows(outputs, order, names, empty, row_names, extra))
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     matrix = confusion[[r for r, index in enumerate(order) if index is not None]].sum(axis=0)

@@ -129,14 +129,17 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
     repl = parallel.replicated(mesh)
     eval_fn = jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
     name = f"{which}{suffix}"
-    table = os.path.join(workdir, f"eval_{name}_per_image.csv")  # one seed only
+    replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
+    # each image's scores: beside eval_<name>.json, or each replica's in its seed_<s>/ (as training)
+    folders = [os.path.join(workdir, f"seed_{s}") for s in replica_seeds] or [workdir]
+    table = [os.path.join(folder, f"eval_{name}_per_image.csv") for folder in folders]
     if jax.process_index() == 0:
-        keep_earlier_results(workdir, name)
+        for folder in dict.fromkeys([workdir, *folders]):
+            keep_earlier_results(folder, name)
     step = int(np.max(restored.step))
     checkpoint_id = checkpointing.fingerprint(workdir, which, step)
     provenance.record(workdir, f"eval_only={which}", split=split, step=step, checkpoint_id=checkpoint_id)
     results = evaluate.evaluate_split(config, eval_fn, restored, source, mesh, per_image_csv=table, num_seeds=num_seeds)
-    replica_seeds = seeds.replica_seeds(config.train.seed, num_seeds) if num_seeds > 1 else []
     per_seed = [scored_splits.split_keys(r, prefix) for r in results] if replica_seeds else []
     if per_seed:  # the means and <key>_std over replicas; each replica's own file in seed_<s>/, as training
         results = seeds.mean_and_spread(per_seed)
@@ -159,7 +162,6 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
         shared = ("split", "step", "checkpoint", "checkpoint_id", "config_differences", "eval_settings")
         for s, r in zip(replica_seeds, per_seed, strict=True):
             os.makedirs(os.path.join(workdir, f"seed_{s}"), exist_ok=True)
-            keep_earlier_results(os.path.join(workdir, f"seed_{s}"), name)
             mine = {**r, **{k: results[k] for k in shared}}
             mine["seed"], mine["metrics_convention"] = s, results["metrics_convention"]
             writers.write_summary(os.path.join(workdir, f"seed_{s}", f"eval_{name}.json"), mine)

@@ -195,7 +195,8 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
     writer = writers.MetricWriter(workdir)
     names = instances.class_names(config)
 
-    table = os.path.join(workdir, writers.PER_IMAGE_FILE) if num_seeds == 1 else ""  # the latest evaluation's
+    # the latest evaluation's per-image table; with replicas, each in its seed_<s>/ (as metrics.json)
+    table = [os.path.join(workdir, f"seed_{s}" if num_seeds > 1 else "", writers.PER_IMAGE_FILE) for s in replica_seeds]
 
     def run_eval(stop=None) -> dict | None:
         """The validation scores (None if `stop()` turned True during the pass: nothing scored)."""

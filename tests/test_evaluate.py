@@ -281,3 +281,13 @@ def test_the_convention_line_names_the_grid_a_resized_run_is_scored_on():
     )
     config.data.resize = 0
     assert evaluate.convention(config) == rules
+
+
+def test_replicas_need_one_per_image_table_each():
+    """With K replicas each writes its own table (`seed_<s>/...`): K paths, or none; a single path
+    for several replicas would have had every replica overwrite the one before."""
+    config = load_config("tiny")
+    with pytest.raises(ValueError, match="1 per-image tables for 2 replicas"):
+        evaluate.evaluate_split(config, None, None, [], None, per_image_csv="val_per_image.csv", num_seeds=2)
+    with pytest.raises(ValueError, match="3 per-image tables for 2 replicas"):
+        evaluate.evaluate_split(config, None, None, [], None, per_image_csv=["a", "b", "c"], num_seeds=2)

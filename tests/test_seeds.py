@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -13,6 +14,11 @@ from segjax import predict, rescore, train
 from segjax.data import sources
 from segjax.errors import ConfigError
 from tests.test_predict import write_images
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def logged(workdir, key):
@@ -43,6 +49,18 @@ def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
         assert singles[seed]["val/mnsd"] > 0 and np.isfinite(singles[seed]["val/mhd95"])
         for key in ("val/mnsd", "val/mhd95"):
             np.testing.assert_allclose(own[key], singles[seed][key], rtol=1e-4, err_msg=key)
+        # each replica's per-image table, as its single-seed run writes it (intervals, study tables)
+        mine, single = (
+            read_rows(d / "val_per_image.csv")
+            for d in (tmp_path / "vmapped" / f"seed_{seed}", tmp_path / f"single{seed}")
+        )
+        assert [r["name"] for r in mine] == [r["name"] for r in single] and len(
+            mine
+        ) == tiny_config.data.synthetic.num_val
+        for column in ("accuracy", "tp/background", "fn/background"):
+            np.testing.assert_allclose(
+                [float(r[column]) for r in mine], [float(r[column]) for r in single], rtol=1e-4, atol=1, err_msg=column
+            )
     np.testing.assert_allclose(both["val/miou"], np.mean([singles[s]["val/miou"] for s in (3, 4)]), rtol=1e-4)
     assert both["val/miou_std"] >= 0
     np.testing.assert_allclose(both["val/mnsd"], np.mean([singles[s]["val/mnsd"] for s in (3, 4)]), rtol=1e-4)
@@ -63,6 +81,10 @@ def rescore_and_predict_each_replica(config, workdir, tmp_path):
         with open(workdir / f"seed_{seed}" / "eval_latest.json", encoding="utf-8") as f:
             again = json.load(f)
         assert again["seed"] == seed and rescored[f"seed{seed}/val/miou"] == again["val/miou"]
+        trained, rescored_rows = (
+            read_rows(workdir / f"seed_{seed}" / n) for n in ("val_per_image.csv", "eval_latest_per_image.csv")
+        )
+        assert rescored_rows == trained  # the same checkpoint and eval settings: the same table
         for key in ("val/miou", "val/accuracy", "val/mnsd"):
             np.testing.assert_allclose(again[key], own[key], rtol=1e-6, err_msg=key)
     config.data.synthetic.num_test = 4  # the held-out split: each replica scored, its own file in seed_<s>/
