@@ -18,11 +18,15 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
             (run / "metrics.json").write_text(json.dumps({"step": 2, "val/miou": miou, "val/mbiou": miou / 2}))
             log = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5, "val/miou": miou}]
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
-            (run / "val_per_image.csv").write_text(  # mean Dice: a 0.7, b 0.95 (fg absent), c 0.5
+            (run / "val_per_image.csv").write_text(  # mean Dice: a 0.7, b 0.95 (fg absent), c 0.5 / 0.435
                 "index,name,pixels,accuracy,dice/bg,dice/fg,tp/bg,tp/fg,fp/bg,fp/fg,fn/bg,fn/fg,tn/bg,tn/fg\n"
                 "0,a.png,16,0.9,0.9,0.5,8,5,2,1,1,2,5,8\n"  # confusion [[8, 1], [2, 5]]
                 "1,b.png,16,1.0,0.95,,16,0,0,0,0,0,0,16\n"  # [[16, 0], [0, 0]]
-                "2,c.png,16,0.7,0.8,0.2,6,3,3,4,4,3,3,6\n"  # [[6, 4], [3, 3]]
+                + (
+                    "2,c.png,16,0.7,0.8,0.2,6,3,3,4,4,3,3,6\n"  # [[6, 4], [3, 3]]
+                    if variant == "unet"
+                    else "2,c.png,16,0.4375,0.4706,0.4,4,3,3,6,6,3,3,4\n"  # no_skips: [[4, 6], [3, 3]]
+                )
             )
             (run / "config.json").write_text(json.dumps({"eval": {"average": "dataset", "empty": "nan"}}))
             (run / "val_confusion.csv").write_text("truth,bg,fg,edge\nbg,30,2,1\nfg,7,9,0\nedge,0,3,4\n")
@@ -45,11 +49,16 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     # df 1: t(0.975) = 12.706, so -0.12 +- 0.2541; p = 1 - (2 / pi) atan(0.24 / 0.04) = 0.105
     assert "p=0.11 (Holm 0.11, n=2) | n/a | n/a | -0.1200 [-0.3741, +0.1341] p=0.11 (Holm 0.11, n=2) |" in out
     assert "| no_skips | -0.2400 [" in out
-    expected = (("c.png", "0.500"), ("a.png", "0.700"), ("b.png", "0.950"))
+    expected = (("c.png", "0.435"), ("a.png", "0.700"), ("b.png", "0.950"))  # run_dir: no_skips' first seed
     hardest = [out.index(f"{name}  mean Dice {dice}") for name, dice in expected]
     assert hardest == sorted(hardest)  # the per-image table, hardest image first
-    # the images' summed confusion [[30, 5], [5, 8]]: IoU 30/40 and 8/18, mean 0.5972; accuracy 38/48
-    assert "| val/miou | 0.5972 | [" in out and "| val/accuracy | 0.7917 | [" in out and "| 3 | 0 |" in out
+    # no_skips' images summed: confusion [[28, 7], [5, 8]]: IoU 28/40 and 8/20, mean 0.55; accuracy 36/48
+    assert "| val/miou | 0.5500 | [" in out and "| val/accuracy | 0.7500 | [" in out and "| 3 | 0 |" in out
+    # on the same images: unet's summed confusion [[30, 5], [5, 8]] (each seed's), no_skips' [[28, 7], [5, 8]]:
+    # mIoU (28/40 + 8/20) / 2 - 0.5972 = -0.0472, accuracy 36/48 - 38/48; only image c differs, so the
+    # 30 % of resamples without it differ by 0: the interval's top is 0
+    assert "on the same 3 images:" in out and "| no_skips | -0.0472 [" in out and "-0.0417 [" in out
+    assert out.count(", +0.0000] |") == 2
     assert "most pixels mistaken: fg taken for bg (7 of 16)" in out  # the largest off-diagonal count
     assert "unet/seed_0: 1 start(s): commit 0123456789ab, jax 0.10.2" in out
     assert "unet/seed_1: 2 start(s): commit 0123456789ab, jax 0.10.2; commit 0123456789ab, jax 0.11.2" in out
