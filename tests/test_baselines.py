@@ -190,6 +190,7 @@ def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told
     assert not os.path.exists(os.path.join(workdir, "metrics.json"))
 
 
+@pytest.mark.slow  # the real ISBI images, prepared and scored (~10 s warm); CI runs it
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="no ../shared/data")
 def test_isbi_membranes_otsu_baseline(tfds_dir):
     config = load_config("isbi")

@@ -676,6 +676,7 @@ def test_warp_crop_keeps_image_and_label_aligned():
         assert set(np.unique(out["label"])) <= set(range(16))
 
 
+@pytest.mark.slow  # prepares the 30 real ISBI images (~8 s warm); CI runs it
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "isbi2012_membrane")), reason="shared data absent")
 def test_isbi_config_builds_on_the_real_data(tfds_dir):
     cfg = load_config("isbi")
