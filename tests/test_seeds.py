@@ -54,9 +54,8 @@ def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
             read_rows(d / "val_per_image.csv")
             for d in (tmp_path / "vmapped" / f"seed_{seed}", tmp_path / f"single{seed}")
         )
-        assert [r["name"] for r in mine] == [r["name"] for r in single] and len(
-            mine
-        ) == tiny_config.data.synthetic.num_val
+        assert len(mine) == tiny_config.data.synthetic.num_val
+        assert [r["name"] for r in mine] == [r["name"] for r in single]
         for column in ("accuracy", "tp/background", "fn/background"):
             np.testing.assert_allclose(
                 [float(r[column]) for r in mine], [float(r[column]) for r in single], rtol=1e-4, atol=1, err_msg=column
