@@ -35,7 +35,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from segjax import configuration, scored_splits, study_tables, writers
+from segjax import configuration, study_report, writers
 from segjax.data import class_file
 from segjax.errors import BusyError, ConfigError, NonFiniteLossError, WorkdirError, exit_on_user_error
 
@@ -164,37 +164,6 @@ def check_summary_keys(base: ml_collections.ConfigDict, variants: dict[str, dict
     unknown = [k for k in extra if k.startswith("val/") and k not in given]
     if unknown:
         raise ConfigError(f"--summary_keys {unknown}: no variant's validation gives them; it gives {sorted(given)}")
-
-
-def shared_eval(base: ml_collections.ConfigDict, variants: dict[str, dict]):
-    """(class names, eval config) every variant shares, for scores of the runs' counts taken
-    together, or a string saying why there are none."""
-    from segjax import instances  # jax only when a study reports
-
-    configs = [variant_config(base, overrides, name) for name, overrides in variants.items()]
-    shared = {(instances.class_names(c), c.eval.average, c.eval.empty, c.eval.include_background) for c in configs}
-    if len(shared) > 1:
-        return "the variants differ in their classes or eval.average / eval.empty / eval.include_background"
-    return instances.class_names(configs[0]), configs[0].eval
-
-
-def summed_counts(
-    base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], workdir: str, split: str
-) -> tuple[dict | str, str]:
-    """`--pooled`'s row of summed pixel counts (`study_tables.summed_counts`) over `rows`, under
-    `shared_eval` (a string says why there is none), with each score's percentile-bootstrap
-    interval over the runs' images and a note on it for under the table
-    (`study_tables.summed_interval`)."""
-    shared = shared_eval(base, variants)
-    if isinstance(shared, str):
-        return shared, ""
-    names, ev = shared
-    tables = study_tables.run_tables(workdir, rows, split)
-    try:
-        summed = study_tables.summed_counts(rows, ev, names, split, tables)
-    except KeyError as err:
-        return err.args[0], ""
-    return study_tables.summed_interval(summed, tables, ev, names)
 
 
 def run_study(
@@ -363,7 +332,8 @@ def main(argv):
             notes.append(f"{extra} of other seeds than {seeds[0]}..{seeds[-1]} left out: see --seeds")
         notes = f" ({'; '.join(notes)})" if notes else ""
         print(f"\nstudy {path}: {len(rows)} finished runs in {f.workdir}{notes}\n")
-        _report(f, base, variants, rows, "validation", failed)
+        configs = [variant_config(base, overrides, name) for name, overrides in variants.items()]
+        study_report.report(f.workdir, configs, rows, f, "validation", failed)
         if f.eval_split == "test":
             todo = planned_runs(base, variants, seeds, f.workdir, f.vmap_seeds)
             score_test_split(todo)
@@ -372,31 +342,7 @@ def main(argv):
                 f" ({len(rows) - len(tested)} finished runs not scored yet: rerun)" if len(tested) < len(rows) else ""
             )
             print(f"\ntest split: {len(tested)} runs scored{untested} (summary_test.md)\n")
-            _report(f, base, variants, tested, "test")
-
-
-def _report(f, base: ml_collections.ConfigDict, variants: dict[str, dict], rows: list[dict], split: str, failed=()):
-    """The tables of `split`'s `rows`, printed: summary(_test).md (with --pooled, its rows and the
-    interval's note) and, with --compare_to, comparison(_test).md."""
-    summed, interval = summed_counts(base, variants, rows, f.workdir, split) if f.pooled and rows else (None, "")
-    note = "\n\n".join(filter(None, [interval, study_tables.code_note(f.workdir, rows)]))
-    kwargs = dict(split=split, summed=summed, footnote=note)
-    print(study_tables.write_results(f.workdir, rows, f.summary_keys, f.pooled, failed, **kwargs))
-    if f.compare_to and rows:
-        _write_comparison(f.workdir, rows, f.compare_to, f.summary_keys, split, shared_eval(base, variants))
-
-
-def _write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str, images) -> None:
-    """comparison.md (or comparison_test.md) of `rows` against `reference`, printed (`images`:
-    `shared_eval`'s, for the comparison on the same images); a note when the reference has no
-    finished run."""
-    name = f"comparison{scored_splits.split_naming(split)[1]}.md"
-    try:
-        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split, images)
-    except KeyError as err:  # the reference's runs failed or are still training elsewhere
-        print(f"\nno {name}: {err.args[0]}")
-    else:
-        print(f"\n{name}:\n{table}")
+            study_report.report(f.workdir, configs, tested, f, "test")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def write_comparison(
 ) -> str:
     """comparison.md (test split: comparison_test.md): each variant minus `reference`, paired by
     seed (`segjax.compare`), over the summary's columns, and, with `images` = (class names, eval
-    config) the variants share (`study.shared_eval`; a string: why there are none), on the same
+    config) the variants share (`study_report.shared_eval`; a string: why there are none), on the same
     images too (`intervals.versus_table` over the runs' per-image tables: an interval also for
     one seed); returns the markdown."""
     from segjax import compare, intervals  # scipy only when asked
