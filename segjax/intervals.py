@@ -114,9 +114,7 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
         conventions.append({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
         if conventions[-1] != conventions[0]:
             raise ConfigError(f"{run} and {runs[0]} differ in their eval.{'/'.join(CONVENTION_KEYS)}")
-    names, classes, counts, unnamed = read_tables([os.path.join(run, table) for run in runs])
-    require_matched(runs, unnamed)
-    names, counts = grouped(names, counts)
+    names, classes, counts = image_counts([os.path.join(run, table) for run in runs])
     return names, classes, counts, ml_collections.ConfigDict(conventions[0])
 
 
@@ -191,15 +189,16 @@ def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.
     return {k: v[order] for k, v in other.items()}
 
 
-def image_counts(paths: list[str], class_names) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(image names, counts [N, C] or [N, K, C]) of the per-image tables `paths` (one per run,
-    `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`); tables of
-    other classes than `class_names` are a ConfigError."""
+def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """(image names, class names, counts [N, C] or [N, K, C]) of the per-image tables `paths`
+    (one per run, `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`);
+    tables of other classes than `class_names` (when given) are a ConfigError."""
     names, classes, counts, unnamed = read_tables(paths)
     require_matched([os.path.dirname(p) for p in paths], unnamed)
-    if classes != list(class_names):
+    if class_names is not None and classes != list(class_names):
         raise ConfigError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
-    return grouped(names, counts)
+    names, counts = grouped(names, counts)
+    return names, classes, counts
 
 
 def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:
@@ -211,7 +210,7 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     another split's scores (`test/...`). Tables that cannot be read or matched: a ConfigError."""
     from segjax import evaluate
 
-    ref_names, ref_counts = image_counts(tables[reference], class_names)
+    ref_names, _, ref_counts = image_counts(tables[reference], class_names)
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in ref_counts.items()}
     scored = set(evaluate.count_scores(flat, eval_cfg, class_names))
     as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
@@ -220,7 +219,7 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     for variant, paths in tables.items():
         if variant == reference:
             continue
-        names, counts = image_counts(paths, class_names)
+        names, _, counts = image_counts(paths, class_names)
         other = paired_counts(names, ref_names, ref_counts, variant, reference)
         result = bootstrap(counts, eval_cfg, class_names, usable, versus=other)
         cells = []

@@ -112,7 +112,7 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
     from segjax import intervals
 
     try:
-        images, counts = intervals.image_counts(tables, class_names)
+        images, _, counts = intervals.image_counts(tables, class_names)
     except ConfigError as err:
         return summed, f"No interval for '{SUMMED}': {err}."
     val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
