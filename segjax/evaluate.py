@@ -111,7 +111,7 @@ def score_maps(maps: Iterable[dict], config: ml_collections.ConfigDict, names, p
         }
         if config.eval.boundary_dilation > 0:
             inter, union = metrics.boundary_counts(
-                jnp.asarray(label), jnp.asarray(pred), num_classes, config.eval.boundary_dilation, valid
+                jnp.asarray(label), jnp.asarray(pred), num_classes, config.eval.boundary_dilation, valid, per_image=True
             )
             out["boundary_inter"], out["boundary_union"] = np.asarray(inter), np.asarray(union)
         if config.eval.surface_metrics:
@@ -186,14 +186,33 @@ def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 
 COUNT_KINDS = ("tp", "fp", "fn", "tn")  # a per-image table's count columns: `<kind>/<class>`
+# boundary-band intersection / union (`metrics.boundary_counts`): columns `binter/<class>`,
+# `bunion/<class>` where the run scores boundary IoU; the eval step's outputs of the same
+BOUNDARY_KINDS = {"binter": "boundary_inter", "bunion": "boundary_union"}
+
+
+def image_counts(outputs: list[dict], num_classes: int) -> dict[str, np.ndarray]:
+    """Every output row's counts (padding rows included, in output order): `tp`, `fp`, `fn`, `tn`
+    [N, C] int64 from the per-image confusion matrices and, where every output carries boundary
+    bands, `binter`, `bunion` [N, C]."""
+    rows = [np.asarray(o["confusion"], np.int64) for o in outputs]
+    confusion = np.concatenate(rows) if rows else np.zeros((0, num_classes, num_classes), np.int64)
+    counts = pixel_counts(confusion)
+    if outputs and all(key in o for o in outputs for key in BOUNDARY_KINDS.values()):
+        for kind, key in BOUNDARY_KINDS.items():
+            counts[kind] = np.concatenate([np.asarray(o[key], np.int64).reshape(-1, num_classes) for o in outputs])
+            if len(counts[kind]) != len(confusion):  # summed bands (a step from before per-image ones)
+                raise ValueError(f"{len(counts[kind])} rows of {key} for {len(confusion)} images: one per image")
+    return counts
 
 
 def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray], bool]:
-    """(image names, class names, {tp, fp, fn, tn: [N, C] int64}, named) of a per-image table
-    (`per_image_rows`): the classes are its `tp/<class>` columns in order, an image without a
-    `name` is named by its `index`, and `named` is False when every image's name is its index (a
-    dataset that stores no file names, e.g. the synthetic one, names its images so). A table
-    without counts (written before they were) is a ValueError naming the file."""
+    """(image names, class names, {tp, fp, fn, tn: [N, C] int64, and binter, bunion where the table
+    has boundary bands}, named) of a per-image table (`per_image_rows`): the classes are its
+    `tp/<class>` columns in order, an image without a `name` is named by its `index`, and `named`
+    is False when every image's name is its index (a dataset that stores no file names, e.g. the
+    synthetic one, names its images so). A table without counts (written before they were) is a
+    ValueError naming the file."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
         header = rows[0].keys() if rows else []
@@ -202,7 +221,8 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
     if not rows or not classes or any(c not in header for c in columns):
         raise ValueError(f"{path} holds no per-image pixel counts (tp/<class>, ...; scored before they were?)")
     names = [r.get("name") or r["index"] for r in rows]
-    counts = {k: np.array([[int(r[f"{k}/{c}"]) for c in classes] for r in rows], np.int64) for k in COUNT_KINDS}
+    kinds = [*COUNT_KINDS, *(k for k in BOUNDARY_KINDS if all(f"{k}/{c}" in header for c in classes))]
+    counts = {k: np.array([[int(r[f"{k}/{c}"]) for c in classes] for r in rows], np.int64) for k in kinds}
     return names, classes, counts, any(n != r["index"] for n, r in zip(names, rows, strict=True))
 
 
@@ -213,7 +233,8 @@ def per_image_rows(
     stored file name, when `row_names` gives one per output row, e.g. the outputs' `gt_name`),
     `pixels` scored, pixel `accuracy` and per class `dice/<c>`, `iou/<c>`, `precision/<c>`,
     `recall/<c>` (empty classes follow `empty`) and the pixel counts `tp/<c>`, `fp/<c>`, `fn/<c>`,
-    `tn/<c>` (nnU-Net's per-case summary), and the columns of `extra[row]` when given (e.g.
+    `tn/<c>` (nnU-Net's per-case summary); where the outputs carry boundary bands, `biou/<c>` and
+    its counts `binter/<c>`, `bunion/<c>`; and the columns of `extra[row]` when given (e.g.
     `surface.per_image`'s). `order` maps each output row to its split index (None =
     padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
@@ -224,7 +245,12 @@ def per_image_rows(
     keep = [r for r, index in enumerate(order) if index is not None]
     cms = confusion[keep]
     per_class = {k: np.asarray(v) for k, v in metrics.class_scores(cms, empty).items()}
-    per_class.update(pixel_counts(cms))
+    per_class.update({k: v[keep] for k, v in image_counts(outputs, len(class_names)).items()})
+    kinds = [*COUNT_KINDS]
+    if "binter" in per_class:
+        inter, union = per_class["binter"], per_class["bunion"]
+        per_class["biou"] = np.where(union > 0, inter / np.maximum(union, 1), metrics.EMPTY_POLICIES[empty])
+        kinds += ["biou", *BOUNDARY_KINDS]
     pixels = cms.sum(axis=(1, 2))
     correct = np.trace(cms, axis1=1, axis2=2)
     rows = []
@@ -237,9 +263,10 @@ def per_image_rows(
         for key in ("dice", "iou", "precision", "recall"):
             for c, name in enumerate(class_names):
                 row[f"{key}/{name}"] = float(per_class[key][i, c])
-        for key in ("tp", "fp", "fn", "tn"):
+        for key in kinds:
             for c, name in enumerate(class_names):
-                row[f"{key}/{name}"] = int(per_class[key][i, c])
+                value = per_class[key][i, c]
+                row[f"{key}/{name}"] = float(value) if key == "biou" else int(value)
         if extra is not None and extra[r]:
             row.update(extra[r])
         rows.append(row)
@@ -321,37 +348,25 @@ def score_keys(eval_cfg: ml_collections.ConfigDict, class_names) -> set[str]:
 
 def scores(outputs: list[dict], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
     """Named scores from the eval-step outputs of a whole split (see `evaluate`)."""
-    num_classes = len(class_names)
-    per_image, losses, weights = [], [], []
-    b_inter = np.zeros(num_classes, np.int64)
-    b_union = np.zeros(num_classes, np.int64)
-    for out in outputs:
-        cms = np.asarray(out["confusion"], np.int64)
-        per_image.append(cms[cms.sum(axis=(1, 2)) > 0])
-        losses.append(float(out["loss"]))
-        weights.append(cms.sum())
-        if "boundary_inter" in out:
-            b_inter += np.asarray(out["boundary_inter"], np.int64)
-            b_union += np.asarray(out["boundary_union"], np.int64)
-    stack = np.concatenate(per_image) if per_image else np.zeros((0, num_classes, num_classes), np.int64)
-    dataset = stack.sum(axis=0)
-    empty, bg = eval_cfg.empty, eval_cfg.include_background
+    counts = image_counts(outputs, len(class_names))
+    pixels = counts["tp"] + counts["fn"]  # [N, C]: each image's pixels of each true class
+    scored = pixels.sum(axis=1) > 0  # padding images (no valid pixel) are dropped
+    counts = {k: v[scored] for k, v in counts.items() if k in COUNT_KINDS or eval_cfg.boundary_dilation > 0}
+    if eval_cfg.boundary_dilation > 0 and "binter" not in counts:  # outputs without bands: an empty split
+        counts.update({k: np.zeros_like(counts["tp"]) for k in BOUNDARY_KINDS})
     # each batch's loss weighted by its valid pixels: a padded last batch counts for what it holds,
     # so a per-pixel loss (CE, focal) is the split's pixel mean at any eval.batch_size
+    losses = [float(o["loss"]) for o in outputs]
+    weights = [np.asarray(o["confusion"], np.int64).sum() for o in outputs]
     results = {"val/loss": float(np.average(losses, weights=weights)) if sum(weights) else float("nan")}
-    results.update(count_scores(pixel_counts(stack), eval_cfg, class_names))  # every score is made of counts
-    if eval_cfg.boundary_dilation > 0:
-        b = metrics.boundary_iou_from_counts(b_inter, b_union, empty, bg)
-        results["val/mbiou"] = float(b["mbiou"])
-        for name, v in zip(class_names, np.asarray(b["biou"]), strict=True):
-            results[f"val/biou/{name}"] = float(v)
+    results.update(count_scores(counts, eval_cfg, class_names))  # every score is made of counts
     # the counts every score above is made of (summed over the split, whatever eval.average), so any
     # other score, or one pooled over runs or folds, can be computed from a run's metrics.json
-    for key, counts in pixel_counts(dataset).items():
-        for name, v in zip(class_names, counts, strict=True):
+    for key, per_image in counts.items():
+        for name, v in zip(class_names, per_image.sum(axis=0), strict=True):
             results[f"val/{key}/{name}"] = int(v)
-    results["val/pixels"] = int(dataset.sum())
-    results["val/images"] = len(stack)
+    results["val/pixels"] = int(pixels[scored].sum())
+    results["val/images"] = int(scored.sum())
     return results
 
 
@@ -359,7 +374,9 @@ def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigD
     """The scores `scores` derives from pixel counts (`val/<score>/<class>`, the class means,
     `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn`: [C] summed over a split or several (the
     folds of a cross-validation: each image counted once), or [N, C], one row per image, which
-    `eval.average='per_image'` needs (the other averages sum them)."""
+    `eval.average='per_image'` needs (the other averages sum them). With boundary bands (`binter`,
+    `bunion`) also `val/biou/<class>` and `val/mbiou`: always of the bands summed over the images
+    (Boundary IoU's convention, whatever `eval.average`)."""
     return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
 
 
@@ -372,7 +389,7 @@ def count_score_arrays(
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
     if avg not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
-    counts = {k: np.asarray(counts[k]) for k in COUNT_KINDS}
+    counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS) if k in counts}
     lead = 1 if sets else 0
     if avg == "per_image" and counts["tp"].ndim != 2 + lead:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
@@ -386,6 +403,11 @@ def count_score_arrays(
         out = {f"val/{key}/{name}": per_class[key][i] for key in metrics.SCORES for i, name in enumerate(class_names)}
         means = metrics.summarize_counts(c, avg, empty, bg)  # the class means, accuracy
         out.update({f"val/{key}": v for key, v in means.items() if jnp.ndim(v) == 0})
+        if "binter" in c:  # the bands summed over the images, whatever the average
+            inter, union = (c[k].reshape(-1, c[k].shape[-1]).sum(axis=0) for k in BOUNDARY_KINDS)
+            b = metrics.boundary_iou_from_counts(inter, union, empty, bg)
+            out["val/mbiou"] = b["mbiou"]
+            out.update({f"val/biou/{name}": b["biou"][i] for i, name in enumerate(class_names)})
         return out
 
     return {k: np.asarray(v) for k, v in (jax.vmap(named) if sets else named)(counts).items()}

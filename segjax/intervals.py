@@ -68,9 +68,10 @@ def bootstrap(
         evaluate.count_scores({k: v.reshape(-1, v.shape[-1]) for k, v in c.items()}, eval_cfg, class_names)
         for c in runs
     ]
-    missing = sorted(set(keys) - set(full[0]))
+    common = set(full[0]).intersection(*full[1:])  # boundary IoU: where both runs' tables have bands
+    missing = sorted(set(keys) - common)
     if missing:
-        raise ConfigError(f"{missing}: not a score of pixel counts; choose from {sorted(full[0])}")
+        raise ConfigError(f"{missing}: not a score of these per-image counts; choose from {sorted(common)}")
     rng = np.random.default_rng(seed)
     chunk = max(1, CHUNK_VALUES // max(1, max(c["tp"].size for c in runs)))
     samples = {k: [] for k in keys}
@@ -119,9 +120,10 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
 
 
 def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.ndarray], list[str]]:
-    """(image names, class names, {tp, fp, fn, tn: [rows, C]}, the tables that name images by
-    their index only) of per-image tables taken together, in order. A missing table, one without
-    counts and one with other classes than the first are ConfigErrors naming it."""
+    """(image names, class names, {tp, fp, fn, tn: [rows, C], and binter, bunion where every table
+    has boundary bands}, the tables that name images by their index only) of per-image tables
+    taken together, in order. A missing table, one without counts and one with other classes than
+    the first are ConfigErrors naming it."""
     from segjax import evaluate
 
     names, classes, parts, unnamed = [], None, [], []
@@ -137,7 +139,8 @@ def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.nd
         names, classes = names + mine, their_classes
         parts.append(counts)
         unnamed += [] if named else [path]
-    return names, classes, {k: np.concatenate([p[k] for p in parts]) for k in evaluate.COUNT_KINDS}, unnamed
+    kinds = [k for k in parts[0] if all(k in p for p in parts)] if parts else evaluate.COUNT_KINDS
+    return names, classes, {k: np.concatenate([p[k] for p in parts]) for k in kinds}, unnamed
 
 
 def require_matched(runs: list[str], unnamed: list[str]) -> None:
@@ -201,18 +204,25 @@ def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[st
     return names, classes, counts
 
 
+def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
+    """The keys `bootstrap` can bound from these counts ([N, C] or [N, K, C]): the pixel counts'
+    scores and, where the tables hold boundary bands, boundary IoU (`val/...` names)."""
+    from segjax import evaluate
+
+    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in counts.items()}
+    return set(evaluate.count_scores(flat, eval_cfg, class_names))
+
+
 def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:
     """(markdown, number of images): each variant of `tables` (variant -> its runs' per-image
     tables) minus `reference` on the same images, per key: the difference of the scores of
     every seed's counts together, `+0.0012 [-0.0005, +0.0029]`, the paired percentile-bootstrap
     interval over the images (`bootstrap` with `versus`; an image drawn for both with all its
-    seeds' rows). Keys not made of pixel counts (boundary IoU, PQ) are n/a; `keys` may name
-    another split's scores (`test/...`). Tables that cannot be read or matched: a ConfigError."""
-    from segjax import evaluate
-
+    seeds' rows). Keys not made of counts (PQ, HD95; boundary IoU where either side's tables have
+    no boundary bands) are n/a; `keys` may name another split's scores (`test/...`). Tables that
+    cannot be read or matched: a ConfigError."""
     ref_names, _, ref_counts = image_counts(tables[reference], class_names)
-    flat = {k: v.reshape(-1, v.shape[-1]) for k, v in ref_counts.items()}
-    scored = set(evaluate.count_scores(flat, eval_cfg, class_names))
+    scored = scorable(ref_counts, eval_cfg, class_names)
     as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
     usable = [as_val[k] for k in keys if as_val[k] in scored]
     lines = [f"| variant - {reference} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
@@ -221,7 +231,8 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
             continue
         names, _, counts = image_counts(paths, class_names)
         other = paired_counts(names, ref_names, ref_counts, variant, reference)
-        result = bootstrap(counts, eval_cfg, class_names, usable, versus=other)
+        both = [k for k in usable if k in scorable(counts, eval_cfg, class_names)]
+        result = bootstrap(counts, eval_cfg, class_names, both, versus=other)
         cells = []
         for key in keys:
             r = result.get(as_val[key])

@@ -167,13 +167,14 @@ def gather_host_rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-PER_IMAGE_OUTPUTS = {"confusion", "pred", "label", "valid"}  # eval-step outputs with one row per image
+# eval-step outputs with one row per image
+PER_IMAGE_OUTPUTS = {"confusion", "boundary_inter", "boundary_union", "pred", "label", "valid"}
 
 
 def merge_eval_outputs(out: dict) -> dict:
     """pmap eval outputs -> jit's layout: per-image outputs (confusions, class maps) of all devices
     of all hosts in one batch axis (each host evaluates its own rows of every global batch); the
-    loss and boundary counts are already global (psum over the pmap axis, which spans every host)."""
+    loss is already global (psum over the pmap axis, which spans every host)."""
     out = jax.device_get(out)
     merged = {k: v[0] for k, v in out.items()}
     for k in sorted(PER_IMAGE_OUTPUTS & set(out)):  # every host's devices, in order (sorted: the hosts'

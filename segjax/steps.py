@@ -131,10 +131,10 @@ def eval_step(
     return_predictions: bool = False,
     return_truth: bool = False,
 ):
-    """Per-image confusion matrices [B, C, C] of the valid pixels, boundary-band counts [C]
-    (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host.
+    """Per-image confusion matrices [B, C, C] of the valid pixels, per-image boundary-band counts
+    [B, C] (when `boundary_dilation` > 0) and the batch loss. Counts are summed on the host.
     `eval_cfg` (window, tta) selects sliding-window and test-time-augmented inference; with
-    `axis_name` (pmap) the loss and boundary counts are global, confusion matrices per device.
+    `axis_name` (pmap) the loss is global, the per-image counts per device.
     `return_predictions` adds the class maps (`pred` [B, ...]) for host-side instance scoring,
     `return_truth` the batch's `label` and `valid` (host-side surface metrics)."""
     variables = state.eval_variables()
@@ -153,8 +153,8 @@ def eval_step(
     if return_truth:
         out["label"], out["valid"] = batch["label"], batch["valid"]
     if boundary_dilation > 0:
-        inter, union = metrics.boundary_counts(batch["label"], preds, num_classes, boundary_dilation, batch["valid"])
-        if axis_name:
-            inter, union = jax.lax.psum((inter, union), axis_name)
+        inter, union = metrics.boundary_counts(
+            batch["label"], preds, num_classes, boundary_dilation, batch["valid"], per_image=True
+        )
         out["boundary_inter"], out["boundary_union"] = inter, union
     return out

@@ -96,6 +96,10 @@ def summed_counts(
             if lacking:
                 raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
+        for kind in evaluate.BOUNDARY_KINDS:  # boundary IoU too, where every run reports its bands
+            keys = [f"{prefix}/{kind}/{name}" for name in class_names]
+            if all(k in r for r in rows for k in keys):
+                counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
     return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
 
 
@@ -116,6 +120,8 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
     except ConfigError as err:
         return summed, f"No interval for '{SUMMED}': {err}."
     val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
+    scored = intervals.scorable(counts, eval_cfg, class_names)  # boundary IoU: where the tables have bands
+    val = {k: name for k, name in val.items() if name in scored}
     bounds = intervals.bootstrap(counts, eval_cfg, class_names, list(val.values()))
     out = dict(summed)
     for key, name in val.items():

@@ -26,7 +26,9 @@ def fake_eval_fn(state, batch):
     del state
     preds = noisy_prediction(batch["label"])
     out = {"confusion": metrics.per_image_confusion(batch["label"], preds, 3, batch["valid"]), "loss": 0.0}
-    out["boundary_inter"], out["boundary_union"] = metrics.boundary_counts(batch["label"], preds, 3, 1, batch["valid"])
+    out["boundary_inter"], out["boundary_union"] = metrics.boundary_counts(
+        batch["label"], preds, 3, 1, batch["valid"], per_image=True
+    )
     return out
 
 
@@ -55,8 +57,11 @@ def test_evaluate_matches_sklearn_over_the_whole_split(average):
     for c, ((tn, fp), (fn, tp)) in enumerate(skm.multilabel_confusion_matrix(labels.ravel(), preds.ravel())):
         counts = [results[f"val/{k}/{NAMES[c]}"] for k in ("tp", "fp", "fn", "tn")]
         assert counts == [tp, fp, fn, tn] and all(isinstance(n, int) for n in counts)
-    ref_b = metrics.boundary_iou(labels, preds, 3, dilation=1)
+    ref_b = metrics.boundary_iou(labels, preds, 3, dilation=1)  # the bands summed, whatever the average
     np.testing.assert_allclose(results["val/mbiou"], float(ref_b["mbiou"]), rtol=1e-6)
+    inter, union = metrics.boundary_counts(labels, preds, 3, 1)
+    assert [results[f"val/binter/{n}"] for n in NAMES] == np.asarray(inter).tolist()
+    assert [results[f"val/bunion/{n}"] for n in NAMES] == np.asarray(union).tolist()
 
 
 @pytest.mark.parametrize("average", ["dataset", "per_image", "micro"])
@@ -79,6 +84,17 @@ def test_scores_of_counts_alone_are_the_evaluation_s(average):
     if average == "per_image":
         with pytest.raises(ConfigError, match="one row of counts per image"):
             evaluate.count_scores(evaluate.pixel_counts(cms.sum(0)), eval_cfg, names)
+    # with each image's boundary bands: boundary IoU of the bands summed over the images, whatever
+    # the average (berry's band empty in every image: NaN, left out of the mean)
+    inter = rng.integers(0, 20, (6, 3))
+    union = inter + rng.integers(1, 20, (6, 3))
+    inter[:, 2] = union[:, 2] = 0
+    counts = {**evaluate.pixel_counts(cms), "binter": inter, "bunion": union}
+    got = evaluate.count_scores(counts, eval_cfg, names)
+    biou = inter[:, :2].sum(0) / union[:, :2].sum(0)
+    np.testing.assert_allclose([got["val/biou/background"], got["val/biou/tool"]], biou, rtol=1e-6)
+    assert np.isnan(got["val/biou/berry"]) and got["val/mbiou"] == pytest.approx(biou.mean(), rel=1e-6)
+    assert got["val/miou"] == pytest.approx(want["val/miou"], rel=1e-6)  # the bands change no other score
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 7])
@@ -147,6 +163,14 @@ def test_per_image_rows_match_sklearn_per_image():
             (tn, fp), (fn, tp) = matrices[c]
             assert [row[f"{k}/{name}"] for k in ("tp", "fp", "fn", "tn")] == [tp, fp, fn, tn]
     assert np.isnan(rows[2]["dice/b"]) and not np.isnan(rows[2]["dice/a"])
+    # each image's boundary IoU and its bands, as Boundary IoU scores that image alone
+    for i, row in enumerate(rows):
+        inter, union = (np.asarray(v) for v in metrics.boundary_counts(labels[i : i + 1], preds[i : i + 1], 3, 1))
+        alone = np.asarray(metrics.boundary_iou(labels[i : i + 1], preds[i : i + 1], 3, dilation=1)["biou"])
+        for c, name in enumerate(NAMES):
+            assert (row[f"binter/{name}"], row[f"bunion/{name}"]) == (inter[c], union[c])
+            np.testing.assert_allclose(row[f"biou/{name}"], alone[c], rtol=1e-6)
+    assert np.isnan(rows[2]["biou/b"]) and rows[2]["bunion/b"] == 0
 
 
 def test_eval_order_names_the_rows_gathered_from_every_host():

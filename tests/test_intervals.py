@@ -79,6 +79,33 @@ def test_the_interval_of_per_image_scores_is_that_of_their_mean():
         close(got[key], reference)
 
 
+@pytest.mark.parametrize("average", ["dataset", "per_image"])
+def test_the_interval_of_boundary_iou_is_that_of_its_summed_bands(average):
+    """Boundary IoU (the bands summed over the drawn images, whatever eval.average): scipy's paired
+    percentile bootstrap of sum(inter) / sum(union) over the images, class `a`; its estimate is
+    the bands of all images."""
+    c = random_counts(4)
+    rng = np.random.default_rng(4)
+    c["binter"] = rng.integers(10, 60, (30, 3))
+    c["bunion"] = c["binter"] + rng.integers(5, 60, (30, 3))
+    got = intervals.bootstrap(c, eval_cfg(average), CLASSES, ["val/biou/a", "val/mbiou"], resamples=20_000)
+
+    def biou_a(inter, union, axis=-1):
+        return inter.sum(axis) / union.sum(axis)
+
+    def mbiou(*bands, axis=-1):  # the three classes' inter, then their union: the mean of their ratios
+        return np.mean([biou_a(bands[k], bands[k + 3], axis) for k in range(3)], axis=0)
+
+    a = (c["binter"][:, 1], c["bunion"][:, 1])
+    every = (*c["binter"].T, *c["bunion"].T)
+    for key, data, statistic in (("val/biou/a", a, biou_a), ("val/mbiou", every, mbiou)):
+        reference = stats.bootstrap(
+            data, statistic, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+        )
+        np.testing.assert_allclose(got[key]["estimate"], statistic(*data), rtol=1e-6)
+        close(got[key], reference)
+
+
 def test_seeds_of_the_same_images_are_drawn_together():
     """Counts [N, K, C] (K seeds scored on each image, `intervals.grouped`) resample images, each
     with all its seeds: under 'dataset' the bootstrap of the per-image counts summed over the seeds,
@@ -149,7 +176,8 @@ def test_one_image_an_absent_class_and_bad_arguments():
     got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/dice/b"], resamples=3000)["val/dice/b"]
     assert 3000 * (2 / 3) ** 3 * 0.8 < got["undefined"] < 3000 * (2 / 3) ** 3 * 1.2  # drew images 1, 2 only
     for kwargs, message in (
-        (dict(keys=["val/pq"]), r"\['val/pq'\]: not a score of pixel counts"),
+        (dict(keys=["val/pq"]), r"\[.val/pq.\]: not a score of these per-image counts"),
+        (dict(keys=["val/mbiou"]), r"\[.val/mbiou.\]: not a score of these per-image counts"),  # no bands
         (dict(keys=["val/miou"], level=95), r"--level=95: a confidence level in \(0, 1\)"),
         (dict(keys=["val/miou"], resamples=0), "--resamples=0: at least 1"),
     ):
@@ -167,13 +195,14 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     run = tmp_path / "run"
     result = train.train_and_evaluate(tiny_config, str(run))
     out = tmp_path / "ci.json"
-    command = [sys.executable, "-m", "segjax.intervals", str(run), "--keys=val/miou,val/accuracy", "--resamples=500"]
+    keys = ("val/miou", "val/accuracy", "val/mbiou")  # boundary IoU from the table's bands
+    command = [sys.executable, "-m", "segjax.intervals", str(run), f"--keys={','.join(keys)}", "--resamples=500"]
     command.append("--average=dataset")  # the run's own
     done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["images"] == tiny_config.data.synthetic.num_val and record["resamples"] == 500
-    for key in ("val/miou", "val/accuracy"):
+    for key in keys:
         r = record["intervals"][key]
         assert r["estimate"] == pytest.approx(result[key], rel=1e-6) and r["low"] <= r["high"]
         assert f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |" in done.stdout

@@ -114,16 +114,20 @@ def test_summed_counts_score_every_fold_s_pixels_once(average, include_backgroun
 
 
 def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
-    """`--pooled` adds the summed-counts row under the mean-of-folds row (boundary IoU, not made
-    of counts: n/a); runs without counts get a note saying why there is no such row."""
+    """`--pooled` adds the summed-counts row under the mean-of-folds row (boundary IoU from the
+    runs' summed bands; n/a where a run reports none); runs without counts get a note saying why
+    there is no such row."""
     workdir = tmp_path / "w"
     names = ("background", "tool", "berry", "leaf")
     folds = {"f0": (5, 1, 2), "f1": (3, 3, 0)}  # tp, fp (= fn of another class), fn of class 'tool'
+    bands = {"f0": (8, 10, 3, 6), "f1": (4, 6, 1, 4)}  # background's band inter, union; tool's
     for variant, (tp, fp, fn) in folds.items():
-        counts = {f"val/{k}/{n}": 0 for k in ("tp", "fp", "fn", "tn") for n in names}
+        counts = {f"val/{k}/{n}": 0 for k in ("tp", "fp", "fn", "tn", "binter", "bunion") for n in names}
         counts.update({"val/tp/tool": tp, "val/fp/tool": fp, "val/fn/tool": fn, "val/tn/tool": 10})
         counts.update({"val/tp/background": 10, "val/fp/background": fn, "val/fn/background": fp})
         counts["val/tn/background"] = tp
+        keys = ("val/binter/background", "val/bunion/background", "val/binter/tool", "val/bunion/tool")
+        counts.update(zip(keys, bands[variant], strict=True))
         metrics = {"val/miou": 0.5, "val/mdice": 0.5, "val/accuracy": 0.5, "val/mbiou": 0.5, **counts}
         os.makedirs(workdir / variant / "seed_0")
         (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps(metrics))
@@ -131,14 +135,21 @@ def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
     done = subprocess.run([*command, "--pooled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     # summed: tool tp 8, fp 4, fn 2 -> IoU 8/14, Dice 16/22; background tp 20, fp 2, fn 4 -> 20/26, 40/46
-    # berry and leaf are absent from both (empty='nan'): left out of the means; accuracy (8+20)/34
+    # berry and leaf are absent from both (empty='nan'): left out of the means; accuracy (8+20)/34;
+    # boundary IoU: background 12/16, tool 4/10 (berry's and leaf's bands empty)
     miou, mdice = (8 / 14 + 20 / 26) / 2, (16 / 22 + 40 / 46) / 2
-    row = f"| {study_tables.SUMMED} | 2 | {miou:.4f} | {mdice:.4f} | {28 / 34:.4f} | n/a |"
+    row = f"| {study_tables.SUMMED} | 2 | {miou:.4f} | {mdice:.4f} | {28 / 34:.4f} | {(12 / 16 + 4 / 10) / 2:.4f} |"
     with open(workdir / "summary.md", encoding="utf-8") as f:
         text = f.read()
     assert row in text and row in done.stdout and text.index(study_tables.POOLED) < text.index(row)
     assert "every run's pixel counts together (each fold's images once), scored as one run" in text
     assert f"No interval for '{study_tables.SUMMED}': no per-image table {workdir / 'f0' / 'seed_0'}" in text
+    metrics = json.loads((workdir / "f1" / "seed_0" / "metrics.json").read_text())
+    no_bands = {k: v for k, v in metrics.items() if "/binter/" not in k and "/bunion/" not in k}
+    (workdir / "f1" / "seed_0" / "metrics.json").write_text(json.dumps(no_bands))  # scored before bands were
+    done = subprocess.run([*command, "--pooled"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert row.rsplit("|", 2)[0] + "| n/a |" in done.stdout
     for variant in folds:
         metrics = json.loads((workdir / variant / "seed_0" / "metrics.json").read_text())
         (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": metrics["val/miou"]}))
@@ -156,13 +167,16 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     workdir = tmp_path / "w"
     names = ("background", "tool", "berry", "leaf")
     images = {"f0": [(4, 1, 0, 5), (2, 0, 2, 6)], "f1": [(0, 0, 0, 9), (3, 3, 1, 1)]}  # tool tp, fp, fn; bg tp
+    bands = {"f0": [(3, 4, 1, 2), (2, 4, 0, 1)], "f1": [(1, 1, 0, 0), (2, 5, 1, 3)]}  # bg inter, union; tool's
     for variant, rows in images.items():
         table = []
         for k, (tp, fp, fn, bg) in enumerate(rows):
             row = {"index": k, "name": f"{variant}_{k}"}
-            row.update({f"{kind}/{n}": 0 for kind in evaluate.COUNT_KINDS for n in names})
+            row.update({f"{kind}/{n}": 0 for kind in (*evaluate.COUNT_KINDS, "binter", "bunion") for n in names})
             row.update({"tp/tool": tp, "fp/tool": fp, "fn/tool": fn, "tn/tool": bg})
             row.update({"tp/background": bg, "fp/background": fn, "fn/background": fp, "tn/background": tp})
+            keys = ("binter/background", "bunion/background", "binter/tool", "bunion/tool")
+            row.update(zip(keys, bands[variant][k], strict=True))
             table.append(row)
         os.makedirs(workdir / variant / "seed_0")
         (workdir / variant / "seed_0" / "metrics.json").write_text(json.dumps({"val/miou": 0.5, "val/accuracy": 0.5}))
@@ -178,20 +192,23 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     tool, background = np.mean([4 / 5, 2 / 4, 3 / 7]), np.mean([5 / 6, 6 / 8, 1.0, 1 / 5])
     accuracy = np.mean([9 / 10, 8 / 10, 9 / 9, 4 / 8])
     dice = (np.mean([8 / 9, 4 / 6, 6 / 10]) + np.mean([10 / 11, 12 / 14, 1.0, 2 / 6])) / 2
-    counts = {k: [] for k in evaluate.COUNT_KINDS}
-    for tp, fp, fn, bg in images["f0"] + images["f1"]:  # classes background, tool, berry, leaf
-        for kind, values in zip(
-            evaluate.COUNT_KINDS, ([bg, tp, 0, 0], [fn, fp, 0, 0], [fp, fn, 0, 0], [tp, bg, 0, 0]), strict=True
+    counts = {k: [] for k in (*evaluate.COUNT_KINDS, "binter", "bunion")}
+    for (tp, fp, fn, bg), (bi, bu, ti, tu) in zip(images["f0"] + images["f1"], bands["f0"] + bands["f1"], strict=True):
+        for kind, values in zip(  # classes background, tool, berry, leaf
+            counts,
+            ([bg, tp, 0, 0], [fn, fp, 0, 0], [fp, fn, 0, 0], [tp, bg, 0, 0], [bi, ti, 0, 0], [bu, tu, 0, 0]),
+            strict=True,
         ):
             counts[kind].append(values)
     cfg = ml_collections.ConfigDict({"average": "per_image", "empty": "nan", "include_background": True})
-    keys = ["val/miou", "val/mdice", "val/accuracy"]
+    keys = ["val/miou", "val/mdice", "val/accuracy", "val/mbiou"]
     bounds = intervals.bootstrap({k: np.array(v) for k, v in counts.items()}, cfg, names, keys)
+    biou = (8 / 14 + 2 / 6) / 2  # the bands summed over the four images, whatever the average
     cells = [
         f"{m:.4f} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]"
-        for k, m in zip(keys, ((tool + background) / 2, dice, accuracy), strict=True)
+        for k, m in zip(keys, ((tool + background) / 2, dice, accuracy, biou), strict=True)
     ]
-    row = f"| {study_tables.SUMMED} | 2 | " + " | ".join(cells) + " | n/a |"
+    row = f"| {study_tables.SUMMED} | 2 | " + " | ".join(cells) + " |"
     assert row in done.stdout and "95% percentile-bootstrap interval over its 4 images (10000 resamples;" in done.stdout
     os.remove(workdir / "f1" / "seed_0" / "val_per_image.csv")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

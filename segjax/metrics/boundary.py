@@ -34,8 +34,11 @@ def _inner_band(masks: jax.Array, dilation: int) -> jax.Array:
     return masks & (eroded < 0.5)
 
 
-def boundary_counts(labels, preds, num_classes: int, dilation: int, valid=None) -> tuple[jax.Array, jax.Array]:
-    """Per-class boundary-band intersection and union counts [C] for batched maps [N, *spatial].
+def boundary_counts(
+    labels, preds, num_classes: int, dilation: int, valid=None, per_image: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Per-class boundary-band intersection and union counts [C] for batched maps [N, *spatial]
+    ([N, C] with `per_image`: each image's own, e.g. for a per-image table or a bootstrap over images).
 
     Sum these over batches, then call `boundary_iou_from_counts` (or use `boundary_iou`).
     """
@@ -45,7 +48,7 @@ def boundary_counts(labels, preds, num_classes: int, dilation: int, valid=None) 
     if valid is not None:
         keep = jnp.asarray(valid).astype(bool)[..., None]
         g, p = g & keep, p & keep
-    axes = tuple(range(labels.ndim))
+    axes = tuple(range(1 if per_image else 0, labels.ndim))
     inter = jnp.sum(g & p, axis=axes, dtype=jnp.int32)
     union = jnp.sum(g | p, axis=axes, dtype=jnp.int32)
     return inter, union
