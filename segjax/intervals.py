@@ -10,7 +10,7 @@ another. Each resample draws as many images with replacement, sums their pixel c
 `tp/<class>`, ... columns of the per-image table) or, with `eval.average='per_image'`, averages
 their scores, and scores them under the run's own conventions (config.json's `eval.average`,
 `eval.empty`, `eval.include_background`; `--average` for a table rescored under another) with
-`evaluate.count_score_arrays`, so the interval is around the very number the run reports.
+`scoring.count_score_arrays`, so the interval is around the very number the run reports.
 Several runs of disjoint images (the folds of a cross-validation) are taken together: the
 interval of the score of all their images; runs of the same images (seeds) are drawn together,
 an image with all its seeds' rows (seeds are not further images).
@@ -55,7 +55,7 @@ def bootstrap(
     e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images).
     Resamples where a score is undefined (a class absent from every drawn image, under
     `eval.empty='nan'`) are left out of its interval; `undefined` counts them."""
-    from segjax import evaluate  # jax only when scoring
+    from segjax import scoring  # jax only when scoring
 
     if not 0 < level < 1:
         raise ConfigError(f"--level={level}: a confidence level in (0, 1), e.g. 0.95")
@@ -65,8 +65,7 @@ def bootstrap(
     # [N, K, C]: an image's K rows (`grouped`: its seeds) are drawn together
     runs = [{k: v.reshape(n, -1, v.shape[-1]) for k, v in c.items()} for c in [counts, versus] if c is not None]
     full = [
-        evaluate.count_scores({k: v.reshape(-1, v.shape[-1]) for k, v in c.items()}, eval_cfg, class_names)
-        for c in runs
+        scoring.count_scores({k: v.reshape(-1, v.shape[-1]) for k, v in c.items()}, eval_cfg, class_names) for c in runs
     ]
     common = set(full[0]).intersection(*full[1:])  # boundary IoU: where both runs' tables have bands
     missing = sorted(set(keys) - common)
@@ -78,7 +77,7 @@ def bootstrap(
     for start in range(0, resamples, chunk):  # drawn chunk by chunk: memory bounded for any split
         take = rng.integers(0, n, (min(chunk, resamples - start), n))
         drawn = [{k: v[take].reshape(len(take), -1, v.shape[-1]) for k, v in c.items()} for c in runs]
-        scored = [evaluate.count_score_arrays(d, eval_cfg, class_names, True) for d in drawn]
+        scored = [scoring.count_score_arrays(d, eval_cfg, class_names, True) for d in drawn]
         for key in keys:
             samples[key].append(scored[0][key] - scored[1][key] if versus is not None else scored[0][key])
     out = {}
@@ -124,14 +123,14 @@ def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.nd
     has boundary bands}, the tables that name images by their index only) of per-image tables
     taken together, in order. A missing table, one without counts and one with other classes than
     the first are ConfigErrors naming it."""
-    from segjax import evaluate
+    from segjax import image_tables, scoring
 
     names, classes, parts, unnamed = [], None, [], []
     for path in paths:
         if not os.path.exists(path):
             raise ConfigError(f"no per-image table {path} (train or score its run first)")
         try:
-            mine, their_classes, counts, named = evaluate.read_per_image_counts(path)
+            mine, their_classes, counts, named = image_tables.read_per_image_counts(path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if classes is not None and their_classes != classes:
@@ -139,7 +138,7 @@ def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.nd
         names, classes = names + mine, their_classes
         parts.append(counts)
         unnamed += [] if named else [path]
-    kinds = [k for k in parts[0] if all(k in p for p in parts)] if parts else evaluate.COUNT_KINDS
+    kinds = [k for k in parts[0] if all(k in p for p in parts)] if parts else scoring.COUNT_KINDS
     return names, classes, {k: np.concatenate([p[k] for p in parts]) for k in kinds}, unnamed
 
 
@@ -207,10 +206,10 @@ def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[st
 def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
     """The keys `bootstrap` can bound from these counts ([N, C] or [N, K, C]): the pixel counts'
     scores and, where the tables hold boundary bands, boundary IoU (`val/...` names)."""
-    from segjax import evaluate
+    from segjax import scoring
 
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in counts.items()}
-    return set(evaluate.count_scores(flat, eval_cfg, class_names))
+    return set(scoring.count_scores(flat, eval_cfg, class_names))
 
 
 def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:

@@ -71,12 +71,12 @@ def comparison(rows: list[dict], key: str, reference: str, title: str = ""):
 
 
 def confusion(path: str, title: str = ""):
-    """A `*_confusion.csv` (`segjax.evaluate.write_per_image`) as a heatmap: each true class's row
+    """A `*_confusion.csv` (`segjax.image_tables.write_per_image`) as a heatmap: each true class's row
     as fractions of its pixels (recall on the diagonal, where its misses go off it), the counts
     written in the cells. A row of a class absent from the truth stays empty."""
-    from segjax import evaluate
+    from segjax import image_tables
 
-    names, counts = evaluate.read_confusion(path)
+    names, counts = image_tables.read_confusion(path)
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(names), 1.2 + 0.7 * len(names)))

@@ -76,31 +76,31 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed:
 def summed_counts(
     rows: list[dict], eval_cfg, class_names, split: str = "validation", per_image_tables=None
 ) -> dict[str, float]:
-    """The scores of the pixel counts of every run in `rows` taken together (`evaluate.count_scores`,
+    """The scores of the pixel counts of every run in `rows` taken together (`scoring.count_scores`,
     under the runs' `eval` conventions): for the folds of a cross-validation each image counted
     once, so the whole dataset's score, where `POOLED` is the mean of the folds' scores. The runs'
     summed counts (`<prefix>/tp/<class>`, ...) serve 'dataset' and 'micro' averages; 'per_image'
     (nnU-Net's mean over cases) reads each image's counts from `per_image_tables` (a per-image CSV
     per row). A run without counts (scored before they were reported) or without its table is a
     KeyError saying so."""
-    from segjax import evaluate
+    from segjax import scoring
 
     prefix = scored_splits.split_naming(split)[0]
     if eval_cfg.average == "per_image":
         counts = _image_counts(per_image_tables or [], class_names)
     else:
         counts = {}
-        for kind in evaluate.COUNT_KINDS:
+        for kind in scoring.COUNT_KINDS:
             keys = [f"{prefix}/{kind}/{name}" for name in class_names]
             lacking = sum(any(k not in r for k in keys) for r in rows)
             if lacking:
                 raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
-        for kind in evaluate.BOUNDARY_KINDS:  # boundary IoU too, where every run reports its bands
+        for kind in scoring.BOUNDARY_KINDS:  # boundary IoU too, where every run reports its bands
             keys = [f"{prefix}/{kind}/{name}" for name in class_names]
             if all(k in r for r in rows for k in keys):
                 counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
-    return scored_splits.split_keys(evaluate.count_scores(counts, eval_cfg, class_names), prefix)
+    return scored_splits.split_keys(scoring.count_scores(counts, eval_cfg, class_names), prefix)
 
 
 def run_tables(workdir: str, rows: list[dict], split: str) -> list[str]:

@@ -88,7 +88,7 @@ def write_table(path: str, rows: list[dict]) -> None:
 
 LOG_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics.json"  # a run's (or baseline's) final scores, `write_summary`
-PER_IMAGE_FILE = "val_per_image.csv"  # the latest validation pass, one row per image (`evaluate.per_image_rows`)
+PER_IMAGE_FILE = "val_per_image.csv"  # the latest validation pass, one row per image (`image_tables.per_image_rows`)
 
 
 def read_log(workdir: str) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from segjax import evaluate, metrics, parallel
+from segjax import evaluate, image_tables, metrics, parallel, scoring
 from segjax.errors import ConfigError
 from tests.conftest import load_config
 
@@ -76,21 +76,21 @@ def test_scores_of_counts_alone_are_the_evaluation_s(average):
     eval_cfg = load_config("default").eval
     eval_cfg.average, eval_cfg.boundary_dilation = average, 0
     want = evaluate.scores([{"confusion": cms, "loss": 0.0}], eval_cfg, names)
-    got = evaluate.count_scores(evaluate.pixel_counts(cms), eval_cfg, names)
+    got = scoring.count_scores(scoring.pixel_counts(cms), eval_cfg, names)
     made_of_counts = {k for k in want if k.split("/")[1] not in ("loss", "pixels", "images", "tp", "fp", "fn", "tn")}
     assert set(got) == made_of_counts
     for key in got:
         assert got[key] == pytest.approx(want[key], rel=1e-6, nan_ok=True), key
     if average == "per_image":
         with pytest.raises(ConfigError, match="one row of counts per image"):
-            evaluate.count_scores(evaluate.pixel_counts(cms.sum(0)), eval_cfg, names)
+            scoring.count_scores(scoring.pixel_counts(cms.sum(0)), eval_cfg, names)
     # with each image's boundary bands: boundary IoU of the bands summed over the images, whatever
     # the average (berry's band empty in every image: NaN, left out of the mean)
     inter = rng.integers(0, 20, (6, 3))
     union = inter + rng.integers(1, 20, (6, 3))
     inter[:, 2] = union[:, 2] = 0
-    counts = {**evaluate.pixel_counts(cms), "binter": inter, "bunion": union}
-    got = evaluate.count_scores(counts, eval_cfg, names)
+    counts = {**scoring.pixel_counts(cms), "binter": inter, "bunion": union}
+    got = scoring.count_scores(counts, eval_cfg, names)
     biou = inter[:, :2].sum(0) / union[:, :2].sum(0)
     np.testing.assert_allclose([got["val/biou/background"], got["val/biou/tool"]], biou, rtol=1e-6)
     assert np.isnan(got["val/biou/berry"]) and got["val/mbiou"] == pytest.approx(biou.mean(), rel=1e-6)
@@ -142,7 +142,7 @@ def test_per_image_rows_match_sklearn_per_image():
     batches = list(pipeline.eval_batches(source, cfg.data, batch_size=2, with_names=True))  # 1 padding copy
     outputs = [{**jax.device_get(fake_eval_fn(None, b)), "gt_name": b["gt_name"]} for b in batches]
     row_names = np.concatenate([o["gt_name"] for o in outputs])
-    rows = evaluate.per_image_rows(outputs, pipeline.eval_order(5, 2), NAMES, "nan", row_names)
+    rows = image_tables.per_image_rows(outputs, pipeline.eval_order(5, 2), NAMES, "nan", row_names)
     preds = np.asarray(noisy_prediction(jnp.asarray(labels)))
     assert [r["index"] for r in rows] == list(range(5)) and [r["name"] for r in rows] == [f"img{i}" for i in range(5)]
     for i, row in enumerate(rows):

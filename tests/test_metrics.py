@@ -200,9 +200,9 @@ def test_scores_from_counts_alone_equal_the_confusion_matrix_s(average):
 @pytest.mark.parametrize("average", metrics.AVERAGES)
 def test_counts_of_billions_of_pixels_score_as_in_float64(average):
     """A split of 3D volumes (or folds summed) counts 2**31 pixels and more: int64 counts scored
-    through the confusion matrix, the counts alone and `evaluate.count_scores` give numpy float64's
+    through the confusion matrix, the counts alone and `scoring.count_scores` give numpy float64's
     scores (they wrapped to negative int32 before: NaN IoU, negative accuracy)."""
-    from segjax import evaluate
+    from segjax import scoring
 
     cm = np.array([[3_000_000_000, 1_000_000_000], [100_000_000, 2_500_000_000]], np.int64)
     other = np.array([[500_000_000, 200_000_000], [300_000_000, 1_000_000_000]], np.int64)  # other ratios
@@ -214,7 +214,7 @@ def test_counts_of_billions_of_pixels_score_as_in_float64(average):
         tp, fp, fn = tp.sum(-1), fp.sum(-1), fn.sum(-1)
     iou = (tp / (tp + fp + fn)).mean(0)
     accuracy = (np.trace(per_image, axis1=1, axis2=2) / per_image.sum((1, 2))).mean()
-    counts = {k: np.asarray(v).astype(np.int64) for k, v in evaluate.pixel_counts(cms).items()}
+    counts = {k: np.asarray(v).astype(np.int64) for k, v in scoring.pixel_counts(cms).items()}
     for got in (metrics.summarize(cms, average), metrics.summarize_counts(counts, average)):
         np.testing.assert_allclose(float(got["accuracy"]), accuracy, rtol=1e-6)
         np.testing.assert_allclose(float(got["miou"]), np.mean(iou), rtol=1e-6)
@@ -222,7 +222,7 @@ def test_counts_of_billions_of_pixels_score_as_in_float64(average):
             np.testing.assert_allclose(np.asarray(got["iou"]), iou, rtol=1e-6)
 
     eval_cfg = ml_collections.ConfigDict({"average": average, "empty": "nan", "include_background": True})
-    named = evaluate.count_scores(counts, eval_cfg, ["a", "b"])
+    named = scoring.count_scores(counts, eval_cfg, ["a", "b"])
     np.testing.assert_allclose([named["val/accuracy"], named["val/miou"]], [accuracy, np.mean(iou)], rtol=1e-6)
 
 

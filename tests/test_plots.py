@@ -112,14 +112,14 @@ def test_confusion_heatmap_shows_each_true_class_as_row_fractions(tmp_path):
 def test_a_class_named_truth_keeps_its_row_and_column(tmp_path):
     """The confusion table's cells are written and read by position: a class named like the
     header's first cell ('truth') neither overwrites its row's name nor loses its counts."""
-    from segjax import evaluate
+    from segjax import image_tables
 
     matrix = np.array([[7, 1, 0], [2, 9, 3], [0, 4, 5]])
     path = str(tmp_path / "val_confusion.csv")
-    evaluate.write_confusion(path, matrix, ("background", "truth", "edge"))
+    image_tables.write_confusion(path, matrix, ("background", "truth", "edge"))
     with open(path, encoding="utf-8") as f:
         assert f.read().splitlines() == ["truth,background,truth,edge", "background,7,1,0", "truth,2,9,3", "edge,0,4,5"]
-    names, counts = evaluate.read_confusion(path)
+    names, counts = image_tables.read_confusion(path)
     assert names == ["background", "truth", "edge"] and counts.tolist() == matrix.tolist()
     ax = plots.confusion(path).axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["background", "truth", "edge"]

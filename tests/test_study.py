@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segjax import configuration, evaluate, study, study_tables, workdirs
+from segjax import configuration, scoring, study, study_tables, workdirs
 from segjax.errors import ConfigError, WorkdirError
 from tests.conftest import ROOT, load_config
 
@@ -172,7 +172,7 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
         table = []
         for k, (tp, fp, fn, bg) in enumerate(rows):
             row = {"index": k, "name": f"{variant}_{k}"}
-            row.update({f"{kind}/{n}": 0 for kind in (*evaluate.COUNT_KINDS, "binter", "bunion") for n in names})
+            row.update({f"{kind}/{n}": 0 for kind in (*scoring.COUNT_KINDS, "binter", "bunion") for n in names})
             row.update({"tp/tool": tp, "fp/tool": fp, "fn/tool": fn, "tn/tool": bg})
             row.update({"tp/background": bg, "fp/background": fn, "fn/background": fp, "tn/background": tp})
             keys = ("binter/background", "bunion/background", "binter/tool", "bunion/tool")
@@ -192,7 +192,7 @@ def test_cli_pooled_per_image_scores_every_run_s_images_together(tmp_path):
     tool, background = np.mean([4 / 5, 2 / 4, 3 / 7]), np.mean([5 / 6, 6 / 8, 1.0, 1 / 5])
     accuracy = np.mean([9 / 10, 8 / 10, 9 / 9, 4 / 8])
     dice = (np.mean([8 / 9, 4 / 6, 6 / 10]) + np.mean([10 / 11, 12 / 14, 1.0, 2 / 6])) / 2
-    counts = {k: [] for k in (*evaluate.COUNT_KINDS, "binter", "bunion")}
+    counts = {k: [] for k in (*scoring.COUNT_KINDS, "binter", "bunion")}
     for (tp, fp, fn, bg), (bi, bu, ti, tu) in zip(images["f0"] + images["f1"], bands["f0"] + bands["f1"], strict=True):
         for kind, values in zip(  # classes background, tool, berry, leaf
             counts,
@@ -395,11 +395,11 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
             (run / "metrics.json").write_text(json.dumps({"val/miou": 0.5, "val/dice/tool": 0.5}))
             with open(run / "val_per_image.csv", "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
-                writer.writerow(["index", "name", *(f"{k}/{n}" for k in evaluate.COUNT_KINDS for n in names)])
+                writer.writerow(["index", "name", *(f"{k}/{n}" for k in scoring.COUNT_KINDS for n in names)])
                 for i, name in enumerate(images):
-                    counts = {(k, n): 5 for k in evaluate.COUNT_KINDS for n in names}
+                    counts = {(k, n): 5 for k in scoring.COUNT_KINDS for n in names}
                     counts.update({("tp", "tool"): tp[i], ("fp", "tool"): fp[i], ("fn", "tool"): fn[i]})
-                    writer.writerow([i, name, *(counts[k, n] for k in evaluate.COUNT_KINDS for n in names)])
+                    writer.writerow([i, name, *(counts[k, n] for k in scoring.COUNT_KINDS for n in names)])
     command = [*tiny_study(tmp_path, {"a": {}, "b": {}}), f"--workdir={workdir}", "--collect_only", "--seeds=2"]
     done = subprocess.run(
         [*command, "--compare_to=a", "--summary_keys=val/dice/tool"],
@@ -590,10 +590,10 @@ def test_study_scores_the_test_split_once_per_run_and_tabulates_it(tmp_path, tfd
     with open(workdir / "comparison_test.md", encoding="utf-8") as f:
         assert "| variant - a | test/miou |" in f.read()
     # the summed-counts row: the IoUs of the four runs' confusion matrices added up
-    from segjax import evaluate
+    from segjax import image_tables
 
     total = sum(
-        evaluate.read_confusion(workdir / v / f"seed_{s}" / "eval_best_test_confusion.csv")[1] for v, s in scores
+        image_tables.read_confusion(workdir / v / f"seed_{s}" / "eval_best_test_confusion.csv")[1] for v, s in scores
     )
     tp = np.diag(total)
     union = total.sum(0) + total.sum(1) - tp

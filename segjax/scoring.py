@@ -1,0 +1,91 @@
+"""The counts every score is made of, and the scores of counts: per class `tp`, `fp`, `fn`, `tn`
+(from confusion matrices) and boundary IoU's band counts, per image or summed over a split or
+several, scored under a run's `eval` conventions. A run's evaluation, a per-image table, a
+study's pooled row and a bootstrap resample (`segjax.intervals`) are all scored here, so one
+number comes out the same wherever it is computed from the same counts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from segjax import metrics
+from segjax.errors import ConfigError
+
+
+def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class `tp`, `fp`, `fn`, `tn` of a [..., C, C] confusion matrix as int64 (exact at any
+    split size; `metrics.counts` is float32 for jit)."""
+    cm = np.asarray(confusion, np.int64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    fp, fn = cm.sum(axis=-2) - tp, cm.sum(axis=-1) - tp
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": cm.sum(axis=(-2, -1))[..., None] - tp - fp - fn}
+
+
+COUNT_KINDS = ("tp", "fp", "fn", "tn")  # a per-image table's count columns: `<kind>/<class>`
+
+
+# boundary-band intersection / union (`metrics.boundary_counts`): columns `binter/<class>`,
+# `bunion/<class>` where the run scores boundary IoU; the eval step's outputs of the same
+BOUNDARY_KINDS = {"binter": "boundary_inter", "bunion": "boundary_union"}
+
+
+def image_counts(outputs: list[dict], num_classes: int) -> dict[str, np.ndarray]:
+    """Every output row's counts (padding rows included, in output order): `tp`, `fp`, `fn`, `tn`
+    [N, C] int64 from the per-image confusion matrices and, where every output carries boundary
+    bands, `binter`, `bunion` [N, C]."""
+    rows = [np.asarray(o["confusion"], np.int64) for o in outputs]
+    confusion = np.concatenate(rows) if rows else np.zeros((0, num_classes, num_classes), np.int64)
+    counts = pixel_counts(confusion)
+    if outputs and all(key in o for o in outputs for key in BOUNDARY_KINDS.values()):
+        for kind, key in BOUNDARY_KINDS.items():
+            counts[kind] = np.concatenate([np.asarray(o[key], np.int64).reshape(-1, num_classes) for o in outputs])
+            if len(counts[kind]) != len(confusion):  # summed bands (a step from before per-image ones)
+                raise ValueError(f"{len(counts[kind])} rows of {key} for {len(confusion)} images: one per image")
+    return counts
+
+
+def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names) -> dict[str, float]:
+    """The scores `scores` derives from pixel counts (`val/<score>/<class>`, the class means,
+    `val/accuracy`), from per-class `tp`, `fp`, `fn`, `tn`: [C] summed over a split or several (the
+    folds of a cross-validation: each image counted once), or [N, C], one row per image, which
+    `eval.average='per_image'` needs (the other averages sum them). With boundary bands (`binter`,
+    `bunion`) also `val/biou/<class>` and `val/mbiou`: always of the bands summed over the images
+    (Boundary IoU's convention, whatever `eval.average`)."""
+    return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
+
+
+def count_score_arrays(
+    counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigDict, class_names, sets: bool = False
+) -> dict[str, np.ndarray]:
+    """`count_scores` as float32 arrays. With `sets`, the counts carry a leading axis of R sets of
+    images (e.g. bootstrap resamples, `segjax.intervals`): every score is then [R], computed in
+    one vectorised pass."""
+    avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
+    if avg not in metrics.AVERAGES:
+        raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
+    counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS) if k in counts}
+    lead = 1 if sets else 0
+    if avg == "per_image" and counts["tp"].ndim != 2 + lead:
+        raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
+    if avg != "per_image":
+        counts = {k: v.reshape(*v.shape[:lead], -1, v.shape[-1]).sum(axis=lead) for k, v in counts.items()}
+    # float32 on the host (float64 sums first): JAX without x64 would take int64 counts as int32
+    counts = {k: np.asarray(v, np.float64).astype(np.float32) for k, v in counts.items()}
+
+    def named(c: dict) -> dict:
+        per_class = metrics.summarize_counts(c, "dataset" if avg == "micro" else avg, empty, bg)
+        out = {f"val/{key}/{name}": per_class[key][i] for key in metrics.SCORES for i, name in enumerate(class_names)}
+        means = metrics.summarize_counts(c, avg, empty, bg)  # the class means, accuracy
+        out.update({f"val/{key}": v for key, v in means.items() if jnp.ndim(v) == 0})
+        if "binter" in c:  # the bands summed over the images, whatever the average
+            inter, union = (c[k].reshape(-1, c[k].shape[-1]).sum(axis=0) for k in BOUNDARY_KINDS)
+            b = metrics.boundary_iou_from_counts(inter, union, empty, bg)
+            out["val/mbiou"] = b["mbiou"]
+            out.update({f"val/biou/{name}": b["biou"][i] for i, name in enumerate(class_names)})
+        return out
+
+    return {k: np.asarray(v) for k, v in (jax.vmap(named) if sets else named)(counts).items()}
