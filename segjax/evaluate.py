@@ -58,7 +58,7 @@ def evaluate_split(
         agree=parallel.largest_over_hosts,
     )
     names = instances.class_names(config)
-    surfaces = bool(config.eval.surface_metrics)
+    surfaces = bool(config.eval.surface_metrics)  # semantic runs only (`surface.check_config`)
     hook, reduce = extra_scores, None
     spacing = surface.spacing_of(config)
     if surfaces:  # each batch's class maps -> its rows' surface scores, as the batch arrives
@@ -80,6 +80,8 @@ def evaluate_split(
             if surfaces:
                 extra = [row for out in outputs for row in out["surface"]]  # per output row
                 results.update(surface.split_scores(extra, names))
+            elif config.instances.enabled and table:  # each image's PQ and segment counts
+                extra = instances.table_rows(outputs, config)
             if table:
                 path = next(replicas)
                 row_names = np.concatenate([o["gt_name"] for o in outputs])  # every host's (gathered)

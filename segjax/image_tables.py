@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from segjax import metrics, writers
-from segjax.scoring import BOUNDARY_KINDS, COUNT_KINDS, image_counts
+from segjax.scoring import BOUNDARY_KINDS, COUNT_KINDS, PQ_KINDS, image_counts
 
 
 def confusion_csv(per_image_csv: str) -> str:
@@ -60,7 +60,8 @@ def read_confusion(path: str) -> tuple[list[str], np.ndarray]:
 
 def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray], bool]:
     """(image names, class names, {tp, fp, fn, tn: [N, C] int64, and binter, bunion where the table
-    has boundary bands}, named) of a per-image table (`per_image_rows`): the classes are its
+    has boundary bands, the `PQ_KINDS` [N, K] where it has segment counts (an instance run's:
+    classes 1..K)}, named) of a per-image table (`per_image_rows`): the classes are its
     `tp/<class>` columns in order, an image without a `name` is named by its `index`, and `named`
     is False when every image's name is its index (a dataset that stores no file names, e.g. the
     synthetic one, names its images so). A table without counts (written before they were) is a
@@ -75,6 +76,13 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
     names = [r.get("name") or r["index"] for r in rows]
     kinds = [*COUNT_KINDS, *(k for k in BOUNDARY_KINDS if all(f"{k}/{c}" in header for c in classes))]
     counts = {k: np.array([[int(r[f"{k}/{c}"]) for c in classes] for r in rows], np.int64) for k in kinds}
+    segment_classes = [c[len("pq_tp/") :] for c in header if c.startswith("pq_tp/")]
+    if segment_classes:
+        if segment_classes != classes[1 : 1 + len(segment_classes)]:
+            raise ValueError(f"{path}: segment counts of {segment_classes}, not the classes after {classes[0]!r}")
+        for kind in PQ_KINDS:  # pq_iou: sums of IoUs; the others segment counts
+            values = [[float(r[f"{kind}/{c}"]) for c in segment_classes] for r in rows]
+            counts[kind] = np.array(values, np.float64 if kind == "pq_iou" else np.int64)
     return names, classes, counts, any(n != r["index"] for n, r in zip(names, rows, strict=True))
 
 
@@ -87,8 +95,8 @@ def per_image_rows(
     `recall/<c>` (empty classes follow `empty`) and the pixel counts `tp/<c>`, `fp/<c>`, `fn/<c>`,
     `tn/<c>` (nnU-Net's per-case summary); where the outputs carry boundary bands, `biou/<c>` and
     its counts `binter/<c>`, `bunion/<c>`; and the columns of `extra[row]` when given (e.g.
-    `surface.per_image`'s). `order` maps each output row to its split index (None =
-    padding; `pipeline.eval_order`)."""
+    `instances.table_rows`', `surface.per_image`'s). `order` maps each output row to its split
+    index (None = padding; `pipeline.eval_order`)."""
     confusion = np.concatenate([np.asarray(o["confusion"], np.int64) for o in outputs])
     if len(confusion) != len(order):
         raise ValueError(f"{len(confusion)} evaluated rows but an order of {len(order)}")

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import segmentation
 
-from segjax import metrics
+from segjax import metrics, scoring
 from segjax.errors import ConfigError, DataError
 
 BOUNDARY_NAME = "instance_boundary"
@@ -151,12 +151,38 @@ def _accumulate(acc: metrics.PanopticAccumulator, out: dict, config: ml_collecti
 
 
 def reduce_outputs(out: dict, config: ml_collections.ConfigDict) -> dict:
-    """One batch's eval outputs with its maps replaced by their panoptic counts (`panoptic`), so
-    a split's maps are never all held on the host."""
+    """One batch's eval outputs with its maps replaced by their panoptic counts (`panoptic`, and
+    `panoptic_images`: which rows it holds, padding copies left out), so a split's maps are never
+    all held on the host."""
     acc = metrics.PanopticAccumulator(config.data.num_classes)
     _accumulate(acc, out, config)
     kept = {k: v for k, v in out.items() if (k != "pred" and not k.startswith("gt_")) or k == "gt_name"}
-    return {**kept, "panoptic": acc}
+    return {**kept, "panoptic": acc, "panoptic_images": np.array([v.any() for v in out["gt_valid"]])}
+
+
+def table_rows(outputs: list[dict], config: ml_collections.ConfigDict) -> list[dict | None]:
+    """Per output row of `reduce_outputs`' batches (None for padding): the image's columns of the
+    per-image table, per class PQ scores (`pq/<class>`, NaN without a segment) and its segment
+    counts (`scoring.PQ_KINDS`: `pq_tp/<class>`, `pq_fp/<class>`, `pq_fn/<class>`, `pq_iou/<class>`),
+    from which PQ over any set of images is computed (a bootstrap, a pooled study row)."""
+    names = config.data.class_names[1 : config.data.num_classes]
+    rows: list[dict | None] = []
+    for out in outputs:
+        segments, k = out["panoptic"].per_image(), 0
+        for scored in out["panoptic_images"]:
+            if not scored:
+                rows.append(None)
+                continue
+            row = {}
+            for i, name in enumerate(names):
+                tp, fp, fn, iou = (segments[key][k, i] for key in ("tp", "fp", "fn", "iou"))
+                den = tp + 0.5 * fp + 0.5 * fn
+                row[f"pq/{name}"] = float(iou / den) if den else float("nan")
+                row.update({f"pq_tp/{name}": int(tp), f"pq_fp/{name}": int(fp), f"pq_fn/{name}": int(fn)})
+                row[f"pq_iou/{name}"] = float(iou)
+            rows.append(row)
+            k += 1
+    return rows
 
 
 def score_keys(config: ml_collections.ConfigDict) -> set[str]:
@@ -166,7 +192,7 @@ def score_keys(config: ml_collections.ConfigDict) -> set[str]:
         return set()
     names = config.data.class_names[1 : config.data.num_classes]
     keys = {"val/pq", "val/sq", "val/rq", "val/ap50", "val/ap75", "val/ap50_95"}
-    return keys | {f"val/{score}/{n}" for n in names for score in ("pq", "ap50_95")}
+    return keys | {f"val/{score}/{n}" for n in names for score in ("pq", "ap50_95", *scoring.PQ_KINDS)}
 
 
 def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -181,6 +207,11 @@ def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> d
             _accumulate(acc, out, config)
     res = acc.result(config.eval.average)
     out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
+    # the segment counts PQ is made of, summed over the split (pooled over runs by a study's summed row)
+    segments = {kind: values.sum(axis=0) for kind, values in acc.per_image().items()}
+    for i, name in enumerate(config.data.class_names[1:num_classes]):
+        out.update({f"val/pq_{kind}/{name}": int(segments[kind][i]) for kind in ("tp", "fp", "fn")})
+        out[f"val/pq_iou/{name}"] = float(segments["iou"][i])
     out.update({f"val/{k}": res[k] for k in ("ap50", "ap75", "ap50_95")})
     for c in range(1, num_classes):
         out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])

@@ -217,9 +217,9 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     tables) minus `reference` on the same images, per key: the difference of the scores of
     every seed's counts together, `+0.0012 [-0.0005, +0.0029]`, the paired percentile-bootstrap
     interval over the images (`bootstrap` with `versus`; an image drawn for both with all its
-    seeds' rows). Keys not made of counts (PQ, HD95; boundary IoU where either side's tables have
-    no boundary bands) are n/a; `keys` may name another split's scores (`test/...`). Tables that
-    cannot be read or matched: a ConfigError."""
+    seeds' rows). Keys not made of counts (HD95, NSD; boundary IoU or PQ where either side's
+    tables have no band or segment counts) are n/a; `keys` may name another split's scores
+    (`test/...`). Tables that cannot be read or matched: a ConfigError."""
     ref_names, _, ref_counts = image_counts(tables[reference], class_names)
     scored = scorable(ref_counts, eval_cfg, class_names)
     as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/

@@ -26,11 +26,13 @@ def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 
 COUNT_KINDS = ("tp", "fp", "fn", "tn")  # a per-image table's count columns: `<kind>/<class>`
-
-
 # boundary-band intersection / union (`metrics.boundary_counts`): columns `binter/<class>`,
 # `bunion/<class>` where the run scores boundary IoU; the eval step's outputs of the same
 BOUNDARY_KINDS = {"binter": "boundary_inter", "bunion": "boundary_union"}
+# panoptic segment counts (`metrics.PanopticAccumulator.per_image`) of the classes PQ scores: every
+# class after background, in order (`instances`); columns `pq_tp/<class>`, `pq_fp/<class>`,
+# `pq_fn/<class>` and `pq_iou/<class>` (the matches' IoUs summed) where the run is an instance run
+PQ_KINDS = ("pq_tp", "pq_fp", "pq_fn", "pq_iou")
 
 
 def image_counts(outputs: list[dict], num_classes: int) -> dict[str, np.ndarray]:
@@ -54,7 +56,9 @@ def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigD
     folds of a cross-validation: each image counted once), or [N, C], one row per image, which
     `eval.average='per_image'` needs (the other averages sum them). With boundary bands (`binter`,
     `bunion`) also `val/biou/<class>` and `val/mbiou`: always of the bands summed over the images
-    (Boundary IoU's convention, whatever `eval.average`)."""
+    (Boundary IoU's convention, whatever `eval.average`); with segment counts (`PQ_KINDS`, [..., K]:
+    `class_names[1 : 1 + K]`) `val/pq`, `val/sq`, `val/rq` and `val/pq/<class>`, of the segments
+    summed over the images as the split's PQ is (`metrics.PanopticAccumulator`)."""
     return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
 
 
@@ -67,7 +71,7 @@ def count_score_arrays(
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
     if avg not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
-    counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS) if k in counts}
+    counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS, *PQ_KINDS) if k in counts}
     lead = 1 if sets else 0
     if avg == "per_image" and counts["tp"].ndim != 2 + lead:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
@@ -86,6 +90,22 @@ def count_score_arrays(
             b = metrics.boundary_iou_from_counts(inter, union, empty, bg)
             out["val/mbiou"] = b["mbiou"]
             out.update({f"val/biou/{name}": b["biou"][i] for i, name in enumerate(class_names)})
+        if "pq_tp" in c:
+            out.update(_panoptic({k: c[k].reshape(-1, c[k].shape[-1]).sum(axis=0) for k in PQ_KINDS}, class_names))
         return out
 
     return {k: np.asarray(v) for k, v in (jax.vmap(named) if sets else named)(counts).items()}
+
+
+def _panoptic(c: dict, class_names) -> dict:
+    """PQ, SQ, RQ per class and their means over the classes with a segment (as
+    `metrics.PanopticAccumulator.result`), from segment counts summed over images (`PQ_KINDS`, [K])."""
+    tp, iou = c["pq_tp"], c["pq_iou"]
+    den = tp + 0.5 * c["pq_fp"] + 0.5 * c["pq_fn"]
+    scored = den > 0
+    pq = jnp.where(scored, iou / jnp.where(scored, den, 1.0), jnp.nan)
+    sq = jnp.where(scored & (tp > 0), iou / jnp.maximum(tp, 1.0), jnp.where(scored, 0.0, jnp.nan))
+    rq = jnp.where(scored, tp / jnp.where(scored, den, 1.0), jnp.nan)
+    out = {"val/pq": jnp.nanmean(pq), "val/sq": jnp.nanmean(sq), "val/rq": jnp.nanmean(rq)}
+    out.update({f"val/pq/{name}": pq[i] for i, name in enumerate(class_names[1 : 1 + len(tp)])})
+    return out

@@ -44,10 +44,10 @@ def summarize(rows: list[dict], keys=SUMMARY_KEYS, pooled: bool = False, summed:
     `pooled` adds a last entry (`POOLED`) over every run of every variant: for variants that are
     the folds of a cross-validation, the cross-validated mean and its spread over folds.
     `summed` (`summed_counts`) adds one more (`SUMMED`): its keys' values, NaN where a key is not
-    made of pixel counts (boundary IoU, PQ, HD95), and `<key>_low` / `<key>_high` where `summed`
-    has an interval (`summed_interval`). A standard column (SUMMARY_KEYS,
-    OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`); any other key no run has is an
-    error (`require_keys`)."""
+    made of counts (HD95; boundary IoU and PQ of runs without band or segment counts), and
+    `<key>_low` / `<key>_high` where `summed` has an interval (`summed_interval`). A standard
+    column (SUMMARY_KEYS, OPTIONAL_KEYS) no run computed is NaN (n/a in `markdown`); any other key
+    no run has is an error (`require_keys`)."""
     standard = [k for prefix in ("val", "test") for k in _named(SUMMARY_KEYS + OPTIONAL_KEYS, prefix)]
     require_keys(rows, [k for k in keys if k not in standard])
     groups = {
@@ -81,7 +81,8 @@ def summed_counts(
     once, so the whole dataset's score, where `POOLED` is the mean of the folds' scores. The runs'
     summed counts (`<prefix>/tp/<class>`, ...) serve 'dataset' and 'micro' averages; 'per_image'
     (nnU-Net's mean over cases) reads each image's counts from `per_image_tables` (a per-image CSV
-    per row). A run without counts (scored before they were reported) or without its table is a
+    per row). Boundary IoU and PQ come from the runs' band and segment counts where every run has
+    them. A run without counts (scored before they were reported) or without its table is a
     KeyError saying so."""
     from segjax import scoring
 
@@ -96,10 +97,13 @@ def summed_counts(
             if lacking:
                 raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
-        for kind in scoring.BOUNDARY_KINDS:  # boundary IoU too, where every run reports its bands
-            keys = [f"{prefix}/{kind}/{name}" for name in class_names]
-            if all(k in r for r in rows for k in keys):
-                counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
+        # boundary IoU and PQ too, where every run reports their counts (PQ's: the classes after background)
+        segment_classes = [n for n in class_names[1:] if f"{prefix}/pq_tp/{n}" in rows[0]]
+        for kinds, names in ((scoring.BOUNDARY_KINDS, class_names), (scoring.PQ_KINDS, segment_classes)):
+            for kind in kinds:
+                keys = [f"{prefix}/{kind}/{name}" for name in names]
+                if keys and all(k in r for r in rows for k in keys):
+                    counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.float64).sum(axis=0)
     return scored_splits.split_keys(scoring.count_scores(counts, eval_cfg, class_names), prefix)
 
 

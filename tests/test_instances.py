@@ -112,6 +112,48 @@ def test_eval_batches_carry_aligned_truth_and_a_perfect_prediction_scores_the_en
     assert scores["val/ap50"] == pytest.approx(np.mean(res["ap"][scored, 0]))
 
 
+def test_each_image_s_segment_counts_make_the_split_s_panoptic_quality(tiny_config):
+    """The per-image table's PQ columns (`table_rows`): each image's PQ is that image scored
+    alone, padding rows have none, and the split's PQ, SQ, RQ are `scoring.count_scores` of the
+    images' segment counts (what a bootstrap over images or a pooled study row sums)."""
+    from segjax import scoring
+
+    tiny_config.instances.enabled = True
+    splits = sources.open_splits(tiny_config.data, with_instances=True)
+    targets, panoptic = instances.hooks(tiny_config)
+    batches = list(pipeline.eval_batches(splits["validation"], tiny_config.data, 5, 0, 1, 4, targets))
+    rng = np.random.default_rng(0)
+    outputs = []
+    for b in batches:  # the encoded truth with a tenth of its pixels swapped for a random class: imperfect
+        noise = rng.random(b["label"].shape) < 0.1
+        pred = np.where(noise, rng.integers(0, 5, b["label"].shape), b["label"])
+        outputs.append({"pred": pred, **{k: v for k, v in b.items() if k.startswith("gt_")}})
+    rows = instances.table_rows([instances.reduce_outputs(dict(o), tiny_config) for o in outputs], tiny_config)
+    valid = np.concatenate([o["gt_valid"] for o in outputs])
+    assert [r is None for r in rows] == [not v.any() for v in valid]  # padding copies: no row
+    names = tiny_config.data.class_names[1:4]
+    preds, labels, ids = (np.concatenate([o[k] for o in outputs]) for k in ("pred", "gt_label", "gt_instances"))
+    for row, pred, label, inst, v in zip(rows, preds, labels, ids, valid, strict=True):
+        if row is None:
+            continue
+        alone = metrics.PanopticAccumulator(4)
+        sem, found = instances.to_instances(pred, tiny_config)
+        instances.add_image(alone, tiny_config, label, inst, sem, found, void=~v)
+        res = alone.result()
+        for c, name in enumerate(names, start=1):
+            assert [row[f"pq_{k}/{name}"] for k in ("tp", "fp", "fn")] == [alone.tp[c], alone.fp[c], alone.fn[c]]
+            assert row[f"pq/{name}"] == pytest.approx(res["pq"][c], nan_ok=True)
+    segments = {k: np.array([[r[f"{k}/{n}"] for n in names] for r in rows if r]) for k in scoring.PQ_KINDS}
+    split = panoptic(outputs)
+    counts = {**scoring.pixel_counts(np.zeros((1, 5, 5))), **segments}  # PQ's classes: those after background
+    got = scoring.count_scores(counts, tiny_config.eval, instances.class_names(tiny_config))
+    for key in ("val/pq", "val/sq", "val/rq", *(f"val/pq/{n}" for n in names)):
+        assert got[key] == pytest.approx(split[key], rel=1e-6, nan_ok=True), key
+    assert 0.3 < got["val/pq"] < 0.9  # neither perfect nor empty
+    for name in names:
+        assert segments["pq_tp"][:, names.index(name)].sum() == split[f"val/pq_tp/{name}"]
+
+
 def test_in_memory_split_rewrites_each_label_once_and_streams_the_same_batches(tiny_config):
     tiny_config.instances.enabled = True
     targets, _ = instances.hooks(tiny_config)
@@ -146,6 +188,14 @@ def test_training_reports_panoptic_quality(tiny_config, tmp_path):
     # the keys checked before training (train.best_metric, a study's --summary_keys) are the reported ones
     assert {k for k in result if k.startswith("val/")} == evaluate.run_score_keys(tiny_config)
     assert result["val/pixels"] == 12 * 32 * 32
+    # the per-image table's segment counts give the run's PQ back (intervals, pooled rows)
+    from segjax import image_tables, scoring
+
+    _, classes, counts, _ = image_tables.read_per_image_counts(str(tmp_path / "run" / "val_per_image.csv"))
+    assert counts["pq_tp"].shape == (12, 3)  # the classes after background: tool, berry, leaf
+    got = scoring.count_scores(counts, tiny_config.eval, classes)
+    for key in ("val/pq", "val/sq", "val/rq", "val/pq/tool"):
+        assert got[key] == pytest.approx(result[key], rel=1e-6, nan_ok=True), key
     with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
         pq = {r["step"]: r["val/pq"] for r in map(json.loads, f) if "val/pq" in r}
     (best,) = os.listdir(tmp_path / "run" / "best")  # a step of the highest PQ (6 steps: often a 0 == 0 tie)

@@ -106,6 +106,32 @@ def test_the_interval_of_boundary_iou_is_that_of_its_summed_bands(average):
         close(got[key], reference)
 
 
+def test_the_interval_of_panoptic_quality_is_that_of_its_summed_segments():
+    """PQ (segments summed over the drawn images, as a split's PQ is): scipy's paired percentile
+    bootstrap of sum(IoU) / (TP + FP/2 + FN/2) over the images for class `a`; the estimates of
+    `val/pq` and `val/sq` are the means over classes a, b of all images' PQ and SQ."""
+    c = random_counts(6)
+    rng = np.random.default_rng(6)
+    tp, fp, fn = (rng.integers(0, 8, (30, 2)) for _ in range(3))
+    iou = tp * rng.uniform(0.55, 0.95, (30, 2))  # each match's IoU > 0.5
+    c.update(pq_tp=tp, pq_fp=fp, pq_fn=fn, pq_iou=iou)
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/pq/a", "val/pq", "val/sq"], resamples=20_000)
+
+    def pq_a(i, t, p, n, axis=-1):
+        return i.sum(axis) / (t.sum(axis) + 0.5 * p.sum(axis) + 0.5 * n.sum(axis))
+
+    data = (iou[:, 0], tp[:, 0], fp[:, 0], fn[:, 0])
+    reference = stats.bootstrap(
+        data, pq_a, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+    )
+    np.testing.assert_allclose(got["val/pq/a"]["estimate"], pq_a(*data), rtol=1e-6)
+    close(got["val/pq/a"], reference)
+    every = [pq_a(iou[:, k], tp[:, k], fp[:, k], fn[:, k]) for k in range(2)]
+    np.testing.assert_allclose(got["val/pq"]["estimate"], np.mean(every), rtol=1e-6)
+    sq = [iou[:, k].sum() / tp[:, k].sum() for k in range(2)]
+    np.testing.assert_allclose(got["val/sq"]["estimate"], np.mean(sq), rtol=1e-6)
+
+
 def test_seeds_of_the_same_images_are_drawn_together():
     """Counts [N, K, C] (K seeds scored on each image, `intervals.grouped`) resample images, each
     with all its seeds: under 'dataset' the bootstrap of the per-image counts summed over the seeds,

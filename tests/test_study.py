@@ -111,6 +111,17 @@ def test_summed_counts_score_every_fold_s_pixels_once(average, include_backgroun
     assert on_test["test/miou"] == summed["val/miou"] and "val/miou" not in on_test
     with pytest.raises(KeyError, match="1 of 4 runs report no val/tp/background"):
         study_tables.summed_counts([*rows[:3], {"variant": "old", "seed": 0, "val/miou": 0.5}], eval_cfg, names)
+    # instance runs: PQ of every fold's segments together (tool: 3 + 5 matches of IoU 2.4 + 4.1;
+    # 1 + 2 false positives, 2 + 0 false negatives; berry: no segment in either fold)
+    assert "val/pq" not in summed
+    segments = [(3, 1, 2, 2.4), (5, 2, 0, 4.1), (0, 0, 0, 0.0), (0, 0, 0, 0.0)]
+    for row, (tp, fp, fn, iou) in zip(rows, segments, strict=True):
+        row.update({"val/pq_tp/tool": tp, "val/pq_fp/tool": fp, "val/pq_fn/tool": fn, "val/pq_iou/tool": iou})
+        row.update({f"val/pq_{k}/berry": 0 for k in ("tp", "fp", "fn", "iou")})
+    summed = study_tables.summed_counts(rows, eval_cfg, names)
+    assert summed["val/pq/tool"] == pytest.approx(6.5 / (8 + 3 / 2 + 2 / 2), rel=1e-6)
+    assert summed["val/pq"] == summed["val/pq/tool"] and np.isnan(summed["val/pq/berry"])
+    assert summed["val/sq"] == pytest.approx(6.5 / 8, rel=1e-6) and summed["val/rq"] == pytest.approx(8 / 10.5)
 
 
 def test_cli_pooled_writes_the_summed_counts_row(tmp_path):

@@ -38,6 +38,7 @@ class PanopticAccumulator:
         self.fn = np.zeros(num_classes, np.int64)
         self.iou_sum = np.zeros(num_classes, np.float64)
         self.images: list[np.ndarray] = []  # per image [C, 3 + T]: tp, fp, fn, matches with IoU > each threshold
+        self.image_iou: list[np.ndarray] = []  # per image [C]: the IoUs of its matches summed
 
     def update(self, true_class, true_instance, pred_class, pred_instance, void=None) -> None:
         tc, ti = np.asarray(true_class).ravel(), np.asarray(true_instance).ravel()
@@ -55,6 +56,7 @@ class PanopticAccumulator:
         t_areas, p_areas = dict(zip(t_ids, t_area, strict=True)), dict(zip(p_ids, p_area, strict=True))
         matched_t, matched_p = set(), set()
         image = np.zeros((self.num_classes, 3 + len(THRESHOLDS)), np.int64)  # this image's tp, fp, fn, tp_t
+        iou_sum = np.zeros(self.num_classes, np.float64)
         for (t, p), n in zip(pairs.T, inter, strict=True):
             if t // big != p // big:
                 continue
@@ -64,7 +66,7 @@ class PanopticAccumulator:
                 c = int(t // big)
                 image[c, 0] += 1
                 image[c, 3:] += iou > THRESHOLDS
-                self.iou_sum[c] += iou
+                iou_sum[c] += iou
                 matched_t.add(t)
                 matched_p.add(p)
         for t in t_ids:
@@ -76,7 +78,9 @@ class PanopticAccumulator:
         self.tp += image[:, 0]
         self.fp += image[:, 1]
         self.fn += image[:, 2]
+        self.iou_sum += iou_sum
         self.images.append(image)
+        self.image_iou.append(iou_sum)
 
     def merge(self, other: PanopticAccumulator) -> None:
         """Add another accumulator's counts (e.g. one batch's) to this one."""
@@ -87,6 +91,16 @@ class PanopticAccumulator:
         self.fn += other.fn
         self.iou_sum += other.iou_sum
         self.images += other.images
+        self.image_iou += other.image_iou
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Each added image's segment counts of the scored classes (`classes`), in the order added:
+        `tp`, `fp`, `fn` [N, K] and `iou` [N, K] (its matches' IoUs summed), from which PQ, SQ
+        and RQ of any set of images are sums (e.g. a bootstrap over images)."""
+        k, n = list(self.classes), len(self.images)
+        counts = np.stack(self.images)[:, k, :3] if n else np.zeros((0, len(k), 3), np.int64)
+        iou = np.stack(self.image_iou)[:, k] if n else np.zeros((0, len(k)), np.float64)
+        return {"tp": counts[..., 0], "fp": counts[..., 1], "fn": counts[..., 2], "iou": iou}
 
     def result(self, average: str = "dataset") -> dict[str, np.ndarray | float]:
         """`pq`, `sq`, `rq` [C] (NaN for unscored classes or classes without segments), their
