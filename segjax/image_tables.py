@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from segjax import metrics, writers
-from segjax.scoring import BOUNDARY_KINDS, COUNT_KINDS, PQ_KINDS, image_counts
+from segjax.scoring import BOUNDARY_KINDS, COUNT_KINDS, PQ_KINDS, SURFACE_KINDS, image_counts
 
 
 def confusion_csv(per_image_csv: str) -> str:
@@ -61,11 +61,11 @@ def read_confusion(path: str) -> tuple[list[str], np.ndarray]:
 def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray], bool]:
     """(image names, class names, {tp, fp, fn, tn: [N, C] int64, and binter, bunion where the table
     has boundary bands, the `PQ_KINDS` [N, K] where it has segment counts (an instance run's:
-    classes 1..K)}, named) of a per-image table (`per_image_rows`): the classes are its
-    `tp/<class>` columns in order, an image without a `name` is named by its `index`, and `named`
-    is False when every image's name is its index (a dataset that stores no file names, e.g. the
-    synthetic one, names its images so). A table without counts (written before they were) is a
-    ValueError naming the file."""
+    classes 1..K), `hd95`, `nsd` [N, C - 1] where it has surface distances}, named) of a per-image
+    table (`per_image_rows`): the classes are its `tp/<class>` columns in order, an image without a
+    `name` is named by its `index`, and `named` is False when every image's name is its index (a
+    dataset that stores no file names, e.g. the synthetic one, names its images so). A table
+    without counts (written before they were) is a ValueError naming the file."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
         header = rows[0].keys() if rows else []
@@ -83,6 +83,10 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
         for kind in PQ_KINDS:  # pq_iou: sums of IoUs; the others segment counts
             values = [[float(r[f"{kind}/{c}"]) for c in segment_classes] for r in rows]
             counts[kind] = np.array(values, np.float64 if kind == "pq_iou" else np.int64)
+    for kind in SURFACE_KINDS:  # each image's distances, where the run measured them (an empty cell: NaN)
+        columns = [f"{kind}/{c}" for c in classes[1:]]
+        if all(c in header for c in columns):
+            counts[kind] = np.array([[float(r[c] or "nan") for c in columns] for r in rows], np.float64)
     return names, classes, counts, any(n != r["index"] for n, r in zip(names, rows, strict=True))
 
 

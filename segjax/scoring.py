@@ -33,6 +33,10 @@ BOUNDARY_KINDS = {"binter": "boundary_inter", "bunion": "boundary_union"}
 # class after background, in order (`instances`); columns `pq_tp/<class>`, `pq_fp/<class>`,
 # `pq_fn/<class>` and `pq_iou/<class>` (the matches' IoUs summed) where the run is an instance run
 PQ_KINDS = ("pq_tp", "pq_fp", "pq_fn", "pq_iou")
+# each image's surface distances (`surface.per_image`, classes 1..K): columns `hd95/<class>`,
+# `nsd/<class>`; the split's scores are their means over the images where they are defined
+# (`surface.split_scores`), so these are never summed
+SURFACE_KINDS = ("hd95", "nsd")
 
 
 def image_counts(outputs: list[dict], num_classes: int) -> dict[str, np.ndarray]:
@@ -58,7 +62,9 @@ def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigD
     `bunion`) also `val/biou/<class>` and `val/mbiou`: always of the bands summed over the images
     (Boundary IoU's convention, whatever `eval.average`); with segment counts (`PQ_KINDS`, [..., K]:
     `class_names[1 : 1 + K]`) `val/pq`, `val/sq`, `val/rq` and `val/pq/<class>`, of the segments
-    summed over the images as the split's PQ is (`metrics.PanopticAccumulator`)."""
+    summed over the images as the split's PQ is (`metrics.PanopticAccumulator`); with each image's
+    surface distances (`SURFACE_KINDS`, [N, K]) `val/hd95/<class>`, `val/nsd/<class>`, `val/mhd95`,
+    `val/mnsd`, their means over the images (`surface.split_scores`)."""
     return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
 
 
@@ -71,12 +77,16 @@ def count_score_arrays(
     avg, empty, bg = eval_cfg.average, eval_cfg.empty, eval_cfg.include_background
     if avg not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
+    distances = {k: np.asarray(counts[k]) for k in SURFACE_KINDS if k in counts}  # means over images, never sums
     counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS, *PQ_KINDS) if k in counts}
     lead = 1 if sets else 0
     if avg == "per_image" and counts["tp"].ndim != 2 + lead:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
+    if any(v.ndim != 2 + lead for v in distances.values()):
+        raise ConfigError("surface distances (hd95, nsd) are means over images: they need one row per image")
     if avg != "per_image":
         counts = {k: v.reshape(*v.shape[:lead], -1, v.shape[-1]).sum(axis=lead) for k, v in counts.items()}
+    counts.update(distances)
     # float32 on the host (float64 sums first): JAX without x64 would take int64 counts as int32
     counts = {k: np.asarray(v, np.float64).astype(np.float32) for k, v in counts.items()}
 
@@ -92,6 +102,8 @@ def count_score_arrays(
             out.update({f"val/biou/{name}": b["biou"][i] for i, name in enumerate(class_names)})
         if "pq_tp" in c:
             out.update(_panoptic({k: c[k].reshape(-1, c[k].shape[-1]).sum(axis=0) for k in PQ_KINDS}, class_names))
+        if "hd95" in c:
+            out.update(_surface(c, class_names))
         return out
 
     return {k: np.asarray(v) for k, v in (jax.vmap(named) if sets else named)(counts).items()}
@@ -108,4 +120,19 @@ def _panoptic(c: dict, class_names) -> dict:
     rq = jnp.where(scored, tp / jnp.where(scored, den, 1.0), jnp.nan)
     out = {"val/pq": jnp.nanmean(pq), "val/sq": jnp.nanmean(sq), "val/rq": jnp.nanmean(rq)}
     out.update({f"val/pq/{name}": pq[i] for i, name in enumerate(class_names[1 : 1 + len(tp)])})
+    return out
+
+
+def _surface(c: dict, class_names) -> dict:
+    """HD95 and NSD per class as `surface.split_scores` makes them from each image's [N, K] values:
+    the mean over the images with a finite HD95 / a defined NSD (NaN where none), then the means
+    over the classes that have one."""
+    out = {}
+    for kind, defined in (("hd95", jnp.isfinite), ("nsd", lambda v: ~jnp.isnan(v))):
+        values = c[kind]
+        ok = defined(values)
+        n = ok.sum(axis=0)
+        per_class = jnp.where(n > 0, jnp.where(ok, values, 0.0).sum(axis=0) / jnp.maximum(n, 1), jnp.nan)
+        out[f"val/m{kind}"] = jnp.nanmean(per_class)
+        out.update({f"val/{kind}/{name}": per_class[i] for i, name in enumerate(class_names[1 : 1 + values.shape[-1]])})
     return out

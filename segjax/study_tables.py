@@ -82,8 +82,8 @@ def summed_counts(
     summed counts (`<prefix>/tp/<class>`, ...) serve 'dataset' and 'micro' averages; 'per_image'
     (nnU-Net's mean over cases) reads each image's counts from `per_image_tables` (a per-image CSV
     per row). Boundary IoU and PQ come from the runs' band and segment counts where every run has
-    them. A run without counts (scored before they were reported) or without its table is a
-    KeyError saying so."""
+    them, HD95 and surface Dice (means over images) from the tables' distances. A run without
+    counts (scored before they were reported) or without its table is a KeyError saying so."""
     from segjax import scoring
 
     prefix = scored_splits.split_naming(split)[0]
@@ -104,6 +104,11 @@ def summed_counts(
                 keys = [f"{prefix}/{kind}/{name}" for name in names]
                 if keys and all(k in r for r in rows for k in keys):
                     counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.float64).sum(axis=0)
+        try:  # HD95 and NSD, means of per-image distances: from the runs' tables, where they have them
+            found = _image_counts(per_image_tables or [], class_names)
+        except KeyError:
+            found = {}
+        counts.update({k: v for k, v in found.items() if k in scoring.SURFACE_KINDS})
     return scored_splits.split_keys(scoring.count_scores(counts, eval_cfg, class_names), prefix)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segjax import intervals
+from segjax import intervals, scoring
 from segjax.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -130,6 +130,35 @@ def test_the_interval_of_panoptic_quality_is_that_of_its_summed_segments():
     np.testing.assert_allclose(got["val/pq"]["estimate"], np.mean(every), rtol=1e-6)
     sq = [iou[:, k].sum() / tp[:, k].sum() for k in range(2)]
     np.testing.assert_allclose(got["val/sq"]["estimate"], np.mean(sq), rtol=1e-6)
+
+
+def test_the_interval_of_surface_distances_is_that_of_their_mean_over_images():
+    """HD95 and NSD are means over the images where they are defined (an infinite HD95: a class
+    in only one of truth and prediction; a NaN: in neither), whatever eval.average: scipy's
+    percentile bootstrap of the nan-aware mean for class `a`, and of the mean over classes for
+    `val/mnsd`; a table of summed counts cannot hold them."""
+    c = random_counts(7)
+    rng = np.random.default_rng(7)
+    hd95, nsd = rng.uniform(1, 9, (30, 2)), rng.uniform(0.3, 1, (30, 2))
+    hd95[[2, 5], 0], nsd[[3, 8, 9], 1] = np.inf, np.nan
+    c.update(hd95=hd95, nsd=nsd)
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/hd95/a", "val/mnsd"], resamples=20_000)
+
+    def finite_mean(v, axis=-1):
+        return np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=axis)
+
+    def mnsd(a, b, axis=-1):
+        return (np.nanmean(a, axis=axis) + np.nanmean(b, axis=axis)) / 2
+
+    for key, data, statistic in (("val/hd95/a", (hd95[:, 0],), finite_mean), ("val/mnsd", tuple(nsd.T), mnsd)):
+        reference = stats.bootstrap(
+            data, statistic, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+        )
+        np.testing.assert_allclose(got[key]["estimate"], statistic(*data), rtol=1e-6)
+        close(got[key], reference)
+    summed = {k: v.sum(axis=0) for k, v in random_counts(7).items()}
+    with pytest.raises(ConfigError, match=r"surface distances \(hd95, nsd\) are means over images"):
+        scoring.count_scores({**summed, "hd95": hd95.mean(axis=0)}, eval_cfg("dataset"), CLASSES)
 
 
 def test_seeds_of_the_same_images_are_drawn_together():

@@ -124,6 +124,34 @@ def test_summed_counts_score_every_fold_s_pixels_once(average, include_backgroun
     assert summed["val/sq"] == pytest.approx(6.5 / 8, rel=1e-6) and summed["val/rq"] == pytest.approx(8 / 10.5)
 
 
+def test_summed_surface_distances_are_means_over_every_run_s_images(tmp_path):
+    """HD95 and NSD of the summed-counts row (under any average) are the means over every image of
+    every run's per-image table (defined values only), not the mean of the runs' means; runs
+    without tables leave them out."""
+    names = ("background", "organ")
+    hd = {"f0": ["1.0", "3.0", "inf"], "f1": ["8.0"]}  # an infinite HD95 (organ predicted, absent) is left out
+    rows, tables = [], []
+    for variant, values in hd.items():
+        row = {"variant": variant, "seed": 0, **{f"val/{k}/{n}": 5 for k in ("tp", "fp", "fn", "tn") for n in names}}
+        rows.append(row)
+        table = [{"index": i, "name": f"{variant}_{i}"} for i in range(len(values))]
+        for r, value in zip(table, values, strict=True):
+            r.update({f"{k}/{n}": 5 for k in ("tp", "fp", "fn", "tn") for n in names})
+            r.update({"hd95/organ": value, "nsd/organ": "0.5" if value != "inf" else ""})
+        path = tmp_path / variant / "val_per_image.csv"
+        path.parent.mkdir()
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        tables.append(str(path))
+    eval_cfg = load_config("default").eval
+    summed = study_tables.summed_counts(rows, eval_cfg, names, per_image_tables=tables)
+    assert summed["val/hd95/organ"] == pytest.approx(4.0) and summed["val/mhd95"] == pytest.approx(4.0)
+    assert summed["val/mnsd"] == pytest.approx(0.5)  # the runs' means of HD95 would give (2 + 8) / 2 = 5
+    assert "val/mhd95" not in study_tables.summed_counts(rows, eval_cfg, names, per_image_tables=[])
+
+
 def test_cli_pooled_writes_the_summed_counts_row(tmp_path):
     """`--pooled` adds the summed-counts row under the mean-of-folds row (boundary IoU from the
     runs' summed bands; n/a where a run reports none); runs without counts get a note saying why

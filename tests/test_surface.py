@@ -11,7 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import baselines, evaluate, metrics, parallel, predict, preflight, report, rescore, surface, train
+from segjax import (
+    baselines,
+    evaluate,
+    image_tables,
+    metrics,
+    parallel,
+    predict,
+    preflight,
+    report,
+    rescore,
+    scoring,
+    surface,
+    train,
+)
 from segjax.data import sources
 from segjax.errors import ConfigError, DataError
 from tests.conftest import load_config
@@ -191,6 +204,11 @@ def test_a_run_reports_what_its_written_masks_score(tfds_dir, tmp_path, capsys):
             np.testing.assert_allclose(number(row[f"hd95/{name}"]), hd, rtol=1e-9)
             scored += 0 < want < 1
     assert scored > 0  # not only 0/1/nan cases
+    # the table's distances give the run's means back (what intervals over images and pooled rows draw)
+    _, classes, counts, _ = image_tables.read_per_image_counts(os.path.join(workdir, "val_per_image.csv"))
+    got = scoring.count_scores(counts, config.eval, classes)
+    for key in ("val/mnsd", "val/mhd95", *(f"val/{k}/{n}" for k in ("nsd", "hd95") for n in names[1:])):
+        assert got[key] == pytest.approx(final[key], rel=1e-5, nan_ok=True), key
 
     config.eval.surface_units, config.data.spacing, config.data.spacing_unit = "physical", (2.0, 0.5), "um"
     results = rescore.evaluate_checkpoint(config, workdir, "latest")
