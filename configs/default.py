@@ -204,6 +204,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.surface_metrics = False  # also HD95 and normalised surface Dice per image (host; segjax/surface.py)
     c.eval.nsd_tolerance = 1.0  # surface Dice tolerance, in eval.surface_units
     c.eval.surface_units = "pixels"  # HD95 / NSD: 'pixels' (voxels) | 'physical' (NIfTI: mm; else data.spacing)
+    c.eval.interval_resamples = 2000  # 95 % bootstrap intervals over the images under the final results; 0 = none
 
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
     c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'

@@ -25,5 +25,6 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 3
     c.eval.every = 3
     c.eval.batch_size = 8
+    c.eval.interval_resamples = 0  # the test suite's many tiny runs skip the bootstrap (tests that need it set it)
     c.optim.warmup_steps = 2
     return c

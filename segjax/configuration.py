@@ -266,6 +266,7 @@ RANGES = {
     "eval.every": _at_least(1),
     "eval.batch_size": _at_least(1),
     "eval.boundary_dilation": _at_least(0),
+    "eval.interval_resamples": _at_least(0),
     "baseline.smooth_sigma": _at_least(0),
     "baseline.edge_sigma": _at_least(0),
     "baseline.edge_width": _at_least(0),

@@ -240,6 +240,34 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     return "\n".join(lines), len(ref_names)
 
 
+RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/mnsd", "val/mhd95")  # `results_line`'s
+
+
+def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation") -> str:
+    """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
+    images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
+    the `RESULT_KEYS` they hold, with `config.eval.interval_resamples` resamples under the run's
+    conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
+    the run's results stand without it."""
+    resamples = config.eval.interval_resamples
+    if not resamples:
+        return ""
+    from segjax import instances
+
+    try:
+        names, classes, counts = image_counts(tables, instances.class_names(config))
+    except ConfigError as err:
+        return f"(no intervals over the images: {err})"
+    keys = [k for k in RESULT_KEYS if k in scorable(counts, config.eval, classes)]
+    bounds = bootstrap(counts, config.eval, classes, keys, resamples)
+    cells = [f"{k.split('/', 1)[1]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in keys]
+    seeds = f", each with its {counts['tp'].shape[1]} seeds" if counts["tp"].ndim == 3 else ""
+    return (
+        f"{LEVEL:.0%} intervals over the {len(names)} {split} images{seeds} ({resamples} bootstrap resamples; "
+        f"python -m segjax.intervals for more): " + ", ".join(cells)
+    )
+
+
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
     what = f"difference (this run - {versus})" if versus else "score"
     lines = [f"| key | {what} | {level:.0%} interval | images | undefined resamples |", "|---|---|---|---|---|"]

@@ -16,6 +16,7 @@ from segjax import (
     configuration,
     evaluate,
     instances,
+    intervals,
     parallel,
     preflight,
     provenance,
@@ -169,6 +170,7 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
         print(f"\n{which} checkpoint (step {results['step']}) on the {split} split, eval {settings} ({rules}):")
         unit = surface.unit(config)
         print(report.results_table(results, instances.class_names(config), prefix=prefix, distance_unit=unit))
+        print(intervals.results_line(table, config, split))
     return results
 
 

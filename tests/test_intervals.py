@@ -240,15 +240,24 @@ def test_one_image_an_absent_class_and_bad_arguments():
             intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, **kwargs)
 
 
-def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_config, tmp_path):
-    """On a trained run the estimates are the run's metrics.json scores; against itself the
-    difference is 0; a run scored on other images, an existing --out and a missing table are
-    one-line errors."""
-    from segjax import train
+def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_config, tmp_path, capsys):
+    """On a trained run the estimates are the run's metrics.json scores (and training printed
+    their intervals under its results, `eval.interval_resamples`); against itself the difference
+    is 0; a run scored on other images, an existing --out and a missing table are one-line errors."""
+    from segjax import rescore, train
 
     tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    tiny_config.eval.interval_resamples = 300
     run = tmp_path / "run"
     result = train.train_and_evaluate(tiny_config, str(run))
+    printed = capsys.readouterr().out
+    names, classes, counts, cfg = intervals.load([str(run)], intervals.DEFAULT_TABLE)
+    bounds = intervals.bootstrap(counts, cfg, classes, ["val/miou", "val/accuracy", "val/mbiou"], resamples=300)
+    cells = [f"{k[4:]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in bounds]
+    assert "95% intervals over the 12 validation images (300 bootstrap resamples; " in printed
+    assert ", ".join(cells) in printed and bounds["val/miou"]["low"] <= result["val/miou"] <= bounds["val/miou"]["high"]
+    rescore.evaluate_checkpoint(tiny_config, str(run), "latest")  # its own table: the same images' counts
+    assert ", ".join(cells) in capsys.readouterr().out
     out = tmp_path / "ci.json"
     keys = ("val/miou", "val/accuracy", "val/mbiou")  # boundary IoU from the table's bands
     command = [sys.executable, "-m", "segjax.intervals", str(run), f"--keys={','.join(keys)}", "--resamples=500"]
@@ -261,7 +270,6 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
         r = record["intervals"][key]
         assert r["estimate"] == pytest.approx(result[key], rel=1e-6) and r["low"] <= r["high"]
         assert f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |" in done.stdout
-    names, classes, counts, cfg = intervals.load([str(run)], intervals.DEFAULT_TABLE)
     assert len(names) == len(set(names)) == record["images"]
     same = intervals.bootstrap(counts, cfg, classes, ["val/miou"], resamples=50, versus=counts)["val/miou"]
     assert same["estimate"] == same["low"] == same["high"] == 0.0
