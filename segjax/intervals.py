@@ -67,7 +67,7 @@ def bootstrap(
     full = [
         scoring.count_scores({k: v.reshape(-1, v.shape[-1]) for k, v in c.items()}, eval_cfg, class_names) for c in runs
     ]
-    common = set(full[0]).intersection(*full[1:])  # boundary IoU: where both runs' tables have bands
+    common = set(full[0]).intersection(*full[1:])  # boundary IoU, PQ, ...: where both runs' tables have them
     missing = sorted(set(keys) - common)
     if missing:
         raise ConfigError(f"{missing}: not a score of these per-image counts; choose from {sorted(common)}")
@@ -119,9 +119,9 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
 
 
 def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.ndarray], list[str]]:
-    """(image names, class names, {tp, fp, fn, tn: [rows, C], and binter, bunion where every table
-    has boundary bands}, the tables that name images by their index only) of per-image tables
-    taken together, in order. A missing table, one without counts and one with other classes than
+    """(image names, class names, {tp, fp, fn, tn: [rows, C], and the bands, segment counts and
+    distances every table has}, the tables that name images by their index only) of per-image
+    tables taken together, in order. A missing table, one without counts and one with other classes than
     the first are ConfigErrors naming it."""
     from segjax import image_tables, scoring
 
@@ -205,7 +205,8 @@ def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[st
 
 def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
     """The keys `bootstrap` can bound from these counts ([N, C] or [N, K, C]): the pixel counts'
-    scores and, where the tables hold boundary bands, boundary IoU (`val/...` names)."""
+    scores and, where the tables hold them, boundary IoU (bands), PQ (segment counts), HD95 and
+    surface Dice (distances); `val/...` names."""
     from segjax import scoring
 
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in counts.items()}

@@ -170,7 +170,9 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
         print(f"\n{which} checkpoint (step {results['step']}) on the {split} split, eval {settings} ({rules}):")
         unit = surface.unit(config)
         print(report.results_table(results, instances.class_names(config), prefix=prefix, distance_unit=unit))
-        print(intervals.results_line(table, config, split))
+        line = intervals.results_line(table, config, split)
+        if line:
+            print(line)
     return results
 
 

@@ -1,6 +1,7 @@
 """The counts every score is made of, and the scores of counts: per class `tp`, `fp`, `fn`, `tn`
-(from confusion matrices) and boundary IoU's band counts, per image or summed over a split or
-several, scored under a run's `eval` conventions. A run's evaluation, a per-image table, a
+(from confusion matrices), boundary IoU's band counts and PQ's segment counts, per image or summed
+over a split or several (and each image's surface distances, whose scores are means over images),
+scored under a run's `eval` conventions. A run's evaluation, a per-image table, a
 study's pooled row and a bootstrap resample (`segjax.intervals`) are all scored here, so one
 number comes out the same wherever it is computed from the same counts.
 """

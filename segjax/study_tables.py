@@ -129,7 +129,7 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
     except ConfigError as err:
         return summed, f"No interval for '{SUMMED}': {err}."
     val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
-    scored = intervals.scorable(counts, eval_cfg, class_names)  # boundary IoU: where the tables have bands
+    scored = intervals.scorable(counts, eval_cfg, class_names)  # boundary IoU, PQ, HD95: where the tables have them
     val = {k: name for k, name in val.items() if name in scored}
     bounds = intervals.bootstrap(counts, eval_cfg, class_names, list(val.values()))
     out = dict(summed)
