@@ -80,8 +80,8 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
     if segment_classes:
         if segment_classes != classes[1 : 1 + len(segment_classes)]:
             raise ValueError(f"{path}: segment counts of {segment_classes}, not the classes after {classes[0]!r}")
-        for kind in PQ_KINDS:  # pq_iou: sums of IoUs; the others segment counts
-            values = [[float(r[f"{kind}/{c}"]) for c in segment_classes] for r in rows]
+        for kind in PQ_KINDS:  # pq_iou: sums of IoUs; the others segment counts (none: an image without valid pixels)
+            values = [[float(r[f"{kind}/{c}"] or 0) for c in segment_classes] for r in rows]
             counts[kind] = np.array(values, np.float64 if kind == "pq_iou" else np.int64)
     for kind in SURFACE_KINDS:  # each image's distances, where the run measured them (an empty cell: NaN)
         columns = [f"{kind}/{c}" for c in classes[1:]]

@@ -77,10 +77,12 @@ def read_json(path: str) -> dict:
 
 
 def write_table(path: str, rows: list[dict]) -> None:
-    """Rows with the same keys as CSV (per-image results); NaN is written as an empty cell.
-    Replaced whole, as `write_summary`."""
+    """Rows as CSV (per-image results): the columns of every row in first-seen order, a row
+    without one of them (e.g. an image with no valid pixel, which has no surface distances) and
+    NaN written as empty cells. Replaced whole, as `write_summary`."""
+    columns = list(dict.fromkeys(key for row in rows for key in row.keys()))
     with replaced(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})

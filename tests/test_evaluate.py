@@ -173,6 +173,26 @@ def test_per_image_rows_match_sklearn_per_image():
     assert np.isnan(rows[2]["biou/b"]) and rows[2]["bunion/b"] == 0
 
 
+def test_an_image_without_valid_pixels_first_in_the_split_gets_empty_cells(tmp_path):
+    """An image whose every pixel is ignored has no surface distances and no segments, and it may
+    come first in the split: the table still holds the other images' columns (it failed: the
+    header was the first row's keys, and the CSV writer refused the next row's distances), its
+    own cells empty, and it reads back as undefined distances and no segments."""
+    confusion = np.zeros((3, 2, 2), np.int64)
+    confusion[1], confusion[2] = [[5, 1], [2, 8]], [[9, 0], [0, 7]]
+    outputs = [{"confusion": confusion, "loss": 0.0}]
+    extra = [None] + [
+        {"hd95/fg": hd, "nsd/fg": 0.8, "pq_tp/fg": tp, "pq_fp/fg": 0, "pq_fn/fg": 1, "pq_iou/fg": 0.7 * tp}
+        for hd, tp in ((1.5, 1), (2.5, 2))
+    ]
+    path = str(tmp_path / "val_per_image.csv")
+    image_tables.write_per_image(path, outputs, [0, 1, 2], ("bg", "fg"), "nan", ["void", "b", "c"], extra)
+    names, classes, counts, _ = image_tables.read_per_image_counts(path)
+    assert names == ["void", "b", "c"] and classes == ["bg", "fg"]
+    assert np.isnan(counts["hd95"][0, 0]) and counts["hd95"][1:, 0].tolist() == [1.5, 2.5]
+    assert counts["pq_tp"][:, 0].tolist() == [0, 1, 2] and counts["tp"][0].tolist() == [0, 0]
+
+
 def test_eval_order_names_the_rows_gathered_from_every_host():
     """With 3 processes each host evaluates its own slice; the gathered outputs (hosts' batches in
     process order) are the split indices `eval_order` lists, padding copies as None."""
