@@ -112,8 +112,9 @@ def per_image_rows(
     per_class.update({k: v[keep] for k, v in image_counts(outputs, len(class_names)).items()})
     kinds = [*COUNT_KINDS]
     if "binter" in per_class:
-        inter, union = per_class["binter"], per_class["bunion"]
-        per_class["biou"] = np.where(union > 0, inter / np.maximum(union, 1), metrics.EMPTY_POLICIES[empty])
+        per_class["biou"] = np.asarray(
+            metrics.boundary_iou_from_counts(per_class["binter"], per_class["bunion"], empty)["biou"]
+        )
         kinds += ["biou", *BOUNDARY_KINDS]
     pixels = cms.sum(axis=(1, 2))
     correct = np.trace(cms, axis1=1, axis2=2)

@@ -208,10 +208,10 @@ def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> d
     res = acc.result(config.eval.average)
     out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
     # the segment counts PQ is made of, summed over the split (pooled over runs by a study's summed row)
-    segments = {kind: values.sum(axis=0) for kind, values in acc.per_image().items()}
-    for i, name in enumerate(config.data.class_names[1:num_classes]):
-        out.update({f"val/pq_{kind}/{name}": int(segments[kind][i]) for kind in ("tp", "fp", "fn")})
-        out[f"val/pq_iou/{name}"] = float(segments["iou"][i])
+    for c in range(1, num_classes):
+        name = config.data.class_names[c]
+        out.update({f"val/pq_tp/{name}": int(acc.tp[c]), f"val/pq_fp/{name}": int(acc.fp[c])})
+        out.update({f"val/pq_fn/{name}": int(acc.fn[c]), f"val/pq_iou/{name}": float(acc.iou_sum[c])})
     out.update({f"val/{k}": res[k] for k in ("ap50", "ap75", "ap50_95")})
     for c in range(1, num_classes):
         out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])

@@ -55,10 +55,12 @@ def boundary_counts(
 
 
 def boundary_iou_from_counts(inter, union, empty: str = "nan", include_background: bool = True) -> dict:
+    """`biou` [..., C] and its class mean `mbiou` [...] from band counts [..., C] (a split's sums,
+    or one row per image)."""
     inter, union = jnp.asarray(inter, jnp.float32), jnp.asarray(union, jnp.float32)
     per_class = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), EMPTY_POLICIES[empty])
     first = 0 if include_background else 1
-    return {"biou": per_class, "mbiou": jnp.nanmean(per_class[first:])}
+    return {"biou": per_class, "mbiou": jnp.nanmean(per_class[..., first:], axis=-1)}
 
 
 def boundary_iou(
