@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from segjax import metrics, writers
-from segjax.scoring import BOUNDARY_KINDS, COUNT_KINDS, PQ_KINDS, SURFACE_KINDS, image_counts
+from segjax.scoring import AP_KINDS, BOUNDARY_KINDS, COUNT_KINDS, PQ_KINDS, SURFACE_KINDS, image_counts
 
 
 def confusion_csv(per_image_csv: str) -> str:
@@ -61,7 +61,8 @@ def read_confusion(path: str) -> tuple[list[str], np.ndarray]:
 def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np.ndarray], bool]:
     """(image names, class names, {tp, fp, fn, tn: [N, C] int64, and binter, bunion where the table
     has boundary bands, the `PQ_KINDS` [N, K] where it has segment counts (an instance run's:
-    classes 1..K), `hd95`, `nsd` [N, C - 1] where it has surface distances}, named) of a per-image
+    classes 1..K) and the `AP_KINDS` where it has their matches, `hd95`, `nsd` [N, C - 1] where it
+    has surface distances}, named) of a per-image
     table (`per_image_rows`): the classes are its `tp/<class>` columns in order, an image without a
     `name` is named by its `index`, and `named` is False when every image's name is its index (a
     dataset that stores no file names, e.g. the synthetic one, names its images so). A table
@@ -80,7 +81,9 @@ def read_per_image_counts(path: str) -> tuple[list[str], list[str], dict[str, np
     if segment_classes:
         if segment_classes != classes[1 : 1 + len(segment_classes)]:
             raise ValueError(f"{path}: segment counts of {segment_classes}, not the classes after {classes[0]!r}")
-        for kind in PQ_KINDS:  # pq_iou: sums of IoUs; the others segment counts (none: an image without valid pixels)
+        matched = all(f"{k}/{c}" in header for k in AP_KINDS for c in segment_classes)  # none in older tables
+        for kind in (*PQ_KINDS, *(AP_KINDS if matched else ())):
+            # pq_iou: sums of IoUs; the others segment counts (none: an image without valid pixels)
             values = [[float(r[f"{kind}/{c}"] or 0) for c in segment_classes] for r in rows]
             counts[kind] = np.array(values, np.float64 if kind == "pq_iou" else np.int64)
     for kind in SURFACE_KINDS:  # each image's distances, where the run measured them (an empty cell: NaN)

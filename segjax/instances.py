@@ -162,9 +162,11 @@ def reduce_outputs(out: dict, config: ml_collections.ConfigDict) -> dict:
 
 def table_rows(outputs: list[dict], config: ml_collections.ConfigDict) -> list[dict | None]:
     """Per output row of `reduce_outputs`' batches (None for padding): the image's columns of the
-    per-image table, per class PQ scores (`pq/<class>`, NaN without a segment) and its segment
-    counts (`scoring.PQ_KINDS`: `pq_tp/<class>`, `pq_fp/<class>`, `pq_fn/<class>`, `pq_iou/<class>`),
-    from which PQ over any set of images is computed (a bootstrap, a pooled study row)."""
+    per-image table, per class PQ and DSB score (`pq/<class>`, `ap50_95/<class>`; NaN without a
+    segment), its segment counts (`scoring.PQ_KINDS`: `pq_tp/<class>`, `pq_fp/<class>`,
+    `pq_fn/<class>`, `pq_iou/<class>`) and matches at each IoU threshold (`scoring.AP_KINDS`:
+    `ap_tp50/<class>` ... `ap_tp95/<class>`), from which PQ and the matching scores over any set of
+    images are computed (a bootstrap, a pooled study row)."""
     names = config.data.class_names[1 : config.data.num_classes]
     rows: list[dict | None] = []
     for out in outputs:
@@ -178,8 +180,12 @@ def table_rows(outputs: list[dict], config: ml_collections.ConfigDict) -> list[d
                 tp, fp, fn, iou = (segments[key][k, i] for key in ("tp", "fp", "fn", "iou"))
                 den = tp + 0.5 * fp + 0.5 * fn
                 row[f"pq/{name}"] = float(iou / den) if den else float("nan")
+                matches = segments["tp_t"][k, i]
+                ap = matches / np.maximum(tp + fp + fn + (tp - matches), 1)  # TP_t / (TP_t + FP_t + FN_t)
+                row[f"ap50_95/{name}"] = float(ap.mean()) if den else float("nan")
                 row.update({f"pq_tp/{name}": int(tp), f"pq_fp/{name}": int(fp), f"pq_fn/{name}": int(fn)})
                 row[f"pq_iou/{name}"] = float(iou)
+                row.update({f"{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, matches, strict=True)})
             rows.append(row)
             k += 1
     return rows
@@ -192,7 +198,8 @@ def score_keys(config: ml_collections.ConfigDict) -> set[str]:
         return set()
     names = config.data.class_names[1 : config.data.num_classes]
     keys = {"val/pq", "val/sq", "val/rq", "val/ap50", "val/ap75", "val/ap50_95"}
-    return keys | {f"val/{score}/{n}" for n in names for score in ("pq", "ap50_95", *scoring.PQ_KINDS)}
+    kinds = ("pq", "ap50_95", *scoring.PQ_KINDS, *scoring.AP_KINDS)
+    return keys | {f"val/{score}/{n}" for n in names for score in kinds}
 
 
 def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -212,6 +219,8 @@ def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> d
         name = config.data.class_names[c]
         out.update({f"val/pq_tp/{name}": int(acc.tp[c]), f"val/pq_fp/{name}": int(acc.fp[c])})
         out.update({f"val/pq_fn/{name}": int(acc.fn[c]), f"val/pq_iou/{name}": float(acc.iou_sum[c])})
+        matches = sum(image[c, 3:] for image in acc.images) if acc.images else np.zeros(len(scoring.AP_KINDS))
+        out.update({f"val/{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, matches, strict=True)})
     out.update({f"val/{k}": res[k] for k in ("ap50", "ap75", "ap50_95")})
     for c in range(1, num_classes):
         out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])

@@ -241,7 +241,15 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     return "\n".join(lines), len(ref_names)
 
 
-RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/mnsd", "val/mhd95")  # `results_line`'s
+RESULT_KEYS = (
+    "val/miou",
+    "val/accuracy",
+    "val/mbiou",
+    "val/pq",
+    "val/ap50_95",
+    "val/mnsd",
+    "val/mhd95",
+)  # `results_line`'s
 
 
 def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation") -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from segjax import metrics
 from segjax.errors import ConfigError
+from segjax.metrics.panoptic import AT_50, AT_75, THRESHOLDS
 
 
 def pixel_counts(confusion: np.ndarray) -> dict[str, np.ndarray]:
@@ -34,6 +35,9 @@ BOUNDARY_KINDS = {"binter": "boundary_inter", "bunion": "boundary_union"}
 # class after background, in order (`instances`); columns `pq_tp/<class>`, `pq_fp/<class>`,
 # `pq_fn/<class>` and `pq_iou/<class>` (the matches' IoUs summed) where the run is an instance run
 PQ_KINDS = ("pq_tp", "pq_fp", "pq_fn", "pq_iou")
+# the matches of those segments with IoU > each of `THRESHOLDS` (0.50 ... 0.95): columns
+# `ap_tp50/<class>` ... `ap_tp95/<class>`, the true positives of the DSB's matching scores (AP)
+AP_KINDS = tuple(f"ap_tp{round(t * 100)}" for t in THRESHOLDS)
 # each image's surface distances (`surface.per_image`, classes 1..K): columns `hd95/<class>`,
 # `nsd/<class>`; the split's scores are their means over the images where they are defined
 # (`surface.split_scores`), so these are never summed
@@ -63,7 +67,9 @@ def count_scores(counts: dict[str, np.ndarray], eval_cfg: ml_collections.ConfigD
     `bunion`) also `val/biou/<class>` and `val/mbiou`: always of the bands summed over the images
     (Boundary IoU's convention, whatever `eval.average`); with segment counts (`PQ_KINDS`, [..., K]:
     `class_names[1 : 1 + K]`) `val/pq`, `val/sq`, `val/rq` and `val/pq/<class>`, of the segments
-    summed over the images as the split's PQ is (`metrics.PanopticAccumulator`); with each image's
+    summed over the images as the split's PQ is (`metrics.PanopticAccumulator`), and with their
+    matches at each threshold (`AP_KINDS`) `val/ap50`, `val/ap75`, `val/ap50_95` and
+    `val/ap50_95/<class>`, pooled or per image first as `eval.average` says; with each image's
     surface distances (`SURFACE_KINDS`, [N, K]) `val/hd95/<class>`, `val/nsd/<class>`, `val/mhd95`,
     `val/mnsd`, their means over the images (`surface.split_scores`)."""
     return {k: float(v) for k, v in count_score_arrays(counts, eval_cfg, class_names).items()}
@@ -79,7 +85,8 @@ def count_score_arrays(
     if avg not in metrics.AVERAGES:
         raise ConfigError(f"eval.average={avg!r} is not valid; choose one of {list(metrics.AVERAGES)}")
     distances = {k: np.asarray(counts[k]) for k in SURFACE_KINDS if k in counts}  # means over images, never sums
-    counts = {k: np.asarray(counts[k]) for k in (*COUNT_KINDS, *BOUNDARY_KINDS, *PQ_KINDS) if k in counts}
+    kinds = (*COUNT_KINDS, *BOUNDARY_KINDS, *PQ_KINDS, *AP_KINDS)
+    counts = {k: np.asarray(counts[k]) for k in kinds if k in counts}
     lead = 1 if sets else 0
     if avg == "per_image" and counts["tp"].ndim != 2 + lead:
         raise ConfigError("eval.average='per_image' scores each image: it needs one row of counts per image")
@@ -103,6 +110,8 @@ def count_score_arrays(
             out.update({f"val/biou/{name}": b["biou"][i] for i, name in enumerate(class_names)})
         if "pq_tp" in c:
             out.update(_panoptic({k: c[k].reshape(-1, c[k].shape[-1]).sum(axis=0) for k in PQ_KINDS}, class_names))
+        if "ap_tp50" in c:
+            out.update(_matching(c, class_names))
         if "hd95" in c:
             out.update(_surface(c, class_names))
         return out
@@ -121,6 +130,25 @@ def _panoptic(c: dict, class_names) -> dict:
     rq = jnp.where(scored, tp / jnp.where(scored, den, 1.0), jnp.nan)
     out = {"val/pq": jnp.nanmean(pq), "val/sq": jnp.nanmean(sq), "val/rq": jnp.nanmean(rq)}
     out.update({f"val/pq/{name}": pq[i] for i, name in enumerate(class_names[1 : 1 + len(tp)])})
+    return out
+
+
+def _matching(c: dict, class_names) -> dict:
+    """The DSB's matching scores TP_t / (TP_t + FP_t + FN_t) (as `metrics.PanopticAccumulator`:
+    a match at IoU > 0.5 but not > t is both a false positive and a false negative at t), from the
+    segment counts (`PQ_KINDS`) and matches (`AP_KINDS`): [K] summed over images, or [N, K] per
+    image ('per_image': each class's mean over the images where it has a segment)."""
+    tp_t = jnp.stack([c[k] for k in AP_KINDS], axis=-1)  # [(N,) K, T]
+    tp, fp, fn = (c[k][..., None] for k in ("pq_tp", "pq_fp", "pq_fn"))
+    den = tp_t + fp + fn + 2 * (tp - tp_t)
+    den, tp_t = den.reshape(-1, *den.shape[-2:]), tp_t.reshape(-1, *tp_t.shape[-2:])  # [N, K, T]
+    present = (den > 0).sum(axis=0)  # images where each class has a segment
+    total = jnp.where(den > 0, tp_t / jnp.maximum(den, 1.0), 0.0).sum(axis=0)
+    ap = jnp.where(present > 0, total / jnp.maximum(present, 1), jnp.nan)  # [K, T]
+    by_class = ap.mean(axis=-1)
+    out = {"val/ap50": jnp.nanmean(ap[:, AT_50]), "val/ap75": jnp.nanmean(ap[:, AT_75])}
+    out["val/ap50_95"] = jnp.nanmean(by_class)
+    out.update({f"val/ap50_95/{name}": by_class[i] for i, name in enumerate(class_names[1 : 1 + len(by_class)])})
     return out
 
 

@@ -81,7 +81,7 @@ def summed_counts(
     once, so the whole dataset's score, where `POOLED` is the mean of the folds' scores. The runs'
     summed counts (`<prefix>/tp/<class>`, ...) serve 'dataset' and 'micro' averages; 'per_image'
     (nnU-Net's mean over cases) reads each image's counts from `per_image_tables` (a per-image CSV
-    per row). Boundary IoU and PQ come from the runs' band and segment counts where every run has
+    per row). Boundary IoU, PQ and AP come from the runs' band and segment counts where every run has
     them, HD95 and surface Dice (means over images) from the tables' distances. A run without
     counts (scored before they were reported) or without its table is a KeyError saying so."""
     from segjax import scoring
@@ -99,7 +99,8 @@ def summed_counts(
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
         # boundary IoU and PQ too, where every run reports their counts (PQ's: the classes after background)
         segment_classes = [n for n in class_names[1:] if f"{prefix}/pq_tp/{n}" in rows[0]]
-        for kinds, names in ((scoring.BOUNDARY_KINDS, class_names), (scoring.PQ_KINDS, segment_classes)):
+        segments = (*scoring.PQ_KINDS, *scoring.AP_KINDS)
+        for kinds, names in ((scoring.BOUNDARY_KINDS, class_names), (segments, segment_classes)):
             for kind in kinds:
                 keys = [f"{prefix}/{kind}/{name}" for name in names]
                 if keys and all(k in r for r in rows for k in keys):

@@ -113,14 +113,15 @@ def test_eval_batches_carry_aligned_truth_and_a_perfect_prediction_scores_the_en
 
 
 def test_each_image_s_segment_counts_make_the_split_s_panoptic_quality(tiny_config):
-    """The per-image table's PQ columns (`table_rows`): each image's PQ is that image scored
-    alone, padding rows have none, and the split's PQ, SQ, RQ are `scoring.count_scores` of the
-    images' segment counts (what a bootstrap over images or a pooled study row sums)."""
+    """The per-image table's PQ columns (`table_rows`): each image's PQ, DSB score and matches at
+    each IoU threshold are that image scored alone, padding rows have none, and the split's PQ, SQ,
+    RQ and AP, pooled or per image, are `scoring.count_scores` of the images' segment counts (what a
+    bootstrap over images or a pooled study row sums)."""
     from segjax import scoring
 
     tiny_config.instances.enabled = True
     splits = sources.open_splits(tiny_config.data, with_instances=True)
-    targets, panoptic = instances.hooks(tiny_config)
+    targets, _ = instances.hooks(tiny_config)
     batches = list(pipeline.eval_batches(splits["validation"], tiny_config.data, 5, 0, 1, 4, targets))
     rng = np.random.default_rng(0)
     outputs = []
@@ -143,15 +144,27 @@ def test_each_image_s_segment_counts_make_the_split_s_panoptic_quality(tiny_conf
         for c, name in enumerate(names, start=1):
             assert [row[f"pq_{k}/{name}"] for k in ("tp", "fp", "fn")] == [alone.tp[c], alone.fp[c], alone.fn[c]]
             assert row[f"pq/{name}"] == pytest.approx(res["pq"][c], nan_ok=True)
-    segments = {k: np.array([[r[f"{k}/{n}"] for n in names] for r in rows if r]) for k in scoring.PQ_KINDS}
-    split = panoptic(outputs)
-    counts = {**scoring.pixel_counts(np.zeros((1, 5, 5))), **segments}  # PQ's classes: those after background
-    got = scoring.count_scores(counts, tiny_config.eval, instances.class_names(tiny_config))
-    for key in ("val/pq", "val/sq", "val/rq", *(f"val/pq/{n}" for n in names)):
-        assert got[key] == pytest.approx(split[key], rel=1e-6, nan_ok=True), key
-    assert 0.3 < got["val/pq"] < 0.9  # neither perfect nor empty
+            assert [row[f"{k}/{name}"] for k in scoring.AP_KINDS] == list(alone.images[0][c, 3:])
+            assert row[f"ap50_95/{name}"] == pytest.approx(res["ap50_95_class"][c], nan_ok=True)
+    kinds = (*scoring.PQ_KINDS, *scoring.AP_KINDS)
+    segments = {k: np.array([[r[f"{k}/{n}"] for n in names] for r in rows if r]) for k in kinds}
+    n = len(segments["pq_tp"])
+    assert segments["ap_tp95"].sum() < segments["ap_tp50"].sum() == segments["pq_tp"].sum()  # matches > 0.5
+    ap = {}
+    for average in ("dataset", "per_image"):
+        tiny_config.eval.average = average
+        split = instances.panoptic_scores(outputs, tiny_config)
+        ap[average] = split["val/ap50_95"]
+        counts = {**scoring.pixel_counts(np.zeros((n, 5, 5))), **segments}  # PQ's classes: those after background
+        got = scoring.count_scores(counts, tiny_config.eval, instances.class_names(tiny_config))
+        keys = ("val/pq", "val/sq", "val/rq", "val/ap50", "val/ap75", "val/ap50_95")
+        for key in (*keys, *(f"val/{s}/{n}" for n in names for s in ("pq", "ap50_95"))):
+            assert got[key] == pytest.approx(split[key], rel=1e-6, nan_ok=True), (average, key)
+        assert 0.3 < got["val/pq"] < 0.9 and 0.1 < got["val/ap50_95"] < got["val/ap50"] < 1  # neither perfect nor empty
+    assert ap["dataset"] != pytest.approx(ap["per_image"], rel=1e-3)  # the two averages are not the same score
     for name in names:
-        assert segments["pq_tp"][:, names.index(name)].sum() == split[f"val/pq_tp/{name}"]
+        for kind in kinds:
+            assert segments[kind][:, names.index(name)].sum() == pytest.approx(split[f"val/{kind}/{name}"]), kind
 
 
 def test_in_memory_split_rewrites_each_label_once_and_streams_the_same_batches(tiny_config):
@@ -188,13 +201,13 @@ def test_training_reports_panoptic_quality(tiny_config, tmp_path):
     # the keys checked before training (train.best_metric, a study's --summary_keys) are the reported ones
     assert {k for k in result if k.startswith("val/")} == evaluate.run_score_keys(tiny_config)
     assert result["val/pixels"] == 12 * 32 * 32
-    # the per-image table's segment counts give the run's PQ back (intervals, pooled rows)
+    # the per-image table's segment counts give the run's PQ and AP back (intervals, pooled rows)
     from segjax import image_tables, scoring
 
     _, classes, counts, _ = image_tables.read_per_image_counts(str(tmp_path / "run" / "val_per_image.csv"))
     assert counts["pq_tp"].shape == (12, 3)  # the classes after background: tool, berry, leaf
     got = scoring.count_scores(counts, tiny_config.eval, classes)
-    for key in ("val/pq", "val/sq", "val/rq", "val/pq/tool"):
+    for key in ("val/pq", "val/sq", "val/rq", "val/pq/tool", "val/ap50", "val/ap75", "val/ap50_95", "val/ap50_95/leaf"):
         assert got[key] == pytest.approx(result[key], rel=1e-6, nan_ok=True), key
     with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
         pq = {r["step"]: r["val/pq"] for r in map(json.loads, f) if "val/pq" in r}

@@ -132,6 +132,50 @@ def test_the_interval_of_panoptic_quality_is_that_of_its_summed_segments():
     np.testing.assert_allclose(got["val/sq"]["estimate"], np.mean(sq), rtol=1e-6)
 
 
+@pytest.mark.parametrize("average", ["dataset", "per_image"])
+def test_the_interval_of_the_dsb_score_is_that_of_its_matches(average):
+    """AP50:95 (the DSB's matching score: TP_t / (TP_t + FP_t + FN_t) averaged over the IoU
+    thresholds 0.50 ... 0.95) from each image's segment counts and its matches above each threshold:
+    pooled over the drawn images ('dataset'), or each image's score first and their mean over the
+    images where the class has a segment ('per_image'); scipy's paired percentile bootstrap of either
+    for class `a`, and the estimate of `val/ap50` is the mean over classes a, b at IoU 0.5."""
+    c = random_counts(8)
+    rng = np.random.default_rng(8)
+    tp, fp, fn = rng.integers(0, 6, (30, 2)), rng.integers(0, 3, (30, 2)), rng.integers(0, 3, (30, 2))
+    tp[:4, 0] = fp[:4, 0] = fn[:4, 0] = 0  # four images without a segment of class a
+    thresholds = np.round(np.arange(0.5, 0.96, 0.05), 2)
+    # each match's IoU > 0.5; the matches above each threshold, [N, K, T]
+    ious = [[rng.uniform(0.5, 1.0, n) for n in row] for row in tp]
+    matches = np.array([[[(i > t).sum() for t in thresholds] for i in row] for row in ious])
+    c.update(pq_tp=tp, pq_fp=fp, pq_fn=fn, pq_iou=tp * 0.75)
+    c.update({f"ap_tp{round(t * 100)}": matches[..., j] for j, t in enumerate(thresholds)})
+    assert list(c)[-10:] == list(scoring.AP_KINDS)
+    keys = ["val/ap50_95/a", "val/ap50"]
+    got = intervals.bootstrap(c, eval_cfg(average), CLASSES, keys, resamples=20_000)
+
+    def ratio(m, t, p, n):  # [..., T]: TP_t / (TP_t + FP_t + FN_t); a match not above t is both FP_t and FN_t
+        return m / (t + p + n + (t - m))
+
+    def pooled(t, p, n, *m, axis=-1):
+        m = np.stack(m, axis=-1)
+        return ratio(m.sum(axis - 1), t.sum(axis)[..., None], p.sum(axis)[..., None], n.sum(axis)[..., None]).mean(-1)
+
+    def per_image(t, p, n, *m, axis=-1):
+        with np.errstate(invalid="ignore"):
+            scores = ratio(np.stack(m, axis=-1), t[..., None], p[..., None], n[..., None]).mean(-1)
+        return np.nanmean(scores, axis=axis)
+
+    statistic = pooled if average == "dataset" else per_image
+    data = (tp[:, 0], fp[:, 0], fn[:, 0], *matches[:, 0].T)
+    reference = stats.bootstrap(
+        data, statistic, paired=True, vectorized=True, n_resamples=20_000, method="percentile", random_state=1
+    )
+    np.testing.assert_allclose(got["val/ap50_95/a"]["estimate"], statistic(*data), rtol=1e-6)
+    close(got["val/ap50_95/a"], reference)
+    at_50 = [statistic(tp[:, k], fp[:, k], fn[:, k], matches[:, k, 0]) for k in range(2)]
+    np.testing.assert_allclose(got["val/ap50"]["estimate"], np.mean(at_50), rtol=1e-6)
+
+
 def test_the_interval_of_surface_distances_is_that_of_their_mean_over_images():
     """HD95 and NSD are means over the images where they are defined (an infinite HD95: a class
     in only one of truth and prediction; a NaN: in neither), whatever eval.average: scipy's

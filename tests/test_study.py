@@ -122,6 +122,26 @@ def test_summed_counts_score_every_fold_s_pixels_once(average, include_backgroun
     assert summed["val/pq/tool"] == pytest.approx(6.5 / (8 + 3 / 2 + 2 / 2), rel=1e-6)
     assert summed["val/pq"] == summed["val/pq/tool"] and np.isnan(summed["val/pq/berry"])
     assert summed["val/sq"] == pytest.approx(6.5 / 8, rel=1e-6) and summed["val/rq"] == pytest.approx(8 / 10.5)
+    assert "val/ap50" not in summed  # no matches per threshold reported (runs scored before they were)
+    # and the DSB score of both folds' matches: IoUs 0.62, 0.81, 0.97 (sum 2.4) and 0.7, 0.76, 0.84,
+    # 0.88, 0.92 (4.1); at each threshold t, TP_t / (TP_t + FP_t + FN_t) with FP_t = 3 + (8 - TP_t),
+    # FN_t = 2 + (8 - TP_t)
+    thresholds = np.round(np.arange(0.5, 0.96, 0.05), 2)
+    for row, ious in zip(rows, ([0.62, 0.81, 0.97], [0.7, 0.76, 0.84, 0.88, 0.92], [], []), strict=True):
+        for t in thresholds:
+            row.update(
+                {
+                    f"val/ap_tp{round(t * 100)}/tool": int(np.sum(np.array(ious) > t)),
+                    f"val/ap_tp{round(t * 100)}/berry": 0,
+                }
+            )
+    summed = study_tables.summed_counts(rows, eval_cfg, names)
+    matches = np.array([np.sum(np.array([0.62, 0.81, 0.97, 0.7, 0.76, 0.84, 0.88, 0.92]) > t) for t in thresholds])
+    assert matches[0] == 8 and matches[-1] == 1
+    expected = matches / (matches + 3 + (8 - matches) + 2 + (8 - matches))
+    assert summed["val/ap50"] == pytest.approx(8 / 13, rel=1e-6) and summed["val/ap75"] == pytest.approx(expected[5])
+    assert summed["val/ap50_95/tool"] == pytest.approx(expected.mean(), rel=1e-6) == summed["val/ap50_95"]
+    assert np.isnan(summed["val/ap50_95/berry"])
 
 
 def test_summed_surface_distances_are_means_over_every_run_s_images(tmp_path):

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 THRESHOLDS = np.round(np.arange(0.5, 0.96, 0.05), 2)  # IoU thresholds of the matching scores (DSB 2018)
+AT_50, AT_75 = (int(np.argmin(np.abs(THRESHOLDS - t))) for t in (0.5, 0.75))  # where AP50 and AP75 are
 
 
 class PanopticAccumulator:
@@ -95,12 +96,14 @@ class PanopticAccumulator:
 
     def per_image(self) -> dict[str, np.ndarray]:
         """Each added image's segment counts of the scored classes (`classes`), in the order added:
-        `tp`, `fp`, `fn` [N, K] and `iou` [N, K] (its matches' IoUs summed), from which PQ, SQ
-        and RQ of any set of images are sums (e.g. a bootstrap over images)."""
+        `tp`, `fp`, `fn` [N, K], `iou` [N, K] (its matches' IoUs summed) and `tp_t` [N, K, T] (its
+        matches with IoU > each of `THRESHOLDS`), from which PQ, SQ, RQ and the matching scores of
+        any set of images are computed (e.g. a bootstrap over images)."""
         k, n = list(self.classes), len(self.images)
-        counts = np.stack(self.images)[:, k, :3] if n else np.zeros((0, len(k), 3), np.int64)
+        shape = (0, len(k), 3 + len(THRESHOLDS))
+        counts = np.stack(self.images)[:, k] if n else np.zeros(shape, np.int64)
         iou = np.stack(self.image_iou)[:, k] if n else np.zeros((0, len(k)), np.float64)
-        return {"tp": counts[..., 0], "fp": counts[..., 1], "fn": counts[..., 2], "iou": iou}
+        return {"tp": counts[..., 0], "fp": counts[..., 1], "fn": counts[..., 2], "iou": iou, "tp_t": counts[..., 3:]}
 
     def result(self, average: str = "dataset") -> dict[str, np.ndarray | float]:
         """`pq`, `sq`, `rq` [C] (NaN for unscored classes or classes without segments), their
@@ -138,12 +141,11 @@ class PanopticAccumulator:
         def mean(v):
             return float(np.mean(v[scored])) if scored.any() else float("nan")
 
-        at = {t: int(np.argmin(np.abs(THRESHOLDS - t))) for t in (0.5, 0.75)}
         return {
             "ap": ap,
             "ap50_95_class": by_class,
-            "ap50": mean(ap[:, at[0.5]]),
-            "ap75": mean(ap[:, at[0.75]]),
+            "ap50": mean(ap[:, AT_50]),
+            "ap75": mean(ap[:, AT_75]),
             "ap50_95": mean(by_class),
         }
 
