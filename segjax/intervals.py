@@ -52,9 +52,10 @@ def bootstrap(
     """Per key: `estimate` (the score of all images; with `versus`, minus the other run's score
     of the same images) and the percentile interval `low`, `high` at `level` over `resamples`
     resamples of the images (rows of the [N, C] `counts`, or [N, K, C]: K rows of each image,
-    e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images).
-    Resamples where a score is undefined (a class absent from every drawn image, under
-    `eval.empty='nan'`) are left out of its interval; `undefined` counts them."""
+    e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images), and with
+    `versus` the two-sided bootstrap `p` of no difference (`p_value`). Resamples where a score is
+    undefined (a class absent from every drawn image, under `eval.empty='nan'`) are left out of
+    its interval; `undefined` counts them."""
     from segjax import scoring  # jax only when scoring
 
     if not 0 < level < 1:
@@ -92,7 +93,21 @@ def bootstrap(
             "high": float(high),
             "undefined": int(values.size - finite.size),
         }
+        if versus is not None:
+            out[key]["p"] = p_value(finite)
     return out
+
+
+def p_value(differences: np.ndarray) -> float:
+    """The two-sided bootstrap p-value of 'no difference' from resampled differences: twice the
+    smaller share of them on either side of 0 (the 1 - level at which the percentile interval
+    reaches 0), each share counted as (k + 1) / (R + 1) so that R resamples never give p = 0
+    (Davison & Hinkley's Monte Carlo p); at most 1, NaN without resamples."""
+    r = differences.size
+    if not r:
+        return float("nan")
+    below, above = (np.sum(differences <= 0) + 1) / (r + 1), (np.sum(differences >= 0) + 1) / (r + 1)
+    return float(min(1.0, 2 * min(below, above)))
 
 
 def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
@@ -205,8 +220,8 @@ def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[st
 
 def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
     """The keys `bootstrap` can bound from these counts ([N, C] or [N, K, C]): the pixel counts'
-    scores and, where the tables hold them, boundary IoU (bands), PQ (segment counts), HD95 and
-    surface Dice (distances); `val/...` names."""
+    scores and, where the tables hold them, boundary IoU (bands), PQ (segment counts), AP (their
+    matches per IoU threshold), HD95 and surface Dice (distances); `val/...` names."""
     from segjax import scoring
 
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in counts.items()}
@@ -216,47 +231,51 @@ def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
 def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:
     """(markdown, number of images): each variant of `tables` (variant -> its runs' per-image
     tables) minus `reference` on the same images, per key: the difference of the scores of
-    every seed's counts together, `+0.0012 [-0.0005, +0.0029]`, the paired percentile-bootstrap
-    interval over the images (`bootstrap` with `versus`; an image drawn for both with all its
-    seeds' rows). Keys not made of counts (HD95, NSD; boundary IoU or PQ where either side's
-    tables have no band or segment counts) are n/a; `keys` may name another split's scores
-    (`test/...`). Tables that cannot be read or matched: a ConfigError."""
+    every seed's counts together, `+0.0012 [-0.0005, +0.0029] p=0.14 (Holm 0.41)`, the paired
+    percentile-bootstrap interval over the images (`bootstrap` with `versus`; an image drawn for
+    both with all its seeds' rows), the bootstrap p of no difference and that p adjusted for the
+    number of variants (`compare.holm`, per key). Keys the tables cannot score (boundary IoU, PQ,
+    AP, HD95 or NSD where either side's tables have no bands, segment counts or distances) are
+    n/a; `keys` may name another split's scores (`test/...`). Tables that cannot be read or
+    matched: a ConfigError."""
+    from segjax import compare
+
     ref_names, _, ref_counts = image_counts(tables[reference], class_names)
     scored = scorable(ref_counts, eval_cfg, class_names)
     as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
     usable = [as_val[k] for k in keys if as_val[k] in scored]
-    lines = [f"| variant - {reference} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    results = {}
     for variant, paths in tables.items():
         if variant == reference:
             continue
         names, _, counts = image_counts(paths, class_names)
         other = paired_counts(names, ref_names, ref_counts, variant, reference)
         both = [k for k in usable if k in scorable(counts, eval_cfg, class_names)]
-        result = bootstrap(counts, eval_cfg, class_names, both, versus=other)
+        results[variant] = bootstrap(counts, eval_cfg, class_names, both, versus=other)
+    for key in usable:  # Holm over the variants that could score the key
+        scored = [r[key] for r in results.values() if key in r]
+        for r, adjusted in zip(scored, compare.holm([r["p"] for r in scored]), strict=True):
+            r["p_holm"] = adjusted
+    lines = [f"| variant - {reference} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for variant, result in results.items():
         cells = []
-        for key in keys:
-            r = result.get(as_val[key])
-            cells.append(f"{r['estimate']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]" if r else "n/a")
+        for r in (result.get(as_val[key]) for key in keys):
+            interval = f"[{r['low']:+.4f}, {r['high']:+.4f}] p={r['p']:.2g} (Holm {r['p_holm']:.2g})" if r else ""
+            cells.append(f"{r['estimate']:+.4f} {interval}" if r else "n/a")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines), len(ref_names)
 
 
-RESULT_KEYS = (
-    "val/miou",
-    "val/accuracy",
-    "val/mbiou",
-    "val/pq",
-    "val/ap50_95",
-    "val/mnsd",
-    "val/mhd95",
-)  # `results_line`'s
+# what `results_line` bounds, where a run's table holds it
+RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 
 
 def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation") -> str:
     """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
     images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
-    the `RESULT_KEYS` they hold, with `config.eval.interval_resamples` resamples under the run's
-    conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
+    the `RESULT_KEYS` they hold and the score the run is judged by (`train.best_metric`, e.g. ISBI's
+    `val/dice/membrane`, where the counts make it), with `config.eval.interval_resamples` resamples
+    under the run's conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
     the run's results stand without it."""
     resamples = config.eval.interval_resamples
     if not resamples:
@@ -267,7 +286,8 @@ def results_line(tables: list[str], config: ml_collections.ConfigDict, split: st
         names, classes, counts = image_counts(tables, instances.class_names(config))
     except ConfigError as err:
         return f"(no intervals over the images: {err})"
-    keys = [k for k in RESULT_KEYS if k in scorable(counts, config.eval, classes)]
+    wanted = dict.fromkeys((*RESULT_KEYS, config.train.best_metric))  # val/loss: no counts make it
+    keys = [k for k in wanted if k in scorable(counts, config.eval, classes)]
     bounds = bootstrap(counts, config.eval, classes, keys, resamples)
     cells = [f"{k.split('/', 1)[1]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in keys]
     seeds = f", each with its {counts['tp'].shape[1]} seeds" if counts["tp"].ndim == 3 else ""
@@ -278,10 +298,17 @@ def results_line(tables: list[str], config: ml_collections.ConfigDict, split: st
 
 
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
+    """The CLI's table: per key the score (with `versus`: the difference, and its bootstrap p of
+    no difference), its interval, the images and the undefined resamples."""
     what = f"difference (this run - {versus})" if versus else "score"
-    lines = [f"| key | {what} | {level:.0%} interval | images | undefined resamples |", "|---|---|---|---|---|"]
+    p_head, p_rule = (" p (two-sided) |", "---|") if versus else ("", "")
+    lines = [
+        f"| key | {what} | {level:.0%} interval |{p_head} images | undefined resamples |",
+        "|---|---|---|" + p_rule + "---|---|",
+    ]
     for key, r in results.items():
-        lines.append(f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] | {n} | {r['undefined']} |")
+        p = f" {r['p']:.2g} |" if versus else ""
+        lines.append(f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |{p} {n} | {r['undefined']} |")
     return "\n".join(lines)
 
 

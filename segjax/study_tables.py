@@ -19,7 +19,7 @@ from segjax.errors import ConfigError
 
 SUMMARY_KEYS = ("val/miou", "val/mdice", "val/accuracy", "val/mbiou")
 # host-side scores, summarised when the runs computed them (instances.enabled, eval.surface_metrics)
-OPTIONAL_KEYS = ("val/pq", "val/mnsd", "val/mhd95")
+OPTIONAL_KEYS = ("val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 
 
 # each image's scores and counts beside a run's metrics.json (train) and eval_best_test.json
@@ -97,7 +97,7 @@ def summed_counts(
             if lacking:
                 raise KeyError(f"{lacking} of {len(rows)} runs report no {keys[0]} (scored before pixel counts were)")
             counts[kind] = np.array([[r[k] for k in keys] for r in rows], np.int64).sum(axis=0)
-        # boundary IoU and PQ too, where every run reports their counts (PQ's: the classes after background)
+        # boundary IoU, PQ and AP too, where every run reports their counts (PQ's: the classes after background)
         segment_classes = [n for n in class_names[1:] if f"{prefix}/pq_tp/{n}" in rows[0]]
         segments = (*scoring.PQ_KINDS, *scoring.AP_KINDS)
         for kinds, names in ((scoring.BOUNDARY_KINDS, class_names), (segments, segment_classes)):
@@ -280,8 +280,8 @@ def write_comparison(
             text += (
                 f"\n\nEach variant minus {reference!r} on the same {n} images: the difference of the scores of "
                 f"every seed's pixel counts together [{intervals.LEVEL:.0%} paired percentile-bootstrap interval "
-                f"over the images, {intervals.RESAMPLES} resamples; not adjusted for the number of variants; "
-                "segjax.intervals --versus].\n\n" + over
+                f"over the images, {intervals.RESAMPLES} resamples], the bootstrap p of no difference and p adjusted "
+                "for the number of variants (Holm); segjax.intervals --versus.\n\n" + over
             )
     with writers.replaced(os.path.join(workdir, f"comparison{scored_splits.split_naming(split)[1]}.md")) as f:
         f.write(text + "\n")

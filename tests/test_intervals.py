@@ -261,7 +261,34 @@ def test_the_paired_difference_draws_the_same_images_for_both_runs():
     alone = intervals.bootstrap(a, cfg, CLASSES, ["val/dice/a"], resamples=2000)["val/dice/a"]
     assert got["high"] - got["low"] < 0.2 * (alone["high"] - alone["low"])
     same = intervals.bootstrap(a, cfg, CLASSES, ["val/dice/a"], resamples=500, versus=a)["val/dice/a"]
-    assert (same["estimate"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert (same["estimate"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    assert got["p"] == pytest.approx(2 / 20_001)  # no resample on the other side of 0: the smallest p of 20000
+    head, rule, row = intervals.markdown({"val/dice/a": got}, 30, 0.95, versus="b").splitlines()  # the CLI's table
+    assert head == "| key | difference (this run - b) | 95% interval | p (two-sided) | images | undefined resamples |"
+    assert rule.count("---") == 6 and row.endswith(f"| {got['p']:.2g} | 30 | 0 |")
+
+
+def test_the_p_value_of_a_paired_difference_is_the_exact_bootstrap_probability():
+    """On four images the bootstrap has 4**4 equally likely draws: enumerating them gives the exact
+    chance of a difference <= 0 and >= 0, and the p of 20000 random resamples is twice the smaller,
+    within their sampling error."""
+    tp_a, tp_b = np.array([50, 80, 120, 60]), np.array([58, 71, 128, 55])  # b better on two images, worse on two
+    fp, fn = np.array([10, 20, 5, 30]), np.array([40, 30, 20, 25])
+    a = {"tp": np.stack([900 - tp_a, tp_a, tp_a], 1), "fp": np.stack([fn, fp, fp], 1), "fn": np.stack([fp, fn, fn], 1)}
+    b = {"tp": np.stack([900 - tp_b, tp_b, tp_b], 1), "fp": a["fp"], "fn": a["fn"] + (tp_a - tp_b)[:, None]}
+    for c in (a, b):
+        c["tn"] = 1000 - c["tp"] - c["fp"] - c["fn"]
+    draws = np.array(np.meshgrid(*[range(4)] * 4)).reshape(4, -1).T  # [256, 4] every ordered draw
+    differences = np.array(
+        [
+            dice(b["tp"][d, 1], b["fp"][d, 1], b["fn"][d, 1]) - dice(a["tp"][d, 1], a["fp"][d, 1], a["fn"][d, 1])
+            for d in draws
+        ]
+    )
+    exact = min(1.0, 2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
+    assert 0.1 < exact < 0.9
+    got = intervals.bootstrap(b, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000, versus=a)
+    assert got["val/dice/a"]["p"] == pytest.approx(exact, abs=0.02)
 
 
 def test_one_image_an_absent_class_and_bad_arguments():
@@ -292,11 +319,13 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
 
     tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
     tiny_config.eval.interval_resamples = 300
+    tiny_config.train.best_metric = "val/dice/tool"  # the score the run is judged by: printed too
     run = tmp_path / "run"
     result = train.train_and_evaluate(tiny_config, str(run))
     printed = capsys.readouterr().out
     names, classes, counts, cfg = intervals.load([str(run)], intervals.DEFAULT_TABLE)
-    bounds = intervals.bootstrap(counts, cfg, classes, ["val/miou", "val/accuracy", "val/mbiou"], resamples=300)
+    printed_keys = ["val/miou", "val/accuracy", "val/mbiou", "val/dice/tool"]
+    bounds = intervals.bootstrap(counts, cfg, classes, printed_keys, resamples=300)
     cells = [f"{k[4:]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in bounds]
     assert "95% intervals over the 12 validation images (300 bootstrap resamples; " in printed
     assert ", ".join(cells) in printed and bounds["val/miou"]["low"] <= result["val/miou"] <= bounds["val/miou"]["high"]

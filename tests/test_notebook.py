@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import matplotlib.pyplot as plt
 
@@ -56,9 +57,11 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     assert "| val/miou | 0.5500 | [" in out and "| val/accuracy | 0.7500 | [" in out and "| 3 | 0 |" in out
     # on the same images: unet's summed confusion [[30, 5], [5, 8]] (each seed's), no_skips' [[28, 7], [5, 8]]:
     # mIoU (28/40 + 8/20) / 2 - 0.5972 = -0.0472, accuracy 36/48 - 38/48; only image c differs, so the
-    # 30 % of resamples without it differ by 0: the interval's top is 0
+    # 30 % of resamples without it differ by 0: the interval's top is 0, and the bootstrap p is twice
+    # the chance of a draw without c, 2 (2/3)^3 = 0.593 (Holm over one variant: the same)
     assert "on the same 3 images:" in out and "| no_skips | -0.0472 [" in out and "-0.0417 [" in out
-    assert out.count(", +0.0000] |") == 2
+    ps = re.findall(r", \+0\.0000\] p=([\d.]+) \(Holm ([\d.]+)\)", out)
+    assert len(ps) == 2 and all(p == holm and abs(float(p) - 2 * (2 / 3) ** 3) < 0.03 for p, holm in ps)
     assert "most pixels mistaken: fg taken for bg (7 of 16)" in out  # the largest off-diagonal count
     assert "unet/seed_0: 1 start(s): commit 0123456789ab, jax 0.10.2" in out
     assert "unet/seed_1: 2 start(s): commit 0123456789ab, jax 0.10.2; commit 0123456789ab, jax 0.11.2" in out

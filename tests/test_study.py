@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -279,8 +280,10 @@ def test_summary_columns_add_host_side_scores_runs_have_and_asked_keys(tmp_path)
         {"variant": "a", "seed": s, "val/miou": 0.5, "val/mnsd": 0.6 + 0.2 * s, "val/dice/membrane": 0.8}
         for s in (0, 1)
     ]
-    # no val/pq, val/mhd95 in these runs
+    # no val/pq, val/ap50_95, val/mhd95 in these runs
     assert study_tables.summary_keys(rows) == (*study_tables.SUMMARY_KEYS, "val/mnsd")
+    instance_rows = [{**r, "val/pq": 0.5, "val/ap50_95": 0.3} for r in rows]  # an instance run's: PQ and the DSB's AP
+    assert study_tables.summary_keys(instance_rows)[-3:] == ("val/pq", "val/ap50_95", "val/mnsd")
     table = study_tables.write_results(str(tmp_path), rows, ["val/dice/membrane"])
     head = table.splitlines()[0]
     assert head.endswith("| val/mnsd | val/dice/membrane |")
@@ -459,7 +462,13 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
                     counts = {(k, n): 5 for k in scoring.COUNT_KINDS for n in names}
                     counts.update({("tp", "tool"): tp[i], ("fp", "tool"): fp[i], ("fn", "tool"): fn[i]})
                     writer.writerow([i, name, *(counts[k, n] for k in scoring.COUNT_KINDS for n in names)])
-    command = [*tiny_study(tmp_path, {"a": {}, "b": {}}), f"--workdir={workdir}", "--collect_only", "--seeds=2"]
+    shutil.copytree(workdir / "a", workdir / "c")  # a variant the same as the reference
+    command = [
+        *tiny_study(tmp_path, {"a": {}, "b": {}, "c": {}}),
+        f"--workdir={workdir}",
+        "--collect_only",
+        "--seeds=2",
+    ]
     done = subprocess.run(
         [*command, "--compare_to=a", "--summary_keys=val/dice/tool"],
         cwd=ROOT,
@@ -486,7 +495,8 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
         method="percentile",
         random_state=1,
     )
-    line = next(x for x in text.splitlines() if x.startswith("| b |") and "[" in x and " p=" not in x)
+    same_images = text.split("on the same 40 images")[1].splitlines()
+    line = next(x for x in same_images if x.startswith("| b |"))
     estimate, low, high = (float(v) for v in re.findall(r"[+-]\d\.\d{4}", line.split(" | ")[-1]))
     assert estimate == pytest.approx(difference(*summed["b"], *summed["a"]), abs=1e-4)
     width = reference.confidence_interval.high - reference.confidence_interval.low
@@ -496,6 +506,14 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
     )
     assert low > 0  # b finds 6 more pixels of every image in each seed
     assert "Each variant minus 'a' on the same 40 images" in text and line in done.stdout
+    # the bootstrap p: twice the smaller share of scipy's resampled differences on either side of 0;
+    # Holm over the two variants (c's p is 1) doubles it
+    p, p_holm = (float(v) for v in re.findall(r"p=([\d.e-]+) \(Holm ([\d.e-]+)\) \|$", line)[0])
+    resampled = reference.bootstrap_distribution
+    assert p == pytest.approx(2 * min(np.mean(resampled <= 0), np.mean(resampled >= 0)), abs=0.01)
+    assert 0.005 < p < 0.2 and p_holm == pytest.approx(2 * p, rel=0.05)
+    (c_line,) = [x for x in same_images if x.startswith("| c |")]
+    assert c_line.endswith("| +0.0000 [+0.0000, +0.0000] p=1 (Holm 1) |")
 
 
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):
