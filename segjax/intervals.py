@@ -260,8 +260,11 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     for variant, result in results.items():
         cells = []
         for r in (result.get(as_val[key]) for key in keys):
-            interval = f"[{r['low']:+.4f}, {r['high']:+.4f}] p={r['p']:.2g} (Holm {r['p_holm']:.2g})" if r else ""
-            cells.append(f"{r['estimate']:+.4f} {interval}" if r else "n/a")
+            if r is None:
+                cells.append("n/a")
+                continue
+            interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+            cells.append(f"{r['estimate']:+.4f} {interval} p={r['p']:.2g} (Holm {r['p_holm']:.2g})")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines), len(ref_names)
 
