@@ -214,13 +214,14 @@ def panoptic_scores(outputs: list[dict], config: ml_collections.ConfigDict) -> d
             _accumulate(acc, out, config)
     res = acc.result(config.eval.average)
     out = {"val/pq": res["mpq"], "val/sq": res["msq"], "val/rq": res["mrq"]}
-    # the segment counts PQ is made of, summed over the split (pooled over runs by a study's summed row)
+    # the segment counts PQ and AP are made of, summed over the split (pooled over runs by a study's summed row)
+    shape = (num_classes, len(scoring.AP_KINDS))
+    matches = np.sum(acc.images, axis=0)[:, 3:] if acc.images else np.zeros(shape, np.int64)  # [C, T]
     for c in range(1, num_classes):
         name = config.data.class_names[c]
         out.update({f"val/pq_tp/{name}": int(acc.tp[c]), f"val/pq_fp/{name}": int(acc.fp[c])})
         out.update({f"val/pq_fn/{name}": int(acc.fn[c]), f"val/pq_iou/{name}": float(acc.iou_sum[c])})
-        matches = sum(image[c, 3:] for image in acc.images) if acc.images else np.zeros(len(scoring.AP_KINDS))
-        out.update({f"val/{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, matches, strict=True)})
+        out.update({f"val/{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, matches[c], strict=True)})
     out.update({f"val/{k}": res[k] for k in ("ap50", "ap75", "ap50_95")})
     for c in range(1, num_classes):
         out[f"val/pq/{config.data.class_names[c]}"] = float(res["pq"][c])

@@ -273,6 +273,13 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
 RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 
 
+def result_keys(counts: dict[str, np.ndarray], eval_cfg, class_names, judged_by: str = "") -> list[str]:
+    """The `RESULT_KEYS` these counts can score, then `judged_by` (a run's `train.best_metric`)
+    where they can (`val/loss` cannot): what a run's results line (and the notebook) bound."""
+    scored = scorable(counts, eval_cfg, class_names)
+    return [k for k in dict.fromkeys((*RESULT_KEYS, judged_by)) if k in scored]
+
+
 def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation") -> str:
     """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
     images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
@@ -289,8 +296,7 @@ def results_line(tables: list[str], config: ml_collections.ConfigDict, split: st
         names, classes, counts = image_counts(tables, instances.class_names(config))
     except ConfigError as err:
         return f"(no intervals over the images: {err})"
-    wanted = dict.fromkeys((*RESULT_KEYS, config.train.best_metric))  # val/loss: no counts make it
-    keys = [k for k in wanted if k in scorable(counts, config.eval, classes)]
+    keys = result_keys(counts, config.eval, classes, config.train.best_metric)
     bounds = bootstrap(counts, config.eval, classes, keys, resamples)
     cells = [f"{k.split('/', 1)[1]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in keys]
     seeds = f", each with its {counts['tp'].shape[1]} seeds" if counts["tp"].ndim == 3 else ""
