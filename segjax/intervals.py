@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -36,6 +37,7 @@ from segjax.errors import ConfigError, exit_on_user_error
 DEFAULT_TABLE = writers.PER_IMAGE_FILE
 CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
 RESAMPLES, LEVEL = 10_000, 0.95  # the CLI's defaults, and `study --pooled`'s
+_REPLICA = re.compile(r"seed_(\d+)")  # a K-seed run's replica folder (`train.num_seeds`)
 CHUNK_VALUES = 4_000_000  # drawn counts held at once per kind (resamples x images x classes): 32 MB of int64
 
 
@@ -119,18 +121,40 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
     twice = sorted(r for r, k in collections.Counter(os.path.realpath(r) for r in runs).items() if k > 1)
     if twice:
         raise ConfigError(f"{twice[0]} is given more than once")
-    conventions = []
+    conventions, tables = [], []
     for run in runs:
         config_path, path = os.path.join(run, workdirs.CONFIG_FILE), os.path.join(run, table)
-        for needed, what in ((config_path, "no run (config.json)"), (path, f"no per-image table {table}")):
-            if not os.path.exists(needed):
+        mine = [path] if os.path.exists(path) else replica_tables(run, table)  # a K-seed run's: in seed_<s>/
+        for missing, what in (
+            (not os.path.exists(config_path), "no run (config.json)"),
+            (not mine, f"no per-image table {table}"),
+        ):
+            if missing:
                 raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
         saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
         conventions.append({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
         if conventions[-1] != conventions[0]:
             raise ConfigError(f"{run} and {runs[0]} differ in their eval.{'/'.join(CONVENTION_KEYS)}")
-    names, classes, counts = image_counts([os.path.join(run, table) for run in runs])
+        tables += mine
+    names, classes, counts = image_counts(tables)
     return names, classes, counts, ml_collections.ConfigDict(conventions[0])
+
+
+def replica_tables(run: str, table: str) -> list[str]:
+    """The per-image `table` of each replica of a K-seed run (`train.num_seeds`: in `seed_<s>/`
+    beside the run's config.json), in seed order; [] where there are none."""
+    seeds = [m for m in map(_REPLICA.fullmatch, os.listdir(run) if os.path.isdir(run) else []) if m]
+    paths = [os.path.join(run, m.group(0), table) for m in sorted(seeds, key=lambda m: int(m.group(1)))]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def run_folder(table: str) -> str:
+    """The run a per-image table belongs to: its folder, or a K-seed run's for a replica's table."""
+    folder = os.path.dirname(table)
+    replica = _REPLICA.fullmatch(os.path.basename(folder)) and not os.path.exists(
+        os.path.join(folder, workdirs.CONFIG_FILE)
+    )
+    return os.path.dirname(folder) if replica else folder
 
 
 def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.ndarray], list[str]]:
@@ -211,7 +235,7 @@ def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[st
     (one per run, `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`);
     tables of other classes than `class_names` (when given) are a ConfigError."""
     names, classes, counts, unnamed = read_tables(paths)
-    require_matched([os.path.dirname(p) for p in paths], unnamed)
+    require_matched([run_folder(p) for p in paths], unnamed)
     if class_names is not None and classes != list(class_names):
         raise ConfigError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
     names, counts = grouped(names, counts)
@@ -280,30 +304,51 @@ def result_keys(counts: dict[str, np.ndarray], eval_cfg, class_names, judged_by:
     return [k for k in dict.fromkeys((*RESULT_KEYS, judged_by)) if k in scored]
 
 
-def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation") -> str:
+def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation", out: str = "") -> str:
     """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
     images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
     the `RESULT_KEYS` they hold and the score the run is judged by (`train.best_metric`, e.g. ISBI's
     `val/dice/membrane`, where the counts make it), with `config.eval.interval_resamples` resamples
     under the run's conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
-    the run's results stand without it."""
-    resamples = config.eval.interval_resamples
-    if not resamples:
-        return ""
+    the run's results stand without it. With `out`, the intervals are also written there as JSON
+    (the record `python -m segjax.intervals --out` writes for the same tables); where there are
+    none, an earlier file at `out` is removed, so it never holds the intervals of another table."""
+    resamples, line, record = config.eval.interval_resamples, "", None
+    if resamples:
+        line, record = _results(tables, config, split, resamples)
+    if out and record is not None:
+        with writers.replaced(out) as f:
+            json.dump(record, f, indent=2)
+    elif out and os.path.exists(out):
+        os.remove(out)
+    return line
+
+
+def _results(tables: list[str], config, split: str, resamples: int) -> tuple[str, dict | None]:
+    """`results_line`'s line and JSON record (None where the tables cannot be read)."""
     from segjax import instances
 
     try:
         names, classes, counts = image_counts(tables, instances.class_names(config))
     except ConfigError as err:
-        return f"(no intervals over the images: {err})"
+        return f"(no intervals over the images: {err})", None
     keys = result_keys(counts, config.eval, classes, config.train.best_metric)
     bounds = bootstrap(counts, config.eval, classes, keys, resamples)
     cells = [f"{k.split('/', 1)[1]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in keys]
     seeds = f", each with its {counts['tp'].shape[1]} seeds" if counts["tp"].ndim == 3 else ""
-    return (
+    line = (
         f"{LEVEL:.0%} intervals over the {len(names)} {split} images{seeds} ({resamples} bootstrap resamples; "
         f"python -m segjax.intervals for more): " + ", ".join(cells)
     )
+    runs, table = list(dict.fromkeys(map(run_folder, tables))), os.path.basename(tables[0])
+    return line, _record(runs, [], table, len(names), LEVEL, resamples, 0, bounds, split=split)
+
+
+def _record(runs, versus, table, images, level, resamples, seed, results, **more) -> dict:
+    """The JSON record of intervals: what was bounded, how, and per key the `bootstrap` result."""
+    record = {"runs": runs, "versus": versus, "table": table, "images": images, "level": level, **more}
+    record.update(resamples=resamples, seed=seed, intervals=results)
+    return record
 
 
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
@@ -356,8 +401,7 @@ def main(argv):
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
         print(markdown(results, len(names), f.level, ", ".join(f.versus)))
         if f.out:
-            record = {"runs": runs, "versus": f.versus, "table": f.table, "images": len(names), "level": f.level}
-            record.update(resamples=f.resamples, seed=f.seed, intervals=results)
+            record = _record(runs, f.versus, f.table, len(names), f.level, f.resamples, f.seed, results)
             with writers.replaced(f.out) as out:
                 json.dump(record, out, indent=2)
 

@@ -108,8 +108,8 @@ def evaluate_checkpoint(
     `test` split (`scored_splits.SPLIT_NAMING`; training never evaluates it), with the eval settings of `config`
     (e.g. sliding windows or TTA the run did not use), without training. Writes
     `eval_<which>.json` (test: `eval_<which>_test.json`, keys `test/...`), and each image's scores
-    to `eval_<which>[_test]_per_image.csv`, next to the run's metrics.json (never overwrites
-    metrics.json); an earlier rescoring's pair of files is kept under a number
+    to `eval_<which>[_test]_per_image.csv` (and the printed intervals to `..._intervals.json`), next
+    to the run's metrics.json (never overwrites metrics.json); an earlier rescoring's files are kept under a number
     (`keep_earlier_results`). Two rescorings of one run take turns (`workdirs.rescore_lock`)."""
     preflight.check(config)
     differences = require_run(config, workdir, which, sources.dataset_id(config.data))
@@ -170,18 +170,21 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
         print(f"\n{which} checkpoint (step {results['step']}) on the {split} split, eval {settings} ({rules}):")
         unit = surface.unit(config)
         print(report.results_table(results, instances.class_names(config), prefix=prefix, distance_unit=unit))
-        line = intervals.results_line(table, config, split)
+        line = intervals.results_line(table, config, split, os.path.join(workdir, f"eval_{name}_intervals.json"))
         if line:
             print(line)
     return results
 
 
 def keep_earlier_results(workdir: str, which: str) -> list[str]:
-    """Rename an earlier rescoring's `eval_<which>.json`, `eval_<which>_per_image.csv` and
-    `eval_<which>_confusion.csv` to `eval_<which>.<k>.json`, `eval_<which>_per_image.<k>.csv`, ...,
-    k the first number free for all, so rescoring with other eval settings never overwrites a
-    result. Returns the new paths."""
-    names = [f"eval_{which}.json", f"eval_{which}_per_image.csv", f"eval_{which}_confusion.csv"]
+    """Rename an earlier rescoring's `eval_<which>.json`, `eval_<which>_per_image.csv`,
+    `eval_<which>_confusion.csv` and `eval_<which>_intervals.json` to `eval_<which>.<k>.json`,
+    `eval_<which>_per_image.<k>.csv`, ..., k the first number free for all, so rescoring with other
+    eval settings never overwrites a result. Returns the new paths."""
+    names = [
+        f"eval_{which}.json",
+        *(f"eval_{which}_{kind}" for kind in ("per_image.csv", "confusion.csv", "intervals.json")),
+    ]
     present = [n for n in names if os.path.exists(os.path.join(workdir, n))]
     if not present:
         return []

@@ -90,6 +90,7 @@ def write_table(path: str, rows: list[dict]) -> None:
 
 LOG_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics.json"  # a run's (or baseline's) final scores, `write_summary`
+INTERVALS_FILE = "intervals.json"  # the intervals printed under the results (`intervals.results_line`)
 PER_IMAGE_FILE = "val_per_image.csv"  # the latest validation pass, one row per image (`image_tables.per_image_rows`)
 
 

@@ -329,16 +329,28 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     cells = [f"{k[4:]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in bounds]
     assert "95% intervals over the 12 validation images (300 bootstrap resamples; " in printed
     assert ", ".join(cells) in printed and bounds["val/miou"]["low"] <= result["val/miou"] <= bounds["val/miou"]["high"]
+    saved = json.loads((run / "intervals.json").read_text())  # what was printed, kept beside metrics.json
+    assert list(saved["intervals"]) == printed_keys and saved["split"] == "validation"
+    assert all(saved["intervals"][k][end] == bounds[k][end] for k in bounds for end in ("low", "high"))
     rescore.evaluate_checkpoint(tiny_config, str(run), "latest")  # its own table: the same images' counts
     assert ", ".join(cells) in capsys.readouterr().out
+    assert json.loads((run / "eval_latest_intervals.json").read_text())["intervals"] == saved["intervals"]
+    tiny_config.eval.interval_resamples = 0  # a rescoring without intervals keeps the earlier one's file
+    rescore.evaluate_checkpoint(tiny_config, str(run), "latest")
+    assert not (run / "eval_latest_intervals.json").exists()
+    assert json.loads((run / "eval_latest_intervals.1.json").read_text()) == {
+        **saved,
+        "table": "eval_latest_per_image.csv",
+    }
     out = tmp_path / "ci.json"
-    keys = ("val/miou", "val/accuracy", "val/mbiou")  # boundary IoU from the table's bands
-    command = [sys.executable, "-m", "segjax.intervals", str(run), f"--keys={','.join(keys)}", "--resamples=500"]
+    keys = printed_keys  # boundary IoU from the table's bands
+    command = [sys.executable, "-m", "segjax.intervals", str(run), f"--keys={','.join(keys)}", "--resamples=300"]
     command.append("--average=dataset")  # the run's own
     done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
-    assert record["images"] == tiny_config.data.synthetic.num_val and record["resamples"] == 500
+    assert record["images"] == tiny_config.data.synthetic.num_val and record["resamples"] == 300
+    assert record == {k: v for k, v in saved.items() if k != "split"}  # the run's file is the CLI's record
     for key in keys:
         r = record["intervals"][key]
         assert r["estimate"] == pytest.approx(result[key], rel=1e-6) and r["low"] <= r["high"]
@@ -377,6 +389,19 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     assert all((seeds[k] == np.stack([counts[k], counts[k]], 1)).all() for k in counts)
     both = intervals.bootstrap(seeds, cfg, classes, ["val/miou"], resamples=50)["val/miou"]
     assert both["estimate"] == pytest.approx(per_image["estimate"], rel=1e-6)
+    # a K-seed run (`train.num_seeds`): one config.json and dataset.json, each replica's table in
+    # seed_<s>/: its seeds, as above (images named by index: matched by the run's one dataset)
+    vmapped = tmp_path / "vmapped"
+    for s, part in ((10, rows[half:] + rows[:half]), (9, rows)):
+        (vmapped / f"seed_{s}").mkdir(parents=True)
+        write_rows(vmapped / f"seed_{s}" / intervals.DEFAULT_TABLE, part)
+    for name in ("config.json", "dataset.json"):
+        shutil.copy(run / name, vmapped / name)
+    assert intervals.replica_tables(str(vmapped), intervals.DEFAULT_TABLE) == [
+        str(vmapped / f"seed_{s}" / intervals.DEFAULT_TABLE) for s in (9, 10)
+    ]
+    replica_names, _, replicas, _ = intervals.load([str(vmapped)], intervals.DEFAULT_TABLE)
+    assert replica_names == names and all((replicas[k] == seeds[k]).all() for k in counts)
     with pytest.raises(ConfigError, match=rf"images are in different numbers of runs \(e\.g\. '{names[half]}': 1, "):
         intervals.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)  # fold 1's half missing
     (folds[1] / "dataset.json").unlink()  # images named by index only: the same images only in one dataset
