@@ -112,12 +112,15 @@ def p_value(differences: np.ndarray) -> float:
     return float(min(1.0, 2 * min(below, above)))
 
 
-def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
+def load(
+    runs: list[str], table: str, paired_with: list[str] = ()
+) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
     """(image names, class names, per-image counts, the runs' `eval` conventions) of the per-image
     `table` of one run folder, or of several taken together: the folds of a cross-validation,
     each image scored once, so the interval is of the score of all of them (`study --pooled`'s
     summed-counts row), and seeds of the same images (`grouped`). A missing folder, config or
-    table, a run given twice and runs with other classes or conventions are ConfigErrors naming them."""
+    table, a run given twice and runs with other classes or conventions are ConfigErrors naming
+    them. `paired_with`: as `image_counts`'s."""
     twice = sorted(r for r, k in collections.Counter(os.path.realpath(r) for r in runs).items() if k > 1)
     if twice:
         raise ConfigError(f"{twice[0]} is given more than once")
@@ -136,7 +139,7 @@ def load(runs: list[str], table: str) -> tuple[list[str], list[str], dict[str, n
         if conventions[-1] != conventions[0]:
             raise ConfigError(f"{run} and {runs[0]} differ in their eval.{'/'.join(CONVENTION_KEYS)}")
         tables += mine
-    names, classes, counts = image_counts(tables)
+    names, classes, counts = image_counts(tables, paired_with=paired_with)
     return names, classes, counts, ml_collections.ConfigDict(conventions[0])
 
 
@@ -230,12 +233,16 @@ def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.
     return {k: v[order] for k, v in other.items()}
 
 
-def image_counts(paths: list[str], class_names=None) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+def image_counts(
+    paths: list[str], class_names=None, paired_with: list[str] = ()
+) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
     """(image names, class names, counts [N, C] or [N, K, C]) of the per-image tables `paths`
     (one per run, `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`);
-    tables of other classes than `class_names` (when given) are a ConfigError."""
+    tables of other classes than `class_names` (when given) are a ConfigError. `paired_with`: the
+    runs whose images these will be matched with by name (`paired_counts`), so images named by
+    index must come from the same recorded dataset there too."""
     names, classes, counts, unnamed = read_tables(paths)
-    require_matched([run_folder(p) for p in paths], unnamed)
+    require_matched([*map(run_folder, paths), *paired_with], unnamed)
     if class_names is not None and classes != list(class_names):
         raise ConfigError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
     names, counts = grouped(names, counts)
@@ -272,7 +279,7 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     for variant, paths in tables.items():
         if variant == reference:
             continue
-        names, _, counts = image_counts(paths, class_names)
+        names, _, counts = image_counts(paths, class_names, [run_folder(p) for p in tables[reference]])
         other = paired_counts(names, ref_names, ref_counts, variant, reference)
         both = [k for k in usable if k in scorable(counts, eval_cfg, class_names)]
         results[variant] = bootstrap(counts, eval_cfg, class_names, both, versus=other)
@@ -393,7 +400,7 @@ def main(argv):
         eval_cfg.average = f.average or eval_cfg.average
         other = None
         if f.versus:
-            other_names, other_classes, other_counts, other_eval = load(f.versus, f.table)
+            other_names, other_classes, other_counts, other_eval = load(f.versus, f.table, runs)
             other_eval.average = f.average or other_eval.average
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
                 raise ConfigError(f"{runs} and {f.versus} differ in their classes or eval settings")

@@ -407,6 +407,9 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     (folds[1] / "dataset.json").unlink()  # images named by index only: the same images only in one dataset
     with pytest.raises(ConfigError, match="names its images by index only, and the runs did not all read one"):
         intervals.load([str(run), str(folds[1])], intervals.DEFAULT_TABLE)
+    with pytest.raises(ConfigError, match="names its images by index only"):  # --versus: matched by name too
+        intervals.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[1])])
+    assert intervals.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[0])])[0] == names
     with pytest.raises(ConfigError, match="is given more than once"):
         intervals.load([str(run), str(tmp_path / "." / "run")], intervals.DEFAULT_TABLE)
     saved = json.loads((folds[1] / "config.json").read_text())

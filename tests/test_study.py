@@ -516,6 +516,58 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
     assert c_line.endswith("| +0.0000 [+0.0000, +0.0000] p=1 (Holm 1) |")
 
 
+def test_cli_vmapped_seeds_of_images_named_by_index_get_intervals_and_the_same_images_table(tmp_path):
+    """A `--vmap_seeds` study keeps each variant's replicas' tables in <variant>/seed_<s>/ beside
+    the run's one dataset.json; images named by their index alone (the synthetic default) match
+    across variants through it. Before session 39 their summed row had no interval and the
+    comparison no same-images table ('the runs did not all read one recorded dataset')."""
+    workdir, names, n = tmp_path / "w", ("background", "tool", "berry", "leaf"), 6  # configs/tiny.py's
+    tp = {("a", 0): [9, 7, 8, 6, 9, 5], ("a", 1): [8, 8, 7, 6, 9, 6], ("b", 0): [10, 9, 9, 8, 10, 7]}
+    tp["b", 1] = [9, 9, 10, 8, 10, 8]
+    fn = {k: [12 - t for t in v] for k, v in tp.items()}  # tool: 12 pixels per image; background: 20; no others
+    for (variant, seed), hits in tp.items():
+        run = workdir / variant / f"seed_{seed}"
+        os.makedirs(run)
+        rows = []
+        for i in range(n):
+            miss = fn[variant, seed][i]
+            rows.append(
+                {"tp": (20, hits[i], 0, 0), "fp": (miss, 0, 0, 0), "fn": (0, miss, 0, 0), "tn": (hits[i], 20, 0, 0)}
+            )
+        counts = {f"val/{k}/{c}": sum(r[k][j] for r in rows) for k in scoring.COUNT_KINDS for j, c in enumerate(names)}
+        (run / "metrics.json").write_text(json.dumps({"val/miou": 0.5, "val/dice/tool": 0.5, **counts}))
+        with open(run / "val_per_image.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "name", *(f"{k}/{c}" for k in scoring.COUNT_KINDS for c in names)])
+            for i, row in enumerate(rows):  # no name: the image's index names it
+                writer.writerow([i, "", *(row[k][j] for k in scoring.COUNT_KINDS for j in range(len(names)))])
+    for variant in ("a", "b"):  # one run per variant read this dataset
+        (workdir / variant / workdirs.DATASET_FILE).write_text(json.dumps({"dataset": "synthetic/tiny:1.0.0"}))
+    command = [*tiny_study(tmp_path, {"a": {}, "b": {}}), f"--workdir={workdir}", "--collect_only", "--seeds=2"]
+    command += ["--vmap_seeds", "--pooled", "--compare_to=a", "--summary_keys=val/dice/tool"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def dice(*runs):  # the tool's Dice of these runs' counts summed over every image
+        hits, misses = sum(sum(tp[r]) for r in runs), sum(sum(fn[r]) for r in runs)
+        return 2 * hits / (2 * hits + misses)
+
+    summed = re.search(
+        rf"\| {re.escape(study_tables.SUMMED)} \| 4 \|.* \| ([\d.]+) \[([\d.]+), ([\d.]+)\] \|$", done.stdout, re.M
+    )
+    assert summed and float(summed[1]) == pytest.approx(dice(*tp), abs=1e-4)
+    assert float(summed[2]) < float(summed[1]) < float(summed[3])
+    assert f"interval over its {n} images (10000 resamples, each image drawn with its 4 runs' rows" in done.stdout
+    text = (workdir / "comparison.md").read_text(encoding="utf-8")
+    line = next(x for x in text.split(f"on the same {n} images")[1].splitlines() if x.startswith("| b |"))
+    difference = dice(("b", 0), ("b", 1)) - dice(("a", 0), ("a", 1))
+    assert float(re.findall(r"[+-]\d\.\d{4}", line.split(" | ")[-1])[0]) == pytest.approx(difference, abs=1e-4)
+    (workdir / "b" / workdirs.DATASET_FILE).write_text(json.dumps({"dataset": "synthetic/other:1.0.0"}))
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # index 0 of another dataset is not the same image
+    assert "No comparison on the same images" in done.stdout and "names its images by index only" in done.stdout
+
+
 def test_study_cli_collects_and_rejects_bad_study(tmp_path):
     path = tmp_path / "s.py"
     path.write_text("def get_config(arg=None):\n    import ml_collections\n    return ml_collections.ConfigDict()\n")
