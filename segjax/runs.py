@@ -9,8 +9,9 @@ found inside the study's folder). One row per run:
   (interrupted, or training on another host: see how long ago it last logged); `diverged`;
   `baseline`; `nothing saved`; any of these followed by `; being rescored (pid P since T, scoring
   best on the validation split)` while a process here rescores it (`--eval_only`);
-- the final scores `--keys` from its metrics.json, the dataset it read, the code of its last start
-  (environment.jsonl) and the age of its last log line.
+- the final scores `--keys` from its metrics.json, each with its interval over the images where
+  the run kept one (`intervals.json`: `eval.interval_resamples`), the dataset it read, the code of
+  its last start (environment.jsonl) and the age of its last log line.
 Only reads: nothing is locked, moved or written (except --csv).
 """
 
@@ -51,11 +52,13 @@ def _age(seconds: float) -> str:
 
 
 def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
-    """One run's row: `status`, `step`, `keys` from metrics.json (None where absent), `dataset`,
+    """One run's row: `status`, `step`, `keys` from metrics.json (None where absent) and their
+    `<key>_low`, `<key>_high` from the run's intervals.json (None where it has none), `dataset`,
     `code` (its last start's `provenance.code_summary`, jax version) and `last_log` (age)."""
     config = writers.read_json(os.path.join(run, workdirs.CONFIG_FILE))
-    path = os.path.join(run, writers.SUMMARY_FILE)
+    path, bounds = os.path.join(run, writers.SUMMARY_FILE), os.path.join(run, writers.INTERVALS_FILE)
     metrics = writers.read_json(path) if os.path.exists(path) else {}
+    intervals = writers.read_json(bounds).get("intervals", {}) if os.path.exists(bounds) else {}
     steps = config.get("train", {}).get("steps")
     step = (workdirs.checkpoint_steps(run, "latest") or [None])[-1]
     if os.path.exists(os.path.join(run, workdirs.FAILED_FILE)):
@@ -87,6 +90,7 @@ def describe(run: str, keys=DEFAULT_KEYS, now: float | None = None) -> dict:
         "status": status,
         "step": metrics.get("step") if step is None else step,
         **{k: metrics.get(k) for k in keys},
+        **{f"{k}_{end}": intervals.get(k, {}).get(end) for k in keys for end in ("low", "high")},
         "dataset": writers.read_json(dataset).get("dataset", "") if os.path.exists(dataset) else "",
         "code": code,
         "last_log": _age(now - os.path.getmtime(log)) if os.path.exists(log) else "",
@@ -108,14 +112,24 @@ def table(roots: list[str], keys=DEFAULT_KEYS) -> list[dict]:
 
 
 def markdown(rows: list[dict], keys=DEFAULT_KEYS) -> str:
+    """The rows as a markdown table; a score with an interval reads `0.8244 [0.8033, 0.8384]`."""
     columns = ["run", "status", "step", *keys, "dataset", "code", "last_log"]
 
-    def cell(v) -> str:
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    def cell(r: dict, c: str) -> str:
+        v, low, high = r.get(c), r.get(f"{c}_low"), r.get(f"{c}_high")
+        if v is None or not isinstance(v, float):
+            return "" if v is None else str(v)
+        return f"{v:.4f}" + ("" if low is None or high is None else f" [{low:.4f}, {high:.4f}]")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def csv_columns(keys=DEFAULT_KEYS) -> list[str]:
+    """The CSV's columns: the table's, each score followed by its `_low` and `_high`."""
+    scores = [c for k in keys for c in (k, f"{k}_low", f"{k}_high")]
+    return ["run", "status", "step", *scores, "dataset", "code", "last_log"]
 
 
 def define_flags() -> None:
@@ -134,8 +148,7 @@ def main(argv):
             markdown(rows, keys) if rows else f"no runs (folders with {workdirs.CONFIG_FILE}) under {', '.join(roots)}"
         )
         if flags.FLAGS.csv:
-            columns = ["run", "status", "step", *keys, "dataset", "code", "last_log"]
-            writers.write_table(flags.FLAGS.csv, [{c: r.get(c) for c in columns} for r in rows])
+            writers.write_table(flags.FLAGS.csv, [{c: r.get(c) for c in csv_columns(keys)} for r in rows])
 
 
 if __name__ == "__main__":

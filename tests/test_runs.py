@@ -24,6 +24,7 @@ def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
     from segjax import baselines, train
 
     tiny_config.train.steps, tiny_config.eval.every, tiny_config.train.checkpoint_every = 2, 2, 2
+    tiny_config.eval.interval_resamples = 200  # the run keeps its intervals: the table shows them
     root = tmp_path / "runs"
     done = root / "study" / "unet" / "seed_0"
     result = train.train_and_evaluate(tiny_config, str(done))
@@ -63,6 +64,9 @@ def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
     assert by_run["runs/empty"]["status"] == "nothing saved" and by_run["runs/empty"]["code"] == ""
     finished = by_run["runs/study/unet/seed_0"]
     assert finished["val/miou"] == result["val/miou"] and finished["val/nothing"] is None and finished["step"] == 2
+    kept = json.loads((done / "intervals.json").read_text())["intervals"]["val/miou"]
+    assert finished["val/miou_low"] == kept["low"] <= result["val/miou"] <= kept["high"] == finished["val/miou_high"]
+    assert finished["val/nothing_low"] is None and by_run["runs/otsu"]["val/miou_low"] is None
     assert finished["dataset"] == json.loads((done / "dataset.json").read_text())["dataset"]
     assert finished["code"] == f"{provenance.code_summary(provenance.git_state())}, jax {jax.__version__}"
     assert finished["last_log"] in ("just now", "1 min ago")
@@ -73,14 +77,19 @@ def test_cli_prints_the_table_writes_csv_and_refuses_no_folder(tmp_path):
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
     (run / "metrics.json").write_text(json.dumps({"step": 4, "val/miou": 0.25, "val/dice/membrane": 0.5}))
+    other = shutil.copytree(run, tmp_path / "r" / "b")
+    bounds = {"val/dice/membrane": {"estimate": 0.5, "low": 0.41, "high": 0.6, "undefined": 0}}
+    (other / "intervals.json").write_text(json.dumps({"intervals": bounds}))
     out = tmp_path / "table.csv"
     args = [sys.executable, "-m", "segjax.runs", str(tmp_path / "r"), "--keys=val/dice/membrane", f"--csv={out}"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| r/a | finished | 4 | 0.5000 |  |  |  |" in done.stdout
+    assert "| r/b | finished | 4 | 0.5000 [0.4100, 0.6000] |  |  |  |" in done.stdout
     with open(out, newline="", encoding="utf-8") as f:
-        assert [(r["run"], r["status"], r["val/dice/membrane"]) for r in csv.DictReader(f)] == [
-            ("r/a", "finished", "0.5")
+        assert [tuple(r.values())[:6] for r in csv.DictReader(f)] == [
+            ("r/a", "finished", "4", "0.5", "", ""),
+            ("r/b", "finished", "4", "0.5", "0.41", "0.6"),
         ]
     for bad, message in (([], "give one or more folders"), ([str(tmp_path / "none")], "is not a folder")):
         done = subprocess.run([*args[:3], *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
