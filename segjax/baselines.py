@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
 
-from segjax import configuration, evaluate, provenance, report, scored_splits, surface, workdirs, writers
+from segjax import configuration, evaluate, intervals, provenance, report, scored_splits, surface, workdirs, writers
 from segjax.data import class_file, pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
@@ -138,8 +138,9 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False, split: str = "validation") -> dict:
-    """Score the baseline on the validation split (`<workdir>/metrics.json`, `val_per_image.csv`)
-    or the held-out test split (`metrics_test.json`, `test_per_image.csv`, keys `test/...`, as a
+    """Score the baseline on the validation split (`<workdir>/metrics.json`, `val_per_image.csv`,
+    the printed intervals over the images in `intervals.json`) or the held-out test split
+    (`metrics_test.json`, `test_per_image.csv`, `intervals_test.json`, keys `test/...`, as a
     network's `--eval_split=test`), and write `config.json`. A network run's folder is refused; so
     is a baseline run of another config unless `overwrite` (which moves it aside, as training's
     --overwrite does)."""
@@ -166,7 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     logging.info(
         "scoring baseline %s on %d images of %s/%s", config.baseline.method, len(source), config.data.name, split
     )
-    results = evaluate_split(source, config, os.path.join(workdir, f"{prefix}_per_image.csv"))
+    table = os.path.join(workdir, f"{prefix}_per_image.csv")
+    results = evaluate_split(source, config, table)
     results = scored_splits.split_keys(results, prefix)
     results["baseline"] = config.baseline.method
     results["split"] = split
@@ -179,6 +181,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         f"{results['metrics_convention']}):"
     )
     print(report.results_table(results, names, prefix=prefix, distance_unit=surface.unit(config)))
+    out = os.path.join(workdir, f"intervals{suffix}.json")
+    line = intervals.results_line([table], config, split, out, names)
+    if line:
+        print(line)
     return results
 
 

@@ -3,7 +3,7 @@ like the ones it was scored on (the percentile bootstrap over its per-image tabl
 
     python -m segjax.intervals runs/isbi [more runs] --keys=val/dice/membrane,val/accuracy [--versus=runs/other]
         [--table=val_per_image.csv] [--average=per_image] [--resamples=10000] [--level=0.95] [--seed=0]
-        [--out=ci.json]
+        [--groups=index.csv --group_by=stratum [--group_id=id]] [--out=ci.json]
 
 A validation split of five images gives one number, and five other images would have given
 another. Each resample draws as many images with replacement, sums their pixel counts (the
@@ -16,7 +16,9 @@ interval of the score of all their images; runs of the same images (seeds) are d
 an image with all its seeds' rows (seeds are not further images).
 `--versus` gives the interval of the paired difference, this run minus the other, with the same
 images drawn for both (their tables matched by image name): whether two models differ on these
-images (`segjax.compare` asks the same over seeds). A bootstrap over few images is too narrow
+images (`segjax.compare` asks the same over seeds). `--groups` adds the same per group of
+images (a CSV naming each image's group, e.g. a dataset's imaging modality): where a model wins
+and where it does not, each with its interval. A bootstrap over few images is too narrow
 (five images have at most 126 distinct resamples): the table states the number of images.
 """
 
@@ -57,7 +59,8 @@ def bootstrap(
     e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images), and with
     `versus` the two-sided bootstrap `p` of no difference (`p_value`). Resamples where a score is
     undefined (a class absent from every drawn image, under `eval.empty='nan'`) are left out of
-    its interval; `undefined` counts them."""
+    its interval; `undefined` counts them. One image gives no interval and no p (NaN): every
+    resample is that image, which says nothing about other images."""
     from segjax import scoring  # jax only when scoring
 
     if not 0 < level < 1:
@@ -87,7 +90,9 @@ def bootstrap(
     for key in keys:
         values = np.concatenate(samples[key]).astype(np.float64)
         finite = values[~np.isnan(values)]
-        low, high = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)]) if finite.size else (np.nan, np.nan)
+        # one image says nothing about other images: every resample is it (no interval, no p)
+        spread = finite.size and n > 1
+        low, high = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)]) if spread else (np.nan, np.nan)
         estimate = full[0][key] - full[1][key] if versus is not None else full[0][key]
         out[key] = {
             "estimate": estimate,
@@ -96,7 +101,7 @@ def bootstrap(
             "undefined": int(values.size - finite.size),
         }
         if versus is not None:
-            out[key]["p"] = p_value(finite)
+            out[key]["p"] = p_value(finite) if n > 1 else float("nan")
     return out
 
 
@@ -311,18 +316,22 @@ def result_keys(counts: dict[str, np.ndarray], eval_cfg, class_names, judged_by:
     return [k for k in dict.fromkeys((*RESULT_KEYS, judged_by)) if k in scored]
 
 
-def results_line(tables: list[str], config: ml_collections.ConfigDict, split: str = "validation", out: str = "") -> str:
+def results_line(
+    tables: list[str], config: ml_collections.ConfigDict, split: str = "validation", out: str = "", class_names=None
+) -> str:
     """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
     images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
     the `RESULT_KEYS` they hold and the score the run is judged by (`train.best_metric`, e.g. ISBI's
     `val/dice/membrane`, where the counts make it), with `config.eval.interval_resamples` resamples
     under the run's conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
     the run's results stand without it. With `out`, the intervals are also written there as JSON
-    (the record `python -m segjax.intervals --out` writes for the same tables); where there are
-    none, an earlier file at `out` is removed, so it never holds the intervals of another table."""
+    (the record `python -m segjax.intervals --out` writes for the same tables; the test split's
+    keys named `test/...`); where there are none, an earlier file at `out` is removed, so it never
+    holds the intervals of another table. `class_names`: the tables' classes where they are not
+    the config's (a baseline's foreground / background)."""
     resamples, line, record = config.eval.interval_resamples, "", None
     if resamples:
-        line, record = _results(tables, config, split, resamples)
+        line, record = _results(tables, config, split, resamples, class_names)
     if out and record is not None:
         with writers.replaced(out) as f:
             json.dump(record, f, indent=2)
@@ -331,12 +340,12 @@ def results_line(tables: list[str], config: ml_collections.ConfigDict, split: st
     return line
 
 
-def _results(tables: list[str], config, split: str, resamples: int) -> tuple[str, dict | None]:
+def _results(tables: list[str], config, split: str, resamples: int, class_names) -> tuple[str, dict | None]:
     """`results_line`'s line and JSON record (None where the tables cannot be read)."""
-    from segjax import instances
+    from segjax import instances, scored_splits
 
     try:
-        names, classes, counts = image_counts(tables, instances.class_names(config))
+        names, classes, counts = image_counts(tables, class_names or instances.class_names(config))
     except ConfigError as err:
         return f"(no intervals over the images: {err})", None
     keys = result_keys(counts, config.eval, classes, config.train.best_metric)
@@ -348,6 +357,7 @@ def _results(tables: list[str], config, split: str, resamples: int) -> tuple[str
         f"python -m segjax.intervals for more): " + ", ".join(cells)
     )
     runs, table = list(dict.fromkeys(map(run_folder, tables))), os.path.basename(tables[0])
+    bounds = scored_splits.split_keys(bounds, scored_splits.split_naming(split)[0])  # test/... on the test split
     return line, _record(runs, [], table, len(names), LEVEL, resamples, 0, bounds, split=split)
 
 
@@ -356,6 +366,24 @@ def _record(runs, versus, table, images, level, resamples, seed, results, **more
     record = {"runs": runs, "versus": versus, "table": table, "images": images, "level": level, **more}
     record.update(resamples=resamples, seed=seed, intervals=results)
     return record
+
+
+def image_groups(names: list[str], groups_csv: str, column: str, id_column: str = "id") -> dict[str, np.ndarray]:
+    """The rows of `names` in each group (`report.groups`: `groups_csv`'s `column` by its
+    `id_column`), groups sorted. A missing file or column, or an image it does not name, is a ConfigError."""
+    from segjax import report
+
+    if not os.path.exists(groups_csv):
+        raise ConfigError(f"--groups={groups_csv} does not exist")
+    try:
+        group_of = report.groups(groups_csv, column, id_column)
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+    missing = [n for n in names if n not in group_of]
+    if missing:
+        raise ConfigError(f"{groups_csv} has no {id_column!r} row for the images {missing[:3]} ({len(missing)} in all)")
+    order = np.array([group_of[n] for n in names])
+    return {g: np.flatnonzero(order == g) for g in sorted(set(order))}
 
 
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
@@ -386,6 +414,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("resamples", RESAMPLES, "Bootstrap resamples.")
     flags.DEFINE_float("level", LEVEL, "Confidence level of the percentile interval.")
     flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
+    flags.DEFINE_string(
+        "groups", "", "A CSV naming each image's group (e.g. the dataset's index.csv): intervals per group."
+    )
+    flags.DEFINE_string("group_by", "", "With --groups: the column that holds the group, e.g. stratum.")
+    flags.DEFINE_string("group_id", "id", "With --groups: the column that holds the image names.")
     flags.DEFINE_string("out", "", "Also write the intervals as JSON to this file (not replaced: choose a new name).")
 
 
@@ -405,10 +438,21 @@ def main(argv):
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
                 raise ConfigError(f"{runs} and {f.versus} differ in their classes or eval settings")
             other = paired_counts(names, other_names, other_counts, ", ".join(runs), ", ".join(f.versus))
+        if bool(f.groups) != bool(f.group_by):
+            raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
+        by_group = image_groups(names, f.groups, f.group_by, f.group_id) if f.groups else {}
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
         print(markdown(results, len(names), f.level, ", ".join(f.versus)))
+        grouped_results = {}
+        for group, rows in by_group.items():  # the same bootstrap over each group's images alone
+            mine, theirs = ({k: v[rows] for k, v in c.items()} if c is not None else None for c in (counts, other))
+            found = bootstrap(mine, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, theirs)
+            grouped_results[group] = {"images": len(rows), "intervals": found}
+            print(f"\n{f.group_by} = {group}:\n" + markdown(found, len(rows), f.level, ", ".join(f.versus)))
         if f.out:
             record = _record(runs, f.versus, f.table, len(names), f.level, f.resamples, f.seed, results)
+            if by_group:
+                record.update(group_by=f.group_by, groups=grouped_results)
             with writers.replaced(f.out) as out:
                 json.dump(record, out, indent=2)
 

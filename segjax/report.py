@@ -36,6 +36,16 @@ def results_table(results: dict, class_names, prefix: str = "val", distance_unit
     return "\n".join(lines)
 
 
+def groups(groups_csv: str, column: str, id_column: str = "id") -> dict[str, str]:
+    """Image name -> its group: `groups_csv`'s `column` by its `id_column` (e.g. a dataset's
+    index.csv: `stratum` by `id`). A missing column is a KeyError naming the file's columns."""
+    with open(groups_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if id_column not in reader.fieldnames or column not in reader.fieldnames:
+            raise KeyError(f"{groups_csv} has columns {reader.fieldnames}; no {id_column!r} or {column!r}")
+        return {row[id_column]: row[column] for row in reader}
+
+
 def by_group(per_image_csv: str, groups_csv: str, column: str, keys, id_column: str = "id") -> list[dict]:
     """Mean per-image scores by subgroup, e.g. by imaging modality: the rows of a run's
     `val_per_image.csv` joined on their `name` with `groups_csv`'s `id_column`, grouped by its
@@ -43,11 +53,7 @@ def by_group(per_image_csv: str, groups_csv: str, column: str, keys, id_column: 
     over the images where it is finite (empty cells: class absent; an infinite HD95: the class in
     only one of truth and prediction, left out as the split's `val/hd95` leaves it). An image
     missing from `groups_csv`, or a key or column that is not in its file, is an error naming it."""
-    with open(groups_csv, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if id_column not in reader.fieldnames or column not in reader.fieldnames:
-            raise KeyError(f"{groups_csv} has columns {reader.fieldnames}; no {id_column!r} or {column!r}")
-        group_of = {row[id_column]: row[column] for row in reader}
+    group_of = groups(groups_csv, column, id_column)
     with open(per_image_csv, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [k for k in keys if k not in reader.fieldnames]

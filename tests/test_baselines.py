@@ -13,7 +13,7 @@ import pytest
 from skimage import filters
 from sklearn.metrics import jaccard_score
 
-from segjax import baselines, evaluate
+from segjax import baselines, evaluate, intervals
 from segjax.configuration import default_config
 from segjax.data import sources
 from segjax.errors import ConfigError, SegjaxError, WorkdirError
@@ -170,7 +170,16 @@ def test_cli_writes_metrics_and_never_overwrites_a_trained_run(tiny_config, tmp_
 def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told(tiny_config, tmp_path):
     workdir = str(tmp_path / "base")
     tiny_config.baseline.method = "otsu"
+    tiny_config.eval.interval_resamples = 300
     first = baselines.run(tiny_config, workdir)
+    # its intervals over the images, as a trained run's: printed and kept (foreground vs background)
+    names, classes, counts, cfg = intervals.load([workdir], intervals.DEFAULT_TABLE)
+    with open(os.path.join(workdir, "intervals.json"), encoding="utf-8") as f:
+        kept = json.load(f)["intervals"]
+    assert classes == ["background", "foreground"] and list(kept) == ["val/miou", "val/accuracy", "val/mbiou"]
+    assert len(names) == tiny_config.data.synthetic.num_val
+    assert kept == intervals.bootstrap(counts, cfg, classes, list(kept), resamples=300)
+    assert kept["val/miou"]["estimate"] == pytest.approx(first["val/miou"], abs=1e-6)
     assert baselines.run(tiny_config, workdir)["val/miou"] == first["val/miou"]  # the same config: rerun
     tiny_config.baseline.method = "watershed"
     with pytest.raises(WorkdirError, match=r"differs in: baseline\.method"):

@@ -292,11 +292,16 @@ def test_the_p_value_of_a_paired_difference_is_the_exact_bootstrap_probability()
 
 
 def test_one_image_an_absent_class_and_bad_arguments():
-    """One image: every resample is that image, so the interval is the score itself. A class
+    """One image: every resample is that image, which says nothing about other images: no
+    interval and no p (it was the score itself, and p its floor, before session 39). A class
     absent from some images is undefined (NaN) in resamples drawing only those, and counted."""
     c = {k: v[:1] for k, v in random_counts(3).items()}
-    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/miou"], resamples=100)["val/miou"]
-    assert got["low"] == got["high"] == pytest.approx(got["estimate"], rel=1e-6)
+    other = {k: v[1:2] for k, v in random_counts(3).items()}
+    got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/miou"], resamples=100, versus=other)["val/miou"]
+    assert np.isnan([got["low"], got["high"], got["p"]]).all() and np.isfinite(got["estimate"])
+    two = {k: v[:2] for k, v in random_counts(3).items()}
+    got = intervals.bootstrap(two, eval_cfg("dataset"), CLASSES, ["val/miou"], resamples=100)["val/miou"]
+    assert got["low"] < got["high"]
     c = random_counts(4, n=3)
     c["fn"][1:, 2] = c["tp"][1:, 2] = c["fp"][1:, 2] = 0  # class b only in image 0
     got = intervals.bootstrap(c, eval_cfg("dataset"), CLASSES, ["val/dice/b"], resamples=3000)["val/dice/b"]
@@ -424,3 +429,57 @@ def write_rows(path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def test_cli_groups_bound_each_group_s_images_alone(tmp_path):
+    """--groups: the same paired bootstrap over each group's images alone (a dataset's imaging
+    modalities: where a model wins and where it does not), as scipy's over those rows; the
+    whole split's table stays; an image the groups file does not name is a one-line error."""
+    names = [f"img{i:02d}" for i in range(30)]
+    runs = {"mine": random_counts(2), "other": random_counts(3)}
+    for run, c in runs.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "config.json").write_text(json.dumps({"eval": dict(eval_cfg("dataset"))}))
+        rows = [{"index": i, "name": n} for i, n in enumerate(names)]
+        for i, row in enumerate(rows):
+            row.update({f"{k}/{cls}": int(c[k][i, j]) for k in scoring.COUNT_KINDS for j, cls in enumerate(CLASSES)})
+        write_rows(tmp_path / run / intervals.DEFAULT_TABLE, rows)
+    stratum = ["fluo"] * 12 + ["he"] * 18
+    write_rows(tmp_path / "index.csv", [{"id": n, "stratum": s} for n, s in zip(names, stratum, strict=True)])
+    out = tmp_path / "ci.json"
+    command = [sys.executable, "-m", "segjax.intervals", str(tmp_path / "mine"), f"--versus={tmp_path / 'other'}"]
+    command += ["--keys=val/dice/a", f"--groups={tmp_path / 'index.csv'}", "--group_by=stratum", f"--out={out}"]
+    done = subprocess.run([*command, "--resamples=20000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["group_by"] == "stratum" and record["images"] == 30
+    for group, rows in (("fluo", slice(0, 12)), ("he", slice(12, 30))):
+        got = record["groups"][group]
+        assert got["images"] == rows.stop - rows.start and f"stratum = {group}:" in done.stdout
+        a, b = ((c["tp"][rows, 1], c["fp"][rows, 1], c["fn"][rows, 1]) for c in runs.values())
+        reference = stats.bootstrap(
+            (*a, *b),
+            lambda *x, axis=-1: dice(*x[:3], axis=axis) - dice(*x[3:], axis=axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=20_000,
+            method="percentile",
+            random_state=1,
+        )
+        bounds = got["intervals"]["val/dice/a"]
+        assert bounds["estimate"] == pytest.approx(dice(*a) - dice(*b), abs=1e-6)  # float32 scores
+        close(bounds, reference)
+        share = np.mean(reference.bootstrap_distribution <= 0)
+        assert bounds["p"] == pytest.approx(2 * min(share, 1 - share), abs=0.03)  # two Monte Carlo estimates
+    assert record["intervals"]["val/dice/a"]["estimate"] == pytest.approx(
+        dice(*(c[k][:, 1] for k in ("tp", "fp", "fn") for c in [runs["mine"]]))
+        - dice(*(c[k][:, 1] for k in ("tp", "fp", "fn") for c in [runs["other"]])),
+        abs=1e-6,
+    )
+    write_rows(tmp_path / "index.csv", [{"id": n, "stratum": "x"} for n in names[:-1]])
+    with pytest.raises(ConfigError, match=r"has no 'id' row for the images \['img29'\] \(1 in all\)"):
+        intervals.image_groups(names, str(tmp_path / "index.csv"), "stratum")
+    with pytest.raises(ConfigError, match=r"has columns \['id', 'stratum'\]; no 'id' or 'modality'"):
+        intervals.image_groups(names, str(tmp_path / "index.csv"), "modality")
+    done = subprocess.run([*command[:-3], "--group_by=stratum"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--groups and --group_by go together" in done.stderr

@@ -66,7 +66,9 @@ def test_runs_under_a_folder_and_their_status(tiny_config, tmp_path):
     assert finished["val/miou"] == result["val/miou"] and finished["val/nothing"] is None and finished["step"] == 2
     kept = json.loads((done / "intervals.json").read_text())["intervals"]["val/miou"]
     assert finished["val/miou_low"] == kept["low"] <= result["val/miou"] <= kept["high"] == finished["val/miou_high"]
-    assert finished["val/nothing_low"] is None and by_run["runs/otsu"]["val/miou_low"] is None
+    assert finished["val/nothing_low"] is None and by_run["runs/empty"]["val/miou_low"] is None
+    otsu = json.loads((root / "otsu" / "intervals.json").read_text())["intervals"]["val/miou"]  # a baseline's too
+    assert by_run["runs/otsu"]["val/miou_low"] == otsu["low"] < otsu["high"] == by_run["runs/otsu"]["val/miou_high"]
     assert finished["dataset"] == json.loads((done / "dataset.json").read_text())["dataset"]
     assert finished["code"] == f"{provenance.code_summary(provenance.git_state())}, jax {jax.__version__}"
     assert finished["last_log"] in ("just now", "1 min ago")

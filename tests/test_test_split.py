@@ -71,8 +71,10 @@ def test_the_test_split_is_scored_apart_from_validation_and_the_same_images_scor
     write_split_file()
     with open(os.path.join(run, "metrics.json"), "rb") as f:
         metrics_before = f.read()
+    tiny_config.eval.interval_resamples = 200  # each scoring keeps its intervals, named for its split
     val = rescore.evaluate_checkpoint(tiny_config, run, "latest")
     test = rescore.evaluate_checkpoint(tiny_config, run, "latest", "test")
+    kept_intervals(run, "eval_latest_test_intervals.json", "eval_latest_intervals.json", test)
     assert test["split"] == "test" and val["split"] == "validation"
     scores = {k[len("val/") :] for k in val if k.startswith("val/")}
     assert {"miou", "accuracy", "iou/c3", "dice/c0", "mbiou", "pixels", "images"} <= scores
@@ -102,6 +104,22 @@ def test_the_test_split_is_scored_apart_from_validation_and_the_same_images_scor
     with open(os.path.join(otsu, "metrics.json"), encoding="utf-8") as f:
         assert json.load(f)["val/miou"] == val["val/miou"]
     assert os.path.exists(os.path.join(otsu, "test_per_image.csv"))
+    kept_intervals(otsu, "intervals_test.json", "intervals.json", test)
+
+
+def kept_intervals(run: str, test_file: str, val_file: str, test: dict) -> None:
+    """The test split's kept intervals: the validation file's scores named `test/...`, each around
+    the split's own score."""
+    with open(os.path.join(run, test_file), encoding="utf-8") as f:
+        kept = json.load(f)
+    with open(os.path.join(run, val_file), encoding="utf-8") as f:
+        val_keys = list(json.load(f)["intervals"])
+    assert kept["split"] == "test" and kept["images"] == 2 and kept["table"].endswith("per_image.csv")
+    assert (
+        list(kept["intervals"]) == [f"test/{k[len('val/') :]}" for k in val_keys] and "test/miou" in kept["intervals"]
+    )
+    for key, r in kept["intervals"].items():
+        assert r["estimate"] == pytest.approx(test[key], abs=1e-6) and r["low"] <= r["high"]
 
 
 def test_a_synthetic_test_split_is_rendered_apart_and_datasets_without_one_keep_their_names(tiny_config):
