@@ -429,6 +429,8 @@ def main(argv):
             raise ConfigError("give a run folder (or the folds of one split): python -m segjax.intervals runs/isbi")
         if f.out and os.path.exists(f.out):
             raise ConfigError(f"--out={f.out} exists; choose another file")
+        if bool(f.groups) != bool(f.group_by):
+            raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
         names, classes, counts, eval_cfg = load(runs, f.table)
         eval_cfg.average = f.average or eval_cfg.average
         other = None
@@ -438,8 +440,6 @@ def main(argv):
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
                 raise ConfigError(f"{runs} and {f.versus} differ in their classes or eval settings")
             other = paired_counts(names, other_names, other_counts, ", ".join(runs), ", ".join(f.versus))
-        if bool(f.groups) != bool(f.group_by):
-            raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
         by_group = image_groups(names, f.groups, f.group_by, f.group_id) if f.groups else {}
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
         print(markdown(results, len(names), f.level, ", ".join(f.versus)))
