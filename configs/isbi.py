@@ -13,7 +13,8 @@ augmentation are consistent again. Measured (2 CPU cores, nothing else running):
 Cubic-spline warps (`data.augment.image_order=3`, the recipe since session 20): 0.8249 / 0.9290
 in 29.2 min before; with session 20's faster CPU step 16.2 min, 0.8243 / 0.9288 (linear
 warps, `--config.data.augment.image_order=1`: 15.4 min, 0.8224 / 0.9288). Session 38 on a slower
-VM of the same kind (1.5-1.7 steps/s, the dataset prepared by the run): 21.1 min, 0.8244 / 0.9288.
+VM of the same kind (1.5-1.7 steps/s, the dataset prepared by the run): 21.1 min, 0.8244 / 0.9288;
+session 39 on a faster one (3.0-3.2 steps/s): 12.0 min, the same scores.
 
 COMMAND:
   python -m segjax.main --config=configs/isbi.py --workdir=runs/isbi

@@ -25,7 +25,6 @@ and where it does not, each with its interval. A bootstrap over few images is to
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 
@@ -333,8 +332,7 @@ def results_line(
     if resamples:
         line, record = _results(tables, config, split, resamples, class_names)
     if out and record is not None:
-        with writers.replaced(out) as f:
-            json.dump(record, f, indent=2)
+        writers.write_record(out, record)
     elif out and os.path.exists(out):
         os.remove(out)
     return line
@@ -453,8 +451,7 @@ def main(argv):
             record = _record(runs, f.versus, f.table, len(names), f.level, f.resamples, f.seed, results)
             if by_group:
                 record.update(group_by=f.group_by, groups=grouped_results)
-            with writers.replaced(f.out) as out:
-                json.dump(record, out, indent=2)
+            writers.write_record(f.out, record)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ def write_summary(path: str, results: dict) -> None:
         json.dump({k: _plain(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
 
 
+def write_record(path: str, record) -> None:
+    """A nested record (dicts, lists, numbers) as pretty JSON, replaced whole; NaN becomes null
+    at any depth, as in `write_summary`, so strict JSON readers take it."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return _plain(value) if isinstance(value, (float, np.floating, np.integer)) else value
+
+    with replaced(path) as f:
+        json.dump(plain(record), f, indent=2)
+
+
 def read_json(path: str) -> dict:
     """A JSON file segjax wrote (config.json, dataset.json, metrics.json); one edited into
     invalid JSON is a WorkdirError naming it, not a traceback from the json module."""

@@ -444,16 +444,21 @@ def test_cli_groups_bound_each_group_s_images_alone(tmp_path):
         for i, row in enumerate(rows):
             row.update({f"{k}/{cls}": int(c[k][i, j]) for k in scoring.COUNT_KINDS for j, cls in enumerate(CLASSES)})
         write_rows(tmp_path / run / intervals.DEFAULT_TABLE, rows)
-    stratum = ["fluo"] * 12 + ["he"] * 18
+    stratum = ["fluo"] * 12 + ["he"] * 17 + ["one"]
     write_rows(tmp_path / "index.csv", [{"id": n, "stratum": s} for n, s in zip(names, stratum, strict=True)])
     out = tmp_path / "ci.json"
     command = [sys.executable, "-m", "segjax.intervals", str(tmp_path / "mine"), f"--versus={tmp_path / 'other'}"]
     command += ["--keys=val/dice/a", f"--groups={tmp_path / 'index.csv'}", "--group_by=stratum", f"--out={out}"]
     done = subprocess.run([*command, "--resamples=20000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(out.read_text())
+    record = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
     assert record["group_by"] == "stratum" and record["images"] == 30
-    for group, rows in (("fluo", slice(0, 12)), ("he", slice(12, 30))):
+    alone = record["groups"]["one"]  # one image: no interval and no p (null, not NaN, in the file)
+    assert alone["images"] == 1 and alone["intervals"]["val/dice/a"]["low"] is None
+    assert alone["intervals"]["val/dice/a"]["p"] is None and isinstance(
+        alone["intervals"]["val/dice/a"]["estimate"], float
+    )
+    for group, rows in (("fluo", slice(0, 12)), ("he", slice(12, 29))):
         got = record["groups"][group]
         assert got["images"] == rows.stop - rows.start and f"stratum = {group}:" in done.stdout
         a, b = ((c["tp"][rows, 1], c["fp"][rows, 1], c["fn"][rows, 1]) for c in runs.values())
