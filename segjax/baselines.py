@@ -182,9 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     )
     print(report.results_table(results, names, prefix=prefix, distance_unit=surface.unit(config)))
     out = os.path.join(workdir, f"intervals{suffix}.json")
-    line = intervals.results_line([table], config, split, out, names)
-    if line:
-        print(line)
+    intervals.print_results([table], config, split, out, names)
     return results
 
 

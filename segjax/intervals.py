@@ -13,7 +13,8 @@ their scores, and scores them under the run's own conventions (config.json's `ev
 `scoring.count_score_arrays`, so the interval is around the very number the run reports.
 Several runs of disjoint images (the folds of a cross-validation) are taken together: the
 interval of the score of all their images; runs of the same images (seeds) are drawn together,
-an image with all its seeds' rows (seeds are not further images).
+an image with all its seeds' rows (seeds are not further images; `matched_tables` reads and
+matches the tables).
 `--versus` gives the interval of the paired difference, this run minus the other, with the same
 images drawn for both (their tables matched by image name): whether two models differ on these
 images (`segjax.compare` asks the same over seeds). `--groups` adds the same per group of
@@ -24,21 +25,17 @@ and where it does not, each with its interval. A bootstrap over few images is to
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from segjax import configuration, workdirs, writers
+from segjax import configuration, matched_tables, writers
 from segjax.errors import ConfigError, exit_on_user_error
 
 DEFAULT_TABLE = writers.PER_IMAGE_FILE
-CONVENTION_KEYS = ("average", "empty", "include_background")  # the eval.* keys that make counts into scores
 RESAMPLES, LEVEL = 10_000, 0.95  # the CLI's defaults, and `study --pooled`'s
-_REPLICA = re.compile(r"seed_(\d+)")  # a K-seed run's replica folder (`train.num_seeds`)
 CHUNK_VALUES = 4_000_000  # drawn counts held at once per kind (resamples x images x classes): 32 MB of int64
 
 
@@ -116,143 +113,6 @@ def p_value(differences: np.ndarray) -> float:
     return float(min(1.0, 2 * min(below, above)))
 
 
-def load(
-    runs: list[str], table: str, paired_with: list[str] = ()
-) -> tuple[list[str], list[str], dict[str, np.ndarray], ml_collections.ConfigDict]:
-    """(image names, class names, per-image counts, the runs' `eval` conventions) of the per-image
-    `table` of one run folder, or of several taken together: the folds of a cross-validation,
-    each image scored once, so the interval is of the score of all of them (`study --pooled`'s
-    summed-counts row), and seeds of the same images (`grouped`). A missing folder, config or
-    table, a run given twice and runs with other classes or conventions are ConfigErrors naming
-    them. `paired_with`: as `image_counts`'s."""
-    twice = sorted(r for r, k in collections.Counter(os.path.realpath(r) for r in runs).items() if k > 1)
-    if twice:
-        raise ConfigError(f"{twice[0]} is given more than once")
-    conventions, tables = [], []
-    for run in runs:
-        config_path, path = os.path.join(run, workdirs.CONFIG_FILE), os.path.join(run, table)
-        mine = [path] if os.path.exists(path) else replica_tables(run, table)  # a K-seed run's: in seed_<s>/
-        for missing, what in (
-            (not os.path.exists(config_path), "no run (config.json)"),
-            (not mine, f"no per-image table {table}"),
-        ):
-            if missing:
-                raise ConfigError(f"{run} has {what}; train or score the run first, or give --table")
-        saved, default = writers.read_json(config_path).get("eval", {}), configuration.default_config().eval
-        conventions.append({k: saved.get(k, default[k]) for k in CONVENTION_KEYS})
-        if conventions[-1] != conventions[0]:
-            raise ConfigError(f"{run} and {runs[0]} differ in their eval.{'/'.join(CONVENTION_KEYS)}")
-        tables += mine
-    names, classes, counts = image_counts(tables, paired_with=paired_with)
-    return names, classes, counts, ml_collections.ConfigDict(conventions[0])
-
-
-def replica_tables(run: str, table: str) -> list[str]:
-    """The per-image `table` of each replica of a K-seed run (`train.num_seeds`: in `seed_<s>/`
-    beside the run's config.json), in seed order; [] where there are none."""
-    seeds = [m for m in map(_REPLICA.fullmatch, os.listdir(run) if os.path.isdir(run) else []) if m]
-    paths = [os.path.join(run, m.group(0), table) for m in sorted(seeds, key=lambda m: int(m.group(1)))]
-    return [p for p in paths if os.path.exists(p)]
-
-
-def run_folder(table: str) -> str:
-    """The run a per-image table belongs to: its folder, or a K-seed run's for a replica's table."""
-    folder = os.path.dirname(table)
-    replica = _REPLICA.fullmatch(os.path.basename(folder)) and not os.path.exists(
-        os.path.join(folder, workdirs.CONFIG_FILE)
-    )
-    return os.path.dirname(folder) if replica else folder
-
-
-def read_tables(paths: list[str]) -> tuple[list[str], list[str], dict[str, np.ndarray], list[str]]:
-    """(image names, class names, {tp, fp, fn, tn: [rows, C], and the bands, segment counts and
-    distances every table has}, the tables that name images by their index only) of per-image
-    tables taken together, in order. A missing table, one without counts and one with other classes than
-    the first are ConfigErrors naming it."""
-    from segjax import image_tables, scoring
-
-    names, classes, parts, unnamed = [], None, [], []
-    for path in paths:
-        if not os.path.exists(path):
-            raise ConfigError(f"no per-image table {path} (train or score its run first)")
-        try:
-            mine, their_classes, counts, named = image_tables.read_per_image_counts(path)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if classes is not None and their_classes != classes:
-            raise ConfigError(f"{path} and {paths[0]} score other classes ({their_classes} / {classes})")
-        names, classes = names + mine, their_classes
-        parts.append(counts)
-        unnamed += [] if named else [path]
-    kinds = [k for k in parts[0] if all(k in p for p in parts)] if parts else scoring.COUNT_KINDS
-    return names, classes, {k: np.concatenate([p[k] for p in parts]) for k in kinds}, unnamed
-
-
-def require_matched(runs: list[str], unnamed: list[str]) -> None:
-    """Tables that name images only by their index (a dataset that stores no file names) name the
-    same images in several runs only if those runs read the same dataset (each run's recorded
-    `workdirs.DATASET_FILE`); otherwise index 0 of one run and of another need not be one image,
-    and matching them (`grouped`) would be wrong: a ConfigError."""
-    if not unnamed or len(runs) < 2:
-        return
-    paths = [os.path.join(run, workdirs.DATASET_FILE) for run in runs]
-    datasets = {writers.read_json(p).get("dataset") if os.path.exists(p) else None for p in paths}
-    if None in datasets or len(datasets) > 1:
-        raise ConfigError(
-            f"{unnamed[0]} names its images by index only, and the runs did not all read one recorded "
-            "dataset: images of several runs cannot be matched (give one run)"
-        )
-
-
-def grouped(names: list[str], counts: dict[str, np.ndarray]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Rows of the same image (its seeds, each scored by another run) brought together: (the
-    names once, in first-seen order, and counts [N, C], or [N, K, C] when every image has K > 1
-    rows), so a resample draws images with all their rows (a cluster bootstrap: seeds are not
-    further images). Images with different numbers of rows (a seed of one fold missing) are a
-    ConfigError naming one."""
-    rows: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        rows.setdefault(name, []).append(i)
-    sizes = collections.Counter(len(r) for r in rows.values())
-    if len(sizes) > 1:
-        few = min(sizes)
-        example = next(n for n, r in rows.items() if len(r) == few)
-        raise ConfigError(
-            f"images are in different numbers of runs (e.g. {example!r}: {few}, others {max(sizes)}): give every "
-            "seed of every fold (or one seed of each)"
-        )
-    index = np.array(list(rows.values()))  # [N, K]
-    if index.shape[1] == 1:
-        index = index[:, 0]
-    return list(rows), {k: v[index] for k, v in counts.items()}
-
-
-def paired_counts(names: list[str], other_names: list[str], other: dict[str, np.ndarray], run: str, versus: str):
-    """`other`'s rows in the order of `names`: the same images, or a ConfigError saying which differ."""
-    if sorted(names) != sorted(other_names) or len(set(names)) != len(names):
-        only = sorted(set(names) ^ set(other_names))[:3]
-        raise ConfigError(f"{run} and {versus} were scored on other images (e.g. {only}); compare runs of one split")
-    position = {n: i for i, n in enumerate(other_names)}
-    order = [position[n] for n in names]
-    return {k: v[order] for k, v in other.items()}
-
-
-def image_counts(
-    paths: list[str], class_names=None, paired_with: list[str] = ()
-) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
-    """(image names, class names, counts [N, C] or [N, K, C]) of the per-image tables `paths`
-    (one per run, `<run>/<table>`) taken together (`read_tables`, `require_matched`, `grouped`);
-    tables of other classes than `class_names` (when given) are a ConfigError. `paired_with`: the
-    runs whose images these will be matched with by name (`paired_counts`), so images named by
-    index must come from the same recorded dataset there too."""
-    names, classes, counts, unnamed = read_tables(paths)
-    require_matched([*map(run_folder, paths), *paired_with], unnamed)
-    if class_names is not None and classes != list(class_names):
-        raise ConfigError(f"the per-image tables score the classes {classes}, the runs {list(class_names)}")
-    names, counts = grouped(names, counts)
-    return names, classes, counts
-
-
 def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
     """The keys `bootstrap` can bound from these counts ([N, C] or [N, K, C]): the pixel counts'
     scores and, where the tables hold them, boundary IoU (bands), PQ (segment counts), AP (their
@@ -275,7 +135,7 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     matched: a ConfigError."""
     from segjax import compare
 
-    ref_names, _, ref_counts = image_counts(tables[reference], class_names)
+    ref_names, _, ref_counts = matched_tables.image_counts(tables[reference], class_names)
     scored = scorable(ref_counts, eval_cfg, class_names)
     as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
     usable = [as_val[k] for k in keys if as_val[k] in scored]
@@ -283,8 +143,10 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     for variant, paths in tables.items():
         if variant == reference:
             continue
-        names, _, counts = image_counts(paths, class_names, [run_folder(p) for p in tables[reference]])
-        other = paired_counts(names, ref_names, ref_counts, variant, reference)
+        names, _, counts = matched_tables.image_counts(
+            paths, class_names, [matched_tables.run_folder(p) for p in tables[reference]]
+        )
+        other = matched_tables.paired_counts(names, ref_names, ref_counts, variant, reference)
         both = [k for k in usable if k in scorable(counts, eval_cfg, class_names)]
         results[variant] = bootstrap(counts, eval_cfg, class_names, both, versus=other)
     for key in usable:  # Holm over the variants that could score the key
@@ -304,7 +166,7 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     return "\n".join(lines), len(ref_names)
 
 
-# what `results_line` bounds, where a run's table holds it
+# what `print_results` bounds, where a run's table holds it
 RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 
 
@@ -315,19 +177,20 @@ def result_keys(counts: dict[str, np.ndarray], eval_cfg, class_names, judged_by:
     return [k for k in dict.fromkeys((*RESULT_KEYS, judged_by)) if k in scored]
 
 
-def results_line(
+def print_results(
     tables: list[str], config: ml_collections.ConfigDict, split: str = "validation", out: str = "", class_names=None
 ) -> str:
-    """One line for under a run's results table: the `LEVEL` percentile-bootstrap interval over the
-    images of its per-image `tables` (one per replica: an image drawn with all its seeds' rows) of
-    the `RESULT_KEYS` they hold and the score the run is judged by (`train.best_metric`, e.g. ISBI's
-    `val/dice/membrane`, where the counts make it), with `config.eval.interval_resamples` resamples
-    under the run's conventions ('' when that is 0). Tables that cannot be read give a line saying why, not an error:
-    the run's results stand without it. With `out`, the intervals are also written there as JSON
-    (the record `python -m segjax.intervals --out` writes for the same tables; the test split's
-    keys named `test/...`); where there are none, an earlier file at `out` is removed, so it never
-    holds the intervals of another table. `class_names`: the tables' classes where they are not
-    the config's (a baseline's foreground / background)."""
+    """Print (and return) one line for under a run's results table: the `LEVEL` percentile-bootstrap
+    interval over the images of its per-image `tables` (one per replica: an image drawn with all
+    its seeds' rows) of the `RESULT_KEYS` they hold and the score the run is judged by
+    (`train.best_metric`, e.g. ISBI's `val/dice/membrane`, where the counts make it), with
+    `config.eval.interval_resamples` resamples under the run's conventions (nothing when that is 0).
+    Tables that cannot be read give a line saying why, not an error: the run's results stand
+    without it. With `out`, the intervals are also written there as JSON (the record
+    `python -m segjax.intervals --out` writes for the same tables; the test split's keys named
+    `test/...`); where there are none, an earlier file at `out` is removed, so it never holds the
+    intervals of another table. `class_names`: the tables' classes where they are not the
+    config's (a baseline's foreground / background)."""
     resamples, line, record = config.eval.interval_resamples, "", None
     if resamples:
         line, record = _results(tables, config, split, resamples, class_names)
@@ -335,15 +198,17 @@ def results_line(
         writers.write_record(out, record)
     elif out and os.path.exists(out):
         os.remove(out)
+    if line:
+        print(line)
     return line
 
 
 def _results(tables: list[str], config, split: str, resamples: int, class_names) -> tuple[str, dict | None]:
-    """`results_line`'s line and JSON record (None where the tables cannot be read)."""
+    """`print_results`' line and JSON record (None where the tables cannot be read)."""
     from segjax import instances, scored_splits
 
     try:
-        names, classes, counts = image_counts(tables, class_names or instances.class_names(config))
+        names, classes, counts = matched_tables.image_counts(tables, class_names or instances.class_names(config))
     except ConfigError as err:
         return f"(no intervals over the images: {err})", None
     keys = result_keys(counts, config.eval, classes, config.train.best_metric)
@@ -354,7 +219,7 @@ def _results(tables: list[str], config, split: str, resamples: int, class_names)
         f"{LEVEL:.0%} intervals over the {len(names)} {split} images{seeds} ({resamples} bootstrap resamples; "
         f"python -m segjax.intervals for more): " + ", ".join(cells)
     )
-    runs, table = list(dict.fromkeys(map(run_folder, tables))), os.path.basename(tables[0])
+    runs, table = list(dict.fromkeys(map(matched_tables.run_folder, tables))), os.path.basename(tables[0])
     bounds = scored_splits.split_keys(bounds, scored_splits.split_naming(split)[0])  # test/... on the test split
     return line, _record(runs, [], table, len(names), LEVEL, resamples, 0, bounds, split=split)
 
@@ -364,24 +229,6 @@ def _record(runs, versus, table, images, level, resamples, seed, results, **more
     record = {"runs": runs, "versus": versus, "table": table, "images": images, "level": level, **more}
     record.update(resamples=resamples, seed=seed, intervals=results)
     return record
-
-
-def image_groups(names: list[str], groups_csv: str, column: str, id_column: str = "id") -> dict[str, np.ndarray]:
-    """The rows of `names` in each group (`report.groups`: `groups_csv`'s `column` by its
-    `id_column`), groups sorted. A missing file or column, or an image it does not name, is a ConfigError."""
-    from segjax import report
-
-    if not os.path.exists(groups_csv):
-        raise ConfigError(f"--groups={groups_csv} does not exist")
-    try:
-        group_of = report.groups(groups_csv, column, id_column)
-    except KeyError as err:
-        raise ConfigError(str(err.args[0])) from None
-    missing = [n for n in names if n not in group_of]
-    if missing:
-        raise ConfigError(f"{groups_csv} has no {id_column!r} row for the images {missing[:3]} ({len(missing)} in all)")
-    order = np.array([group_of[n] for n in names])
-    return {g: np.flatnonzero(order == g) for g in sorted(set(order))}
 
 
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
@@ -429,16 +276,16 @@ def main(argv):
             raise ConfigError(f"--out={f.out} exists; choose another file")
         if bool(f.groups) != bool(f.group_by):
             raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
-        names, classes, counts, eval_cfg = load(runs, f.table)
+        names, classes, counts, eval_cfg = matched_tables.load(runs, f.table)
         eval_cfg.average = f.average or eval_cfg.average
         other = None
         if f.versus:
-            other_names, other_classes, other_counts, other_eval = load(f.versus, f.table, runs)
+            other_names, other_classes, other_counts, other_eval = matched_tables.load(f.versus, f.table, runs)
             other_eval.average = f.average or other_eval.average
             if other_classes != classes or other_eval.to_dict() != eval_cfg.to_dict():
                 raise ConfigError(f"{runs} and {f.versus} differ in their classes or eval settings")
-            other = paired_counts(names, other_names, other_counts, ", ".join(runs), ", ".join(f.versus))
-        by_group = image_groups(names, f.groups, f.group_by, f.group_id) if f.groups else {}
+            other = matched_tables.paired_counts(names, other_names, other_counts, ", ".join(runs), ", ".join(f.versus))
+        by_group = matched_tables.image_groups(names, f.groups, f.group_by, f.group_id) if f.groups else {}
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
         print(markdown(results, len(names), f.level, ", ".join(f.versus)))
         grouped_results = {}

@@ -170,9 +170,7 @@ def _evaluate_checkpoint(config, workdir: str, which: str, split: str, differenc
         print(f"\n{which} checkpoint (step {results['step']}) on the {split} split, eval {settings} ({rules}):")
         unit = surface.unit(config)
         print(report.results_table(results, instances.class_names(config), prefix=prefix, distance_unit=unit))
-        line = intervals.results_line(table, config, split, os.path.join(workdir, f"eval_{name}_intervals.json"))
-        if line:
-            print(line)
+        intervals.print_results(table, config, split, os.path.join(workdir, f"eval_{name}_intervals.json"))
     return results
 
 

@@ -123,10 +123,10 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
     """`summed` with `<key>_low` / `<key>_high`: the interval of each of its scores over the images
     of the per-image `tables` (`segjax.intervals`: an image drawn with all its seeds' rows), and
     the note that says so; without readable tables, `summed` alone and a note saying why."""
-    from segjax import intervals
+    from segjax import intervals, matched_tables
 
     try:
-        images, _, counts = intervals.image_counts(tables, class_names)
+        images, _, counts = matched_tables.image_counts(tables, class_names)
     except ConfigError as err:
         return summed, f"No interval for '{SUMMED}': {err}."
     val = {k: "val/" + k.split("/", 1)[1] for k in summed}  # the bootstrap names every split's scores val/
@@ -146,13 +146,13 @@ def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> t
 
 def _image_counts(tables: list[str], class_names) -> dict[str, np.ndarray]:
     """Per-class counts [images, C] of every row of the per-image CSVs `tables` (`tp/<class>`, ...)."""
-    from segjax import intervals
+    from segjax import matched_tables
 
     missing = [t for t in tables if not os.path.exists(t)]
     if missing or not tables:
         raise KeyError(f"{len(missing)} runs have no per-image table ({', '.join(missing[:2]) or 'none given'})")
     try:
-        _, classes, counts, _ = intervals.read_tables(tables)
+        _, classes, counts, _ = matched_tables.read_tables(tables)
     except ConfigError as err:  # a table without counts (scored before they were)
         raise KeyError(str(err)) from None
     if classes != list(class_names):

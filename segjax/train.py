@@ -348,9 +348,7 @@ def _train_and_evaluate(config, workdir: str, overwrite: bool, allow_config_chan
         writers.write_summary(os.path.join(workdir, writers.SUMMARY_FILE), final)
         print(f"\nResults at step {step} on {config.data.name}/validation ({convention}):")
         print(report.results_table(final, names, distance_unit=surface.unit(config)))
-        line = intervals.results_line(table, config, out=os.path.join(workdir, writers.INTERVALS_FILE))
-        if line:
-            print(line)
+        intervals.print_results(table, config, out=os.path.join(workdir, writers.INTERVALS_FILE))
         if num_seeds > 1:
             print(
                 f"(means over {num_seeds} seeds; val/miou per seed: "

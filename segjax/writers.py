@@ -60,25 +60,28 @@ def replaced(path: str, newline: str | None = None):
 
 
 def write_summary(path: str, results: dict) -> None:
-    """A flat results dict as pretty JSON (metrics.json, eval_<which>.json); NaN becomes null.
-    Replaced whole (`replaced`): a crash mid-write leaves the previous file, not half of one."""
-    with replaced(path) as f:
-        json.dump({k: _plain(v) for k, v in results.items()}, f, indent=2, sort_keys=True)
+    """A flat results dict as pretty JSON (metrics.json, eval_<which>.json), keys sorted; NaN
+    becomes null (`write_record`). Replaced whole (`replaced`): a crash mid-write leaves the
+    previous file, not half of one."""
+    write_record(path, results, sort_keys=True)
 
 
-def write_record(path: str, record) -> None:
-    """A nested record (dicts, lists, numbers) as pretty JSON, replaced whole; NaN becomes null
-    at any depth, as in `write_summary`, so strict JSON readers take it."""
+def write_record(path: str, record, sort_keys: bool = False) -> None:
+    """A nested record (dicts, lists, numbers, numpy or jax arrays) as pretty JSON, replaced whole;
+    NaN becomes null at any depth, so strict JSON readers take it."""
 
     def plain(value):
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
-        return _plain(value) if isinstance(value, (float, np.floating, np.integer)) else value
+        if value is None or isinstance(value, (str, bool)):
+            return value
+        value = _plain(value)  # numbers and arrays as Python numbers and lists
+        return plain(value) if isinstance(value, list) else value
 
     with replaced(path) as f:
-        json.dump(plain(record), f, indent=2)
+        json.dump(plain(record), f, indent=2, sort_keys=sort_keys)
 
 
 def read_json(path: str) -> dict:
@@ -105,7 +108,7 @@ def write_table(path: str, rows: list[dict]) -> None:
 
 LOG_FILE = "metrics.jsonl"
 SUMMARY_FILE = "metrics.json"  # a run's (or baseline's) final scores, `write_summary`
-INTERVALS_FILE = "intervals.json"  # the intervals printed under the results (`intervals.results_line`)
+INTERVALS_FILE = "intervals.json"  # the intervals printed under the results (`intervals.print_results`)
 PER_IMAGE_FILE = "val_per_image.csv"  # the latest validation pass, one row per image (`image_tables.per_image_rows`)
 
 

@@ -13,7 +13,7 @@ import pytest
 from skimage import filters
 from sklearn.metrics import jaccard_score
 
-from segjax import baselines, evaluate, intervals
+from segjax import baselines, evaluate, intervals, matched_tables
 from segjax.configuration import default_config
 from segjax.data import sources
 from segjax.errors import ConfigError, SegjaxError, WorkdirError
@@ -173,7 +173,7 @@ def test_a_baseline_of_another_config_moves_the_earlier_one_aside_only_when_told
     tiny_config.eval.interval_resamples = 300
     first = baselines.run(tiny_config, workdir)
     # its intervals over the images, as a trained run's: printed and kept (foreground vs background)
-    names, classes, counts, cfg = intervals.load([workdir], intervals.DEFAULT_TABLE)
+    names, classes, counts, cfg = matched_tables.load([workdir], intervals.DEFAULT_TABLE)
     with open(os.path.join(workdir, "intervals.json"), encoding="utf-8") as f:
         kept = json.load(f)["intervals"]
     assert classes == ["background", "foreground"] and list(kept) == ["val/miou", "val/accuracy", "val/mbiou"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from segjax import intervals, scoring
+from segjax import intervals, matched_tables, scoring
 from segjax.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -206,7 +206,7 @@ def test_the_interval_of_surface_distances_is_that_of_their_mean_over_images():
 
 
 def test_seeds_of_the_same_images_are_drawn_together():
-    """Counts [N, K, C] (K seeds scored on each image, `intervals.grouped`) resample images, each
+    """Counts [N, K, C] (K seeds scored on each image, `matched_tables.grouped`) resample images, each
     with all its seeds: under 'dataset' the bootstrap of the per-image counts summed over the seeds,
     under 'per_image' of the per-image mean over the seeds, as scipy's (a bootstrap over the
     N * K rows instead would be too narrow: seeds are not further images)."""
@@ -231,10 +231,10 @@ def test_seeds_of_the_same_images_are_drawn_together():
     )
     np.testing.assert_allclose(got["estimate"], values.mean(), rtol=1e-6)
     close(got, reference)
-    names, grouped = intervals.grouped(["x", "y", "x", "y"], {"tp": np.arange(8).reshape(4, 2)})
+    names, grouped = matched_tables.grouped(["x", "y", "x", "y"], {"tp": np.arange(8).reshape(4, 2)})
     assert names == ["x", "y"] and grouped["tp"].tolist() == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
     with pytest.raises(ConfigError, match=r"different numbers of runs \(e\.g\. 'y': 1, others 2\)"):
-        intervals.grouped(["x", "y", "x"], {"tp": np.zeros((3, 2))})
+        matched_tables.grouped(["x", "y", "x"], {"tp": np.zeros((3, 2))})
 
 
 def test_the_paired_difference_draws_the_same_images_for_both_runs():
@@ -328,7 +328,7 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     run = tmp_path / "run"
     result = train.train_and_evaluate(tiny_config, str(run))
     printed = capsys.readouterr().out
-    names, classes, counts, cfg = intervals.load([str(run)], intervals.DEFAULT_TABLE)
+    names, classes, counts, cfg = matched_tables.load([str(run)], intervals.DEFAULT_TABLE)
     printed_keys = ["val/miou", "val/accuracy", "val/mbiou", "val/dice/tool"]
     bounds = intervals.bootstrap(counts, cfg, classes, printed_keys, resamples=300)
     cells = [f"{k[4:]} [{bounds[k]['low']:.4f}, {bounds[k]['high']:.4f}]" for k in bounds]
@@ -375,21 +375,21 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
     write_rows(other / intervals.DEFAULT_TABLE, rows)
     done = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "exists; choose another file" in done.stderr and "Traceback" not in done.stderr
-    other_names, _, other_counts, _ = intervals.load([str(other)], intervals.DEFAULT_TABLE)
+    other_names, _, other_counts, _ = matched_tables.load([str(other)], intervals.DEFAULT_TABLE)
     with pytest.raises(ConfigError, match=r"were scored on other images \(e\.g\. \['0', 'not_in_the_split'\]\)"):
-        intervals.paired_counts(names, other_names, other_counts, str(run), str(other))
+        matched_tables.paired_counts(names, other_names, other_counts, str(run), str(other))
     with pytest.raises(ConfigError, match=r"has no per-image table eval_best_per_image\.csv"):
-        intervals.load([str(run)], "eval_best_per_image.csv")
+        matched_tables.load([str(run)], "eval_best_per_image.csv")
     # the folds of a cross-validation: each run scored other images; together they are the split
     folds = [shutil.copytree(run, tmp_path / f"fold{k}") for k in range(2)]
     rows[0]["name"] = names[0]
     half = len(rows) // 2
     for fold, part in zip(folds, (rows[:half], rows[half:]), strict=True):
         write_rows(fold / intervals.DEFAULT_TABLE, part)
-    fold_names, _, fold_counts, _ = intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
+    fold_names, _, fold_counts, _ = matched_tables.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
     assert fold_names == names and all((fold_counts[k] == counts[k]).all() for k in counts)
     # two seeds of the split (copies here): each image's two rows drawn together; the same scores
-    seed_names, _, seeds, _ = intervals.load([str(run), str(folds[0]), str(folds[1])], intervals.DEFAULT_TABLE)
+    seed_names, _, seeds, _ = matched_tables.load([str(run), str(folds[0]), str(folds[1])], intervals.DEFAULT_TABLE)
     assert seed_names == names and seeds["tp"].shape == (len(names), 2, len(classes))
     assert all((seeds[k] == np.stack([counts[k], counts[k]], 1)).all() for k in counts)
     both = intervals.bootstrap(seeds, cfg, classes, ["val/miou"], resamples=50)["val/miou"]
@@ -402,26 +402,26 @@ def test_cli_on_a_run_gives_its_own_scores_and_refuses_what_it_cannot_pair(tiny_
         write_rows(vmapped / f"seed_{s}" / intervals.DEFAULT_TABLE, part)
     for name in ("config.json", "dataset.json"):
         shutil.copy(run / name, vmapped / name)
-    assert intervals.replica_tables(str(vmapped), intervals.DEFAULT_TABLE) == [
+    assert matched_tables.replica_tables(str(vmapped), intervals.DEFAULT_TABLE) == [
         str(vmapped / f"seed_{s}" / intervals.DEFAULT_TABLE) for s in (9, 10)
     ]
-    replica_names, _, replicas, _ = intervals.load([str(vmapped)], intervals.DEFAULT_TABLE)
+    replica_names, _, replicas, _ = matched_tables.load([str(vmapped)], intervals.DEFAULT_TABLE)
     assert replica_names == names and all((replicas[k] == seeds[k]).all() for k in counts)
     with pytest.raises(ConfigError, match=rf"images are in different numbers of runs \(e\.g\. '{names[half]}': 1, "):
-        intervals.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)  # fold 1's half missing
+        matched_tables.load([str(folds[0]), str(run)], intervals.DEFAULT_TABLE)  # fold 1's half missing
     (folds[1] / "dataset.json").unlink()  # images named by index only: the same images only in one dataset
     with pytest.raises(ConfigError, match="names its images by index only, and the runs did not all read one"):
-        intervals.load([str(run), str(folds[1])], intervals.DEFAULT_TABLE)
+        matched_tables.load([str(run), str(folds[1])], intervals.DEFAULT_TABLE)
     with pytest.raises(ConfigError, match="names its images by index only"):  # --versus: matched by name too
-        intervals.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[1])])
-    assert intervals.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[0])])[0] == names
+        matched_tables.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[1])])
+    assert matched_tables.load([str(run)], intervals.DEFAULT_TABLE, paired_with=[str(folds[0])])[0] == names
     with pytest.raises(ConfigError, match="is given more than once"):
-        intervals.load([str(run), str(tmp_path / "." / "run")], intervals.DEFAULT_TABLE)
+        matched_tables.load([str(run), str(tmp_path / "." / "run")], intervals.DEFAULT_TABLE)
     saved = json.loads((folds[1] / "config.json").read_text())
     saved["eval"]["average"] = "micro"
     (folds[1] / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError, match=r"differ in their eval\.average/empty/include_background"):
-        intervals.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
+        matched_tables.load([str(f) for f in folds], intervals.DEFAULT_TABLE)
 
 
 def write_rows(path, rows: list[dict]) -> None:
@@ -483,8 +483,8 @@ def test_cli_groups_bound_each_group_s_images_alone(tmp_path):
     )
     write_rows(tmp_path / "index.csv", [{"id": n, "stratum": "x"} for n in names[:-1]])
     with pytest.raises(ConfigError, match=r"has no 'id' row for the images \['img29'\] \(1 in all\)"):
-        intervals.image_groups(names, str(tmp_path / "index.csv"), "stratum")
+        matched_tables.image_groups(names, str(tmp_path / "index.csv"), "stratum")
     with pytest.raises(ConfigError, match=r"has columns \['id', 'stratum'\]; no 'id' or 'modality'"):
-        intervals.image_groups(names, str(tmp_path / "index.csv"), "modality")
+        matched_tables.image_groups(names, str(tmp_path / "index.csv"), "modality")
     done = subprocess.run([*command[:-3], "--group_by=stratum"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--groups and --group_by go together" in done.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import intervals, predict, rescore, train
+from segjax import intervals, matched_tables, predict, rescore, train
 from segjax.data import sources
 from segjax.errors import ConfigError
 from tests.test_predict import write_images
@@ -40,7 +40,7 @@ def test_two_vmapped_seeds_equal_two_separate_runs(tiny_config, tmp_path):
     both = train.train_and_evaluate(tiny_config, str(tmp_path / "vmapped"))
     # the printed intervals over the images, each drawn with both replicas' rows (not 2N images),
     # kept beside metrics.json; `segjax.intervals` reads a K-seed run's seed_<s>/ tables the same way
-    names, classes, counts, cfg = intervals.load([str(tmp_path / "vmapped")], intervals.DEFAULT_TABLE)
+    names, classes, counts, cfg = matched_tables.load([str(tmp_path / "vmapped")], intervals.DEFAULT_TABLE)
     assert counts["tp"].shape == (tiny_config.data.synthetic.num_val, 2, len(classes))
     with open(tmp_path / "vmapped" / "intervals.json", encoding="utf-8") as f:
         saved = json.load(f)
