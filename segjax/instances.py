@@ -176,16 +176,16 @@ def table_rows(outputs: list[dict], config: ml_collections.ConfigDict) -> list[d
                 rows.append(None)
                 continue
             row = {}
+            tp, fp, fn, iou, tp_t = (segments[key][k : k + 1] for key in ("tp", "fp", "fn", "iou", "tp_t"))
+            pq = metrics.panoptic.segment_scores(tp[0], fp[0], fn[0], iou[0])[0]
+            ap = metrics.panoptic.matching_scores(tp, fp, fn, tp_t).mean(axis=-1)
             for i, name in enumerate(names):
-                tp, fp, fn, iou = (segments[key][k, i] for key in ("tp", "fp", "fn", "iou"))
-                den = tp + 0.5 * fp + 0.5 * fn
-                row[f"pq/{name}"] = float(iou / den) if den else float("nan")
-                matches = segments["tp_t"][k, i]
-                ap = matches / np.maximum(tp + fp + fn + (tp - matches), 1)  # TP_t / (TP_t + FP_t + FN_t)
-                row[f"ap50_95/{name}"] = float(ap.mean()) if den else float("nan")
-                row.update({f"pq_tp/{name}": int(tp), f"pq_fp/{name}": int(fp), f"pq_fn/{name}": int(fn)})
-                row[f"pq_iou/{name}"] = float(iou)
-                row.update({f"{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, matches, strict=True)})
+                row[f"pq/{name}"], row[f"ap50_95/{name}"] = float(pq[i]), float(ap[i])
+                row.update(
+                    {f"pq_tp/{name}": int(tp[0, i]), f"pq_fp/{name}": int(fp[0, i]), f"pq_fn/{name}": int(fn[0, i])}
+                )
+                row[f"pq_iou/{name}"] = float(iou[0, i])
+                row.update({f"{kind}/{name}": int(m) for kind, m in zip(scoring.AP_KINDS, tp_t[0, i], strict=True)})
             rows.append(row)
             k += 1
     return rows

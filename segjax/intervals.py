@@ -241,9 +241,15 @@ def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
         "|---|---|---|" + p_rule + "---|---|",
     ]
     for key, r in results.items():
-        p = f" {r['p']:.2g} |" if versus else ""
-        lines.append(f"| {key} | {r['estimate']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |{p} {n} | {r['undefined']} |")
+        p = f" {_number(r['p'], '.2g')} |" if versus else ""
+        interval = f"[{_number(r['low'])}, {_number(r['high'])}]"
+        lines.append(f"| {key} | {_number(r['estimate'])} | {interval} |{p} {n} | {r['undefined']} |")
     return "\n".join(lines)
+
+
+def _number(value, spec: str = ".4f") -> str:
+    """A table cell: n/a where there is no number (NaN, or null in an intervals file)."""
+    return "n/a" if value is None or value != value else format(value, spec)
 
 
 def define_flags() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from segjax import metrics
 from segjax.errors import ConfigError
+from segjax.metrics import panoptic
 from segjax.metrics.panoptic import AT_50, AT_75, THRESHOLDS
 
 
@@ -122,14 +123,9 @@ def count_score_arrays(
 def _panoptic(c: dict, class_names) -> dict:
     """PQ, SQ, RQ per class and their means over the classes with a segment (as
     `metrics.PanopticAccumulator.result`), from segment counts summed over images (`PQ_KINDS`, [K])."""
-    tp, iou = c["pq_tp"], c["pq_iou"]
-    den = tp + 0.5 * c["pq_fp"] + 0.5 * c["pq_fn"]
-    scored = den > 0
-    pq = jnp.where(scored, iou / jnp.where(scored, den, 1.0), jnp.nan)
-    sq = jnp.where(scored & (tp > 0), iou / jnp.maximum(tp, 1.0), jnp.where(scored, 0.0, jnp.nan))
-    rq = jnp.where(scored, tp / jnp.where(scored, den, 1.0), jnp.nan)
+    pq, sq, rq = panoptic.segment_scores(c["pq_tp"], c["pq_fp"], c["pq_fn"], c["pq_iou"], xp=jnp)
     out = {"val/pq": jnp.nanmean(pq), "val/sq": jnp.nanmean(sq), "val/rq": jnp.nanmean(rq)}
-    out.update({f"val/pq/{name}": pq[i] for i, name in enumerate(class_names[1 : 1 + len(tp)])})
+    out.update({f"val/pq/{name}": pq[i] for i, name in enumerate(class_names[1 : 1 + len(pq)])})
     return out
 
 
@@ -139,12 +135,8 @@ def _matching(c: dict, class_names) -> dict:
     segment counts (`PQ_KINDS`) and matches (`AP_KINDS`): [K] summed over images, or [N, K] per
     image ('per_image': each class's mean over the images where it has a segment)."""
     tp_t = jnp.stack([c[k] for k in AP_KINDS], axis=-1)  # [(N,) K, T]
-    tp, fp, fn = (c[k][..., None] for k in ("pq_tp", "pq_fp", "pq_fn"))
-    den = tp_t + fp + fn + 2 * (tp - tp_t)
-    den, tp_t = den.reshape(-1, *den.shape[-2:]), tp_t.reshape(-1, *tp_t.shape[-2:])  # [N, K, T]
-    present = (den > 0).sum(axis=0)  # images where each class has a segment
-    total = jnp.where(den > 0, tp_t / jnp.maximum(den, 1.0), 0.0).sum(axis=0)
-    ap = jnp.where(present > 0, total / jnp.maximum(present, 1), jnp.nan)  # [K, T]
+    tp, fp, fn = (c[k].reshape(-1, tp_t.shape[-2]) for k in ("pq_tp", "pq_fp", "pq_fn"))  # [N, K]
+    ap = panoptic.matching_scores(tp, fp, fn, tp_t.reshape(-1, *tp_t.shape[-2:]), xp=jnp)  # [K, T]
     by_class = ap.mean(axis=-1)
     out = {"val/ap50": jnp.nanmean(ap[:, AT_50]), "val/ap75": jnp.nanmean(ap[:, AT_75])}
     out["val/ap50_95"] = jnp.nanmean(by_class)

@@ -209,3 +209,26 @@ def test_matching_scores_equal_a_hungarian_reference(average):
         assert res["ap"][1, i] == pytest.approx(want, rel=1e-12), t
     assert 0.1 < res["ap50_95"] < res["ap50"] < 1  # a test of something: neither trivial end
     assert res["ap50_95"] == pytest.approx(np.mean(res["ap"][1]))
+
+
+def test_the_formulas_of_counts_by_hand_in_numpy_and_jax():
+    """PQ/SQ/RQ and the matching scores of given counts (the one formula the accumulator, a run's
+    per-image table and a bootstrap resample use), numpy and jax.numpy alike."""
+    import jax.numpy as jnp
+
+    from segjax.metrics import panoptic
+
+    # class 1: 2 matches (IoUs 0.9 + 0.6), 1 FP, 1 FN; class 2: only a FP; class 3: no segment
+    tp, fp, fn, iou = (np.array(v) for v in ([2, 0, 0], [1, 1, 0], [1, 0, 0], [1.5, 0.0, 0.0]))
+    for xp in (np, jnp):
+        pq, sq, rq = (np.asarray(v) for v in panoptic.segment_scores(tp, fp, fn, iou, xp=xp))
+        np.testing.assert_allclose(pq, [1.5 / 3, 0.0, np.nan])
+        np.testing.assert_allclose(sq, [0.75, 0.0, np.nan])
+        np.testing.assert_allclose(rq, [2 / 3, 0.0, np.nan])
+    # two images of one class: (tp 2, fp 1, fn 1; matches over t0, t1: 2, 1) and (tp 0, fp 0, fn 0)
+    tp_t = np.array([[[2, 1]], [[0, 0]]])
+    counts = (np.array([[2], [0]]), np.array([[1], [0]]), np.array([[1], [0]]))
+    for xp in (np, jnp):
+        ap = np.asarray(panoptic.matching_scores(*counts, tp_t, xp=xp))
+        # t0: 2 / (2 + 1 + 1); t1: 1 / (1 + 1 + 1 + 2): the image without a segment is left out
+        np.testing.assert_allclose(ap, [[0.5, 0.2]])

@@ -7,6 +7,7 @@ import os
 import re
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from tests.conftest import ROOT
 
@@ -36,14 +37,9 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
                 for jax in ("0.10.2", "0.11.2")
             ]
             (run / "environment.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts[: 1 + seed]))
+    _isbi_runs(tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
-    with open(os.path.join(ROOT, "experiments", "analysis.ipynb"), encoding="utf-8") as f:
-        notebook = json.load(f)
-    namespace: dict = {}
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "code":
-            exec("".join(cell["source"]), namespace)
-    out = capsys.readouterr().out
+    out = _run_notebook(capsys)
     assert "4 finished runs" in out
     assert "| unet | 2 | 0.8500 ± 0.0707 |" in out and "| no_skips | 2 | 0.6100 ± 0.0141 |" in out
     # no_skips - unet by seed: mIoU -0.2, -0.28 (mean -0.24, standard error 0.04), boundary IoU half that;
@@ -65,5 +61,70 @@ def test_analysis_notebook_runs_on_a_fake_study(tmp_path, monkeypatch, capsys):
     assert "most pixels mistaken: fg taken for bg (7 of 16)" in out  # the largest off-diagonal count
     assert "unet/seed_0: 1 start(s): commit 0123456789ab, jax 0.10.2" in out
     assert "unet/seed_1: 2 start(s): commit 0123456789ab, jax 0.10.2; commit 0123456789ab, jax 0.11.2" in out
+    # the ISBI cell: the network's kept interval (accuracy's null bounds: the score alone), the
+    # baseline without intervals.json; membrane Dice of the summed counts 24/29 vs 18/30, accuracy
+    # 43/48 vs 36/48, and the network is better on every image: no resample reaches 0, so the
+    # bootstrap p is its floor 2 / (10000 + 1)
+    assert "runs/isbi        membrane Dice 0.828 [0.700, 0.900]  accuracy 0.896\n" in out
+    assert "runs/isbi_otsu   membrane Dice 0.600  accuracy 0.750\n" in out
+    assert "on the same 3 images:" in out
+    row = re.search(r"\| runs/isbi \| \+(\S+) \[\+(\S+), .*p=(\S+) .*\| \+(\S+) \[\+(\S+), .*p=(\S+) ", out)
+    assert row, out
+    assert row[1] == f"{24 / 29 - 0.6:.4f}" and row[4] == f"{(43 - 36) / 48:.4f}"
+    assert float(row[2]) > 0 and float(row[5]) > 0 and row[3] == row[6] == f"{2 / 10001:.2g}"
     assert plt.get_fignums()  # the plots were drawn
     plt.close("all")
+
+    # a run that kept its intervals (intervals.json): the notebook shows those, null as n/a
+    kept = {"val/miou": {"estimate": 0.55, "low": 0.1234, "high": 0.9876, "undefined": 0}}
+    kept["val/accuracy"] = {"estimate": 0.75, "low": None, "high": None, "undefined": 3}
+    run = tmp_path / "runs" / "study_skips" / "no_skips" / "seed_0"
+    (run / "intervals.json").write_text(json.dumps({"images": 3, "level": 0.9, "intervals": kept}))
+    out = _run_notebook(capsys)
+    assert "| key | score | 90% interval | images | undefined resamples |" in out
+    assert "| val/miou | 0.5500 | [0.1234, 0.9876] | 3 | 0 |" in out
+    assert "| val/accuracy | 0.7500 | [n/a, n/a] | 3 | 3 |" in out
+    plt.close("all")
+
+
+def _run_notebook(capsys) -> str:
+    """Every code cell of the notebook, in order, in one namespace; what it printed."""
+    with open(os.path.join(ROOT, "experiments", "analysis.ipynb"), encoding="utf-8") as f:
+        notebook = json.load(f)
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec("".join(cell["source"]), namespace)
+    return capsys.readouterr().out
+
+
+def _isbi_runs(root) -> None:
+    """A network's and a threshold's run on three ISBI-like images (truth rows x prediction columns,
+    classes cell, membrane): network x [[10, 1], [1, 4]], y [[12, 0], [1, 3]], z [[9, 2], [0, 5]];
+    threshold x [[8, 3], [2, 3]], y [[10, 2], [2, 2]], z [[9, 2], [1, 4]]."""
+    confusions = {
+        "isbi": ([[10, 1], [1, 4]], [[12, 0], [1, 3]], [[9, 2], [0, 5]]),
+        "isbi_otsu": ([[8, 3], [2, 3]], [[10, 2], [2, 2]], [[9, 2], [1, 4]]),
+    }
+    for run, images in confusions.items():
+        folder = root / run
+        folder.mkdir(parents=True)
+        head = "index,name,pixels,accuracy," + ",".join(
+            f"{k}/{c}" for k in ("tp", "fp", "fn", "tn") for c in ("cell", "membrane")
+        )
+        lines, total = [head], np.zeros((2, 2), int)
+        for i, cm in enumerate(map(np.array, images)):
+            tp = np.diag(cm)
+            fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
+            tn = cm.sum() - tp - fp - fn
+            cells = [*tp, *fp, *fn, *tn]
+            lines.append(f"{i},{'xyz'[i]}.png,16,{tp.sum() / 16}," + ",".join(map(str, cells)))
+            total += cm
+        (folder / "val_per_image.csv").write_text("\n".join(lines) + "\n")
+        (folder / "config.json").write_text(json.dumps({"eval": {"average": "dataset", "empty": "nan"}}))
+        dice = 2 * total[1, 1] / (2 * total[1, 1] + total[0, 1] + total[1, 0])
+        scores = {"val/dice/membrane": float(dice), "val/accuracy": float(np.trace(total) / 48)}
+        (folder / "metrics.json").write_text(json.dumps(scores))
+    kept = {"val/dice/membrane": {"estimate": 0.8276, "low": 0.7, "high": 0.9, "undefined": 0}}
+    kept["val/accuracy"] = {"estimate": 0.8958, "low": None, "high": None, "undefined": 0}
+    (root / "isbi" / "intervals.json").write_text(json.dumps({"images": 3, "level": 0.95, "intervals": kept}))

@@ -110,44 +110,50 @@ class PanopticAccumulator:
         means `mpq`, `msq`, `mrq`, the `tp`/`fp`/`fn` segment counts, and the matching scores
         `ap` [C, T] (`THRESHOLDS`), `ap50`, `ap75`, `ap50_95` (class means) and `ap50_95_class` [C],
         pooled over the split (`average` 'dataset' or 'micro') or per image first ('per_image')."""
-        den = self.tp + 0.5 * self.fp + 0.5 * self.fn
         scored = np.zeros(self.num_classes, bool)
         scored[list(self.classes)] = True
-        scored &= den > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pq = np.where(scored, self.iou_sum / den, np.nan)
-            sq = np.where(scored & (self.tp > 0), self.iou_sum / self.tp, np.where(scored, 0.0, np.nan))
-            rq = np.where(scored, self.tp / den, np.nan)
+        pq, sq, rq = (np.where(scored, v, np.nan) for v in segment_scores(self.tp, self.fp, self.fn, self.iou_sum))
+        scored &= ~np.isnan(pq)  # a class with a segment in truth or prediction
         mean = (lambda v: float(np.mean(v[scored]))) if scored.any() else (lambda v: float("nan"))
         out = {"pq": pq, "sq": sq, "rq": rq, "mpq": mean(pq), "msq": mean(sq), "mrq": mean(rq)}
         out.update(tp=self.tp.copy(), fp=self.fp.copy(), fn=self.fn.copy())
-        out.update(self._matching(scored, average))
-        return out
-
-    def _matching(self, scored: np.ndarray, average: str) -> dict:
-        """TP_t / (TP_t + FP_t + FN_t) per class and threshold: a match at IoU > 0.5 but not > t is
-        both a false positive and a false negative at t."""
         shape = (1, self.num_classes, 3 + len(THRESHOLDS))
         counts = np.stack(self.images) if self.images else np.zeros(shape, np.int64)
         if average != "per_image":
             counts = counts.sum(axis=0, keepdims=True)
-        tp, fp, fn, tp_t = counts[..., 0:1], counts[..., 1:2], counts[..., 2:3], counts[..., 3:]
-        den = tp_t + fp + fn + 2 * (tp - tp_t)  # [N, C, T]; 0 only where a class has no segment at all
-        present = (den > 0).sum(axis=0)  # images in which each class has a segment
-        total = np.where(den > 0, tp_t / np.maximum(den, 1), 0.0).sum(axis=0)
-        ap = np.where(scored[:, None] & (present > 0), total / np.maximum(present, 1), np.nan)  # [C, T]
+        ap = matching_scores(counts[..., 0], counts[..., 1], counts[..., 2], counts[..., 3:])
+        ap = np.where(scored[:, None], ap, np.nan)  # [C, T]
         by_class = ap.mean(axis=1)
+        out.update(ap=ap, ap50_95_class=by_class, ap50=mean(ap[:, AT_50]), ap75=mean(ap[:, AT_75]))
+        out["ap50_95"] = mean(by_class)
+        return out
 
-        def mean(v):
-            return float(np.mean(v[scored])) if scored.any() else float("nan")
 
-        return {
-            "ap": ap,
-            "ap50_95_class": by_class,
-            "ap50": mean(ap[:, AT_50]),
-            "ap75": mean(ap[:, AT_75]),
-            "ap50_95": mean(by_class),
-        }
+def segment_scores(tp, fp, fn, iou, xp=np):
+    """PQ, SQ and RQ per class from segment counts `tp`, `fp`, `fn` and the matches' IoUs summed
+    (`iou`), each [..., C]: PQ = iou / (TP + FP/2 + FN/2), SQ = iou / TP (0 without a match),
+    RQ = TP / (TP + FP/2 + FN/2); NaN where a class has no segment. `xp` is numpy or jax.numpy
+    (the scores of a run's files, of its accumulator and of a bootstrap resample are one formula)."""
+    den = tp + 0.5 * fp + 0.5 * fn
+    scored = den > 0
+    safe = xp.where(scored, den, 1.0)
+    pq = xp.where(scored, iou / safe, xp.nan)
+    sq = xp.where(scored, xp.where(tp > 0, iou / xp.maximum(tp, 1), 0.0), xp.nan)
+    rq = xp.where(scored, tp / safe, xp.nan)
+    return pq, sq, rq
+
+
+def matching_scores(tp, fp, fn, tp_t, xp=np):
+    """The DSB's matching score TP_t / (TP_t + FP_t + FN_t) per class and threshold, [C, T], from
+    N images' (or one pooled set's) segment counts `tp`, `fp`, `fn` [N, C] and matches with IoU > each
+    threshold `tp_t` [N, C, T]: a match at IoU > 0.5 but not > t is both a false positive and a
+    false negative at t. Each class's score is its mean over the images where it has a segment
+    (NaN where none has one)."""
+    tp, fp, fn = tp[..., None], fp[..., None], fn[..., None]
+    den = tp_t + fp + fn + 2 * (tp - tp_t)  # [N, C, T]; 0 only where a class has no segment
+    present = (den > 0).sum(axis=0)
+    total = xp.where(den > 0, tp_t / xp.maximum(den, 1), 0.0).sum(axis=0)
+    return xp.where(present > 0, total / xp.maximum(present, 1), xp.nan)
 
 
 def panoptic_quality(
