@@ -133,13 +133,39 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
     AP, HD95 or NSD where either side's tables have no bands, segment counts or distances) are
     n/a; `keys` may name another split's scores (`test/...`). Tables that cannot be read or
     matched: a ConfigError."""
-    from segjax import compare
+    n, pairs = _paired_variants(tables, reference, keys, eval_cfg, class_names)
+    results = {
+        variant: bootstrap(counts, eval_cfg, class_names, both, versus=other)
+        for variant, _, counts, other, both in pairs
+    }
+    return _versus_markdown(results, f"variant - {reference}", keys), n
 
+
+def versus_groups_table(
+    tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names, groups: str, group_by: str, group_id="id"
+) -> str:
+    """`versus_table` over each group's images alone (`matched_tables.image_groups`: the CSV
+    `groups` names each image's group in its column `group_by`): a row per variant and group,
+    `variant, group (n images)`, its p adjusted for every row of the table (Holm per key over
+    variants x groups: one test per row). One image gives no interval and no p."""
+    _, pairs = _paired_variants(tables, reference, keys, eval_cfg, class_names)
+    results = {}
+    for variant, names, counts, other, both in pairs:
+        for group, rows in matched_tables.image_groups(names, groups, group_by, group_id).items():
+            mine, theirs = ({k: v[rows] for k, v in c.items()} for c in (counts, other))
+            label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
+            results[label] = bootstrap(mine, eval_cfg, class_names, both, versus=theirs)
+    return _versus_markdown(results, f"variant - {reference}, {group_by}", keys)
+
+
+def _paired_variants(tables, reference, keys, eval_cfg, class_names) -> tuple[int, list[tuple]]:
+    """(the reference's number of images, per other variant (variant, image names, its counts,
+    the reference's counts of the same images in that order, the `keys` both can score under
+    their `val/` names))."""
     ref_names, _, ref_counts = matched_tables.image_counts(tables[reference], class_names)
     scored = scorable(ref_counts, eval_cfg, class_names)
-    as_val = {k: "val/" + k.split("/", 1)[1] for k in keys}  # count_scores names every split's scores val/
-    usable = [as_val[k] for k in keys if as_val[k] in scored]
-    results = {}
+    usable = [k for k in _as_val(keys).values() if k in scored]
+    pairs = []
     for variant, paths in tables.items():
         if variant == reference:
             continue
@@ -147,23 +173,36 @@ def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, c
             paths, class_names, [matched_tables.run_folder(p) for p in tables[reference]]
         )
         other = matched_tables.paired_counts(names, ref_names, ref_counts, variant, reference)
-        both = [k for k in usable if k in scorable(counts, eval_cfg, class_names)]
-        results[variant] = bootstrap(counts, eval_cfg, class_names, both, versus=other)
-    for key in usable:  # Holm over the variants that could score the key
-        scored = [r[key] for r in results.values() if key in r]
-        for r, adjusted in zip(scored, compare.holm([r["p"] for r in scored]), strict=True):
-            r["p_holm"] = adjusted
-    lines = [f"| variant - {reference} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for variant, result in results.items():
+        pairs.append(
+            (variant, names, counts, other, [k for k in usable if k in scorable(counts, eval_cfg, class_names)])
+        )
+    return len(ref_names), pairs
+
+
+def _as_val(keys) -> dict[str, str]:
+    """Each key under the name `scoring.count_scores` gives every split's scores (`val/...`)."""
+    return {k: "val/" + k.split("/", 1)[1] for k in keys}
+
+
+def _versus_markdown(results: dict[str, dict], head: str, keys) -> str:
+    """The rows of paired differences (`bootstrap` with `versus`), each p beside its Holm
+    adjustment over the rows that could score the key (`compare.holm`; NaN p's, of one image,
+    are left out of it); keys a row cannot score are n/a."""
+    as_val = _as_val(keys)
+    _holm(list(results.values()), as_val.values())
+    lines = [f"| {head} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for label, result in results.items():
         cells = []
         for r in (result.get(as_val[key]) for key in keys):
             if r is None:
                 cells.append("n/a")
-                continue
-            interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
-            cells.append(f"{r['estimate']:+.4f} {interval} p={r['p']:.2g} (Holm {r['p_holm']:.2g})")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), len(ref_names)
+            elif np.isnan(r["p"]):  # one image: no interval, no p
+                cells.append(f"{r['estimate']:+.4f} (no interval)")
+            else:
+                interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+                cells.append(f"{r['estimate']:+.4f} {interval} p={r['p']:.2g} (Holm {r['p_holm']:.2g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # what `print_results` bounds, where a run's table holds it
@@ -235,16 +274,30 @@ def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
     """The CLI's table: per key the score (with `versus`: the difference, and its bootstrap p of
     no difference), its interval, the images and the undefined resamples."""
     what = f"difference (this run - {versus})" if versus else "score"
-    p_head, p_rule = (" p (two-sided) |", "---|") if versus else ("", "")
+    holm = " (Holm over the groups)" if any("p_holm" in r for r in results.values()) else ""
+    p_head, p_rule = (f" p (two-sided){holm} |", "---|") if versus else ("", "")
     lines = [
         f"| key | {what} | {level:.0%} interval |{p_head} images | undefined resamples |",
         "|---|---|---|" + p_rule + "---|---|",
     ]
     for key, r in results.items():
-        p = f" {_number(r['p'], '.2g')} |" if versus else ""
+        adjusted = f" ({_number(r['p_holm'], '.2g')})" if "p_holm" in r else ""
+        p = f" {_number(r['p'], '.2g')}{adjusted} |" if versus else ""
         interval = f"[{_number(r['low'])}, {_number(r['high'])}]"
         lines.append(f"| {key} | {_number(r['estimate'])} | {interval} |{p} {n} | {r['undefined']} |")
     return "\n".join(lines)
+
+
+def _holm(found: list[dict], keys) -> None:
+    """Each result's paired p (`bootstrap` with `versus`) adjusted for the number of results
+    that test the key (`compare.holm` per key, as `p_holm`; a result of one image has no p and is
+    left out): with several variants or groups, one small p is not evidence on its own."""
+    from segjax import compare
+
+    for key in dict.fromkeys(keys):
+        tested = [r[key] for r in found if key in r and not np.isnan(r[key]["p"])]
+        for r, adjusted in zip(tested, compare.holm([r["p"] for r in tested]), strict=True):
+            r["p_holm"] = adjusted
 
 
 def _number(value, spec: str = ".4f") -> str:
@@ -299,7 +352,11 @@ def main(argv):
             mine, theirs = ({k: v[rows] for k, v in c.items()} if c is not None else None for c in (counts, other))
             found = bootstrap(mine, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, theirs)
             grouped_results[group] = {"images": len(rows), "intervals": found}
-            print(f"\n{f.group_by} = {group}:\n" + markdown(found, len(rows), f.level, ", ".join(f.versus)))
+        if other is not None:
+            _holm([g["intervals"] for g in grouped_results.values()], f.keys)
+        for group, found in grouped_results.items():
+            table = markdown(found["intervals"], found["images"], f.level, ", ".join(f.versus))
+            print(f"\n{f.group_by} = {group}:\n" + table)
         if f.out:
             record = _record(runs, f.versus, f.table, len(names), f.level, f.resamples, f.seed, results)
             if by_group:

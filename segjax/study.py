@@ -260,6 +260,24 @@ def _all_runs(workdir: str, order: list[str] | None, split: str = "validation") 
     return rows
 
 
+def check_groups(groups: str, group_by: str, group_id: str, compare_to: str) -> None:
+    """--groups before any run starts: with --group_by and --compare_to, a file that has both columns."""
+    if not (groups or group_by):
+        return
+    if not (groups and group_by):
+        raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
+    if not compare_to:
+        raise ConfigError("--groups compares variants group by group: give --compare_to=VARIANT too")
+    if not os.path.exists(groups):
+        raise ConfigError(f"--groups={groups} does not exist")
+    from segjax import report
+
+    try:
+        report.groups(groups, group_by, group_id)
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+
+
 def define_flags() -> None:
     """Command-line flags (defined only when run as a program, so importing stays side-effect free)."""
     from ml_collections import config_flags
@@ -285,6 +303,14 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "compare_to", "", "A variant: write comparison.md, every other variant minus it, paired by seed."
     )
+    flags.DEFINE_string(
+        "groups",
+        "",
+        "With --compare_to: a CSV naming each image's group (e.g. the dataset's index.csv); comparison.md "
+        "adds each group's images alone (where a variant wins and where it does not).",
+    )
+    flags.DEFINE_string("group_by", "", "With --groups: the column that holds the group, e.g. stratum.")
+    flags.DEFINE_string("group_id", "id", "With --groups: the column that holds the image names.")
     flags.DEFINE_enum(
         "eval_split",
         "validation",
@@ -311,6 +337,7 @@ def main(argv):
         configuration.validate(base)
         if f.compare_to and f.compare_to not in variants:
             raise ConfigError(f"--compare_to={f.compare_to!r} is not a variant of this study: {list(variants)}")
+        check_groups(f.groups, f.group_by, f.group_id, f.compare_to)
         from segjax import workdirs
 
         workdirs.require_folder(f.workdir)

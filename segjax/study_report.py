@@ -50,16 +50,19 @@ def report(workdir: str, configs: list[ml_collections.ConfigDict], rows: list[di
     kwargs = dict(split=split, summed=summed, footnote=note)
     print(study_tables.write_results(workdir, rows, f.summary_keys, f.pooled, failed, **kwargs))
     if f.compare_to and rows:
-        write_comparison(workdir, rows, f.compare_to, f.summary_keys, split, shared_eval(configs))
+        groups = (f.groups, f.group_by, f.group_id) if f.groups else None
+        write_comparison(workdir, rows, f.compare_to, f.summary_keys, split, shared_eval(configs), groups)
 
 
-def write_comparison(workdir: str, rows: list[dict], reference: str, extra_keys, split: str, images) -> None:
+def write_comparison(
+    workdir: str, rows: list[dict], reference: str, extra_keys, split: str, images, groups=None
+) -> None:
     """comparison.md (or comparison_test.md) of `rows` against `reference`, printed (`images`:
-    `shared_eval`'s, for the comparison on the same images); a note when the reference has no
-    finished run."""
+    `shared_eval`'s, for the comparison on the same images; `groups`: (CSV, column, id column),
+    for it group by group); a note when the reference has no finished run."""
     name = f"comparison{scored_splits.split_naming(split)[1]}.md"
     try:
-        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split, images)
+        table = study_tables.write_comparison(workdir, rows, reference, extra_keys, split, images, groups)
     except KeyError as err:  # the reference's runs failed or are still training elsewhere
         print(f"\nno {name}: {err.args[0]}")
     else:

@@ -250,13 +250,14 @@ def write_results(
 
 
 def write_comparison(
-    workdir: str, rows: list[dict], reference: str, extra_keys=(), split: str = "validation", images=None
+    workdir: str, rows: list[dict], reference: str, extra_keys=(), split: str = "validation", images=None, groups=None
 ) -> str:
     """comparison.md (test split: comparison_test.md): each variant minus `reference`, paired by
     seed (`segjax.compare`), over the summary's columns, and, with `images` = (class names, eval
     config) the variants share (`study_report.shared_eval`; a string: why there are none), on the same
     images too (`intervals.versus_table` over the runs' per-image tables: an interval also for
-    one seed); returns the markdown."""
+    one seed), and with `groups` = (CSV, column, id column) on each group's images alone
+    (`intervals.versus_groups_table`); returns the markdown."""
     from segjax import compare, intervals  # scipy only when asked
 
     columns = summary_keys(rows, extra_keys, split)
@@ -283,6 +284,26 @@ def write_comparison(
                 f"over the images, {intervals.RESAMPLES} resamples], the bootstrap p of no difference and p adjusted "
                 "for the number of variants (Holm); segjax.intervals --versus.\n\n" + over
             )
+            if groups:
+                text += _by_group(tables, reference, columns, images, groups)
     with writers.replaced(os.path.join(workdir, f"comparison{scored_splits.split_naming(split)[1]}.md")) as f:
         f.write(text + "\n")
     return text
+
+
+def _by_group(tables: dict[str, list[str]], reference: str, columns, images, groups) -> str:
+    """comparison.md's table of each variant minus `reference` on each group's images alone, or a
+    note saying why there is none (an image the groups file does not name)."""
+    from segjax import intervals
+
+    (class_names, eval_cfg), (path, column, id_column) = images, groups
+    try:
+        table = intervals.versus_groups_table(
+            tables, reference, columns, eval_cfg, class_names, path, column, id_column
+        )
+    except ConfigError as err:
+        return f"\n\nNo comparison by {column}: {err}."
+    return (
+        f"\n\nThe same on each {column}'s images alone ({os.path.basename(path)}; p adjusted over every row of "
+        "this table, Holm; one image: no interval).\n\n" + table
+    )

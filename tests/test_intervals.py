@@ -476,6 +476,13 @@ def test_cli_groups_bound_each_group_s_images_alone(tmp_path):
         close(bounds, reference)
         share = np.mean(reference.bootstrap_distribution <= 0)
         assert bounds["p"] == pytest.approx(2 * min(share, 1 - share), abs=0.03)  # two Monte Carlo estimates
+    # Holm over the two groups with a p (by hand: the smaller p doubled, the larger at least that)
+    small, large = sorted(record["groups"][g]["intervals"]["val/dice/a"]["p"] for g in ("fluo", "he"))
+    adjusted = sorted(record["groups"][g]["intervals"]["val/dice/a"]["p_holm"] for g in ("fluo", "he"))
+    assert adjusted == pytest.approx([min(1, 2 * small), max(min(1, 2 * small), large)])
+    assert "p_holm" not in alone["intervals"]["val/dice/a"] and "p_holm" not in record["intervals"]["val/dice/a"]
+    # the two groups with a p; not on the whole split's table nor the one-image group's (no p)
+    assert done.stdout.count("p (two-sided) (Holm over the groups) |") == 2
     assert record["intervals"]["val/dice/a"]["estimate"] == pytest.approx(
         dice(*(c[k][:, 1] for k in ("tp", "fp", "fn") for c in [runs["mine"]]))
         - dice(*(c[k][:, 1] for k in ("tp", "fp", "fn") for c in [runs["other"]])),

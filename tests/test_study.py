@@ -437,14 +437,11 @@ def test_cli_compares_variants_paired_by_seed(tmp_path):
     assert done.returncode == 2 and "--compare_to='c' is not a variant of this study: ['a', 'b']" in done.stderr
 
 
-def test_cli_compares_variants_on_the_same_images(tmp_path):
-    """With per-image tables, comparison.md also gives each variant minus the reference on the
-    same images: the Dice of every seed's counts together, with the interval of scipy's paired
-    percentile bootstrap over the images (each image's counts summed over its two seeds) - an
-    interval even where one seed per variant gives none over seeds."""
-    workdir, names = tmp_path / "w", ("background", "tool", "berry", "leaf")
-    rng = np.random.default_rng(7)
-    images = [f"img{i:02d}" for i in range(40)]
+def tool_runs(workdir, images: list[str]) -> dict:
+    """Variants a, b (6 more tool pixels found on every image) and c (a copy of a), two seeds each,
+    of per-image tables only (classes background, tool, berry, leaf); returns the tool's
+    (tp, fp, fn) per (variant, seed) of a and b."""
+    names, rng = ("background", "tool", "berry", "leaf"), np.random.default_rng(7)
     hard = rng.integers(0, 60, len(images))  # missed pixels both variants share: hard images
     tool = {}
     for variant, better in (("a", 0), ("b", 6)):
@@ -463,6 +460,38 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
                     counts.update({("tp", "tool"): tp[i], ("fp", "tool"): fp[i], ("fn", "tool"): fn[i]})
                     writer.writerow([i, name, *(counts[k, n] for k in scoring.COUNT_KINDS for n in names)])
     shutil.copytree(workdir / "a", workdir / "c")  # a variant the same as the reference
+    return tool
+
+
+def dice_difference(*arrays, axis=-1):
+    """Dice of (tp, fp, fn) summed over images, of the first three arrays minus the last three's."""
+
+    def dice(tp, fp, fn):
+        return 2 * tp.sum(axis) / (2 * tp.sum(axis) + fp.sum(axis) + fn.sum(axis))
+
+    return dice(*arrays[:3]) - dice(*arrays[3:])
+
+
+def paired_bootstrap(mine, reference):
+    """scipy's paired percentile bootstrap of `dice_difference` over the images, 10000 resamples."""
+    return stats.bootstrap(
+        [*mine, *reference],
+        dice_difference,
+        paired=True,
+        vectorized=True,
+        n_resamples=10_000,
+        method="percentile",
+        random_state=1,
+    )
+
+
+def test_cli_compares_variants_on_the_same_images(tmp_path):
+    """With per-image tables, comparison.md also gives each variant minus the reference on the
+    same images: the Dice of every seed's counts together, with the interval of scipy's paired
+    percentile bootstrap over the images (each image's counts summed over its two seeds) - an
+    interval even where one seed per variant gives none over seeds."""
+    workdir, images = tmp_path / "w", [f"img{i:02d}" for i in range(40)]
+    tool = tool_runs(workdir, images)
     command = [
         *tiny_study(tmp_path, {"a": {}, "b": {}, "c": {}}),
         f"--workdir={workdir}",
@@ -479,26 +508,11 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = (workdir / "comparison.md").read_text(encoding="utf-8")
     summed = {v: [tool[v, 0][j] + tool[v, 1][j] for j in range(3)] for v in ("a", "b")}
-
-    def dice(tp, fp, fn, axis=-1):
-        return 2 * tp.sum(axis) / (2 * tp.sum(axis) + fp.sum(axis) + fn.sum(axis))
-
-    def difference(*arrays, axis=-1):
-        return dice(*arrays[:3], axis=axis) - dice(*arrays[3:], axis=axis)
-
-    reference = stats.bootstrap(
-        [*summed["b"], *summed["a"]],
-        difference,
-        paired=True,
-        vectorized=True,
-        n_resamples=10_000,
-        method="percentile",
-        random_state=1,
-    )
+    reference = paired_bootstrap(summed["b"], summed["a"])
     same_images = text.split("on the same 40 images")[1].splitlines()
     line = next(x for x in same_images if x.startswith("| b |"))
     estimate, low, high = (float(v) for v in re.findall(r"[+-]\d\.\d{4}", line.split(" | ")[-1]))
-    assert estimate == pytest.approx(difference(*summed["b"], *summed["a"]), abs=1e-4)
+    assert estimate == pytest.approx(dice_difference(*summed["b"], *summed["a"]), abs=1e-4)
     width = reference.confidence_interval.high - reference.confidence_interval.low
     assert (
         abs(low - reference.confidence_interval.low) < 0.1 * width
@@ -514,6 +528,66 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
     assert 0.005 < p < 0.2 and p_holm == pytest.approx(2 * p, rel=0.05)
     (c_line,) = [x for x in same_images if x.startswith("| c |")]
     assert c_line.endswith("| +0.0000 [+0.0000, +0.0000] p=1 (Holm 1) |")
+
+
+def test_cli_compares_variants_group_by_group(tmp_path):
+    """--groups=index.csv --group_by=stratum: comparison.md also compares each variant on each
+    group's images alone (scipy's paired bootstrap over those images), p adjusted by Holm over
+    every variant and group with a p; one image: no interval. Bad group flags are refused before
+    anything runs; an image the file does not name leaves a note, the other tables stay."""
+    workdir, images = tmp_path / "w", [f"img{i:02d}" for i in range(40)]
+    tool = tool_runs(workdir, images)
+    stratum = ["easy"] * 25 + ["hard"] * 14 + ["single"]
+    index = tmp_path / "index.csv"
+    index.write_text("id,stratum\n" + "".join(f"{n},{g}\n" for n, g in zip(images, stratum, strict=True)))
+    command = [*tiny_study(tmp_path, {"a": {}, "b": {}, "c": {}}), f"--workdir={workdir}", "--collect_only"]
+    command += ["--seeds=2", "--summary_keys=val/dice/tool", f"--groups={index}", "--group_by=stratum"]
+    done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (workdir / "comparison.md").read_text(encoding="utf-8")
+    assert "on the same 40 images" in text  # the whole split's table stays
+    grouped = text.split("The same on each stratum's images alone (index.csv;")[1].splitlines()
+    assert grouped[2].startswith("| variant - a, stratum | val/miou |")
+
+    def cell(label):
+        (line,) = [x for x in grouped if x.startswith(f"| {label} |")]
+        return line.split(" | ")[-1].rstrip(" |")
+
+    p = {}
+    for group, rows in (("easy", slice(0, 25)), ("hard", slice(25, 39))):
+        summed = {v: [tool[v, 0][j][rows] + tool[v, 1][j][rows] for j in range(3)] for v in ("a", "b")}
+        reference = paired_bootstrap(summed["b"], summed["a"])
+        estimate, low, high = (
+            float(v) for v in re.findall(r"[+-]\d\.\d{4}", cell(f"b, {group} ({rows.stop - rows.start} images)"))
+        )
+        assert estimate == pytest.approx(dice_difference(*summed["b"], *summed["a"]), abs=1e-4)
+        ci = reference.confidence_interval
+        assert abs(low - ci.low) < 0.1 * (ci.high - ci.low) and abs(high - ci.high) < 0.1 * (ci.high - ci.low)
+        p[group] = [
+            float(v)
+            for v in re.findall(
+                r"p=([\d.e-]+) \(Holm ([\d.e-]+)\)$", cell(f"b, {group} ({rows.stop - rows.start} images)")
+            )[0]
+        ]
+        assert cell(f"c, {group} ({rows.stop - rows.start} images)") == "+0.0000 [+0.0000, +0.0000] p=1 (Holm 1)"
+    # Holm over four tests (b and c on easy and hard; c's p are 1), by hand
+    (p1, h1), (p2, h2) = sorted(p.values())
+    assert h1 == pytest.approx(min(1, 4 * p1), rel=0.05) and h2 == pytest.approx(max(h1, min(1, 3 * p2)), rel=0.05)
+    assert re.fullmatch(r"[+-]\d\.\d{4} \(no interval\)", cell("b, single (1 image)"))
+    # an image the file does not name: a note; the other tables stay
+    index.write_text("id,stratum\n" + "".join(f"{n},x\n" for n in images[:-1]))
+    done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    text = (workdir / "comparison.md").read_text(encoding="utf-8")
+    assert done.returncode == 0 and "on the same 40 images" in text
+    assert "No comparison by stratum: " in text and "no 'id' row for the images ['img39'] (1 in all)" in text
+    for flags, message in (
+        ([], "--groups compares variants group by group: give --compare_to=VARIANT too"),
+        (["--compare_to=a", "--group_by=modality"], "no 'id' or 'modality'"),
+        (["--compare_to=a", f"--groups={tmp_path / 'none.csv'}"], "none.csv does not exist"),
+        (["--compare_to=a", "--group_by="], "--groups and --group_by go together"),
+    ):
+        done = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr[-500:])
 
 
 def test_cli_vmapped_seeds_of_images_named_by_index_get_intervals_and_the_same_images_table(tmp_path):
@@ -682,6 +756,18 @@ def test_isbi_variants_study_changes_only_its_keys_of_the_protocol_proxy():
     assert list(study.load_study(path + ":ce_only, pool_avg")[1]) == ["ce_only", "pool_avg"]
     with pytest.raises(ConfigError, match=r"unknown variant\(s\) \['ce'\]"):
         study.load_study(path + ":ce,pool_avg")
+
+
+def test_nuclei_skips_study_is_the_nuclei_config_with_and_without_skips():
+    path = os.path.join(ROOT, "configs", "studies", "nuclei_skips.py")
+    base, variants = study.load_study(path)
+    flat = configuration.flatten
+    reference = flat(load_config("nuclei").to_dict())
+    assert flat(study.variant_config(base, variants["unet"], "unet").to_dict()) == reference
+    changed = flat(study.variant_config(base, variants["no_skips"], "no_skips").to_dict())
+    assert {k: changed[k] for k in reference if changed[k] != reference[k]} == {"model.skips": "none"}
+    with pytest.raises(ValueError, match="takes no argument"):
+        study.load_study(path + ":fast")
 
 
 @pytest.mark.slow  # a study of 4 runs through the CLI (~22 s in a fresh clone); CI runs it
