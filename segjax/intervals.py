@@ -53,10 +53,11 @@ def bootstrap(
     of the same images) and the percentile interval `low`, `high` at `level` over `resamples`
     resamples of the images (rows of the [N, C] `counts`, or [N, K, C]: K rows of each image,
     e.g. its seeds (`grouped`), drawn together; `versus`'s rows are the same images), and with
-    `versus` the two-sided bootstrap `p` of no difference (`p_value`). Resamples where a score is
-    undefined (a class absent from every drawn image, under `eval.empty='nan'`) are left out of
-    its interval; `undefined` counts them. One image gives no interval and no p (NaN): every
-    resample is that image, which says nothing about other images."""
+    `versus` the two-sided `p` of no difference of a paired permutation test
+    (`same_images.permutation_p`).
+    Resamples where a score is undefined (a class absent from every drawn image, under
+    `eval.empty='nan'`) are left out of its interval; `undefined` counts them. One image gives no
+    interval and no p (NaN): every resample is that image, which says nothing about other images."""
     from segjax import scoring  # jax only when scoring
 
     if not 0 < level < 1:
@@ -96,21 +97,15 @@ def bootstrap(
             "high": float(high),
             "undefined": int(values.size - finite.size),
         }
-        if versus is not None:
-            out[key]["p"] = p_value(finite) if n > 1 else float("nan")
+    if versus is not None:  # one image: no p either (NaN)
+        from segjax import same_images
+
+        found = (
+            same_images.permutation_p(runs[0], runs[1], eval_cfg, class_names, keys, resamples, seed) if n > 1 else {}
+        )
+        for key in keys:
+            out[key]["p"] = found.get(key, float("nan"))
     return out
-
-
-def p_value(differences: np.ndarray) -> float:
-    """The two-sided bootstrap p-value of 'no difference' from resampled differences: twice the
-    smaller share of them on either side of 0 (the 1 - level at which the percentile interval
-    reaches 0), each share counted as (k + 1) / (R + 1) so that R resamples never give p = 0
-    (Davison & Hinkley's Monte Carlo p); at most 1, NaN without resamples."""
-    r = differences.size
-    if not r:
-        return float("nan")
-    below, above = (np.sum(differences <= 0) + 1) / (r + 1), (np.sum(differences >= 0) + 1) / (r + 1)
-    return float(min(1.0, 2 * min(below, above)))
 
 
 def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
@@ -121,88 +116,6 @@ def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
 
     flat = {k: v.reshape(-1, v.shape[-1]) for k, v in counts.items()}
     return set(scoring.count_scores(flat, eval_cfg, class_names))
-
-
-def versus_table(tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names) -> tuple[str, int]:
-    """(markdown, number of images): each variant of `tables` (variant -> its runs' per-image
-    tables) minus `reference` on the same images, per key: the difference of the scores of
-    every seed's counts together, `+0.0012 [-0.0005, +0.0029] p=0.14 (Holm 0.41)`, the paired
-    percentile-bootstrap interval over the images (`bootstrap` with `versus`; an image drawn for
-    both with all its seeds' rows), the bootstrap p of no difference and that p adjusted for the
-    number of variants (`compare.holm`, per key). Keys the tables cannot score (boundary IoU, PQ,
-    AP, HD95 or NSD where either side's tables have no bands, segment counts or distances) are
-    n/a; `keys` may name another split's scores (`test/...`). Tables that cannot be read or
-    matched: a ConfigError."""
-    n, pairs = _paired_variants(tables, reference, keys, eval_cfg, class_names)
-    results = {
-        variant: bootstrap(counts, eval_cfg, class_names, both, versus=other)
-        for variant, _, counts, other, both in pairs
-    }
-    return _versus_markdown(results, f"variant - {reference}", keys), n
-
-
-def versus_groups_table(
-    tables: dict[str, list[str]], reference: str, keys, eval_cfg, class_names, groups: str, group_by: str, group_id="id"
-) -> str:
-    """`versus_table` over each group's images alone (`matched_tables.image_groups`: the CSV
-    `groups` names each image's group in its column `group_by`): a row per variant and group,
-    `variant, group (n images)`, its p adjusted for every row of the table (Holm per key over
-    variants x groups: one test per row). One image gives no interval and no p."""
-    _, pairs = _paired_variants(tables, reference, keys, eval_cfg, class_names)
-    results = {}
-    for variant, names, counts, other, both in pairs:
-        for group, rows in matched_tables.image_groups(names, groups, group_by, group_id).items():
-            mine, theirs = ({k: v[rows] for k, v in c.items()} for c in (counts, other))
-            label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
-            results[label] = bootstrap(mine, eval_cfg, class_names, both, versus=theirs)
-    return _versus_markdown(results, f"variant - {reference}, {group_by}", keys)
-
-
-def _paired_variants(tables, reference, keys, eval_cfg, class_names) -> tuple[int, list[tuple]]:
-    """(the reference's number of images, per other variant (variant, image names, its counts,
-    the reference's counts of the same images in that order, the `keys` both can score under
-    their `val/` names))."""
-    ref_names, _, ref_counts = matched_tables.image_counts(tables[reference], class_names)
-    scored = scorable(ref_counts, eval_cfg, class_names)
-    usable = [k for k in _as_val(keys).values() if k in scored]
-    pairs = []
-    for variant, paths in tables.items():
-        if variant == reference:
-            continue
-        names, _, counts = matched_tables.image_counts(
-            paths, class_names, [matched_tables.run_folder(p) for p in tables[reference]]
-        )
-        other = matched_tables.paired_counts(names, ref_names, ref_counts, variant, reference)
-        pairs.append(
-            (variant, names, counts, other, [k for k in usable if k in scorable(counts, eval_cfg, class_names)])
-        )
-    return len(ref_names), pairs
-
-
-def _as_val(keys) -> dict[str, str]:
-    """Each key under the name `scoring.count_scores` gives every split's scores (`val/...`)."""
-    return {k: "val/" + k.split("/", 1)[1] for k in keys}
-
-
-def _versus_markdown(results: dict[str, dict], head: str, keys) -> str:
-    """The rows of paired differences (`bootstrap` with `versus`), each p beside its Holm
-    adjustment over the rows that could score the key (`compare.holm`; NaN p's, of one image,
-    are left out of it); keys a row cannot score are n/a."""
-    as_val = _as_val(keys)
-    _holm(list(results.values()), as_val.values())
-    lines = [f"| {head} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for label, result in results.items():
-        cells = []
-        for r in (result.get(as_val[key]) for key in keys):
-            if r is None:
-                cells.append("n/a")
-            elif np.isnan(r["p"]):  # one image: no interval, no p
-                cells.append(f"{r['estimate']:+.4f} (no interval)")
-            else:
-                interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
-                cells.append(f"{r['estimate']:+.4f} {interval} p={r['p']:.2g} (Holm {r['p_holm']:.2g})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # what `print_results` bounds, where a run's table holds it
@@ -271,7 +184,7 @@ def _record(runs, versus, table, images, level, resamples, seed, results, **more
 
 
 def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
-    """The CLI's table: per key the score (with `versus`: the difference, and its bootstrap p of
+    """The CLI's table: per key the score (with `versus`: the difference, and its permutation p of
     no difference), its interval, the images and the undefined resamples."""
     what = f"difference (this run - {versus})" if versus else "score"
     holm = " (Holm over the groups)" if any("p_holm" in r for r in results.values()) else ""
@@ -286,18 +199,6 @@ def markdown(results: dict, n: int, level: float, versus: str = "") -> str:
         interval = f"[{_number(r['low'])}, {_number(r['high'])}]"
         lines.append(f"| {key} | {_number(r['estimate'])} | {interval} |{p} {n} | {r['undefined']} |")
     return "\n".join(lines)
-
-
-def _holm(found: list[dict], keys) -> None:
-    """Each result's paired p (`bootstrap` with `versus`) adjusted for the number of results
-    that test the key (`compare.holm` per key, as `p_holm`; a result of one image has no p and is
-    left out): with several variants or groups, one small p is not evidence on its own."""
-    from segjax import compare
-
-    for key in dict.fromkeys(keys):
-        tested = [r[key] for r in found if key in r and not np.isnan(r[key]["p"])]
-        for r, adjusted in zip(tested, compare.holm([r["p"] for r in tested]), strict=True):
-            r["p_holm"] = adjusted
 
 
 def _number(value, spec: str = ".4f") -> str:
@@ -315,7 +216,9 @@ def define_flags() -> None:
         ["dataset", "per_image", "micro"],
         "eval.average, if not the run's (a table rescored under another).",
     )
-    flags.DEFINE_integer("resamples", RESAMPLES, "Bootstrap resamples.")
+    flags.DEFINE_integer(
+        "resamples", RESAMPLES, "Bootstrap resamples; with --versus also the most swaps of the permutation test's p."
+    )
     flags.DEFINE_float("level", LEVEL, "Confidence level of the percentile interval.")
     flags.DEFINE_integer("seed", 0, "Seed of the resampling.")
     flags.DEFINE_string(
@@ -353,7 +256,9 @@ def main(argv):
             found = bootstrap(mine, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, theirs)
             grouped_results[group] = {"images": len(rows), "intervals": found}
         if other is not None:
-            _holm([g["intervals"] for g in grouped_results.values()], f.keys)
+            from segjax import same_images
+
+            same_images.adjust([g["intervals"] for g in grouped_results.values()], f.keys)
         for group, found in grouped_results.items():
             table = markdown(found["intervals"], found["images"], f.level, ", ".join(f.versus))
             print(f"\n{f.group_by} = {group}:\n" + table)

@@ -255,10 +255,10 @@ def write_comparison(
     """comparison.md (test split: comparison_test.md): each variant minus `reference`, paired by
     seed (`segjax.compare`), over the summary's columns, and, with `images` = (class names, eval
     config) the variants share (`study_report.shared_eval`; a string: why there are none), on the same
-    images too (`intervals.versus_table` over the runs' per-image tables: an interval also for
+    images too (`same_images.versus_table` over the runs' per-image tables: an interval also for
     one seed), and with `groups` = (CSV, column, id column) on each group's images alone
-    (`intervals.versus_groups_table`); returns the markdown."""
-    from segjax import compare, intervals  # scipy only when asked
+    (`same_images.versus_groups_table`); returns the markdown."""
+    from segjax import compare, intervals, same_images  # scipy only when asked
 
     columns = summary_keys(rows, extra_keys, split)
     table = compare.markdown(compare.paired(rows, columns, reference), columns, reference)
@@ -274,15 +274,16 @@ def write_comparison(
             tables.setdefault(r["variant"], []).append(path)
         try:  # compare.paired made sure the reference has runs
             class_names, eval_cfg = images
-            over, n = intervals.versus_table(tables, reference, columns, eval_cfg, class_names)
+            over, n = same_images.versus_table(tables, reference, columns, eval_cfg, class_names)
         except ConfigError as err:
             text += f"\n\nNo comparison on the same images: {err}."
         else:
             text += (
                 f"\n\nEach variant minus {reference!r} on the same {n} images: the difference of the scores of "
                 f"every seed's pixel counts together [{intervals.LEVEL:.0%} paired percentile-bootstrap interval "
-                f"over the images, {intervals.RESAMPLES} resamples], the bootstrap p of no difference and p adjusted "
-                "for the number of variants (Holm); segjax.intervals --versus.\n\n" + over
+                f"over the images, {intervals.RESAMPLES} resamples], the p of no difference (paired permutation test: "
+                "each image's counts swapped between the runs or not) and p adjusted for the number of variants "
+                "(Holm); segjax.intervals --versus.\n\n" + over
             )
             if groups:
                 text += _by_group(tables, reference, columns, images, groups)
@@ -294,11 +295,11 @@ def write_comparison(
 def _by_group(tables: dict[str, list[str]], reference: str, columns, images, groups) -> str:
     """comparison.md's table of each variant minus `reference` on each group's images alone, or a
     note saying why there is none (an image the groups file does not name)."""
-    from segjax import intervals
+    from segjax import same_images
 
     (class_names, eval_cfg), (path, column, id_column) = images, groups
     try:
-        table = intervals.versus_groups_table(
+        table = same_images.versus_groups_table(
             tables, reference, columns, eval_cfg, class_names, path, column, id_column
         )
     except ConfigError as err:

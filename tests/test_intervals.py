@@ -268,27 +268,56 @@ def test_the_paired_difference_draws_the_same_images_for_both_runs():
     assert rule.count("---") == 6 and row.endswith(f"| {got['p']:.2g} | 30 | 0 |")
 
 
-def test_the_p_value_of_a_paired_difference_is_the_exact_bootstrap_probability():
-    """On four images the bootstrap has 4**4 equally likely draws: enumerating them gives the exact
-    chance of a difference <= 0 and >= 0, and the p of 20000 random resamples is twice the smaller,
-    within their sampling error."""
-    tp_a, tp_b = np.array([50, 80, 120, 60]), np.array([58, 71, 128, 55])  # b better on two images, worse on two
+def test_the_p_value_of_a_paired_difference_is_the_exact_permutation_probability():
+    """On four images the paired permutation test has 2**4 equally likely swaps of the runs'
+    counts image by image: enumerated by hand, twice the smaller share of swapped differences at
+    or beyond the observed one is the p (exact: 16 swaps <= the resamples asked). On 30 images it
+    is scipy's randomized permutation test within Monte Carlo error, and with seeds an image's
+    rows are swapped together (as the images' counts summed over seeds)."""
+    tp_a, tp_b = np.array([50, 80, 120, 60]), np.array([58, 85, 128, 55])  # b better on three images, worse on one
     fp, fn = np.array([10, 20, 5, 30]), np.array([40, 30, 20, 25])
     a = {"tp": np.stack([900 - tp_a, tp_a, tp_a], 1), "fp": np.stack([fn, fp, fp], 1), "fn": np.stack([fp, fn, fn], 1)}
     b = {"tp": np.stack([900 - tp_b, tp_b, tp_b], 1), "fp": a["fp"], "fn": a["fn"] + (tp_a - tp_b)[:, None]}
     for c in (a, b):
         c["tn"] = 1000 - c["tp"] - c["fp"] - c["fn"]
-    draws = np.array(np.meshgrid(*[range(4)] * 4)).reshape(4, -1).T  # [256, 4] every ordered draw
-    differences = np.array(
-        [
-            dice(b["tp"][d, 1], b["fp"][d, 1], b["fn"][d, 1]) - dice(a["tp"][d, 1], a["fp"][d, 1], a["fn"][d, 1])
-            for d in draws
-        ]
-    )
-    exact = min(1.0, 2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
-    assert 0.1 < exact < 0.9
+    observed = dice(b["tp"][:, 1], b["fp"][:, 1], b["fn"][:, 1]) - dice(a["tp"][:, 1], a["fp"][:, 1], a["fn"][:, 1])
+    swapped = []
+    for mask in range(16):
+        s = np.array([(mask >> i) & 1 for i in range(4)], bool)
+        x, y = (
+            {k: np.where(s, second[k][:, 1], first[k][:, 1]) for k in ("tp", "fp", "fn")}
+            for first, second in ((b, a), (a, b))
+        )
+        swapped.append(dice(x["tp"], x["fp"], x["fn"]) - dice(y["tp"], y["fp"], y["fn"]))
+    swapped = np.array(swapped)
+    exact = min(1.0, 2 * min(np.mean(swapped <= observed + 1e-12), np.mean(swapped >= observed - 1e-12)))
+    assert 0.1 < exact < 1  # 6 of the 16 swaps as far out on either side: 0.375
     got = intervals.bootstrap(b, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000, versus=a)
-    assert got["val/dice/a"]["p"] == pytest.approx(exact, abs=0.02)
+    assert got["val/dice/a"]["p"] == pytest.approx(exact, abs=1e-9)
+
+    def difference(x, y, axis=-1):  # [..., 3, N]: tp, fp, fn of each image
+        return dice(x[..., 0, :], x[..., 1, :], x[..., 2, :], axis) - dice(
+            y[..., 0, :], y[..., 1, :], y[..., 2, :], axis
+        )
+
+    mine, theirs = random_counts(3), random_counts(3)
+    theirs["tp"][:, 1] += np.random.default_rng(0).integers(-5, 7, 30)  # slightly better, not everywhere
+    arrays = [np.stack([c[k][:, 1] for k in ("tp", "fp", "fn")], 1) for c in (theirs, mine)]  # [N, 3]
+    reference = stats.permutation_test(
+        arrays, difference, permutation_type="samples", vectorized=True, n_resamples=20_000, random_state=1, axis=0
+    )
+    got = intervals.bootstrap(theirs, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=20_000, versus=mine)
+    assert 0.05 < reference.pvalue < 0.5 and got["val/dice/a"]["p"] == pytest.approx(reference.pvalue, abs=0.015)
+    # two seeds of each image ([N, 2, C]): its rows swapped together, as its counts summed over seeds
+    seeds = [{k: np.stack([c[k], c[k][::-1]], 1) for k in c} for c in (theirs, mine)]
+    summed = [{k: v.sum(axis=1) for k, v in c.items()} for c in seeds]
+    p_seeds, p_summed = (
+        intervals.bootstrap(x, eval_cfg("dataset"), CLASSES, ["val/dice/a"], resamples=4000, versus=y)["val/dice/a"][
+            "p"
+        ]
+        for x, y in (seeds, summed)
+    )
+    assert p_seeds == pytest.approx(p_summed, abs=1e-9)  # the same random swaps of the same images
 
 
 def test_one_image_an_absent_class_and_bad_arguments():
@@ -474,8 +503,17 @@ def test_cli_groups_bound_each_group_s_images_alone(tmp_path):
         bounds = got["intervals"]["val/dice/a"]
         assert bounds["estimate"] == pytest.approx(dice(*a) - dice(*b), abs=1e-6)  # float32 scores
         close(bounds, reference)
-        share = np.mean(reference.bootstrap_distribution <= 0)
-        assert bounds["p"] == pytest.approx(2 * min(share, 1 - share), abs=0.03)  # two Monte Carlo estimates
+        permuted = stats.permutation_test(
+            [np.stack(x, 1) for x in (a, b)],
+            lambda x, y, axis: dice(*np.moveaxis(x, -2, 0)) - dice(*np.moveaxis(y, -2, 0)),
+            permutation_type="samples",
+            vectorized=True,
+            n_resamples=20_000,
+            random_state=1,
+            axis=0,
+        )
+        # 12 images: all 4096 swaps (exact, as scipy's); 17: 20000 random ones each
+        assert bounds["p"] == pytest.approx(permuted.pvalue, abs=1e-9 if group == "fluo" else 0.02)
     # Holm over the two groups with a p (by hand: the smaller p doubled, the larger at least that)
     small, large = sorted(record["groups"][g]["intervals"]["val/dice/a"]["p"] for g in ("fluo", "he"))
     adjusted = sorted(record["groups"][g]["intervals"]["val/dice/a"]["p_holm"] for g in ("fluo", "he"))

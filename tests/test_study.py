@@ -520,11 +520,19 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
     )
     assert low > 0  # b finds 6 more pixels of every image in each seed
     assert "Each variant minus 'a' on the same 40 images" in text and line in done.stdout
-    # the bootstrap p: twice the smaller share of scipy's resampled differences on either side of 0;
-    # Holm over the two variants (c's p is 1) doubles it
+    # the p of scipy's paired permutation test (each image's counts, summed over its seeds, swapped
+    # between the variants or not); Holm over the two variants (c's p is 1) doubles it
     p, p_holm = (float(v) for v in re.findall(r"p=([\d.e-]+) \(Holm ([\d.e-]+)\) \|$", line)[0])
-    resampled = reference.bootstrap_distribution
-    assert p == pytest.approx(2 * min(np.mean(resampled <= 0), np.mean(resampled >= 0)), abs=0.01)
+    permuted = stats.permutation_test(
+        [np.stack(summed[v], 1) for v in ("b", "a")],
+        lambda x, y, axis: dice_difference(*np.moveaxis(x, -2, 0), *np.moveaxis(y, -2, 0)),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=10_000,
+        random_state=1,
+        axis=0,
+    )
+    assert p == pytest.approx(permuted.pvalue, abs=0.01)
     assert 0.005 < p < 0.2 and p_holm == pytest.approx(2 * p, rel=0.05)
     (c_line,) = [x for x in same_images if x.startswith("| c |")]
     assert c_line.endswith("| +0.0000 [+0.0000, +0.0000] p=1 (Holm 1) |")
