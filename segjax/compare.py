@@ -96,7 +96,12 @@ def markdown(comparison: list[dict], keys, reference: str) -> str:
             elif math.isnan(e[f"{k}_p"]):
                 cells.append(f"{mean:+.4f} (n={n})")
             else:
-                interval = f"[{e[f'{k}_low']:+.4f}, {e[f'{k}_high']:+.4f}]"
-                cells.append(f"{mean:+.4f} {interval} p={e[f'{k}_p']:.2g} (Holm {e[f'{k}_p_holm']:.2g}, n={n})")
+                low, high, p, p_holm = (e[f"{k}_{part}"] for part in ("low", "high", "p", "p_holm"))
+                cells.append(cell(mean, low, high, p, p_holm, f", n={n}"))
         lines.append(f"| {e['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cell(difference: float, low: float, high: float, p: float, p_holm: float, note: str = "") -> str:
+    """One difference of a comparison table: `+0.0012 [-0.0005, +0.0029] p=0.07 (Holm 0.14<note>)`."""
+    return f"{difference:+.4f} [{low:+.4f}, {high:+.4f}] p={p:.2g} (Holm {p_holm:.2g}{note})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segjax import intervals, matched_tables
+from segjax import compare, intervals, matched_tables
 
 
 def permutation_p(
@@ -146,8 +146,7 @@ def _versus_markdown(results: dict[str, dict], head: str, keys) -> str:
             elif np.isnan(r["p"]):  # one image: no interval, no p
                 cells.append(f"{r['estimate']:+.4f} (no interval)")
             else:
-                interval = f"[{r['low']:+.4f}, {r['high']:+.4f}]"
-                cells.append(f"{r['estimate']:+.4f} {interval} p={r['p']:.2g} (Holm {r['p_holm']:.2g})")
+                cells.append(compare.cell(r["estimate"], r["low"], r["high"], r["p"], r["p_holm"]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -156,8 +155,6 @@ def adjust(found: list[dict], keys) -> None:
     """Each result's paired p (`bootstrap` with `versus`) adjusted for the number of results
     that test the key (`compare.holm` per key, as `p_holm`; a result of one image has no p and is
     left out): with several variants or groups, one small p is not evidence on its own."""
-    from segjax import compare
-
     for key in dict.fromkeys(keys):
         tested = [r[key] for r in found if key in r and not np.isnan(r[key]["p"])]
         for r, adjusted in zip(tested, compare.holm([r["p"] for r in tested]), strict=True):
