@@ -268,14 +268,9 @@ def check_groups(groups: str, group_by: str, group_id: str, compare_to: str) -> 
         raise ConfigError("--groups and --group_by go together: --groups=index.csv --group_by=stratum")
     if not compare_to:
         raise ConfigError("--groups compares variants group by group: give --compare_to=VARIANT too")
-    if not os.path.exists(groups):
-        raise ConfigError(f"--groups={groups} does not exist")
-    from segjax import report
+    from segjax import matched_tables
 
-    try:
-        report.groups(groups, group_by, group_id)
-    except KeyError as err:
-        raise ConfigError(str(err.args[0])) from None
+    matched_tables.image_groups([], groups, group_by, group_id)  # the file and its columns
 
 
 def define_flags() -> None:
