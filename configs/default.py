@@ -207,6 +207,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.interval_resamples = 2000  # 95 % bootstrap intervals over the images under the final results; 0 = none
 
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
+    c.baseline.enabled = False  # a study variant that is this classic method: scored (seconds), not trained
     c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'
     c.baseline.invert = False  # class 1 where the method finds *dark* regions (e.g. ISBI membranes: True)
     c.baseline.auto_polarity = False  # per image: objects are the minority side of Otsu's threshold

@@ -70,11 +70,35 @@ def variant_config(base: ml_collections.ConfigDict, overrides: dict, name: str) 
     return config
 
 
-def _finished(run_dir: str, steps: int) -> bool:
+def _finished(run_dir: str, config: ml_collections.ConfigDict) -> bool:
+    """A run trained to its last step, or a baseline variant's run scored (`baseline.enabled`)."""
     path = os.path.join(run_dir, writers.SUMMARY_FILE)
     if not os.path.exists(path):
         return False
-    return writers.read_json(path).get("step") == steps
+    saved = writers.read_json(path)
+    if config.baseline.enabled:
+        return saved.get("baseline") == config.baseline.method
+    return saved.get("step") == config.train.steps
+
+
+def _check_baselines(configs: dict[str, ml_collections.ConfigDict], vmap_seeds: bool) -> None:
+    """Baseline variants (`baseline.enabled`: a classic method scored beside the networks, the
+    same images and metrics) have no seeds to vmap, and score foreground vs background: beside
+    networks of more classes their mIoU would be another mean, so that is refused."""
+    from segjax import baselines
+
+    for name, config in configs.items():
+        if not config.baseline.enabled:
+            continue
+        baselines.check_config(config)
+        if vmap_seeds:
+            raise ConfigError(f"variant {name!r} is a classic baseline (baseline.enabled): it has no seeds to vmap")
+        if config.data.num_classes != 2:
+            raise ConfigError(
+                f"variant {name!r} is a classic baseline, which scores foreground vs background; this study's "
+                f"data has {config.data.num_classes} classes, so its scores would not compare with the networks' "
+                "(a study with a baseline variant needs binary data: data.num_classes=2)"
+            )
 
 
 def _diverged(run_dir: str) -> str:
@@ -128,6 +152,7 @@ def planned_runs(
     if bad:
         raise ConfigError(f"variant names {bad} cannot be folder names")
     configs = {name: variant_config(base, o, name) for name, o in variants.items()}  # all errors up front
+    _check_baselines(configs, vmap_seeds)
     todo = []
     for name, config in configs.items():
         if vmap_seeds:
@@ -176,11 +201,19 @@ def run_study(
     """Train every variant x seed (skipping finished runs); return `collect(workdir, variants, seeds)`."""
     import jax  # heavy imports only when training
 
-    from segjax import train, workdirs
+    from segjax import baselines, train, workdirs
 
     for _, c, run_dir in planned_runs(base, variants, seeds, workdir, vmap_seeds):  # checked before any trains
-        if _finished(run_dir, c.train.steps):
+        if _finished(run_dir, c):
             logging.info("study: %s is finished, skipping", run_dir)
+            continue
+        if c.baseline.enabled:  # seconds: scored, not trained (the same for every seed)
+            try:
+                with workdirs.lock(run_dir):
+                    logging.info("study: scoring baseline %s in %s", c.baseline.method, run_dir)
+                    baselines.run(c, run_dir)
+            except BusyError as err:
+                logging.info("study: skipping %s (%s)", run_dir, err)
             continue
         if _diverged(run_dir):  # it would diverge again: same seed, same data order, exact resume
             logging.info("study: %s diverged earlier, skipping (delete its %s to retry)", run_dir, workdirs.FAILED_FILE)
@@ -214,6 +247,13 @@ def collect(
 
 
 TEST_SCORES = "eval_best_test.json"  # a run's best checkpoint on the test split (rescore, split='test')
+BASELINE_TEST_SCORES = "metrics_test.json"  # a baseline variant's test split (baselines.run, split='test')
+
+
+def test_scores(run_dir: str) -> str:
+    """The file of a run's test-split scores (a network's best checkpoint, or a baseline's), or ''."""
+    found = [os.path.join(run_dir, n) for n in (TEST_SCORES, BASELINE_TEST_SCORES)]
+    return next((path for path in found if os.path.exists(path)), "")
 
 
 def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> int:
@@ -221,17 +261,20 @@ def score_test_split(todo: list[tuple[str, ml_collections.ConfigDict, str]]) -> 
     best checkpoint (chosen by validation), into the run's TEST_SCORES (for vmapped seeds, each
     replica's in seed_<s>/ too). A run another process trains or scores is skipped (its lock).
     Returns how many runs were scored now."""
-    from segjax import rescore, workdirs
+    from segjax import baselines, rescore, workdirs
 
     scored = 0
     for _, c, run_dir in todo:
-        if not _finished(run_dir, c.train.steps) or os.path.exists(os.path.join(run_dir, TEST_SCORES)):
+        if not _finished(run_dir, c) or test_scores(run_dir):
             continue
         try:
             with workdirs.lock(run_dir):
-                if not os.path.exists(os.path.join(run_dir, TEST_SCORES)):  # not scored meanwhile
+                if not test_scores(run_dir):  # not scored meanwhile
                     logging.info("study: scoring %s on the test split", run_dir)
-                    rescore.evaluate_checkpoint(c, run_dir, "best", "test")
+                    if c.baseline.enabled:
+                        baselines.run(c, run_dir, split="test")
+                    else:
+                        rescore.evaluate_checkpoint(c, run_dir, "best", "test")
                     scored += 1
         except BusyError as err:
             logging.info("study: skipping %s (%s)", run_dir, err)
@@ -244,7 +287,6 @@ def other_seeds(workdir: str, order: list[str], seeds: list[int]) -> int:
 
 
 def _all_runs(workdir: str, order: list[str] | None, split: str = "validation") -> list[dict]:
-    name = writers.SUMMARY_FILE if split == "validation" else TEST_SCORES
     rows = []
     variants = order or sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d)))
     for variant in variants:
@@ -252,8 +294,9 @@ def _all_runs(workdir: str, order: list[str] | None, split: str = "validation") 
         if not os.path.isdir(vdir):
             continue
         for entry in sorted(os.listdir(vdir), key=lambda e: (len(e), e)):  # seed_2 before seed_10
-            path = os.path.join(vdir, entry, name)
-            if entry.startswith("seed_") and os.path.exists(path):
+            run = os.path.join(vdir, entry)
+            path = os.path.join(run, writers.SUMMARY_FILE) if split == "validation" else test_scores(run)
+            if entry.startswith("seed_") and path and os.path.exists(path):
                 metrics = writers.read_json(path)
                 numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 rows.append({"variant": variant, "seed": int(entry[len("seed_") :]), **numeric})

@@ -25,6 +25,7 @@ OPTIONAL_KEYS = ("val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 # each image's scores and counts beside a run's metrics.json (train) and eval_best_test.json
 # (`study.TEST_SCORES`: its best checkpoint rescored on the test split)
 PER_IMAGE_TABLES = {"validation": writers.PER_IMAGE_FILE, "test": "eval_best_test_per_image.csv"}
+BASELINE_TEST_TABLE = "test_per_image.csv"  # a baseline variant's (`baselines.run`, split='test')
 
 POOLED = "all (pooled)"
 SUMMED = "all (summed counts)"
@@ -114,9 +115,15 @@ def summed_counts(
 
 
 def run_tables(workdir: str, rows: list[dict], split: str) -> list[str]:
-    """The per-image table of each run of `rows` in the study folder `workdir` (`PER_IMAGE_TABLES`)."""
-    name = PER_IMAGE_TABLES[split]
-    return [os.path.join(workdir, r["variant"], f"seed_{r['seed']}", name) for r in rows]
+    """The per-image table of each run of `rows` in the study folder `workdir` (`PER_IMAGE_TABLES`;
+    a baseline variant's test split: `BASELINE_TEST_TABLE`)."""
+    tables = []
+    for r in rows:
+        run = os.path.join(workdir, r["variant"], f"seed_{r['seed']}")
+        path = os.path.join(run, PER_IMAGE_TABLES[split])
+        baseline = os.path.join(run, BASELINE_TEST_TABLE)
+        tables.append(baseline if split == "test" and not os.path.exists(path) and os.path.exists(baseline) else path)
+    return tables
 
 
 def summed_interval(summed: dict, tables: list[str], eval_cfg, class_names) -> tuple[dict, str]:

@@ -766,14 +766,69 @@ def test_isbi_variants_study_changes_only_its_keys_of_the_protocol_proxy():
         study.load_study(path + ":ce,pool_avg")
 
 
-def test_nuclei_skips_study_is_the_nuclei_config_with_and_without_skips():
-    path = os.path.join(ROOT, "configs", "studies", "nuclei_skips.py")
+def test_a_baseline_variant_is_scored_beside_the_networks_on_the_same_images(tmp_path, tfds_dir):
+    """`baseline.enabled`: the variant is the classic method, scored (not trained) into each seed's
+    folder exactly as `segjax.baselines` scores it, on validation and test; it joins the tables and
+    the same-images comparison, is skipped once scored, and is refused with --vmap_seeds or beside
+    networks of more than two classes (foreground-vs-background scores would not compare)."""
+    from segjax import baselines
+    from tests.test_folder import folder_config, write_folder
+
+    root = write_folder(tmp_path / "data", [(32, 32)] * 8, num_classes=2)
+    splits = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+    (root / "split.csv").write_text("id,split\n" + "".join(f"{i:03d},{s}\n" for i, s in enumerate(splits)))
+    base = load_config("tiny")
+    base.data = folder_config(root, tfds_dir, num_classes=2, split_file="split.csv")
+    base.eval.interval_resamples = 0
+    variants = {"net": {}, "otsu": {"baseline.enabled": True, "baseline.auto_polarity": True}}
+    workdir = str(tmp_path / "study")
+    rows = study.run_study(base, variants, [0, 1], workdir)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("net", 0), ("net", 1), ("otsu", 0), ("otsu", 1)]
+    alone = study.variant_config(base, variants["otsu"], "otsu")
+    expected = baselines.run(alone, str(tmp_path / "alone"))  # the same method scored on its own
+    for seed in (0, 1):
+        run = os.path.join(workdir, "otsu", f"seed_{seed}")
+        assert not os.path.exists(os.path.join(run, "checkpoints"))  # scored, not trained
+        row = next(r for r in rows if r["variant"] == "otsu" and r["seed"] == seed)
+        assert (
+            row["val/miou"] == pytest.approx(expected["val/miou"]) and row["val/accuracy"] == expected["val/accuracy"]
+        )
+    table = os.path.join(workdir, "otsu", "seed_0", "val_per_image.csv")
+    before = os.path.getmtime(table)
+    study.run_study(base, variants, [0, 1], workdir)  # scored: skipped
+    assert os.path.getmtime(table) == before
+    # the comparison on the same images: the baseline's counts against the network's
+    text = study_tables.write_comparison(workdir, rows, "otsu", (), "validation", (["c0", "c1"], base.eval))
+    assert "on the same 2 images" in text and "| net |" in text.split("on the same 2 images")[1]
+    # the test split: the baseline scored on it as `segjax.baselines --split=test` does
+    todo = study.planned_runs(base, variants, [0, 1], workdir)
+    assert study.score_test_split(todo) == 4
+    tested = study.collect(workdir, list(variants), [0, 1], "test")
+    expected = baselines.run(alone, str(tmp_path / "alone"), split="test")
+    assert [r["variant"] for r in tested] == ["net", "net", "otsu", "otsu"]
+    assert tested[2]["test/miou"] == pytest.approx(expected["test/miou"])
+    assert study_tables.run_tables(workdir, tested[2:3], "test")[0].endswith(
+        os.path.join("otsu", "seed_0", "test_per_image.csv")
+    )
+    assert study.score_test_split(todo) == 0  # once
+    with pytest.raises(ConfigError, match=r"'otsu' is a classic baseline .*: it has no seeds to vmap"):
+        study.planned_runs(base, variants, [0, 1], str(tmp_path / "v"), vmap_seeds=True)
+    base.data.num_classes, base.data.class_names = 3, ("c0", "c1", "c2")
+    with pytest.raises(ConfigError, match="this study's data has 3 classes"):
+        study.planned_runs(base, variants, [0], str(tmp_path / "three"))
+
+
+def test_nuclei_methods_study_is_the_nuclei_config_without_skips_and_as_a_threshold():
+    path = os.path.join(ROOT, "configs", "studies", "nuclei_methods.py")
     base, variants = study.load_study(path)
     flat = configuration.flatten
     reference = flat(load_config("nuclei").to_dict())
-    assert flat(study.variant_config(base, variants["unet"], "unet").to_dict()) == reference
-    changed = flat(study.variant_config(base, variants["no_skips"], "no_skips").to_dict())
-    assert {k: changed[k] for k in reference if changed[k] != reference[k]} == {"model.skips": "none"}
+    changes = {"unet": {}, "no_skips": {"model.skips": "none"}}
+    changes["otsu"] = {"baseline.enabled": True, "baseline.auto_polarity": True}  # method: otsu, the default
+    for name, expected in changes.items():
+        changed = flat(study.variant_config(base, variants[name], name).to_dict())
+        assert {k: changed[k] for k in reference if changed[k] != reference[k]} == expected, name
+    assert len(study.planned_runs(base, variants, [0], "/nonexistent/study")) == 3  # a binary task: allowed
     with pytest.raises(ValueError, match="takes no argument"):
         study.load_study(path + ":fast")
 
