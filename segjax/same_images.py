@@ -1,8 +1,8 @@
 """Runs compared on the same images: the p of a paired permutation test of no difference
 (`permutation_p`, beside `segjax.intervals`' bootstrap interval of the difference), the tables of
 each variant minus a reference over all images (`versus_table`: a study's comparison.md, the
-notebook) and over each group's images alone (`versus_groups_table`), and Holm's adjustment of
-their p's (`adjust`).
+notebook) and over each group's images alone (`versus_groups_table`, beside each variant's
+scores there: `groups_scores_table`), and Holm's adjustment of their p's (`adjust`).
 """
 
 from __future__ import annotations
@@ -97,6 +97,33 @@ def versus_groups_table(
             label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
             results[label] = intervals.bootstrap(mine, eval_cfg, class_names, both, versus=theirs)
     return _versus_markdown(results, f"variant - {reference}, {group_by}", keys)
+
+
+def groups_scores_table(
+    tables: dict[str, list[str]], keys, eval_cfg, class_names, groups: str, group_by: str, group_id="id"
+) -> str:
+    """Each variant's score on each group's images alone (every seed's counts together), with its
+    percentile-bootstrap interval over those images (`intervals.bootstrap`): the levels the
+    per-group differences (`versus_groups_table`) are differences of. One image: no interval."""
+    results = {}
+    for variant, paths in tables.items():
+        names, _, counts = matched_tables.image_counts(paths, class_names)
+        usable = [k for k in _as_val(keys).values() if k in intervals.scorable(counts, eval_cfg, class_names)]
+        for group, rows in matched_tables.image_groups(names, groups, group_by, group_id).items():
+            label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
+            results[label] = intervals.bootstrap({k: v[rows] for k, v in counts.items()}, eval_cfg, class_names, usable)
+    lines = [f"| variant, {group_by} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for label, result in results.items():
+        cells = []
+        for r in (result.get(k) for k in _as_val(keys).values()):
+            if r is None:
+                cells.append("n/a")
+            elif np.isnan(r["low"]):
+                cells.append(f"{r['estimate']:.4f} (no interval)")
+            else:
+                cells.append(f"{r['estimate']:.4f} [{r['low']:.4f}, {r['high']:.4f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _paired_variants(tables, reference, keys, eval_cfg, class_names) -> tuple[int, list[tuple]]:

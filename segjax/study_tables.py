@@ -301,17 +301,21 @@ def write_comparison(
 
 def _by_group(tables: dict[str, list[str]], reference: str, columns, images, groups) -> str:
     """comparison.md's table of each variant minus `reference` on each group's images alone, or a
-    note saying why there is none (an image the groups file does not name)."""
-    from segjax import same_images
+    note saying why there is none (an image the groups file does not name), and each variant's
+    scores there."""
+    from segjax import intervals, same_images
 
     (class_names, eval_cfg), (path, column, id_column) = images, groups
     try:
         table = same_images.versus_groups_table(
             tables, reference, columns, eval_cfg, class_names, path, column, id_column
         )
+        scores = same_images.groups_scores_table(tables, columns, eval_cfg, class_names, path, column, id_column)
     except ConfigError as err:
         return f"\n\nNo comparison by {column}: {err}."
     return (
         f"\n\nThe same on each {column}'s images alone ({os.path.basename(path)}; p adjusted over every row of "
-        "this table, Holm; one image: no interval).\n\n" + table
+        "this table, Holm; one image: no interval).\n\n" + table + f"\n\nEach variant's scores on each {column}'s "
+        f"images alone (every seed's counts together) [{intervals.LEVEL:.0%} percentile-bootstrap interval over "
+        "those images].\n\n" + scores
     )

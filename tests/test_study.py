@@ -541,7 +541,8 @@ def test_cli_compares_variants_on_the_same_images(tmp_path):
 def test_cli_compares_variants_group_by_group(tmp_path):
     """--groups=index.csv --group_by=stratum: comparison.md also compares each variant on each
     group's images alone (scipy's paired bootstrap over those images), p adjusted by Holm over
-    every variant and group with a p; one image: no interval. Bad group flags are refused before
+    every variant and group with a p, and gives each variant's score there (scipy's bootstrap);
+    one image: no interval. Bad group flags are refused before
     anything runs; an image the file does not name leaves a note, the other tables stay."""
     workdir, images = tmp_path / "w", [f"img{i:02d}" for i in range(40)]
     tool = tool_runs(workdir, images)
@@ -554,7 +555,10 @@ def test_cli_compares_variants_group_by_group(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = (workdir / "comparison.md").read_text(encoding="utf-8")
     assert "on the same 40 images" in text  # the whole split's table stays
-    grouped = text.split("The same on each stratum's images alone (index.csv;")[1].splitlines()
+    grouped, levels = text.split("The same on each stratum's images alone (index.csv;")[1].split(
+        "Each variant's scores"
+    )
+    grouped, levels = grouped.splitlines(), levels.splitlines()
     assert grouped[2].startswith("| variant - a, stratum | val/miou |")
 
     def cell(label):
@@ -582,6 +586,23 @@ def test_cli_compares_variants_group_by_group(tmp_path):
     (p1, h1), (p2, h2) = sorted(p.values())
     assert h1 == pytest.approx(min(1, 4 * p1), rel=0.05) and h2 == pytest.approx(max(h1, min(1, 3 * p2)), rel=0.05)
     assert re.fullmatch(r"[+-]\d\.\d{4} \(no interval\)", cell("b, single (1 image)"))
+    # each variant's own score per group: the tool's Dice of its seeds' counts summed over the
+    # group's images, with scipy's percentile bootstrap over those images
+    (line,) = [x for x in levels if x.startswith("| a, hard (14 images) |")]
+    summed = [tool["a", 0][j][25:39] + tool["a", 1][j][25:39] for j in range(3)]
+
+    def dice(tp, fp, fn, axis=-1):
+        return 2 * tp.sum(axis) / (2 * tp.sum(axis) + fp.sum(axis) + fn.sum(axis))
+
+    reference = stats.bootstrap(
+        summed, dice, paired=True, vectorized=True, n_resamples=10_000, method="percentile", random_state=1
+    )
+    estimate, low, high = (float(v) for v in re.findall(r"\d\.\d{4}", line.split(" | ")[-1]))
+    tp, fp, fn = (x.sum() for x in summed)
+    assert estimate == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-4)
+    ci = reference.confidence_interval
+    assert abs(low - ci.low) < 0.1 * (ci.high - ci.low) and abs(high - ci.high) < 0.1 * (ci.high - ci.low)
+    assert any(x.startswith("| c, single (1 image) |") and "(no interval)" in x for x in levels)
     # an image the file does not name: a note; the other tables stay
     index.write_text("id,stratum\n" + "".join(f"{n},x\n" for n in images[:-1]))
     done = subprocess.run([*command, "--compare_to=a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
