@@ -118,6 +118,20 @@ def scorable(counts: dict[str, np.ndarray], eval_cfg, class_names) -> set[str]:
     return set(scoring.count_scores(flat, eval_cfg, class_names))
 
 
+def per_group(counts, rows_of_groups: dict, eval_cfg, class_names, keys, *args, versus=None) -> dict[str, dict]:
+    """Per group (`matched_tables.image_groups`: group -> its rows): {"images": how many,
+    "intervals": `bootstrap` over its images alone (`*args`: resamples, level, seed), with `versus`
+    the other run's same rows}."""
+    out = {}
+    for group, rows in rows_of_groups.items():
+        mine, theirs = ({k: v[rows] for k, v in c.items()} if c is not None else None for c in (counts, versus))
+        out[group] = {
+            "images": len(rows),
+            "intervals": bootstrap(mine, eval_cfg, class_names, keys, *args, versus=theirs),
+        }
+    return out
+
+
 # what `print_results` bounds, where a run's table holds it
 RESULT_KEYS = ("val/miou", "val/accuracy", "val/mbiou", "val/pq", "val/ap50_95", "val/mnsd", "val/mhd95")
 
@@ -250,11 +264,9 @@ def main(argv):
         by_group = matched_tables.image_groups(names, f.groups, f.group_by, f.group_id) if f.groups else {}
         results = bootstrap(counts, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, other)
         print(markdown(results, len(names), f.level, ", ".join(f.versus)))
-        grouped_results = {}
-        for group, rows in by_group.items():  # the same bootstrap over each group's images alone
-            mine, theirs = ({k: v[rows] for k, v in c.items()} if c is not None else None for c in (counts, other))
-            found = bootstrap(mine, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, theirs)
-            grouped_results[group] = {"images": len(rows), "intervals": found}
+        grouped_results = per_group(
+            counts, by_group, eval_cfg, classes, f.keys, f.resamples, f.level, f.seed, versus=other
+        )
         if other is not None:
             from segjax import same_images
 

@@ -92,10 +92,9 @@ def versus_groups_table(
     _, pairs = _paired_variants(tables, reference, keys, eval_cfg, class_names)
     results = {}
     for variant, names, counts, other, both in pairs:
-        for group, rows in matched_tables.image_groups(names, groups, group_by, group_id).items():
-            mine, theirs = ({k: v[rows] for k, v in c.items()} for c in (counts, other))
-            label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
-            results[label] = intervals.bootstrap(mine, eval_cfg, class_names, both, versus=theirs)
+        rows = matched_tables.image_groups(names, groups, group_by, group_id)
+        found = intervals.per_group(counts, rows, eval_cfg, class_names, both, versus=other)
+        results.update({_group_label(variant, group, f["images"]): f["intervals"] for group, f in found.items()})
     return _versus_markdown(results, f"variant - {reference}, {group_by}", keys)
 
 
@@ -109,9 +108,9 @@ def groups_scores_table(
     for variant, paths in tables.items():
         names, _, counts = matched_tables.image_counts(paths, class_names)
         usable = [k for k in _as_val(keys).values() if k in intervals.scorable(counts, eval_cfg, class_names)]
-        for group, rows in matched_tables.image_groups(names, groups, group_by, group_id).items():
-            label = f"{variant}, {group} ({len(rows)} image{'s' if len(rows) > 1 else ''})"
-            results[label] = intervals.bootstrap({k: v[rows] for k, v in counts.items()}, eval_cfg, class_names, usable)
+        rows = matched_tables.image_groups(names, groups, group_by, group_id)
+        found = intervals.per_group(counts, rows, eval_cfg, class_names, usable)
+        results.update({_group_label(variant, group, f["images"]): f["intervals"] for group, f in found.items()})
     lines = [f"| variant, {group_by} | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for label, result in results.items():
         cells = []
@@ -124,6 +123,11 @@ def groups_scores_table(
                 cells.append(f"{r['estimate']:.4f} [{r['low']:.4f}, {r['high']:.4f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _group_label(variant: str, group: str, images: int) -> str:
+    """A per-group table's row: `variant, group (n images)`."""
+    return f"{variant}, {group} ({images} image{'s' if images > 1 else ''})"
 
 
 def _paired_variants(tables, reference, keys, eval_cfg, class_names) -> tuple[int, list[tuple]]:
