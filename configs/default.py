@@ -208,7 +208,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.baseline = ml_collections.ConfigDict()  # classic methods (segjax/baselines.py), scored like the networks
     c.baseline.enabled = False  # a study variant that is this classic method: scored (seconds), not trained
-    c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed'
+    c.baseline.method = "otsu"  # 'otsu' | 'adaptive' | 'edges' | 'watershed' | 'multiotsu' (every class)
     c.baseline.invert = False  # class 1 where the method finds *dark* regions (e.g. ISBI membranes: True)
     c.baseline.auto_polarity = False  # per image: objects are the minority side of Otsu's threshold
     c.baseline.smooth_sigma = 1.0  # Gaussian smoothing before thresholding, pixels; 0 = off
@@ -217,4 +217,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.baseline.edge_sigma = 2.0  # edges: Canny smoothing, pixels
     c.baseline.edge_width = 1  # edges: dilation of the edge map, pixels; 0 = fill closed contours instead
     c.baseline.min_distance = 5  # watershed: minimum distance between markers, pixels
+    c.baseline.levels = 0  # multiotsu: intensity levels per image (2..4); 0 = data.num_classes
+    c.baseline.level_classes = ()  # multiotsu: class of each level, darkest first; () = fitted on the train split
     return c

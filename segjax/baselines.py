@@ -7,13 +7,15 @@ Methods (scikit-image), each turning a grayscale image into a mask of *bright* r
                edge_width=0 fills the closed contours instead (an object map)
     watershed  region growing: Otsu mask, markers at the peaks of its distance transform, watershed
                on the negated distance with watershed lines, so touching objects are split
+    multiotsu  multi-class: multi-Otsu intensity levels per image, each level a class
+               (`baseline.level_classes`, or fitted on the training split: segjax/baseline_levels.py)
 The prediction is class 1 where the mask is on (`baseline.invert`: where it is off, for dark
 targets such as ISBI's membranes), class 0 elsewhere. `baseline.auto_polarity` decides per image
 instead, for datasets that mix bright and dark objects (fluorescence and stained tissue): objects
 are the minority, so when the bright side of Otsu's threshold covers more than half of the image
 the method runs on the negated image (its dark regions become the bright objects it finds).
-Datasets with more than two classes are scored as foreground (label > 0) vs background: the
-question a classic baseline can answer.
+The one-threshold methods score datasets with more than two classes as foreground (label > 0) vs
+background, the question they can answer; `multiotsu` predicts, and is scored on, every class.
 
     python -m segjax.baselines --config=configs/isbi.py --workdir=runs/isbi_otsu --config.baseline.invert=True
 
@@ -33,12 +35,25 @@ import numpy as np
 from absl import app, flags, logging
 from scipy import ndimage
 from skimage import feature, filters, segmentation
+from tqdm import tqdm
 
-from segjax import configuration, evaluate, intervals, provenance, report, scored_splits, surface, workdirs, writers
+from segjax import (
+    baseline_levels,
+    configuration,
+    evaluate,
+    intervals,
+    provenance,
+    report,
+    scored_splits,
+    surface,
+    workdirs,
+    writers,
+)
 from segjax.data import class_file, pipeline, validation
 from segjax.errors import ConfigError, SegjaxError, exit_on_user_error
 
-METHODS = ("otsu", "adaptive", "edges", "watershed")
+METHODS = ("otsu", "adaptive", "edges", "watershed", "multiotsu")
+MULTICLASS = ("multiotsu",)  # methods that predict every class (the others: foreground vs background)
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:
@@ -54,6 +69,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.model.spatial_dims != 2:
         raise ConfigError("classic baselines are 2D (model.spatial_dims=2)")
     check(config.baseline)
+    if config.baseline.method in MULTICLASS:
+        baseline_levels.check(config)
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The classes the baseline is scored on: the dataset's, or background and foreground for a
+    one-threshold method on data of more than two classes."""
+    if config.baseline.method in MULTICLASS or config.data.num_classes == 2:
+        return tuple(config.data.class_names)
+    return ("background", "foreground")
 
 
 def gray(image: np.ndarray) -> np.ndarray:
@@ -77,6 +102,8 @@ def bright_mask(
     """(mask of bright regions, instance ids or None) of a [H, W] image in 0..1; `smooth`: the
     image already smoothed (`smoothed`), when the caller has it."""
     check(cfg)
+    if cfg.method in MULTICLASS:
+        raise ConfigError(f"baseline.method={cfg.method!r} gives classes, not a mask: use baselines.predict")
     smooth = smoothed(img, cfg) if smooth is None else smooth
     if cfg.method == "otsu":
         return smooth > filters.threshold_otsu(smooth), None
@@ -104,10 +131,16 @@ def dark_objects(img: np.ndarray, cfg: ml_collections.ConfigDict, smooth: np.nda
     return bool(np.mean(smooth > filters.threshold_otsu(smooth)) > 0.5)
 
 
-def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """Class map (int32, 0/1) of one image."""
+def predict(image: np.ndarray, cfg: ml_collections.ConfigDict, level_classes=None) -> np.ndarray:
+    """Class map (int32) of one image: 0/1, or for `multiotsu` each level's class
+    (`level_classes`, default `cfg.level_classes`; `fit_level_classes` fits them)."""
     img = gray(image)
     smooth = smoothed(img, cfg)  # once: the Gaussian is linear, so the negated image's is 1 - smooth
+    if cfg.method in MULTICLASS:
+        classes = np.asarray(cfg.level_classes if level_classes is None else level_classes, np.int32)
+        if classes.size < 2:
+            raise ConfigError("baseline.level_classes is empty: fit it (fit_level_classes) or give one class per level")
+        return classes[baseline_levels.levels(smooth, classes.size)]
     if cfg.auto_polarity:
         if cfg.invert:
             raise ConfigError("baseline.auto_polarity chooses the polarity per image; leave baseline.invert=False")
@@ -117,13 +150,27 @@ def predict(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     return (mask != cfg.invert).astype(np.int32)
 
 
-def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str = "") -> dict:
-    """Named scores of `config.baseline` on every example of `source` (foreground vs background
-    when the dataset has more than two classes); `per_image_csv`: each image's scores there too,
-    as a network run writes them."""
+def fit_level_classes(source, config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], float]:
+    """`multiotsu`: (the class of each intensity level, darkest first; the training mIoU it gives)
+    fitted on every example of `source` (the training split), as baseline_levels describes."""
     check_config(config)
-    binary = config.data.num_classes > 2
-    names = ("background", "foreground") if binary else tuple(config.data.class_names)
+    n, num_classes = baseline_levels.num_levels(config), config.data.num_classes
+    counts = np.zeros((n, num_classes), np.int64)
+    for i in tqdm(range(len(source)), desc=f"{n} levels' classes", unit="image", dynamic_ncols=True):
+        ex = source[i]
+        label, valid = pipeline.label_and_valid(ex["label"], config.data.ignore_label)
+        level_map = baseline_levels.levels(smoothed(gray(ex["image"]), config.baseline), n)
+        counts += baseline_levels.count(level_map, label, valid, n, num_classes)
+    return baseline_levels.best_assignment(counts)
+
+
+def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str = "", level_classes=None) -> dict:
+    """Named scores of `config.baseline` on every example of `source` (foreground vs background
+    when a one-threshold method meets more than two classes); `per_image_csv`: each image's scores
+    there too, as a network run writes them; `level_classes`: `multiotsu`'s fitted classes."""
+    check_config(config)
+    names = class_names(config)
+    binary = len(names) < config.data.num_classes
 
     def maps():
         for i in range(len(source)):
@@ -131,7 +178,7 @@ def evaluate_split(source, config: ml_collections.ConfigDict, per_image_csv: str
             label, valid = pipeline.label_and_valid(ex["label"], config.data.ignore_label)
             if binary:
                 label = (label > 0).astype(np.int32)
-            pred = predict(ex["image"], config.baseline)
+            pred = predict(ex["image"], config.baseline, level_classes)
             yield {"name": pipeline.example_name(ex, i), "label": label, "pred": pred, "valid": valid}
 
     return evaluate.score_maps(maps(), config, names, per_image_csv)
@@ -163,22 +210,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     workdirs.prepare(config, workdir, overwrite, allow_config_changes=False, resumable=False, dataset=dataset)
     provenance.record(workdir, f"baseline {config.baseline.method}", split=split)
     start = time.perf_counter()
-    source = sources.open_splits(config.data, splits=(split,))[split]
+    fit = config.baseline.method in MULTICLASS and not config.baseline.level_classes
+    opened = sources.open_splits(config.data, splits=(split, "train") if fit else (split,))
+    source, fitted = opened[split], {}
+    if fit:
+        level_classes, train_miou = fit_level_classes(opened["train"], config)
+        fitted = {"baseline_level_classes": list(level_classes), "baseline_fit_train_miou": train_miou}
+        logging.info("baseline levels' classes fitted on %d training images: %s", len(opened["train"]), fitted)
     logging.info(
         "scoring baseline %s on %d images of %s/%s", config.baseline.method, len(source), config.data.name, split
     )
     table = os.path.join(workdir, f"{prefix}_per_image.csv")
-    results = evaluate_split(source, config, table)
+    results = evaluate_split(source, config, table, fitted.get("baseline_level_classes"))
     results = scored_splits.split_keys(results, prefix)
+    results.update(fitted)
     results["baseline"] = config.baseline.method
     results["split"] = split
     results["seconds"] = time.perf_counter() - start
     results["metrics_convention"] = evaluate.convention(config)
     writers.write_summary(os.path.join(workdir, f"metrics{suffix}.json"), results)
-    names = ("background", "foreground") if config.data.num_classes > 2 else tuple(config.data.class_names)
+    names = class_names(config)
+    levels = f"; levels' classes {fitted['baseline_level_classes']}, fitted on the training split" if fit else ""
     print(
         f"\nbaseline {config.baseline.method} on {config.data.name}/{split} ({results['seconds']:.1f} s; "
-        f"{results['metrics_convention']}):"
+        f"{results['metrics_convention']}{levels}):"
     )
     print(report.results_table(results, names, prefix=prefix, distance_unit=surface.unit(config)))
     out = os.path.join(workdir, f"intervals{suffix}.json")

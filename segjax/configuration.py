@@ -271,6 +271,7 @@ RANGES = {
     "baseline.edge_sigma": _at_least(0),
     "baseline.edge_width": _at_least(0),
     "baseline.min_distance": _at_least(1),
+    "baseline.levels": _at_least(0),
 }
 # pairs (low key, high key) that must be ordered
 ORDERED = (

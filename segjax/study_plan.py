@@ -50,8 +50,9 @@ def variant_config(base: ml_collections.ConfigDict, overrides: dict, name: str) 
 
 def _check_baselines(configs: dict[str, ml_collections.ConfigDict], vmap_seeds: bool) -> None:
     """Baseline variants (`baseline.enabled`: a classic method scored beside the networks, the
-    same images and metrics) have no seeds to vmap, and score foreground vs background: beside
-    networks of more classes their mIoU would be another mean, so that is refused."""
+    same images and metrics) have no seeds to vmap; a one-threshold method scores foreground vs
+    background, so beside networks of more classes its mIoU would be another mean: refused (the
+    multi-class `multiotsu` is scored on every class, as the networks are)."""
     from segjax import baselines
 
     for name, config in configs.items():
@@ -60,11 +61,12 @@ def _check_baselines(configs: dict[str, ml_collections.ConfigDict], vmap_seeds: 
         baselines.check_config(config)
         if vmap_seeds:
             raise ConfigError(f"variant {name!r} is a classic baseline (baseline.enabled): it has no seeds to vmap")
-        if config.data.num_classes != 2:
+        if len(baselines.class_names(config)) != config.data.num_classes:
             raise ConfigError(
-                f"variant {name!r} is a classic baseline, which scores foreground vs background; this study's "
-                f"data has {config.data.num_classes} classes, so its scores would not compare with the networks' "
-                "(a study with a baseline variant needs binary data: data.num_classes=2)"
+                f"variant {name!r} is a classic baseline ({config.baseline.method}), which scores foreground vs "
+                f"background; this study's data has {config.data.num_classes} classes, so its scores would not "
+                "compare with the networks' (use baseline.method='multiotsu', which predicts every class, or "
+                "binary data: data.num_classes=2)"
             )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -10,10 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage import filters
 from sklearn.metrics import jaccard_score
 
-from segjax import baselines, evaluate, intervals, matched_tables
+from segjax import baseline_levels, baselines, evaluate, intervals, matched_tables
 from segjax.configuration import default_config
 from segjax.data import sources
 from segjax.errors import ConfigError, SegjaxError, WorkdirError
@@ -207,3 +210,141 @@ def test_isbi_membranes_otsu_baseline(tfds_dir):
     config.baseline.invert = True  # membranes are dark
     results = baselines.evaluate_split(sources.open_splits(config.data)["validation"], config)
     assert 0.3 < results["val/dice/membrane"] < 0.9 and results["val/images"] == 5
+
+
+def test_multiotsu_gives_each_intensity_level_its_class():
+    """Three flat vertical bands, dark (0.1) | mid (0.46) | bright (0.9). (scikit-image puts each
+    threshold at the centre of a histogram bin, so a value in the upper half of the bin holding
+    the lower class's brightest pixels goes up a level; 0.46 lies in the lower half of its bin.)"""
+    band = np.repeat(np.arange(3), 12)[None, :].repeat(24, 0)
+    img = np.array([0.1, 0.46, 0.9])[band]
+    cfg = method("multiotsu", smooth_sigma=0.0, level_classes=(2, 0, 1))
+    pred = baselines.predict(img[..., None], cfg)
+    np.testing.assert_array_equal(pred, np.array([2, 0, 1])[band])  # dark -> 2, mid -> 0, bright -> 1
+    np.testing.assert_array_equal(baselines.predict(img[..., None], cfg, level_classes=(0, 0, 1)), band == 2)
+    flat = baselines.predict(np.full((8, 8, 1), 0.3), cfg)  # no thresholds exist: all the darkest level
+    np.testing.assert_array_equal(flat, np.full((8, 8), 2))
+    with pytest.raises(ConfigError, match="level_classes is empty"):
+        baselines.predict(img[..., None], method("multiotsu"))
+    with pytest.raises(ConfigError, match="gives classes, not a mask"):
+        baselines.bright_mask(img, cfg)
+
+
+def test_fitted_level_classes_are_the_best_training_miou_of_every_assignment():
+    """By hand: every level holds more background than anything else (a majority vote would call
+    all of it background, mIoU 500/590/3 = 0.282; dark -> 0 too: 0.315, bright -> 0 too: 0.377);
+    the best assignment is dark -> 1, mid -> 0, bright -> 2."""
+    counts = np.array([[100, 60, 0], [300, 0, 0], [100, 0, 30]])
+    classes, miou = baseline_levels.best_assignment(counts)
+    assert classes == (1, 0, 2) and miou == pytest.approx((300 / 500 + 60 / 160 + 30 / 130) / 3)
+
+    def reference(counts):  # every assignment in turn, IoU per class by its definition
+        best, best_miou = None, -1.0
+        for way in itertools.product(range(counts.shape[1]), repeat=counts.shape[0]):
+            ious = []
+            for c in range(counts.shape[1]):
+                if counts[:, c].sum() == 0:
+                    continue  # a class the split does not hold is not averaged
+                tp = sum(counts[lv, c] for lv in range(len(way)) if way[lv] == c)
+                pred = sum(counts[lv].sum() for lv in range(len(way)) if way[lv] == c)
+                ious.append(tp / (pred + counts[:, c].sum() - tp))
+            if np.mean(ious) > best_miou + 1e-12:
+                best, best_miou = way, float(np.mean(ious))
+        return best, best_miou
+
+    rng = np.random.default_rng(0)
+    for shape in ((3, 3), (4, 4), (2, 5), (4, 3)):
+        counts = rng.integers(0, 50, shape) * (rng.random(shape) < 0.7)
+        counts[:, -1] = 0 if shape == (2, 5) else counts[:, -1]  # a class absent from the split
+        classes, miou = baseline_levels.best_assignment(counts)
+        ref_classes, ref_miou = reference(counts)
+        assert classes == ref_classes and miou == pytest.approx(ref_miou)
+
+
+def test_a_multiotsu_baseline_fits_its_classes_on_training_images_and_scores_every_class(tmp_path, tfds_dir):
+    """A 3-class folder whose classes differ in brightness (1 dark, 0 mid, 2 bright): the fitted
+    levels are (1, 0, 2), scored per class (not as foreground vs background) as scikit-learn scores
+    the levels scikit-image gives; given classes are used as they are; a rerun is allowed."""
+    from tests.test_folder import folder_config
+
+    rng = np.random.default_rng(0)
+    for d in ("images", "masks"):
+        os.makedirs(tmp_path / "data" / d)
+    for i in range(6):
+        mask = rng.integers(0, 3, (4, 4)).repeat(8, 0).repeat(8, 1).astype(np.uint8)  # 8x8 blocks
+        img = np.array([0.5, 0.1, 0.9])[mask] + rng.normal(0, 0.02, mask.shape)
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(tmp_path / "data" / "images" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{i}.png")
+    (tmp_path / "data" / "split.csv").write_text(
+        "id,split\n" + "".join(f"{i},{'val' if i > 3 else 'train'}\n" for i in range(6))
+    )
+    config = load_config("tiny")
+    config.data = folder_config(tmp_path / "data", tfds_dir, channels=1, split_file="split.csv")
+    config.baseline.method, config.baseline.smooth_sigma = "multiotsu", 0.0
+    results = baselines.run(config, str(tmp_path / "fitted"))
+    with open(tmp_path / "fitted" / "metrics.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["baseline_level_classes"] == [1, 0, 2] and saved["baseline_fit_train_miou"] > 0.95
+    val = sources.open_splits(config.data)["validation"]
+    truth = np.concatenate([val[i]["label"].ravel() for i in range(len(val))])
+
+    def scikit(classes):  # each validation image's levels by scikit-image, then the classes given
+        levels = [val[i]["image"][..., 0] / 255 for i in range(len(val))]
+        levels = [np.digitize(x, filters.threshold_multiotsu(x, classes=3)) for x in levels]
+        return jaccard_score(truth, np.concatenate([np.array(classes)[x].ravel() for x in levels]), average=None)
+
+    assert [results[f"val/iou/c{k}"] for k in range(3)] == pytest.approx(scikit((1, 0, 2)), abs=1e-6)
+    assert results["val/miou"] > 0.95 and results["val/pixels"] == 2 * 32 * 32
+    assert baselines.run(config, str(tmp_path / "fitted"))["val/miou"] == results["val/miou"]  # the same config
+    config.baseline.level_classes = (0, 1, 2)  # given: used as they are (dark pixels called class 0, ...)
+    given = baselines.run(config, str(tmp_path / "given"))
+    assert [given[f"val/iou/c{k}"] for k in range(3)] == pytest.approx(scikit((0, 1, 2)), abs=1e-6)
+    assert given["val/iou/c0"] < 0.05 and "baseline_level_classes" not in given
+
+
+def test_multiotsu_scores_equal_scikit_learn_on_the_synthetic_split(tiny_config):
+    """4-class scenes, 4 levels: the fitted classes are the best of all 256 assignments on counts
+    made here from scikit-image's thresholds, and the per-class IoU are scikit-learn's."""
+    tiny_config.baseline.method = "multiotsu"
+    splits = sources.open_splits(tiny_config.data)
+
+    def levels(ex):
+        smooth = filters.gaussian(baselines.gray(ex["image"]), sigma=tiny_config.baseline.smooth_sigma)
+        return np.digitize(smooth, filters.threshold_multiotsu(smooth, classes=4))
+
+    counts = np.zeros((4, 4), np.int64)
+    for i in range(len(splits["train"])):
+        ex = splits["train"][i]
+        np.add.at(counts, (levels(ex).ravel(), ex["label"].ravel()), 1)
+    classes, _ = baselines.fit_level_classes(splits["train"], tiny_config)
+    assert classes == baseline_levels.best_assignment(counts)[0]
+    results = baselines.evaluate_split(splits["validation"], tiny_config, level_classes=classes)
+    val = splits["validation"]
+    truth = np.concatenate([val[i]["label"].ravel() for i in range(len(val))])
+    preds = np.concatenate([np.array(classes)[levels(val[i])].ravel() for i in range(len(val))])
+    ref = jaccard_score(truth, preds, average=None, labels=range(4))
+    names = tiny_config.data.class_names
+    assert [results[f"val/iou/{n}"] for n in names] == pytest.approx(ref, abs=1e-6)
+    assert results["val/accuracy"] == pytest.approx((truth == preds).mean(), abs=1e-6)
+
+
+def test_multiotsu_settings_it_cannot_use_are_refused(tiny_config):
+    def refused(match, **kw):
+        config = copy.deepcopy(tiny_config)
+        config.baseline.method = "multiotsu"
+        config.baseline.update(kw)
+        with pytest.raises(ConfigError, match=match):
+            baselines.check_config(config)
+
+    refused(r"with 5 levels .* takes 2\.\.4 levels", levels=5)
+    refused(r"leave baseline\.invert", invert=True)
+    refused(r"leave baseline\.invert and baseline\.auto_polarity", auto_polarity=True)
+    refused(r"level_classes=\(0, 1\) must give one class id in 0\.\.3 to each of the 4 levels", level_classes=(0, 1))
+    refused(r"level_classes=\(0, 1, 4\) must give", levels=3, level_classes=(0, 1, 4))
+    config = copy.deepcopy(tiny_config)
+    config.data.num_classes, config.data.class_names = 20, tuple(f"c{i}" for i in range(20))
+    config.baseline.method, config.baseline.levels = "multiotsu", 4
+    with pytest.raises(ConfigError, match=r"searches 20\^4 assignments"):
+        baselines.check_config(config)
+    config.baseline.level_classes = (0, 3, 7, 19)  # given: nothing to search
+    baselines.check_config(config)

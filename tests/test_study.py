@@ -835,8 +835,24 @@ def test_a_baseline_variant_is_scored_beside_the_networks_on_the_same_images(tmp
     with pytest.raises(ConfigError, match=r"'otsu' is a classic baseline .*: it has no seeds to vmap"):
         study.planned_runs(base, variants, [0, 1], str(tmp_path / "v"), vmap_seeds=True)
     base.data.num_classes, base.data.class_names = 3, ("c0", "c1", "c2")
-    with pytest.raises(ConfigError, match="this study's data has 3 classes"):
+    with pytest.raises(ConfigError, match=r"\(otsu\), which scores foreground vs background; this study's data has 3"):
         study.planned_runs(base, variants, [0], str(tmp_path / "three"))
+
+
+def test_a_multiotsu_baseline_variant_joins_a_study_of_more_than_two_classes(tiny_config, tmp_path):
+    """`multiotsu` predicts every class, so beside a network on the 4-class scenes it is scored as
+    the network is (every class's IoU, the same mean), equal to `segjax.baselines` on its own."""
+    from segjax import baselines
+
+    variants = {"net": {}, "levels": {"baseline.enabled": True, "baseline.method": "multiotsu"}}
+    workdir = str(tmp_path / "study")
+    rows = study.run_study(tiny_config, variants, [0], workdir)
+    expected = baselines.run(study.variant_config(tiny_config, variants["levels"], "levels"), str(tmp_path / "alone"))
+    row = rows[1]
+    assert row["variant"] == "levels" and row["val/miou"] == pytest.approx(expected["val/miou"])
+    names = tiny_config.data.class_names
+    assert [row[f"val/iou/{n}"] for n in names] == pytest.approx([expected[f"val/iou/{n}"] for n in names])
+    assert [n for n in names if f"val/iou/{n}" in rows[0]] == list(names)  # the network's classes: the same
 
 
 def test_nuclei_methods_study_is_the_nuclei_config_without_skips_and_as_a_threshold():

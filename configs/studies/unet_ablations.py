@@ -6,7 +6,7 @@ seed and the summary reports mean ± std over seeds.
 COMMAND (one axis; 3 seeds each; about 3 min per run on 2 CPU cores):
   python -m segjax.study --study=configs/studies/unet_ablations.py:skips --workdir=runs/study_skips --seeds=3
   axes: skips | depth | width | bottleneck | upsample | pool | pretraining | pretraining_unetpp |
-        optimizer | arch | all (every variant above)
+        optimizer | arch | classic | all (every variant above)
 """
 
 import os
@@ -58,6 +58,11 @@ AXES = {
         "encoder_decoder": {"model.arch": "encoder_decoder"},
         "unet": {"model.arch": "unet"},
         "unetpp": {"model.arch": "unetpp", "model.deep_supervision": True, "model.base_features": 12},
+    },
+    "classic": {  # where learning wins: the U-Net beside a classic method scored on every class
+        "unet": {},
+        # multi-Otsu levels per image, each level's class fitted on the training split (segjax/baseline_levels.py)
+        "multiotsu": {"baseline.enabled": True, "baseline.method": "multiotsu"},
     },
 }
 
