@@ -40,7 +40,11 @@ namespace {
 
 // 16 or 8 floats; the compiler maps a v16 to one AVX-512 register or two AVX2 ones, a v8 to one
 // AVX2 register (GCC/Clang vectors). Output channels go in tiles of 16 or 32, and the last 8 of a
-// count that is not a multiple of 16 (8, 24, 40, ...) in an 8-wide tile.
+// count that is not a multiple of 16 (8, 24, 40, ...) in an 8-wide tile. The tiles' sizes follow
+// the registers: with AVX-512 (32 registers of 16 floats) 24 accumulating v16s; without it (AVX2:
+// 16 registers of 8 floats) 12 accumulating v8s. AVX-512's tiles built for AVX2 spill to memory:
+// a training step 6-10x slower than XLA's convolutions on a Zen 3 CPU (benchmarks/RESULTS.md,
+// session 41), 1.1-1.4x faster with the AVX2 tiles.
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 template <typename T>
@@ -121,9 +125,15 @@ void Rows(const float* x, const float* dy, float* acc, const Shape& s, int64_t b
   // Tiles of 32 columns and 12 rows, or 16 x 24, and 8 x 24 for the last 8 channels of a count
   // that is not a multiple of 16: 24 accumulating registers (64-column tiles of 6 rows were
   // slower: 7.6 vs 6.7 ms at 8 x 64^2 x 64 -> 64).
+#ifdef __AVX512F__
   static const TileSet<TileFn> t32{Tiles<v16, 2>(std::make_integer_sequence<int, 12>()), 12, 32},
       t16{Tiles<v16, 1>(std::make_integer_sequence<int, 24>()), 24, 16},
       t8{Tiles<v8, 1>(std::make_integer_sequence<int, 24>()), 24, 8};
+#else  // AVX2: 16 registers of 8 floats, so 12 accumulating registers
+  static const TileSet<TileFn> t32{Tiles<v8, 4>(std::make_integer_sequence<int, 3>()), 3, 32},
+      t16{Tiles<v8, 2>(std::make_integer_sequence<int, 6>()), 6, 16},
+      t8{Tiles<v8, 1>(std::make_integer_sequence<int, 12>()), 12, 8};
+#endif
   const TileSet<TileFn>& wide = s.co % 32 == 0 ? t32 : t16;
   int64_t in_rows[9], kernel_rows[9];
   for (int64_t row = begin; row < end; ++row) {
@@ -271,9 +281,15 @@ const ForwardTileFn* ForwardTiles(std::integer_sequence<int, Rows...>) {
 void ForwardRows(const float* x, const float* k, float* y, const Shape& s, int64_t begin, int64_t end) {
   // Tiles of 12 pixels x 32 channels, or 14 x 16: 24 or 14 accumulating registers (24 x 16
   // spilled); the last 8 channels of a count that is not a multiple of 16 in tiles of 14 x 8.
+#ifdef __AVX512F__
   static const TileSet<ForwardTileFn> t32{ForwardTiles<v16, 2>(std::make_integer_sequence<int, 12>()), 12, 32},
       t16{ForwardTiles<v16, 1>(std::make_integer_sequence<int, 14>()), 14, 16},
       t8{ForwardTiles<v8, 1>(std::make_integer_sequence<int, 14>()), 14, 8};
+#else  // AVX2: 16 registers of 8 floats, so 12 accumulating registers
+  static const TileSet<ForwardTileFn> t32{ForwardTiles<v8, 4>(std::make_integer_sequence<int, 3>()), 3, 32},
+      t16{ForwardTiles<v8, 2>(std::make_integer_sequence<int, 6>()), 6, 16},
+      t8{ForwardTiles<v8, 1>(std::make_integer_sequence<int, 12>()), 12, 8};
+#endif
   const TileSet<ForwardTileFn>& wide = s.co % 32 == 0 ? t32 : t16;
   const int64_t row_len = s.w * s.ci, kernel_row = 3 * s.ci * s.co, k_total = 3 * s.ci;
   // The kernel's columns for one tile, all its kernel rows, are read once per pixel tile: in

@@ -9,7 +9,8 @@ file) computes the weight gradient on every core without copies, and the forward
 small matrix product per kernel row with no im2col copy; `conv` is `lax.conv_general_dilated`
 (3x3, stride 1, zero padding 1, NHWC/HWIO, float32; or 3x3x3, NDHWC/DHWIO) that uses them: the
 weight gradient always, the forward pass and the input gradient (the forward pass of the output
-gradient with the kernel flipped and transposed) where they beat XLA's (`forward_applies`). A 3D
+gradient with the kernel flipped and transposed) where they beat XLA's (`forward_applies`). Their register tiles
+are sized for AVX-512 or, without it, AVX2 (`conv3x3.cc`; `-march=native` decides). A 3D
 output row reads 3 x 3 input rows instead of 3, each a contiguous matrix product as in 2D: no
 copies of the volume (`conv_forms.depth_folded_conv` makes three). The same function to float32
 rounding (tests/test_kernels.py).
