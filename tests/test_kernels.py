@@ -3,7 +3,12 @@ convolution that uses them against `lax.conv_general_dilated` in value and both 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 import re
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,30 @@ from segjax.kernels import conv3x3
 from segjax.models import build_model
 
 pytestmark = pytest.mark.skipif(not conv3x3.available(), reason="needs the CPU backend and a C++ compiler")
+
+
+@functools.cache
+def avx2_targets() -> tuple[str, str]:
+    """(forward, weight gradient) FFI names of the kernels built with `-mno-avx512f`: the register
+    tiles of CPUs without AVX-512, so an AVX-512 machine tests them too (it runs the other ones)."""
+    path = Path(tempfile.mkdtemp()) / "conv3x3-avx2.so"
+    conv3x3._build(conv3x3._compiler(), path, ("-mno-avx512f",))
+    library = ctypes.cdll.LoadLibrary(str(path))
+    names = ("segjax_test_avx2_forward", "segjax_test_avx2_weight_grad")
+    jax.ffi.register_ffi_target(names[0], jax.ffi.pycapsule(library.SegjaxConv3x3Forward), platform="cpu")
+    jax.ffi.register_ffi_target(names[1], jax.ffi.pycapsule(library.SegjaxConv3x3WeightGrad), platform="cpu")
+    return names
+
+
+def built_for(tiles: str) -> dict:
+    """The keywords that send `conv3x3.forward` / `weight_grad` to the tiles `-march=native` picks
+    ('native') or to the AVX2 ones (x86-64 only)."""
+    if tiles == "native":
+        return {"forward": {}, "weight_grad": {}}
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 tiles are x86-64's")
+    forward, weight_grad = avx2_targets()
+    return {"forward": {"target": forward}, "weight_grad": {"target": weight_grad}}
 
 
 def numpy_weight_grad(x, dy):
@@ -55,11 +84,12 @@ def lax_conv(x, w):
         (1, 2, 7, 5, 40),  # 40 outputs: 16 + 16 + 8
     ],
 )
-def test_weight_grad_matches_numpy(n, h, w, ci, co):
+@pytest.mark.parametrize("tiles", ["native", "avx2"])
+def test_weight_grad_matches_numpy(n, h, w, ci, co, tiles):
     rng = np.random.default_rng(ci * co + w)
     x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
     dy = rng.standard_normal((n, h, w, co)).astype(np.float32)
-    got = np.asarray(jax.jit(conv3x3.weight_grad)(x, dy))
+    got = np.asarray(jax.jit(functools.partial(conv3x3.weight_grad, **built_for(tiles)["weight_grad"]))(x, dy))
     np.testing.assert_allclose(got, numpy_weight_grad(x, dy), rtol=1e-4, atol=1e-4)
 
 
@@ -78,11 +108,12 @@ def test_weight_grad_matches_numpy(n, h, w, ci, co):
         (1, 2, 9, 160, 40),  # 16 + 16 + 8 outputs, with five blocks of k
     ],
 )
-def test_forward_matches_numpy(n, h, w, ci, co):
+@pytest.mark.parametrize("tiles", ["native", "avx2"])
+def test_forward_matches_numpy(n, h, w, ci, co, tiles):
     rng = np.random.default_rng(ci * co + w)
     x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
     k = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
-    got = np.asarray(jax.jit(conv3x3.forward)(x, k))
+    got = np.asarray(jax.jit(functools.partial(conv3x3.forward, **built_for(tiles)["forward"]))(x, k))
     np.testing.assert_allclose(got, numpy_conv(x, k), rtol=1e-4, atol=1e-4)
 
 

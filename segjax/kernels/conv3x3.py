@@ -84,12 +84,13 @@ def _library_path(compiler: str) -> Path:
     return cache / f"conv3x3-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, path: Path) -> None:
-    """Compile into a temporary file, then rename: processes building at once never see half a file."""
+def _build(compiler: str, path: Path, flags: tuple[str, ...] = ()) -> None:
+    """Compile into a temporary file, then rename: processes building at once never see half a file.
+    `flags` go after `-march=native` (the tests build the AVX2 tiles with `-mno-avx512f`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+        cmd = [compiler, "-O3", "-march=native", *flags, "-std=c++17", "-shared", "-fPIC"]
         cmd += ["-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, path)
@@ -197,17 +198,18 @@ def _forward(x, w):
     return _xla_forward(x, w)
 
 
-def forward(x, k):
-    """The kernel's convolution of x (NHWC or NDHWC) with k [(3,) 3, 3, Ci, Co]."""
+def forward(x, k, target: str = FORWARD_TARGET):
+    """The kernel's convolution of x (NHWC or NDHWC) with k [(3,) 3, 3, Ci, Co] (`target`: the
+    FFI name it is registered under; the tests register a second build)."""
     out = jax.ShapeDtypeStruct((*x.shape[:-1], k.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(FORWARD_TARGET, out, vmap_method="sequential")(x, k)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, k)
 
 
-def weight_grad(x, dy):
+def weight_grad(x, dy, target: str = TARGET):
     """d(loss)/d(kernel) [(3,) 3, 3, Ci, Co] of `conv` from its input x and output gradient dy
     (NHWC or NDHWC)."""
     out = jax.ShapeDtypeStruct(((3,) * (x.ndim - 2) + (x.shape[-1], dy.shape[-1])), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, dy)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, dy)
 
 
 @jax.custom_vjp
