@@ -36,15 +36,15 @@ def avx2_targets() -> tuple[str, str]:
     return names
 
 
-def built_for(tiles: str) -> dict:
-    """The keywords that send `conv3x3.forward` / `weight_grad` to the tiles `-march=native` picks
-    ('native') or to the AVX2 ones (x86-64 only)."""
+def on_tiles(kernel, tiles: str):
+    """`conv3x3.forward` or `weight_grad` on the tiles `-march=native` picks ('native') or on the
+    AVX2 ones (x86-64 only)."""
     if tiles == "native":
-        return {"forward": {}, "weight_grad": {}}
+        return kernel
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the AVX2 tiles are x86-64's")
     forward, weight_grad = avx2_targets()
-    return {"forward": {"target": forward}, "weight_grad": {"target": weight_grad}}
+    return functools.partial(kernel, target=forward if kernel is conv3x3.forward else weight_grad)
 
 
 def numpy_weight_grad(x, dy):
@@ -89,7 +89,7 @@ def test_weight_grad_matches_numpy(n, h, w, ci, co, tiles):
     rng = np.random.default_rng(ci * co + w)
     x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
     dy = rng.standard_normal((n, h, w, co)).astype(np.float32)
-    got = np.asarray(jax.jit(functools.partial(conv3x3.weight_grad, **built_for(tiles)["weight_grad"]))(x, dy))
+    got = np.asarray(jax.jit(on_tiles(conv3x3.weight_grad, tiles))(x, dy))
     np.testing.assert_allclose(got, numpy_weight_grad(x, dy), rtol=1e-4, atol=1e-4)
 
 
@@ -113,7 +113,7 @@ def test_forward_matches_numpy(n, h, w, ci, co, tiles):
     rng = np.random.default_rng(ci * co + w)
     x = rng.standard_normal((n, h, w, ci)).astype(np.float32)
     k = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
-    got = np.asarray(jax.jit(functools.partial(conv3x3.forward, **built_for(tiles)["forward"]))(x, k))
+    got = np.asarray(jax.jit(on_tiles(conv3x3.forward, tiles))(x, k))
     np.testing.assert_allclose(got, numpy_conv(x, k), rtol=1e-4, atol=1e-4)
 
 
